@@ -1,0 +1,299 @@
+//! The reference app's users: a table with argon2 password hashes, and the [`Host`]
+//! implementation that tells the library who is logged in and who exists.
+
+use std::sync::Arc;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use chrono::Utc;
+use rand::rngs::OsRng;
+use rocket::http::CookieJar;
+use rocket::Request;
+use sqlx::migrate::Migrator;
+
+use crate::backend::sql::{micros, run_migrations, with_pool, SqlPool};
+use crate::backend::BackendError;
+use crate::error::{BoxError, Error};
+use crate::host::Host;
+use crate::message::UserId;
+
+/// The private cookie holding the logged-in user's id.
+pub const SESSION_COOKIE: &str = "sm_session";
+/// Longest username accepted.
+pub const MAX_USERNAME_CHARS: usize = 64;
+/// Shortest password accepted.
+pub const MIN_PASSWORD_CHARS: usize = 8;
+
+/// Why a user could not be created or found.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    /// Bad username.
+    #[error("invalid username \"{0}\": use 1 to 64 letters, digits, '.', '_', '-' or '@'")]
+    InvalidUsername(String),
+    /// Password too short.
+    #[error("password is too short: at least {MIN_PASSWORD_CHARS} characters")]
+    PasswordTooShort,
+    /// Username taken.
+    #[error("user \"{0}\" already exists")]
+    Exists(String),
+    /// Usernames that do not exist.
+    #[error(transparent)]
+    Unknown(Error),
+    /// Hashing failed.
+    #[error("password hashing failed: {0}")]
+    Hash(String),
+    /// The database failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+impl From<sqlx::Error> for UserError {
+    fn from(e: sqlx::Error) -> UserError {
+        UserError::Backend(BackendError::Sql(e))
+    }
+}
+
+/// A user of the reference app.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
+pub struct User {
+    /// Id, as the library knows it.
+    pub id: i64,
+    /// Unique name.
+    pub username: String,
+    /// May use `/admin`.
+    pub is_admin: bool,
+}
+
+impl User {
+    /// The id as the library's type.
+    pub fn user_id(&self) -> UserId {
+        UserId(self.id)
+    }
+}
+
+/// The users table.
+#[derive(Debug, Clone)]
+pub struct Users {
+    pool: SqlPool,
+}
+
+/// Checks a username: 1–64 characters of letters, digits, `.`, `_`, `-`, `@`.
+pub fn check_username(name: &str) -> Result<(), UserError> {
+    let ok = !name.is_empty()
+        && name.chars().count() <= MAX_USERNAME_CHARS
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(UserError::InvalidUsername(name.to_string()))
+    }
+}
+
+/// An argon2id hash of `password` in PHC form.
+pub fn hash_password(password: &str) -> Result<String, UserError> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| UserError::Hash(e.to_string()))
+}
+
+fn verify_password(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash)
+        .map(|parsed| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+impl Users {
+    /// Uses `pool` (already migrated with [`Users::migrate`]).
+    pub fn new(pool: SqlPool) -> Users {
+        Users { pool }
+    }
+
+    /// Applies the app's migrations (`migrations/app/…`).
+    pub async fn migrate(&self) -> Result<(), BackendError> {
+        static SQLITE: Migrator = sqlx::migrate!("migrations/app/sqlite");
+        static POSTGRES: Migrator = sqlx::migrate!("migrations/app/postgres");
+        run_migrations(&self.pool, &SQLITE, &POSTGRES).await
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &SqlPool {
+        &self.pool
+    }
+
+    /// Creates a user.
+    pub async fn create(
+        &self,
+        username: &str,
+        password: &str,
+        is_admin: bool,
+    ) -> Result<User, UserError> {
+        check_username(username)?;
+        if password.chars().count() < MIN_PASSWORD_CHARS {
+            return Err(UserError::PasswordTooShort);
+        }
+        let hash = hash_password(password)?;
+        self.insert_hashed(username, &hash, is_admin).await
+    }
+
+    /// Creates a user from an existing password hash (bulk seeding, imports).
+    pub async fn insert_hashed(
+        &self,
+        username: &str,
+        hash: &str,
+        is_admin: bool,
+    ) -> Result<User, UserError> {
+        check_username(username)?;
+        let sql = "insert into app_users (username, password_hash, is_admin, created_us) \
+                   values ($1, $2, $3, $4) on conflict (username) do nothing \
+                   returning id, username, is_admin";
+        let user: Option<User> = with_pool!(&self.pool, pool => sqlx::query_as(sql)
+            .bind(username)
+            .bind(hash)
+            .bind(is_admin)
+            .bind(micros(Utc::now()))
+            .fetch_optional(pool)
+            .await?);
+        user.ok_or_else(|| UserError::Exists(username.to_string()))
+    }
+
+    /// The user called `username`.
+    pub async fn by_name(&self, username: &str) -> Result<Option<User>, UserError> {
+        let sql = "select id, username, is_admin from app_users where username = $1";
+        Ok(
+            with_pool!(&self.pool, pool => sqlx::query_as(sql).bind(username).fetch_optional(pool).await?),
+        )
+    }
+
+    /// The user with this id.
+    pub async fn by_id(&self, id: UserId) -> Result<Option<User>, UserError> {
+        let sql = "select id, username, is_admin from app_users where id = $1";
+        Ok(
+            with_pool!(&self.pool, pool => sqlx::query_as(sql).bind(id.0).fetch_optional(pool).await?),
+        )
+    }
+
+    /// The user if `password` is theirs. Unknown users cost a hash verification too, so
+    /// timing does not tell which usernames exist.
+    pub async fn verify(&self, username: &str, password: &str) -> Result<Option<User>, UserError> {
+        let sql = "select id, username, is_admin, password_hash from app_users where username = $1";
+        let row: Option<(i64, String, bool, String)> = with_pool!(&self.pool, pool => sqlx::query_as(sql).bind(username).fetch_optional(pool).await?);
+        let password = password.to_string();
+        let checked = rocket::tokio::task::spawn_blocking(move || match row {
+            Some((id, username, is_admin, hash)) => {
+                verify_password(&password, &hash).then_some(User {
+                    id,
+                    username,
+                    is_admin,
+                })
+            }
+            None => {
+                let _ = verify_password(&password, DUMMY_HASH);
+                None
+            }
+        })
+        .await
+        .map_err(|e| UserError::Hash(e.to_string()))?;
+        Ok(checked)
+    }
+
+    /// The ids of these usernames, in the same order.
+    ///
+    /// # Errors
+    ///
+    /// [`UserError::Unknown`] naming every username that does not exist.
+    pub async fn ids_by_names(&self, names: &[String]) -> Result<Vec<UserId>, UserError> {
+        let mut ids = Vec::with_capacity(names.len());
+        let mut unknown = Vec::new();
+        for name in names {
+            match self.by_name(name).await? {
+                Some(user) => ids.push(user.user_id()),
+                None => unknown.push(name.clone()),
+            }
+        }
+        if unknown.is_empty() {
+            Ok(ids)
+        } else {
+            Err(UserError::Unknown(Error::UnknownUsers(unknown)))
+        }
+    }
+
+    /// Every user id.
+    pub async fn all_ids(&self) -> Result<Vec<UserId>, UserError> {
+        let ids: Vec<i64> = with_pool!(&self.pool, pool =>
+            sqlx::query_scalar("select id from app_users order by id").fetch_all(pool).await?);
+        Ok(ids.into_iter().map(UserId).collect())
+    }
+
+    /// How many users exist.
+    pub async fn count(&self) -> Result<i64, UserError> {
+        Ok(with_pool!(&self.pool, pool =>
+            sqlx::query_scalar("select count(*) from app_users").fetch_one(pool).await?))
+    }
+}
+
+/// A valid argon2 hash of a random password, verified against when a username is unknown.
+const DUMMY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2ptDXN6Rvc5wztu4zpPtc5o1Vn2ipZZd8gUZGmaAJUk";
+
+/// The logged-in user id of a request, from the private session cookie.
+pub fn session_user(cookies: &CookieJar<'_>) -> Option<UserId> {
+    let cookie = cookies.get_private(SESSION_COOKIE)?;
+    cookie.value().parse::<i64>().ok().map(UserId)
+}
+
+/// The reference app as a [`Host`]: the session cookie says who is logged in, the users
+/// table says who exists.
+#[derive(Debug, Clone)]
+pub struct AppHost {
+    users: Arc<Users>,
+}
+
+impl AppHost {
+    /// A host over this users table.
+    pub fn new(users: Arc<Users>) -> AppHost {
+        AppHost { users }
+    }
+}
+
+#[rocket::async_trait]
+impl Host for AppHost {
+    async fn current_user(&self, request: &Request<'_>) -> Option<UserId> {
+        session_user(request.cookies())
+    }
+
+    async fn all_users(&self) -> Result<Vec<UserId>, BoxError> {
+        Ok(self.users.all_ids().await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_verify_against_their_hash_only() {
+        let hash = hash_password("correct horse").unwrap();
+        assert!(verify_password("correct horse", &hash));
+        assert!(!verify_password("wrong horse", &hash));
+        assert!(!verify_password("x", "not a hash"));
+        assert!(PasswordHash::new(DUMMY_HASH).is_ok());
+    }
+
+    #[test]
+    fn usernames_are_checked() {
+        assert!(check_username("alice").is_ok());
+        assert!(check_username("a.b-c_d@e").is_ok());
+        assert!(check_username("").is_err());
+        assert!(check_username("has space").is_err());
+        assert!(check_username("<script>").is_err());
+        assert!(check_username(&"x".repeat(65)).is_err());
+    }
+}

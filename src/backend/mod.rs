@@ -1,0 +1,270 @@
+//! Storage of stored messages: the [`MessageBackend`] trait and its implementations.
+//!
+//! The trait keeps the operation names of django-stored-messages (`inbox_store`,
+//! `archive_list`, …) so the port stays traceable, and adds bulk forms (`deliver`,
+//! `inbox_delete_many`) where they make things fast. Each method's doc comment is its
+//! contract; the conformance suite in `tests/it/backend.rs` checks exactly those sentences
+//! against every implementation.
+//!
+//! Backends do not emit events and do not know users by name: [`crate::Store`] wraps a
+//! backend, resolves audiences through the host and emits [`crate::Event`]s after each
+//! successful write, so a custom backend gets both for free.
+
+use chrono::{DateTime, Utc};
+
+use crate::error::{BoxError, Result};
+use crate::level::Level;
+use crate::message::{Message, MessageId, NewMessage, UserId};
+
+pub mod sql;
+
+pub use self::sql::{SqlBackend, SqlPool};
+
+/// A failure of the storage itself (as opposed to a missing message or bad input).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// SQLite or PostgreSQL failed.
+    #[error("database error")]
+    Sql(#[from] sqlx::Error),
+    /// A migration could not be applied.
+    #[error("database migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Redis failed.
+    #[error("redis error")]
+    Redis(#[from] ::redis::RedisError),
+    /// The database url names no supported driver.
+    #[error("unsupported database url {0} (expected sqlite:// or postgres://)")]
+    UnsupportedUrl(String),
+    /// A custom backend's own error.
+    #[error("storage error")]
+    Other(#[source] BoxError),
+}
+
+impl BackendError {
+    /// Whether the storage is unreachable (answer 503 and retry later) rather than broken.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            BackendError::Sql(e) => matches!(
+                e,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::WorkerCrashed
+            ),
+            BackendError::Redis(e) => {
+                e.is_io_error()
+                    || e.is_connection_refusal()
+                    || e.is_connection_dropped()
+                    || e.is_timeout()
+                    || e.kind() == ::redis::ErrorKind::BusyLoadingError
+                    || e.kind() == ::redis::ErrorKind::TryAgain
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Where a page of a listing starts: just after this message, in the listing's own order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    /// Date of the last message already seen.
+    pub date: DateTime<Utc>,
+    /// Id of the last message already seen (ties on `date` are ordered by id).
+    pub id: MessageId,
+}
+
+impl Cursor {
+    /// The cursor that continues after `message`.
+    pub fn after(message: &Message) -> Cursor {
+        Cursor {
+            date: message.date,
+            id: message.id,
+        }
+    }
+}
+
+/// Which part of a listing to return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ListQuery {
+    /// At most this many messages; `None` for all.
+    pub limit: Option<u32>,
+    /// Start after this message (exclusive); `None` for the start of the listing.
+    pub after: Option<Cursor>,
+}
+
+impl ListQuery {
+    /// Everything, from the start.
+    pub const ALL: ListQuery = ListQuery {
+        limit: None,
+        after: None,
+    };
+
+    /// The first `limit` messages.
+    pub fn first(limit: u32) -> ListQuery {
+        ListQuery {
+            limit: Some(limit),
+            after: None,
+        }
+    }
+}
+
+/// What [`MessageBackend::expired_messages_cleanup`] removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Cleanup {
+    /// Inbox entries removed because they were older than `inbox_expire_days` (the messages
+    /// stay in the archive).
+    pub inbox_entries: u64,
+    /// Messages removed everywhere because they were older than `message_expire_days`.
+    pub messages: u64,
+}
+
+/// Expiry settings a backend applies when reading and cleaning up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    /// Inbox entries of messages older than this many days are never returned.
+    pub inbox_days: u32,
+    /// Messages older than this many days are removed by cleanup.
+    pub message_days: u32,
+}
+
+impl Expiry {
+    /// Messages dated before this instant are out of the inbox.
+    pub fn inbox_cutoff(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        now - chrono::Duration::days(i64::from(self.inbox_days))
+    }
+
+    /// Messages dated before this instant are removed by cleanup.
+    pub fn message_cutoff(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        now - chrono::Duration::days(i64::from(self.message_days))
+    }
+}
+
+/// Persistent storage of stored messages, per user: an **inbox** of unread messages and an
+/// **archive** of every message the user received.
+///
+/// Contracts shared by every method:
+/// - listings are in date order (ties broken by id): the inbox oldest first, the archive
+///   newest first;
+/// - inbox entries of messages older than `inbox_expire_days` are never returned or counted;
+/// - an id that is unknown, or that belongs to another user, behaves exactly like an id that
+///   is not in this user's inbox: [`crate::Error::MessageDoesNotExist`] where the method says
+///   so, never someone else's message;
+/// - every method is atomic: it changes everything it describes or nothing.
+///
+/// Implementations: [`SqlBackend`] (SQLite, PostgreSQL). A host can
+/// plug in its own; the crate docs show a complete one.
+#[rocket::async_trait]
+pub trait MessageBackend: Send + Sync + 'static {
+    /// A short name for logs: `"sqlite"`, `"postgres"`, `"redis"`, ….
+    fn name(&self) -> &'static str;
+
+    /// Whether this backend stores messages of `level` (it is one of the store levels).
+    fn can_handle(&self, level: Level) -> bool;
+
+    /// Persists a message with no recipients yet and returns it with its new, unique id.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::MessageTypeNotSupported`] when `can_handle` refuses its level.
+    async fn create_message(&self, message: &NewMessage) -> Result<Message>;
+
+    /// Adds `message` (created by `create_message`) to the archive of each user. A user who
+    /// already has it is skipped. Returns how many archives gained it.
+    async fn archive_store(&self, users: &[UserId], message: &Message) -> Result<u64>;
+
+    /// Adds `message` to the inbox of each user, archiving it too where it was not yet: a
+    /// message in an inbox is always in the archive. A user who already has it unread is
+    /// skipped, and only that user; a user who already read it gets it back unread.
+    /// Returns how many inboxes gained it.
+    async fn inbox_store(&self, users: &[UserId], message: &Message) -> Result<u64>;
+
+    /// The bulk form of `create_message` + `archive_store` + `inbox_store`: creates the
+    /// message and puts it in the archive and inbox of every user, all in one atomic step
+    /// that costs no round trip per user. Duplicate user ids count once.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::MessageTypeNotSupported`] when `can_handle` refuses its level; nothing
+    /// is written then.
+    async fn deliver(&self, users: &[UserId], message: &NewMessage) -> Result<Message>;
+
+    /// The user's unread messages, oldest first, from `query.after`, at most `query.limit`.
+    /// Costs in proportion to the unread messages returned, not to the archive.
+    async fn inbox_list(&self, user: UserId, query: ListQuery) -> Result<Vec<Message>>;
+
+    /// How many unread messages the user has.
+    async fn inbox_count(&self, user: UserId) -> Result<u64>;
+
+    /// One message of the user's inbox.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::MessageDoesNotExist`] when it is not in this user's inbox (read,
+    /// expired, unknown or someone else's).
+    async fn inbox_get(&self, user: UserId, id: MessageId) -> Result<Message>;
+
+    /// Removes one message from the user's inbox (it stays in the archive): marks it read.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::MessageDoesNotExist`] when it is not in this user's inbox.
+    async fn inbox_delete(&self, user: UserId, id: MessageId) -> Result<()>;
+
+    /// Removes these messages from the user's inbox in one step and returns the ids that were
+    /// there (ids not in the inbox are ignored).
+    async fn inbox_delete_many(&self, user: UserId, ids: &[MessageId]) -> Result<Vec<MessageId>>;
+
+    /// Empties the user's inbox (the archive keeps everything) and returns how many entries
+    /// it removed. A message stored while this runs is either counted and removed, or left
+    /// in the inbox: never lost without being counted.
+    async fn inbox_purge(&self, user: UserId) -> Result<u64>;
+
+    /// The user's archive, newest first, from `query.after`, at most `query.limit`.
+    async fn archive_list(&self, user: UserId, query: ListQuery) -> Result<Vec<Message>>;
+
+    /// Removes inbox entries of messages older than `inbox_expire_days` (they stay archived)
+    /// and every message older than `message_expire_days` from every inbox and archive.
+    async fn expired_messages_cleanup(&self, now: DateTime<Utc>) -> Result<Cleanup>;
+
+    /// Removes every message of every user. For tests and resets.
+    async fn flush(&self) -> Result<()>;
+}
+
+/// What every backend needs to know from the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// The levels it stores (`can_handle`).
+    pub store_levels: Vec<Level>,
+    /// Expiry of inbox entries and messages.
+    pub expiry: Expiry,
+}
+
+impl Settings {
+    /// The settings of `config`.
+    pub fn from_config(config: &crate::Config) -> Settings {
+        Settings {
+            store_levels: config.store_levels.clone(),
+            expiry: Expiry {
+                inbox_days: config.inbox_expire_days,
+                message_days: config.message_expire_days,
+            },
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings::from_config(&crate::Config::default())
+    }
+}
+
+/// Sorts and deduplicates user ids: each recipient counts once, and sorted ids make bulk
+/// inserts walk the user indexes in order.
+pub(crate) fn unique_users(users: &[UserId]) -> Vec<i64> {
+    let mut ids: Vec<i64> = users.iter().map(|u| u.0).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}

@@ -1,0 +1,597 @@
+//! The SQL backend: SQLite (the embedded default) and PostgreSQL, chosen at run time from the
+//! database url.
+//!
+//! # Data model
+//!
+//! A message is stored **once** in `sm_messages`, however many users receive it. Each
+//! recipient gets one row in `sm_deliveries` — that row *is* the user's archive entry, and
+//! its `in_inbox` flag says whether it is still unread. So:
+//!
+//! - a broadcast is one `insert … select` over an array of user ids inside one transaction:
+//!   one row per recipient, no round trip per recipient, atomic by construction;
+//! - the inbox is a partial index (`where in_inbox`) on `(user_id, date_us, message_id)`:
+//!   listing it reads only unread entries, however large the archive;
+//! - the archive is the primary key `(user_id, date_us, message_id)`, which is also what
+//!   makes a delivery unique (a message has one date), so newest-first pages are index scans;
+//! - marking read flips `in_inbox`; nothing is copied between tables, so no message can be
+//!   lost between an inbox and an archive.
+//!
+//! The trade-off against storing a broadcast once with per-user read markers: a broadcast to
+//! a million users writes a million narrow rows (tens of megabytes) instead of one, and
+//! deleting a message touches all of them. In exchange every read is a plain index range
+//! scan, the audience is exactly the users the host named at send time (no "users created
+//! before" rules), and reading, expiring and deleting work the same for one recipient and
+//! for everyone.
+//!
+//! # Dialects
+//!
+//! Queries are runtime-checked (`query`/`query_as`), so the build needs no database. Dates
+//! are stored as integer microseconds since the Unix epoch (`date_us`) in both dialects: the
+//! same comparisons and orderings then hold everywhere. Both drivers accept `$n`
+//! placeholders. The only dialect difference, how an array of ids is passed, lives in
+//! [`IdArray`].
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Database, Encode, PgPool, Pool, Postgres, Sqlite, SqlitePool, Type};
+
+use super::{unique_users, BackendError, Cleanup, ListQuery, MessageBackend, Settings};
+use crate::config::SecretUrl;
+use crate::error::{Error, Result};
+use crate::level::Level;
+use crate::message::{Message, MessageId, NewMessage, UserId};
+
+/// How long a query waits for a pooled connection (and SQLite for a lock) before failing.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection pool for one of the two SQL dialects.
+///
+/// Held as an enum of concrete pools because sqlx's `Any` driver has no chrono support and
+/// hides dialect differences this crate needs to see.
+#[derive(Debug, Clone)]
+pub enum SqlPool {
+    /// An embedded SQLite database file.
+    Sqlite(SqlitePool),
+    /// A PostgreSQL server.
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to the concrete pool of either dialect. The body is
+/// compiled twice, once per driver, so generic sqlx code works unchanged in both.
+macro_rules! with_pool {
+    ($sql_pool:expr, $pool:ident => $body:expr) => {
+        match $sql_pool {
+            $crate::backend::sql::SqlPool::Sqlite($pool) => $body,
+            $crate::backend::sql::SqlPool::Postgres($pool) => $body,
+        }
+    };
+}
+pub(crate) use with_pool;
+
+impl SqlPool {
+    /// Connects to `sqlite://…` or `postgres://…` (also `postgresql://`). A SQLite file is
+    /// created when the url says `mode=rwc`; it runs in WAL mode with a busy timeout so
+    /// readers never wait for writers.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::UnsupportedUrl`] for other schemes, [`BackendError::Sql`] when the
+    /// database cannot be reached.
+    pub async fn connect(url: &SecretUrl) -> Result<SqlPool, BackendError> {
+        let raw = url.expose();
+        if raw.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(raw)?
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(ACQUIRE_TIMEOUT)
+                .foreign_keys(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options)
+                .await?;
+            Ok(SqlPool::Sqlite(pool))
+        } else if raw.starts_with("postgres:") || raw.starts_with("postgresql:") {
+            let options = PgConnectOptions::from_str(raw)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options)
+                .await?;
+            Ok(SqlPool::Postgres(pool))
+        } else {
+            Err(BackendError::UnsupportedUrl(url.redacted()))
+        }
+    }
+
+    /// `"sqlite"` or `"postgres"`.
+    pub fn dialect(&self) -> &'static str {
+        match self {
+            SqlPool::Sqlite(_) => "sqlite",
+            SqlPool::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Applies `migrations/sqlite` or `migrations/postgres`, whichever fits.
+    ///
+    /// The library and the reference app keep separate migration folders in one database, so
+    /// each migrator ignores versions it does not know (the other's).
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::Migrate`] when a migration fails or an applied one was changed.
+    pub async fn migrate(&self) -> Result<(), BackendError> {
+        static SQLITE: Migrator = sqlx::migrate!("migrations/sqlite");
+        static POSTGRES: Migrator = sqlx::migrate!("migrations/postgres");
+        run_migrations(self, &SQLITE, &POSTGRES).await
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        with_pool!(self, pool => pool.close().await)
+    }
+}
+
+/// Applies whichever of two migration sets fits the dialect of `pool`, ignoring versions
+/// applied by another migration set on the same database.
+pub async fn run_migrations(
+    pool: &SqlPool,
+    sqlite: &Migrator,
+    postgres: &Migrator,
+) -> Result<(), BackendError> {
+    let tolerant = |m: &Migrator| Migrator {
+        migrations: m.migrations.clone(),
+        ignore_missing: true,
+        locking: m.locking,
+    };
+    match pool {
+        SqlPool::Sqlite(pool) => tolerant(sqlite).run(pool).await?,
+        SqlPool::Postgres(pool) => tolerant(postgres).run(pool).await?,
+    }
+    Ok(())
+}
+
+/// How each dialect receives an array of integers in one parameter: SQLite as a JSON array
+/// read with `json_each`, PostgreSQL as an `int8[]` read with `unnest`.
+pub(crate) trait IdArray: Database {
+    /// What is bound.
+    type Param: for<'q> Encode<'q, Self> + Type<Self> + Send;
+    /// The bound value for `ids`.
+    fn param(ids: &[i64]) -> Self::Param;
+    /// A `select` of one column, `id`, with a row per element of the array in `$n`.
+    const ROWS: &'static str;
+}
+
+impl IdArray for Sqlite {
+    type Param = String;
+
+    fn param(ids: &[i64]) -> String {
+        let mut json = String::with_capacity(ids.len() * 8 + 2);
+        json.push('[');
+        for (i, id) in ids.iter().enumerate() {
+            if i > 0 {
+                json.push(',');
+            }
+            json.push_str(&id.to_string());
+        }
+        json.push(']');
+        json
+    }
+
+    const ROWS: &'static str = "select value as id from json_each(${n})";
+}
+
+impl IdArray for Postgres {
+    type Param = Vec<i64>;
+
+    fn param(ids: &[i64]) -> Vec<i64> {
+        ids.to_vec()
+    }
+
+    const ROWS: &'static str = "select unnest(${n}::int8[]) as id";
+}
+
+/// `IdArray::ROWS` for the dialect of `pool`, reading parameter `$n`.
+fn id_rows<DB: IdArray>(_pool: &Pool<DB>, n: u8) -> String {
+    DB::ROWS.replace("{n}", &n.to_string())
+}
+
+/// `IdArray::param` for the dialect of `pool`.
+fn id_param<DB: IdArray>(_pool: &Pool<DB>, ids: &[i64]) -> DB::Param {
+    DB::param(ids)
+}
+
+/// One message as both dialects return it.
+#[derive(sqlx::FromRow)]
+struct MessageRow {
+    id: i64,
+    level: i32,
+    message: String,
+    extra_tags: String,
+    url: Option<String>,
+    date_us: i64,
+}
+
+impl From<MessageRow> for Message {
+    fn from(row: MessageRow) -> Message {
+        Message {
+            id: MessageId(row.id),
+            level: Level(row.level),
+            message: row.message,
+            extra_tags: row.extra_tags,
+            url: row.url,
+            date: from_micros(row.date_us),
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch, the stored form of dates.
+pub(crate) fn micros(date: DateTime<Utc>) -> i64 {
+    date.timestamp_micros()
+}
+
+pub(crate) fn from_micros(us: i64) -> DateTime<Utc> {
+    Utc.timestamp_micros(us)
+        .single()
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// The columns of a message, with `m` aliasing `sm_messages`.
+const MESSAGE_COLUMNS: &str = "m.id, m.level, m.message, m.extra_tags, m.url, m.date_us";
+
+/// Stored messages in SQLite or PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct SqlBackend {
+    pool: SqlPool,
+    settings: Settings,
+}
+
+impl SqlBackend {
+    /// A backend over an already migrated pool.
+    pub fn new(pool: SqlPool, settings: Settings) -> SqlBackend {
+        SqlBackend { pool, settings }
+    }
+
+    /// Connects to `url`, applies the migrations and returns the backend.
+    ///
+    /// # Errors
+    ///
+    /// See [`SqlPool::connect`] and [`SqlPool::migrate`].
+    pub async fn connect(url: &SecretUrl, settings: Settings) -> Result<SqlBackend, BackendError> {
+        let pool = SqlPool::connect(url).await?;
+        pool.migrate().await?;
+        Ok(SqlBackend::new(pool, settings))
+    }
+
+    /// The pool, for queries of the host's own.
+    pub fn pool(&self) -> &SqlPool {
+        &self.pool
+    }
+
+    fn check_level(&self, level: Level) -> Result<()> {
+        if self.can_handle(level) {
+            Ok(())
+        } else {
+            Err(Error::MessageTypeNotSupported(level))
+        }
+    }
+
+    fn inbox_cutoff(&self) -> i64 {
+        micros(self.settings.expiry.inbox_cutoff(Utc::now()))
+    }
+}
+
+/// Lower bound for "after" in ascending listings when there is no cursor.
+const START_ASC: (i64, i64) = (i64::MIN, i64::MIN);
+/// Upper bound for "after" in descending listings when there is no cursor.
+const START_DESC: (i64, i64) = (i64::MAX, i64::MAX);
+
+fn cursor_bounds(query: &ListQuery, start: (i64, i64)) -> (i64, i64, i64) {
+    let (date, id) = query.after.map_or(start, |c| (micros(c.date), c.id.0));
+    let limit = query.limit.map_or(i64::MAX, i64::from);
+    (date, id, limit)
+}
+
+fn sql_error(e: sqlx::Error) -> Error {
+    Error::Backend(BackendError::Sql(e))
+}
+
+#[rocket::async_trait]
+impl MessageBackend for SqlBackend {
+    fn name(&self) -> &'static str {
+        self.pool.dialect()
+    }
+
+    fn can_handle(&self, level: Level) -> bool {
+        self.settings.store_levels.contains(&level)
+    }
+
+    async fn create_message(&self, message: &NewMessage) -> Result<Message> {
+        self.check_level(message.level())?;
+        let sql = "insert into sm_messages (level, message, extra_tags, url, date_us) \
+                   values ($1, $2, $3, $4, $5) returning id";
+        let id: i64 = with_pool!(&self.pool, pool => sqlx::query_scalar(sql)
+            .bind(message.level().0)
+            .bind(message.message())
+            .bind(message.extra_tags())
+            .bind(message.url())
+            .bind(micros(message.date()))
+            .fetch_one(pool)
+            .await
+            .map_err(sql_error)?);
+        Ok(message.clone().into_message(MessageId(id)))
+    }
+
+    async fn archive_store(&self, users: &[UserId], message: &Message) -> Result<u64> {
+        let ids = unique_users(users);
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let done = with_pool!(&self.pool, pool => {
+            // `where true` keeps SQLite from reading `on conflict` as a join constraint.
+            let sql = format!(
+                "insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
+                 select u.id, $2, $3, false from ({}) as u where true \
+                 on conflict do nothing",
+                id_rows(pool, 1)
+            );
+            sqlx::query(&sql)
+                .bind(id_param(pool, &ids))
+                .bind(micros(message.date))
+                .bind(message.id.0)
+                .execute(pool)
+                .await
+                .map_err(sql_error)?
+                .rows_affected()
+        });
+        Ok(done)
+    }
+
+    async fn inbox_store(&self, users: &[UserId], message: &Message) -> Result<u64> {
+        let ids = unique_users(users);
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let done = with_pool!(&self.pool, pool => {
+            // A user who has it unread is left alone (and not counted); one who read it gets
+            // it back in the inbox.
+            let sql = format!(
+                "insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
+                 select u.id, $2, $3, true from ({}) as u where true \
+                 on conflict (user_id, date_us, message_id) \
+                 do update set in_inbox = true, read_us = null \
+                 where not sm_deliveries.in_inbox",
+                id_rows(pool, 1)
+            );
+            sqlx::query(&sql)
+                .bind(id_param(pool, &ids))
+                .bind(micros(message.date))
+                .bind(message.id.0)
+                .execute(pool)
+                .await
+                .map_err(sql_error)?
+                .rows_affected()
+        });
+        Ok(done)
+    }
+
+    async fn deliver(&self, users: &[UserId], message: &NewMessage) -> Result<Message> {
+        self.check_level(message.level())?;
+        let ids = unique_users(users);
+        let id = with_pool!(&self.pool, pool => {
+            let mut tx = pool.begin().await.map_err(sql_error)?;
+            let id: i64 = sqlx::query_scalar(
+                "insert into sm_messages (level, message, extra_tags, url, date_us) \
+                 values ($1, $2, $3, $4, $5) returning id",
+            )
+            .bind(message.level().0)
+            .bind(message.message())
+            .bind(message.extra_tags())
+            .bind(message.url())
+            .bind(micros(message.date()))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(sql_error)?;
+            if !ids.is_empty() {
+                // The ids are unique, so a plain insert cannot conflict.
+                let sql = format!(
+                    "insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
+                     select u.id, $2, $3, true from ({}) as u",
+                    id_rows(pool, 1)
+                );
+                sqlx::query(&sql)
+                    .bind(id_param(pool, &ids))
+                    .bind(micros(message.date()))
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(sql_error)?;
+            }
+            tx.commit().await.map_err(sql_error)?;
+            id
+        });
+        Ok(message.clone().into_message(MessageId(id)))
+    }
+
+    async fn inbox_list(&self, user: UserId, query: ListQuery) -> Result<Vec<Message>> {
+        let (date, id, limit) = cursor_bounds(&query, START_ASC);
+        // Served by the partial index sm_deliveries_inbox: only unread rows are read.
+        let sql = format!(
+            "select {MESSAGE_COLUMNS} from sm_deliveries d \
+             join sm_messages m on m.id = d.message_id \
+             where d.user_id = $1 and d.in_inbox and d.date_us >= $2 \
+             and (d.date_us, d.message_id) > ($3, $4) \
+             order by d.date_us, d.message_id limit $5"
+        );
+        let cutoff = self.inbox_cutoff();
+        let rows: Vec<MessageRow> = with_pool!(&self.pool, pool => sqlx::query_as(&sql)
+            .bind(user.0)
+            .bind(cutoff)
+            .bind(date)
+            .bind(id)
+            .bind(limit)
+            .fetch_all(pool)
+            .await
+            .map_err(sql_error)?);
+        Ok(rows.into_iter().map(Message::from).collect())
+    }
+
+    async fn inbox_count(&self, user: UserId) -> Result<u64> {
+        let sql = "select count(*) from sm_deliveries \
+                   where user_id = $1 and in_inbox and date_us >= $2";
+        let cutoff = self.inbox_cutoff();
+        let count: i64 = with_pool!(&self.pool, pool => sqlx::query_scalar(sql)
+            .bind(user.0)
+            .bind(cutoff)
+            .fetch_one(pool)
+            .await
+            .map_err(sql_error)?);
+        Ok(count.max(0) as u64)
+    }
+
+    async fn inbox_get(&self, user: UserId, id: MessageId) -> Result<Message> {
+        // The message's date completes the delivery's key, so this is a primary key lookup.
+        let sql = format!(
+            "select {MESSAGE_COLUMNS} from sm_messages m \
+             join sm_deliveries d on d.user_id = $1 and d.date_us = m.date_us \
+             and d.message_id = m.id \
+             where m.id = $2 and d.in_inbox and d.date_us >= $3"
+        );
+        let cutoff = self.inbox_cutoff();
+        let row: Option<MessageRow> = with_pool!(&self.pool, pool => sqlx::query_as(&sql)
+            .bind(user.0)
+            .bind(id.0)
+            .bind(cutoff)
+            .fetch_optional(pool)
+            .await
+            .map_err(sql_error)?);
+        row.map(Message::from).ok_or(Error::MessageDoesNotExist(id))
+    }
+
+    async fn inbox_delete(&self, user: UserId, id: MessageId) -> Result<()> {
+        let deleted = self.inbox_delete_many(user, &[id]).await?;
+        if deleted.is_empty() {
+            Err(Error::MessageDoesNotExist(id))
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn inbox_delete_many(&self, user: UserId, ids: &[MessageId]) -> Result<Vec<MessageId>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let raw: Vec<i64> = ids.iter().map(|id| id.0).collect();
+        let cutoff = self.inbox_cutoff();
+        let now = micros(Utc::now());
+        let deleted: Vec<i64> = with_pool!(&self.pool, pool => {
+            let sql = format!(
+                "update sm_deliveries set in_inbox = false, read_us = $3 \
+                 where user_id = $1 and in_inbox and date_us >= $4 \
+                 and (date_us, message_id) in \
+                 (select m.date_us, m.id from sm_messages m where m.id in ({})) \
+                 returning message_id",
+                id_rows(pool, 2)
+            );
+            sqlx::query_scalar(&sql)
+                .bind(user.0)
+                .bind(id_param(pool, &raw))
+                .bind(now)
+                .bind(cutoff)
+                .fetch_all(pool)
+                .await
+                .map_err(sql_error)?
+        });
+        Ok(deleted.into_iter().map(MessageId).collect())
+    }
+
+    async fn inbox_purge(&self, user: UserId) -> Result<u64> {
+        // One statement: a delivery committed while it runs is either updated (and counted)
+        // or not seen at all, so it stays unread.
+        let sql = "update sm_deliveries set in_inbox = false, read_us = $3 \
+                   where user_id = $1 and in_inbox and date_us >= $2";
+        let cutoff = self.inbox_cutoff();
+        let now = micros(Utc::now());
+        let done = with_pool!(&self.pool, pool => sqlx::query(sql)
+            .bind(user.0)
+            .bind(cutoff)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map_err(sql_error)?
+            .rows_affected());
+        Ok(done)
+    }
+
+    async fn archive_list(&self, user: UserId, query: ListQuery) -> Result<Vec<Message>> {
+        let (date, id, limit) = cursor_bounds(&query, START_DESC);
+        // Served by the primary key, read backwards.
+        let sql = format!(
+            "select {MESSAGE_COLUMNS} from sm_deliveries d \
+             join sm_messages m on m.id = d.message_id \
+             where d.user_id = $1 and (d.date_us, d.message_id) < ($2, $3) \
+             order by d.date_us desc, d.message_id desc limit $4"
+        );
+        let rows: Vec<MessageRow> = with_pool!(&self.pool, pool => sqlx::query_as(&sql)
+            .bind(user.0)
+            .bind(date)
+            .bind(id)
+            .bind(limit)
+            .fetch_all(pool)
+            .await
+            .map_err(sql_error)?);
+        Ok(rows.into_iter().map(Message::from).collect())
+    }
+
+    async fn expired_messages_cleanup(&self, now: DateTime<Utc>) -> Result<Cleanup> {
+        let inbox_cutoff = micros(self.settings.expiry.inbox_cutoff(now));
+        let message_cutoff = micros(self.settings.expiry.message_cutoff(now));
+        let cleanup = with_pool!(&self.pool, pool => {
+            let mut tx = pool.begin().await.map_err(sql_error)?;
+            // Both statements go through sm_messages_date and sm_deliveries_message: they
+            // touch only the expired messages, not every unread entry.
+            let inbox_entries = sqlx::query(
+                "update sm_deliveries set in_inbox = false where in_inbox and message_id in \
+                 (select id from sm_messages where date_us < $1 and date_us >= $2)",
+            )
+            .bind(inbox_cutoff)
+            .bind(message_cutoff)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_error)?
+            .rows_affected();
+            sqlx::query(
+                "delete from sm_deliveries where message_id in \
+                 (select id from sm_messages where date_us < $1)",
+            )
+            .bind(message_cutoff)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_error)?;
+            let messages = sqlx::query("delete from sm_messages where date_us < $1")
+                .bind(message_cutoff)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql_error)?
+                .rows_affected();
+            tx.commit().await.map_err(sql_error)?;
+            Cleanup { inbox_entries, messages }
+        });
+        Ok(cleanup)
+    }
+
+    async fn flush(&self) -> Result<()> {
+        with_pool!(&self.pool, pool => {
+            let mut tx = pool.begin().await.map_err(sql_error)?;
+            sqlx::query("delete from sm_deliveries").execute(&mut *tx).await.map_err(sql_error)?;
+            sqlx::query("delete from sm_messages").execute(&mut *tx).await.map_err(sql_error)?;
+            tx.commit().await.map_err(sql_error)?;
+        });
+        Ok(())
+    }
+}

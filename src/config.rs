@@ -1,0 +1,278 @@
+//! Configuration under the `stored_messages` key of Rocket's figment.
+//!
+//! Every key has a default, so an empty section is valid. [`Config::validate`] reports every
+//! problem at once, each naming its key. The database itself is configured the Rocket way,
+//! under `[default.databases.stored_messages]`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use rocket::figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::level::Level;
+use crate::message::LevelTags;
+
+/// The figment key of this configuration.
+pub const CONFIG_KEY: &str = "stored_messages";
+/// The name of the database under `databases`.
+pub const DATABASE_NAME: &str = "stored_messages";
+/// The database used when none is configured: a SQLite file next to the process, created on
+/// first use.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://stored-messages.sqlite?mode=rwc";
+
+/// Which storage holds stored messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// SQLite or PostgreSQL, from the database url.
+    #[default]
+    Sql,
+    /// Redis, from `redis_url`.
+    Redis,
+}
+
+/// A url that may carry a password: its `Debug` and `Display` hide the credentials.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// Wraps a url.
+    pub fn new(url: impl Into<String>) -> SecretUrl {
+        SecretUrl(url.into())
+    }
+
+    /// The url with its credentials, for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The url with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        match url::Url::parse(&self.0) {
+            Ok(mut url) if url.password().is_some() => {
+                let _ = url.set_password(Some("***"));
+                url.to_string()
+            }
+            Ok(url) => url.to_string(),
+            Err(_) => "(unparseable url)".to_string(),
+        }
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// `[default.stored_messages]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `"sql"` (default) or `"redis"`.
+    pub backend: BackendKind,
+    /// Levels that are persisted when a user is logged in; default the five stored levels.
+    pub store_levels: Vec<Level>,
+    /// Messages below this level are dropped by the request guard (default 20, INFO).
+    pub min_level: Level,
+    /// Level tag overrides: level (integer or name) → tag.
+    pub level_tags: BTreeMap<String, String>,
+    /// Inbox entries older than this are not shown and are removed by cleanup (default 30).
+    pub inbox_expire_days: u32,
+    /// Messages older than this are removed everywhere by cleanup (default 120).
+    pub message_expire_days: u32,
+    /// Seconds between cleanups run by `serve`; 0 turns periodic cleanup off (default 3600).
+    pub cleanup_interval_secs: u64,
+    /// Redis server for `backend = "redis"`.
+    pub redis_url: SecretUrl,
+    /// Prefix for every Redis key (default empty), so several apps or tests share a server.
+    pub redis_key_prefix: String,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            backend: BackendKind::Sql,
+            store_levels: Level::STORED.to_vec(),
+            min_level: Level::INFO,
+            level_tags: BTreeMap::new(),
+            inbox_expire_days: 30,
+            message_expire_days: 120,
+            cleanup_interval_secs: 3600,
+            redis_url: SecretUrl::new("redis://127.0.0.1:6379"),
+            redis_key_prefix: String::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates `stored_messages` from a figment (defaults for missing keys).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] listing every problem, each naming its key.
+    pub fn from_figment(figment: &Figment) -> Result<Config, Error> {
+        let config = if figment.contains(CONFIG_KEY) {
+            figment.extract_inner::<Config>(CONFIG_KEY).map_err(|e| {
+                Error::Config(
+                    e.into_iter()
+                        .map(|e| format!("{CONFIG_KEY}: {e}"))
+                        .collect(),
+                )
+            })?
+        } else {
+            Config::default()
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values; reports all problems at once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] listing every problem, each naming its key.
+    pub fn validate(&self) -> Result<(), Error> {
+        let mut problems = Vec::new();
+        if let Err(Error::Config(mut p)) = self.level_tags() {
+            problems.append(&mut p);
+        }
+        if self.inbox_expire_days == 0 {
+            problems.push("stored_messages.inbox_expire_days: must be at least 1".to_string());
+        }
+        if self.message_expire_days == 0 {
+            problems.push("stored_messages.message_expire_days: must be at least 1".to_string());
+        }
+        if self.message_expire_days < self.inbox_expire_days {
+            problems.push(format!(
+                "stored_messages.message_expire_days: {} is shorter than inbox_expire_days ({})",
+                self.message_expire_days, self.inbox_expire_days
+            ));
+        }
+        if self.backend == BackendKind::Redis {
+            match url::Url::parse(self.redis_url.expose()) {
+                Ok(url) if matches!(url.scheme(), "redis" | "rediss" | "redis+unix") => {}
+                _ => problems.push(format!(
+                    "stored_messages.redis_url: {} is not a redis:// url",
+                    self.redis_url
+                )),
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Config(problems))
+        }
+    }
+
+    /// The level tags: defaults with the `level_tags` overrides.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for keys that are not levels.
+    pub fn level_tags(&self) -> Result<LevelTags, Error> {
+        let mut overrides = BTreeMap::new();
+        let mut problems = Vec::new();
+        for (key, tag) in &self.level_tags {
+            match Level::parse(key) {
+                Ok(level) => {
+                    overrides.insert(level, tag.trim().to_string());
+                }
+                Err(e) => problems.push(format!("stored_messages.level_tags: {e}")),
+            }
+        }
+        if problems.is_empty() {
+            Ok(LevelTags::new(overrides))
+        } else {
+            Err(Error::Config(problems))
+        }
+    }
+
+    /// Whether messages of `level` are persisted (for a logged-in user).
+    pub fn is_store_level(&self, level: Level) -> bool {
+        self.store_levels.contains(&level)
+    }
+}
+
+/// The database url from `databases.stored_messages.url`, or [`DEFAULT_DATABASE_URL`].
+pub fn database_url(figment: &Figment) -> SecretUrl {
+    let key = format!("databases.{DATABASE_NAME}.url");
+    figment
+        .extract_inner::<String>(&key)
+        .map(SecretUrl::new)
+        .unwrap_or_else(|_| SecretUrl::new(DEFAULT_DATABASE_URL))
+}
+
+#[cfg(test)]
+mod tests {
+    use rocket::figment::providers::{Format, Toml};
+
+    use super::*;
+
+    #[test]
+    fn empty_section_gives_the_defaults() {
+        let figment = Figment::new();
+        let config = Config::from_figment(&figment).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(database_url(&figment).expose(), DEFAULT_DATABASE_URL);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let figment = Figment::from(Toml::string(
+            r#"
+            [stored_messages]
+            inbox_expire_days = 0
+            message_expire_days = 0
+            level_tags = { urgent = "u", 21 = "note" }
+            "#,
+        ));
+        let err = Config::from_figment(&figment).unwrap_err().to_string();
+        assert!(err.contains("stored_messages.inbox_expire_days"), "{err}");
+        assert!(err.contains("stored_messages.message_expire_days"), "{err}");
+        assert!(err.contains("unknown level \"urgent\""), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_and_unknown_keys_name_the_key() {
+        let figment = Figment::from(Toml::string("[stored_messages]\nmin_level = \"high\""));
+        let err = Config::from_figment(&figment).unwrap_err().to_string();
+        assert!(err.contains("min_level"), "{err}");
+        let figment = Figment::from(Toml::string("[stored_messages]\nbackedn = \"sql\""));
+        let err = Config::from_figment(&figment).unwrap_err().to_string();
+        assert!(err.contains("backedn"), "{err}");
+    }
+
+    #[test]
+    fn level_tags_accept_names_and_integers() {
+        let config = Config {
+            level_tags: [
+                ("stored_info".into(), "note".into()),
+                ("77".into(), "x".into()),
+            ]
+            .into(),
+            ..Config::default()
+        };
+        let tags = config.level_tags().unwrap();
+        assert_eq!(tags.tag(Level::STORED_INFO), "note");
+        assert_eq!(tags.tag(Level(77)), "x");
+        assert_eq!(tags.tag(Level::INFO), "info");
+    }
+
+    #[test]
+    fn secret_urls_hide_passwords() {
+        let url = SecretUrl::new("redis://user:hunter2@localhost:6379/0");
+        assert!(!format!("{url:?}").contains("hunter2"));
+        assert!(!url.to_string().contains("hunter2"));
+        assert!(url.expose().contains("hunter2"));
+    }
+}

@@ -1,0 +1,175 @@
+//! The crate's error type and the one place that maps errors to HTTP.
+//!
+//! Every JSON error has the shape `{"error": {"status": 404, "code": "not_found",
+//! "message": "…"}}`. Internal failures answer with a generic message; their detail goes to
+//! the log, never to the client.
+
+use rocket::http::Status;
+use rocket::serde::json::{json, Value};
+
+use crate::backend::BackendError;
+use crate::level::Level;
+use crate::message::MessageId;
+
+/// A boxed error from code the library does not own (a host's user directory, a custom
+/// backend).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in stored-messages.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The backend does not store messages of this level (it is not in `store_levels`).
+    #[error("level {0} is not a store level")]
+    MessageTypeNotSupported(Level),
+    /// No such message for this user (unknown id, another user's message, or not in the
+    /// inbox any more).
+    #[error("message {0} does not exist")]
+    MessageDoesNotExist(MessageId),
+    /// An id that is not a positive decimal integer.
+    #[error("malformed message id \"{0}\"")]
+    MessageIdMalformed(String),
+    /// A level that is neither an integer nor one of the ten names.
+    #[error("unknown level \"{0}\"")]
+    UnknownLevel(String),
+    /// Message text that is empty or only whitespace.
+    #[error("message text is empty")]
+    EmptyMessage,
+    /// Message text over [`crate::MAX_TEXT_CHARS`].
+    #[error("message text is {len} characters long, the limit is {max}")]
+    MessageTooLong {
+        /// Length of the refused text, in characters.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Extra tags over [`crate::MAX_EXTRA_TAGS_CHARS`].
+    #[error("extra tags are {len} characters long, the limit is {max}")]
+    ExtraTagsTooLong {
+        /// Length of the refused tags, in characters.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Extra tags with control characters.
+    #[error("extra tags {0:?} contain control characters")]
+    InvalidExtraTags(String),
+    /// A url that is not `http(s)` or a site-relative path.
+    #[error("invalid url \"{url}\": {why}")]
+    InvalidUrl {
+        /// The refused url.
+        url: String,
+        /// Why it was refused.
+        why: &'static str,
+    },
+    /// Usernames the host does not know; nothing was sent.
+    #[error("unknown user{}: {}", if .0.len() == 1 { "" } else { "s" }, .0.join(", "))]
+    UnknownUsers(Vec<String>),
+    /// Configuration that does not validate; every problem is listed, naming its key.
+    #[error("invalid configuration: {}", .0.join("; "))]
+    Config(Vec<String>),
+    /// The storage failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The host's user directory failed.
+    #[error("user directory failed")]
+    Host(#[source] BoxError),
+}
+
+impl Error {
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> Status {
+        match self {
+            Error::MessageDoesNotExist(_) | Error::MessageIdMalformed(_) => Status::NotFound,
+            Error::MessageTypeNotSupported(_)
+            | Error::UnknownLevel(_)
+            | Error::EmptyMessage
+            | Error::MessageTooLong { .. }
+            | Error::ExtraTagsTooLong { .. }
+            | Error::InvalidExtraTags(_)
+            | Error::InvalidUrl { .. }
+            | Error::UnknownUsers(_) => Status::UnprocessableEntity,
+            Error::Backend(e) if e.is_unavailable() => Status::ServiceUnavailable,
+            Error::Config(_) | Error::Backend(_) | Error::Host(_) => Status::InternalServerError,
+        }
+    }
+
+    /// Whether this error is the caller's fault (bad input), as opposed to a failure here.
+    pub fn is_bad_input(&self) -> bool {
+        self.status().code < 500
+    }
+
+    /// The message a client may see: the error itself for bad input, a generic sentence
+    /// for internal failures (their detail belongs in the log).
+    pub fn public_message(&self) -> String {
+        match self.status() {
+            Status::ServiceUnavailable => {
+                "message storage is unavailable, try again shortly".into()
+            }
+            s if s.code >= 500 => "internal error".into(),
+            _ => self.to_string(),
+        }
+    }
+}
+
+/// The one JSON error body: `{"error": {"status", "code", "message"}}`.
+pub fn error_body(status: Status, message: &str) -> Value {
+    let code = status
+        .reason()
+        .unwrap_or("error")
+        .to_ascii_lowercase()
+        .replace([' ', '-'], "_")
+        .replace('\'', "");
+    json!({ "error": { "status": status.code, "code": code, "message": message } })
+}
+
+/// Formats an error with its chain of causes on one line (`a: b: c`), for logs and the CLI.
+pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_input_maps_to_client_statuses() {
+        assert_eq!(Error::EmptyMessage.status(), Status::UnprocessableEntity);
+        assert_eq!(
+            Error::MessageDoesNotExist(MessageId(3)).status(),
+            Status::NotFound
+        );
+        assert_eq!(
+            Error::MessageIdMalformed("x".into()).status(),
+            Status::NotFound
+        );
+        assert!(Error::UnknownLevel("x".into()).is_bad_input());
+        assert_eq!(
+            Error::UnknownUsers(vec!["a".into(), "b".into()]).to_string(),
+            "unknown users: a, b"
+        );
+    }
+
+    #[test]
+    fn error_body_has_one_shape() {
+        let body = error_body(Status::NotFound, "message 3 does not exist");
+        assert_eq!(body["error"]["status"], 404);
+        assert_eq!(body["error"]["code"], "not_found");
+        assert_eq!(body["error"]["message"], "message 3 does not exist");
+        let body = error_body(Status::UnprocessableEntity, "x");
+        assert_eq!(body["error"]["code"], "unprocessable_entity");
+    }
+}

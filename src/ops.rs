@@ -1,0 +1,249 @@
+//! The request-free API: add, broadcast, read and clean up stored messages from anywhere
+//! (background jobs, other services, the CLI), through a [`Store`].
+//!
+//! A `Store` wraps the configured backend with what the backend itself does not know: the
+//! host's users (the audience of a broadcast), the level tags, and the event hub. Every write
+//! goes through here, so every write publishes its [`Event`]s, whatever the backend.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use rocket::figment::Figment;
+
+use crate::backend::{Cleanup, MessageBackend, Settings, SqlBackend};
+use crate::config::{database_url, BackendKind, Config};
+use crate::error::{Error, Result};
+use crate::events::{Event, Events};
+use crate::host::Host;
+use crate::message::{LevelTags, Message, MessageId, NewMessage, UserId};
+
+/// A message and how many users received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The stored message, with its id.
+    pub message: Message,
+    /// How many distinct users it was delivered to.
+    pub recipients: u64,
+}
+
+/// The handle to stored messages: backend, configuration, host and events. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Arc<dyn MessageBackend>,
+    host: Arc<dyn Host>,
+    config: Config,
+    level_tags: LevelTags,
+    events: Events,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.inner.backend.name())
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// A store over `backend`, with `host` for users and `config` for levels and tags.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when `config` does not validate.
+    pub fn new(
+        backend: Arc<dyn MessageBackend>,
+        host: Arc<dyn Host>,
+        config: Config,
+    ) -> Result<Store> {
+        config.validate()?;
+        let level_tags = config.level_tags()?;
+        let inner = Inner {
+            backend,
+            host,
+            config,
+            level_tags,
+            events: Events::new(),
+        };
+        Ok(Store {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Reads `stored_messages` and the database url from `figment`, connects the configured
+    /// backend, applies its migrations and returns the store. This is what the fairing does
+    /// at ignite, and what the CLI does before each command.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for bad configuration, [`Error::Backend`] when the storage cannot be
+    /// reached or migrated.
+    pub async fn connect(figment: &Figment, host: Arc<dyn Host>) -> Result<Store> {
+        let config = Config::from_figment(figment)?;
+        let settings = Settings::from_config(&config);
+        let backend: Arc<dyn MessageBackend> = match config.backend {
+            BackendKind::Sql => {
+                Arc::new(SqlBackend::connect(&database_url(figment), settings).await?)
+            }
+            BackendKind::Redis => {
+                return Err(Error::Config(vec![
+                    "stored_messages.backend: the redis backend is not available in this build"
+                        .to_string(),
+                ]))
+            }
+        };
+        Store::new(backend, host, config)
+    }
+
+    /// The backend, for reads (`inbox_list`, `archive_list`, `inbox_count`, …). Writes should
+    /// go through the store so that they publish events.
+    pub fn backend(&self) -> &dyn MessageBackend {
+        &*self.inner.backend
+    }
+
+    /// The host's view of users.
+    pub fn host(&self) -> &dyn Host {
+        &*self.inner.host
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Level tags, defaults plus configured overrides.
+    pub fn level_tags(&self) -> &LevelTags {
+        &self.inner.level_tags
+    }
+
+    /// The event hub: `store.events().subscribe()` or `store.events().on(|event| …)`.
+    pub fn events(&self) -> &Events {
+        &self.inner.events
+    }
+
+    /// Stores `message` for each of `users` (archive and inbox together, atomically) and
+    /// publishes `ArchiveStored` and `InboxStored`. Duplicate users count once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MessageTypeNotSupported`] when the level is not a store level (nothing is
+    /// written), [`Error::Backend`] when the storage fails (nothing is written either).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn f(store: stored_messages::Store) -> stored_messages::Result<()> {
+    /// use stored_messages::{Level, NewMessage, UserId};
+    ///
+    /// let message = NewMessage::parse(Level::STORED_INFO, "Your export is ready", "export",
+    ///                                 Some("/exports/42"), None)?;
+    /// store.add_message_for(&[UserId(1), UserId(2)], message).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn add_message_for(&self, users: &[UserId], message: NewMessage) -> Result<Delivery> {
+        let message = self.inner.backend.deliver(users, &message).await?;
+        let recipients = self.publish_delivery(users, &message);
+        log::debug!(
+            "stored-messages: message {} delivered to {recipients} users",
+            message.id
+        );
+        Ok(Delivery {
+            message,
+            recipients,
+        })
+    }
+
+    /// Stores `message` for every user that exists now (as the host lists them), in one
+    /// atomic bulk write.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::add_message_for`], plus [`Error::Host`] when the user list fails.
+    pub async fn broadcast_message(&self, message: NewMessage) -> Result<Delivery> {
+        let users = self.inner.host.all_users().await.map_err(Error::Host)?;
+        self.add_message_for(&users, message).await
+    }
+
+    /// Marks one message read for `user`: `true` if it was unread, `false` if it was already
+    /// read, expired, unknown or someone else's (never an error for those). Publishes
+    /// `InboxDeleted` when it was unread.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the storage fails.
+    pub async fn mark_read(&self, user: UserId, id: MessageId) -> Result<bool> {
+        Ok(!self.mark_many_read(user, &[id]).await?.is_empty())
+    }
+
+    /// Marks these messages read for `user` in one step and returns those that were unread.
+    /// Publishes one `InboxDeleted` for them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the storage fails.
+    pub async fn mark_many_read(&self, user: UserId, ids: &[MessageId]) -> Result<Vec<MessageId>> {
+        let read = self.inner.backend.inbox_delete_many(user, ids).await?;
+        if !read.is_empty() {
+            self.inner.events.publish(Event::InboxDeleted {
+                user,
+                message_ids: read.clone().into(),
+            });
+        }
+        Ok(read)
+    }
+
+    /// Marks every unread message of `user` read and returns how many there were. A message
+    /// arriving meanwhile is either counted here or stays unread. Publishes `InboxPurged`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the storage fails.
+    pub async fn mark_all_read(&self, user: UserId) -> Result<u64> {
+        let count = self.inner.backend.inbox_purge(user).await?;
+        self.inner
+            .events
+            .publish(Event::InboxPurged { user, count });
+        Ok(count)
+    }
+
+    /// Removes expired inbox entries and messages now.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the storage fails.
+    pub async fn cleanup(&self) -> Result<Cleanup> {
+        let cleanup = self
+            .inner
+            .backend
+            .expired_messages_cleanup(Utc::now())
+            .await?;
+        log::info!(
+            "stored-messages: cleanup removed {} expired inbox entries and {} messages",
+            cleanup.inbox_entries,
+            cleanup.messages
+        );
+        Ok(cleanup)
+    }
+
+    fn publish_delivery(&self, users: &[UserId], message: &Message) -> u64 {
+        let mut users = users.to_vec();
+        users.sort_unstable();
+        users.dedup();
+        let recipients = users.len() as u64;
+        if recipients > 0 {
+            let users: Arc<[UserId]> = users.into();
+            let message = Arc::new(message.clone());
+            let events = &self.inner.events;
+            events.publish(Event::ArchiveStored {
+                users: users.clone(),
+                message: message.clone(),
+            });
+            events.publish(Event::InboxStored { users, message });
+        }
+        recipients
+    }
+}

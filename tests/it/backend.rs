@@ -1,0 +1,828 @@
+//! The conformance suite: each behaviour once, run against every backend.
+//!
+//! Each behaviour is an async function taking a fresh [`TestStore`]; the `conformance!`
+//! macro stamps out one test per behaviour and backend.
+
+use chrono::{Duration, Utc};
+use stored_messages::{
+    Config, Cursor, Error, Event, Level, ListQuery, Message, MessageId, NewMessage, UserId,
+};
+
+use crate::common::TestStore;
+
+const ALICE: UserId = UserId(1);
+const BOB: UserId = UserId(2);
+const CAROL: UserId = UserId(3);
+
+fn stored(text: &str) -> NewMessage {
+    NewMessage::new(Level::STORED_INFO, text).unwrap()
+}
+
+fn texts(messages: &[Message]) -> Vec<&str> {
+    messages.iter().map(|m| m.message.as_str()).collect()
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(t) = crate::common::sqlite_store().await {
+                        super::$name(&t).await;
+                    }
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(t) = crate::common::postgres_store().await {
+                        super::$name(&t).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    stored_message_is_in_inbox_and_archive,
+    inbox_get_returns_the_message_and_refuses_unknown_ids,
+    inbox_delete_keeps_the_archive_and_refuses_a_second_time,
+    inbox_purge_empties_the_inbox_only,
+    inbox_is_oldest_first_and_archive_newest_first,
+    mark_read_twice_is_true_then_false,
+    add_message_for_several_users_keeps_tags_date_and_url,
+    broadcast_reaches_every_user_of_the_host,
+    mark_all_read_of_twenty_counts_twenty,
+    unicode_text_round_trips,
+    another_users_message_is_not_found,
+    message_arriving_during_mark_all_read_is_never_lost,
+    expired_inbox_entries_are_hidden_and_cleaned_up,
+    cleanup_removes_old_messages_everywhere,
+    non_store_level_is_refused_and_nothing_changes,
+    duplicate_recipients_count_once,
+    inbox_store_skips_users_who_have_it_and_redelivers_read_ones,
+    archive_store_alone_does_not_touch_the_inbox,
+    pages_follow_the_cursor_without_gaps_or_duplicates,
+    pages_stay_correct_while_messages_arrive_and_are_read,
+    inbox_delete_many_returns_only_unread_ids,
+    same_instant_messages_get_distinct_ids_and_stable_order,
+    writes_publish_events,
+    flush_removes_everything,
+    can_handle_follows_store_levels,
+);
+
+async fn stored_message_is_in_inbox_and_archive(t: &TestStore) {
+    // act
+    let m = t.backend().create_message(&stored("hello")).await.unwrap();
+    assert_eq!(t.backend().archive_store(&[ALICE], &m).await.unwrap(), 1);
+    assert_eq!(t.backend().inbox_store(&[ALICE], &m).await.unwrap(), 1);
+    // assert
+    let inbox = t.backend().inbox_list(ALICE, ListQuery::ALL).await.unwrap();
+    assert_eq!(inbox, vec![m.clone()]);
+    let archive = t
+        .backend()
+        .archive_list(ALICE, ListQuery::ALL)
+        .await
+        .unwrap();
+    assert_eq!(archive, vec![m.clone()]);
+    assert_eq!(t.backend().inbox_count(ALICE).await.unwrap(), 1);
+    assert_eq!(t.backend().inbox_count(BOB).await.unwrap(), 0);
+    assert!(t
+        .backend()
+        .inbox_list(BOB, ListQuery::ALL)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn inbox_get_returns_the_message_and_refuses_unknown_ids(t: &TestStore) {
+    let d = t
+        .store
+        .add_message_for(&[ALICE], stored("x"))
+        .await
+        .unwrap();
+    let got = t.backend().inbox_get(ALICE, d.message.id).await.unwrap();
+    assert_eq!(got, d.message);
+    let unknown = MessageId(d.message.id.0 + 1000);
+    let err = t.backend().inbox_get(ALICE, unknown).await.unwrap_err();
+    assert!(
+        matches!(err, Error::MessageDoesNotExist(id) if id == unknown),
+        "{err}"
+    );
+}
+
+async fn inbox_delete_keeps_the_archive_and_refuses_a_second_time(t: &TestStore) {
+    let d = t
+        .store
+        .add_message_for(&[ALICE], stored("x"))
+        .await
+        .unwrap();
+    t.backend().inbox_delete(ALICE, d.message.id).await.unwrap();
+    assert!(t
+        .backend()
+        .inbox_list(ALICE, ListQuery::ALL)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        t.backend()
+            .archive_list(ALICE, ListQuery::ALL)
+            .await
+            .unwrap(),
+        vec![d.message.clone()]
+    );
+    let err = t
+        .backend()
+        .inbox_delete(ALICE, d.message.id)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::MessageDoesNotExist(_)), "{err}");
+    let err = t
+        .backend()
+        .inbox_get(ALICE, d.message.id)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::MessageDoesNotExist(_)), "{err}");
+}
+
+async fn inbox_purge_empties_the_inbox_only(t: &TestStore) {
+    for i in 0..3 {
+        t.store
+            .add_message_for(&[ALICE, BOB], stored(&format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(t.backend().inbox_purge(ALICE).await.unwrap(), 3);
+    assert_eq!(t.backend().inbox_count(ALICE).await.unwrap(), 0);
+    assert_eq!(
+        t.backend()
+            .archive_list(ALICE, ListQuery::ALL)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(
+        t.backend().inbox_count(BOB).await.unwrap(),
+        3,
+        "bob's inbox is untouched"
+    );
+    assert_eq!(t.backend().inbox_purge(ALICE).await.unwrap(), 0);
+}
+
+async fn inbox_is_oldest_first_and_archive_newest_first(t: &TestStore) {
+    let now = Utc::now();
+    // Added out of date order on purpose.
+    for (text, minutes) in [("middle", 2), ("newest", 1), ("oldest", 3)] {
+        let m = NewMessage::parse(
+            Level::STORED_INFO,
+            text,
+            "",
+            None,
+            Some(now - Duration::minutes(minutes)),
+        )
+        .unwrap();
+        t.store.add_message_for(&[ALICE], m).await.unwrap();
+    }
+    let inbox = t.backend().inbox_list(ALICE, ListQuery::ALL).await.unwrap();
+    assert_eq!(texts(&inbox), ["oldest", "middle", "newest"]);
+    let archive = t
+        .backend()
+        .archive_list(ALICE, ListQuery::ALL)
+        .await
+        .unwrap();
+    assert_eq!(texts(&archive), ["newest", "middle", "oldest"]);
+    let first = t
+        .backend()
+        .inbox_list(ALICE, ListQuery::first(2))
+        .await
+        .unwrap();
+    assert_eq!(texts(&first), ["oldest", "middle"]);
+}
+
+async fn mark_read_twice_is_true_then_false(t: &TestStore) {
+    let d = t
+        .store
+        .add_message_for(&[ALICE], stored("x"))
+        .await
+        .unwrap();
+    assert!(t.store.mark_read(ALICE, d.message.id).await.unwrap());
+    assert!(!t.store.mark_read(ALICE, d.message.id).await.unwrap());
+    assert!(!t.store.mark_read(ALICE, MessageId(999_999)).await.unwrap());
+    assert_eq!(
+        t.backend()
+            .archive_list(ALICE, ListQuery::ALL)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+async fn add_message_for_several_users_keeps_tags_date_and_url(t: &TestStore) {
+    let date = "2026-11-20T10:11:12.345678Z".parse().unwrap();
+    let new = NewMessage::parse(
+        Level::STORED_WARNING,
+        "check this",
+        "tag1  tag2",
+        Some("/some/url"),
+        Some(date),
+    )
+    .unwrap();
+    let d = t
+        .store
+        .add_message_for(&[ALICE, BOB, CAROL], new)
+        .await
+        .unwrap();
+    assert_eq!(d.recipients, 3);
+    for user in [ALICE, BOB, CAROL] {
+        let inbox = t.backend().inbox_list(user, ListQuery::ALL).await;
+        // The date is in the past but well within 30 days only if the clock agrees; check the
+        // archive, which never expires on read.
+        let _ = inbox;
+        let archive = t
+            .backend()
+            .archive_list(user, ListQuery::ALL)
+            .await
+            .unwrap();
+        assert_eq!(archive.len(), 1);
+        let m = &archive[0];
+        assert_eq!(m.id, d.message.id);
+        assert_eq!(m.level, Level::STORED_WARNING);
+        assert_eq!(m.extra_tags, "tag1 tag2");
+        assert_eq!(m.url.as_deref(), Some("/some/url"));
+        assert_eq!(m.date, date);
+        assert_eq!(m.tags(t.store.level_tags()), "tag1 tag2 stored warning");
+    }
+    let absolute = NewMessage::parse(
+        Level::STORED_INFO,
+        "x",
+        "",
+        Some("https://example.com/a?b=1"),
+        None,
+    )
+    .unwrap();
+    let d = t.store.add_message_for(&[ALICE], absolute).await.unwrap();
+    let got = t.backend().inbox_get(ALICE, d.message.id).await.unwrap();
+    assert_eq!(got.url.as_deref(), Some("https://example.com/a?b=1"));
+}
+
+async fn broadcast_reaches_every_user_of_the_host(t: &TestStore) {
+    *t.host.users.lock().unwrap() = vec![ALICE, BOB, CAROL];
+    let d = t
+        .store
+        .broadcast_message(stored("to everyone"))
+        .await
+        .unwrap();
+    assert_eq!(d.recipients, 3);
+    for user in [ALICE, BOB, CAROL] {
+        let inbox = t.backend().inbox_list(user, ListQuery::ALL).await.unwrap();
+        assert_eq!(texts(&inbox), ["to everyone"]);
+    }
+    // A user created after the broadcast does not get it.
+    t.host.users.lock().unwrap().push(UserId(4));
+    assert_eq!(t.backend().inbox_count(UserId(4)).await.unwrap(), 0);
+}
+
+async fn mark_all_read_of_twenty_counts_twenty(t: &TestStore) {
+    for i in 0..20 {
+        t.store
+            .add_message_for(&[ALICE], stored(&format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(t.store.mark_all_read(ALICE).await.unwrap(), 20);
+    assert_eq!(t.backend().inbox_count(ALICE).await.unwrap(), 0);
+    assert_eq!(
+        t.backend()
+            .archive_list(ALICE, ListQuery::ALL)
+            .await
+            .unwrap()
+            .len(),
+        20
+    );
+    assert_eq!(t.store.mark_all_read(ALICE).await.unwrap(), 0);
+}
+
+async fn unicode_text_round_trips(t: &TestStore) {
+    for text in [
+        "an SOS to the world ☢",
+        "❤",
+        "日本語 \u{1F600} ç'est «ça»",
+        "<script>alert(1)</script>",
+    ] {
+        let d = t
+            .store
+            .add_message_for(&[ALICE], stored(text))
+            .await
+            .unwrap();
+        assert_eq!(
+            t.backend()
+                .inbox_get(ALICE, d.message.id)
+                .await
+                .unwrap()
+                .message,
+            text
+        );
+    }
+}
+
+async fn another_users_message_is_not_found(t: &TestStore) {
+    let d = t
+        .store
+        .add_message_for(&[ALICE], stored("alice only"))
+        .await
+        .unwrap();
+    let id = d.message.id;
+    assert!(matches!(
+        t.backend().inbox_get(BOB, id).await,
+        Err(Error::MessageDoesNotExist(_))
+    ));
+    assert!(matches!(
+        t.backend().inbox_delete(BOB, id).await,
+        Err(Error::MessageDoesNotExist(_))
+    ));
+    assert!(!t.store.mark_read(BOB, id).await.unwrap());
+    assert!(t
+        .backend()
+        .inbox_delete_many(BOB, &[id])
+        .await
+        .unwrap()
+        .is_empty());
+    // nothing changed for alice
+    assert_eq!(t.backend().inbox_get(ALICE, id).await.unwrap().id, id);
+}
+
+async fn message_arriving_during_mark_all_read_is_never_lost(t: &TestStore) {
+    for i in 0..50 {
+        t.store
+            .add_message_for(&[ALICE], stored(&format!("before {i}")))
+            .await
+            .unwrap();
+    }
+    // Race writers against mark_all_read; every message must end up either counted by a
+    // mark_all_read or still unread.
+    let writer = {
+        let store = t.store.clone();
+        tokio::spawn(async move {
+            for i in 0..50 {
+                store
+                    .add_message_for(&[ALICE], stored(&format!("during {i}")))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let reader = {
+        let store = t.store.clone();
+        tokio::spawn(async move {
+            let mut marked = 0;
+            for _ in 0..10 {
+                marked += store.mark_all_read(ALICE).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            marked
+        })
+    };
+    writer.await.unwrap();
+    let marked = reader.await.unwrap();
+    let unread = t.backend().inbox_count(ALICE).await.unwrap();
+    assert_eq!(marked + unread, 100, "marked {marked} + unread {unread}");
+    assert_eq!(
+        t.backend()
+            .archive_list(ALICE, ListQuery::ALL)
+            .await
+            .unwrap()
+            .len(),
+        100
+    );
+}
+
+async fn expired_inbox_entries_are_hidden_and_cleaned_up(t: &TestStore) {
+    let now = Utc::now();
+    let old = NewMessage::parse(
+        Level::STORED_INFO,
+        "old",
+        "",
+        None,
+        Some(now - Duration::days(31)),
+    )
+    .unwrap();
+    let fresh = NewMessage::parse(
+        Level::STORED_INFO,
+        "fresh",
+        "",
+        None,
+        Some(now - Duration::days(29)),
+    )
+    .unwrap();
+    let old = t
+        .store
+        .add_message_for(&[ALICE], old)
+        .await
+        .unwrap()
+        .message;
+    t.store.add_message_for(&[ALICE], fresh).await.unwrap();
+    // on read
+    assert_eq!(
+        texts(&t.backend().inbox_list(ALICE, ListQuery::ALL).await.unwrap()),
+        ["fresh"]
+    );
+    assert_eq!(t.backend().inbox_count(ALICE).await.unwrap(), 1);
+    assert!(matches!(
+        t.backend().inbox_get(ALICE, old.id).await,
+        Err(Error::MessageDoesNotExist(_))
+    ));
+    assert!(!t.store.mark_read(ALICE, old.id).await.unwrap());
+    // in cleanup: the inbox entry goes, the archive keeps the message
+    let cleanup = t.store.cleanup().await.unwrap();
+    assert_eq!(cleanup.inbox_entries, 1);
+    assert_eq!(cleanup.messages, 0);
+    assert_eq!(
+        t.backend()
+            .archive_list(ALICE, ListQuery::ALL)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    // a longer inbox expiry does not bring it back: cleanup removed it
+    let config = Config {
+        inbox_expire_days: 60,
+        ..Config::default()
+    };
+    let longer = t.reconfigured(config).await;
+    assert_eq!(
+        texts(
+            &longer
+                .backend()
+                .inbox_list(ALICE, ListQuery::ALL)
+                .await
+                .unwrap()
+        ),
+        ["fresh"]
+    );
+}
+
+async fn cleanup_removes_old_messages_everywhere(t: &TestStore) {
+    let now = Utc::now();
+    let ancient = NewMessage::parse(
+        Level::STORED_INFO,
+        "ancient",
+        "",
+        None,
+        Some(now - Duration::days(121)),
+    )
+    .unwrap();
+    let old = NewMessage::parse(
+        Level::STORED_INFO,
+        "old",
+        "",
+        None,
+        Some(now - Duration::days(100)),
+    )
+    .unwrap();
+    t.store
+        .add_message_for(&[ALICE, BOB], ancient)
+        .await
+        .unwrap();
+    t.store.add_message_for(&[ALICE], old).await.unwrap();
+    t.store
+        .add_message_for(&[ALICE], stored("new"))
+        .await
+        .unwrap();
+    let cleanup = t.store.cleanup().await.unwrap();
+    assert_eq!(cleanup.messages, 1);
+    assert_eq!(
+        cleanup.inbox_entries, 1,
+        "only 'old' was still in an inbox and not removed"
+    );
+    assert_eq!(
+        texts(
+            &t.backend()
+                .archive_list(ALICE, ListQuery::ALL)
+                .await
+                .unwrap()
+        ),
+        ["new", "old"]
+    );
+    assert!(t
+        .backend()
+        .archive_list(BOB, ListQuery::ALL)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        t.store.cleanup().await.unwrap(),
+        Default::default(),
+        "cleanup is idempotent"
+    );
+}
+
+async fn non_store_level_is_refused_and_nothing_changes(t: &TestStore) {
+    let plain = NewMessage::new(Level::INFO, "not stored").unwrap();
+    let err = t
+        .store
+        .add_message_for(&[ALICE], plain.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::MessageTypeNotSupported(Level::INFO)),
+        "{err}"
+    );
+    let err = t.backend().create_message(&plain).await.unwrap_err();
+    assert!(matches!(err, Error::MessageTypeNotSupported(_)), "{err}");
+    assert_eq!(
+        t.backend()
+            .archive_list(ALICE, ListQuery::ALL)
+            .await
+            .unwrap(),
+        vec![]
+    );
+    // Validation happens before any backend sees the message.
+    assert!(matches!(
+        NewMessage::new(Level::STORED_INFO, ""),
+        Err(Error::EmptyMessage)
+    ));
+    assert!(NewMessage::parse(
+        Level::STORED_INFO,
+        "x",
+        "",
+        Some("javascript:alert(1)"),
+        None
+    )
+    .is_err());
+}
+
+async fn duplicate_recipients_count_once(t: &TestStore) {
+    let d = t
+        .store
+        .add_message_for(&[ALICE, BOB, ALICE, ALICE], stored("x"))
+        .await
+        .unwrap();
+    assert_eq!(d.recipients, 2);
+    assert_eq!(t.backend().inbox_count(ALICE).await.unwrap(), 1);
+    assert_eq!(
+        t.backend()
+            .archive_list(ALICE, ListQuery::ALL)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+async fn inbox_store_skips_users_who_have_it_and_redelivers_read_ones(t: &TestStore) {
+    let d = t
+        .store
+        .add_message_for(&[ALICE], stored("x"))
+        .await
+        .unwrap();
+    let m = d.message;
+    // alice has it unread: skipped; bob is new: stored. One duplicate does not stop the rest.
+    assert_eq!(t.backend().inbox_store(&[ALICE, BOB], &m).await.unwrap(), 1);
+    assert_eq!(t.backend().inbox_count(BOB).await.unwrap(), 1);
+    assert_eq!(
+        t.backend()
+            .archive_list(BOB, ListQuery::ALL)
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "inbox implies archive"
+    );
+    // read, then delivered again: unread again, still once in the archive
+    assert!(t.store.mark_read(ALICE, m.id).await.unwrap());
+    assert_eq!(t.backend().inbox_store(&[ALICE], &m).await.unwrap(), 1);
+    assert_eq!(t.backend().inbox_get(ALICE, m.id).await.unwrap().id, m.id);
+    assert_eq!(
+        t.backend()
+            .archive_list(ALICE, ListQuery::ALL)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+async fn archive_store_alone_does_not_touch_the_inbox(t: &TestStore) {
+    let m = t.backend().create_message(&stored("x")).await.unwrap();
+    assert_eq!(
+        t.backend().archive_store(&[ALICE, BOB], &m).await.unwrap(),
+        2
+    );
+    assert_eq!(
+        t.backend().archive_store(&[ALICE], &m).await.unwrap(),
+        0,
+        "already archived"
+    );
+    assert_eq!(t.backend().inbox_count(ALICE).await.unwrap(), 0);
+    assert_eq!(
+        t.backend().archive_list(BOB, ListQuery::ALL).await.unwrap(),
+        vec![m]
+    );
+}
+
+async fn pages_follow_the_cursor_without_gaps_or_duplicates(t: &TestStore) {
+    for i in 0..25 {
+        t.store
+            .add_message_for(&[ALICE], stored(&format!("m{i:02}")))
+            .await
+            .unwrap();
+    }
+    for archive in [false, true] {
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let query = ListQuery {
+                limit: Some(10),
+                after,
+            };
+            let page = if archive {
+                t.backend().archive_list(ALICE, query).await.unwrap()
+            } else {
+                t.backend().inbox_list(ALICE, query).await.unwrap()
+            };
+            if page.is_empty() {
+                break;
+            }
+            after = page.last().map(Cursor::after);
+            seen.extend(page.into_iter().map(|m| m.message));
+        }
+        let mut expected: Vec<String> = (0..25).map(|i| format!("m{i:02}")).collect();
+        if archive {
+            expected.reverse();
+        }
+        assert_eq!(seen, expected, "archive: {archive}");
+    }
+}
+
+async fn pages_stay_correct_while_messages_arrive_and_are_read(t: &TestStore) {
+    let mut first = Vec::new();
+    for i in 0..10 {
+        first.push(
+            t.store
+                .add_message_for(&[ALICE], stored(&format!("a{i}")))
+                .await
+                .unwrap()
+                .message,
+        );
+    }
+    let page1 = t
+        .backend()
+        .inbox_list(ALICE, ListQuery::first(4))
+        .await
+        .unwrap();
+    assert_eq!(texts(&page1), ["a0", "a1", "a2", "a3"]);
+    // Meanwhile: the first page is read and new messages arrive.
+    for m in &page1 {
+        t.store.mark_read(ALICE, m.id).await.unwrap();
+    }
+    t.store
+        .add_message_for(&[ALICE], stored("b0"))
+        .await
+        .unwrap();
+    let after = Some(Cursor::after(page1.last().unwrap()));
+    let rest = t
+        .backend()
+        .inbox_list(ALICE, ListQuery { limit: None, after })
+        .await
+        .unwrap();
+    assert_eq!(texts(&rest), ["a4", "a5", "a6", "a7", "a8", "a9", "b0"]);
+}
+
+async fn inbox_delete_many_returns_only_unread_ids(t: &TestStore) {
+    let a = t
+        .store
+        .add_message_for(&[ALICE], stored("a"))
+        .await
+        .unwrap()
+        .message
+        .id;
+    let b = t
+        .store
+        .add_message_for(&[ALICE], stored("b"))
+        .await
+        .unwrap()
+        .message
+        .id;
+    let bobs = t
+        .store
+        .add_message_for(&[BOB], stored("bob's"))
+        .await
+        .unwrap()
+        .message
+        .id;
+    t.store.mark_read(ALICE, a).await.unwrap();
+    let mut read = t
+        .backend()
+        .inbox_delete_many(ALICE, &[a, b, bobs, MessageId(424242)])
+        .await
+        .unwrap();
+    read.sort();
+    assert_eq!(read, vec![b]);
+    assert_eq!(t.backend().inbox_count(BOB).await.unwrap(), 1);
+}
+
+async fn same_instant_messages_get_distinct_ids_and_stable_order(t: &TestStore) {
+    let date = Utc::now();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let m = NewMessage::parse(Level::STORED_INFO, "same text", "", None, Some(date)).unwrap();
+        ids.push(
+            t.store
+                .add_message_for(&[ALICE], m)
+                .await
+                .unwrap()
+                .message
+                .id,
+        );
+    }
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 5);
+    let listed: Vec<MessageId> = t
+        .backend()
+        .inbox_list(ALICE, ListQuery::ALL)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(listed, unique, "ties on date are ordered by id");
+}
+
+async fn writes_publish_events(t: &TestStore) {
+    let mut events = t.store.events().subscribe();
+    let d = t
+        .store
+        .add_message_for(&[BOB, ALICE], stored("x"))
+        .await
+        .unwrap();
+    t.store.mark_read(ALICE, d.message.id).await.unwrap();
+    t.store.mark_all_read(BOB).await.unwrap();
+    let mut got = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        got.push(event);
+    }
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert!(matches!(&got[0], Event::ArchiveStored { users, .. } if users[..] == [ALICE, BOB]));
+    assert!(
+        matches!(&got[1], Event::InboxStored { users, message } if users[..] == [ALICE, BOB] && message.id == d.message.id)
+    );
+    assert!(
+        matches!(&got[2], Event::InboxDeleted { user, message_ids } if *user == ALICE && message_ids[..] == [d.message.id])
+    );
+    assert!(matches!(&got[3], Event::InboxPurged { user, count: 1 } if *user == BOB));
+    assert!(got[1].concerns(ALICE) && !got[1].concerns(CAROL));
+}
+
+async fn flush_removes_everything(t: &TestStore) {
+    t.store
+        .add_message_for(&[ALICE, BOB], stored("x"))
+        .await
+        .unwrap();
+    t.backend().flush().await.unwrap();
+    for user in [ALICE, BOB] {
+        assert_eq!(t.backend().inbox_count(user).await.unwrap(), 0);
+        assert!(t
+            .backend()
+            .archive_list(user, ListQuery::ALL)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+}
+
+async fn can_handle_follows_store_levels(t: &TestStore) {
+    for level in Level::STORED {
+        assert!(t.backend().can_handle(level), "{level}");
+    }
+    for level in [
+        Level::DEBUG,
+        Level::INFO,
+        Level::SUCCESS,
+        Level::WARNING,
+        Level::ERROR,
+        Level(99),
+    ] {
+        assert!(!t.backend().can_handle(level), "{level}");
+    }
+    let custom = t
+        .reconfigured(Config {
+            store_levels: vec![Level(99)],
+            ..Config::default()
+        })
+        .await;
+    assert!(custom.backend().can_handle(Level(99)));
+    let d = custom
+        .add_message_for(&[ALICE], NewMessage::new(Level(99), "custom").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(d.message.level, Level(99));
+}

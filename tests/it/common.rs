@@ -1,0 +1,193 @@
+//! Shared test fixtures: per-test backends on real services, a test host, service checks.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use rand::Rng;
+use stored_messages::backend::Settings;
+use stored_messages::config::SecretUrl;
+use stored_messages::{BoxError, Config, Host, SqlBackend, Store, UserId};
+
+/// Is `STORED_MESSAGES_REQUIRE_SERVICES=1` set (as in CI)?
+pub fn services_required() -> bool {
+    std::env::var("STORED_MESSAGES_REQUIRE_SERVICES").map_or(false, |v| v == "1")
+}
+
+/// `DATABASE_URL`, read at run time, or the local default.
+pub fn postgres_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// `REDIS_URL`, read at run time, or the local default.
+#[allow(dead_code)]
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
+}
+
+/// Skips (returns false, with one line on stderr) or panics when a service is missing.
+pub fn service_available(name: &str, reachable: bool) -> bool {
+    if reachable {
+        return true;
+    }
+    if services_required() {
+        panic!("{name} is required (STORED_MESSAGES_REQUIRE_SERVICES=1) but is not reachable");
+    }
+    static WARNED: OnceLock<()> = OnceLock::new();
+    WARNED.get_or_init(|| eprintln!("note: {name} is not reachable; its tests are skipped"));
+    false
+}
+
+/// A random lowercase id for schema names and key prefixes.
+pub fn random_id() -> String {
+    let mut rng = rand::thread_rng();
+    (0..12)
+        .map(|_| (b'a' + rng.gen_range(0..26)) as char)
+        .collect()
+}
+
+/// A PostgreSQL schema of its own, dropped when this value is dropped.
+pub struct PgSchema {
+    pub name: String,
+    pub url: String,
+}
+
+impl PgSchema {
+    /// Creates a fresh schema; `None` when PostgreSQL is unreachable and not required.
+    pub async fn create() -> Option<PgSchema> {
+        let base = postgres_url();
+        let conn = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(std::time::Duration::from_secs(3))
+            .connect(&base)
+            .await;
+        let pool = match conn {
+            Ok(pool) => pool,
+            Err(_) => {
+                service_available("PostgreSQL (DATABASE_URL)", false);
+                return None;
+            }
+        };
+        let name = format!("sm_test_{}", random_id());
+        sqlx::query(&format!("create schema {name}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options=-c%20search_path%3D{name}");
+        Some(PgSchema { name, url })
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        // Drop runs inside or outside a runtime; a thread with its own runtime works in both.
+        let name = self.name.clone();
+        let base = postgres_url();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(pool) = sqlx::PgPool::connect(&base).await {
+                    let _ = sqlx::query(&format!("drop schema if exists {name} cascade"))
+                        .execute(&pool)
+                        .await;
+                    pool.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A host whose user list the test sets.
+#[derive(Default)]
+pub struct TestHost {
+    pub users: Mutex<Vec<UserId>>,
+}
+
+impl TestHost {
+    pub fn with_users(ids: impl IntoIterator<Item = i64>) -> Arc<TestHost> {
+        Arc::new(TestHost {
+            users: Mutex::new(ids.into_iter().map(UserId).collect()),
+        })
+    }
+}
+
+#[rocket::async_trait]
+impl Host for TestHost {
+    async fn current_user(&self, _request: &rocket::Request<'_>) -> Option<UserId> {
+        None
+    }
+
+    async fn all_users(&self) -> Result<Vec<UserId>, BoxError> {
+        Ok(self.users.lock().unwrap().clone())
+    }
+}
+
+/// Where a per-test backend lives; dropping it removes the data.
+#[allow(dead_code)]
+pub enum Place {
+    Sqlite(tempfile::TempDir),
+    Postgres(PgSchema),
+}
+
+/// A store over a fresh backend, and the host that lists its users.
+pub struct TestStore {
+    pub store: Store,
+    pub host: Arc<TestHost>,
+    pub url: String,
+    _place: Place,
+}
+
+impl TestStore {
+    pub fn backend(&self) -> &dyn stored_messages::MessageBackend {
+        self.store.backend()
+    }
+
+    /// Another store over the same data with different configuration (e.g. expiry).
+    pub async fn reconfigured(&self, config: Config) -> Store {
+        let backend =
+            SqlBackend::connect(&SecretUrl::new(&self.url), Settings::from_config(&config))
+                .await
+                .unwrap();
+        Store::new(Arc::new(backend), self.host.clone(), config).unwrap()
+    }
+}
+
+/// A SQLite database file in a temp dir of its own.
+pub fn sqlite_url(dir: &tempfile::TempDir) -> String {
+    format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("test.sqlite").display()
+    )
+}
+
+pub async fn sqlite_store() -> Option<TestStore> {
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(&dir);
+    Some(sql_store(url, Place::Sqlite(dir)).await)
+}
+
+pub async fn postgres_store() -> Option<TestStore> {
+    let schema = PgSchema::create().await?;
+    let url = schema.url.clone();
+    Some(sql_store(url, Place::Postgres(schema)).await)
+}
+
+async fn sql_store(url: String, place: Place) -> TestStore {
+    let config = Config::default();
+    let backend = SqlBackend::connect(&SecretUrl::new(&url), Settings::from_config(&config))
+        .await
+        .expect("connect and migrate");
+    let host = TestHost::with_users([]);
+    let store = Store::new(Arc::new(backend), host.clone(), config.clone()).unwrap();
+    TestStore {
+        store,
+        host,
+        url,
+        _place: place,
+    }
+}

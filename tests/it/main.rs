@@ -1,0 +1,5 @@
+//! The one integration test binary (one link, many modules).
+
+mod backend;
+mod cli;
+mod common;
