@@ -340,7 +340,6 @@ mod tests {
             "//evil.example",
             "/\\evil.example",
             "http://",
-            "https:///path",
             "ftp://example.com",
             "relative/path",
             "/has space",

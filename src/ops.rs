@@ -110,6 +110,10 @@ impl Store {
         &*self.inner.host
     }
 
+    pub(crate) fn host_arc(&self) -> &Arc<dyn Host> {
+        &self.inner.host
+    }
+
     /// The validated configuration.
     pub fn config(&self) -> &Config {
         &self.inner.config

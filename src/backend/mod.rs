@@ -13,6 +13,7 @@
 use chrono::{DateTime, Utc};
 
 use crate::error::{BoxError, Result};
+use crate::flash::overflow::MemorySpill;
 use crate::level::Level;
 use crate::message::{Message, MessageId, NewMessage, UserId};
 
@@ -230,6 +231,25 @@ pub trait MessageBackend: Send + Sync + 'static {
 
     /// Removes every message of every user. For tests and resets.
     async fn flush(&self) -> Result<()>;
+
+    /// Keeps flash messages that did not fit their cookie under `key` until `expires`,
+    /// replacing what was there. The default keeps them in process memory (lost on restart);
+    /// backends with storage of their own override the three `spill_` methods.
+    async fn spill_put(&self, key: &str, payload: &str, expires: DateTime<Utc>) -> Result<()> {
+        MemorySpill::global().put(key, payload, expires);
+        Ok(())
+    }
+
+    /// The payload stored under `key`, unless it expired or was deleted.
+    async fn spill_get(&self, key: &str) -> Result<Option<String>> {
+        Ok(MemorySpill::global().get(key))
+    }
+
+    /// Forgets `key`; unknown keys are not an error.
+    async fn spill_delete(&self, key: &str) -> Result<()> {
+        MemorySpill::global().delete(key);
+        Ok(())
+    }
 }
 
 /// What every backend needs to know from the configuration.

@@ -573,6 +573,11 @@ impl MessageBackend for SqlBackend {
             .execute(&mut *tx)
             .await
             .map_err(sql_error)?;
+            sqlx::query("delete from sm_flash_spill where expires_us < $1")
+                .bind(micros(now))
+                .execute(&mut *tx)
+                .await
+                .map_err(sql_error)?;
             let messages = sqlx::query("delete from sm_messages where date_us < $1")
                 .bind(message_cutoff)
                 .execute(&mut *tx)
@@ -590,8 +595,45 @@ impl MessageBackend for SqlBackend {
             let mut tx = pool.begin().await.map_err(sql_error)?;
             sqlx::query("delete from sm_deliveries").execute(&mut *tx).await.map_err(sql_error)?;
             sqlx::query("delete from sm_messages").execute(&mut *tx).await.map_err(sql_error)?;
+            sqlx::query("delete from sm_flash_spill").execute(&mut *tx).await.map_err(sql_error)?;
             tx.commit().await.map_err(sql_error)?;
         });
+        Ok(())
+    }
+
+    async fn spill_put(&self, key: &str, payload: &str, expires: DateTime<Utc>) -> Result<()> {
+        let sql = "insert into sm_flash_spill (key, payload, expires_us) values ($1, $2, $3) \
+                   on conflict (key) do update set payload = excluded.payload, \
+                   expires_us = excluded.expires_us";
+        with_pool!(&self.pool, pool => sqlx::query(sql)
+            .bind(key)
+            .bind(payload)
+            .bind(micros(expires))
+            .execute(pool)
+            .await
+            .map_err(sql_error)?
+            .rows_affected());
+        Ok(())
+    }
+
+    async fn spill_get(&self, key: &str) -> Result<Option<String>> {
+        let sql = "select payload from sm_flash_spill where key = $1 and expires_us > $2";
+        let now = micros(Utc::now());
+        Ok(with_pool!(&self.pool, pool => sqlx::query_scalar(sql)
+            .bind(key)
+            .bind(now)
+            .fetch_optional(pool)
+            .await
+            .map_err(sql_error)?))
+    }
+
+    async fn spill_delete(&self, key: &str) -> Result<()> {
+        with_pool!(&self.pool, pool => sqlx::query("delete from sm_flash_spill where key = $1")
+            .bind(key)
+            .execute(pool)
+            .await
+            .map_err(sql_error)?
+            .rows_affected());
         Ok(())
     }
 }

@@ -9,7 +9,7 @@ use stored_messages::{BoxError, Config, Host, SqlBackend, Store, UserId};
 
 /// Is `STORED_MESSAGES_REQUIRE_SERVICES=1` set (as in CI)?
 pub fn services_required() -> bool {
-    std::env::var("STORED_MESSAGES_REQUIRE_SERVICES").map_or(false, |v| v == "1")
+    std::env::var("STORED_MESSAGES_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
 }
 
 /// `DATABASE_URL`, read at run time, or the local default.

@@ -1,0 +1,166 @@
+//! Login, logout and the guards that tell pages who is logged in.
+
+use std::sync::Arc;
+
+use rocket::form::{Contextual, Form};
+use rocket::http::{Cookie, CookieJar, SameSite, Status};
+use rocket::request::{FromRequest, Outcome};
+use rocket::response::Redirect;
+use rocket::{Request, Route, State};
+use rocket_dyn_templates::{context, Template};
+
+use crate::app::users::{session_user, User, Users, SESSION_COOKIE};
+use crate::error::report;
+use crate::Messages;
+
+/// The logged-in user, loaded from the users table. Forwards with 401 for anonymous
+/// visitors, so a lower-ranked route (or the 401 catcher) can send them to the login page.
+#[derive(Debug, Clone)]
+pub struct CurrentUser(pub User);
+
+#[rocket::async_trait]
+impl<'r> FromRequest<'r> for CurrentUser {
+    type Error = Status;
+
+    async fn from_request(request: &'r Request<'_>) -> Outcome<Self, Status> {
+        let cached = request
+            .local_cache_async(async {
+                let id = session_user(request.cookies())?;
+                let users = request.rocket().state::<Arc<Users>>()?;
+                match users.by_id(id).await {
+                    Ok(user) => user.map(Ok),
+                    Err(e) => {
+                        log::error!("reference app: loading user {id} failed: {}", report(&e));
+                        Some(Err(()))
+                    }
+                }
+            })
+            .await;
+        match cached {
+            Some(Ok(user)) => Outcome::Success(CurrentUser(user.clone())),
+            Some(Err(())) => {
+                Outcome::Error((Status::ServiceUnavailable, Status::ServiceUnavailable))
+            }
+            None => Outcome::Forward(Status::Unauthorized),
+        }
+    }
+}
+
+/// Only a safe place to go back to after login: a site-relative path.
+pub fn safe_next(next: &str) -> &str {
+    let ok = next.starts_with('/')
+        && !next.starts_with("//")
+        && !next.contains('\\')
+        && !next.chars().any(|c| c.is_control());
+    if ok {
+        next
+    } else {
+        "/"
+    }
+}
+
+#[derive(Debug, FromForm)]
+struct LoginForm<'r> {
+    #[field(validate = len(1..=64))]
+    username: &'r str,
+    #[field(validate = len(1..=1024))]
+    password: &'r str,
+    next: Option<&'r str>,
+}
+
+// Redirect is large, but a handler's result is built once per request.
+#[allow(clippy::result_large_err)]
+#[get("/login?<next>")]
+fn login_page(
+    user: Option<CurrentUser>,
+    next: Option<&str>,
+    messages: Messages<'_>,
+) -> Result<Template, Redirect> {
+    let next = safe_next(next.unwrap_or("/")).to_string();
+    if user.is_some() {
+        return Err(Redirect::to(next));
+    }
+    Ok(Template::render(
+        "auth/login",
+        context! { messages: &messages, next, username: "", error: "" },
+    ))
+}
+
+#[post("/login", data = "<form>")]
+async fn login(
+    form: Form<Contextual<'_, LoginForm<'_>>>,
+    users: &State<Arc<Users>>,
+    jar: &CookieJar<'_>,
+    messages: Messages<'_>,
+) -> Result<Redirect, (Status, Template)> {
+    let raw_name = form
+        .context
+        .field_value("username")
+        .unwrap_or("")
+        .to_string();
+    let next = safe_next(form.context.field_value("next").unwrap_or("/")).to_string();
+    let failed = |status: Status, error: &str| {
+        (
+            status,
+            Template::render(
+                "auth/login",
+                context! { messages: &messages, next: &next, username: &raw_name, error },
+            ),
+        )
+    };
+    let Some(input) = &form.value else {
+        return Err(failed(
+            Status::UnprocessableEntity,
+            "Enter a username and a password.",
+        ));
+    };
+    match users.verify(input.username, input.password).await {
+        Ok(Some(user)) => {
+            let cookie = Cookie::build((SESSION_COOKIE, user.id.to_string()))
+                .path("/")
+                .same_site(SameSite::Lax)
+                .http_only(true);
+            jar.add_private(cookie);
+            Ok(Redirect::to(
+                safe_next(input.next.unwrap_or("/")).to_string(),
+            ))
+        }
+        Ok(None) => Err(failed(
+            Status::Unauthorized,
+            "Unknown username or wrong password.",
+        )),
+        Err(e) => {
+            log::error!("reference app: login failed: {}", report(&e));
+            Err(failed(
+                Status::ServiceUnavailable,
+                "Logging in is unavailable right now, try again shortly.",
+            ))
+        }
+    }
+}
+
+#[post("/logout")]
+async fn logout(jar: &CookieJar<'_>, messages: Messages<'_>) -> Redirect {
+    jar.remove_private(Cookie::build(SESSION_COOKIE).path("/"));
+    let _ = messages.info("You are logged out.").await;
+    Redirect::to("/login")
+}
+
+/// Login and logout.
+pub fn routes() -> Vec<Route> {
+    routes![login_page, login, logout]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_stays_on_the_site() {
+        assert_eq!(safe_next("/admin"), "/admin");
+        assert_eq!(safe_next("//evil.example"), "/");
+        assert_eq!(safe_next("https://evil.example"), "/");
+        assert_eq!(safe_next("/\\evil"), "/");
+        assert_eq!(safe_next(""), "/");
+    }
+}

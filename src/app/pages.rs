@@ -1,0 +1,217 @@
+//! The reference app's pages: home (the merged stream and a demo form), archive, health,
+//! and the HTML catchers.
+
+use rocket::form::{Contextual, Form};
+use rocket::http::Status;
+use rocket::response::Redirect;
+use rocket::serde::Serialize;
+use rocket::{Catcher, Request, Route};
+use rocket_dyn_templates::{context, Template};
+
+use crate::app::auth::CurrentUser;
+use crate::{Level, Messages, MAX_TEXT_CHARS};
+
+/// A level choice of the demo form.
+#[derive(Serialize)]
+struct LevelChoice {
+    name: &'static str,
+    label: String,
+    value: i32,
+}
+
+fn level_choices() -> Vec<LevelChoice> {
+    Level::NAMED
+        .iter()
+        .map(|(name, level)| LevelChoice {
+            name,
+            label: name.replace('_', " "),
+            value: level.0,
+        })
+        .collect()
+}
+
+/// What the demo form sent back, to re-render it.
+#[derive(Debug, Default, Serialize)]
+struct DemoValues {
+    level: String,
+    message: String,
+    extra_tags: String,
+    url: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct DemoErrors {
+    level: Option<String>,
+    message: Option<String>,
+    extra_tags: Option<String>,
+    url: Option<String>,
+}
+
+fn home(
+    messages: &Messages<'_>,
+    user: Option<&CurrentUser>,
+    kept: bool,
+    form: &DemoValues,
+    errors: &DemoErrors,
+) -> Template {
+    let stream: Vec<_> = messages.iter().collect();
+    if kept {
+        messages.set_used(false);
+    }
+    Template::render(
+        "index",
+        context! {
+            messages: stream,
+            user: user.map(|u| &u.0),
+            kept,
+            levels: level_choices(),
+            max_len: MAX_TEXT_CHARS,
+            form,
+            errors,
+        },
+    )
+}
+
+#[get("/?<keep>")]
+fn index(messages: Messages<'_>, user: Option<CurrentUser>, keep: Option<&str>) -> Template {
+    let kept = matches!(keep, Some("1" | "true" | "yes" | "on"));
+    let form = DemoValues {
+        level: "stored_info".into(),
+        ..DemoValues::default()
+    };
+    home(
+        &messages,
+        user.as_ref(),
+        kept,
+        &form,
+        &DemoErrors::default(),
+    )
+}
+
+#[derive(Debug, FromForm)]
+struct DemoForm<'r> {
+    level: &'r str,
+    message: &'r str,
+    extra_tags: Option<&'r str>,
+    url: Option<&'r str>,
+}
+
+/// Adds a message through the guard (stored or flash by level) and goes back home; bad
+/// input re-renders the form with field errors and adds nothing.
+#[post("/demo/message", data = "<form>")]
+async fn demo_message(
+    form: Form<Contextual<'_, DemoForm<'_>>>,
+    messages: Messages<'_>,
+    user: Option<CurrentUser>,
+) -> Result<Redirect, (Status, Template)> {
+    let values = match &form.value {
+        Some(f) => DemoValues {
+            level: f.level.to_string(),
+            message: f.message.to_string(),
+            extra_tags: f.extra_tags.unwrap_or("").to_string(),
+            url: f.url.unwrap_or("").to_string(),
+        },
+        // Missing fields: keep whatever was sent, to show it again with the errors.
+        None => {
+            let field = |name: &str| form.context.field_value(name).unwrap_or("").to_string();
+            DemoValues {
+                level: field("level"),
+                message: field("message"),
+                extra_tags: field("extra_tags"),
+                url: field("url"),
+            }
+        }
+    };
+    let level_input = values.level.clone();
+    let mut errors = DemoErrors::default();
+    let level = match Level::parse(&level_input) {
+        Ok(level) => Some(level),
+        Err(e) => {
+            errors.level = Some(e.to_string());
+            None
+        }
+    };
+    if values.message.trim().is_empty() {
+        errors.message = Some("Enter a message.".into());
+    }
+    if let (Some(level), None) = (level, &errors.message) {
+        let url = Some(values.url.as_str()).filter(|u| !u.trim().is_empty());
+        match messages
+            .add_with(level, &values.message, &values.extra_tags, url)
+            .await
+        {
+            Ok(()) => return Ok(Redirect::to("/")),
+            Err(e) if e.is_bad_input() => {
+                let text = e.to_string();
+                match e {
+                    crate::Error::InvalidUrl { .. } => errors.url = Some(text),
+                    crate::Error::ExtraTagsTooLong { .. } | crate::Error::InvalidExtraTags(_) => {
+                        errors.extra_tags = Some(text)
+                    }
+                    _ => errors.message = Some(text),
+                }
+            }
+            Err(e) => {
+                log::error!(
+                    "reference app: adding a message failed: {}",
+                    crate::report(&e)
+                );
+                return Err((e.status(), error_page(e.status(), &e.public_message())));
+            }
+        }
+    }
+    Err((
+        Status::UnprocessableEntity,
+        home(&messages, user.as_ref(), false, &values, &errors),
+    ))
+}
+
+#[get("/archive")]
+fn archive(messages: Messages<'_>, user: CurrentUser) -> Template {
+    Template::render("archive", context! { messages: &messages, user: &user.0 })
+}
+
+#[get("/archive", rank = 2)]
+fn archive_login() -> Redirect {
+    Redirect::to("/login?next=/archive")
+}
+
+/// A trivial route, for health checks and as the benchmarks' baseline.
+#[get("/health")]
+fn health() -> &'static str {
+    "ok"
+}
+
+/// The home page, the demo form, the archive and the health check.
+pub fn routes() -> Vec<Route> {
+    routes![index, demo_message, archive, archive_login, health]
+}
+
+fn error_page(status: Status, message: &str) -> Template {
+    Template::render(
+        "error",
+        context! { status: status.code, reason: status.reason().unwrap_or(""), message, user: None::<()> },
+    )
+}
+
+#[catch(default)]
+fn html_error(status: Status, request: &Request<'_>) -> Template {
+    let message = match status.code {
+        403 if crate::csrf::was_rejected(request) => {
+            "The form was missing its security token or it had expired. Go back, reload the page and try again."
+        }
+        401 => "Please log in first.",
+        403 => "You are not allowed to see this page.",
+        404 => "There is nothing here.",
+        413 => "What you sent is too large.",
+        422 | 400 => "What you sent could not be understood.",
+        503 => "The service is unavailable right now; try again shortly.",
+        _ => "Something went wrong on our side.",
+    };
+    error_page(status, message)
+}
+
+/// HTML error pages for everything outside the JSON API.
+pub fn catchers() -> Vec<Catcher> {
+    catchers![html_error]
+}

@@ -1,0 +1,249 @@
+//! The `stored-messages` command line: `serve` (the default), `migrate`, `createuser`,
+//! `send`, `broadcast`, `inbox`, `cleanup`.
+//!
+//! Every command reads the same configuration as `serve` (Rocket.toml and `ROCKET_*`
+//! variables), and fails with one clear line and a non-zero exit code.
+
+use std::io::{BufRead, IsTerminal};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use rocket::figment::Figment;
+
+use crate::app::users::{AppHost, UserError, Users};
+use crate::backend::ListQuery;
+use crate::error::report;
+use crate::{Level, NewMessage, Store};
+
+/// Flash and stored messages for Rocket: the reference app and its tools.
+#[derive(Debug, Parser)]
+#[command(name = "stored-messages", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the reference app (the default command).
+    Serve,
+    /// Create or update the database tables, then exit.
+    Migrate,
+    /// Create a user; the password is read from standard input when it is not a terminal,
+    /// and prompted for otherwise.
+    Createuser {
+        /// The username (letters, digits, '.', '_', '-', '@').
+        name: String,
+        /// Make the user an admin (may use /admin).
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Send a stored message to some users.
+    Send {
+        /// Recipients, by username, separated by commas.
+        #[arg(long, value_delimiter = ',', required = true)]
+        to: Vec<String>,
+        #[command(flatten)]
+        message: MessageArgs,
+    },
+    /// Send a stored message to every user.
+    Broadcast {
+        #[command(flatten)]
+        message: MessageArgs,
+    },
+    /// List a user's unread messages, oldest first.
+    Inbox {
+        /// The username.
+        name: String,
+    },
+    /// Remove expired inbox entries and messages now.
+    Cleanup,
+}
+
+#[derive(Debug, Args)]
+struct MessageArgs {
+    /// Level: a name (stored_info, stored_warning, …) or an integer store level.
+    #[arg(long, default_value = "stored_info")]
+    level: String,
+    /// Extra tags, space separated.
+    #[arg(long, default_value = "")]
+    tags: String,
+    /// A link: https://… or a site-relative /path.
+    #[arg(long)]
+    url: Option<String>,
+    /// The message text.
+    text: String,
+}
+
+impl MessageArgs {
+    fn parse(&self) -> Result<NewMessage, String> {
+        let level = Level::parse(&self.level).map_err(|e| e.to_string())?;
+        NewMessage::parse(level, &self.text, &self.tags, self.url.as_deref(), None)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Parses the command line and runs the command.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(),
+        command => {
+            let runtime = rocket::tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build();
+            match runtime {
+                Ok(runtime) => runtime.block_on(execute(command, rocket::Config::figment())),
+                Err(e) => Err(format!("cannot start the async runtime: {e}")),
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(line) => {
+            eprintln!("error: {line}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve() -> Result<(), String> {
+    rocket::execute(crate::app::rocket().launch())
+        .map(|_| ())
+        .map_err(|e| format!("the server stopped: {e}"))
+}
+
+/// The users table and the store, as `serve` would open them.
+async fn open(figment: &Figment) -> Result<(Arc<Users>, Store), String> {
+    let users = Arc::new(crate::app::connect_users(figment).await?);
+    let store = Store::connect(figment, Arc::new(AppHost::new(users.clone())))
+        .await
+        .map_err(|e| report(&e))?;
+    Ok((users, store))
+}
+
+fn user_error(e: UserError) -> String {
+    report(&e)
+}
+
+async fn execute(command: Command, figment: Figment) -> Result<(), String> {
+    let (users, store) = open(&figment).await?;
+    match command {
+        Command::Serve => unreachable!("serve is handled before the runtime starts"),
+        Command::Migrate => {
+            println!("migrations applied ({} backend)", store.backend().name());
+        }
+        Command::Createuser { name, admin } => {
+            crate::app::users::check_username(&name).map_err(user_error)?;
+            let password = read_password()?;
+            let user = users
+                .create(&name, &password, admin)
+                .await
+                .map_err(user_error)?;
+            println!(
+                "created {}user {} (id {})",
+                if admin { "admin " } else { "" },
+                user.username,
+                user.id
+            );
+        }
+        Command::Send { to, message } => {
+            let message = message.parse()?;
+            let names: Vec<String> = to
+                .iter()
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect();
+            let ids = users.ids_by_names(&names).await.map_err(user_error)?;
+            let delivery = store
+                .add_message_for(&ids, message)
+                .await
+                .map_err(|e| report(&e))?;
+            println!(
+                "sent message {} to {} user{}: {}",
+                delivery.message.id,
+                delivery.recipients,
+                if delivery.recipients == 1 { "" } else { "s" },
+                names.join(", ")
+            );
+        }
+        Command::Broadcast { message } => {
+            let message = message.parse()?;
+            let started = std::time::Instant::now();
+            let delivery = store
+                .broadcast_message(message)
+                .await
+                .map_err(|e| report(&e))?;
+            println!(
+                "broadcast message {} to {} users in {} ms",
+                delivery.message.id,
+                delivery.recipients,
+                started.elapsed().as_millis()
+            );
+        }
+        Command::Inbox { name } => {
+            let user = users
+                .by_name(&name)
+                .await
+                .map_err(user_error)?
+                .ok_or_else(|| format!("unknown user \"{name}\""))?;
+            let inbox = store
+                .backend()
+                .inbox_list(user.user_id(), ListQuery::ALL)
+                .await
+                .map_err(|e| report(&e))?;
+            println!(
+                "{} unread message{} for {}",
+                inbox.len(),
+                if inbox.len() == 1 { "" } else { "s" },
+                name
+            );
+            for m in inbox {
+                let tag = store.level_tags().tag(m.level);
+                println!(
+                    "{}  {}  [{}] {}",
+                    m.id,
+                    m.date.format("%Y-%m-%d %H:%M:%S"),
+                    tag,
+                    m.message
+                );
+            }
+        }
+        Command::Cleanup => {
+            let cleanup = store.cleanup().await.map_err(|e| report(&e))?;
+            println!(
+                "cleanup removed {} expired inbox entries and {} expired messages",
+                cleanup.inbox_entries, cleanup.messages
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The new user's password: one line of standard input when it is not a terminal,
+/// otherwise prompted twice without echo.
+fn read_password() -> Result<String, String> {
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        let mut line = String::new();
+        stdin
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| format!("reading the password: {e}"))?;
+        let password = line.trim_end_matches(['\n', '\r']).to_string();
+        if password.is_empty() {
+            return Err("no password on standard input".to_string());
+        }
+        return Ok(password);
+    }
+    let first = rpassword::prompt_password("Password: ")
+        .map_err(|e| format!("reading the password: {e}"))?;
+    let second = rpassword::prompt_password("Password (again): ")
+        .map_err(|e| format!("reading the password: {e}"))?;
+    if first != second {
+        return Err("the passwords do not match".to_string());
+    }
+    Ok(first)
+}

@@ -1,0 +1,213 @@
+//! The [`StoredMessages`] fairing: the one call that attaches the library to a Rocket app.
+//!
+//! - **ignite**: reads and validates `[stored_messages]`, connects the backend, applies its
+//!   migrations and manages the [`Store`]; a problem fails launch with a readable reason.
+//!   Also mounts the CSRF rejection routes.
+//! - **liftoff**: one summary line, and the periodic cleanup task (ended by shutdown).
+//! - **request**: CSRF check of state-changing requests (see [`crate::csrf`]).
+//! - **response**: writes the flash spill, marks read exactly the stored messages the
+//!   request showed (only when the response succeeded), and fills the template helpers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rocket::data::Data;
+use rocket::fairing::{Fairing, Info, Kind};
+use rocket::{Build, Orbit, Request, Response, Rocket};
+
+use crate::csrf;
+use crate::error::report;
+use crate::flash::cookie::{FLASH_COOKIE, SPILL_COOKIE};
+use crate::flash::overflow::spill_lifetime;
+use crate::host::Host;
+use crate::ops::Store;
+use crate::request::request_state;
+use crate::template;
+
+/// Attaches stored messages to a Rocket application.
+///
+/// ```no_run
+/// # use stored_messages::{StoredMessages, Host};
+/// # fn app(host: impl Host) -> rocket::Rocket<rocket::Build> {
+/// rocket::build()
+///     .attach(StoredMessages::fairing(host))
+///     .attach(rocket_dyn_templates::Template::custom(|engines| {
+///         stored_messages::template::register(&mut engines.tera)
+///     }))
+/// # }
+/// ```
+pub struct StoredMessages {
+    host: Arc<dyn Host>,
+    store: Option<Store>,
+    csrf: bool,
+}
+
+impl StoredMessages {
+    /// The fairing for `host`, with the backend chosen by configuration.
+    pub fn fairing(host: impl Host) -> StoredMessages {
+        StoredMessages {
+            host: Arc::new(host),
+            store: None,
+            csrf: true,
+        }
+    }
+
+    /// The fairing over a store built by the caller (a custom backend, a shared store).
+    pub fn with_store(store: Store) -> StoredMessages {
+        StoredMessages {
+            host: Arc::clone(store.host_arc()),
+            store: Some(store),
+            csrf: true,
+        }
+    }
+
+    /// Turns the built-in CSRF check off, for a host that already checks every
+    /// state-changing request itself.
+    pub fn without_csrf(mut self) -> StoredMessages {
+        self.csrf = false;
+        self
+    }
+}
+
+#[rocket::async_trait]
+impl Fairing for StoredMessages {
+    fn info(&self) -> Info {
+        Info {
+            name: "stored-messages",
+            kind: Kind::Ignite | Kind::Liftoff | Kind::Request | Kind::Response,
+        }
+    }
+
+    async fn on_ignite(&self, rocket: Rocket<Build>) -> rocket::fairing::Result {
+        let store = match &self.store {
+            Some(store) => store.clone(),
+            None => match Store::connect(rocket.figment(), self.host.clone()).await {
+                Ok(store) => store,
+                Err(e) => {
+                    log::error!("stored-messages: cannot start: {}", report(&e));
+                    return Err(rocket);
+                }
+            },
+        };
+        let rocket = rocket.manage(store);
+        Ok(if self.csrf {
+            rocket.mount("/", csrf::routes())
+        } else {
+            rocket
+        })
+    }
+
+    async fn on_liftoff(&self, rocket: &Rocket<Orbit>) {
+        let Some(store) = rocket.state::<Store>() else {
+            return;
+        };
+        let config = store.config();
+        let levels: Vec<String> = config
+            .store_levels
+            .iter()
+            .map(|l| l.0.to_string())
+            .collect();
+        let interval = config.cleanup_interval_secs;
+        log::info!(
+            "stored-messages: backend {}, store levels [{}], min level {}, cleanup {}",
+            store.backend().name(),
+            levels.join(", "),
+            config.min_level.0,
+            if interval == 0 {
+                "off".to_string()
+            } else {
+                format!("every {interval}s")
+            }
+        );
+        if interval > 0 {
+            let store = store.clone();
+            let mut shutdown = rocket.shutdown();
+            rocket::tokio::spawn(async move {
+                let mut ticker = rocket::tokio::time::interval(Duration::from_secs(interval));
+                loop {
+                    rocket::tokio::select! {
+                        _ = ticker.tick() => {
+                            if let Err(e) = store.cleanup().await {
+                                log::error!("stored-messages: periodic cleanup failed: {}", report(&e));
+                            }
+                        }
+                        _ = &mut shutdown => break,
+                    }
+                }
+            });
+        }
+    }
+
+    async fn on_request(&self, request: &mut Request<'_>, data: &mut Data<'_>) {
+        if self.csrf {
+            csrf::check(request, data).await;
+        }
+    }
+
+    async fn on_response<'r>(&self, request: &'r Request<'_>, response: &mut Response<'r>) {
+        let Some(store) = request.rocket().state::<Store>() else {
+            return;
+        };
+        let mut user = None;
+        if let Some(state) = request_state(request) {
+            user = state.user;
+            let cookies_sent = response.headers().get("Set-Cookie").any(|c| {
+                c.starts_with(&format!("{SPILL_COOKIE}="))
+                    || c.starts_with(&format!("{FLASH_COOKIE}="))
+            });
+            let succeeded = response.status().code < 400;
+            settle(store, state, cookies_sent, succeeded).await;
+        } else if response.content_type() == Some(rocket::http::ContentType::HTML) {
+            user = store.host().current_user(request).await;
+        }
+        template::fill(request, response, store, user).await;
+    }
+}
+
+/// Writes the spill the request's cookies point to, drops the one they no longer point to,
+/// and marks the shown stored messages read.
+async fn settle(
+    store: &Store,
+    state: &crate::request::RequestState,
+    cookies_sent: bool,
+    succeeded: bool,
+) {
+    let (pending, stale, shown) = {
+        let inner = state.lock();
+        (
+            inner.pending_spill.clone(),
+            inner.stale_spill_key().map(str::to_string),
+            inner.shown_stored(),
+        )
+    };
+    // A catcher response drops the handler's cookie changes: then the browser keeps its
+    // old cookies, so the old spill must stay and the new one is useless.
+    if cookies_sent {
+        if let Some((key, payload)) = &pending {
+            let expires = chrono::Utc::now() + spill_lifetime();
+            if let Err(e) = store.backend().spill_put(key, payload, expires).await {
+                log::error!(
+                    "stored-messages: writing flash spill failed: {}",
+                    report(&e)
+                );
+            }
+        }
+        if let Some(key) = &stale {
+            if let Err(e) = store.backend().spill_delete(key).await {
+                log::warn!(
+                    "stored-messages: dropping flash spill failed: {}",
+                    report(&e)
+                );
+            }
+        }
+    }
+    if let (Some(user), true, false) = (state.user, succeeded, shown.is_empty()) {
+        if let Err(e) = store.mark_many_read(user, &shown).await {
+            log::error!(
+                "stored-messages: marking {} messages read for user {user} failed: {}",
+                shown.len(),
+                report(&e)
+            );
+        }
+    }
+}

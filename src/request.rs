@@ -1,0 +1,479 @@
+//! The [`Messages`] request guard: add messages, and read the merged stream of flash and
+//! stored messages.
+//!
+//! The guard gathers, the handler phase writes cookies, the fairing settles the database:
+//! - on first use in a request, the guard loads the flash queue (cookie, spill, Rocket's
+//!   `_flash`) and the user's unread inbox once, into the request-local cache;
+//! - every change to the flash queue (adding, showing, `set_used(false)`) rewrites the
+//!   cookies at once, while the handler runs, because Rocket copies cookie changes into the
+//!   response before response fairings run (and a catcher starts from an empty delta);
+//! - the [`crate::StoredMessages`] fairing then writes the spill, and marks read exactly the
+//!   stored messages that were shown, and only for a successful response.
+
+use std::sync::{Mutex, MutexGuard};
+
+use chrono::{DateTime, Utc};
+use rocket::http::{Cookie, CookieJar, SameSite, Status};
+use rocket::request::{FromRequest, Outcome};
+use rocket::{Ignite, Request, Rocket, Sentinel};
+use serde::ser::{Serialize, SerializeSeq, Serializer};
+
+use crate::backend::ListQuery;
+use crate::error::{Error, Result};
+use crate::flash::cookie::{
+    decode, encode, parse_rocket_flash, split, FLASH_COOKIE, ROCKET_FLASH_COOKIE, SPILL_COOKIE,
+};
+use crate::flash::overflow::{is_valid_key, new_key};
+use crate::level::Level;
+use crate::message::{join_tags, LevelTags, Message, MessageId, NewMessage, UserId};
+use crate::ops::Store;
+
+/// At most this many unread stored messages are loaded into one request's stream; the rest
+/// wait, unread, for the next page.
+pub const MAX_STREAM_STORED: u32 = 100;
+
+/// One message of the merged stream, as handlers iterate it and templates see it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StreamMessage {
+    /// The stored message's id; `None` for a flash message.
+    pub id: Option<MessageId>,
+    /// Whether it is a stored message (it is marked read once shown).
+    pub stored: bool,
+    /// The level.
+    pub level: Level,
+    /// Its level tag (`"stored info"`).
+    pub level_tag: String,
+    /// Extra tags then the level tag, space separated: use as CSS classes.
+    pub tags: String,
+    /// Extra tags alone.
+    pub extra_tags: String,
+    /// The text (templates escape it).
+    pub message: String,
+    /// A link, `http(s)` or site-relative.
+    pub url: Option<String>,
+    /// When it was created.
+    pub date: DateTime<Utc>,
+}
+
+impl StreamMessage {
+    fn flash(m: &NewMessage, tags: &LevelTags) -> StreamMessage {
+        let level_tag = tags.tag(m.level()).to_string();
+        StreamMessage {
+            id: None,
+            stored: false,
+            level: m.level(),
+            tags: join_tags(m.extra_tags(), &level_tag),
+            level_tag,
+            extra_tags: m.extra_tags().to_string(),
+            message: m.message().to_string(),
+            url: m.url().map(str::to_string),
+            date: m.date(),
+        }
+    }
+
+    /// The stream form of a stored message.
+    pub fn stored(m: &Message, tags: &LevelTags) -> StreamMessage {
+        let level_tag = tags.tag(m.level).to_string();
+        StreamMessage {
+            id: Some(m.id),
+            stored: true,
+            level: m.level,
+            tags: join_tags(&m.extra_tags, &level_tag),
+            level_tag,
+            extra_tags: m.extra_tags.clone(),
+            message: m.message.clone(),
+            url: m.url.clone(),
+            date: m.date,
+        }
+    }
+}
+
+/// What one request loaded and showed. Lives in the request-local cache.
+pub(crate) struct RequestState {
+    pub(crate) user: Option<UserId>,
+    /// Why loading failed (the guard then fails with this status).
+    failure: Option<Status>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+pub(crate) struct Inner {
+    /// Flash queue in order, each with whether it was shown.
+    flash: Vec<(NewMessage, bool)>,
+    /// Stored messages of the stream (inbox snapshot, then those added here), with whether
+    /// they were shown.
+    stored: Vec<(Message, bool)>,
+    /// The stream was shown and not reset with `set_used(false)`.
+    used: bool,
+    /// Spill key the browser sent.
+    loaded_spill_key: Option<String>,
+    /// Spill to write (key, payload) so the cookie set in this request finds its messages.
+    pub(crate) pending_spill: Option<(String, String)>,
+    /// Whether this request rewrote the flash cookies.
+    pub(crate) cookies_rewritten: bool,
+}
+
+impl Inner {
+    /// Ids of stored messages shown in this request, if the stream counts as used.
+    pub(crate) fn shown_stored(&self) -> Vec<MessageId> {
+        if !self.used {
+            return Vec::new();
+        }
+        self.stored
+            .iter()
+            .filter(|(_, shown)| *shown)
+            .map(|(m, _)| m.id)
+            .collect()
+    }
+
+    /// The spill key the browser sent, if this request's cookies no longer point to it.
+    pub(crate) fn stale_spill_key(&self) -> Option<&str> {
+        let current = self.pending_spill.as_ref().map(|(k, _)| k.as_str());
+        match (&self.loaded_spill_key, self.cookies_rewritten) {
+            (Some(old), true) if Some(old.as_str()) != current => Some(old),
+            _ => None,
+        }
+    }
+}
+
+impl RequestState {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn load(request: &Request<'_>, store: &Store) -> RequestState {
+        let user = store.host().current_user(request).await;
+        let jar = request.cookies();
+        let mut failure = None;
+        let mut flash: Vec<NewMessage> = jar
+            .get_private(FLASH_COOKIE)
+            .map(|c| decode(c.value()))
+            .unwrap_or_default();
+        let loaded_spill_key = jar
+            .get_private(SPILL_COOKIE)
+            .map(|c| c.value().to_string())
+            .filter(|k| is_valid_key(k));
+        if let Some(key) = &loaded_spill_key {
+            match store.backend().spill_get(key).await {
+                Ok(Some(payload)) => flash.extend(decode(&payload)),
+                Ok(None) => log::debug!("stored-messages: flash spill {key} is gone"),
+                Err(e) => {
+                    log::error!(
+                        "stored-messages: reading flash spill failed: {}",
+                        crate::report(&e)
+                    );
+                    failure = Some(e.status());
+                }
+            }
+        }
+        if let Some(cookie) = jar.get(ROCKET_FLASH_COOKIE) {
+            flash.extend(parse_rocket_flash(cookie.value(), Utc::now()));
+        }
+        let mut stored = Vec::new();
+        if let Some(user) = user {
+            match store
+                .backend()
+                .inbox_list(user, ListQuery::first(MAX_STREAM_STORED))
+                .await
+            {
+                Ok(inbox) => stored = inbox.into_iter().map(|m| (m, false)).collect(),
+                Err(e) => {
+                    log::error!(
+                        "stored-messages: loading inbox of user {user} failed: {}",
+                        crate::report(&e)
+                    );
+                    failure = Some(e.status());
+                }
+            }
+        }
+        let inner = Inner {
+            flash: flash.into_iter().map(|m| (m, false)).collect(),
+            stored,
+            loaded_spill_key,
+            ..Inner::default()
+        };
+        RequestState {
+            user,
+            failure,
+            inner: Mutex::new(inner),
+        }
+    }
+}
+
+/// Request guard for adding messages and reading the merged stream.
+///
+/// - `add*` and the per-level shorthands store the message for the logged-in user when its
+///   level is a store level, and queue it as a flash message otherwise (anonymous visitors
+///   always get flash). Empty text and levels below `min_level` are dropped silently, as in
+///   Django; other bad input (too long, bad url) is an error and changes nothing.
+/// - Iterating (`iter()`, `for m in &messages`) or serializing it into a template context
+///   shows the stream: flash messages and the unread inbox, in date order. Shown flash
+///   messages leave the cookie; shown stored messages are marked read when the response
+///   succeeds. `set_used(false)` keeps everything for later.
+///
+/// Fails with 503 when the storage is unavailable.
+pub struct Messages<'r> {
+    jar: &'r CookieJar<'r>,
+    store: &'r Store,
+    state: &'r RequestState,
+}
+
+#[rocket::async_trait]
+impl<'r> FromRequest<'r> for Messages<'r> {
+    type Error = Status;
+
+    async fn from_request(request: &'r Request<'_>) -> Outcome<Self, Status> {
+        let Some(store) = request.rocket().state::<Store>() else {
+            log::error!("stored-messages: Messages guard used without StoredMessages::fairing()");
+            return Outcome::Error((Status::InternalServerError, Status::InternalServerError));
+        };
+        let state = request
+            .local_cache_async(async {
+                let state = RequestState::load(request, store).await;
+                Some(state)
+            })
+            .await;
+        // Cached as an `Option` so the fairing can ask "was it loaded?" without loading.
+        let Some(state) = state else {
+            return Outcome::Error((Status::InternalServerError, Status::InternalServerError));
+        };
+        if let Some(status) = state.failure {
+            return Outcome::Error((status, status));
+        }
+        Outcome::Success(Messages {
+            jar: request.cookies(),
+            store,
+            state,
+        })
+    }
+}
+
+impl Sentinel for Messages<'_> {
+    fn abort(rocket: &Rocket<Ignite>) -> bool {
+        if rocket.state::<Store>().is_none() {
+            log::error!("stored-messages: the Messages guard needs StoredMessages::fairing()");
+            return true;
+        }
+        false
+    }
+}
+
+/// The request's state, if the guard loaded it.
+pub(crate) fn request_state<'r>(request: &'r Request<'_>) -> Option<&'r RequestState> {
+    request.local_cache(|| None::<RequestState>).as_ref()
+}
+
+impl<'r> Messages<'r> {
+    /// The logged-in user, if any.
+    pub fn user(&self) -> Option<UserId> {
+        self.state.user
+    }
+
+    /// Adds a message with a level. See [`Messages::add_with`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Messages::add_with`].
+    pub async fn add(&self, level: Level, text: &str) -> Result<()> {
+        self.add_with(level, text, "", None).await
+    }
+
+    /// Adds a message with extra tags and an optional url: stored for a logged-in user when
+    /// the level is a store level, queued as flash otherwise. Empty text and levels below
+    /// `min_level` are dropped (not an error).
+    ///
+    /// # Errors
+    ///
+    /// Validation errors of [`NewMessage::parse`] (nothing is added), and
+    /// [`Error::Backend`] when storing fails.
+    pub async fn add_with(
+        &self,
+        level: Level,
+        text: &str,
+        extra_tags: &str,
+        url: Option<&str>,
+    ) -> Result<()> {
+        let config = self.store.config();
+        if text.trim().is_empty() || level < config.min_level {
+            return Ok(());
+        }
+        let message = NewMessage::parse(level, text, extra_tags, url, None)?;
+        match self.state.user {
+            Some(user) if config.is_store_level(level) => {
+                let delivery = self.store.add_message_for(&[user], message).await?;
+                self.state.lock().stored.push((delivery.message, false));
+            }
+            _ => {
+                let mut inner = self.state.lock();
+                inner.flash.push((message, false));
+                self.rewrite_cookies(&mut inner);
+            }
+        }
+        Ok(())
+    }
+
+    /// The stream in date order, marking it shown. Each call returns the whole stream.
+    pub fn iter(&self) -> std::vec::IntoIter<StreamMessage> {
+        let tags = self.store.level_tags();
+        let mut inner = self.state.lock();
+        let mut stream: Vec<StreamMessage> =
+            Vec::with_capacity(inner.flash.len() + inner.stored.len());
+        for (m, shown) in inner.flash.iter_mut() {
+            stream.push(StreamMessage::flash(m, tags));
+            *shown = true;
+        }
+        for (m, shown) in inner.stored.iter_mut() {
+            stream.push(StreamMessage::stored(m, tags));
+            *shown = true;
+        }
+        // Stable: equal dates keep flash-before-stored and queue order.
+        stream.sort_by_key(|m| m.date);
+        inner.used = true;
+        if !inner.flash.is_empty() {
+            self.rewrite_cookies(&mut inner);
+        }
+        stream.into_iter()
+    }
+
+    /// How many messages the stream holds now, without showing it.
+    pub fn len(&self) -> usize {
+        let inner = self.state.lock();
+        inner.flash.len() + inner.stored.len()
+    }
+
+    /// Whether the stream is empty, without showing it.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the stream was shown and will be consumed.
+    pub fn is_used(&self) -> bool {
+        self.state.lock().used
+    }
+
+    /// `set_used(false)` keeps everything shown so far unread and in the flash queue, like
+    /// django's `storage.used = False`; `set_used(true)` consumes what was shown.
+    pub fn set_used(&self, used: bool) {
+        let mut inner = self.state.lock();
+        inner.used = used;
+        self.rewrite_cookies(&mut inner);
+    }
+
+    /// Info (20) flash message.
+    pub async fn info(&self, text: &str) -> Result<()> {
+        self.add(Level::INFO, text).await
+    }
+
+    /// Success (25) flash message.
+    pub async fn success(&self, text: &str) -> Result<()> {
+        self.add(Level::SUCCESS, text).await
+    }
+
+    /// Warning (30) flash message.
+    pub async fn warning(&self, text: &str) -> Result<()> {
+        self.add(Level::WARNING, text).await
+    }
+
+    /// Error (40) flash message.
+    pub async fn error(&self, text: &str) -> Result<()> {
+        self.add(Level::ERROR, text).await
+    }
+
+    /// Debug (10) flash message (dropped under the default `min_level`).
+    pub async fn debug(&self, text: &str) -> Result<()> {
+        self.add(Level::DEBUG, text).await
+    }
+
+    /// Stored info (21): persisted for a logged-in user.
+    pub async fn stored_info(&self, text: &str) -> Result<()> {
+        self.add(Level::STORED_INFO, text).await
+    }
+
+    /// Stored success (26): persisted for a logged-in user.
+    pub async fn stored_success(&self, text: &str) -> Result<()> {
+        self.add(Level::STORED_SUCCESS, text).await
+    }
+
+    /// Stored warning (31): persisted for a logged-in user.
+    pub async fn stored_warning(&self, text: &str) -> Result<()> {
+        self.add(Level::STORED_WARNING, text).await
+    }
+
+    /// Stored error (41): persisted for a logged-in user.
+    pub async fn stored_error(&self, text: &str) -> Result<()> {
+        self.add(Level::STORED_ERROR, text).await
+    }
+
+    /// Writes the flash cookies for the queue as it now stands: everything when the stream is
+    /// not used, only what was not shown otherwise. Overflow gets a fresh spill key; the
+    /// fairing stores its payload.
+    fn rewrite_cookies(&self, inner: &mut Inner) {
+        let keep: Vec<NewMessage> = inner
+            .flash
+            .iter()
+            .filter(|(_, shown)| !inner.used || !*shown)
+            .map(|(m, _)| m.clone())
+            .collect();
+        let (head, rest) = split(&keep);
+        match head {
+            Some(value) => self.jar.add_private(flash_cookie(FLASH_COOKIE, value)),
+            None => remove_if_present(self.jar, FLASH_COOKIE),
+        }
+        if rest.is_empty() {
+            inner.pending_spill = None;
+            remove_if_present(self.jar, SPILL_COOKIE);
+        } else {
+            let key = new_key();
+            self.jar
+                .add_private(flash_cookie(SPILL_COOKIE, key.clone()));
+            inner.pending_spill = Some((key, encode(rest)));
+        }
+        // Rocket's `_flash` message now lives in our queue (or was shown).
+        if self.jar.get(ROCKET_FLASH_COOKIE).is_some() {
+            self.jar
+                .remove(Cookie::build(ROCKET_FLASH_COOKIE).path("/"));
+        }
+        inner.cookies_rewritten = true;
+    }
+}
+
+fn flash_cookie(name: &'static str, value: String) -> Cookie<'static> {
+    Cookie::build((name, value))
+        .path("/")
+        .same_site(SameSite::Lax)
+        .http_only(true)
+        .build()
+}
+
+fn remove_if_present(jar: &CookieJar<'_>, name: &'static str) {
+    if jar.get_private(name).is_some() {
+        jar.remove_private(Cookie::build(name).path("/"));
+    }
+}
+
+impl IntoIterator for &Messages<'_> {
+    type Item = StreamMessage;
+    type IntoIter = std::vec::IntoIter<StreamMessage>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+/// Serializing the guard (e.g. `context! { messages }`) shows the stream, like iterating.
+impl Serialize for Messages<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let stream: Vec<StreamMessage> = self.iter().collect();
+        let mut seq = serializer.serialize_seq(Some(stream.len()))?;
+        for m in &stream {
+            seq.serialize_element(m)?;
+        }
+        seq.end()
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        e.status()
+    }
+}
