@@ -154,14 +154,17 @@ impl Users {
         let sql = "insert into app_users (username, password_hash, is_admin, created_us) \
                    values ($1, $2, $3, $4) on conflict (username) do nothing \
                    returning id, username, is_admin";
-        let user: Option<User> = with_pool!(&self.pool, pool => sqlx::query_as(sql)
+        // fetch_all, not fetch_optional: see `returned_id` in the SQL backend.
+        let user: Vec<User> = with_pool!(&self.pool, pool => sqlx::query_as(sql)
             .bind(username)
             .bind(hash)
             .bind(is_admin)
             .bind(micros(Utc::now()))
-            .fetch_optional(pool)
+            .fetch_all(pool)
             .await?);
-        user.ok_or_else(|| UserError::Exists(username.to_string()))
+        user.into_iter()
+            .next()
+            .ok_or_else(|| UserError::Exists(username.to_string()))
     }
 
     /// The user called `username`.

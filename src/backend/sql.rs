@@ -297,6 +297,18 @@ fn cursor_bounds(query: &ListQuery, start: (i64, i64)) -> (i64, i64, i64) {
     (date, id, limit)
 }
 
+/// The id an `insert … returning id` gave back.
+///
+/// NOTE: `returning` rows are read with `fetch_all`, never `fetch_one`/`fetch_optional`:
+/// SQLite commits an autocommit statement only once it has been stepped to completion, and
+/// sqlx stops stepping after the first row, so a short-lived process could exit with the
+/// insert uncommitted.
+fn returned_id(ids: Vec<i64>) -> Result<i64> {
+    ids.first()
+        .copied()
+        .ok_or_else(|| sql_error(sqlx::Error::RowNotFound))
+}
+
 fn sql_error(e: sqlx::Error) -> Error {
     Error::Backend(BackendError::Sql(e))
 }
@@ -315,15 +327,16 @@ impl MessageBackend for SqlBackend {
         self.check_level(message.level())?;
         let sql = "insert into sm_messages (level, message, extra_tags, url, date_us) \
                    values ($1, $2, $3, $4, $5) returning id";
-        let id: i64 = with_pool!(&self.pool, pool => sqlx::query_scalar(sql)
+        let ids: Vec<i64> = with_pool!(&self.pool, pool => sqlx::query_scalar(sql)
             .bind(message.level().0)
             .bind(message.message())
             .bind(message.extra_tags())
             .bind(message.url())
             .bind(micros(message.date()))
-            .fetch_one(pool)
+            .fetch_all(pool)
             .await
             .map_err(sql_error)?);
+        let id = returned_id(ids)?;
         Ok(message.clone().into_message(MessageId(id)))
     }
 
@@ -382,10 +395,10 @@ impl MessageBackend for SqlBackend {
 
     async fn deliver(&self, users: &[UserId], message: &NewMessage) -> Result<Message> {
         self.check_level(message.level())?;
-        let ids = unique_users(users);
+        let users = unique_users(users);
         let id = with_pool!(&self.pool, pool => {
             let mut tx = pool.begin().await.map_err(sql_error)?;
-            let id: i64 = sqlx::query_scalar(
+            let ids: Vec<i64> = sqlx::query_scalar(
                 "insert into sm_messages (level, message, extra_tags, url, date_us) \
                  values ($1, $2, $3, $4, $5) returning id",
             )
@@ -394,10 +407,11 @@ impl MessageBackend for SqlBackend {
             .bind(message.extra_tags())
             .bind(message.url())
             .bind(micros(message.date()))
-            .fetch_one(&mut *tx)
+            .fetch_all(&mut *tx)
             .await
             .map_err(sql_error)?;
-            if !ids.is_empty() {
+            let id = returned_id(ids)?;
+            if !users.is_empty() {
                 // The ids are unique, so a plain insert cannot conflict.
                 let sql = format!(
                     "insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
@@ -405,7 +419,7 @@ impl MessageBackend for SqlBackend {
                     id_rows(pool, 1)
                 );
                 sqlx::query(&sql)
-                    .bind(id_param(pool, &ids))
+                    .bind(id_param(pool, &users))
                     .bind(micros(message.date()))
                     .bind(id)
                     .execute(&mut *tx)

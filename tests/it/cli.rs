@@ -1,1 +1,224 @@
+//! The real `stored-messages` binary, run as a user would, against a per-test database.
 
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use crate::common::{sqlite_url, PgSchema};
+
+struct Cli {
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Cli {
+    fn sqlite() -> Cli {
+        let dir = tempfile::tempdir().unwrap();
+        Cli {
+            url: sqlite_url(&dir),
+            dir,
+        }
+    }
+
+    /// Runs the binary in an empty directory (no Rocket.toml) with this test's database.
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_stored-messages"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .env(
+                "ROCKET_DATABASES",
+                format!("{{stored_messages={{url=\"{}\"}}}}", self.url),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            let mut input = child.stdin.take().unwrap();
+            if let Some(text) = stdin {
+                input.write_all(text.as_bytes()).unwrap();
+            }
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.run(args, stdin);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs a command that must fail; returns its one error line.
+    fn fails(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.run(args, stdin);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.trim_end().lines().count(), 1, "one clear line: {err}");
+        err
+    }
+}
+
+fn send_and_read_back(cli: &Cli) {
+    let out = cli.ok(&["createuser", "alice"], Some("secret-password\n"));
+    assert!(out.contains("created user alice"), "{out}");
+    cli.ok(&["createuser", "bob", "--admin"], Some("secret-password\n"));
+    let out = cli.ok(&["send", "--to", "alice", "hello ❤"], None);
+    assert!(out.starts_with("sent message "), "{out}");
+    let out = cli.ok(
+        &[
+            "send",
+            "--to",
+            "alice,bob",
+            "--level",
+            "stored_warning",
+            "--tags",
+            "ops",
+            "--url",
+            "/status",
+            "disk full",
+        ],
+        None,
+    );
+    assert!(out.contains("to 2 users: alice, bob"), "{out}");
+    let out = cli.ok(&["inbox", "alice"], None);
+    assert!(out.contains("2 unread messages for alice"), "{out}");
+    assert!(out.contains("[stored info] hello ❤"), "{out}");
+    assert!(out.contains("[stored warning] disk full"), "{out}");
+    let out = cli.ok(&["broadcast", "everyone"], None);
+    assert!(out.contains("to 2 users"), "{out}");
+    let out = cli.ok(&["cleanup"], None);
+    assert!(
+        out.contains("cleanup removed 0 expired inbox entries and 0 expired messages"),
+        "{out}"
+    );
+}
+
+#[test]
+fn createuser_send_and_inbox_on_sqlite() {
+    let cli = Cli::sqlite();
+    let out = cli.ok(&["migrate"], None);
+    assert!(out.contains("migrations applied (sqlite backend)"), "{out}");
+    send_and_read_back(&cli);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn createuser_send_and_inbox_on_postgres() {
+    let Some(schema) = PgSchema::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli {
+        url: schema.url.clone(),
+        dir,
+    };
+    tokio::task::spawn_blocking(move || {
+        let out = cli.ok(&["migrate"], None);
+        assert!(out.contains("postgres backend"), "{out}");
+        send_and_read_back(&cli);
+    })
+    .await
+    .unwrap();
+    drop(schema);
+}
+
+#[test]
+fn bad_input_fails_with_one_clear_line() {
+    let cli = Cli::sqlite();
+    cli.ok(&["createuser", "alice"], Some("secret-password\n"));
+    let cases: &[(&[&str], Option<&str>, &str)] = &[
+        (
+            &["send", "--to", "alice,nobody,ghost", "x"],
+            None,
+            "unknown users: nobody, ghost",
+        ),
+        (
+            &["send", "--to", "alice", "--level", "urgent", "x"],
+            None,
+            "unknown level \"urgent\"",
+        ),
+        (
+            &["send", "--to", "alice", "--level", "info", "x"],
+            None,
+            "is not a store level",
+        ),
+        (
+            &["send", "--to", "alice", "--url", "javascript:alert(1)", "x"],
+            None,
+            "invalid url",
+        ),
+        (
+            &["send", "--to", "alice", "  "],
+            None,
+            "message text is empty",
+        ),
+        (
+            &["createuser", "alice"],
+            Some("secret-password\n"),
+            "user \"alice\" already exists",
+        ),
+        (
+            &["createuser", "bad name"],
+            Some("secret-password\n"),
+            "invalid username",
+        ),
+        (
+            &["createuser", "carol"],
+            Some("short\n"),
+            "password is too short",
+        ),
+        (
+            &["createuser", "carol"],
+            Some(""),
+            "no password on standard input",
+        ),
+        (&["inbox", "nobody"], None, "unknown user \"nobody\""),
+    ];
+    for (args, stdin, expected) in cases {
+        let err = cli.fails(args, *stdin);
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    // Nothing was sent by the failed commands.
+    let out = cli.ok(&["inbox", "alice"], None);
+    assert!(out.contains("0 unread messages"), "{out}");
+}
+
+#[test]
+fn unreachable_database_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli {
+        url: "postgres://postgres@127.0.0.1:1/none?connect_timeout=1".to_string(),
+        dir,
+    };
+    let err = cli.fails(&["migrate"], None);
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains("127.0.0.1:1"), "names the database: {err}");
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli {
+        url: "mysql://localhost/x".to_string(),
+        dir,
+    };
+    assert!(cli
+        .fails(&["migrate"], None)
+        .contains("unsupported database url"));
+}
+
+#[test]
+fn every_command_has_help() {
+    let cli = Cli::sqlite();
+    for command in [
+        "serve",
+        "migrate",
+        "createuser",
+        "send",
+        "broadcast",
+        "inbox",
+        "cleanup",
+    ] {
+        let out = cli.ok(&[command, "--help"], None);
+        assert!(out.contains("Usage: stored-messages"), "{command}: {out}");
+    }
+}

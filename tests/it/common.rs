@@ -191,3 +191,151 @@ async fn sql_store(url: String, place: Place) -> TestStore {
         _place: place,
     }
 }
+
+/// The reference app over a per-test database, with helpers that act like a browser.
+pub struct TestApp {
+    pub url: String,
+    pub users: Arc<stored_messages::app::users::Users>,
+    _place: Place,
+}
+
+/// The figment a test app runs with: the real Rocket.toml defaults, this test's database,
+/// no periodic cleanup, quiet logs.
+pub fn test_figment(url: &str) -> rocket::figment::Figment {
+    rocket::Config::figment()
+        .merge(("databases.stored_messages.url", url))
+        .merge((
+            "template_dir",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/templates"),
+        ))
+        .merge(("stored_messages.cleanup_interval_secs", 0))
+        .merge(("log_level", "off"))
+        .merge(("secret_key", "hPRYyVRiMyxpw5sBB1XeCMN1kFsDCqKvBi2QJxBVHQk="))
+}
+
+impl TestApp {
+    pub async fn sqlite() -> Option<TestApp> {
+        let dir = tempfile::tempdir().unwrap();
+        let url = sqlite_url(&dir);
+        Some(TestApp::open(url, Place::Sqlite(dir)).await)
+    }
+
+    pub async fn postgres() -> Option<TestApp> {
+        let schema = PgSchema::create().await?;
+        let url = schema.url.clone();
+        Some(TestApp::open(url, Place::Postgres(schema)).await)
+    }
+
+    async fn open(url: String, place: Place) -> TestApp {
+        let users = stored_messages::app::connect_users(&test_figment(&url))
+            .await
+            .unwrap();
+        TestApp {
+            url,
+            users: Arc::new(users),
+            _place: place,
+        }
+    }
+
+    /// The app as Rocket builds it for this test's database.
+    pub fn rocket(&self) -> rocket::Rocket<rocket::Build> {
+        stored_messages::app::rocket_from(test_figment(&self.url))
+    }
+
+    /// A browser on a customised app (extra test routes).
+    pub async fn browser_with(&self, rocket: rocket::Rocket<rocket::Build>) -> Browser {
+        let client = rocket::local::asynchronous::Client::tracked(rocket)
+            .await
+            .expect("valid app");
+        Browser { client }
+    }
+
+    /// Creates a user (password "password123").
+    pub async fn user(&self, name: &str, admin: bool) -> stored_messages::app::users::User {
+        self.users.create(name, "password123", admin).await.unwrap()
+    }
+
+    /// The store of a running browser's app.
+    pub fn store(browser: &Browser) -> &Store {
+        browser
+            .client
+            .rocket()
+            .state::<Store>()
+            .expect("store is managed")
+    }
+}
+
+pub struct Browser {
+    pub client: rocket::local::asynchronous::Client,
+}
+
+impl Browser {
+    /// This browser's CSRF token (every response sets it).
+    pub async fn csrf_token(&self) -> String {
+        if self
+            .client
+            .cookies()
+            .get_private(stored_messages::csrf::CSRF_COOKIE)
+            .is_none()
+        {
+            self.client.get("/health").dispatch().await;
+        }
+        self.client
+            .cookies()
+            .get_private(stored_messages::csrf::CSRF_COOKIE)
+            .unwrap()
+            .value()
+            .to_string()
+    }
+
+    pub async fn get_html(&self, path: &str) -> (rocket::http::Status, String) {
+        let response = self.client.get(path.to_string()).dispatch().await;
+        let status = response.status();
+        (status, response.into_string().await.unwrap_or_default())
+    }
+
+    /// Posts a urlencoded form with this browser's CSRF token first.
+    pub async fn post_form(
+        &self,
+        path: &str,
+        fields: &[(&str, &str)],
+    ) -> rocket::local::asynchronous::LocalResponse<'_> {
+        let token = self.csrf_token().await;
+        let mut body = format!("csrf_token={}", urlencode(&token));
+        for (k, v) in fields {
+            body.push_str(&format!("&{}={}", urlencode(k), urlencode(v)));
+        }
+        self.client
+            .post(path.to_string())
+            .header(rocket::http::ContentType::Form)
+            .body(body)
+            .dispatch()
+            .await
+    }
+
+    pub async fn login_as(&self, name: &str) {
+        let response = self
+            .post_form("/login", &[("username", name), ("password", "password123")])
+            .await;
+        assert_eq!(
+            response.status(),
+            rocket::http::Status::SeeOther,
+            "login as {name}"
+        );
+    }
+}
+
+pub fn urlencode(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
+/// Asserts a redirect to `location`.
+#[allow(dead_code)]
+pub fn assert_redirect(response: &rocket::local::asynchronous::LocalResponse<'_>, location: &str) {
+    assert!(
+        response.status().class().is_redirection(),
+        "status {}",
+        response.status()
+    );
+    assert_eq!(response.headers().get_one("Location"), Some(location));
+}

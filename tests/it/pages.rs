@@ -1,0 +1,627 @@
+//! The merged stream, flash cookies and the template helpers, through the real reference app
+//! with Rocket's local client (tracked cookies, like a browser). Ported from the original's
+//! storage and template-tag tests, plus the cases it could not handle.
+
+use rocket::http::{Cookie, Status};
+use rocket::response::{Flash, Redirect};
+use rocket::{get, routes, State};
+use stored_messages::{Level, ListQuery, Messages, NewMessage, Store, UserId};
+
+use crate::common::{assert_redirect, Browser, TestApp};
+
+macro_rules! web_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(app) = crate::common::TestApp::sqlite().await {
+                        super::$name(&app).await;
+                    }
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(app) = crate::common::TestApp::postgres().await {
+                        super::$name(&app).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+web_tests!(
+    stored_and_plain_messages_added_then_both_shown,
+    stored_message_lands_in_the_inbox,
+    consumed_stream_empties_the_inbox_and_archive_keeps_it,
+    keep_leaves_everything_unread,
+    anonymous_stored_level_falls_back_to_flash,
+    empty_message_is_dropped,
+    stored_and_flash_consumed_together,
+    helpers_show_twenty_messages_for_a_user,
+    helpers_are_empty_for_an_anonymous_visitor,
+    message_arriving_after_render_stays_unread,
+    message_added_and_not_shown_waits_for_the_next_request,
+    tampered_or_garbage_cookies_are_ignored,
+    fifty_long_flash_messages_all_come_back_in_order,
+    script_text_is_escaped,
+    javascript_url_is_refused_and_nothing_changes,
+    missing_or_wrong_csrf_token_is_refused_and_nothing_changes,
+    rocket_flash_joins_the_stream,
+    error_response_keeps_flash_and_leaves_stored_unread,
+    two_users_rendering_at_once_see_their_own_messages,
+    login_refuses_wrong_passwords_and_honours_next,
+    logout_ends_the_session,
+    archive_needs_login,
+    first_start_creates_an_admin,
+);
+
+/// Test routes mounted next to the app's own.
+#[get("/t/add?<level>&<text>&<show>")]
+async fn add_route(messages: Messages<'_>, level: i32, text: &str, show: Option<bool>) -> String {
+    messages.add(Level(level), text).await.unwrap();
+    if show.unwrap_or(false) {
+        return messages
+            .iter()
+            .map(|m| m.message)
+            .collect::<Vec<_>>()
+            .join("|");
+    }
+    String::new()
+}
+
+#[get("/t/add_many?<n>&<len>")]
+async fn add_many(messages: Messages<'_>, n: usize, len: usize) -> &'static str {
+    for i in 0..n {
+        let text = format!("{i:02}:{}", "x".repeat(len));
+        messages.add(Level::WARNING, &text).await.unwrap();
+    }
+    "ok"
+}
+
+/// Shows the stream, then a message arrives for the user before the response is finished.
+#[get("/t/show_then_arrive")]
+async fn show_then_arrive(messages: Messages<'_>, store: &State<Store>) -> String {
+    let shown: Vec<String> = messages.iter().map(|m| m.message).collect();
+    let user = messages.user().unwrap();
+    store
+        .add_message_for(
+            &[user],
+            NewMessage::new(Level::STORED_INFO, "late").unwrap(),
+        )
+        .await
+        .unwrap();
+    shown.join("|")
+}
+
+/// Shows the stream and then fails, so a catcher answers.
+#[get("/t/show_then_fail")]
+fn show_then_fail(messages: Messages<'_>) -> Result<String, Status> {
+    let _ = messages.iter().count();
+    Err(Status::InternalServerError)
+}
+
+#[get("/t/flash")]
+fn rocket_flash() -> Flash<Redirect> {
+    Flash::success(Redirect::to("/"), "Saved with Rocket's Flash")
+}
+
+async fn browser(app: &TestApp) -> Browser {
+    app.browser_with(app.rocket().mount(
+        "/",
+        routes![
+            add_route,
+            add_many,
+            show_then_arrive,
+            show_then_fail,
+            rocket_flash
+        ],
+    ))
+    .await
+}
+
+async fn logged_in(app: &TestApp, name: &str) -> (Browser, UserId) {
+    let user = app.user(name, false).await;
+    let b = browser(app).await;
+    b.login_as(name).await;
+    (b, user.user_id())
+}
+
+/// Texts of the merged stream on a page, in order.
+fn stream_texts(html: &str) -> Vec<String> {
+    let Some(section) = html.split("<section class=\"messages\"").nth(1) else {
+        return vec![];
+    };
+    let section = section.split("</section>").next().unwrap_or("");
+    section
+        .split("<span class=\"text\">")
+        .skip(1)
+        .filter_map(|s| s.split("</span>").next())
+        .map(str::to_string)
+        .collect()
+}
+
+async fn inbox_texts(b: &Browser, user: UserId) -> Vec<String> {
+    TestApp::store(b)
+        .backend()
+        .inbox_list(user, ListQuery::ALL)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.message)
+        .collect()
+}
+
+async fn add(b: &Browser, level: &str, text: &str) -> Status {
+    b.post_form(
+        "/demo/message",
+        &[
+            ("level", level),
+            ("message", text),
+            ("extra_tags", ""),
+            ("url", ""),
+        ],
+    )
+    .await
+    .status()
+}
+
+async fn stored_and_plain_messages_added_then_both_shown(app: &TestApp) {
+    let (b, _) = logged_in(app, "alice").await;
+    assert_eq!(add(&b, "stored_info", "stored one").await, Status::SeeOther);
+    assert_eq!(add(&b, "info", "plain one").await, Status::SeeOther);
+    let (status, html) = b.get_html("/").await;
+    assert_eq!(status, Status::Ok);
+    assert_eq!(stream_texts(&html), ["stored one", "plain one"]);
+    let (_, html) = b.get_html("/").await;
+    assert!(stream_texts(&html).is_empty(), "shown once");
+}
+
+async fn stored_message_lands_in_the_inbox(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    add(&b, "stored_warning", "to the inbox").await;
+    add(&b, "warning", "not stored").await;
+    assert_eq!(inbox_texts(&b, alice).await, ["to the inbox"]);
+}
+
+async fn consumed_stream_empties_the_inbox_and_archive_keeps_it(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    add(&b, "stored_info", "read me").await;
+    b.get_html("/").await;
+    assert!(inbox_texts(&b, alice).await.is_empty());
+    let archive = TestApp::store(&b)
+        .backend()
+        .archive_list(alice, ListQuery::ALL)
+        .await
+        .unwrap();
+    assert_eq!(archive.len(), 1);
+    let (_, html) = b.get_html("/archive").await;
+    assert!(html.contains("read me"), "archive page lists it");
+}
+
+async fn keep_leaves_everything_unread(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    add(&b, "stored_info", "kept stored").await;
+    add(&b, "info", "kept flash").await;
+    let (_, html) = b.get_html("/?keep=1").await;
+    assert_eq!(stream_texts(&html), ["kept stored", "kept flash"]);
+    assert!(html.contains("kept unread"));
+    assert_eq!(inbox_texts(&b, alice).await, ["kept stored"]);
+    let (_, html) = b.get_html("/").await;
+    assert_eq!(
+        stream_texts(&html),
+        ["kept stored", "kept flash"],
+        "still there after keep"
+    );
+    assert!(inbox_texts(&b, alice).await.is_empty());
+}
+
+async fn anonymous_stored_level_falls_back_to_flash(app: &TestApp) {
+    let b = browser(app).await;
+    assert_eq!(
+        add(&b, "stored_error", "anonymous stored").await,
+        Status::SeeOther
+    );
+    let (_, html) = b.get_html("/").await;
+    assert_eq!(stream_texts(&html), ["anonymous stored"]);
+    assert!(
+        html.contains("class=\"message stored error\""),
+        "keeps its level tag"
+    );
+}
+
+async fn empty_message_is_dropped(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    let r = b
+        .client
+        .get("/t/add?level=21&text=%20%20&show=true")
+        .dispatch()
+        .await;
+    assert_eq!(r.into_string().await.unwrap(), "");
+    // below min_level is dropped too
+    b.client.get("/t/add?level=10&text=debug").dispatch().await;
+    b.client
+        .get("/t/add?level=11&text=stored%20debug")
+        .dispatch()
+        .await;
+    assert!(inbox_texts(&b, alice).await.is_empty());
+    let (_, html) = b.get_html("/").await;
+    assert!(stream_texts(&html).is_empty());
+    // and the form says why instead of adding nothing silently
+    assert_eq!(add(&b, "info", "").await, Status::UnprocessableEntity);
+}
+
+async fn stored_and_flash_consumed_together(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    let r = b.client.get("/t/add?level=21&text=s1").dispatch().await;
+    assert_eq!(r.status(), Status::Ok);
+    b.client.get("/t/add?level=20&text=f1").dispatch().await;
+    let r = b
+        .client
+        .get("/t/add?level=26&text=s2&show=true")
+        .dispatch()
+        .await;
+    assert_eq!(r.into_string().await.unwrap(), "s1|f1|s2");
+    assert!(inbox_texts(&b, alice).await.is_empty());
+    let (_, html) = b.get_html("/").await;
+    assert!(stream_texts(&html).is_empty());
+}
+
+async fn helpers_show_twenty_messages_for_a_user(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    let store = TestApp::store(&b);
+    for i in 0..20 {
+        store
+            .add_message_for(
+                &[alice],
+                NewMessage::new(Level::STORED_INFO, &format!("msg {i:02}")).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let (_, html) = b.get_html("/?keep=1").await;
+    assert!(
+        html.contains("title=\"unread messages\">20</span>"),
+        "count helper"
+    );
+    let inbox = html
+        .split("stored-messages-inbox")
+        .nth(1)
+        .expect("list helper");
+    assert_eq!(
+        inbox.matches("<li class=\"message stored info\"").count(),
+        10,
+        "limit=10"
+    );
+    assert!(inbox.contains("msg 00") && inbox.contains("msg 09") && !inbox.contains("msg 10"));
+    let (_, html) = b.get_html("/archive").await;
+    let archive = html
+        .split("stored-messages-archive")
+        .nth(1)
+        .expect("archive helper");
+    assert_eq!(
+        archive.matches("<li class=\"message stored info\"").count(),
+        20
+    );
+}
+
+async fn helpers_are_empty_for_an_anonymous_visitor(app: &TestApp) {
+    let alice = app.user("alice", false).await.user_id();
+    let b = browser(app).await;
+    TestApp::store(&b)
+        .add_message_for(
+            &[alice],
+            NewMessage::new(Level::STORED_INFO, "private").unwrap(),
+        )
+        .await
+        .unwrap();
+    let (status, html) = b.get_html("/").await;
+    assert_eq!(status, Status::Ok);
+    assert!(!html.contains("private"));
+    assert!(
+        !html.contains("<!--stored-messages:"),
+        "no marker left unfilled"
+    );
+}
+
+async fn message_arriving_after_render_stays_unread(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    add(&b, "stored_info", "early").await;
+    let r = b.client.get("/t/show_then_arrive").dispatch().await;
+    assert_eq!(r.into_string().await.unwrap(), "early");
+    assert_eq!(
+        inbox_texts(&b, alice).await,
+        ["late"],
+        "only what was shown was marked read"
+    );
+}
+
+async fn message_added_and_not_shown_waits_for_the_next_request(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    b.client
+        .get("/t/add?level=21&text=stored%20later")
+        .dispatch()
+        .await;
+    b.client
+        .get("/t/add?level=25&text=flash%20later")
+        .dispatch()
+        .await;
+    assert_eq!(inbox_texts(&b, alice).await, ["stored later"]);
+    let (_, html) = b.get_html("/").await;
+    assert_eq!(stream_texts(&html), ["stored later", "flash later"]);
+}
+
+async fn tampered_or_garbage_cookies_are_ignored(app: &TestApp) {
+    let b = browser(app).await;
+    // A valid sealed flash cookie first, then a browser that sends it tampered, with garbage
+    // in every other cookie we read.
+    b.client.get("/t/add?level=20&text=real").dispatch().await;
+    let mut sealed = b
+        .client
+        .cookies()
+        .get("sm_flash")
+        .unwrap()
+        .value()
+        .to_string();
+    let flipped = if &sealed[10..11] == "A" { "B" } else { "A" };
+    sealed.replace_range(10..11, flipped);
+    let rocket = app.rocket().mount("/", routes![add_route]);
+    let untracked = rocket::local::asynchronous::Client::untracked(rocket)
+        .await
+        .unwrap();
+    let cookies = [
+        ("sm_flash", sealed.as_str()),
+        ("sm_flash_spill", "not-a-key"),
+        ("sm_session", "garbage"),
+        ("sm_csrf", "%%%"),
+        ("_flash", "1:\u{e9}x"),
+    ];
+    let request = untracked.get("/").cookies(
+        cookies
+            .iter()
+            .map(|(n, v)| Cookie::new(n.to_string(), v.to_string()))
+            .collect::<Vec<_>>(),
+    );
+    let response = request.dispatch().await;
+    assert_eq!(response.status(), Status::Ok);
+    let html = response.into_string().await.unwrap();
+    assert!(stream_texts(&html).is_empty(), "{:?}", stream_texts(&html));
+    assert!(html.contains("Log in"), "tampered session is anonymous");
+    // and the untampered cookie still works in the original browser
+    let (_, html) = b.get_html("/").await;
+    assert_eq!(stream_texts(&html), ["real"]);
+}
+
+async fn fifty_long_flash_messages_all_come_back_in_order(app: &TestApp) {
+    let b = browser(app).await;
+    let r = b.client.get("/t/add_many?n=50&len=300").dispatch().await;
+    assert_eq!(r.status(), Status::Ok);
+    for cookie in b.client.cookies().iter() {
+        assert!(
+            cookie.value().len() < 4000,
+            "cookie {} is {} bytes",
+            cookie.name(),
+            cookie.value().len()
+        );
+    }
+    let (_, html) = b.get_html("/").await;
+    let texts = stream_texts(&html);
+    let expected: Vec<String> = (0..50)
+        .map(|i| format!("{i:02}:{}", "x".repeat(300)))
+        .collect();
+    assert_eq!(texts, expected);
+    let (_, html) = b.get_html("/").await;
+    assert!(stream_texts(&html).is_empty());
+}
+
+async fn script_text_is_escaped(app: &TestApp) {
+    let (b, _) = logged_in(app, "alice").await;
+    add(&b, "stored_info", "<script>alert(1)</script>").await;
+    add(&b, "info", "<img src=x onerror=alert(2)>").await;
+    let (_, html) = b.get_html("/?keep=1").await;
+    assert!(!html.contains("<script>alert(1)"));
+    assert!(!html.contains("<img src=x"));
+    assert!(html.contains("&lt;script&gt;alert(1)&lt;&#x2F;script&gt;"));
+}
+
+async fn javascript_url_is_refused_and_nothing_changes(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    let r = b
+        .post_form(
+            "/demo/message",
+            &[
+                ("level", "stored_info"),
+                ("message", "click"),
+                ("url", "javascript:alert(1)"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), Status::UnprocessableEntity);
+    let html = r.into_string().await.unwrap();
+    assert!(html.contains("invalid url"), "field error shown");
+    assert!(
+        html.contains("value=\"javascript:alert(1)\""),
+        "entered value kept"
+    );
+    assert!(inbox_texts(&b, alice).await.is_empty());
+    for (level, status) in [
+        ("urgent", Status::UnprocessableEntity),
+        ("2.5", Status::UnprocessableEntity),
+    ] {
+        assert_eq!(add(&b, level, "x").await, status, "level {level}");
+    }
+    let too_long = "x".repeat(4001);
+    assert_eq!(
+        add(&b, "stored_info", &too_long).await,
+        Status::UnprocessableEntity
+    );
+    assert!(inbox_texts(&b, alice).await.is_empty());
+}
+
+async fn missing_or_wrong_csrf_token_is_refused_and_nothing_changes(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    let r = b
+        .client
+        .post("/demo/message")
+        .header(rocket::http::ContentType::Form)
+        .body("level=stored_info&message=forged")
+        .dispatch()
+        .await;
+    assert_eq!(r.status(), Status::Forbidden);
+    assert!(r.into_string().await.unwrap().contains("security token"));
+    let r = b
+        .client
+        .post("/demo/message")
+        .header(rocket::http::ContentType::Form)
+        .body("csrf_token=wrongwrongwrongwrongwrongwrongwrongwrongwro&level=stored_info&message=forged")
+        .dispatch()
+        .await;
+    assert_eq!(r.status(), Status::Forbidden);
+    let r = b.client.post("/logout").dispatch().await;
+    assert_eq!(r.status(), Status::Forbidden);
+    assert!(inbox_texts(&b, alice).await.is_empty());
+    let (_, html) = b.get_html("/").await;
+    assert!(html.contains("Log out alice"), "still logged in");
+    // the header form works too
+    let token = b.csrf_token().await;
+    let r = b
+        .client
+        .post("/logout")
+        .header(rocket::http::Header::new("X-CSRF-Token", token))
+        .dispatch()
+        .await;
+    assert_eq!(r.status(), Status::SeeOther);
+}
+
+async fn rocket_flash_joins_the_stream(app: &TestApp) {
+    let b = browser(app).await;
+    let r = b.client.get("/t/flash").dispatch().await;
+    assert_redirect(&r, "/");
+    let (_, html) = b.get_html("/").await;
+    assert_eq!(stream_texts(&html), ["Saved with Rocket&#x27;s Flash"]);
+    assert!(html.contains("class=\"message success\""));
+    let (_, html) = b.get_html("/").await;
+    assert!(stream_texts(&html).is_empty());
+}
+
+async fn error_response_keeps_flash_and_leaves_stored_unread(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    add(&b, "stored_info", "stored survives").await;
+    add(&b, "info", "flash survives").await;
+    let r = b.client.get("/t/show_then_fail").dispatch().await;
+    assert_eq!(r.status(), Status::InternalServerError);
+    assert_eq!(inbox_texts(&b, alice).await, ["stored survives"]);
+    let (_, html) = b.get_html("/").await;
+    assert_eq!(stream_texts(&html), ["stored survives", "flash survives"]);
+}
+
+async fn two_users_rendering_at_once_see_their_own_messages(app: &TestApp) {
+    let (a, alice) = logged_in(app, "alice").await;
+    let (b, bob) = logged_in(app, "bob").await;
+    let store = TestApp::store(&a);
+    for i in 0..3 {
+        store
+            .add_message_for(
+                &[alice],
+                NewMessage::new(Level::STORED_INFO, &format!("for alice {i}")).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    store
+        .add_message_for(
+            &[bob],
+            NewMessage::new(Level::STORED_INFO, "for bob").unwrap(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let ((_, ha), (_, hb)) = tokio::join!(a.get_html("/?keep=1"), b.get_html("/?keep=1"));
+        assert!(ha.contains(">3</span>") && ha.contains("for alice 2") && !ha.contains("for bob"));
+        assert!(hb.contains(">1</span>") && hb.contains("for bob") && !hb.contains("for alice"));
+    }
+}
+
+async fn login_refuses_wrong_passwords_and_honours_next(app: &TestApp) {
+    app.user("alice", false).await;
+    let b = browser(app).await;
+    let r = b
+        .post_form(
+            "/login",
+            &[("username", "alice"), ("password", "wrong-password")],
+        )
+        .await;
+    assert_eq!(r.status(), Status::Unauthorized);
+    let html = r.into_string().await.unwrap();
+    assert!(
+        html.contains("Unknown username or wrong password") && html.contains("value=\"alice\"")
+    );
+    let r = b
+        .post_form(
+            "/login",
+            &[("username", "nobody"), ("password", "password123")],
+        )
+        .await;
+    assert_eq!(r.status(), Status::Unauthorized);
+    let r = b
+        .post_form("/login", &[("username", ""), ("password", "")])
+        .await;
+    assert_eq!(r.status(), Status::UnprocessableEntity);
+    let r = b
+        .post_form(
+            "/login",
+            &[
+                ("username", "alice"),
+                ("password", "password123"),
+                ("next", "https://evil.example"),
+            ],
+        )
+        .await;
+    assert_redirect(&r, "/");
+    let b = browser(app).await;
+    let r = b
+        .post_form(
+            "/login",
+            &[
+                ("username", "alice"),
+                ("password", "password123"),
+                ("next", "/archive"),
+            ],
+        )
+        .await;
+    assert_redirect(&r, "/archive");
+}
+
+async fn logout_ends_the_session(app: &TestApp) {
+    let (b, _) = logged_in(app, "alice").await;
+    let r = b.post_form("/logout", &[]).await;
+    assert_redirect(&r, "/login");
+    let (_, html) = b.get_html("/login").await;
+    assert!(html.contains("You are logged out."));
+    let r = b.client.get("/archive").dispatch().await;
+    assert_redirect(&r, "/login?next=/archive");
+}
+
+async fn archive_needs_login(app: &TestApp) {
+    let b = browser(app).await;
+    let r = b.client.get("/archive").dispatch().await;
+    assert_redirect(&r, "/login?next=/archive");
+}
+
+async fn first_start_creates_an_admin(app: &TestApp) {
+    let _b = browser(app).await;
+    let admin = app
+        .users
+        .by_name("admin")
+        .await
+        .unwrap()
+        .expect("admin created at liftoff");
+    assert!(admin.is_admin);
+    // A second start does not create another one or change it.
+    let _again = browser(app).await;
+    assert_eq!(app.users.count().await.unwrap(), 1);
+}
