@@ -2,7 +2,8 @@
 //!
 //! - **ignite**: reads and validates `[stored_messages]`, connects the backend, applies its
 //!   migrations and manages the [`Store`]; a problem fails launch with a readable reason.
-//!   Also mounts the CSRF rejection routes.
+//!   Also mounts the JSON API under `/messages` (with its JSON catchers) and the CSRF
+//!   rejection routes.
 //! - **liftoff**: one summary line, and the periodic cleanup task (ended by shutdown).
 //! - **request**: CSRF check of state-changing requests (see [`crate::csrf`]).
 //! - **response**: writes the flash spill, marks read exactly the stored messages the
@@ -15,7 +16,6 @@ use rocket::data::Data;
 use rocket::fairing::{Fairing, Info, Kind};
 use rocket::{Build, Orbit, Request, Response, Rocket};
 
-use crate::csrf;
 use crate::error::report;
 use crate::flash::cookie::{FLASH_COOKIE, SPILL_COOKIE};
 use crate::flash::overflow::spill_lifetime;
@@ -23,6 +23,7 @@ use crate::host::Host;
 use crate::ops::Store;
 use crate::request::request_state;
 use crate::template;
+use crate::{api, csrf};
 
 /// Attaches stored messages to a Rocket application.
 ///
@@ -89,7 +90,10 @@ impl Fairing for StoredMessages {
                 }
             },
         };
-        let rocket = rocket.manage(store);
+        let rocket = rocket
+            .manage(store)
+            .mount(api::BASE, api::routes())
+            .register(api::BASE, api::catchers());
         Ok(if self.csrf {
             rocket.mount("/", csrf::routes())
         } else {
@@ -139,6 +143,7 @@ impl Fairing for StoredMessages {
     }
 
     async fn on_request(&self, request: &mut Request<'_>, data: &mut Data<'_>) {
+        api::normalize_trailing_slash(request);
         if self.csrf {
             csrf::check(request, data).await;
         }

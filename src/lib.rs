@@ -1,13 +1,240 @@
 //! # stored-messages
 //!
-//! Crate docs are completed below.
+//! Flash messages and per-user stored messages for Rocket 0.5, merged into one stream.
+//!
+//! - **Flash messages** are one-shot notices for the next page a browser sees: many at a
+//!   time, each with a level and tags, kept in a private (encrypted) cookie that spills to the
+//!   server when it is full, so nothing is lost.
+//! - **Stored messages** are persisted per user (SQLite, PostgreSQL, Redis, or a backend of
+//!   your own). They wait in the user's **inbox** until a page shows them, then they are
+//!   *read*; every message a user received stays in the **archive**.
+//!
+//! It is the Rust successor of django-stored-messages: same levels, same backend operations,
+//! no lost messages.
+//!
+//! ## Quick start
+//!
+//! 1. Depend on it, with Rocket's `secrets` feature and Tera templates:
+//!
+//!    ```toml
+//!    [dependencies]
+//!    stored-messages = "0.1"
+//!    rocket = { version = "0.5", features = ["secrets", "json"] }
+//!    rocket_dyn_templates = { version = "0.2", features = ["tera"] }
+//!    ```
+//!
+//! 2. Configure it in `Rocket.toml` (every key is optional; these are the defaults):
+//!
+//!    ```toml
+//!    [default.stored_messages]
+//!    backend = "sql"                      # or "redis"
+//!    min_level = 20
+//!    store_levels = [11, 21, 26, 31, 41]
+//!    inbox_expire_days = 30
+//!    message_expire_days = 120
+//!
+//!    [default.databases.stored_messages]
+//!    url = "sqlite://stored-messages.sqlite?mode=rwc"
+//!    ```
+//!
+//! 3. Tell it about your users ([`Host`]), attach the fairing and register the template
+//!    helpers:
+//!
+//!    ```no_run
+//!    use rocket::Request;
+//!    use rocket_dyn_templates::Template;
+//!    use stored_messages::{BoxError, Host, StoredMessages, UserId};
+//!
+//!    struct MyUsers;
+//!
+//!    #[rocket::async_trait]
+//!    impl Host for MyUsers {
+//!        async fn current_user(&self, req: &Request<'_>) -> Option<UserId> {
+//!            req.cookies().get_private("user_id")?.value().parse().ok().map(UserId)
+//!        }
+//!        async fn all_users(&self) -> Result<Vec<UserId>, BoxError> {
+//!            Ok(vec![UserId(1), UserId(2)])
+//!        }
+//!    }
+//!
+//!    #[rocket::launch]
+//!    fn rocket() -> _ {
+//!        rocket::build()
+//!            .attach(StoredMessages::fairing(MyUsers))
+//!            .attach(Template::custom(|engines| {
+//!                stored_messages::template::register(&mut engines.tera)
+//!            }))
+//!    }
+//!    ```
+//!
+//! 4. Add and show messages with the [`Messages`] guard:
+//!
+//!    ```
+//!    use rocket::response::Redirect;
+//!    use rocket_dyn_templates::{context, Template};
+//!    use stored_messages::Messages;
+//!
+//!    #[rocket::post("/save")]
+//!    async fn save(messages: Messages<'_>) -> Redirect {
+//!        // Persisted for a logged-in user; a flash message for anyone else.
+//!        let _ = messages.stored_success("Saved.").await;
+//!        Redirect::to("/")
+//!    }
+//!
+//!    #[rocket::get("/")]
+//!    fn index(messages: Messages<'_>) -> Template {
+//!        // Serializing the guard shows the stream: it is consumed at the end of the request.
+//!        Template::render("index", context! { messages })
+//!    }
+//!    ```
+//!
+//! 5. Copy `templates/stored_messages/` into your templates directory. Any template can then
+//!    use `{{ stored_messages_list(limit=10) }}`, `{{ stored_messages_archive(limit=10) }}`,
+//!    `{{ stored_messages_count() }}` and `{{ csrf_token() }}` (see [`template`]).
+//!
+//! ## How a message travels
+//!
+//! - `messages.add(level, text)` in a handler: if `level` is in `store_levels` and the host
+//!   says a user is logged in, the message is written to the backend at once, in the user's
+//!   archive and inbox together ([`MessageBackend::deliver`]). Otherwise it joins the flash
+//!   queue, and the private cookie is rewritten right away (Rocket copies cookie changes into
+//!   the response before any response fairing runs).
+//! - The first use of the guard in a request loads the flash queue (cookie, spill, Rocket's
+//!   own `_flash`) and the user's unread inbox, once.
+//! - Showing the stream (iterating the guard, or serializing it into a template context)
+//!   records exactly which messages were shown. Shown flash messages leave the cookie
+//!   immediately; the fairing marks the shown stored messages read after a successful
+//!   response. A message that reaches the inbox after the stream was shown stays unread.
+//!   `set_used(false)` keeps everything.
+//! - Without a request, the managed [`Store`] sends ([`Store::add_message_for`],
+//!   [`Store::broadcast_message`]) and reads ([`Store::mark_read`],
+//!   [`Store::mark_all_read`]); every write publishes [`Event`]s.
+//!
+//! ## A backend of your own
+//!
+//! Implement [`MessageBackend`] (each method's documentation is its contract; the crate's
+//! conformance suite checks those sentences) and hand a [`Store`] over it to
+//! [`StoredMessages::with_store`]. A complete, if naive, in-memory backend:
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use std::sync::Mutex;
+//!
+//! use chrono::{DateTime, Utc};
+//! use stored_messages::backend::{unique_ids, Cleanup, ListQuery, MessageBackend};
+//! use stored_messages::{Error, Level, Message, MessageId, NewMessage, Result, UserId};
+//!
+//! #[derive(Default)]
+//! struct Memory {
+//!     messages: Mutex<BTreeMap<i64, Message>>,
+//!     // (user, message id) -> unread?
+//!     deliveries: Mutex<BTreeMap<(i64, i64), bool>>,
+//! }
+//!
+//! impl Memory {
+//!     fn listed(&self, user: UserId, unread_only: bool, newest_first: bool, q: ListQuery) -> Vec<Message> {
+//!         let messages = self.messages.lock().unwrap();
+//!         let deliveries = self.deliveries.lock().unwrap();
+//!         let mut list: Vec<Message> = deliveries
+//!             .iter()
+//!             .filter(|((u, _), unread)| *u == user.0 && (**unread || !unread_only))
+//!             .filter_map(|((_, id), _)| messages.get(id).cloned())
+//!             .collect();
+//!         list.sort_by_key(|m| (m.date, m.id));
+//!         if newest_first {
+//!             list.reverse();
+//!         }
+//!         let start = q.after.map_or(0, |c| {
+//!             list.iter().position(|m| if newest_first { (m.date, m.id) < (c.date, c.id) } else { (m.date, m.id) > (c.date, c.id) }).unwrap_or(list.len())
+//!         });
+//!         list.into_iter().skip(start).take(q.limit.map_or(usize::MAX, |l| l as usize)).collect()
+//!     }
+//! }
+//!
+//! #[rocket::async_trait]
+//! impl MessageBackend for Memory {
+//!     fn name(&self) -> &'static str { "memory" }
+//!     fn can_handle(&self, level: Level) -> bool { Level::STORED.contains(&level) }
+//!     async fn create_message(&self, new: &NewMessage) -> Result<Message> {
+//!         if !self.can_handle(new.level()) { return Err(Error::MessageTypeNotSupported(new.level())); }
+//!         let mut messages = self.messages.lock().unwrap();
+//!         let id = messages.keys().next_back().map_or(1, |k| k + 1);
+//!         let message = new.clone().into_message(MessageId(id));
+//!         messages.insert(id, message.clone());
+//!         Ok(message)
+//!     }
+//!     async fn archive_store(&self, users: &[UserId], m: &Message) -> Result<u64> {
+//!         let mut d = self.deliveries.lock().unwrap();
+//!         Ok(unique_ids(users).into_iter().filter(|u| {
+//!             let fresh = !d.contains_key(&(*u, m.id.0));
+//!             if fresh { d.insert((*u, m.id.0), false); }
+//!             fresh
+//!         }).count() as u64)
+//!     }
+//!     async fn inbox_store(&self, users: &[UserId], m: &Message) -> Result<u64> {
+//!         let mut d = self.deliveries.lock().unwrap();
+//!         Ok(unique_ids(users).into_iter().filter(|u| d.insert((*u, m.id.0), true) != Some(true)).count() as u64)
+//!     }
+//!     async fn deliver(&self, users: &[UserId], new: &NewMessage) -> Result<Message> {
+//!         let m = self.create_message(new).await?;
+//!         self.inbox_store(users, &m).await?;
+//!         Ok(m)
+//!     }
+//!     async fn inbox_list(&self, user: UserId, q: ListQuery) -> Result<Vec<Message>> {
+//!         Ok(self.listed(user, true, false, q))
+//!     }
+//!     async fn inbox_count(&self, user: UserId) -> Result<u64> {
+//!         Ok(self.listed(user, true, false, ListQuery::ALL).len() as u64)
+//!     }
+//!     async fn inbox_get(&self, user: UserId, id: MessageId) -> Result<Message> {
+//!         self.listed(user, true, false, ListQuery::ALL).into_iter().find(|m| m.id == id)
+//!             .ok_or(Error::MessageDoesNotExist(id))
+//!     }
+//!     async fn inbox_delete(&self, user: UserId, id: MessageId) -> Result<()> {
+//!         match self.deliveries.lock().unwrap().get_mut(&(user.0, id.0)) {
+//!             Some(unread) if *unread => { *unread = false; Ok(()) }
+//!             _ => Err(Error::MessageDoesNotExist(id)),
+//!         }
+//!     }
+//!     async fn inbox_delete_many(&self, user: UserId, ids: &[MessageId]) -> Result<Vec<MessageId>> {
+//!         let mut read = Vec::new();
+//!         for id in ids {
+//!             if self.inbox_delete(user, *id).await.is_ok() { read.push(*id); }
+//!         }
+//!         Ok(read)
+//!     }
+//!     async fn inbox_purge(&self, user: UserId) -> Result<u64> {
+//!         let mut d = self.deliveries.lock().unwrap();
+//!         let mut n = 0;
+//!         for ((u, _), unread) in d.iter_mut() {
+//!             if *u == user.0 && *unread { *unread = false; n += 1; }
+//!         }
+//!         Ok(n)
+//!     }
+//!     async fn archive_list(&self, user: UserId, q: ListQuery) -> Result<Vec<Message>> {
+//!         Ok(self.listed(user, false, true, q))
+//!     }
+//!     async fn expired_messages_cleanup(&self, _now: DateTime<Utc>) -> Result<Cleanup> {
+//!         Ok(Cleanup::default()) // this toy keeps everything
+//!     }
+//!     async fn flush(&self) -> Result<()> {
+//!         self.messages.lock().unwrap().clear();
+//!         self.deliveries.lock().unwrap().clear();
+//!         Ok(())
+//!     }
+//! }
+//! ```
+
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 #[macro_use]
 extern crate rocket;
 
+pub mod api;
+pub mod app;
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod csrf;
 mod error;
@@ -20,9 +247,6 @@ mod message;
 mod ops;
 mod request;
 pub mod template;
-
-pub mod app;
-pub mod cli;
 
 pub use crate::backend::{Cleanup, Cursor, ListQuery, MessageBackend, SqlBackend, SqlPool};
 pub use crate::config::Config;

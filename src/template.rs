@@ -249,7 +249,9 @@ async fn render_slot(
                 .to_string();
         }
     };
-    let context = json!({ "messages": messages, "kind": kind });
+    let next = request.uri().to_string();
+    let csrf = csrf::ensure_token(request);
+    let context = json!({ "messages": messages, "kind": kind, "csrf": csrf, "next": next });
     if let rocket::outcome::Outcome::Success(meta) = request.guard::<Metadata<'_>>().await {
         if meta.contains_template(LIST_TEMPLATE) {
             if let Some((_, html)) = meta.render(LIST_TEMPLATE, &context) {
@@ -263,6 +265,7 @@ async fn render_slot(
 /// The list without a template (when the host has not copied the partial): same markup,
 /// escaped here.
 fn fallback_list(messages: &[StreamMessage], kind: &str) -> String {
+    // Without the partial there are no buttons: the host renders its own controls.
     let mut html = format!("<ul class=\"stored-messages stored-messages-{kind}\">");
     for m in messages {
         let id = m.id.map(|id| id.to_string()).unwrap_or_default();

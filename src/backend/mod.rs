@@ -21,6 +21,9 @@ pub mod sql;
 
 pub use self::sql::{SqlBackend, SqlPool};
 
+/// The name the backends use internally.
+pub(crate) use self::unique_ids as unique_users;
+
 /// A failure of the storage itself (as opposed to a missing message or bad input).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -282,7 +285,7 @@ impl Default for Settings {
 
 /// Sorts and deduplicates user ids: each recipient counts once, and sorted ids make bulk
 /// inserts walk the user indexes in order.
-pub(crate) fn unique_users(users: &[UserId]) -> Vec<i64> {
+pub fn unique_ids(users: &[UserId]) -> Vec<i64> {
     let mut ids: Vec<i64> = users.iter().map(|u| u.0).collect();
     ids.sort_unstable();
     ids.dedup();

@@ -1,5 +1,6 @@
 //! The one integration test binary (one link, many modules).
 
+mod api;
 mod backend;
 mod cli;
 mod common;

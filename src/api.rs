@@ -1,0 +1,486 @@
+//! The JSON API under `/messages`: inbox, archive, count, mark read; its JSON catchers and
+//! its OpenAPI document.
+//!
+//! Authentication is the host's (the same session as pages); anonymous requests get 401.
+//! Every error, Rocket's own 404/422/413 included, has the shape of [`crate::error_body`].
+//! The two POST routes also accept plain HTML forms (with a `csrf_token` field and an
+//! optional site-relative `next`): they then redirect back instead of answering JSON, so the
+//! buttons of the message list work without JavaScript.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use rocket::data::{self, Data, FromData};
+use rocket::form::Form;
+use rocket::http::uri::Origin;
+use rocket::http::Status;
+use rocket::request::{FromRequest, Outcome};
+use rocket::response::{Redirect, Responder};
+use rocket::serde::json::{json, Json, Value};
+use rocket::{Catcher, Request, Route, State};
+use serde::Serialize;
+
+use crate::backend::{Cursor, ListQuery};
+use crate::error::{error_body, report, Error};
+use crate::message::{LevelTags, Message, MessageId, UserId};
+use crate::ops::Store;
+
+/// Where the API is mounted.
+pub const BASE: &str = "/messages";
+/// Page size when `limit` is not given.
+pub const DEFAULT_LIMIT: u32 = 50;
+/// Largest accepted `limit`.
+pub const MAX_LIMIT: u32 = 200;
+
+/// A message as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ApiMessage {
+    /// The id, a string.
+    pub id: MessageId,
+    /// The text.
+    pub message: String,
+    /// The level (integer).
+    pub level: i32,
+    /// The level tag.
+    pub level_tag: String,
+    /// Extra tags then the level tag.
+    pub tags: String,
+    /// Extra tags.
+    pub extra_tags: String,
+    /// RFC 3339, UTC.
+    pub date: String,
+    /// The url, or null.
+    pub url: Option<String>,
+}
+
+impl ApiMessage {
+    /// The API form of `m`.
+    pub fn new(m: &Message, tags: &LevelTags) -> ApiMessage {
+        ApiMessage {
+            id: m.id,
+            message: m.message.clone(),
+            level: m.level.0,
+            level_tag: m.level_tag(tags).to_string(),
+            tags: m.tags(tags),
+            extra_tags: m.extra_tags.clone(),
+            date: m.date.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            url: m.url.clone(),
+        }
+    }
+}
+
+/// One page of a listing.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct Page {
+    /// The messages of this page.
+    pub messages: Vec<ApiMessage>,
+    /// The cursor for the next page, or null when this page is the last.
+    pub next_cursor: Option<String>,
+    /// The path of the next page (same limit), or null.
+    pub next: Option<String>,
+}
+
+/// An API error: a status and a message, answered in the one JSON shape.
+#[derive(Debug)]
+pub struct ApiError {
+    status: Status,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: Status, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> ApiError {
+        if !e.is_bad_input() {
+            log::error!("stored-messages api: {}", report(&e));
+        }
+        ApiError::new(e.status(), e.public_message())
+    }
+}
+
+impl<'r> Responder<'r, 'static> for ApiError {
+    fn respond_to(self, request: &'r Request<'_>) -> rocket::response::Result<'static> {
+        let body = error_body(self.status, &self.message);
+        rocket::response::Response::build_from(Json(body).respond_to(request)?)
+            .status(self.status)
+            .ok()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The user of an API request; 401 (JSON) for anonymous requests.
+pub struct ApiUser(pub UserId);
+
+#[rocket::async_trait]
+impl<'r> FromRequest<'r> for ApiUser {
+    type Error = ();
+
+    async fn from_request(request: &'r Request<'_>) -> Outcome<Self, ()> {
+        let Some(store) = request.rocket().state::<Store>() else {
+            return Outcome::Error((Status::InternalServerError, ()));
+        };
+        let user = request
+            .local_cache_async(store.host().current_user(request))
+            .await;
+        match user {
+            Some(user) => Outcome::Success(ApiUser(*user)),
+            None => Outcome::Error((Status::Unauthorized, ())),
+        }
+    }
+}
+
+fn encode_cursor(c: &Cursor) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}:{}", c.date.timestamp_micros(), c.id.0))
+}
+
+fn decode_cursor(raw: &str) -> Option<Cursor> {
+    let bytes = URL_SAFE_NO_PAD.decode(raw).ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let (date, id) = text.split_once(':')?;
+    let date = chrono::DateTime::from_timestamp_micros(date.parse().ok()?)?;
+    Some(Cursor {
+        date,
+        id: MessageId(id.parse().ok()?),
+    })
+}
+
+/// Parses `limit` and `cursor` query values.
+fn list_query(limit: Option<&str>, cursor: Option<&str>) -> ApiResult<ListQuery> {
+    let limit = match limit {
+        None => DEFAULT_LIMIT,
+        Some(raw) => match raw.parse::<u32>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
+            Ok(_) => {
+                return Err(ApiError::new(
+                    Status::UnprocessableEntity,
+                    format!("limit must be from 1 to {MAX_LIMIT}, not {raw}"),
+                ))
+            }
+            Err(_) => {
+                return Err(ApiError::new(
+                    Status::BadRequest,
+                    format!("limit \"{raw}\" is not an integer"),
+                ))
+            }
+        },
+    };
+    let after = match cursor {
+        None | Some("") => None,
+        Some(raw) => Some(
+            decode_cursor(raw)
+                .ok_or_else(|| ApiError::new(Status::BadRequest, "malformed cursor"))?,
+        ),
+    };
+    Ok(ListQuery {
+        limit: Some(limit),
+        after,
+    })
+}
+
+/// Builds a page; asks for one more message than the limit to know whether a next page
+/// exists.
+fn page(path: &str, mut messages: Vec<Message>, limit: u32, tags: &LevelTags) -> Page {
+    let more = messages.len() > limit as usize;
+    messages.truncate(limit as usize);
+    let next_cursor = more
+        .then(|| messages.last().map(|m| encode_cursor(&Cursor::after(m))))
+        .flatten();
+    let next = next_cursor
+        .as_ref()
+        .map(|c| format!("{BASE}/{path}?limit={limit}&cursor={c}"));
+    Page {
+        messages: messages.iter().map(|m| ApiMessage::new(m, tags)).collect(),
+        next_cursor,
+        next,
+    }
+}
+
+fn one_more(query: ListQuery) -> ListQuery {
+    ListQuery {
+        limit: query.limit.map(|l| l + 1),
+        after: query.after,
+    }
+}
+
+#[get("/inbox?<limit>&<cursor>")]
+async fn inbox_list(
+    user: ApiUser,
+    store: &State<Store>,
+    limit: Option<&str>,
+    cursor: Option<&str>,
+) -> ApiResult<Json<Page>> {
+    let query = list_query(limit, cursor)?;
+    let messages = store.backend().inbox_list(user.0, one_more(query)).await?;
+    Ok(Json(page(
+        "inbox",
+        messages,
+        query.limit.unwrap_or(DEFAULT_LIMIT),
+        store.level_tags(),
+    )))
+}
+
+#[get("/archive?<limit>&<cursor>")]
+async fn archive_list(
+    user: ApiUser,
+    store: &State<Store>,
+    limit: Option<&str>,
+    cursor: Option<&str>,
+) -> ApiResult<Json<Page>> {
+    let query = list_query(limit, cursor)?;
+    let messages = store
+        .backend()
+        .archive_list(user.0, one_more(query))
+        .await?;
+    Ok(Json(page(
+        "archive",
+        messages,
+        query.limit.unwrap_or(DEFAULT_LIMIT),
+        store.level_tags(),
+    )))
+}
+
+#[get("/inbox/<id>")]
+async fn inbox_get(user: ApiUser, store: &State<Store>, id: &str) -> ApiResult<Json<ApiMessage>> {
+    let id: MessageId = id.parse()?;
+    let message = store.backend().inbox_get(user.0, id).await?;
+    Ok(Json(ApiMessage::new(&message, store.level_tags())))
+}
+
+#[get("/count")]
+async fn count(user: ApiUser, store: &State<Store>) -> ApiResult<Json<Value>> {
+    let unread = store.backend().inbox_count(user.0).await?;
+    Ok(Json(json!({ "unread": unread })))
+}
+
+/// The answer of a POST: JSON for scripts, a redirect back for plain forms.
+#[derive(Responder)]
+enum Done {
+    Json(Json<Value>),
+    Back(Box<Redirect>),
+}
+
+/// The form fields a plain-HTML button sends (the token is checked before routing).
+#[derive(FromForm)]
+struct BackForm<'r> {
+    next: Option<&'r str>,
+}
+
+/// How a POST wants its answer: a urlencoded form body means a plain HTML button (redirect
+/// back to its `next`); anything else is a script (JSON). A form body that cannot be read
+/// (too large, malformed) fails with its status, answered by the JSON catchers.
+enum Reply {
+    Json,
+    Back(String),
+}
+
+#[rocket::async_trait]
+impl<'r> FromData<'r> for Reply {
+    type Error = ();
+
+    async fn from_data(request: &'r Request<'_>, data: Data<'r>) -> data::Outcome<'r, Self, ()> {
+        if !request.content_type().is_some_and(|ct| ct.is_form()) {
+            return data::Outcome::Success(Reply::Json);
+        }
+        match Form::<BackForm<'r>>::from_data(request, data).await {
+            data::Outcome::Success(form) => {
+                data::Outcome::Success(Reply::Back(safe_next(form.next).to_string()))
+            }
+            data::Outcome::Error((status, _)) => data::Outcome::Error((status, ())),
+            data::Outcome::Forward(forward) => data::Outcome::Forward(forward),
+        }
+    }
+}
+
+/// A site-relative `next`, or `/`.
+fn safe_next(next: Option<&str>) -> &str {
+    next.filter(|n| n.starts_with('/') && !n.starts_with("//") && !n.contains('\\'))
+        .unwrap_or("/")
+}
+
+impl Reply {
+    fn answer(self, json: Value) -> Done {
+        match self {
+            Reply::Json => Done::Json(Json(json)),
+            Reply::Back(next) => Done::Back(Box::new(Redirect::to(next))),
+        }
+    }
+}
+
+#[post("/inbox/<id>/read", data = "<reply>")]
+async fn inbox_mark_read(
+    user: ApiUser,
+    store: &State<Store>,
+    id: &str,
+    reply: Reply,
+) -> ApiResult<Done> {
+    let id: MessageId = id.parse()?;
+    if !store.mark_read(user.0, id).await? {
+        return Err(Error::MessageDoesNotExist(id).into());
+    }
+    let unread = store.backend().inbox_count(user.0).await?;
+    Ok(reply.answer(json!({ "id": id, "read": true, "unread": unread })))
+}
+
+#[post("/mark_all_read", data = "<reply>")]
+async fn mark_all_read(user: ApiUser, store: &State<Store>, reply: Reply) -> ApiResult<Done> {
+    let marked = store.mark_all_read(user.0).await?;
+    // Counted again: a message may have arrived meanwhile.
+    let unread = store.backend().inbox_count(user.0).await?;
+    Ok(reply.answer(json!({ "marked": marked, "unread": unread })))
+}
+
+#[get("/openapi.json")]
+fn openapi() -> Json<Value> {
+    Json(openapi_document())
+}
+
+/// The API routes, to mount at [`BASE`].
+pub fn routes() -> Vec<Route> {
+    routes![
+        inbox_list,
+        archive_list,
+        inbox_get,
+        count,
+        inbox_mark_read,
+        mark_all_read,
+        openapi
+    ]
+}
+
+#[catch(default)]
+fn json_error(status: Status, request: &Request<'_>) -> Json<Value> {
+    let message = match status.code {
+        401 => "authentication required: log in first",
+        403 if crate::csrf::was_rejected(request) => {
+            "missing or invalid CSRF token (send it in the X-CSRF-Token header)"
+        }
+        403 => "forbidden",
+        404 => "not found",
+        405 => "method not allowed",
+        413 => "request body too large",
+        422 => "the request could not be processed",
+        400 => "bad request",
+        503 => "message storage is unavailable, try again shortly",
+        _ => "internal error",
+    };
+    Json(error_body(status, message))
+}
+
+/// JSON catchers for everything under [`BASE`].
+pub fn catchers() -> Vec<Catcher> {
+    catchers![json_error]
+}
+
+/// Rewrites `/messages/inbox/` to `/messages/inbox` (keeping the query): the trailing slash
+/// is optional on every API path. Called by the fairing's `on_request`.
+pub(crate) fn normalize_trailing_slash(request: &mut Request<'_>) {
+    let path = request.uri().path().as_str();
+    if path.len() > BASE.len() && path.ends_with('/') && path.starts_with(BASE) {
+        let trimmed = path.trim_end_matches('/');
+        let uri = match request.uri().query() {
+            Some(q) => format!("{trimmed}?{q}"),
+            None => trimmed.to_string(),
+        };
+        if let Ok(origin) = Origin::parse_owned(uri) {
+            request.set_uri(origin);
+        }
+    }
+}
+
+/// The OpenAPI 3 description of the routes above.
+pub fn openapi_document() -> Value {
+    let message_ref = json!({ "$ref": "#/components/schemas/Message" });
+    let page_ref = json!({ "$ref": "#/components/schemas/Page" });
+    let error = json!({ "description": "error", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } });
+    let paging = json!([
+        { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT } },
+        { "name": "cursor", "in": "query", "schema": { "type": "string" }, "description": "next_cursor of the previous page" }
+    ]);
+    let id_param =
+        json!([{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }]);
+    let csrf = json!([{ "name": "X-CSRF-Token", "in": "header", "required": true, "schema": { "type": "string" } }]);
+    let ok = |schema: Value| json!({ "description": "ok", "content": { "application/json": { "schema": schema } } });
+    json!({
+        "openapi": "3.0.3",
+        "info": { "title": "stored-messages", "version": env!("CARGO_PKG_VERSION"),
+                  "description": "Stored messages of the logged-in user (session cookie). State-changing requests need the X-CSRF-Token header." },
+        "paths": {
+            "/messages/inbox": { "get": { "summary": "Unread messages, oldest first", "parameters": paging,
+                "responses": { "200": ok(page_ref.clone()), "400": error, "401": error, "422": error } } },
+            "/messages/inbox/{id}": { "get": { "summary": "One unread message", "parameters": id_param,
+                "responses": { "200": ok(message_ref.clone()), "401": error, "404": error } } },
+            "/messages/inbox/{id}/read": { "post": { "summary": "Mark one message read",
+                "parameters": [id_param[0].clone(), csrf[0].clone()],
+                "responses": { "200": ok(json!({ "type": "object", "properties": { "id": { "type": "string" }, "read": { "type": "boolean" }, "unread": { "type": "integer" } } })),
+                               "401": error, "403": error, "404": error } } },
+            "/messages/mark_all_read": { "post": { "summary": "Mark every unread message read", "parameters": csrf,
+                "responses": { "200": ok(json!({ "type": "object", "properties": { "marked": { "type": "integer" }, "unread": { "type": "integer" } } })),
+                               "401": error, "403": error } } },
+            "/messages/archive": { "get": { "summary": "Every message received, newest first", "parameters": paging,
+                "responses": { "200": ok(page_ref), "400": error, "401": error, "422": error } } },
+            "/messages/count": { "get": { "summary": "Number of unread messages",
+                "responses": { "200": ok(json!({ "type": "object", "properties": { "unread": { "type": "integer" } } })), "401": error } } },
+            "/messages/openapi.json": { "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI 3 document" } } } }
+        },
+        "components": { "schemas": {
+            "Message": { "type": "object", "required": ["id", "message", "level", "level_tag", "tags", "extra_tags", "date", "url"],
+                "properties": {
+                    "id": { "type": "string" }, "message": { "type": "string" }, "level": { "type": "integer" },
+                    "level_tag": { "type": "string" }, "tags": { "type": "string" }, "extra_tags": { "type": "string" },
+                    "date": { "type": "string", "format": "date-time" }, "url": { "type": "string", "nullable": true } } },
+            "Page": { "type": "object", "required": ["messages", "next_cursor", "next"], "properties": {
+                "messages": { "type": "array", "items": message_ref },
+                "next_cursor": { "type": "string", "nullable": true }, "next": { "type": "string", "nullable": true } } },
+            "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object",
+                "required": ["status", "code", "message"], "properties": {
+                    "status": { "type": "integer" }, "code": { "type": "string" }, "message": { "type": "string" } } } } }
+        } }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let c = Cursor {
+            date: chrono::DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            id: MessageId(42),
+        };
+        assert_eq!(decode_cursor(&encode_cursor(&c)), Some(c));
+        for bad in ["", "!!", "bm9wZQ", "MTox"] {
+            let _ = decode_cursor(bad);
+        }
+        assert_eq!(decode_cursor("bm9wZQ"), None);
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        assert_eq!(list_query(None, None).unwrap().limit, Some(DEFAULT_LIMIT));
+        assert_eq!(list_query(Some("200"), None).unwrap().limit, Some(200));
+        assert_eq!(
+            list_query(Some("0"), None).unwrap_err().status,
+            Status::UnprocessableEntity
+        );
+        assert_eq!(
+            list_query(Some("201"), None).unwrap_err().status,
+            Status::UnprocessableEntity
+        );
+        assert_eq!(
+            list_query(Some("x"), None).unwrap_err().status,
+            Status::BadRequest
+        );
+        assert_eq!(
+            list_query(None, Some("%%")).unwrap_err().status,
+            Status::BadRequest
+        );
+    }
+}

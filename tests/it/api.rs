@@ -1,0 +1,409 @@
+//! The JSON API under /messages, on every backend: the original's REST tests plus ownership,
+//! pagination under concurrent writes, bad ids, CSRF and the error shape.
+
+use std::collections::BTreeSet;
+
+use rocket::http::{ContentType, Header, Status};
+use rocket::serde::json::Value;
+use stored_messages::api::{ApiMessage, Page};
+use stored_messages::{Level, ListQuery, NewMessage, UserId};
+
+use crate::common::{Browser, TestApp};
+
+macro_rules! api_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(app) = crate::common::TestApp::sqlite().await {
+                        super::$name(&app).await;
+                    }
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(app) = crate::common::TestApp::postgres().await {
+                        super::$name(&app).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+api_tests!(
+    list_of_two_then_retrieve_then_read_empties_the_list,
+    anonymous_requests_get_401_json,
+    mark_all_read_says_how_many,
+    another_users_unknown_and_malformed_ids_are_404,
+    pages_follow_next_without_gaps_while_messages_arrive_and_are_read,
+    archive_is_newest_first_and_paginated,
+    bad_limits_and_cursors_are_clear_errors,
+    posts_without_a_valid_csrf_header_are_403_and_change_nothing,
+    rocket_errors_under_messages_have_the_json_shape,
+    trailing_slash_is_optional,
+    plain_forms_redirect_back,
+    count_says_unread,
+);
+
+async fn user(app: &TestApp, name: &str) -> (Browser, UserId) {
+    let id = app.user(name, false).await.user_id();
+    let b = app.browser_with(app.rocket()).await;
+    b.login_as(name).await;
+    (b, id)
+}
+
+async fn send(b: &Browser, to: UserId, text: &str) -> String {
+    let m = NewMessage::parse(Level::STORED_WARNING, text, "t1", Some("/go"), None).unwrap();
+    TestApp::store(b)
+        .add_message_for(&[to], m)
+        .await
+        .unwrap()
+        .message
+        .id
+        .to_string()
+}
+
+async fn get_json(b: &Browser, path: &str) -> (Status, Value) {
+    let r = b
+        .client
+        .get(path.to_string())
+        .header(ContentType::JSON)
+        .dispatch()
+        .await;
+    let status = r.status();
+    assert_eq!(
+        r.content_type(),
+        Some(ContentType::JSON),
+        "{path} answers JSON"
+    );
+    (status, r.into_json().await.unwrap_or(Value::Null))
+}
+
+async fn post_json(b: &Browser, path: &str) -> (Status, Value) {
+    let token = b.csrf_token().await;
+    let r = b
+        .client
+        .post(path.to_string())
+        .header(Header::new("X-CSRF-Token", token))
+        .dispatch()
+        .await;
+    let status = r.status();
+    assert_eq!(
+        r.content_type(),
+        Some(ContentType::JSON),
+        "{path} answers JSON"
+    );
+    (status, r.into_json().await.unwrap_or(Value::Null))
+}
+
+fn assert_error(body: &Value, status: Status) {
+    assert_eq!(body["error"]["status"], status.code, "{body}");
+    assert!(
+        body["error"]["code"].is_string() && body["error"]["message"].is_string(),
+        "{body}"
+    );
+}
+
+async fn list_of_two_then_retrieve_then_read_empties_the_list(app: &TestApp) {
+    let (b, alice) = user(app, "alice").await;
+    let first = send(&b, alice, "first ❤").await;
+    send(&b, alice, "second").await;
+    let (status, body) = get_json(&b, "/messages/inbox").await;
+    assert_eq!(status, Status::Ok);
+    let page: Page = serde_json::from_value(body.clone()).unwrap();
+    assert_eq!(page.messages.len(), 2);
+    assert!(page.next.is_none() && page.next_cursor.is_none());
+    let m: &ApiMessage = &page.messages[0];
+    assert_eq!(
+        (m.id.to_string(), m.message.as_str(), m.level),
+        (first.clone(), "first ❤", 31)
+    );
+    assert_eq!(
+        (m.level_tag.as_str(), m.tags.as_str(), m.extra_tags.as_str()),
+        ("stored warning", "t1 stored warning", "t1")
+    );
+    assert_eq!(m.url.as_deref(), Some("/go"));
+    assert!(body["messages"][0]["id"].is_string(), "ids are strings");
+    assert!(
+        m.date.ends_with('Z') && chrono::DateTime::parse_from_rfc3339(&m.date).is_ok(),
+        "{}",
+        m.date
+    );
+    // retrieve
+    let (status, one) = get_json(&b, &format!("/messages/inbox/{first}")).await;
+    assert_eq!(status, Status::Ok);
+    assert_eq!(one["message"], "first ❤");
+    // mark read, then the list has one
+    let (status, body) = post_json(&b, &format!("/messages/inbox/{first}/read")).await;
+    assert_eq!(status, Status::Ok);
+    assert_eq!(body["read"], true);
+    assert_eq!(body["unread"], 1);
+    let (_, body) = get_json(&b, "/messages/inbox").await;
+    assert_eq!(body["messages"].as_array().unwrap().len(), 1);
+    // reading it again is 404: it is not in the inbox any more
+    let (status, body) = post_json(&b, &format!("/messages/inbox/{first}/read")).await;
+    assert_eq!(status, Status::NotFound);
+    assert_error(&body, Status::NotFound);
+}
+
+async fn anonymous_requests_get_401_json(app: &TestApp) {
+    let b = app.browser_with(app.rocket()).await;
+    for path in [
+        "/messages/inbox",
+        "/messages/inbox/1",
+        "/messages/archive",
+        "/messages/count",
+    ] {
+        let (status, body) = get_json(&b, path).await;
+        assert_eq!(status, Status::Unauthorized, "{path}");
+        assert_error(&body, Status::Unauthorized);
+    }
+    for path in ["/messages/mark_all_read", "/messages/inbox/1/read"] {
+        let (status, body) = post_json(&b, path).await;
+        assert_eq!(status, Status::Unauthorized, "{path}");
+        assert_error(&body, Status::Unauthorized);
+    }
+}
+
+async fn mark_all_read_says_how_many(app: &TestApp) {
+    let (b, alice) = user(app, "alice").await;
+    for i in 0..20 {
+        send(&b, alice, &format!("m{i}")).await;
+    }
+    let (status, body) = post_json(&b, "/messages/mark_all_read").await;
+    assert_eq!(status, Status::Ok);
+    assert_eq!(body["marked"], 20);
+    let (_, body) = get_json(&b, "/messages/count").await;
+    assert_eq!(body["unread"], 0);
+    let (_, body) = post_json(&b, "/messages/mark_all_read").await;
+    assert_eq!(body["marked"], 0);
+}
+
+async fn another_users_unknown_and_malformed_ids_are_404(app: &TestApp) {
+    let (alice_b, alice) = user(app, "alice").await;
+    let (bob_b, _) = user(app, "bob").await;
+    let id = send(&alice_b, alice, "alice's").await;
+    for path in [
+        format!("/messages/inbox/{id}"),
+        "/messages/inbox/999999".into(),
+        "/messages/inbox/abc".into(),
+        "/messages/inbox/-1".into(),
+        "/messages/inbox/1e3".into(),
+    ] {
+        let (status, body) = get_json(&bob_b, &path).await;
+        assert_eq!(status, Status::NotFound, "{path}");
+        assert_error(&body, Status::NotFound);
+        let (status, _) = post_json(&bob_b, &format!("{path}/read")).await;
+        assert_eq!(status, Status::NotFound, "{path}/read");
+    }
+    // alice's message is untouched
+    let (status, _) = get_json(&alice_b, &format!("/messages/inbox/{id}")).await;
+    assert_eq!(status, Status::Ok);
+}
+
+async fn pages_follow_next_without_gaps_while_messages_arrive_and_are_read(app: &TestApp) {
+    let (b, alice) = user(app, "alice").await;
+    for i in 0..25 {
+        send(&b, alice, &format!("m{i:02}")).await;
+    }
+    let mut seen = Vec::new();
+    let mut next = Some("/messages/inbox?limit=10".to_string());
+    let mut round = 0;
+    while let Some(path) = next {
+        let (status, body) = get_json(&b, &path).await;
+        assert_eq!(status, Status::Ok, "{path}: {body}");
+        let page: Page = serde_json::from_value(body).unwrap();
+        // Between pages: what was listed gets read, and new messages arrive.
+        for m in &page.messages {
+            seen.push(m.message.clone());
+            if round == 0 {
+                post_json(&b, &format!("/messages/inbox/{}/read", m.id)).await;
+            }
+        }
+        if round < 2 {
+            send(&b, alice, &format!("new{round}")).await;
+        }
+        round += 1;
+        next = page.next;
+    }
+    let mut expected: Vec<String> = (0..25).map(|i| format!("m{i:02}")).collect();
+    expected.extend(["new0".to_string(), "new1".to_string()]);
+    assert_eq!(seen, expected, "no duplicates, no gaps");
+    let unique: BTreeSet<_> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len());
+}
+
+async fn archive_is_newest_first_and_paginated(app: &TestApp) {
+    let (b, alice) = user(app, "alice").await;
+    for i in 0..5 {
+        send(&b, alice, &format!("a{i}")).await;
+    }
+    TestApp::store(&b).mark_all_read(alice).await.unwrap();
+    let (_, body) = get_json(&b, "/messages/archive?limit=3").await;
+    let page: Page = serde_json::from_value(body).unwrap();
+    let texts: Vec<_> = page.messages.iter().map(|m| m.message.as_str()).collect();
+    assert_eq!(texts, ["a4", "a3", "a2"]);
+    let (_, body) = get_json(&b, page.next.as_deref().unwrap()).await;
+    let page: Page = serde_json::from_value(body).unwrap();
+    let texts: Vec<_> = page.messages.iter().map(|m| m.message.as_str()).collect();
+    assert_eq!(texts, ["a1", "a0"]);
+    assert!(page.next.is_none());
+}
+
+async fn bad_limits_and_cursors_are_clear_errors(app: &TestApp) {
+    let (b, alice) = user(app, "alice").await;
+    send(&b, alice, "x").await;
+    for (path, status) in [
+        ("/messages/inbox?limit=0", Status::UnprocessableEntity),
+        ("/messages/inbox?limit=201", Status::UnprocessableEntity),
+        ("/messages/inbox?limit=ten", Status::BadRequest),
+        ("/messages/inbox?cursor=%25%25", Status::BadRequest),
+        ("/messages/archive?cursor=bm9wZQ", Status::BadRequest),
+    ] {
+        let (got, body) = get_json(&b, path).await;
+        assert_eq!(got, status, "{path}: {body}");
+        assert_error(&body, status);
+    }
+    let (status, _) = get_json(&b, "/messages/inbox?limit=200").await;
+    assert_eq!(status, Status::Ok);
+}
+
+async fn posts_without_a_valid_csrf_header_are_403_and_change_nothing(app: &TestApp) {
+    let (b, alice) = user(app, "alice").await;
+    let id = send(&b, alice, "x").await;
+    for path in [
+        format!("/messages/inbox/{id}/read"),
+        "/messages/mark_all_read".to_string(),
+    ] {
+        let r = b.client.post(path.clone()).dispatch().await;
+        assert_eq!(r.status(), Status::Forbidden, "{path}");
+        let body: Value = r.into_json().await.unwrap();
+        assert_error(&body, Status::Forbidden);
+        assert!(body["error"]["message"].as_str().unwrap().contains("CSRF"));
+        let r = b
+            .client
+            .post(path.clone())
+            .header(Header::new("X-CSRF-Token", "nope"))
+            .dispatch()
+            .await;
+        assert_eq!(r.status(), Status::Forbidden, "{path}");
+    }
+    let inbox = TestApp::store(&b)
+        .backend()
+        .inbox_list(alice, ListQuery::ALL)
+        .await
+        .unwrap();
+    assert_eq!(inbox.len(), 1, "nothing changed");
+}
+
+async fn rocket_errors_under_messages_have_the_json_shape(app: &TestApp) {
+    let (b, _) = user(app, "alice").await;
+    let (status, body) = get_json(&b, "/messages/nowhere").await;
+    assert_eq!(status, Status::NotFound);
+    assert_error(&body, Status::NotFound);
+    // a body larger than Rocket's form limit
+    let token = b.csrf_token().await;
+    let big = format!("csrf_token={token}&next={}", "x".repeat(64 * 1024));
+    let r = b
+        .client
+        .post("/messages/mark_all_read")
+        .header(ContentType::Form)
+        .body(big)
+        .dispatch()
+        .await;
+    let status = r.status();
+    let body: Value = r.into_json().await.unwrap();
+    assert_eq!(status, Status::PayloadTooLarge, "{body}");
+    assert_error(&body, Status::PayloadTooLarge);
+}
+
+async fn trailing_slash_is_optional(app: &TestApp) {
+    let (b, alice) = user(app, "alice").await;
+    let id = send(&b, alice, "x").await;
+    for path in [
+        "/messages/inbox/",
+        "/messages/count/",
+        "/messages/archive/",
+        "/messages/inbox/?limit=5",
+    ] {
+        let (status, _) = get_json(&b, path).await;
+        assert_eq!(status, Status::Ok, "{path}");
+    }
+    let (status, _) = get_json(&b, &format!("/messages/inbox/{id}/")).await;
+    assert_eq!(status, Status::Ok);
+    let (status, _) = post_json(&b, "/messages/mark_all_read/").await;
+    assert_eq!(status, Status::Ok);
+}
+
+async fn plain_forms_redirect_back(app: &TestApp) {
+    let (b, alice) = user(app, "alice").await;
+    let id = send(&b, alice, "one").await;
+    send(&b, alice, "two").await;
+    let r = b
+        .post_form(
+            &format!("/messages/inbox/{id}/read"),
+            &[("next", "/?keep=1")],
+        )
+        .await;
+    assert_eq!(r.status(), Status::SeeOther);
+    assert_eq!(r.headers().get_one("Location"), Some("/?keep=1"));
+    let r = b
+        .post_form(
+            "/messages/mark_all_read",
+            &[("next", "https://evil.example/")],
+        )
+        .await;
+    assert_eq!(
+        r.headers().get_one("Location"),
+        Some("/"),
+        "only site-relative next"
+    );
+    assert_eq!(
+        TestApp::store(&b)
+            .backend()
+            .inbox_count(alice)
+            .await
+            .unwrap(),
+        0
+    );
+    // the inbox list renders the buttons as forms
+    send(&b, alice, "three").await;
+    let (_, html) = b.get_html("/?keep=1").await;
+    assert!(html.contains("class=\"sm-mark-read\"") && html.contains("class=\"sm-mark-all-read\""));
+}
+
+async fn count_says_unread(app: &TestApp) {
+    let (b, alice) = user(app, "alice").await;
+    let (_, body) = get_json(&b, "/messages/count").await;
+    assert_eq!(body, serde_json::json!({ "unread": 0 }));
+    send(&b, alice, "x").await;
+    let (_, body) = get_json(&b, "/messages/count").await;
+    assert_eq!(body["unread"], 1);
+}
+
+#[test]
+fn openapi_lists_exactly_the_mounted_routes() {
+    let doc = stored_messages::api::openapi_document();
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            documented.insert((method.to_uppercase(), path.clone()));
+        }
+    }
+    let mounted: BTreeSet<(String, String)> = stored_messages::api::routes()
+        .iter()
+        .map(|r| {
+            let path = format!("{}{}", stored_messages::api::BASE, r.uri.path());
+            // `/inbox/<id>` is `/inbox/{id}` in OpenAPI.
+            let path = path.replace('<', "{").replace('>', "}");
+            (r.method.as_str().to_string(), path)
+        })
+        .collect();
+    assert_eq!(documented, mounted);
+    assert_eq!(doc["openapi"], "3.0.3");
+}
