@@ -285,7 +285,7 @@ async fn helpers_show_twenty_messages_for_a_user(app: &TestApp) {
     }
     let (_, html) = b.get_html("/?keep=1").await;
     assert!(
-        html.contains("title=\"unread messages\">20</span>"),
+        html.contains("data-unread-count>20</span>"),
         "count helper"
     );
     let inbox = html
