@@ -165,6 +165,10 @@ pub(crate) trait IdArray: Database {
     fn param(ids: &[i64]) -> Self::Param;
     /// A `select` of one column, `id`, with a row per element of the array in `$n`.
     const ROWS: &'static str;
+    /// How the inbox queries name `sm_deliveries` (aliased `d`). SQLite's planner, without statistics,
+    /// prefers the primary key (all of a user's archive) to the partial inbox index, so it is
+    /// told which index to use; PostgreSQL picks the partial index by itself.
+    const INBOX_TABLE: &'static str;
 }
 
 impl IdArray for Sqlite {
@@ -184,6 +188,7 @@ impl IdArray for Sqlite {
     }
 
     const ROWS: &'static str = "select value as id from json_each(${n})";
+    const INBOX_TABLE: &'static str = "sm_deliveries as d indexed by sm_deliveries_inbox";
 }
 
 impl IdArray for Postgres {
@@ -194,11 +199,17 @@ impl IdArray for Postgres {
     }
 
     const ROWS: &'static str = "select unnest(${n}::int8[]) as id";
+    const INBOX_TABLE: &'static str = "sm_deliveries as d";
 }
 
 /// `IdArray::ROWS` for the dialect of `pool`, reading parameter `$n`.
 fn id_rows<DB: IdArray>(_pool: &Pool<DB>, n: u8) -> String {
     DB::ROWS.replace("{n}", &n.to_string())
+}
+
+/// `IdArray::INBOX_TABLE` for the dialect of `pool`.
+fn inbox_table<DB: IdArray>(_pool: &Pool<DB>) -> &'static str {
+    DB::INBOX_TABLE
 }
 
 /// `IdArray::param` for the dialect of `pool`.
@@ -396,75 +407,98 @@ impl MessageBackend for SqlBackend {
     async fn deliver(&self, users: &[UserId], message: &NewMessage) -> Result<Message> {
         self.check_level(message.level())?;
         let users = unique_users(users);
-        let id = with_pool!(&self.pool, pool => {
-            let mut tx = pool.begin().await.map_err(sql_error)?;
-            let ids: Vec<i64> = sqlx::query_scalar(
-                "insert into sm_messages (level, message, extra_tags, url, date_us) \
-                 values ($1, $2, $3, $4, $5) returning id",
-            )
-            .bind(message.level().0)
-            .bind(message.message())
-            .bind(message.extra_tags())
-            .bind(message.url())
-            .bind(micros(message.date()))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(sql_error)?;
-            let id = returned_id(ids)?;
-            if !users.is_empty() {
-                // The ids are unique, so a plain insert cannot conflict.
-                let sql = format!(
-                    "insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
-                     select u.id, $2, $3, true from ({}) as u",
-                    id_rows(pool, 1)
-                );
-                sqlx::query(&sql)
-                    .bind(id_param(pool, &users))
+        let id = match &self.pool {
+            // One statement, one round trip: a data-modifying CTE is atomic by itself.
+            SqlPool::Postgres(pool) => {
+                let ids: Vec<i64> = sqlx::query_scalar(
+                    "with m as (insert into sm_messages (level, message, extra_tags, url, date_us) \
+                     values ($1, $2, $3, $4, $5) returning id), \
+                     d as (insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
+                     select u, $5, m.id, true from m cross join unnest($6::int8[]) as u) \
+                     select id from m",
+                )
+                .bind(message.level().0)
+                .bind(message.message())
+                .bind(message.extra_tags())
+                .bind(message.url())
+                .bind(micros(message.date()))
+                .bind(&users)
+                .fetch_all(pool)
+                .await
+                .map_err(sql_error)?;
+                returned_id(ids)?
+            }
+            // SQLite has no data-modifying CTEs: two statements in one transaction.
+            SqlPool::Sqlite(pool) => {
+                let mut tx = pool.begin().await.map_err(sql_error)?;
+                let ids: Vec<i64> = sqlx::query_scalar(
+                    "insert into sm_messages (level, message, extra_tags, url, date_us) \
+                     values ($1, $2, $3, $4, $5) returning id",
+                )
+                .bind(message.level().0)
+                .bind(message.message())
+                .bind(message.extra_tags())
+                .bind(message.url())
+                .bind(micros(message.date()))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(sql_error)?;
+                let id = returned_id(ids)?;
+                if !users.is_empty() {
+                    // The ids are unique, so a plain insert cannot conflict.
+                    sqlx::query(
+                        "insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
+                         select value, $2, $3, true from json_each($1)",
+                    )
+                    .bind(Sqlite::param(&users))
                     .bind(micros(message.date()))
                     .bind(id)
                     .execute(&mut *tx)
                     .await
                     .map_err(sql_error)?;
+                }
+                tx.commit().await.map_err(sql_error)?;
+                id
             }
-            tx.commit().await.map_err(sql_error)?;
-            id
-        });
+        };
         Ok(message.clone().into_message(MessageId(id)))
     }
 
     async fn inbox_list(&self, user: UserId, query: ListQuery) -> Result<Vec<Message>> {
         let (date, id, limit) = cursor_bounds(&query, START_ASC);
-        // Served by the partial index sm_deliveries_inbox: only unread rows are read.
-        let sql = format!(
-            "select {MESSAGE_COLUMNS} from sm_deliveries d \
-             join sm_messages m on m.id = d.message_id \
-             where d.user_id = $1 and d.in_inbox and d.date_us >= $2 \
-             and (d.date_us, d.message_id) > ($3, $4) \
-             order by d.date_us, d.message_id limit $5"
-        );
         let cutoff = self.inbox_cutoff();
-        let rows: Vec<MessageRow> = with_pool!(&self.pool, pool => sqlx::query_as(&sql)
-            .bind(user.0)
-            .bind(cutoff)
-            .bind(date)
-            .bind(id)
-            .bind(limit)
-            .fetch_all(pool)
-            .await
-            .map_err(sql_error)?);
+        let rows: Vec<MessageRow> = with_pool!(&self.pool, pool => {
+            // Served by the partial index sm_deliveries_inbox: only unread rows are read.
+            let sql = format!(
+                "select {MESSAGE_COLUMNS} from {} \
+                 join sm_messages m on m.id = d.message_id \
+                 where d.user_id = $1 and d.in_inbox and d.date_us >= $2 \
+                 and (d.date_us, d.message_id) > ($3, $4) \
+                 order by d.date_us, d.message_id limit $5",
+                inbox_table(pool)
+            );
+            sqlx::query_as(&sql)
+                .bind(user.0)
+                .bind(cutoff)
+                .bind(date)
+                .bind(id)
+                .bind(limit)
+                .fetch_all(pool)
+                .await
+                .map_err(sql_error)?
+        });
         Ok(rows.into_iter().map(Message::from).collect())
     }
 
     async fn inbox_count(&self, user: UserId) -> Result<u64> {
-        let sql = "select count(*) from sm_deliveries \
-                   where user_id = $1 and in_inbox and date_us >= $2";
         let cutoff = self.inbox_cutoff();
-        let count: i64 = with_pool!(&self.pool, pool => sqlx::query_scalar(sql)
-            .bind(user.0)
-            .bind(cutoff)
-            .fetch_one(pool)
-            .await
-            .map_err(sql_error)?);
+        let count: i64 = with_pool!(&self.pool, pool => {
+            let sql = format!(
+                "select count(*) from {} where d.user_id = $1 and d.in_inbox and d.date_us >= $2",
+                inbox_table(pool)
+            );
+            sqlx::query_scalar(&sql).bind(user.0).bind(cutoff).fetch_one(pool).await.map_err(sql_error)?
+        });
         Ok(count.max(0) as u64)
     }
 
