@@ -71,6 +71,9 @@ pub enum Error {
     /// Configuration that does not validate; every problem is listed, naming its key.
     #[error("invalid configuration: {}", .0.join("; "))]
     Config(Vec<String>),
+    /// The backend does not offer this optional operation.
+    #[error("this backend does not support {0}")]
+    Unsupported(&'static str),
     /// The storage failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -93,6 +96,7 @@ impl Error {
             | Error::InvalidUrl { .. }
             | Error::UnknownUsers(_) => Status::UnprocessableEntity,
             Error::Backend(e) if e.is_unavailable() => Status::ServiceUnavailable,
+            Error::Unsupported(_) => Status::NotImplemented,
             Error::Config(_) | Error::Backend(_) | Error::Host(_) => Status::InternalServerError,
         }
     }

@@ -175,6 +175,14 @@
 //!         let mut d = self.deliveries.lock().unwrap();
 //!         Ok(unique_ids(users).into_iter().filter(|u| d.insert((*u, m.id.0), true) != Some(true)).count() as u64)
 //!     }
+//!     async fn deliver_once(&self, users: &[UserId], m: &Message) -> Result<u64> {
+//!         let mut d = self.deliveries.lock().unwrap();
+//!         Ok(unique_ids(users).into_iter().filter(|u| {
+//!             let fresh = !d.contains_key(&(*u, m.id.0));
+//!             if fresh { d.insert((*u, m.id.0), true); }
+//!             fresh
+//!         }).count() as u64)
+//!     }
 //!     async fn deliver(&self, users: &[UserId], new: &NewMessage) -> Result<Message> {
 //!         let m = self.create_message(new).await?;
 //!         self.inbox_store(users, &m).await?;
@@ -248,7 +256,9 @@ mod ops;
 mod request;
 pub mod template;
 
-pub use crate::backend::{Cleanup, Cursor, ListQuery, MessageBackend, SqlBackend, SqlPool};
+pub use crate::backend::{
+    Cleanup, Cursor, ListQuery, MessageBackend, MessageStats, SqlBackend, SqlPool,
+};
 pub use crate::config::Config;
 pub use crate::csrf::CsrfToken;
 pub use crate::error::{error_body, report, BoxError, Error, Result};

@@ -172,6 +172,21 @@ impl Store {
         self.add_message_for(&users, message).await
     }
 
+    /// Adds an existing message to every user of `users` who does not have it yet, read or
+    /// unread (see [`MessageBackend::deliver_once`]), and publishes the events for the chunk.
+    /// Background broadcasts call this chunk by chunk: repeating a chunk never delivers twice.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the storage fails.
+    pub async fn deliver_once(&self, users: &[UserId], message: &Message) -> Result<u64> {
+        let added = self.inner.backend.deliver_once(users, message).await?;
+        if added > 0 {
+            self.publish_delivery(users, message);
+        }
+        Ok(added)
+    }
+
     /// Marks one message read for `user`: `true` if it was unread, `false` if it was already
     /// read, expired, unknown or someone else's (never an error for those). Publishes
     /// `InboxDeleted` when it was unread.

@@ -12,13 +12,16 @@ use rocket::fs::{relative, FileServer};
 use rocket::{Build, Rocket};
 use rocket_dyn_templates::Template;
 
+use crate::app::jobs::Jobs;
 use crate::app::users::{AppHost, Users};
 use crate::backend::SqlPool;
 use crate::config::database_url;
 use crate::error::report;
 use crate::StoredMessages;
 
+pub mod admin;
 pub mod auth;
+pub mod jobs;
 pub mod pages;
 pub mod users;
 
@@ -37,7 +40,15 @@ pub fn rocket_from(figment: Figment) -> Rocket<Build> {
                     Ok(users) => {
                         let users = Arc::new(users);
                         let host = AppHost::new(users.clone());
-                        Ok(rocket.manage(users).attach(StoredMessages::fairing(host)))
+                        let threshold = rocket
+                            .figment()
+                            .extract_inner::<usize>("admin.background_threshold")
+                            .unwrap_or(admin::DEFAULT_BACKGROUND_THRESHOLD);
+                        Ok(rocket
+                            .manage(Jobs::new(users.clone()))
+                            .manage(admin::BackgroundThreshold(threshold))
+                            .manage(users)
+                            .attach(StoredMessages::fairing(host)))
                     }
                     Err(e) => {
                         log::error!("reference app: cannot open the users database: {e}");
@@ -46,10 +57,16 @@ pub fn rocket_from(figment: Figment) -> Rocket<Build> {
                 }
             },
         ))
-        .attach(AdHoc::on_liftoff("first admin", |rocket| {
+        .attach(AdHoc::on_liftoff("first admin, broadcast jobs", |rocket| {
             Box::pin(async move {
                 if let Some(users) = rocket.state::<Arc<Users>>() {
                     first_admin(users).await;
+                }
+                // Resumes the broadcasts a restart interrupted, then runs new ones.
+                if let (Some(jobs), Some(store)) =
+                    (rocket.state::<Jobs>(), rocket.state::<crate::Store>())
+                {
+                    rocket::tokio::spawn(jobs.clone().worker(store.clone(), rocket.shutdown()));
                 }
             })
         }))
@@ -58,6 +75,7 @@ pub fn rocket_from(figment: Figment) -> Rocket<Build> {
         }))
         .mount("/", pages::routes())
         .mount("/", auth::routes())
+        .mount("/", admin::routes())
         .mount("/static", FileServer::from(relative!("static")))
         .register("/", pages::catchers())
 }

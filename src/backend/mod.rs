@@ -235,6 +235,38 @@ pub trait MessageBackend: Send + Sync + 'static {
     /// Removes every message of every user. For tests and resets.
     async fn flush(&self) -> Result<()>;
 
+    /// Adds an existing `message` to the inbox and archive of each user who does not have it
+    /// at all yet; users who have it, read or unread, are skipped. Returns how many gained
+    /// it. Repeating it is harmless, which is what makes an interrupted broadcast resumable
+    /// without delivering twice.
+    async fn deliver_once(&self, users: &[UserId], message: &Message) -> Result<u64>;
+
+    /// The newest messages (by id, newest first, ids below `before` when given) with how many
+    /// users received each and how many still have it unread. For administration.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::Unsupported`] for a backend that cannot list messages.
+    async fn message_stats(
+        &self,
+        limit: u32,
+        before: Option<MessageId>,
+    ) -> Result<Vec<MessageStats>> {
+        let _ = (limit, before);
+        Err(crate::Error::Unsupported("listing messages"))
+    }
+
+    /// Removes a message from every inbox and archive; returns how many deliveries it had.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::MessageDoesNotExist`] for an unknown id, [`crate::Error::Unsupported`]
+    /// for a backend that cannot delete messages.
+    async fn message_delete(&self, id: MessageId) -> Result<u64> {
+        let _ = id;
+        Err(crate::Error::Unsupported("deleting messages"))
+    }
+
     /// Keeps flash messages that did not fit their cookie under `key` until `expires`,
     /// replacing what was there. The default keeps them in process memory (lost on restart);
     /// backends with storage of their own override the three `spill_` methods.
@@ -253,6 +285,17 @@ pub trait MessageBackend: Send + Sync + 'static {
         MemorySpill::global().delete(key);
         Ok(())
     }
+}
+
+/// A message with its audience, for administration.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MessageStats {
+    /// The message.
+    pub message: Message,
+    /// How many users received it (its archive entries).
+    pub recipients: u64,
+    /// How many of them have it unread.
+    pub unread: u64,
 }
 
 /// What every backend needs to know from the configuration.

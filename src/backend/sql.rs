@@ -40,7 +40,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Database, Encode, PgPool, Pool, Postgres, Sqlite, SqlitePool, Type};
 
-use super::{unique_users, BackendError, Cleanup, ListQuery, MessageBackend, Settings};
+use super::{
+    unique_users, BackendError, Cleanup, ListQuery, MessageBackend, MessageStats, Settings,
+};
 use crate::config::SecretUrl;
 use crate::error::{Error, Result};
 use crate::level::Level;
@@ -239,6 +241,15 @@ impl From<MessageRow> for Message {
             date: from_micros(row.date_us),
         }
     }
+}
+
+/// A message with its counts, as `message_stats` reads it.
+#[derive(sqlx::FromRow)]
+struct StatsRow {
+    #[sqlx(flatten)]
+    message: MessageRow,
+    recipients: i64,
+    unread: i64,
 }
 
 /// Microseconds since the Unix epoch, the stored form of dates.
@@ -647,6 +658,82 @@ impl MessageBackend for SqlBackend {
             tx.commit().await.map_err(sql_error)?;
         });
         Ok(())
+    }
+
+    async fn deliver_once(&self, users: &[UserId], message: &Message) -> Result<u64> {
+        let ids = unique_users(users);
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let done = with_pool!(&self.pool, pool => {
+            let sql = format!(
+                "insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
+                 select u.id, $2, $3, true from ({}) as u where true \
+                 on conflict do nothing",
+                id_rows(pool, 1)
+            );
+            sqlx::query(&sql)
+                .bind(id_param(pool, &ids))
+                .bind(micros(message.date))
+                .bind(message.id.0)
+                .execute(pool)
+                .await
+                .map_err(sql_error)?
+                .rows_affected()
+        });
+        Ok(done)
+    }
+
+    async fn message_stats(
+        &self,
+        limit: u32,
+        before: Option<MessageId>,
+    ) -> Result<Vec<MessageStats>> {
+        let sql = format!(
+            "select {MESSAGE_COLUMNS}, \
+             (select count(*) from sm_deliveries d where d.message_id = m.id) as recipients, \
+             (select count(*) from sm_deliveries d where d.message_id = m.id and d.in_inbox) as unread \
+             from sm_messages m where m.id < $1 order by m.id desc limit $2"
+        );
+        let before = before.map_or(i64::MAX, |id| id.0);
+        let rows: Vec<StatsRow> = with_pool!(&self.pool, pool => sqlx::query_as(&sql)
+            .bind(before)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await
+            .map_err(sql_error)?);
+        Ok(rows
+            .into_iter()
+            .map(|r| MessageStats {
+                recipients: r.recipients.max(0) as u64,
+                unread: r.unread.max(0) as u64,
+                message: r.message.into(),
+            })
+            .collect())
+    }
+
+    async fn message_delete(&self, id: MessageId) -> Result<u64> {
+        let (deliveries, messages) = with_pool!(&self.pool, pool => {
+            let mut tx = pool.begin().await.map_err(sql_error)?;
+            let deliveries = sqlx::query("delete from sm_deliveries where message_id = $1")
+                .bind(id.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql_error)?
+                .rows_affected();
+            let messages = sqlx::query("delete from sm_messages where id = $1")
+                .bind(id.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql_error)?
+                .rows_affected();
+            tx.commit().await.map_err(sql_error)?;
+            (deliveries, messages)
+        });
+        if messages == 0 {
+            return Err(Error::MessageDoesNotExist(id));
+        }
+        Ok(deliveries)
     }
 
     async fn spill_put(&self, key: &str, payload: &str, expires: DateTime<Utc>) -> Result<()> {

@@ -73,6 +73,9 @@ conformance!(
     writes_publish_events,
     flush_removes_everything,
     can_handle_follows_store_levels,
+    deliver_once_skips_everyone_who_has_it_read_or_unread,
+    message_stats_count_recipients_and_unread,
+    message_delete_removes_it_everywhere,
 );
 
 async fn stored_message_is_in_inbox_and_archive(t: &TestStore) {
@@ -825,4 +828,118 @@ async fn can_handle_follows_store_levels(t: &TestStore) {
         .await
         .unwrap();
     assert_eq!(d.message.level, Level(99));
+}
+
+async fn deliver_once_skips_everyone_who_has_it_read_or_unread(t: &TestStore) {
+    let m = t
+        .store
+        .add_message_for(&[ALICE, BOB], stored("once"))
+        .await
+        .unwrap()
+        .message;
+    assert!(t.store.mark_read(ALICE, m.id).await.unwrap());
+    // alice read it, bob has it unread, carol is new: only carol gains it.
+    assert_eq!(
+        t.store
+            .deliver_once(&[ALICE, BOB, CAROL, CAROL], &m)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        t.store
+            .deliver_once(&[ALICE, BOB, CAROL], &m)
+            .await
+            .unwrap(),
+        0,
+        "repeating is harmless"
+    );
+    assert_eq!(
+        t.backend().inbox_count(ALICE).await.unwrap(),
+        0,
+        "not delivered twice"
+    );
+    assert_eq!(t.backend().inbox_count(CAROL).await.unwrap(), 1);
+    assert_eq!(
+        t.backend()
+            .archive_list(CAROL, ListQuery::ALL)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+async fn message_stats_count_recipients_and_unread(t: &TestStore) {
+    let a = t
+        .store
+        .add_message_for(&[ALICE, BOB, CAROL], stored("a"))
+        .await
+        .unwrap()
+        .message;
+    let b = t
+        .store
+        .add_message_for(&[ALICE], stored("b"))
+        .await
+        .unwrap()
+        .message;
+    t.store.mark_read(BOB, a.id).await.unwrap();
+    let stats = match t.backend().message_stats(10, None).await {
+        Err(Error::Unsupported(_)) => return,
+        other => other.unwrap(),
+    };
+    assert_eq!(stats.len(), 2);
+    assert_eq!(
+        (stats[0].message.id, stats[0].recipients, stats[0].unread),
+        (b.id, 1, 1)
+    );
+    assert_eq!(
+        (stats[1].message.id, stats[1].recipients, stats[1].unread),
+        (a.id, 3, 2)
+    );
+    let older = t.backend().message_stats(10, Some(b.id)).await.unwrap();
+    assert_eq!(older.len(), 1);
+    assert_eq!(older[0].message.id, a.id);
+}
+
+async fn message_delete_removes_it_everywhere(t: &TestStore) {
+    let a = t
+        .store
+        .add_message_for(&[ALICE, BOB], stored("a"))
+        .await
+        .unwrap()
+        .message;
+    let keep = t
+        .store
+        .add_message_for(&[ALICE], stored("keep"))
+        .await
+        .unwrap()
+        .message;
+    t.store.mark_read(BOB, a.id).await.unwrap();
+    match t.backend().message_delete(a.id).await {
+        Err(Error::Unsupported(_)) => return,
+        other => assert_eq!(other.unwrap(), 2),
+    }
+    assert_eq!(
+        texts(&t.backend().inbox_list(ALICE, ListQuery::ALL).await.unwrap()),
+        ["keep"]
+    );
+    assert!(t
+        .backend()
+        .archive_list(BOB, ListQuery::ALL)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(matches!(
+        t.backend().message_delete(a.id).await,
+        Err(Error::MessageDoesNotExist(_))
+    ));
+    assert!(matches!(
+        t.backend().inbox_get(ALICE, a.id).await,
+        Err(Error::MessageDoesNotExist(_))
+    ));
+    assert_eq!(
+        t.backend().inbox_get(ALICE, keep.id).await.unwrap().id,
+        keep.id
+    );
 }

@@ -1,5 +1,6 @@
 //! The one integration test binary (one link, many modules).
 
+mod admin;
 mod api;
 mod backend;
 mod cli;

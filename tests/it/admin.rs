@@ -1,0 +1,458 @@
+//! The admin area: access rules, broadcast (everyone, named users, unknown users, preview,
+//! bad input), background jobs with resume, audit, message browser, delete and cleanup.
+
+use std::sync::Arc;
+
+use rocket::http::Status;
+use stored_messages::app::jobs::Jobs;
+use stored_messages::app::users::Users;
+use stored_messages::{Level, ListQuery, NewMessage, UserId};
+
+use crate::common::{assert_redirect, test_figment, Browser, TestApp};
+
+macro_rules! admin_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(app) = crate::common::TestApp::sqlite().await {
+                        super::$name(&app).await;
+                    }
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(app) = crate::common::TestApp::postgres().await {
+                        super::$name(&app).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+admin_tests!(
+    admin_pages_are_for_admins_only,
+    broadcast_to_everyone_reaches_all_and_is_audited,
+    broadcast_to_two_named_users_reaches_only_them,
+    unknown_usernames_are_all_named_and_nothing_is_sent,
+    preview_shows_the_message_and_sends_nothing,
+    bad_broadcast_input_is_refused_with_field_errors,
+    large_broadcast_runs_in_the_background_and_finishes,
+    interrupted_job_resumes_without_delivering_twice,
+    message_browser_counts_deletes_and_cleans_up,
+);
+
+async fn admin(app: &TestApp) -> Browser {
+    app.user("root", true).await;
+    let b = app.browser_with(app.rocket()).await;
+    b.login_as("root").await;
+    b
+}
+
+async fn inbox(b: &Browser, user: UserId) -> Vec<String> {
+    TestApp::store(b)
+        .backend()
+        .inbox_list(user, ListQuery::ALL)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.message)
+        .collect()
+}
+
+fn form<'a>(
+    recipients: &'a str,
+    usernames: &'a str,
+    message: &'a str,
+    action: &'a str,
+) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("recipients", recipients),
+        ("usernames", usernames),
+        ("level", "stored_warning"),
+        ("custom_level", ""),
+        ("message", message),
+        ("extra_tags", "ops"),
+        ("url", "/status"),
+        ("action", action),
+    ]
+}
+
+async fn admin_pages_are_for_admins_only(app: &TestApp) {
+    app.user("alice", false).await;
+    let anon = app.browser_with(app.rocket()).await;
+    for (path, next) in [
+        ("/admin", "/admin"),
+        ("/admin/broadcast", "/admin/broadcast"),
+        ("/admin/messages", "/admin/messages"),
+    ] {
+        let r = anon.client.get(path).dispatch().await;
+        assert_redirect(&r, &format!("/login?next={next}"));
+    }
+    let r = anon
+        .post_form("/admin/broadcast", &form("everyone", "", "x", "send"))
+        .await;
+    assert_eq!(r.status(), Status::Unauthorized);
+    // login comes back to the admin page
+    app.user("root", true).await;
+    let r = anon
+        .post_form(
+            "/login",
+            &[
+                ("username", "root"),
+                ("password", "password123"),
+                ("next", "/admin/broadcast"),
+            ],
+        )
+        .await;
+    assert_redirect(&r, "/admin/broadcast");
+    let (status, html) = anon.get_html("/admin/broadcast").await;
+    assert_eq!(status, Status::Ok);
+    assert!(html.contains("Broadcast a message"));
+    // a logged-in non-admin gets 403 everywhere, and cannot send
+    let alice = app.browser_with(app.rocket()).await;
+    alice.login_as("alice").await;
+    for path in [
+        "/admin",
+        "/admin/broadcast",
+        "/admin/messages",
+        "/admin/audit",
+        "/admin/jobs/1",
+    ] {
+        let (status, _) = alice.get_html(path).await;
+        assert_eq!(status, Status::Forbidden, "{path}");
+    }
+    let r = alice
+        .post_form("/admin/broadcast", &form("everyone", "", "x", "send"))
+        .await;
+    assert_eq!(r.status(), Status::Forbidden);
+    let r = alice.post_form("/admin/cleanup", &[]).await;
+    assert_eq!(r.status(), Status::Forbidden);
+}
+
+async fn broadcast_to_everyone_reaches_all_and_is_audited(app: &TestApp) {
+    let b = admin(app).await;
+    let ids: Vec<UserId> = [
+        app.user("alice", false).await,
+        app.user("bob", false).await,
+        app.user("carol", false).await,
+    ]
+    .iter()
+    .map(|u| u.user_id())
+    .collect();
+    let r = b
+        .post_form(
+            "/admin/broadcast",
+            &form("everyone", "", "Maintenance tonight", "send"),
+        )
+        .await;
+    assert_redirect(&r, "/admin/broadcast");
+    let (_, html) = b.get_html("/admin/broadcast").await;
+    assert!(
+        html.contains("Sent to 4 users in "),
+        "flash with count and time"
+    );
+    for id in ids {
+        assert_eq!(inbox(&b, id).await, ["Maintenance tonight"]);
+    }
+    let (_, html) = b.get_html("/admin/audit").await;
+    assert!(
+        html.contains("Maintenance tonight") && html.contains("root") && html.contains("everyone")
+    );
+    assert!(html.contains("<td>4</td>"), "audience size");
+}
+
+async fn broadcast_to_two_named_users_reaches_only_them(app: &TestApp) {
+    let b = admin(app).await;
+    let alice = app.user("alice", false).await.user_id();
+    let bob = app.user("bob", false).await.user_id();
+    let carol = app.user("carol", false).await.user_id();
+    let r = b
+        .post_form(
+            "/admin/broadcast",
+            &form("list", "alice,\nbob", "Just you two", "send"),
+        )
+        .await;
+    assert_redirect(&r, "/admin/broadcast");
+    assert_eq!(inbox(&b, alice).await, ["Just you two"]);
+    assert_eq!(inbox(&b, bob).await, ["Just you two"]);
+    assert!(inbox(&b, carol).await.is_empty());
+    let (_, html) = b.get_html("/admin/audit").await;
+    assert!(html.contains("alice, bob"));
+}
+
+async fn unknown_usernames_are_all_named_and_nothing_is_sent(app: &TestApp) {
+    let b = admin(app).await;
+    let alice = app.user("alice", false).await.user_id();
+    let r = b
+        .post_form(
+            "/admin/broadcast",
+            &form("list", "alice, ghost, nobody", "hello", "send"),
+        )
+        .await;
+    assert_eq!(r.status(), Status::UnprocessableEntity);
+    let html = r.into_string().await.unwrap();
+    assert!(html.contains("unknown users: ghost, nobody"), "all named");
+    assert!(html.contains("alice, ghost, nobody"), "entered value kept");
+    assert!(inbox(&b, alice).await.is_empty());
+    let r = b
+        .post_form("/admin/broadcast", &form("list", " , ", "hello", "send"))
+        .await;
+    assert_eq!(r.status(), Status::UnprocessableEntity);
+}
+
+async fn preview_shows_the_message_and_sends_nothing(app: &TestApp) {
+    let b = admin(app).await;
+    let alice = app.user("alice", false).await.user_id();
+    let r = b
+        .post_form(
+            "/admin/broadcast",
+            &form("everyone", "", "<b>Look</b> at this", "preview"),
+        )
+        .await;
+    assert_eq!(r.status(), Status::Ok);
+    let html = r.into_string().await.unwrap();
+    let preview = html
+        .split("aria-label=\"Preview\"")
+        .nth(1)
+        .expect("preview section");
+    assert!(
+        preview.contains("class=\"message ops stored warning\""),
+        "same partial, same classes"
+    );
+    assert!(
+        preview.contains("&lt;b&gt;Look&lt;&#x2F;b&gt; at this"),
+        "escaped"
+    );
+    assert!(preview.contains("href=\"&#x2F;status\""));
+    assert!(inbox(&b, alice).await.is_empty(), "nothing sent");
+}
+
+async fn bad_broadcast_input_is_refused_with_field_errors(app: &TestApp) {
+    let b = admin(app).await;
+    let alice = app.user("alice", false).await.user_id();
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (form("everyone", "", "", "send"), "message text is empty"),
+        (
+            form("everyone", "", "x", "send")
+                .into_iter()
+                .map(|(k, v)| {
+                    if k == "url" {
+                        (k, "javascript:alert(1)")
+                    } else {
+                        (k, v)
+                    }
+                })
+                .collect(),
+            "invalid url",
+        ),
+        (
+            form("everyone", "", "x", "send")
+                .into_iter()
+                .map(|(k, v)| if k == "level" { (k, "custom") } else { (k, v) })
+                .map(|(k, v)| {
+                    if k == "custom_level" {
+                        (k, "20")
+                    } else {
+                        (k, v)
+                    }
+                })
+                .collect(),
+            "level 20 is not a store level",
+        ),
+        (
+            form("everyone", "", "x", "send")
+                .into_iter()
+                .map(|(k, v)| if k == "level" { (k, "custom") } else { (k, v) })
+                .map(|(k, v)| {
+                    if k == "custom_level" {
+                        (k, "loud")
+                    } else {
+                        (k, v)
+                    }
+                })
+                .collect(),
+            "unknown level &quot;loud&quot;",
+        ),
+        (
+            form("nobody-knows", "", "x", "send"),
+            "choose everyone or a list",
+        ),
+    ];
+    for (fields, expected) in cases {
+        let r = b.post_form("/admin/broadcast", &fields).await;
+        assert_eq!(r.status(), Status::UnprocessableEntity, "{expected}");
+        let html = r.into_string().await.unwrap();
+        assert!(html.contains(expected), "{expected}");
+    }
+    let long = "y".repeat(4001);
+    let r = b
+        .post_form("/admin/broadcast", &form("everyone", "", &long, "send"))
+        .await;
+    assert_eq!(r.status(), Status::UnprocessableEntity);
+    assert!(inbox(&b, alice).await.is_empty());
+    let r = b
+        .client
+        .post("/admin/broadcast")
+        .header(rocket::http::ContentType::Form)
+        .body("message=x")
+        .dispatch()
+        .await;
+    assert_eq!(r.status(), Status::Forbidden, "no CSRF token");
+}
+
+async fn large_broadcast_runs_in_the_background_and_finishes(app: &TestApp) {
+    let figment = test_figment(&app.url).merge(("admin.background_threshold", 2));
+    app.user("root", true).await;
+    let ids: Vec<UserId> = {
+        let mut ids = Vec::new();
+        for i in 0..6 {
+            ids.push(app.user(&format!("user{i}"), false).await.user_id());
+        }
+        ids
+    };
+    let b = app
+        .browser_with(stored_messages::app::rocket_from(figment))
+        .await;
+    b.login_as("root").await;
+    let r = b
+        .post_form(
+            "/admin/broadcast",
+            &form("everyone", "", "Big news", "send"),
+        )
+        .await;
+    assert_eq!(r.status(), Status::SeeOther);
+    let location = r.headers().get_one("Location").unwrap().to_string();
+    assert!(location.starts_with("/admin/jobs/"), "{location}");
+    let (status, html) = b.get_html(&location).await;
+    assert_eq!(status, Status::Ok);
+    assert!(html.contains("<progress"));
+    // The worker runs on the server's runtime; wait for it, bounded.
+    let mut status = rocket::serde::json::Value::Null;
+    for _ in 0..500 {
+        let r = b.client.get(format!("{location}/status")).dispatch().await;
+        status = r.into_json().await.unwrap();
+        if status["status"] != "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(status["status"], "done", "{status}");
+    assert_eq!(status["delivered"], 7);
+    for id in ids {
+        assert_eq!(inbox(&b, id).await, ["Big news"]);
+    }
+    let (_, html) = b.get_html("/admin/audit").await;
+    assert!(
+        html.contains("Big news") && html.contains(" ms</td>"),
+        "audit has the duration once done"
+    );
+}
+
+async fn interrupted_job_resumes_without_delivering_twice(app: &TestApp) {
+    let root = app.user("root", true).await;
+    let mut ids = vec![root.user_id()];
+    for i in 0..12 {
+        ids.push(app.user(&format!("u{i}"), false).await.user_id());
+    }
+    let b = app.browser_with(app.rocket()).await;
+    let store = TestApp::store(&b).clone();
+    let users: Arc<Users> = app.users.clone();
+    let jobs = Jobs::new(users);
+    // A job that crashed after delivering to some users, before recording its progress.
+    let message = store
+        .backend()
+        .create_message(&NewMessage::new(Level::STORED_INFO, "resumed").unwrap())
+        .await
+        .unwrap();
+    let job = jobs
+        .queue(&message, root.id, None, ids.len() as i64)
+        .await
+        .unwrap();
+    store.deliver_once(&ids[..5], &message).await.unwrap();
+    store.mark_read(ids[1], message.id).await.unwrap();
+    // restart: the job runs again from its last recorded cursor
+    jobs.run(&store, job.clone()).await;
+    let done = jobs.get(job.id).await.unwrap().unwrap();
+    assert_eq!(done.status, "done");
+    assert_eq!(
+        done.delivered as usize,
+        ids.len() - 5,
+        "only the users who did not have it"
+    );
+    for (i, id) in ids.iter().enumerate() {
+        let archive = store
+            .backend()
+            .archive_list(*id, ListQuery::ALL)
+            .await
+            .unwrap();
+        assert_eq!(archive.len(), 1, "user {i} has it exactly once");
+        let unread = store.backend().inbox_count(*id).await.unwrap();
+        assert_eq!(unread, u64::from(i != 1), "user {i}: read stays read");
+    }
+}
+
+async fn message_browser_counts_deletes_and_cleans_up(app: &TestApp) {
+    let b = admin(app).await;
+    let alice = app.user("alice", false).await.user_id();
+    let bob = app.user("bob", false).await.user_id();
+    let store = TestApp::store(&b);
+    let old_date = chrono::Utc::now() - chrono::Duration::days(40);
+    let old =
+        NewMessage::parse(Level::STORED_INFO, "old unread", "", None, Some(old_date)).unwrap();
+    store.add_message_for(&[alice, bob], old).await.unwrap();
+    let doomed = store
+        .add_message_for(
+            &[alice, bob],
+            NewMessage::new(Level::STORED_INFO, "to delete").unwrap(),
+        )
+        .await
+        .unwrap()
+        .message;
+    store.mark_read(bob, doomed.id).await.unwrap();
+    let (status, html) = b.get_html("/admin/messages").await;
+    assert_eq!(status, Status::Ok);
+    assert!(
+        html.contains("to delete") && html.contains("<td>2</td>") && html.contains("<td>1</td>")
+    );
+    assert!(
+        html.contains("expired</span>"),
+        "old unread entries are flagged"
+    );
+    // delete, after a confirmation page
+    let (status, html) = b
+        .get_html(&format!("/admin/messages/{}/delete", doomed.id))
+        .await;
+    assert_eq!(status, Status::Ok);
+    assert!(html.contains("all 2 recipients"));
+    let r = b
+        .post_form(&format!("/admin/messages/{}/delete", doomed.id), &[])
+        .await;
+    assert_redirect(&r, "/admin/messages");
+    assert!(store
+        .backend()
+        .archive_list(bob, ListQuery::ALL)
+        .await
+        .unwrap()
+        .iter()
+        .all(|m| m.id != doomed.id));
+    let (_, html) = b.get_html("/admin/messages").await;
+    assert!(html.contains("deleted from 2 inboxes and archives"));
+    let (status, _) = b
+        .get_html(&format!("/admin/messages/{}/delete", doomed.id))
+        .await;
+    assert_eq!(status, Status::NotFound);
+    // cleanup reports what it removed
+    let r = b.post_form("/admin/cleanup", &[]).await;
+    assert_redirect(&r, "/admin/messages");
+    let (_, html) = b.get_html("/admin/messages").await;
+    assert!(
+        html.contains("Cleanup removed 2 expired inbox entries and 0 expired messages."),
+        "{html}"
+    );
+}
