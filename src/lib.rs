@@ -15,7 +15,9 @@ mod ops;
 
 pub mod app;
 
-pub use crate::backend::{Cleanup, Cursor, ListQuery, MessageBackend, SqlBackend, SqlPool};
+pub use crate::backend::{
+    Cleanup, Cursor, ListQuery, MessageBackend, RedisBackend, SqlBackend, SqlPool,
+};
 pub use crate::config::Config;
 pub use crate::error::{error_body, report, BoxError, Error, Result};
 pub use crate::events::{Event, Events};

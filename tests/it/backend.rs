@@ -44,6 +44,16 @@ macro_rules! conformance {
                 }
             )*
         }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(t) = crate::common::redis_store().await {
+                        super::$name(&t).await;
+                    }
+                }
+            )*
+        }
     };
 }
 

@@ -3,3 +3,4 @@
 mod backend;
 mod cli;
 mod common;
+mod redis_backend;
