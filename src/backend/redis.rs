@@ -44,8 +44,10 @@
 //! `ZREMRANGEBYLEX`, so a message stored meanwhile is either removed and counted or not
 //! touched). `WATCH` is never used: the backend talks through one multiplexed connection
 //! ([`ConnectionManager`], which reconnects by itself after Redis restarts), and a `WATCH`
-//! would be shared by every concurrent caller on it. Scripts are sent with `EVALSHA`;
-//! `EVAL` is the fallback after a restart empties Redis' script cache.
+//! would be shared by every concurrent caller on it. Reads that need a set and the hashes
+//! (`inbox_list`, `archive_list`, `inbox_get`) are scripts too, so a page and its messages
+//! come from one moment, in one round trip. Scripts are sent with `EVALSHA`; they are
+//! loaded again after a restart empties Redis' script cache.
 //!
 //! The scripts never compare strings in Lua (Redis' Lua compares with the server's locale);
 //! range checks are left to `ZLEXCOUNT`, which compares bytes.
@@ -65,8 +67,11 @@
 //!
 //! # Trade-offs
 //!
-//! - A broadcast writes two set entries (about 40 bytes each) per recipient, in one script
-//!   that blocks Redis while it runs: roughly a second per few hundred thousand recipients.
+//! - A broadcast writes two set entries per recipient: measured on Redis 7, about 64 bytes
+//!   per recipient while a user's sets are small, and about 350 bytes for a user's first
+//!   message, which creates both keys. It is one script, and Redis serves nothing else
+//!   while it runs: about half a second per 100,000 recipients (measured with a release
+//!   build, on a busy 2-core machine).
 //! - Scripts build user and message keys from the prefix, so this backend needs a single
 //!   Redis server (or a primary with replicas), not Redis Cluster.
 //! - Durability is Redis' own: use AOF persistence (`appendonly yes`) if losing the last
