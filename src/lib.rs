@@ -257,7 +257,7 @@ mod request;
 pub mod template;
 
 pub use crate::backend::{
-    Cleanup, Cursor, ListQuery, MessageBackend, MessageStats, SqlBackend, SqlPool,
+    Cleanup, Cursor, ListQuery, MessageBackend, MessageStats, RedisBackend, SqlBackend, SqlPool,
 };
 pub use crate::config::Config;
 pub use crate::csrf::CsrfToken;

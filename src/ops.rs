@@ -10,7 +10,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use rocket::figment::Figment;
 
-use crate::backend::{Cleanup, MessageBackend, Settings, SqlBackend};
+use crate::backend::{Cleanup, MessageBackend, RedisBackend, Settings, SqlBackend};
 use crate::config::{database_url, BackendKind, Config};
 use crate::error::{Error, Result};
 use crate::events::{Event, Events};
@@ -89,12 +89,10 @@ impl Store {
             BackendKind::Sql => {
                 Arc::new(SqlBackend::connect(&database_url(figment), settings).await?)
             }
-            BackendKind::Redis => {
-                return Err(Error::Config(vec![
-                    "stored_messages.backend: the redis backend is not available in this build"
-                        .to_string(),
-                ]))
-            }
+            BackendKind::Redis => Arc::new(
+                RedisBackend::connect(&config.redis_url, &config.redis_key_prefix, settings)
+                    .await?,
+            ),
         };
         Store::new(backend, host, config)
     }

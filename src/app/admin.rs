@@ -515,14 +515,14 @@ async fn message_list(
     store: &State<Store>,
 ) -> Result<Template, Status> {
     let before = before.filter(|b| *b > 0).map(MessageId);
-    let stats = store
-        .backend()
-        .message_stats(PAGE_SIZE, before)
-        .await
-        .map_err(|e| {
+    let (stats, unsupported) = match store.backend().message_stats(PAGE_SIZE, before).await {
+        Ok(stats) => (stats, None),
+        Err(e @ crate::Error::Unsupported(_)) => (Vec::new(), Some(e.to_string())),
+        Err(e) => {
             log::error!("reference app: message list failed: {}", report(&e));
-            e.status()
-        })?;
+            return Err(e.status());
+        }
+    };
     let cutoff =
         chrono::Utc::now() - chrono::Duration::days(i64::from(store.config().inbox_expire_days));
     let rows: Vec<Value> = stats
@@ -542,7 +542,10 @@ async fn message_list(
         .flatten();
     Ok(Template::render(
         "admin/messages",
-        context! { messages: &messages, user: &admin.0, rows, next, inbox_expire_days: store.config().inbox_expire_days },
+        context! {
+            messages: &messages, user: &admin.0, rows, next, unsupported,
+            inbox_expire_days: store.config().inbox_expire_days,
+        },
     ))
 }
 

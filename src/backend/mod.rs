@@ -17,8 +17,10 @@ use crate::flash::overflow::MemorySpill;
 use crate::level::Level;
 use crate::message::{Message, MessageId, NewMessage, UserId};
 
+pub mod redis;
 pub mod sql;
 
+pub use self::redis::RedisBackend;
 pub use self::sql::{SqlBackend, SqlPool};
 
 /// The name the backends use internally.
@@ -37,6 +39,15 @@ pub enum BackendError {
     /// Redis failed.
     #[error("redis error")]
     Redis(#[from] ::redis::RedisError),
+    /// Redis could not be reached when connecting (the url is shown without its password).
+    #[error("cannot connect to redis at {url}")]
+    RedisConnect {
+        /// The server's url, redacted.
+        url: String,
+        /// Why the connection failed.
+        #[source]
+        source: ::redis::RedisError,
+    },
     /// The database url names no supported driver.
     #[error("unsupported database url {0} (expected sqlite:// or postgres://)")]
     UnsupportedUrl(String),
@@ -57,7 +68,7 @@ impl BackendError {
                     | sqlx::Error::Tls(_)
                     | sqlx::Error::WorkerCrashed
             ),
-            BackendError::Redis(e) => {
+            BackendError::Redis(e) | BackendError::RedisConnect { source: e, .. } => {
                 e.is_io_error()
                     || e.is_connection_refusal()
                     || e.is_connection_dropped()
@@ -157,7 +168,7 @@ impl Expiry {
 ///   so, never someone else's message;
 /// - every method is atomic: it changes everything it describes or nothing.
 ///
-/// Implementations: [`SqlBackend`] (SQLite, PostgreSQL). A host can
+/// Implementations: [`SqlBackend`] (SQLite, PostgreSQL) and [`RedisBackend`]. A host can
 /// plug in its own; the crate docs show a complete one.
 #[rocket::async_trait]
 pub trait MessageBackend: Send + Sync + 'static {

@@ -32,6 +32,16 @@ macro_rules! api_tests {
                 }
             )*
         }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(app) = crate::common::TestApp::redis().await {
+                        super::$name(&app).await;
+                    }
+                }
+            )*
+        }
     };
 }
 

@@ -5,7 +5,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use rand::Rng;
 use stored_messages::backend::Settings;
 use stored_messages::config::SecretUrl;
-use stored_messages::{BoxError, Config, Host, SqlBackend, Store, UserId};
+use stored_messages::{
+    BoxError, Config, Host, MessageBackend, RedisBackend, SqlBackend, Store, UserId,
+};
 
 /// Is `STORED_MESSAGES_REQUIRE_SERVICES=1` set (as in CI)?
 pub fn services_required() -> bool {
@@ -19,7 +21,6 @@ pub fn postgres_url() -> String {
 }
 
 /// `REDIS_URL`, read at run time, or the local default.
-#[allow(dead_code)]
 pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
 }
@@ -102,6 +103,79 @@ impl Drop for PgSchema {
     }
 }
 
+/// A key prefix of its own on the Redis server, whose keys are removed when this value is
+/// dropped.
+pub struct RedisPrefix {
+    pub prefix: String,
+    pub url: String,
+}
+
+impl RedisPrefix {
+    /// A fresh random prefix; `None` when Redis is unreachable and not required.
+    pub fn create() -> Option<RedisPrefix> {
+        let url = redis_url();
+        if !service_available("Redis (REDIS_URL)", redis_reachable(&url)) {
+            return None;
+        }
+        Some(RedisPrefix {
+            prefix: format!("sm_test_{}:", random_id()),
+            url,
+        })
+    }
+
+    /// Every key under the prefix, found with `SCAN`.
+    pub fn keys(&self) -> Vec<String> {
+        let mut connection = redis_connection(&self.url).expect("redis connection");
+        self.scan(&mut connection).expect("scan")
+    }
+
+    fn scan(&self, connection: &mut redis::Connection) -> redis::RedisResult<Vec<String>> {
+        let mut pattern = String::new();
+        for c in self.prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('*');
+        // SCAN may return a key more than once while other tests grow the keyspace.
+        let mut keys: Vec<String> =
+            redis::Commands::scan_match::<_, String>(connection, pattern)?.collect();
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+}
+
+impl Drop for RedisPrefix {
+    fn drop(&mut self) {
+        let Ok(mut connection) = redis_connection(&self.url) else {
+            return;
+        };
+        let Ok(keys) = self.scan(&mut connection) else {
+            return;
+        };
+        for chunk in keys.chunks(1000) {
+            let _: redis::RedisResult<()> = redis::cmd("UNLINK").arg(chunk).query(&mut connection);
+        }
+    }
+}
+
+/// A blocking connection for fixtures (set-up checks and clean-up).
+pub fn redis_connection(url: &str) -> redis::RedisResult<redis::Connection> {
+    redis::Client::open(url)?.get_connection_with_timeout(std::time::Duration::from_secs(3))
+}
+
+/// Whether Redis answers at `url`; asked once per test run.
+fn redis_reachable(url: &str) -> bool {
+    static REACHABLE: OnceLock<bool> = OnceLock::new();
+    *REACHABLE.get_or_init(|| {
+        redis_connection(url)
+            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+            .is_ok()
+    })
+}
+
 /// A host whose user list the test sets.
 #[derive(Default)]
 pub struct TestHost {
@@ -132,6 +206,9 @@ impl Host for TestHost {
 pub enum Place {
     Sqlite(tempfile::TempDir),
     Postgres(PgSchema),
+    Redis(RedisPrefix),
+    /// The reference app on Redis: its users in SQLite, its messages in Redis.
+    SqliteAndRedis(tempfile::TempDir, RedisPrefix),
 }
 
 /// A store over a fresh backend, and the host that lists its users.
@@ -139,7 +216,7 @@ pub struct TestStore {
     pub store: Store,
     pub host: Arc<TestHost>,
     pub url: String,
-    _place: Place,
+    pub place: Place,
 }
 
 impl TestStore {
@@ -149,11 +226,8 @@ impl TestStore {
 
     /// Another store over the same data with different configuration (e.g. expiry).
     pub async fn reconfigured(&self, config: Config) -> Store {
-        let backend =
-            SqlBackend::connect(&SecretUrl::new(&self.url), Settings::from_config(&config))
-                .await
-                .unwrap();
-        Store::new(Arc::new(backend), self.host.clone(), config).unwrap()
+        let backend = connect(&self.place, &self.url, Settings::from_config(&config)).await;
+        Store::new(backend, self.host.clone(), config).unwrap()
     }
 }
 
@@ -168,33 +242,56 @@ pub fn sqlite_url(dir: &tempfile::TempDir) -> String {
 pub async fn sqlite_store() -> Option<TestStore> {
     let dir = tempfile::tempdir().unwrap();
     let url = sqlite_url(&dir);
-    Some(sql_store(url, Place::Sqlite(dir)).await)
+    Some(new_store(url, Place::Sqlite(dir)).await)
 }
 
 pub async fn postgres_store() -> Option<TestStore> {
     let schema = PgSchema::create().await?;
     let url = schema.url.clone();
-    Some(sql_store(url, Place::Postgres(schema)).await)
+    Some(new_store(url, Place::Postgres(schema)).await)
 }
 
-async fn sql_store(url: String, place: Place) -> TestStore {
+pub async fn redis_store() -> Option<TestStore> {
+    let prefix = RedisPrefix::create()?;
+    let url = prefix.url.clone();
+    Some(new_store(url, Place::Redis(prefix)).await)
+}
+
+/// The backend of `place` at `url`, connected with `settings`.
+async fn connect(place: &Place, url: &str, settings: Settings) -> Arc<dyn MessageBackend> {
+    let url = SecretUrl::new(url);
+    match place {
+        Place::Sqlite(_) | Place::Postgres(_) => Arc::new(
+            SqlBackend::connect(&url, settings)
+                .await
+                .expect("connect and migrate"),
+        ),
+        Place::Redis(keys) | Place::SqliteAndRedis(_, keys) => Arc::new(
+            RedisBackend::connect(&url, &keys.prefix, settings)
+                .await
+                .expect("connect to redis"),
+        ),
+    }
+}
+
+async fn new_store(url: String, place: Place) -> TestStore {
     let config = Config::default();
-    let backend = SqlBackend::connect(&SecretUrl::new(&url), Settings::from_config(&config))
-        .await
-        .expect("connect and migrate");
+    let backend = connect(&place, &url, Settings::from_config(&config)).await;
     let host = TestHost::with_users([]);
-    let store = Store::new(Arc::new(backend), host.clone(), config.clone()).unwrap();
+    let store = Store::new(backend, host.clone(), config.clone()).unwrap();
     TestStore {
         store,
         host,
         url,
-        _place: place,
+        place,
     }
 }
 
 /// The reference app over a per-test database, with helpers that act like a browser.
 pub struct TestApp {
     pub url: String,
+    /// Redis url and key prefix when the messages live in Redis.
+    pub redis: Option<(String, String)>,
     pub users: Arc<stored_messages::app::users::Users>,
     _place: Place,
 }
@@ -226,12 +323,36 @@ impl TestApp {
         Some(TestApp::open(url, Place::Postgres(schema)).await)
     }
 
+    /// The app with its messages in Redis (users stay in SQL, as in the reference app).
+    pub async fn redis() -> Option<TestApp> {
+        let prefix = RedisPrefix::create()?;
+        let dir = tempfile::tempdir().unwrap();
+        let url = sqlite_url(&dir);
+        let redis = Some((prefix.url.clone(), prefix.prefix.clone()));
+        let mut app = TestApp::open(url, Place::SqliteAndRedis(dir, prefix)).await;
+        app.redis = redis;
+        Some(app)
+    }
+
+    /// The figment of this test's app.
+    pub fn figment(&self) -> rocket::figment::Figment {
+        let figment = test_figment(&self.url);
+        match &self.redis {
+            Some((url, prefix)) => figment
+                .merge(("stored_messages.backend", "redis"))
+                .merge(("stored_messages.redis_url", url))
+                .merge(("stored_messages.redis_key_prefix", prefix)),
+            None => figment,
+        }
+    }
+
     async fn open(url: String, place: Place) -> TestApp {
         let users = stored_messages::app::connect_users(&test_figment(&url))
             .await
             .unwrap();
         TestApp {
             url,
+            redis: None,
             users: Arc::new(users),
             _place: place,
         }
@@ -239,7 +360,7 @@ impl TestApp {
 
     /// The app as Rocket builds it for this test's database.
     pub fn rocket(&self) -> rocket::Rocket<rocket::Build> {
-        stored_messages::app::rocket_from(test_figment(&self.url))
+        stored_messages::app::rocket_from(self.figment())
     }
 
     /// A browser on a customised app (extra test routes).

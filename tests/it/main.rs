@@ -6,3 +6,4 @@ mod backend;
 mod cli;
 mod common;
 mod pages;
+mod redis_backend;
