@@ -8,7 +8,7 @@
 //!   empty archive: the ratio (the data model promises it stays near 1).
 //!
 //! `BENCH_SIZES` (default `10000,100000`) picks the broadcast sizes; `BENCH_ARCHIVE`
-//! (default 100000) the archive size of W6; `BENCH_BACKENDS` (default `sqlite,postgres,redis`)
+//! (default 1000000) the archive size of W6; `BENCH_BACKENDS` (default `sqlite,postgres,redis`)
 //! the backends. Each backend runs in a fresh database/schema/key prefix, dropped afterwards.
 
 use std::sync::Arc;
@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use stored_messages::backend::Settings;
 use stored_messages::config::SecretUrl;
 use stored_messages::{
-    BoxError, Config, Host, Level, ListQuery, MessageBackend, NewMessage, SqlBackend, SqlPool,
-    Store, UserId,
+    BoxError, Config, Host, Level, ListQuery, MessageBackend, NewMessage, RedisBackend, SqlBackend,
+    SqlPool, Store, UserId,
 };
 
 struct NoUsers;
@@ -54,6 +54,9 @@ struct Target {
     name: &'static str,
     store: Store,
     pool: Option<SqlPool>,
+    redis: Option<redis::aio::ConnectionManager>,
+    /// Redis key prefix (empty for SQL).
+    prefix: String,
     cleanup: Box<dyn FnOnce() + Send>,
 }
 
@@ -79,6 +82,8 @@ async fn open(name: &str) -> Option<Target> {
                 name: "sqlite",
                 store,
                 pool,
+                redis: None,
+                prefix: String::new(),
                 cleanup: Box::new(move || drop(dir)),
             })
         }
@@ -117,6 +122,38 @@ async fn open(name: &str) -> Option<Target> {
                 name: "postgres",
                 store,
                 pool,
+                redis: None,
+                prefix: String::new(),
+                cleanup,
+            })
+        }
+        "redis" => {
+            let url =
+                std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+            let prefix = format!("sm_bench_{}:", std::process::id());
+            let backend = RedisBackend::connect(&SecretUrl::new(&url), &prefix, settings)
+                .await
+                .ok()?;
+            let connection = backend.connection();
+            let store = Store::new(Arc::new(backend), Arc::new(NoUsers), config).unwrap();
+            let key_prefix = prefix.clone();
+            let cleanup = Box::new(move || {
+                // Every key under the bench prefix, found with SCAN.
+                let client = redis::Client::open(url).unwrap();
+                let mut c = client.get_connection().unwrap();
+                let keys: Vec<String> = redis::Commands::scan_match(&mut c, format!("{prefix}*"))
+                    .unwrap()
+                    .collect();
+                for chunk in keys.chunks(1000) {
+                    let _: redis::RedisResult<()> = redis::cmd("UNLINK").arg(chunk).query(&mut c);
+                }
+            });
+            Some(Target {
+                name: "redis",
+                store,
+                pool: None,
+                redis: Some(connection),
+                prefix: key_prefix,
                 cleanup,
             })
         }
@@ -126,6 +163,9 @@ async fn open(name: &str) -> Option<Target> {
 
 /// Gives `user` an archive of `n` read messages, dated in the last day, in two statements.
 async fn seed_archive(target: &Target, user: UserId, n: i64) {
+    if let Some(connection) = &target.redis {
+        return seed_redis_archive(target, connection.clone(), user, n).await;
+    }
     let Some(pool) = &target.pool else { return };
     let start = chrono::Utc::now().timestamp_micros() - 86_400_000_000;
     let messages = "with recursive g(x) as (select 1 union all select x + 1 from g where x < cast($2 as bigint)) \
@@ -161,6 +201,39 @@ async fn seed_archive(target: &Target, user: UserId, n: i64) {
                 .unwrap();
             sqlx::query("analyze").execute(p).await.unwrap();
         }
+    }
+}
+
+/// The Redis form of `seed_archive`: message hashes and archive members written directly in
+/// pipelines, in the layout documented in `src/backend/redis.rs` (ids from 10^12 up, far from
+/// the counter's).
+async fn seed_redis_archive(
+    target: &Target,
+    mut c: redis::aio::ConnectionManager,
+    user: UserId,
+    n: i64,
+) {
+    let start = chrono::Utc::now().timestamp_micros() - 86_400_000_000;
+    let archive = format!("{}user:{}:archive", target.prefix, user.0);
+    let mut i = 0;
+    while i < n {
+        let mut pipe = redis::pipe();
+        for _ in 0..10_000.min(n - i) {
+            i += 1;
+            let id = 1_000_000_000_000 + i;
+            let date = start + i;
+            let member = format!("{date:019}:{id:019}");
+            pipe.cmd("HSET")
+                .arg(format!("{}message:{id}", target.prefix))
+                .arg(&["level", "21", "message", "archived", "extra_tags", ""])
+                .arg("date_us")
+                .arg(date)
+                .arg("member")
+                .arg(&member)
+                .ignore();
+            pipe.cmd("ZADD").arg(&archive).arg(0).arg(&member).ignore();
+        }
+        pipe.query_async::<_, ()>(&mut c).await.unwrap();
     }
 }
 
@@ -266,8 +339,8 @@ fn main() {
     let archive: i64 = std::env::var("BENCH_ARCHIVE")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(100_000);
-    let backends = env_list("BENCH_BACKENDS", "sqlite,postgres");
+        .unwrap_or(1_000_000);
+    let backends = env_list("BENCH_BACKENDS", "sqlite,postgres,redis");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# The benchmark suite: HTTP workloads (W1, W2 and their baseline, peak RSS) with wrk against the
+# release server on SQLite, PostgreSQL and Redis in turn, then the in-process backend
+# benchmarks (W3–W6, benches/backend.rs). Prints one table. Everything it creates (temporary
+# databases, a PostgreSQL schema, Redis keys under its own prefix) is removed at the end.
+#
+#   bench/run.sh                 # everything (about 8 minutes on 2 cores after the build)
+#   BENCH_BACKENDS=sqlite bench/run.sh
+#   BENCH_DURATION=5 bench/run.sh
+#
+# Needs wrk (apt-get install wrk), curl, psql (for the PostgreSQL run), redis-cli (Redis).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+
+backends=${BENCH_BACKENDS:-sqlite,postgres,redis}
+duration=${BENCH_DURATION:-8}
+connections=${BENCH_CONNECTIONS:-16}
+database_url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
+redis_url=${REDIS_URL:-redis://127.0.0.1:6379}
+bin="$repo/target/release/stored-messages"
+work=$(mktemp -d)
+schema="sm_bench_http_$$"
+prefix="sm_bench_http_$$:"
+server_pid=""
+
+cleanup() {
+  if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+  psql "$database_url" -qc "drop schema if exists $schema cascade" >/dev/null 2>&1 || true
+  redis-cli -u "$redis_url" --scan --pattern "${prefix}*" 2>/dev/null | xargs -r -n 500 redis-cli -u "$redis_url" unlink >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+for tool in wrk curl; do
+  command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install $tool)" >&2; exit 1; }
+done
+
+echo "building the release binary and benchmarks…" >&2
+cargo build --release --quiet --bin stored-messages
+cargo bench --quiet --bench backend --no-run >/dev/null 2>&1
+
+port=18765
+secret=$(head -c 32 /dev/urandom | base64)
+results="$work/results.txt"
+: > "$results"
+
+# wrk's summary: requests/s, p50 and p99 latency (in ms).
+run_wrk() { # url cookie
+  local out
+  out=$(wrk -t1 -c"$connections" -d"${duration}s" --latency -H "Cookie: $2" "$1")
+  local rps p50 p99
+  rps=$(awk '/Requests\/sec:/ {print $2}' <<<"$out")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  local non2xx
+  non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+  if [ -n "$non2xx" ]; then echo "bench: $non2xx non-2xx answers from $1" >&2; exit 1; fi
+  echo "$rps $(to_ms "$p50") $(to_ms "$p99")"
+}
+
+to_ms() { # wrk durations: 812.00us, 1.23ms, 2.01s
+  awk -v v="$1" 'BEGIN {
+    if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
+    else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
+    else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
+    else printf "%s", v }'
+}
+
+http_backend() { # name
+  local name=$1 db_url redis_cfg=""
+  case "$name" in
+    sqlite) db_url="sqlite://$work/$name.sqlite?mode=rwc" ;;
+    postgres)
+      psql "$database_url" -qc "drop schema if exists $schema cascade; create schema $schema" >/dev/null
+      db_url="$database_url?options=-c%20search_path%3D$schema" ;;
+    redis)
+      db_url="sqlite://$work/$name-users.sqlite?mode=rwc"
+      redis_cfg="backend=\"redis\",redis_url=\"$redis_url\",redis_key_prefix=\"$prefix\"," ;;
+  esac
+  export ROCKET_DATABASES="{stored_messages={url=\"$db_url\"}}"
+  export ROCKET_STORED_MESSAGES="{${redis_cfg}cleanup_interval_secs=0}"
+  export ROCKET_SECRET_KEY="$secret" ROCKET_LOG_LEVEL=off ROCKET_PORT=$port ROCKET_ADDRESS=127.0.0.1
+  export ROCKET_TEMPLATE_DIR="$repo/templates"
+
+  echo "bench-password" | "$bin" createuser bench >/dev/null
+  "$bin" serve >"$work/$name.log" 2>&1 &
+  server_pid=$!
+  for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
+
+  # log in like a browser, then give the user 10 unread stored messages
+  local jar="$work/$name.cookies" token
+  token=$(curl -fs -c "$jar" -b "$jar" "http://127.0.0.1:$port/login" | sed -n 's/.*name="csrf_token" value="\([^"]*\)".*/\1/p' | head -1)
+  curl -fs -o /dev/null -c "$jar" -b "$jar" --data-urlencode "csrf_token=$token" \
+    -d "username=bench&password=bench-password" "http://127.0.0.1:$port/login"
+  for i in $(seq 1 10); do "$bin" send --to bench "benchmark message $i" >/dev/null; done
+  local cookie
+  cookie=$(awk -F'\t' '!/^#/ && NF >= 7 {printf "%s%s=%s", sep, $6, $7; sep="; "}' "$jar")
+  local unread
+  unread=$(curl -fs -H "Cookie: $cookie" "http://127.0.0.1:$port/messages/count")
+  [ "$unread" = '{"unread":10}' ] || { echo "bench: expected 10 unread, got $unread" >&2; exit 1; }
+
+  local base w1 w2
+  base=$(run_wrk "http://127.0.0.1:$port/health" "$cookie")
+  w1=$(run_wrk "http://127.0.0.1:$port/?keep=1" "$cookie")
+  local rss
+  rss=$(awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$server_pid/status")
+  w2=$(run_wrk "http://127.0.0.1:$port/messages/inbox" "$cookie")
+  unread=$(curl -fs -H "Cookie: $cookie" "http://127.0.0.1:$port/messages/count")
+  [ "$unread" = '{"unread":10}' ] || { echo "bench: W1 must keep messages unread, got $unread" >&2; exit 1; }
+  kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=""
+
+  read -r b_rps b_p50 b_p99 <<<"$base"
+  read -r w1_rps w1_p50 w1_p99 <<<"$w1"
+  read -r w2_rps w2_p50 w2_p99 <<<"$w2"
+  {
+    printf "%-9s baseline GET /health          %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms\n" "$name" "$b_rps" "$b_p50" "$b_p99"
+    printf "%-9s W1 GET /?keep=1 (10 unread)   %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  %5.1f%% of baseline\n" "$name" "$w1_rps" "$w1_p50" "$w1_p99" "$(awk -v a="$w1_rps" -v b="$b_rps" 'BEGIN {print 100*a/b}')"
+    printf "%-9s W2 GET /messages/inbox        %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  %5.1f%% of baseline\n" "$name" "$w2_rps" "$w2_p50" "$w2_p99" "$(awk -v a="$w2_rps" -v b="$b_rps" 'BEGIN {print 100*a/b}')"
+    printf "%-9s peak RSS of the server after W1  %.1f MB\n" "$name" "$rss"
+  } >>"$results"
+  port=$((port + 1))
+}
+
+IFS=',' read -r -a list <<<"$backends"
+for name in "${list[@]}"; do
+  echo "HTTP workloads on $name…" >&2
+  http_backend "$name"
+done
+
+echo "backend workloads (W3–W6)…" >&2
+BENCH_BACKENDS="$backends" BENCH_SIZES="${BENCH_SIZES:-10000,100000,1000000}" \
+  cargo bench --quiet --bench backend 2>/dev/null | grep -E '^(sqlite|postgres|redis) ' >>"$results"
+
+echo
+echo "stored-messages benchmarks — $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(date -u +%Y-%m-%d), wrk -t1 -c$connections -d${duration}s"
+sort -s -k1,1 "$results" | sed 's/^/  /'
