@@ -95,7 +95,8 @@ http_backend() { # name
     -d "username=bench&password=bench-password" "http://127.0.0.1:$port/login"
   for i in $(seq 1 10); do "$bin" send --to bench "benchmark message $i" >/dev/null; done
   local cookie
-  cookie=$(awk -F'\t' '!/^#/ && NF >= 7 {printf "%s%s=%s", sep, $6, $7; sep="; "}' "$jar")
+  # curl writes HttpOnly cookies (all of ours) as "#HttpOnly_<domain>" lines.
+  cookie=$(sed 's/^#HttpOnly_//' "$jar" | awk -F'\t' '!/^#/ && NF >= 7 {printf "%s%s=%s", sep, $6, $7; sep="; "}')
   local unread
   unread=$(curl -fs -H "Cookie: $cookie" "http://127.0.0.1:$port/messages/count")
   [ "$unread" = '{"unread":10}' ] || { echo "bench: expected 10 unread, got $unread" >&2; exit 1; }

@@ -153,7 +153,9 @@ impl Fairing for StoredMessages {
         let Some(store) = request.rocket().state::<Store>() else {
             return;
         };
+        let html = response.content_type() == Some(rocket::http::ContentType::HTML);
         let mut user = None;
+        let mut unread = None;
         if let Some(state) = request_state(request) {
             user = state.user;
             let cookies_sent = response.headers().get("Set-Cookie").any(|c| {
@@ -162,10 +164,19 @@ impl Fairing for StoredMessages {
             });
             let succeeded = response.status().code < 400;
             settle(store, state, cookies_sent, succeeded).await;
-        } else if response.content_type() == Some(rocket::http::ContentType::HTML) {
+            // The helpers show the inbox as this request leaves it, from its own snapshot.
+            if html {
+                unread = state
+                    .lock()
+                    .unread_after(succeeded)
+                    .map(|m| m.into_iter().cloned().collect());
+            }
+        } else if html {
             user = store.host().current_user(request).await;
         }
-        template::fill(request, response, store, user).await;
+        if html {
+            template::fill(request, response, store, user, unread).await;
+        }
     }
 }
 

@@ -111,6 +111,8 @@ pub(crate) struct Inner {
     pub(crate) pending_spill: Option<(String, String)>,
     /// Whether this request rewrote the flash cookies.
     pub(crate) cookies_rewritten: bool,
+    /// Whether the inbox snapshot stopped at [`MAX_STREAM_STORED`] (more may be unread).
+    truncated: bool,
 }
 
 impl Inner {
@@ -124,6 +126,23 @@ impl Inner {
             .filter(|(_, shown)| *shown)
             .map(|(m, _)| m.id)
             .collect()
+    }
+
+    /// The user's unread messages once this request is settled, oldest first, from the
+    /// request's own snapshot (no query): the snapshot and what this request stored, minus
+    /// what it showed when `marked_read`. `None` when the snapshot was truncated.
+    pub(crate) fn unread_after(&self, marked_read: bool) -> Option<Vec<&Message>> {
+        if self.truncated {
+            return None;
+        }
+        let consumed = marked_read && self.used;
+        Some(
+            self.stored
+                .iter()
+                .filter(|(_, shown)| !(consumed && *shown))
+                .map(|(m, _)| m)
+                .collect(),
+        )
     }
 
     /// The spill key the browser sent, if this request's cookies no longer point to it.
@@ -170,13 +189,17 @@ impl RequestState {
             flash.extend(parse_rocket_flash(cookie.value(), Utc::now()));
         }
         let mut stored = Vec::new();
+        let mut truncated = false;
         if let Some(user) = user {
             match store
                 .backend()
                 .inbox_list(user, ListQuery::first(MAX_STREAM_STORED))
                 .await
             {
-                Ok(inbox) => stored = inbox.into_iter().map(|m| (m, false)).collect(),
+                Ok(inbox) => {
+                    truncated = inbox.len() >= MAX_STREAM_STORED as usize;
+                    stored = inbox.into_iter().map(|m| (m, false)).collect();
+                }
                 Err(e) => {
                     log::error!(
                         "stored-messages: loading inbox of user {user} failed: {}",
@@ -190,6 +213,7 @@ impl RequestState {
             flash: flash.into_iter().map(|m| (m, false)).collect(),
             stored,
             loaded_spill_key,
+            truncated,
             ..Inner::default()
         };
         RequestState {

@@ -25,7 +25,7 @@ use rocket_dyn_templates::Metadata;
 
 use crate::backend::ListQuery;
 use crate::csrf;
-use crate::message::UserId;
+use crate::message::{Message, UserId};
 use crate::ops::Store;
 use crate::request::StreamMessage;
 
@@ -142,11 +142,15 @@ pub fn register(tera: &mut Tera) {
 
 /// Replaces the markers of an HTML response with the data of its request's user. Called by
 /// the fairing once the stream's read marks are settled, so counts are up to date.
+///
+/// `unread` is the user's inbox as the request left it, when the request loaded it (the
+/// `Messages` guard): the count and list helpers then need no query.
 pub(crate) async fn fill<'r>(
     request: &'r Request<'_>,
     response: &mut Response<'r>,
     store: &Store,
     user: Option<UserId>,
+    unread: Option<Vec<Message>>,
 ) {
     if response.content_type() != Some(ContentType::HTML) {
         return;
@@ -162,7 +166,7 @@ pub(crate) async fn fill<'r>(
         response.set_sized_body(body.len(), std::io::Cursor::new(body));
         return;
     }
-    let filled = replace_markers(&body, request, store, user).await;
+    let filled = replace_markers(&body, request, store, user, unread.as_deref()).await;
     response.set_sized_body(filled.len(), std::io::Cursor::new(filled));
 }
 
@@ -171,6 +175,7 @@ async fn replace_markers(
     request: &Request<'_>,
     store: &Store,
     user: Option<UserId>,
+    unread: Option<&[Message]>,
 ) -> String {
     let prefix = marker_prefix();
     let mut out = String::with_capacity(body.len() + 1024);
@@ -189,7 +194,7 @@ async fn replace_markers(
                 if let Some((_, html)) = cache.iter().find(|(s, _)| *s == slot) {
                     out.push_str(html);
                 } else {
-                    let html = render_slot(slot, request, store, user).await;
+                    let html = render_slot(slot, request, store, user, unread).await;
                     out.push_str(&html);
                     cache.push((slot, html));
                 }
@@ -207,12 +212,25 @@ async fn render_slot(
     request: &Request<'_>,
     store: &Store,
     user: Option<UserId>,
+    unread: Option<&[Message]>,
 ) -> String {
     let tags = store.level_tags();
     let backend = store.backend();
     let (kind, result) = match (slot, user) {
         (Slot::Csrf, _) => return csrf::ensure_token(request),
         (Slot::Count, None) => return "0".to_string(),
+        (Slot::Count, Some(_)) if unread.is_some() => {
+            return unread.map_or(0, <[Message]>::len).to_string();
+        }
+        (Slot::List(n), Some(_)) if unread.is_some() => {
+            let first = unread
+                .unwrap_or_default()
+                .iter()
+                .take(n as usize)
+                .cloned()
+                .collect();
+            ("inbox", Ok(first))
+        }
         (Slot::Count, Some(user)) => {
             return match backend.inbox_count(user).await {
                 Ok(n) => n.to_string(),

@@ -37,13 +37,26 @@ impl<'r> FromRequest<'r> for AdminUser {
     type Error = Status;
 
     async fn from_request(request: &'r Request<'_>) -> Outcome<Self, Status> {
-        match request.guard::<CurrentUser>().await {
-            Outcome::Success(CurrentUser(user)) if user.is_admin => {
-                Outcome::Success(AdminUser(user))
+        let session = match request.guard::<CurrentUser>().await {
+            Outcome::Success(CurrentUser(user)) => user,
+            Outcome::Error(e) => return Outcome::Error(e),
+            Outcome::Forward(status) => return Outcome::Forward(status),
+        };
+        // The cookie may be older than a change of the admin flag: ask the database.
+        let Some(users) = request.rocket().state::<Arc<Users>>() else {
+            return Outcome::Error((Status::InternalServerError, Status::InternalServerError));
+        };
+        match users.by_id(session.user_id()).await {
+            Ok(Some(user)) if user.is_admin => Outcome::Success(AdminUser(user)),
+            Ok(_) => Outcome::Error((Status::Forbidden, Status::Forbidden)),
+            Err(e) => {
+                log::error!(
+                    "reference app: loading user {} failed: {}",
+                    session.id,
+                    report(&e)
+                );
+                Outcome::Error((Status::ServiceUnavailable, Status::ServiceUnavailable))
             }
-            Outcome::Success(_) => Outcome::Error((Status::Forbidden, Status::Forbidden)),
-            Outcome::Error(e) => Outcome::Error(e),
-            Outcome::Forward(status) => Outcome::Forward(status),
         }
     }
 }

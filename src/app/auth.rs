@@ -9,12 +9,14 @@ use rocket::response::Redirect;
 use rocket::{Request, Route, State};
 use rocket_dyn_templates::{context, Template};
 
-use crate::app::users::{session_user, User, Users, SESSION_COOKIE};
+use crate::app::users::{session, session_value, User, Users, SESSION_COOKIE};
 use crate::error::report;
 use crate::Messages;
 
-/// The logged-in user, loaded from the users table. Forwards with 401 for anonymous
-/// visitors, so a lower-ranked route (or the 401 catcher) can send them to the login page.
+/// The logged-in user, as the private session cookie describes them (no database query:
+/// pages only show the name). Forwards with 401 for anonymous visitors, so a lower-ranked
+/// route (or the 401 catcher) can send them to the login page. Admin pages check the admin
+/// flag in the database (`AdminUser`).
 #[derive(Debug, Clone)]
 pub struct CurrentUser(pub User);
 
@@ -23,24 +25,8 @@ impl<'r> FromRequest<'r> for CurrentUser {
     type Error = Status;
 
     async fn from_request(request: &'r Request<'_>) -> Outcome<Self, Status> {
-        let cached = request
-            .local_cache_async(async {
-                let id = session_user(request.cookies())?;
-                let users = request.rocket().state::<Arc<Users>>()?;
-                match users.by_id(id).await {
-                    Ok(user) => user.map(Ok),
-                    Err(e) => {
-                        log::error!("reference app: loading user {id} failed: {}", report(&e));
-                        Some(Err(()))
-                    }
-                }
-            })
-            .await;
-        match cached {
-            Some(Ok(user)) => Outcome::Success(CurrentUser(user.clone())),
-            Some(Err(())) => {
-                Outcome::Error((Status::ServiceUnavailable, Status::ServiceUnavailable))
-            }
+        match request.local_cache(|| session(request.cookies())) {
+            Some(user) => Outcome::Success(CurrentUser(user.clone())),
             None => Outcome::Forward(Status::Unauthorized),
         }
     }
@@ -116,7 +102,7 @@ async fn login(
     };
     match users.verify(input.username, input.password).await {
         Ok(Some(user)) => {
-            let cookie = Cookie::build((SESSION_COOKIE, user.id.to_string()))
+            let cookie = Cookie::build((SESSION_COOKIE, session_value(&user)))
                 .path("/")
                 .same_site(SameSite::Lax)
                 .http_only(true);

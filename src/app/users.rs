@@ -246,10 +246,30 @@ impl Users {
 const DUMMY_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2ptDXN6Rvc5wztu4zpPtc5o1Vn2ipZZd8gUZGmaAJUk";
 
+/// The value of the session cookie for `user`: `<id>:<0|1 admin>:<username>`. The cookie is
+/// private (encrypted and authenticated), so its content can be trusted for display; admin
+/// pages still check the admin flag in the database.
+pub fn session_value(user: &User) -> String {
+    format!("{}:{}:{}", user.id, u8::from(user.is_admin), user.username)
+}
+
+/// The logged-in user of a request, as the private session cookie describes them.
+pub fn session(cookies: &CookieJar<'_>) -> Option<User> {
+    let cookie = cookies.get_private(SESSION_COOKIE)?;
+    let mut parts = cookie.value().splitn(3, ':');
+    let id = parts.next()?.parse::<i64>().ok()?;
+    let is_admin = parts.next()? == "1";
+    let username = parts.next()?.to_string();
+    Some(User {
+        id,
+        username,
+        is_admin,
+    })
+}
+
 /// The logged-in user id of a request, from the private session cookie.
 pub fn session_user(cookies: &CookieJar<'_>) -> Option<UserId> {
-    let cookie = cookies.get_private(SESSION_COOKIE)?;
-    cookie.value().parse::<i64>().ok().map(UserId)
+    session(cookies).map(|u| u.user_id())
 }
 
 /// The reference app as a [`Host`]: the session cookie says who is logged in, the users
