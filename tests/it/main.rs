@@ -2,6 +2,7 @@
 
 mod api;
 mod backend;
+mod browser;
 mod cli;
 mod common;
 mod pages;

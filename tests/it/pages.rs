@@ -284,10 +284,7 @@ async fn helpers_show_twenty_messages_for_a_user(app: &TestApp) {
             .unwrap();
     }
     let (_, html) = b.get_html("/?keep=1").await;
-    assert!(
-        html.contains("data-unread-count>20</span>"),
-        "count helper"
-    );
+    assert!(html.contains("data-unread-count>20</span>"), "count helper");
     let inbox = html
         .split("stored-messages-inbox")
         .nth(1)
