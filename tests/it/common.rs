@@ -1,5 +1,6 @@
 //! Shared test fixtures: per-test backends on real services, a test host, service checks.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use rand::Rng;
@@ -33,8 +34,12 @@ pub fn service_available(name: &str, reachable: bool) -> bool {
     if services_required() {
         panic!("{name} is required (STORED_MESSAGES_REQUIRE_SERVICES=1) but is not reachable");
     }
-    static WARNED: OnceLock<()> = OnceLock::new();
-    WARNED.get_or_init(|| eprintln!("note: {name} is not reachable; its tests are skipped"));
+    // One line per missing service, however many of its tests skip.
+    static WARNED: OnceLock<Mutex<BTreeSet<String>>> = OnceLock::new();
+    let mut warned = WARNED.get_or_init(Mutex::default).lock().unwrap();
+    if warned.insert(name.to_string()) {
+        eprintln!("note: {name} is not reachable; its tests are skipped");
+    }
     false
 }
 

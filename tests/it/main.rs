@@ -3,6 +3,7 @@
 mod admin;
 mod api;
 mod backend;
+mod browser;
 mod cli;
 mod common;
 mod pages;
