@@ -303,6 +303,40 @@ impl SqlBackend {
         }
     }
 
+    /// Inserts a delivery of `message` for each of `users` (unread when `in_inbox`), with
+    /// `on_conflict` deciding what happens to users who have it already; returns how many
+    /// rows were inserted or changed. One statement, so one atomic step.
+    async fn insert_deliveries(
+        &self,
+        users: &[UserId],
+        message: &Message,
+        in_inbox: bool,
+        on_conflict: &str,
+    ) -> Result<u64> {
+        let ids = unique_users(users);
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let done = with_pool!(&self.pool, pool => {
+            // `where true` keeps SQLite from reading `on conflict` as a join constraint.
+            let sql = format!(
+                "insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
+                 select u.id, $2, $3, $4 from ({}) as u where true {on_conflict}",
+                id_rows(pool, 1)
+            );
+            sqlx::query(&sql)
+                .bind(id_param(pool, &ids))
+                .bind(micros(message.date))
+                .bind(message.id.0)
+                .bind(in_inbox)
+                .execute(pool)
+                .await
+                .map_err(sql_error)?
+                .rows_affected()
+        });
+        Ok(done)
+    }
+
     fn inbox_cutoff(&self) -> i64 {
         micros(self.settings.expiry.inbox_cutoff(Utc::now()))
     }
@@ -363,56 +397,18 @@ impl MessageBackend for SqlBackend {
     }
 
     async fn archive_store(&self, users: &[UserId], message: &Message) -> Result<u64> {
-        let ids = unique_users(users);
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let done = with_pool!(&self.pool, pool => {
-            // `where true` keeps SQLite from reading `on conflict` as a join constraint.
-            let sql = format!(
-                "insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
-                 select u.id, $2, $3, false from ({}) as u where true \
-                 on conflict do nothing",
-                id_rows(pool, 1)
-            );
-            sqlx::query(&sql)
-                .bind(id_param(pool, &ids))
-                .bind(micros(message.date))
-                .bind(message.id.0)
-                .execute(pool)
-                .await
-                .map_err(sql_error)?
-                .rows_affected()
-        });
-        Ok(done)
+        self.insert_deliveries(users, message, false, "on conflict do nothing")
+            .await
     }
 
     async fn inbox_store(&self, users: &[UserId], message: &Message) -> Result<u64> {
-        let ids = unique_users(users);
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let done = with_pool!(&self.pool, pool => {
-            // A user who has it unread is left alone (and not counted); one who read it gets
-            // it back in the inbox.
-            let sql = format!(
-                "insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
-                 select u.id, $2, $3, true from ({}) as u where true \
-                 on conflict (user_id, date_us, message_id) \
-                 do update set in_inbox = true, read_us = null \
-                 where not sm_deliveries.in_inbox",
-                id_rows(pool, 1)
-            );
-            sqlx::query(&sql)
-                .bind(id_param(pool, &ids))
-                .bind(micros(message.date))
-                .bind(message.id.0)
-                .execute(pool)
-                .await
-                .map_err(sql_error)?
-                .rows_affected()
-        });
-        Ok(done)
+        // A user who has it unread is left alone (and not counted); one who read it gets it
+        // back in the inbox.
+        let on_conflict = "on conflict (user_id, date_us, message_id) \
+                           do update set in_inbox = true, read_us = null \
+                           where not sm_deliveries.in_inbox";
+        self.insert_deliveries(users, message, true, on_conflict)
+            .await
     }
 
     async fn deliver(&self, users: &[UserId], message: &NewMessage) -> Result<Message> {
@@ -661,27 +657,8 @@ impl MessageBackend for SqlBackend {
     }
 
     async fn deliver_once(&self, users: &[UserId], message: &Message) -> Result<u64> {
-        let ids = unique_users(users);
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let done = with_pool!(&self.pool, pool => {
-            let sql = format!(
-                "insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
-                 select u.id, $2, $3, true from ({}) as u where true \
-                 on conflict do nothing",
-                id_rows(pool, 1)
-            );
-            sqlx::query(&sql)
-                .bind(id_param(pool, &ids))
-                .bind(micros(message.date))
-                .bind(message.id.0)
-                .execute(pool)
-                .await
-                .map_err(sql_error)?
-                .rows_affected()
-        });
-        Ok(done)
+        self.insert_deliveries(users, message, true, "on conflict do nothing")
+            .await
     }
 
     async fn message_stats(

@@ -10,42 +10,7 @@ use stored_messages::{Level, ListQuery, NewMessage, UserId};
 
 use crate::common::{assert_redirect, Browser, TestApp};
 
-macro_rules! admin_tests {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(app) = crate::common::TestApp::sqlite().await {
-                        super::$name(&app).await;
-                    }
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(app) = crate::common::TestApp::postgres().await {
-                        super::$name(&app).await;
-                    }
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(app) = crate::common::TestApp::redis().await {
-                        super::$name(&app).await;
-                    }
-                }
-            )*
-        }
-    };
-}
-
-admin_tests!(
+app_tests!(
     admin_pages_are_for_admins_only,
     broadcast_to_everyone_reaches_all_and_is_audited,
     broadcast_to_two_named_users_reaches_only_them,

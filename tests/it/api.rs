@@ -10,42 +10,7 @@ use stored_messages::{Level, ListQuery, NewMessage, UserId};
 
 use crate::common::{Browser, TestApp};
 
-macro_rules! api_tests {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(app) = crate::common::TestApp::sqlite().await {
-                        super::$name(&app).await;
-                    }
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(app) = crate::common::TestApp::postgres().await {
-                        super::$name(&app).await;
-                    }
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(app) = crate::common::TestApp::redis().await {
-                        super::$name(&app).await;
-                    }
-                }
-            )*
-        }
-    };
-}
-
-api_tests!(
+app_tests!(
     list_of_two_then_retrieve_then_read_empties_the_list,
     anonymous_requests_get_401_json,
     mark_all_read_says_how_many,

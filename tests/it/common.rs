@@ -1,5 +1,27 @@
 //! Shared test fixtures: per-test backends on real services, a test host, service checks.
 
+/// Stamps out one test per behaviour and backend of the reference app: each behaviour is an
+/// async function taking a fresh [`TestApp`] (SQLite, PostgreSQL, or Redis for messages).
+macro_rules! app_tests {
+    ($($name:ident),* $(,)?) => {
+        app_tests!(@backend sqlite, $($name),*);
+        app_tests!(@backend postgres, $($name),*);
+        app_tests!(@backend redis, $($name),*);
+    };
+    (@backend $backend:ident, $($name:ident),*) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(app) = crate::common::TestApp::$backend().await {
+                        super::$name(&app).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, OnceLock};
 

@@ -1,10 +1,13 @@
 //! The one integration test binary (one link, many modules).
 
+// First, so its macros are visible in the modules below.
+#[macro_use]
+mod common;
+
 mod admin;
 mod api;
 mod backend;
 mod browser;
 mod cli;
-mod common;
 mod pages;
 mod redis_backend;

@@ -9,42 +9,7 @@ use stored_messages::{Level, ListQuery, Messages, NewMessage, Store, UserId};
 
 use crate::common::{assert_redirect, Browser, TestApp};
 
-macro_rules! web_tests {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(app) = crate::common::TestApp::sqlite().await {
-                        super::$name(&app).await;
-                    }
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(app) = crate::common::TestApp::postgres().await {
-                        super::$name(&app).await;
-                    }
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(app) = crate::common::TestApp::redis().await {
-                        super::$name(&app).await;
-                    }
-                }
-            )*
-        }
-    };
-}
-
-web_tests!(
+app_tests!(
     stored_and_plain_messages_added_then_both_shown,
     stored_message_lands_in_the_inbox,
     consumed_stream_empties_the_inbox_and_archive_keeps_it,
