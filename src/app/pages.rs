@@ -134,7 +134,13 @@ async fn demo_message(
     if values.message.trim().is_empty() {
         errors.message = Some("Enter a message.".into());
     }
-    if let (Some(level), None) = (level, &errors.message) {
+    // Every field's error at once: the url is checked even when the text is missing.
+    if !values.url.trim().is_empty() {
+        if let Err(e) = crate::message::parse_url(values.url.trim()) {
+            errors.url = Some(e.to_string());
+        }
+    }
+    if let (Some(level), None, None) = (level, &errors.message, &errors.url) {
         let url = Some(values.url.as_str()).filter(|u| !u.trim().is_empty());
         match messages
             .add_with(level, &values.message, &values.extra_tags, url)
@@ -156,7 +162,10 @@ async fn demo_message(
                     "reference app: adding a message failed: {}",
                     crate::report(&e)
                 );
-                return Err((e.status(), error_page(e.status(), &e.public_message())));
+                return Err((
+                    e.status(),
+                    error_page(e.status(), &e.public_message(), user.as_ref().map(|u| &u.0)),
+                ));
             }
         }
     }
@@ -187,10 +196,11 @@ pub fn routes() -> Vec<Route> {
     routes![index, demo_message, archive, archive_login, health]
 }
 
-fn error_page(status: Status, message: &str) -> Template {
+/// An error page; the header shows who is logged in, on error pages too.
+fn error_page(status: Status, message: &str, user: Option<&crate::app::users::User>) -> Template {
     Template::render(
         "error",
-        context! { status: status.code, reason: status.reason().unwrap_or(""), message, user: None::<()> },
+        context! { status: status.code, reason: status.reason().unwrap_or(""), message, user },
     )
 }
 
@@ -208,7 +218,11 @@ fn html_error(status: Status, request: &Request<'_>) -> Template {
         503 => "The service is unavailable right now; try again shortly.",
         _ => "Something went wrong on our side.",
     };
-    error_page(status, message)
+    error_page(
+        status,
+        message,
+        crate::app::users::session(request.cookies()).as_ref(),
+    )
 }
 
 /// HTML error pages for everything outside the JSON API.

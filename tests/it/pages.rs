@@ -32,6 +32,7 @@ app_tests!(
     login_refuses_wrong_passwords_and_honours_next,
     logout_ends_the_session,
     archive_needs_login,
+    error_pages_know_who_is_logged_in,
     first_start_creates_an_admin,
 );
 
@@ -432,6 +433,23 @@ async fn javascript_url_is_refused_and_nothing_changes(app: &TestApp) {
         Status::UnprocessableEntity
     );
     assert!(inbox_texts(&b, alice).await.is_empty());
+    // every field's error at once
+    let r = b
+        .post_form(
+            "/demo/message",
+            &[
+                ("level", "info"),
+                ("message", ""),
+                ("url", "data:text/html,x"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), Status::UnprocessableEntity);
+    let html = r.into_string().await.unwrap();
+    assert!(
+        html.contains("Enter a message.") && html.contains("invalid url"),
+        "both errors"
+    );
 }
 
 async fn missing_or_wrong_csrf_token_is_refused_and_nothing_changes(app: &TestApp) {
@@ -576,6 +594,13 @@ async fn logout_ends_the_session(app: &TestApp) {
     assert!(html.contains("You are logged out."));
     let r = b.client.get("/archive").dispatch().await;
     assert_redirect(&r, "/login?next=/archive");
+}
+
+async fn error_pages_know_who_is_logged_in(app: &TestApp) {
+    let (b, _) = logged_in(app, "alice").await;
+    let (status, html) = b.get_html("/nowhere").await;
+    assert_eq!(status, Status::NotFound);
+    assert!(html.contains("Log out alice"), "header of the error page");
 }
 
 async fn archive_needs_login(app: &TestApp) {
