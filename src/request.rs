@@ -53,6 +53,31 @@ pub struct StreamMessage {
     pub url: Option<String>,
     /// When it was created.
     pub date: DateTime<Utc>,
+    /// The date for people: `2026-11-25 14:05 UTC`.
+    pub date_text: String,
+    /// The text cut to 40 characters (with `…`), for labels such as a button's.
+    pub summary: String,
+}
+
+/// `2026-11-25 14:05 UTC`, written without a format string to parse.
+fn date_text(date: DateTime<Utc>) -> String {
+    use chrono::{Datelike, Timelike};
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02} UTC",
+        date.year(),
+        date.month(),
+        date.day(),
+        date.hour(),
+        date.minute()
+    )
+}
+
+/// The first 40 characters of `text`, with `…` when it was longer.
+fn summary(text: &str) -> String {
+    match text.char_indices().nth(40) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
 }
 
 impl StreamMessage {
@@ -68,6 +93,8 @@ impl StreamMessage {
             message: m.message().to_string(),
             url: m.url().map(str::to_string),
             date: m.date(),
+            date_text: date_text(m.date()),
+            summary: summary(m.message()),
         }
     }
 
@@ -84,6 +111,8 @@ impl StreamMessage {
             message: m.message.clone(),
             url: m.url.clone(),
             date: m.date,
+            date_text: date_text(m.date),
+            summary: summary(&m.message),
         }
     }
 }
@@ -499,5 +528,24 @@ impl Serialize for Messages<'_> {
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         e.status()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_cut_at_forty_characters() {
+        assert_eq!(summary("short"), "short");
+        let long = "❤".repeat(41);
+        assert_eq!(summary(&long), format!("{}…", "❤".repeat(40)));
+        assert_eq!(summary(&"x".repeat(40)), "x".repeat(40));
+    }
+
+    #[test]
+    fn dates_read_well() {
+        let date = "2026-01-02T03:04:05.678Z".parse().unwrap();
+        assert_eq!(date_text(date), "2026-01-02 03:04 UTC");
     }
 }

@@ -376,6 +376,8 @@ mod tests {
             message: "<script>alert(1)</script>".into(),
             url: Some("/a?b=\"c\"".into()),
             date: chrono::Utc::now(),
+            date_text: String::new(),
+            summary: String::new(),
         };
         let html = fallback_list(&[m], "inbox");
         assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));

@@ -80,6 +80,10 @@ impl SqlPool {
     /// created when the url says `mode=rwc`; it runs in WAL mode with a busy timeout so
     /// readers never wait for writers.
     ///
+    /// Pooled connections are not pinged before each use (sqlx's `test_before_acquire`):
+    /// that ping doubled the round trips of every request. A connection that died (the
+    /// server restarted) fails its next query, which answers 503, and is then replaced.
+    ///
     /// # Errors
     ///
     /// [`BackendError::UnsupportedUrl`] for other schemes, [`BackendError::Sql`] when the
@@ -95,6 +99,7 @@ impl SqlPool {
             let pool = SqlitePoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
+                .test_before_acquire(false)
                 .connect_with(options)
                 .await?;
             Ok(SqlPool::Sqlite(pool))
@@ -103,6 +108,7 @@ impl SqlPool {
             let pool = PgPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
+                .test_before_acquire(false)
                 .connect_with(options)
                 .await?;
             Ok(SqlPool::Postgres(pool))
