@@ -60,6 +60,11 @@ impl BackendError {
     /// Whether the storage is unreachable (answer 503 and retry later) rather than broken.
     pub fn is_unavailable(&self) -> bool {
         match self {
+            // SQLSTATE class 08 is a connection exception, 57 an operator intervention (the
+            // server is shutting down or restarting): both pass once the server is back.
+            BackendError::Sql(sqlx::Error::Database(db)) => db
+                .code()
+                .is_some_and(|code| code.starts_with("08") || code.starts_with("57")),
             BackendError::Sql(e) => matches!(
                 e,
                 sqlx::Error::Io(_)
