@@ -29,7 +29,7 @@
 //! are stored as integer microseconds since the Unix epoch (`date_us`) in both dialects: the
 //! same comparisons and orderings then hold everywhere. Both drivers accept `$n`
 //! placeholders. The only dialect difference, how an array of ids is passed, lives in
-//! [`IdArray`].
+//! `IdArray`.
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //!
 //! A browser keeps about 4 KB per cookie. Encryption adds 28 bytes and base64 a third, so
 //! the plaintext budget is [`COOKIE_BUDGET`] bytes; the queue's oldest messages go in the
-//! cookie and the rest, in order, go to the spill (see [`super::Spill`]).
+//! cookie and the rest, in order, go to the spill (see [`super::overflow`]).
 
 use chrono::{DateTime, Utc};
 
