@@ -249,7 +249,7 @@ async fn admin_broadcasts_to_two_named_users_and_one_of_them_sees_it_once() {
     };
     assert_eq!(cells.len(), 7, "{cells:?}");
     assert_eq!(cells[1], "root", "who: {cells:?}");
-    assert!(cells[2].starts_with("stored_warning"), "level: {cells:?}");
+    assert_eq!(cells[2], "stored warning (31)", "level: {cells:?}");
     assert_eq!(cells[3], text, "{cells:?}");
     assert_eq!(cells[4], "alice, bob", "audience: {cells:?}");
     assert_eq!(cells[5], "2", "size: {cells:?}");
@@ -344,6 +344,10 @@ async fn large_broadcast_shows_progress_until_done() {
         .await;
     wait_for_text(client, "[data-job-field=status]", |t| t == "running").await;
     assert_eq!(progress(client).await, (0.0, 31.0));
+    assert!(
+        running_note_shown(client).await,
+        "the page says it updates itself"
+    );
     let url_before = client.current_url().await.unwrap();
     mark_page_as_loaded(client).await;
 
@@ -369,6 +373,10 @@ async fn large_broadcast_shows_progress_until_done() {
             .await
             .unwrap(),
         "31"
+    );
+    assert!(
+        !running_note_shown(client).await,
+        "the \"updates by itself\" note is gone once the job is done"
     );
     assert_same_page(client, &url_before).await;
 
@@ -954,4 +962,15 @@ async fn progress(client: &Client) -> (f64, f64) {
         .unwrap();
     let number = |i: usize| pair[i].as_f64().unwrap_or(f64::NAN);
     (number(0), number(1))
+}
+
+/// Whether the job page shows its "updates by itself while the broadcast runs" note.
+async fn running_note_shown(client: &Client) -> bool {
+    client
+        .find(Locator::Css("[data-job-while-running]"))
+        .await
+        .expect("the job page has the note")
+        .is_displayed()
+        .await
+        .unwrap()
 }
