@@ -14,14 +14,22 @@
         bar.max = job.total;
         bar.value = job.delivered;
         field("status").textContent = job.status;
+        field("status").className = "status " + job.status;
         field("delivered").textContent = String(job.delivered);
         var err = field("error");
         if (job.error) { err.textContent = job.error; err.hidden = false; }
         if (job.status === "running") {
           setTimeout(poll, 1000);
-        } else if (job.status === "failed") {
-          window.location.reload();
+          return;
         }
+        // Ended: a failed job reloads for its "Resume" button; a finished one drops the
+        // "updates by itself" note.
+        if (job.status === "failed") {
+          window.location.reload();
+          return;
+        }
+        var notes = box.querySelectorAll("[data-job-while-running]");
+        for (var i = 0; i < notes.length; i++) notes[i].hidden = true;
       })
       .catch(function () { setTimeout(poll, 3000); });
   }

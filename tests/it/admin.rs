@@ -139,7 +139,10 @@ async fn broadcast_to_everyone_reaches_all_and_is_audited(app: &TestApp) {
     assert!(
         html.contains("Maintenance tonight") && html.contains("root") && html.contains("everyone")
     );
-    assert!(html.contains("<td>4</td>"), "audience size");
+    assert!(
+        html.contains(r#"<td data-label="Size" class="num">4</td>"#),
+        "audience size"
+    );
 }
 
 async fn broadcast_to_two_named_users_reaches_only_them(app: &TestApp) {
@@ -409,7 +412,10 @@ async fn message_browser_counts_deletes_and_cleans_up(app: &TestApp) {
         return;
     }
     assert!(
-        html.contains("to delete") && html.contains("<td>2</td>") && html.contains("<td>1</td>")
+        html.contains("to delete")
+            && html.contains(r#"<td data-label="Recipients" class="num">2</td>"#)
+            && html.contains(r#"<td data-label="Unread" class="num"><span>1</span></td>"#),
+        "recipient and unread counts"
     );
     assert!(
         html.contains("expired</span>"),

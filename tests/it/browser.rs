@@ -1,6 +1,8 @@
 //! A real browser against the real reference app: headless Chromium, driven over WebDriver by
 //! fantoccini, clicks the inbox buttons and `static/stored-messages.js` answers through the
 //! JSON API, without a page load. Rocket's local client cannot run that script; this can.
+//! An admin broadcasts through the forms and a recipient sees it once; a background
+//! broadcast's page follows the job with `static/admin.js` until it is done.
 //!
 //! Needs `chromium` and `chromedriver` on PATH (Debian: `apt-get install chromium
 //! chromium-driver`). Without them the tests skip with one line, unless
@@ -15,15 +17,17 @@ use std::time::{Duration, Instant};
 use fantoccini::wd::{Capabilities, TimeoutConfiguration};
 use fantoccini::{Client, ClientBuilder, Locator};
 use rocket::fairing::AdHoc;
+use rocket::figment::Figment;
 use rocket::tokio::io::{AsyncReadExt, AsyncWriteExt};
 use rocket::tokio::net::TcpStream;
 use rocket::tokio::sync::oneshot;
 use rocket::tokio::task::JoinHandle;
 use rocket::tokio::time::{sleep, timeout};
 use serde_json::json;
+use sqlx::Connection;
 use stored_messages::{Level, ListQuery, MessageId, NewMessage, Store, UserId};
 
-use crate::common::{service_available, test_figment, TestApp};
+use crate::common::{service_available, test_figment, urlencode, TestApp};
 
 /// How long a page may take to show what a test waits for.
 const WAIT: Duration = Duration::from_secs(10);
@@ -49,7 +53,7 @@ async fn mark_read_button_updates_the_count_in_place_and_reads_exactly_that_mess
     let Some(session) = Session::start(3).await else {
         return;
     };
-    let client = &session.client;
+    let client = &session.served.client;
 
     // arrange: logged in, on the home page that keeps messages unread
     session.login_and_open_home().await;
@@ -111,7 +115,7 @@ async fn mark_all_read_button_drops_the_count_to_zero_in_place() {
     let Some(session) = Session::start(3).await else {
         return;
     };
-    let client = &session.client;
+    let client = &session.served.client;
 
     // arrange
     session.login_and_open_home().await;
@@ -151,32 +155,257 @@ async fn mark_all_read_button_drops_the_count_to_zero_in_place() {
     session.stop().await;
 }
 
-/// The reference app on a port of its own, a logged-in-able user with stored messages, and a
-/// WebDriver session on a fresh Chromium.
-struct Session {
-    client: Client,
-    base: String,
-    store: Store,
-    user: UserId,
-    /// The user's stored messages, oldest first.
-    messages: Vec<MessageId>,
-    processes: Processes,
-    /// Owns the database directory; dropped after the server is told to stop.
-    _app: TestApp,
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_broadcasts_to_two_named_users_and_one_of_them_sees_it_once() {
+    let Some(tools) = browser_tools() else {
+        return;
+    };
+    let Some(app) = TestApp::sqlite().await else {
+        return;
+    };
+    // arrange: an admin and three users, before launch (so no first admin is made)
+    app.user("root", true).await;
+    let alice = app.user("alice", false).await.user_id();
+    let bob = app.user("bob", false).await.user_id();
+    let carol = app.user("carol", false).await.user_id();
+    let served = Served::start(tools, test_figment(&app.url)).await;
+    let client = &served.client;
+    let text = "Disk maintenance at 22:00: save your work";
+
+    // act: the admin fills the broadcast form and previews it
+    served.log_in("root", "/admin/broadcast").await;
+    click(client, "input[name=recipients][value=list]").await;
+    type_into(client, "#usernames", "alice, bob").await;
+    client
+        .find(Locator::Css("select#level"))
+        .await
+        .expect("a level select")
+        .select_by_value("stored_warning")
+        .await
+        .unwrap();
+    type_into(client, "#message", text).await;
+    click(client, "button[name=action][value=preview]").await;
+
+    // assert: the preview shows the message as recipients will see it, the form keeps what
+    // was entered, and nothing was sent
+    let preview = wait_for_text(client, "section.preview li.message", |t| t.contains(text)).await;
+    assert!(
+        preview.to_lowercase().contains("warning"),
+        "the preview names the level: {preview:?}"
+    );
+    assert!(client
+        .find(Locator::Css("input[name=recipients][value=list]"))
+        .await
+        .unwrap()
+        .is_selected()
+        .await
+        .unwrap());
+    assert_eq!(
+        field_value(client, "#usernames").await,
+        "alice, bob",
+        "the usernames are kept"
+    );
+    assert_eq!(field_value(client, "#message").await, text);
+    assert!(
+        served.inbox_texts(alice).await.is_empty(),
+        "a preview sends nothing"
+    );
+
+    // act: send it
+    click(client, "button[name=action][value=send]").await;
+
+    // assert: back on the form with a flash saying how many and how long
+    let flash = wait_for_text(client, "section.messages li.message", |t| {
+        t.contains("Sent to")
+    })
+    .await;
+    let sent = flash
+        .split_once("Sent to 2 users in ")
+        .and_then(|(_, rest)| rest.strip_suffix(" ms."))
+        .and_then(|ms| ms.parse::<u64>().ok());
+    assert!(
+        sent.is_some(),
+        "the flash says \"Sent to 2 users in … ms.\": {flash:?}"
+    );
+    assert_eq!(
+        served
+            .wait_for_location("the form page", |at| at == "/admin/broadcast")
+            .await,
+        "/admin/broadcast"
+    );
+
+    // assert: the audit lists it, newest first
+    served.goto("/admin/audit").await;
+    let cells: Vec<String> = {
+        let row = client
+            .find(Locator::Css("table tbody tr"))
+            .await
+            .expect("an audit row");
+        let mut cells = Vec::new();
+        for cell in row.find_all(Locator::Css("td")).await.unwrap() {
+            cells.push(cell.text().await.unwrap());
+        }
+        cells
+    };
+    assert_eq!(cells.len(), 7, "{cells:?}");
+    assert_eq!(cells[1], "root", "who: {cells:?}");
+    assert_eq!(cells[2], "stored warning (31)", "level: {cells:?}");
+    assert_eq!(cells[3], text, "{cells:?}");
+    assert_eq!(cells[4], "alice, bob", "audience: {cells:?}");
+    assert_eq!(cells[5], "2", "size: {cells:?}");
+    assert!(cells[6].ends_with(" ms"), "time: {cells:?}");
+
+    // act: alice logs in and lands on the home page
+    served.log_out().await;
+    served.log_in("alice", "/").await;
+
+    // assert: the merged stream shows the broadcast exactly once
+    let shown = stream_texts(client).await;
+    assert_eq!(
+        shown.iter().filter(|t| t.contains(text)).count(),
+        1,
+        "once in the stream: {shown:?}"
+    );
+
+    // assert: shown means consumed: a reload no longer has it, the archive does
+    client.refresh().await.unwrap();
+    served
+        .wait_for_location("the reloaded home page", |at| at == "/")
+        .await;
+    let shown = stream_texts(client).await;
+    assert!(
+        shown.iter().all(|t| !t.contains(text)),
+        "gone from the stream after it was shown: {shown:?}"
+    );
+    assert!(served.inbox_texts(alice).await.is_empty(), "alice read it");
+    served.goto("/archive").await;
+    wait_for_text(client, "ul.stored-messages-archive", |t| t.contains(text)).await;
+
+    // assert: bob still has it unread; carol never got it
+    assert_eq!(served.inbox_texts(bob).await, [text]);
+    assert!(served.inbox_texts(carol).await.is_empty(), "carol got it");
+
+    served.stop().await;
 }
 
-impl Session {
-    /// Starts everything, or `None` (after one line) when the browser tools are missing.
-    async fn start(message_count: usize) -> Option<Session> {
-        let (chromium, chromedriver) = browser_tools()?;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_broadcast_shows_progress_until_done() {
+    let Some(tools) = browser_tools() else {
+        return;
+    };
+    // PostgreSQL, so the test can hold the delivery back with a table lock (and so see the
+    // page while the job runs) without blocking the request that queues it.
+    let Some(app) = TestApp::postgres().await else {
+        return;
+    };
+    // arrange: an admin and 30 users (one password hash for all: argon2 is slow on purpose)
+    app.user("root", true).await;
+    let hash = stored_messages::app::users::hash_password("password123").unwrap();
+    let mut everyone = vec![app.users.by_name("root").await.unwrap().unwrap().user_id()];
+    for i in 1..=30 {
+        let user = app
+            .users
+            .insert_hashed(&format!("user{i:02}"), &hash, false)
+            .await
+            .unwrap();
+        everyone.push(user.user_id());
+    }
+    let figment = test_figment(&app.url).merge(("admin.background_threshold", 2));
+    let served = Served::start(tools, figment).await;
+    let client = &served.client;
+    let text = "New terms of service from Monday";
+    served.log_in("root", "/admin/broadcast").await;
+    type_into(client, "#message", text).await;
+    assert!(client
+        .find(Locator::Css("input[name=recipients][value=everyone]"))
+        .await
+        .unwrap()
+        .is_selected()
+        .await
+        .unwrap());
 
-        // the app's database, with the user in it before launch (so no first admin is made)
-        let app = TestApp::sqlite().await?;
-        let user = app.user("alice", false).await.user_id();
+    // Deliveries wait for this lock; reading them (the pages, the header's count) does not.
+    let mut hold = sqlx::PgConnection::connect(&app.url).await.unwrap();
+    let mut held = hold.begin().await.unwrap();
+    sqlx::query("lock table sm_deliveries in exclusive mode")
+        .execute(&mut *held)
+        .await
+        .unwrap();
 
+    // act: send to everyone
+    click(client, "button[name=action][value=send]").await;
+
+    // assert: on the job's page, running, nothing delivered yet
+    served
+        .wait_for_location("the job page", |at| {
+            at.strip_prefix("/admin/jobs/")
+                .is_some_and(|id| id.parse::<i64>().is_ok())
+        })
+        .await;
+    wait_for_text(client, "[data-job-field=status]", |t| t == "running").await;
+    assert_eq!(progress(client).await, (0.0, 31.0));
+    assert!(
+        running_note_shown(client).await,
+        "the page says it updates itself"
+    );
+    let url_before = client.current_url().await.unwrap();
+    mark_page_as_loaded(client).await;
+
+    // act: let the deliveries through
+    held.commit().await.unwrap();
+
+    // assert: the page follows the job to its end by itself
+    wait_for_text(client, "[data-job-field=status]", |t| t == "done").await;
+    eventually("the progress bar to be full", WAIT, || async {
+        match progress(client).await {
+            (value, max) if value == max => Ok(()),
+            other => Err(format!("(value, max) = {other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(progress(client).await, (31.0, 31.0));
+    assert_eq!(
+        client
+            .find(Locator::Css("[data-job-field=delivered]"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "31"
+    );
+    assert!(
+        !running_note_shown(client).await,
+        "the \"updates by itself\" note is gone once the job is done"
+    );
+    assert_same_page(client, &url_before).await;
+
+    // assert: everyone has it, once
+    for user in everyone {
+        assert_eq!(served.inbox_texts(user).await, [text], "user {user:?}");
+    }
+
+    served.stop().await;
+}
+
+/// The reference app served on a port of its own, and a WebDriver session on a fresh
+/// Chromium pointed at it.
+struct Served {
+    client: Client,
+    /// `http://127.0.0.1:PORT`.
+    base: String,
+    /// The running app's store, to look at the backend behind the pages.
+    store: Store,
+    processes: Processes,
+}
+
+impl Served {
+    /// Serves the app built from `figment` (a test figment: its database, its settings; the
+    /// port and shutdown settings are added here), starts chromedriver and opens a session.
+    async fn start(tools: BrowserTools, figment: Figment) -> Served {
         // the server, on a port the OS picks and liftoff reports
         let (port_tx, port_rx) = oneshot::channel();
-        let figment = test_figment(&app.url)
+        let figment = figment
             .merge(("port", 0))
             .merge(("shutdown.ctrlc", false))
             .merge(("shutdown.signals", Vec::<String>::new()))
@@ -214,27 +443,16 @@ impl Session {
         })
         .await;
 
-        // the user's messages
-        let mut messages = Vec::new();
-        for i in 1..=message_count {
-            let text = format!("Stored message {i} for the browser");
-            let delivery = store
-                .add_message_for(&[user], NewMessage::new(Level::STORED_INFO, &text).unwrap())
-                .await
-                .unwrap();
-            messages.push(delivery.message.id);
-        }
-
         // chromedriver, on a port that was free a moment ago
         let driver_port = free_port();
         processes.driver_port = driver_port;
-        let child = Command::new(&chromedriver)
+        let child = Command::new(&tools.chromedriver)
             .arg(format!("--port={driver_port}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", chromedriver.display()));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", tools.chromedriver.display()));
         processes.chromedriver = Some(child);
         eventually("chromedriver to be ready", STARTUP, || {
             if let Some(Ok(Some(status))) = processes.chromedriver.as_mut().map(Child::try_wait) {
@@ -259,7 +477,7 @@ impl Session {
         capabilities.insert("browserName".into(), json!("chrome"));
         capabilities.insert(
             "goog:chromeOptions".into(),
-            json!({ "binary": chromium, "args": args }),
+            json!({ "binary": tools.chromium, "args": args }),
         );
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
         let client = timeout(
@@ -281,30 +499,32 @@ impl Session {
             .await
             .unwrap();
 
-        Some(Session {
+        Served {
             client,
             base,
             store,
-            user,
-            messages,
             processes,
-            _app: app,
-        })
+        }
     }
 
-    /// Logs in through the form, then opens `/?keep=1`, which shows the inbox and keeps it
-    /// unread (plain `/` would mark everything it shows read).
-    async fn login_and_open_home(&self) {
-        let client = &self.client;
-        client
-            .goto(&format!("{}/login?next=%2F%3Fkeep%3D1", self.base))
+    /// Opens `path` of the app.
+    async fn goto(&self, path: &str) {
+        self.client
+            .goto(&format!("{}{path}", self.base))
             .await
-            .unwrap();
+            .unwrap_or_else(|e| panic!("opening {path}: {e}"));
+    }
+
+    /// Logs in as `username` (password "password123") through the login form, asked to come
+    /// back to `next` (a path with its query), and waits until the browser is there.
+    async fn log_in(&self, username: &str, next: &str) {
+        let client = &self.client;
+        self.goto(&format!("/login?next={}", urlencode(next))).await;
         client
             .find(Locator::Id("username"))
             .await
             .unwrap()
-            .send_keys("alice")
+            .send_keys(username)
             .await
             .unwrap();
         client
@@ -321,44 +541,58 @@ impl Session {
             .click()
             .await
             .unwrap();
-        eventually("the login to redirect home", WAIT, || async {
-            let url = client.current_url().await.map_err(|e| e.to_string())?;
-            if url.path() == "/" {
-                Ok(())
-            } else {
-                Err(format!("still at {url}"))
-            }
+        self.wait_for_location(&format!("the login of {username} to go to {next}"), |at| {
+            at == next
         })
         .await;
-        client
-            .goto(&format!("{}/?keep=1", self.base))
-            .await
-            .unwrap();
         let logout = client
             .find(Locator::Css("header.site form button"))
             .await
             .expect("a logout button once logged in");
-        assert_eq!(logout.text().await.unwrap(), "Log out alice");
+        assert_eq!(logout.text().await.unwrap(), format!("Log out {username}"));
     }
 
-    async fn inbox_ids(&self) -> Vec<MessageId> {
+    /// Logs out with the header's button and waits for the login page.
+    async fn log_out(&self) {
+        self.client
+            .find(Locator::Css("header.site form[action=\"/logout\"] button"))
+            .await
+            .expect("a logout button in the header")
+            .click()
+            .await
+            .unwrap();
+        self.wait_for_location("the logout to land on /login", |at| at == "/login")
+            .await;
+        wait_for_text(&self.client, "section.messages", |text| {
+            text.contains("You are logged out.")
+        })
+        .await;
+    }
+
+    /// Waits until the browser's path and query (`/a/b?c=d`) satisfy `arrived`; returns them.
+    async fn wait_for_location(&self, what: &str, arrived: impl Fn(&str) -> bool) -> String {
+        eventually(what, WAIT, || async {
+            let url = self.client.current_url().await.map_err(|e| e.to_string())?;
+            let at = url[url::Position::BeforePath..url::Position::AfterQuery].to_string();
+            if arrived(&at) {
+                Ok(at)
+            } else {
+                Err(format!("the browser is at {at}"))
+            }
+        })
+        .await
+    }
+
+    /// The inbox of `user` in the backend, as message texts.
+    async fn inbox_texts(&self, user: UserId) -> Vec<String> {
         self.store
             .backend()
-            .inbox_list(self.user, ListQuery::ALL)
+            .inbox_list(user, ListQuery::ALL)
             .await
             .unwrap()
             .into_iter()
-            .map(|m| m.id)
+            .map(|m| m.message)
             .collect()
-    }
-
-    async fn archive_len(&self) -> usize {
-        self.store
-            .backend()
-            .archive_list(self.user, ListQuery::ALL)
-            .await
-            .unwrap()
-            .len()
     }
 
     /// Ends the WebDriver session (Chromium quits), stops chromedriver and the server, and
@@ -375,6 +609,79 @@ impl Session {
                 .expect("the server task did not panic")
                 .expect("the server shut down cleanly");
         }
+    }
+}
+
+/// The served app with one logged-in-able user (`alice`) who has stored messages.
+struct Session {
+    served: Served,
+    user: UserId,
+    /// The user's stored messages, oldest first.
+    messages: Vec<MessageId>,
+    /// Owns the database directory; dropped after the server is told to stop.
+    _app: TestApp,
+}
+
+impl Session {
+    /// Starts everything, or `None` (after one line) when the browser tools are missing.
+    async fn start(message_count: usize) -> Option<Session> {
+        let tools = browser_tools()?;
+
+        // the app's database, with the user in it before launch (so no first admin is made)
+        let app = TestApp::sqlite().await?;
+        let user = app.user("alice", false).await.user_id();
+        let served = Served::start(tools, test_figment(&app.url)).await;
+
+        // the user's messages
+        let mut messages = Vec::new();
+        for i in 1..=message_count {
+            let text = format!("Stored message {i} for the browser");
+            let delivery = served
+                .store
+                .add_message_for(&[user], NewMessage::new(Level::STORED_INFO, &text).unwrap())
+                .await
+                .unwrap();
+            messages.push(delivery.message.id);
+        }
+
+        Some(Session {
+            served,
+            user,
+            messages,
+            _app: app,
+        })
+    }
+
+    /// Logs in through the form and lands on `/?keep=1`, which shows the inbox and keeps it
+    /// unread (plain `/` would mark everything it shows read).
+    async fn login_and_open_home(&self) {
+        self.served.log_in("alice", "/?keep=1").await;
+    }
+
+    async fn inbox_ids(&self) -> Vec<MessageId> {
+        self.served
+            .store
+            .backend()
+            .inbox_list(self.user, ListQuery::ALL)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect()
+    }
+
+    async fn archive_len(&self) -> usize {
+        self.served
+            .store
+            .backend()
+            .archive_list(self.user, ListQuery::ALL)
+            .await
+            .unwrap()
+            .len()
+    }
+
+    async fn stop(self) {
+        self.served.stop().await;
     }
 }
 
@@ -405,9 +712,15 @@ impl Drop for Processes {
     }
 }
 
+/// Where the browser programs are.
+struct BrowserTools {
+    chromium: PathBuf,
+    chromedriver: PathBuf,
+}
+
 /// `chromium` and `chromedriver` from PATH, or `None` after the skip line (or a panic
 /// naming what is missing when services are required).
-fn browser_tools() -> Option<(PathBuf, PathBuf)> {
+fn browser_tools() -> Option<BrowserTools> {
     let chromium = on_path("chromium");
     let chromedriver = on_path("chromedriver");
     let missing: Vec<&str> = [("chromium", &chromium), ("chromedriver", &chromedriver)]
@@ -422,7 +735,10 @@ fn browser_tools() -> Option<(PathBuf, PathBuf)> {
     if !service_available(&name, missing.is_empty()) {
         return None;
     }
-    Some((chromium?, chromedriver?))
+    Some(BrowserTools {
+        chromium: chromium?,
+        chromedriver: chromedriver?,
+    })
 }
 
 fn on_path(program: &str) -> Option<PathBuf> {
@@ -565,4 +881,96 @@ async fn assert_same_page(client: &Client, url_before: &url::Url) {
         .unwrap();
     assert_eq!(mark, json!(true), "the page was reloaded");
     assert_eq!(&client.current_url().await.unwrap(), url_before);
+}
+
+/// Clicks the element `css` finds.
+async fn click(client: &Client, css: &str) {
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css}: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("clicking {css}: {e}"));
+}
+
+/// Types `text` into the field `css` finds.
+async fn type_into(client: &Client, css: &str, text: &str) {
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css}: {e}"))
+        .send_keys(text)
+        .await
+        .unwrap_or_else(|e| panic!("typing into {css}: {e}"));
+}
+
+/// The current value of the form field `css` finds.
+async fn field_value(client: &Client, css: &str) -> String {
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css}: {e}"))
+        .prop("value")
+        .await
+        .unwrap()
+        .unwrap_or_default()
+}
+
+/// Waits until the element `css` finds has a text that satisfies `wanted`; returns it.
+async fn wait_for_text(client: &Client, css: &str, wanted: impl Fn(&str) -> bool) -> String {
+    eventually(&format!("the text of {css}"), WAIT, || async {
+        let element = client
+            .find(Locator::Css(css))
+            .await
+            .map_err(|_| "not on the page".to_string())?;
+        let text = element.text().await.map_err(|e| e.to_string())?;
+        if wanted(text.trim()) {
+            Ok(text.trim().to_string())
+        } else {
+            Err(format!("it says {text:?}"))
+        }
+    })
+    .await
+}
+
+/// The texts of the merged stream's messages on the current page (once it has loaded).
+async fn stream_texts(client: &Client) -> Vec<String> {
+    client
+        .find(Locator::Css("section.messages"))
+        .await
+        .expect("the page has the merged stream");
+    let mut texts = Vec::new();
+    for item in client
+        .find_all(Locator::Css("section.messages li.message"))
+        .await
+        .unwrap()
+    {
+        texts.push(item.text().await.unwrap());
+    }
+    texts
+}
+
+/// The job page's progress bar: `(value, max)`, as the browser has them now.
+async fn progress(client: &Client) -> (f64, f64) {
+    let pair = client
+        .execute(
+            "var bar = document.querySelector('progress'); return [bar.value, bar.max];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let number = |i: usize| pair[i].as_f64().unwrap_or(f64::NAN);
+    (number(0), number(1))
+}
+
+/// Whether the job page shows its "updates by itself while the broadcast runs" note.
+async fn running_note_shown(client: &Client) -> bool {
+    client
+        .find(Locator::Css("[data-job-while-running]"))
+        .await
+        .expect("the job page has the note")
+        .is_displayed()
+        .await
+        .unwrap()
 }
