@@ -157,10 +157,12 @@ async fn execute(command: Command, figment: Figment) -> Result<(), String> {
                 .filter(|n| !n.is_empty())
                 .collect();
             let ids = users.ids_by_names(&names).await.map_err(user_error)?;
+            let started = std::time::Instant::now();
             let delivery = store
                 .add_message_for(&ids, message)
                 .await
                 .map_err(|e| report(&e))?;
+            audit(&users, &delivery, &names.join(", "), started).await;
             println!(
                 "sent message {} to {} user{}: {}",
                 delivery.message.id,
@@ -176,6 +178,7 @@ async fn execute(command: Command, figment: Figment) -> Result<(), String> {
                 .broadcast_message(message)
                 .await
                 .map_err(|e| report(&e))?;
+            audit(&users, &delivery, "everyone", started).await;
             println!(
                 "broadcast message {} to {} users in {} ms",
                 delivery.message.id,
@@ -220,6 +223,38 @@ async fn execute(command: Command, figment: Figment) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Records a send or broadcast from the command line in the admin audit, as actor
+/// "command line". The message is already delivered: a failed audit is reported, not fatal.
+async fn audit(
+    users: &Arc<Users>,
+    delivery: &crate::Delivery,
+    audience: &str,
+    started: std::time::Instant,
+) {
+    let actor = crate::app::users::User {
+        id: 0,
+        username: "command line".to_string(),
+        is_admin: true,
+    };
+    let entry = crate::app::jobs::Audit {
+        actor: &actor,
+        message: &delivery.message,
+        audience,
+        audience_size: delivery.recipients as i64,
+        duration_ms: Some(started.elapsed().as_millis() as i64),
+        job_id: None,
+    };
+    if let Err(e) = crate::app::jobs::Jobs::new(users.clone())
+        .audit(entry)
+        .await
+    {
+        eprintln!(
+            "warning: the message was sent, but recording it in the audit failed: {}",
+            report(&e)
+        );
+    }
 }
 
 /// The new user's password: one line of standard input when it is not a terminal,

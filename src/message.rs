@@ -230,7 +230,7 @@ impl LevelTags {
     }
 }
 
-fn parse_extra_tags(raw: &str) -> Result<String, Error> {
+pub(crate) fn parse_extra_tags(raw: &str) -> Result<String, Error> {
     if raw.chars().any(|c| c.is_control() && !c.is_whitespace()) {
         return Err(Error::InvalidExtraTags(raw.to_string()));
     }

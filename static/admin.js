@@ -9,7 +9,12 @@
   function field(name) { return box.querySelector('[data-job-field="' + name + '"]'); }
   function poll() {
     fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
-      .then(function (r) { return r.json(); })
+      .then(function (r) {
+        // A login page instead of JSON: the session ended; polling cannot go on.
+        var type = r.headers.get("Content-Type") || "";
+        if (!r.ok || type.indexOf("json") === -1) throw new Error("session");
+        return r.json();
+      })
       .then(function (job) {
         bar.max = job.total;
         bar.value = job.delivered;
@@ -31,7 +36,15 @@
         var notes = box.querySelectorAll("[data-job-while-running]");
         for (var i = 0; i < notes.length; i++) notes[i].hidden = true;
       })
-      .catch(function () { setTimeout(poll, 3000); });
+      .catch(function (error) {
+        if (error.message === "session") {
+          var err = field("error");
+          err.textContent = "Progress stopped updating: your session ended. Log in again and reload this page.";
+          err.hidden = false;
+          return;
+        }
+        setTimeout(poll, 3000);
+      });
   }
   if (field("status").textContent === "running") setTimeout(poll, 500);
 })();

@@ -259,27 +259,23 @@ async fn broadcast_send(
             None
         }
     };
+    // Every field is checked on its own, so all of their errors show at once.
     let url = Some(values.url.trim()).filter(|u| !u.is_empty());
-    let new =
-        match level.map(|l| NewMessage::parse(l, &values.message, &values.extra_tags, url, None)) {
-            Some(Ok(new)) => Some(new),
-            Some(Err(e)) => {
-                match &e {
-                    crate::Error::InvalidUrl { .. } => errors.url = Some(e.to_string()),
-                    crate::Error::ExtraTagsTooLong { .. } | crate::Error::InvalidExtraTags(_) => {
-                        errors.extra_tags = Some(e.to_string())
-                    }
-                    _ => errors.message = Some(e.to_string()),
-                }
-                None
-            }
-            None => {
-                if values.message.trim().is_empty() {
-                    errors.message = Some("message text is empty".into());
-                }
-                None
-            }
-        };
+    if let Err(e) = NewMessage::parse(Level::INFO, &values.message, "", None, None) {
+        errors.message = Some(e.to_string());
+    }
+    if let Err(e) = crate::message::parse_extra_tags(&values.extra_tags) {
+        errors.extra_tags = Some(e.to_string());
+    }
+    if let Some(Err(e)) = url.map(crate::message::parse_url) {
+        errors.url = Some(e.to_string());
+    }
+    let new = match level {
+        Some(l) if !errors.any() => {
+            NewMessage::parse(l, &values.message, &values.extra_tags, url, None).ok()
+        }
+        _ => None,
+    };
 
     // Audience: everyone, or named users that must all exist.
     let named = values.recipients == "list";
@@ -360,12 +356,7 @@ async fn broadcast_send(
             Err(e) => return Err(failed(&messages, &admin.0, store, &values, e)),
         };
         let job = match jobs
-            .queue(
-                &message,
-                admin.0.id,
-                named.then_some(audience.as_slice()),
-                size,
-            )
+            .queue(&message, admin.0.id, named.then_some(audience.as_slice()))
             .await
         {
             Ok(job) => job,
@@ -383,7 +374,7 @@ async fn broadcast_send(
             actor: &admin.0,
             message: &message,
             audience: &audience_label,
-            audience_size: size,
+            audience_size: job.total,
             duration_ms: None,
             job_id: Some(job.id),
         };
@@ -403,7 +394,8 @@ async fn broadcast_send(
         Ok(d) => d,
         Err(e) => return Err(failed(&messages, &admin.0, store, &values, e)),
     };
-    let took = started.elapsed().as_millis() as i64;
+    let elapsed = started.elapsed();
+    let took = elapsed.as_millis() as i64;
     let audit = Audit {
         actor: &admin.0,
         message: &delivery.message,
@@ -416,9 +408,10 @@ async fn broadcast_send(
         log::error!("reference app: audit failed: {}", report(&e));
     }
     let text = format!(
-        "Sent to {} user{} in {took} ms.",
+        "Sent to {} user{} in {:.1} ms.",
         delivery.recipients,
-        if delivery.recipients == 1 { "" } else { "s" }
+        if delivery.recipients == 1 { "" } else { "s" },
+        elapsed.as_secs_f64() * 1000.0
     );
     let _ = messages.success(&text).await;
     Ok(Redirect::to("/admin/broadcast"))
@@ -448,15 +441,28 @@ async fn job_page(
     id: i64,
     messages: Messages<'_>,
     jobs: &State<Jobs>,
+    store: &State<Store>,
 ) -> Result<Template, Status> {
     let job = jobs
         .get(id)
         .await
         .map_err(|_| Status::ServiceUnavailable)?
         .ok_or(Status::NotFound)?;
+    // What is being sent, and to whom, from the job's own copy of the message.
+    let message: Option<crate::Message> = serde_json::from_str(&job.message).ok();
+    let audience = if job.audience == "list" {
+        "the users named in the form"
+    } else {
+        "everyone"
+    };
     Ok(Template::render(
         "admin/job",
-        context! { messages: &messages, user: &admin.0, job },
+        context! {
+            messages: &messages, user: &admin.0, job,
+            text: message.as_ref().map(|m| m.message.as_str()),
+            level_tag: message.as_ref().map(|m| store.level_tags().tag(m.level)),
+            audience,
+        },
     ))
 }
 

@@ -222,7 +222,7 @@ async fn admin_broadcasts_to_two_named_users_and_one_of_them_sees_it_once() {
     let sent = flash
         .split_once("Sent to 2 users in ")
         .and_then(|(_, rest)| rest.strip_suffix(" ms."))
-        .and_then(|ms| ms.parse::<u64>().ok());
+        .and_then(|ms| ms.parse::<f64>().ok());
     assert!(
         sent.is_some(),
         "the flash says \"Sent to 2 users in … ms.\": {flash:?}"

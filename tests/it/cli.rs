@@ -103,6 +103,26 @@ fn createuser_send_and_inbox_on_sqlite() {
     let out = cli.ok(&["migrate"], None);
     assert!(out.contains("migrations applied (sqlite backend)"), "{out}");
     send_and_read_back(&cli);
+    // Sends and broadcasts from the command line are in the admin audit.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let entries = rt.block_on(async {
+        let figment = crate::common::test_figment(&cli.url);
+        let users =
+            std::sync::Arc::new(stored_messages::app::connect_users(&figment).await.unwrap());
+        stored_messages::app::jobs::Jobs::new(users)
+            .audit_list(10)
+            .await
+            .unwrap()
+    });
+    assert_eq!(entries.len(), 3, "two sends and a broadcast");
+    assert!(entries.iter().all(|e| e.actor == "command line"));
+    assert_eq!(
+        (entries[0].audience.as_str(), entries[0].audience_size),
+        ("everyone", 2)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
