@@ -13,7 +13,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `P messages:last_id` | string | the last message id given out (`INCR`) |
-//! | `P message:<id>` | hash | `level`, `message`, `extra_tags`, `url` (absent when none), `date_us`, `member` |
+//! | `P message:<id>` | hash | `level`, `message`, `extra_tags`, `url` (absent when none), `date_us`, `member`, and the counters `recipients` and `unread` (for administration) |
 //! | `P messages:by_date` | sorted set | one member per message, for cleanup |
 //! | `P user:<id>:notifications` | sorted set | the user's inbox (unread messages) |
 //! | `P user:<id>:archive` | sorted set | every message the user received |
@@ -40,10 +40,12 @@
 //! # Atomicity
 //!
 //! Every change that touches more than one key is a Lua script (`deliver`, `archive_store`,
-//! `inbox_store`, `inbox_delete_many`) or a `MULTI`/`EXEC` pipeline (`create_message`, each
-//! step of cleanup); single-key changes are single commands (`inbox_purge` is one
-//! `ZREMRANGEBYLEX`, so a message stored meanwhile is either removed and counted or not
-//! touched). `WATCH` is never used: the backend talks through one multiplexed connection
+//! `inbox_store`, `deliver_once`, `inbox_delete_many`, `inbox_purge`) or a `MULTI`/`EXEC`
+//! pipeline (`create_message`, each step of cleanup). `inbox_purge` reads and removes the
+//! inbox range in one script, so a message stored meanwhile is either removed and counted or
+//! not touched; the scripts also keep each message's `recipients` and `unread` counters
+//! (the admin message browser reads them). `message_delete` is the exception: it walks the
+//! user keys with `SCAN`, like cleanup, and can be repeated. `WATCH` is never used: the backend talks through one multiplexed connection
 //! ([`ConnectionManager`], which reconnects by itself after Redis restarts), and a `WATCH`
 //! would be shared by every concurrent caller on it. Reads that need a set and the hashes
 //! (`inbox_list`, `archive_list`, `inbox_get`) are scripts too, so a page and its messages
@@ -87,7 +89,9 @@ use ::redis::{Client, ErrorKind, RedisError, Script};
 use chrono::{DateTime, Utc};
 
 use super::sql::{from_micros, micros};
-use super::{unique_users, BackendError, Cleanup, ListQuery, MessageBackend, Settings};
+use super::{
+    unique_users, BackendError, Cleanup, ListQuery, MessageBackend, MessageStats, Settings,
+};
 use crate::config::SecretUrl;
 use crate::error::{Error, Result};
 use crate::level::Level;
@@ -469,15 +473,20 @@ impl MessageBackend for RedisBackend {
     }
 
     async fn inbox_purge(&self, user: UserId) -> Result<u64> {
-        // One command, so one atomic step: a message stored meanwhile is either in the range
+        // One script, so one atomic step: a message stored meanwhile is either in the range
         // (removed and counted) or not yet there (left unread). Expired entries stay for
         // cleanup, as in the SQL backend.
+        let floor = format!("[{}", self.inbox_floor());
         let mut connection = self.connection.clone();
-        ::redis::cmd("ZREMRANGEBYLEX")
-            .arg(self.keys.inbox(user))
-            .arg(format!("[{}", self.inbox_floor()))
+        scripts()
+            .take
+            .key(self.keys.inbox(user))
+            .arg(&self.keys.prefix)
+            .arg(&floor)
             .arg("+")
-            .query_async(&mut connection)
+            .arg(&floor)
+            .arg("+")
+            .invoke_async(&mut connection)
             .await
             .map_err(redis_error)
     }
@@ -508,15 +517,17 @@ impl MessageBackend for RedisBackend {
                 for key in keys {
                     match self.keys.kind(key) {
                         Some(KeyKind::Inbox) => {
-                            pipe.cmd("ZLEXCOUNT")
+                            // Sent as EVAL: a pipeline cannot reload a script the server
+                            // forgot, and cleanup is rare enough for the extra bytes.
+                            pipe.cmd("EVAL")
+                                .arg(TAKE)
+                                .arg(1)
                                 .arg(key)
-                                .arg(format!("[{message_cutoff}"))
-                                .arg(format!("({inbox_cutoff}"))
-                                .cmd("ZREMRANGEBYLEX")
-                                .arg(key)
+                                .arg(&self.keys.prefix)
                                 .arg("-")
                                 .arg(format!("({inbox_cutoff}"))
-                                .ignore();
+                                .arg(format!("[{message_cutoff}"))
+                                .arg(format!("({inbox_cutoff}"));
                         }
                         Some(KeyKind::Archive) => {
                             pipe.cmd("ZREMRANGEBYLEX")
@@ -570,6 +581,118 @@ impl MessageBackend for RedisBackend {
             inbox_entries,
             messages,
         })
+    }
+
+    /// Walks ids downwards from `before` (or the last id given out), reading each message's
+    /// hash with its `recipients` and `unread` counters (kept by the scripts), skipping ids
+    /// whose message is gone; looks at most 10,000 ids per call.
+    async fn message_stats(
+        &self,
+        limit: u32,
+        before: Option<MessageId>,
+    ) -> Result<Vec<MessageStats>> {
+        let mut connection = self.connection.clone();
+        let last: Option<i64> = ::redis::cmd("GET")
+            .arg(self.keys.last_id())
+            .query_async(&mut connection)
+            .await
+            .map_err(redis_error)?;
+        let last = last.unwrap_or(0);
+        let mut next = before.map_or(last, |b| (b.0 - 1).min(last));
+        let batch = i64::from(limit.max(25)) * 2;
+        let mut looked = 0;
+        let mut stats = Vec::new();
+        while stats.len() < limit as usize && next >= 1 && looked < 10_000 {
+            let ids: Vec<i64> = (next.saturating_sub(batch - 1).max(1)..=next)
+                .rev()
+                .collect();
+            let mut pipe = ::redis::pipe();
+            for id in &ids {
+                pipe.cmd("HMGET")
+                    .arg(self.keys.message(MessageId(*id)))
+                    .arg(&[
+                        "level",
+                        "message",
+                        "extra_tags",
+                        "url",
+                        "date_us",
+                        "recipients",
+                        "unread",
+                    ]);
+            }
+            let rows: Vec<Vec<Option<String>>> = pipe
+                .query_async(&mut connection)
+                .await
+                .map_err(redis_error)?;
+            for (id, row) in ids.iter().zip(rows) {
+                if row[0].is_none() || stats.len() >= limit as usize {
+                    continue;
+                }
+                let count = |i: usize| {
+                    row[i]
+                        .as_deref()
+                        .and_then(|v| v.parse::<i64>().ok())
+                        .unwrap_or(0)
+                        .max(0) as u64
+                };
+                stats.push(MessageStats {
+                    message: decode(MessageId(*id), &row[..5])?,
+                    recipients: count(5),
+                    unread: count(6),
+                });
+            }
+            looked += ids.len();
+            next -= batch;
+        }
+        Ok(stats)
+    }
+
+    /// Removes the message's member from every user's sets (a `SCAN` over the user keys,
+    /// as cleanup does: not one atomic step, but repeatable), then its hash and index entry.
+    async fn message_delete(&self, id: MessageId) -> Result<u64> {
+        let mut connection = self.connection.clone();
+        let member: Option<String> = ::redis::cmd("HGET")
+            .arg(self.keys.message(id))
+            .arg("member")
+            .query_async(&mut connection)
+            .await
+            .map_err(redis_error)?;
+        let Some(member) = member else {
+            return Err(Error::MessageDoesNotExist(id));
+        };
+        let pattern = format!("{}{USER_KEY}*", glob_escape(&self.keys.prefix));
+        let archived = self
+            .scan(&pattern, Some("zset"), |keys| {
+                let mut pipe = ::redis::pipe();
+                let mut any = false;
+                for key in keys {
+                    match self.keys.kind(key) {
+                        Some(KeyKind::Archive) => {
+                            pipe.cmd("ZREM").arg(key).arg(&member);
+                        }
+                        Some(KeyKind::Inbox) => {
+                            pipe.cmd("ZREM").arg(key).arg(&member).ignore();
+                        }
+                        _ => continue,
+                    }
+                    any = true;
+                }
+                any.then_some(pipe)
+            })
+            .await?;
+        let mut pipe = ::redis::pipe();
+        pipe.atomic()
+            .cmd("UNLINK")
+            .arg(self.keys.message(id))
+            .ignore()
+            .cmd("ZREM")
+            .arg(self.keys.by_date())
+            .arg(&member)
+            .ignore();
+        pipe.query_async::<_, ()>(&mut connection)
+            .await
+            .map_err(redis_error)?;
+        Ok(archived)
     }
 
     async fn spill_put(&self, key: &str, payload: &str, expires: DateTime<Utc>) -> Result<()> {
@@ -828,6 +951,8 @@ for i = 4 + n, #ARGV do
   redis.call('ZADD', user .. ':archive', 0, member)
   redis.call('ZADD', user .. ':notifications', 0, member)
 end
+local users = #ARGV - 3 - n
+redis.call('HSET', KEYS[1], 'recipients', users, 'unread', users)
 return 0
 ";
 
@@ -841,21 +966,20 @@ return 0
 const STORE: &str = r"
 local member = redis.call('HGET', KEYS[1], 'member')
 if not member then return -1 end
-local prefix, mode, gained = ARGV[1], ARGV[2], 0
+local prefix, mode = ARGV[1], ARGV[2]
+local archived, unread = 0, 0
 for i = 3, #ARGV do
   local user = prefix .. 'user:' .. ARGV[i]
-  local archived = redis.call('ZADD', user .. ':archive', 0, member)
-  if mode == 'inbox' then
-    gained = gained + redis.call('ZADD', user .. ':notifications', 0, member)
-  elseif mode == 'once' then
-    if archived == 1 then
-      gained = gained + redis.call('ZADD', user .. ':notifications', 0, member)
-    end
-  else
-    gained = gained + archived
+  local new = redis.call('ZADD', user .. ':archive', 0, member)
+  archived = archived + new
+  if mode == 'inbox' or (mode == 'once' and new == 1) then
+    unread = unread + redis.call('ZADD', user .. ':notifications', 0, member)
   end
 end
-return gained
+redis.call('HINCRBY', KEYS[1], 'recipients', archived)
+redis.call('HINCRBY', KEYS[1], 'unread', unread)
+if mode == 'archive' then return archived end
+return unread
 ";
 
 /// `inbox_list` and `archive_list`: one page of a sorted set with each message's fields, as
@@ -908,10 +1032,30 @@ for i = 3, #ARGV do
   local member = redis.call('HGET', ARGV[1] .. 'message:' .. ARGV[i], 'member')
   if member and redis.call('ZLEXCOUNT', KEYS[1], ARGV[2], '[' .. member) > 0
      and redis.call('ZREM', KEYS[1], member) == 1 then
+    redis.call('HINCRBY', ARGV[1] .. 'message:' .. ARGV[i], 'unread', -1)
     removed[#removed + 1] = ARGV[i]
   end
 end
 return removed
+";
+
+/// `inbox_purge` and the inbox step of cleanup: removes the members of an inbox in a lex
+/// range and lowers each one's message `unread` count. Returns how many members were in the
+/// counted range (which may be narrower than the removed one).
+///
+/// KEYS: inbox. ARGV: prefix, removed range (min, max), counted range (min, max).
+const TAKE: &str = r"
+local counted = redis.call('ZLEXCOUNT', KEYS[1], ARGV[4], ARGV[5])
+local members = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[2], ARGV[3])
+for _, member in ipairs(members) do
+  local id = string.match(member, ':0*(%d+)$')
+  if id then
+    local key = ARGV[1] .. 'message:' .. id
+    if redis.call('EXISTS', key) == 1 then redis.call('HINCRBY', key, 'unread', -1) end
+  end
+end
+if #members > 0 then redis.call('ZREMRANGEBYLEX', KEYS[1], ARGV[2], ARGV[3]) end
+return counted
 ";
 
 /// The scripts, hashed once for `EVALSHA`.
@@ -921,6 +1065,7 @@ struct Scripts {
     list: Script,
     get: Script,
     delete: Script,
+    take: Script,
 }
 
 fn scripts() -> &'static Scripts {
@@ -931,6 +1076,7 @@ fn scripts() -> &'static Scripts {
         list: Script::new(LIST),
         get: Script::new(GET),
         delete: Script::new(DELETE),
+        take: Script::new(TAKE),
     })
 }
 
