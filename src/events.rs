@@ -115,3 +115,53 @@ impl Events {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn purged(count: u64) -> Event {
+        Event::InboxPurged {
+            user: UserId(1),
+            count,
+        }
+    }
+
+    #[rocket::async_test]
+    async fn a_subscriber_that_never_reads_blocks_nothing() {
+        let events = Events::new();
+        let mut idle = events.subscribe();
+        // Far more than the channel holds: publishing never waits for the idle subscriber.
+        for i in 0..(CAPACITY as u64 * 5) {
+            events.publish(purged(i));
+        }
+        match idle.recv().await {
+            Err(broadcast::error::RecvError::Lagged(n)) => assert_eq!(n, CAPACITY as u64 * 4),
+            other => panic!("expected a lag report, got {other:?}"),
+        }
+        // It then continues with the oldest event it still has.
+        assert_eq!(idle.recv().await.unwrap(), purged(CAPACITY as u64 * 4));
+    }
+
+    #[rocket::async_test]
+    async fn callbacks_see_every_event_on_their_own_task() {
+        let events = Events::new();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let (done, mut finished) = rocket::tokio::sync::mpsc::unbounded_channel();
+        let counter = seen.clone();
+        let task = events.on(move |_| {
+            if counter.fetch_add(1, Ordering::SeqCst) + 1 == 3 {
+                let _ = done.send(());
+            }
+        });
+        for i in 0..3 {
+            events.publish(purged(i));
+        }
+        finished.recv().await.unwrap();
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+        task.abort();
+    }
+}
