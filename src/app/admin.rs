@@ -633,11 +633,19 @@ async fn cleanup(
 }
 
 /// Anonymous visitors of any admin page (`/admin` included: a trailing `<_..>` also matches
-/// no segment) go to the login page and come back after it.
+/// no segment) go to the login page and come back after it. A logged-in user only gets here
+/// when no admin route matched (`/admin/jobs/abc`, `/admin/nowhere`): that is a 404, not a
+/// trip to the login page, which would send them straight back.
 #[get("/admin/<_..>", rank = 20)]
-fn login_first(request_uri: &rocket::http::uri::Origin<'_>) -> Redirect {
+fn login_first(
+    request_uri: &rocket::http::uri::Origin<'_>,
+    user: Option<CurrentUser>,
+) -> Result<Redirect, Status> {
+    if user.is_some() {
+        return Err(Status::NotFound);
+    }
     let next = crate::app::auth::safe_next(request_uri.path().as_str()).to_string();
-    Redirect::to(format!("/login?next={}", url_escape(&next)))
+    Ok(Redirect::to(format!("/login?next={}", url_escape(&next))))
 }
 
 fn url_escape(path: &str) -> String {

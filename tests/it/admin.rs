@@ -108,6 +108,18 @@ async fn admin_pages_are_for_admins_only(app: &TestApp) {
     assert_eq!(r.status(), Status::Forbidden);
     let r = alice.post_form("/admin/cleanup", &[]).await;
     assert_eq!(r.status(), Status::Forbidden);
+    // Unknown admin paths and malformed ids are 404 for a logged-in admin, not a login loop
+    // (`anon` logged in as root above).
+    for path in [
+        "/admin/nowhere",
+        "/admin/jobs/abc",
+        "/admin/messages/x/delete",
+    ] {
+        let (status, _) = anon.get_html(path).await;
+        assert_eq!(status, Status::NotFound, "{path}");
+    }
+    let (status, _) = alice.get_html("/admin/nowhere").await;
+    assert_eq!(status, Status::NotFound);
 }
 
 async fn broadcast_to_everyone_reaches_all_and_is_audited(app: &TestApp) {
