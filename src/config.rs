@@ -212,6 +212,25 @@ pub fn database_url(figment: &Figment) -> SecretUrl {
         .unwrap_or_else(|_| SecretUrl::new(DEFAULT_DATABASE_URL))
 }
 
+/// `[default.databases.stored_messages]` as rocket_db_pools reads a database's settings,
+/// with its defaults (`max_connections` = workers × 4, `connect_timeout` = 5 s) and
+/// [`DEFAULT_DATABASE_URL`] when no url is given.
+///
+/// # Errors
+///
+/// [`Error::Config`] naming the key of a value of the wrong type.
+pub fn database_config(figment: &Figment) -> Result<rocket_db_pools::Config, Error> {
+    use rocket::figment::providers::Serialized;
+    let workers: usize = figment.extract_inner(rocket::Config::WORKERS).unwrap_or(2);
+    let key = format!("databases.{DATABASE_NAME}");
+    Figment::from(figment.focus(&key))
+        .join(Serialized::default("url", DEFAULT_DATABASE_URL))
+        .join(Serialized::default("max_connections", workers * 4))
+        .join(Serialized::default("connect_timeout", 5))
+        .extract::<rocket_db_pools::Config>()
+        .map_err(|e| Error::Config(e.into_iter().map(|e| format!("{key}: {e}")).collect()))
+}
+
 #[cfg(test)]
 mod tests {
     use rocket::figment::providers::{Format, Toml};
@@ -266,6 +285,29 @@ mod tests {
         assert_eq!(tags.tag(Level::STORED_INFO), "note");
         assert_eq!(tags.tag(Level(77)), "x");
         assert_eq!(tags.tag(Level::INFO), "info");
+    }
+
+    #[test]
+    fn database_settings_are_read_the_rocket_db_pools_way() {
+        let defaults = database_config(&Figment::new()).unwrap();
+        assert_eq!(defaults.url, DEFAULT_DATABASE_URL);
+        assert_eq!((defaults.max_connections, defaults.connect_timeout), (8, 5));
+        let figment = Figment::from(Toml::string(
+            "workers = 4\n[databases.stored_messages]\nurl = \"postgres://db/x\"\nmax_connections = 3",
+        ));
+        let config = database_config(&figment).unwrap();
+        assert_eq!(
+            (config.url.as_str(), config.max_connections),
+            ("postgres://db/x", 3)
+        );
+        let figment = Figment::from(Toml::string(
+            "[databases.stored_messages]\nmax_connections = \"many\"",
+        ));
+        let err = database_config(&figment).unwrap_err().to_string();
+        assert!(
+            err.contains("databases.stored_messages") && err.contains("max_connections"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use chrono::Utc;
 use rocket::figment::Figment;
 
-use crate::backend::{Cleanup, MessageBackend, RedisBackend, Settings, SqlBackend};
-use crate::config::{database_url, BackendKind, Config};
+use crate::backend::{Cleanup, MessageBackend, RedisBackend, Settings, SqlBackend, SqlPool};
+use crate::config::{database_config, BackendKind, Config};
 use crate::error::{Error, Result};
 use crate::events::{Event, Events};
 use crate::host::Host;
@@ -87,7 +87,9 @@ impl Store {
         let settings = Settings::from_config(&config);
         let backend: Arc<dyn MessageBackend> = match config.backend {
             BackendKind::Sql => {
-                Arc::new(SqlBackend::connect(&database_url(figment), settings).await?)
+                let pool = SqlPool::connect_with(&database_config(figment)?).await?;
+                pool.migrate().await?;
+                Arc::new(SqlBackend::new(pool, settings))
             }
             BackendKind::Redis => Arc::new(
                 RedisBackend::connect(&config.redis_url, &config.redis_key_prefix, settings)

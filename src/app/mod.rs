@@ -15,7 +15,7 @@ use rocket_dyn_templates::Template;
 use crate::app::jobs::Jobs;
 use crate::app::users::{AppHost, Users};
 use crate::backend::SqlPool;
-use crate::config::database_url;
+use crate::config::database_config;
 use crate::error::report;
 use crate::StoredMessages;
 
@@ -83,8 +83,9 @@ pub fn rocket_from(figment: Figment) -> Rocket<Build> {
 /// Connects the users database (the same url as the SQL backend) and applies the app's
 /// migrations.
 pub async fn connect_users(figment: &Figment) -> Result<Users, String> {
-    let url = database_url(figment);
-    let pool = SqlPool::connect(&url)
+    let config = database_config(figment).map_err(|e| e.to_string())?;
+    let url = crate::config::SecretUrl::new(&config.url);
+    let pool = SqlPool::connect_with(&config)
         .await
         .map_err(|e| format!("{url}: {}", report(&e)))?;
     let users = Users::new(pool);

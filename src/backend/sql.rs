@@ -89,16 +89,42 @@ impl SqlPool {
     /// [`BackendError::UnsupportedUrl`] for other schemes, [`BackendError::Sql`] when the
     /// database cannot be reached.
     pub async fn connect(url: &SecretUrl) -> Result<SqlPool, BackendError> {
-        let raw = url.expose();
+        let config = rocket_db_pools::Config {
+            url: url.expose().to_string(),
+            min_connections: None,
+            max_connections: 8,
+            connect_timeout: ACQUIRE_TIMEOUT.as_secs(),
+            idle_timeout: None,
+            extensions: None,
+        };
+        SqlPool::connect_with(&config).await
+    }
+
+    /// Connects as Rocket's `[default.databases.stored_messages]` says: `url`,
+    /// `max_connections`, `min_connections`, `connect_timeout` (seconds, also the wait for a
+    /// pooled connection and SQLite's busy timeout) and `idle_timeout`, read with
+    /// rocket_db_pools' own [`rocket_db_pools::Config`] (see [`crate::config::database_config`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`SqlPool::connect`].
+    pub async fn connect_with(config: &rocket_db_pools::Config) -> Result<SqlPool, BackendError> {
+        let raw = config.url.as_str();
+        let timeout = Duration::from_secs(config.connect_timeout.max(1));
+        let max = u32::try_from(config.max_connections.max(1)).unwrap_or(u32::MAX);
+        let min = config.min_connections.unwrap_or(0).min(max);
+        let idle = config.idle_timeout.map(Duration::from_secs);
         if raw.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(raw)?
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(ACQUIRE_TIMEOUT)
+                .busy_timeout(timeout)
                 .foreign_keys(true);
             let pool = SqlitePoolOptions::new()
-                .max_connections(8)
-                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .max_connections(max)
+                .min_connections(min)
+                .idle_timeout(idle)
+                .acquire_timeout(timeout)
                 .test_before_acquire(false)
                 .connect_with(options)
                 .await?;
@@ -106,14 +132,16 @@ impl SqlPool {
         } else if raw.starts_with("postgres:") || raw.starts_with("postgresql:") {
             let options = PgConnectOptions::from_str(raw)?;
             let pool = PgPoolOptions::new()
-                .max_connections(16)
-                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .max_connections(max)
+                .min_connections(min)
+                .idle_timeout(idle)
+                .acquire_timeout(timeout)
                 .test_before_acquire(false)
                 .connect_with(options)
                 .await?;
             Ok(SqlPool::Postgres(pool))
         } else {
-            Err(BackendError::UnsupportedUrl(url.redacted()))
+            Err(BackendError::UnsupportedUrl(SecretUrl::new(raw).redacted()))
         }
     }
 
