@@ -149,7 +149,10 @@ impl Store {
     /// # Ok(()) }
     /// ```
     pub async fn add_message_for(&self, users: &[UserId], message: NewMessage) -> Result<Delivery> {
-        let message = self.inner.backend.deliver(users, &message).await?;
+        // Sorted and deduplicated once: the backend's own pass over sorted ids is linear,
+        // and the events take the vector as it is.
+        let users = unique(users);
+        let message = self.inner.backend.deliver(&users, &message).await?;
         let recipients = self.publish_delivery(users, &message);
         log::debug!(
             "stored-messages: message {} delivered to {recipients} users",
@@ -180,7 +183,8 @@ impl Store {
     ///
     /// [`Error::Backend`] when the storage fails.
     pub async fn deliver_once(&self, users: &[UserId], message: &Message) -> Result<u64> {
-        let added = self.inner.backend.deliver_once(users, message).await?;
+        let users = unique(users);
+        let added = self.inner.backend.deliver_once(&users, message).await?;
         if added > 0 {
             self.publish_delivery(users, message);
         }
@@ -248,10 +252,8 @@ impl Store {
         Ok(cleanup)
     }
 
-    fn publish_delivery(&self, users: &[UserId], message: &Message) -> u64 {
-        let mut users = users.to_vec();
-        users.sort_unstable();
-        users.dedup();
+    /// Publishes `ArchiveStored` and `InboxStored` for `users` (sorted, unique).
+    fn publish_delivery(&self, users: Vec<UserId>, message: &Message) -> u64 {
         let recipients = users.len() as u64;
         if recipients > 0 {
             let users: Arc<[UserId]> = users.into();
@@ -265,4 +267,12 @@ impl Store {
         }
         recipients
     }
+}
+
+/// `users` sorted, each once.
+fn unique(users: &[UserId]) -> Vec<UserId> {
+    let mut users = users.to_vec();
+    users.sort_unstable();
+    users.dedup();
+    users
 }

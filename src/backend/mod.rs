@@ -230,7 +230,15 @@ pub trait MessageBackend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`crate::Error::MessageDoesNotExist`] when it is not in this user's inbox.
-    async fn inbox_delete(&self, user: UserId, id: MessageId) -> Result<()>;
+    ///
+    /// The default is `inbox_delete_many` with one id.
+    async fn inbox_delete(&self, user: UserId, id: MessageId) -> Result<()> {
+        if self.inbox_delete_many(user, &[id]).await?.is_empty() {
+            Err(crate::Error::MessageDoesNotExist(id))
+        } else {
+            Ok(())
+        }
+    }
 
     /// Removes these messages from the user's inbox in one step and returns the ids that were
     /// there (ids not in the inbox are ignored).

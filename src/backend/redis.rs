@@ -446,14 +446,6 @@ impl MessageBackend for RedisBackend {
         }
     }
 
-    async fn inbox_delete(&self, user: UserId, id: MessageId) -> Result<()> {
-        if self.inbox_delete_many(user, &[id]).await?.is_empty() {
-            Err(Error::MessageDoesNotExist(id))
-        } else {
-            Ok(())
-        }
-    }
-
     async fn inbox_delete_many(&self, user: UserId, ids: &[MessageId]) -> Result<Vec<MessageId>> {
         if ids.is_empty() {
             return Ok(Vec::new());

@@ -562,15 +562,6 @@ impl MessageBackend for SqlBackend {
         row.map(Message::from).ok_or(Error::MessageDoesNotExist(id))
     }
 
-    async fn inbox_delete(&self, user: UserId, id: MessageId) -> Result<()> {
-        let deleted = self.inbox_delete_many(user, &[id]).await?;
-        if deleted.is_empty() {
-            Err(Error::MessageDoesNotExist(id))
-        } else {
-            Ok(())
-        }
-    }
-
     async fn inbox_delete_many(&self, user: UserId, ids: &[MessageId]) -> Result<Vec<MessageId>> {
         if ids.is_empty() {
             return Ok(Vec::new());
