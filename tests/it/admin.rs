@@ -29,17 +29,6 @@ async fn admin(app: &TestApp) -> Browser {
     b
 }
 
-async fn inbox(b: &Browser, user: UserId) -> Vec<String> {
-    TestApp::store(b)
-        .backend()
-        .inbox_list(user, ListQuery::ALL)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|m| m.message)
-        .collect()
-}
-
 fn form<'a>(
     recipients: &'a str,
     usernames: &'a str,
@@ -145,7 +134,7 @@ async fn broadcast_to_everyone_reaches_all_and_is_audited(app: &TestApp) {
         "flash with count and time"
     );
     for id in ids {
-        assert_eq!(inbox(&b, id).await, ["Maintenance tonight"]);
+        assert_eq!(TestApp::inbox_texts(&b, id).await, ["Maintenance tonight"]);
     }
     let (_, html) = b.get_html("/admin/audit").await;
     assert!(
@@ -169,9 +158,9 @@ async fn broadcast_to_two_named_users_reaches_only_them(app: &TestApp) {
         )
         .await;
     assert_redirect(&r, "/admin/broadcast");
-    assert_eq!(inbox(&b, alice).await, ["Just you two"]);
-    assert_eq!(inbox(&b, bob).await, ["Just you two"]);
-    assert!(inbox(&b, carol).await.is_empty());
+    assert_eq!(TestApp::inbox_texts(&b, alice).await, ["Just you two"]);
+    assert_eq!(TestApp::inbox_texts(&b, bob).await, ["Just you two"]);
+    assert!(TestApp::inbox_texts(&b, carol).await.is_empty());
     let (_, html) = b.get_html("/admin/audit").await;
     assert!(html.contains("alice, bob"));
 }
@@ -189,7 +178,7 @@ async fn unknown_usernames_are_all_named_and_nothing_is_sent(app: &TestApp) {
     let html = r.into_string().await.unwrap();
     assert!(html.contains("unknown users: ghost, nobody"), "all named");
     assert!(html.contains("alice, ghost, nobody"), "entered value kept");
-    assert!(inbox(&b, alice).await.is_empty());
+    assert!(TestApp::inbox_texts(&b, alice).await.is_empty());
     let r = b
         .post_form("/admin/broadcast", &form("list", " , ", "hello", "send"))
         .await;
@@ -220,7 +209,10 @@ async fn preview_shows_the_message_and_sends_nothing(app: &TestApp) {
         "escaped"
     );
     assert!(preview.contains("href=\"&#x2F;status\""));
-    assert!(inbox(&b, alice).await.is_empty(), "nothing sent");
+    assert!(
+        TestApp::inbox_texts(&b, alice).await.is_empty(),
+        "nothing sent"
+    );
 }
 
 async fn bad_broadcast_input_is_refused_with_field_errors(app: &TestApp) {
@@ -302,7 +294,7 @@ async fn bad_broadcast_input_is_refused_with_field_errors(app: &TestApp) {
         .post_form("/admin/broadcast", &form("everyone", "", &long, "send"))
         .await;
     assert_eq!(r.status(), Status::UnprocessableEntity);
-    assert!(inbox(&b, alice).await.is_empty());
+    assert!(TestApp::inbox_texts(&b, alice).await.is_empty());
     let r = b
         .client
         .post("/admin/broadcast")
@@ -352,7 +344,7 @@ async fn large_broadcast_runs_in_the_background_and_finishes(app: &TestApp) {
     assert_eq!(status["status"], "done", "{status}");
     assert_eq!(status["delivered"], 7);
     for id in ids {
-        assert_eq!(inbox(&b, id).await, ["Big news"]);
+        assert_eq!(TestApp::inbox_texts(&b, id).await, ["Big news"]);
     }
     let (_, html) = b.get_html("/admin/audit").await;
     assert!(

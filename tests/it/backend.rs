@@ -18,6 +18,15 @@ fn stored(text: &str) -> NewMessage {
     NewMessage::new(Level::STORED_INFO, text).unwrap()
 }
 
+/// How many messages the user's archive holds.
+async fn archive_len(t: &TestStore, user: UserId) -> usize {
+    t.backend()
+        .archive_list(user, ListQuery::ALL)
+        .await
+        .unwrap()
+        .len()
+}
+
 fn texts(messages: &[Message]) -> Vec<&str> {
     messages.iter().map(|m| m.message.as_str()).collect()
 }
@@ -171,14 +180,7 @@ async fn inbox_purge_empties_the_inbox_only(t: &TestStore) {
     }
     assert_eq!(t.backend().inbox_purge(ALICE).await.unwrap(), 3);
     assert_eq!(t.backend().inbox_count(ALICE).await.unwrap(), 0);
-    assert_eq!(
-        t.backend()
-            .archive_list(ALICE, ListQuery::ALL)
-            .await
-            .unwrap()
-            .len(),
-        3
-    );
+    assert_eq!(archive_len(t, ALICE).await, 3);
     assert_eq!(
         t.backend().inbox_count(BOB).await.unwrap(),
         3,
@@ -226,14 +228,7 @@ async fn mark_read_twice_is_true_then_false(t: &TestStore) {
     assert!(t.store.mark_read(ALICE, d.message.id).await.unwrap());
     assert!(!t.store.mark_read(ALICE, d.message.id).await.unwrap());
     assert!(!t.store.mark_read(ALICE, MessageId(999_999)).await.unwrap());
-    assert_eq!(
-        t.backend()
-            .archive_list(ALICE, ListQuery::ALL)
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(archive_len(t, ALICE).await, 1);
 }
 
 async fn add_message_for_several_users_keeps_tags_date_and_url(t: &TestStore) {
@@ -310,14 +305,7 @@ async fn mark_all_read_of_twenty_counts_twenty(t: &TestStore) {
     }
     assert_eq!(t.store.mark_all_read(ALICE).await.unwrap(), 20);
     assert_eq!(t.backend().inbox_count(ALICE).await.unwrap(), 0);
-    assert_eq!(
-        t.backend()
-            .archive_list(ALICE, ListQuery::ALL)
-            .await
-            .unwrap()
-            .len(),
-        20
-    );
+    assert_eq!(archive_len(t, ALICE).await, 20);
     assert_eq!(t.store.mark_all_read(ALICE).await.unwrap(), 0);
 }
 
@@ -405,14 +393,7 @@ async fn message_arriving_during_mark_all_read_is_never_lost(t: &TestStore) {
     let marked = reader.await.unwrap();
     let unread = t.backend().inbox_count(ALICE).await.unwrap();
     assert_eq!(marked + unread, 100, "marked {marked} + unread {unread}");
-    assert_eq!(
-        t.backend()
-            .archive_list(ALICE, ListQuery::ALL)
-            .await
-            .unwrap()
-            .len(),
-        100
-    );
+    assert_eq!(archive_len(t, ALICE).await, 100);
 }
 
 async fn expired_inbox_entries_are_hidden_and_cleaned_up(t: &TestStore) {
@@ -455,14 +436,7 @@ async fn expired_inbox_entries_are_hidden_and_cleaned_up(t: &TestStore) {
     let cleanup = t.store.cleanup().await.unwrap();
     assert_eq!(cleanup.inbox_entries, 1);
     assert_eq!(cleanup.messages, 0);
-    assert_eq!(
-        t.backend()
-            .archive_list(ALICE, ListQuery::ALL)
-            .await
-            .unwrap()
-            .len(),
-        2
-    );
+    assert_eq!(archive_len(t, ALICE).await, 2);
     // a longer inbox expiry does not bring it back: cleanup removed it
     let config = Config {
         inbox_expire_days: 60,
@@ -579,14 +553,7 @@ async fn duplicate_recipients_count_once(t: &TestStore) {
         .unwrap();
     assert_eq!(d.recipients, 2);
     assert_eq!(t.backend().inbox_count(ALICE).await.unwrap(), 1);
-    assert_eq!(
-        t.backend()
-            .archive_list(ALICE, ListQuery::ALL)
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(archive_len(t, ALICE).await, 1);
 }
 
 async fn inbox_store_skips_users_who_have_it_and_redelivers_read_ones(t: &TestStore) {
@@ -599,27 +566,12 @@ async fn inbox_store_skips_users_who_have_it_and_redelivers_read_ones(t: &TestSt
     // alice has it unread: skipped; bob is new: stored. One duplicate does not stop the rest.
     assert_eq!(t.backend().inbox_store(&[ALICE, BOB], &m).await.unwrap(), 1);
     assert_eq!(t.backend().inbox_count(BOB).await.unwrap(), 1);
-    assert_eq!(
-        t.backend()
-            .archive_list(BOB, ListQuery::ALL)
-            .await
-            .unwrap()
-            .len(),
-        1,
-        "inbox implies archive"
-    );
+    assert_eq!(archive_len(t, BOB).await, 1, "inbox implies archive");
     // read, then delivered again: unread again, still once in the archive
     assert!(t.store.mark_read(ALICE, m.id).await.unwrap());
     assert_eq!(t.backend().inbox_store(&[ALICE], &m).await.unwrap(), 1);
     assert_eq!(t.backend().inbox_get(ALICE, m.id).await.unwrap().id, m.id);
-    assert_eq!(
-        t.backend()
-            .archive_list(ALICE, ListQuery::ALL)
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(archive_len(t, ALICE).await, 1);
 }
 
 async fn archive_store_alone_does_not_touch_the_inbox(t: &TestStore) {
@@ -870,14 +822,7 @@ async fn deliver_once_skips_everyone_who_has_it_read_or_unread(t: &TestStore) {
         "not delivered twice"
     );
     assert_eq!(t.backend().inbox_count(CAROL).await.unwrap(), 1);
-    assert_eq!(
-        t.backend()
-            .archive_list(CAROL, ListQuery::ALL)
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(archive_len(t, CAROL).await, 1);
 }
 
 async fn message_stats_count_recipients_and_unread(t: &TestStore) {

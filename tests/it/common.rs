@@ -403,6 +403,18 @@ impl TestApp {
         self.users.create(name, "password123", admin).await.unwrap()
     }
 
+    /// The texts of a user's unread messages, oldest first, as the backend has them.
+    pub async fn inbox_texts(browser: &Browser, user: UserId) -> Vec<String> {
+        TestApp::store(browser)
+            .backend()
+            .inbox_list(user, stored_messages::ListQuery::ALL)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.message)
+            .collect()
+    }
+
     /// The store of a running browser's app.
     pub fn store(browser: &Browser) -> &Store {
         browser

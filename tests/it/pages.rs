@@ -121,17 +121,6 @@ fn stream_texts(html: &str) -> Vec<String> {
         .collect()
 }
 
-async fn inbox_texts(b: &Browser, user: UserId) -> Vec<String> {
-    TestApp::store(b)
-        .backend()
-        .inbox_list(user, ListQuery::ALL)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|m| m.message)
-        .collect()
-}
-
 async fn add(b: &Browser, level: &str, text: &str) -> Status {
     b.post_form(
         "/demo/message",
@@ -161,14 +150,14 @@ async fn stored_message_lands_in_the_inbox(app: &TestApp) {
     let (b, alice) = logged_in(app, "alice").await;
     add(&b, "stored_warning", "to the inbox").await;
     add(&b, "warning", "not stored").await;
-    assert_eq!(inbox_texts(&b, alice).await, ["to the inbox"]);
+    assert_eq!(TestApp::inbox_texts(&b, alice).await, ["to the inbox"]);
 }
 
 async fn consumed_stream_empties_the_inbox_and_archive_keeps_it(app: &TestApp) {
     let (b, alice) = logged_in(app, "alice").await;
     add(&b, "stored_info", "read me").await;
     b.get_html("/").await;
-    assert!(inbox_texts(&b, alice).await.is_empty());
+    assert!(TestApp::inbox_texts(&b, alice).await.is_empty());
     let archive = TestApp::store(&b)
         .backend()
         .archive_list(alice, ListQuery::ALL)
@@ -186,14 +175,14 @@ async fn keep_leaves_everything_unread(app: &TestApp) {
     let (_, html) = b.get_html("/?keep=1").await;
     assert_eq!(stream_texts(&html), ["kept stored", "kept flash"]);
     assert!(html.contains("kept unread"));
-    assert_eq!(inbox_texts(&b, alice).await, ["kept stored"]);
+    assert_eq!(TestApp::inbox_texts(&b, alice).await, ["kept stored"]);
     let (_, html) = b.get_html("/").await;
     assert_eq!(
         stream_texts(&html),
         ["kept stored", "kept flash"],
         "still there after keep"
     );
-    assert!(inbox_texts(&b, alice).await.is_empty());
+    assert!(TestApp::inbox_texts(&b, alice).await.is_empty());
 }
 
 async fn anonymous_stored_level_falls_back_to_flash(app: &TestApp) {
@@ -224,7 +213,7 @@ async fn empty_message_is_dropped(app: &TestApp) {
         .get("/t/add?level=11&text=stored%20debug")
         .dispatch()
         .await;
-    assert!(inbox_texts(&b, alice).await.is_empty());
+    assert!(TestApp::inbox_texts(&b, alice).await.is_empty());
     let (_, html) = b.get_html("/").await;
     assert!(stream_texts(&html).is_empty());
     // and the form says why instead of adding nothing silently
@@ -242,7 +231,7 @@ async fn stored_and_flash_consumed_together(app: &TestApp) {
         .dispatch()
         .await;
     assert_eq!(r.into_string().await.unwrap(), "s1|f1|s2");
-    assert!(inbox_texts(&b, alice).await.is_empty());
+    assert!(TestApp::inbox_texts(&b, alice).await.is_empty());
     let (_, html) = b.get_html("/").await;
     assert!(stream_texts(&html).is_empty());
 }
@@ -307,7 +296,7 @@ async fn message_arriving_after_render_stays_unread(app: &TestApp) {
     let r = b.client.get("/t/show_then_arrive").dispatch().await;
     assert_eq!(r.into_string().await.unwrap(), "early");
     assert_eq!(
-        inbox_texts(&b, alice).await,
+        TestApp::inbox_texts(&b, alice).await,
         ["late"],
         "only what was shown was marked read"
     );
@@ -323,7 +312,7 @@ async fn message_added_and_not_shown_waits_for_the_next_request(app: &TestApp) {
         .get("/t/add?level=25&text=flash%20later")
         .dispatch()
         .await;
-    assert_eq!(inbox_texts(&b, alice).await, ["stored later"]);
+    assert_eq!(TestApp::inbox_texts(&b, alice).await, ["stored later"]);
     let (_, html) = b.get_html("/").await;
     assert_eq!(stream_texts(&html), ["stored later", "flash later"]);
 }
@@ -420,7 +409,7 @@ async fn javascript_url_is_refused_and_nothing_changes(app: &TestApp) {
         html.contains("value=\"javascript:alert(1)\""),
         "entered value kept"
     );
-    assert!(inbox_texts(&b, alice).await.is_empty());
+    assert!(TestApp::inbox_texts(&b, alice).await.is_empty());
     for (level, status) in [
         ("urgent", Status::UnprocessableEntity),
         ("2.5", Status::UnprocessableEntity),
@@ -432,7 +421,7 @@ async fn javascript_url_is_refused_and_nothing_changes(app: &TestApp) {
         add(&b, "stored_info", &too_long).await,
         Status::UnprocessableEntity
     );
-    assert!(inbox_texts(&b, alice).await.is_empty());
+    assert!(TestApp::inbox_texts(&b, alice).await.is_empty());
     // every field's error at once
     let r = b
         .post_form(
@@ -473,7 +462,7 @@ async fn missing_or_wrong_csrf_token_is_refused_and_nothing_changes(app: &TestAp
     assert_eq!(r.status(), Status::Forbidden);
     let r = b.client.post("/logout").dispatch().await;
     assert_eq!(r.status(), Status::Forbidden);
-    assert!(inbox_texts(&b, alice).await.is_empty());
+    assert!(TestApp::inbox_texts(&b, alice).await.is_empty());
     let (_, html) = b.get_html("/").await;
     assert!(html.contains("Log out alice"), "still logged in");
     // the header form works too
@@ -504,7 +493,7 @@ async fn error_response_keeps_flash_and_leaves_stored_unread(app: &TestApp) {
     add(&b, "info", "flash survives").await;
     let r = b.client.get("/t/show_then_fail").dispatch().await;
     assert_eq!(r.status(), Status::InternalServerError);
-    assert_eq!(inbox_texts(&b, alice).await, ["stored survives"]);
+    assert_eq!(TestApp::inbox_texts(&b, alice).await, ["stored survives"]);
     let (_, html) = b.get_html("/").await;
     assert_eq!(stream_texts(&html), ["stored survives", "flash survives"]);
 }
