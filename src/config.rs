@@ -96,6 +96,12 @@ pub struct Config {
     pub redis_url: SecretUrl,
     /// Prefix for every Redis key (default empty), so several apps or tests share a server.
     pub redis_key_prefix: String,
+    /// Most messages the in-process inbox cache holds (default 100000, a few tens of MB at
+    /// most); 0 turns it off. See [`crate::backend::cache`].
+    pub inbox_cache_messages: usize,
+    /// SQLite: how often, in milliseconds, the inbox cache looks for writes made by other
+    /// processes (default 100). PostgreSQL and Redis report them as they happen.
+    pub inbox_cache_poll_ms: u64,
 }
 
 impl Default for Config {
@@ -110,6 +116,8 @@ impl Default for Config {
             cleanup_interval_secs: 3600,
             redis_url: SecretUrl::new("redis://127.0.0.1:6379"),
             redis_key_prefix: String::new(),
+            inbox_cache_messages: 100_000,
+            inbox_cache_poll_ms: 100,
         }
     }
 }
@@ -151,6 +159,9 @@ impl Config {
         }
         if self.message_expire_days == 0 {
             problems.push("stored_messages.message_expire_days: must be at least 1".to_string());
+        }
+        if self.inbox_cache_poll_ms == 0 {
+            problems.push("stored_messages.inbox_cache_poll_ms: must be at least 1".to_string());
         }
         if self.message_expire_days < self.inbox_expire_days {
             problems.push(format!(

@@ -92,6 +92,7 @@ impl Fairing for StoredMessages {
         };
         let rocket = rocket
             .manage(store)
+            .manage(template::RenderMemo::default())
             .mount(api::BASE, api::routes())
             .register(api::BASE, api::catchers());
         Ok(if self.csrf {

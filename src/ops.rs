@@ -10,7 +10,9 @@ use std::sync::Arc;
 use chrono::Utc;
 use rocket::figment::Figment;
 
-use crate::backend::{Cleanup, MessageBackend, RedisBackend, Settings, SqlBackend, SqlPool};
+use crate::backend::{
+    CachedBackend, Cleanup, MessageBackend, RedisBackend, Settings, SqlBackend, SqlPool,
+};
 use crate::config::{database_config, BackendKind, Config};
 use crate::error::{Error, Result};
 use crate::events::{Event, Events};
@@ -34,6 +36,7 @@ pub struct Store {
 
 struct Inner {
     backend: Arc<dyn MessageBackend>,
+    cache: Option<Arc<CachedBackend>>,
     host: Arc<dyn Host>,
     config: Config,
     level_tags: LevelTags,
@@ -62,8 +65,20 @@ impl Store {
     ) -> Result<Store> {
         config.validate()?;
         let level_tags = config.level_tags()?;
+        let cache = (config.inbox_cache_messages > 0).then(|| {
+            Arc::new(CachedBackend::new(
+                backend.clone(),
+                &Settings::from_config(&config),
+                config.inbox_cache_messages,
+            ))
+        });
+        let backend = match &cache {
+            Some(cache) => cache.clone() as Arc<dyn MessageBackend>,
+            None => backend,
+        };
         let inner = Inner {
             backend,
+            cache,
             host,
             config,
             level_tags,
@@ -103,6 +118,11 @@ impl Store {
     /// go through the store so that they publish events.
     pub fn backend(&self) -> &dyn MessageBackend {
         &*self.inner.backend
+    }
+
+    /// The inbox cache in front of the backend, unless `inbox_cache_messages` is 0.
+    pub fn inbox_cache(&self) -> Option<&CachedBackend> {
+        self.inner.cache.as_deref()
     }
 
     /// The host's view of users.

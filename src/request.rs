@@ -51,7 +51,8 @@ pub struct StreamMessage {
     pub message: String,
     /// A link, `http(s)` or site-relative.
     pub url: Option<String>,
-    /// When it was created.
+    /// When it was created (RFC 3339 with microseconds in templates and JSON).
+    #[serde(serialize_with = "rfc3339_micros")]
     pub date: DateTime<Utc>,
     /// The date for people: `2026-11-25 14:05 UTC`.
     pub date_text: String,
@@ -59,17 +60,55 @@ pub struct StreamMessage {
     pub summary: String,
 }
 
-/// `2026-11-25 14:05 UTC`, written without a format string to parse.
-fn date_text(date: DateTime<Utc>) -> String {
+/// Appends `n` as exactly `width` decimal digits (`n` is below `10^width`).
+fn push_digits(out: &mut String, n: u32, width: u32) {
+    for place in (0..width).rev() {
+        let digit = (n / 10u32.pow(place)) % 10;
+        out.push(char::from(b'0' + digit as u8));
+    }
+}
+
+/// `2026-11-25 14:05` then, for `seconds`, `:07.123456`: the digits written directly, as
+/// pages format every message's date on every request.
+fn push_date(out: &mut String, date: DateTime<Utc>, separator: char, seconds: bool) {
     use chrono::{Datelike, Timelike};
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02} UTC",
-        date.year(),
-        date.month(),
-        date.day(),
-        date.hour(),
-        date.minute()
-    )
+    let year = date.year();
+    if (0..10_000).contains(&year) {
+        push_digits(out, year as u32, 4);
+    } else {
+        out.push_str(&format!("{year:+05}"));
+    }
+    out.push('-');
+    push_digits(out, date.month(), 2);
+    out.push('-');
+    push_digits(out, date.day(), 2);
+    out.push(separator);
+    push_digits(out, date.hour(), 2);
+    out.push(':');
+    push_digits(out, date.minute(), 2);
+    if seconds {
+        out.push(':');
+        push_digits(out, date.second(), 2);
+        out.push('.');
+        // A leap second shows as :59.999999 rather than as an out-of-range :60.
+        push_digits(out, (date.nanosecond() / 1000).min(999_999), 6);
+    }
+}
+
+/// `2026-11-25 14:05 UTC`.
+fn date_text(date: DateTime<Utc>) -> String {
+    let mut out = String::with_capacity(20);
+    push_date(&mut out, date, ' ', false);
+    out.push_str(" UTC");
+    out
+}
+
+/// `2026-11-25T14:05:07.123456Z`.
+fn rfc3339_micros<S: Serializer>(date: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+    let mut out = String::with_capacity(27);
+    push_date(&mut out, *date, 'T', true);
+    out.push('Z');
+    serializer.serialize_str(&out)
 }
 
 /// The first 40 characters of `text`, with `…` when it was longer.
@@ -547,5 +586,20 @@ mod tests {
     fn dates_read_well() {
         let date = "2026-01-02T03:04:05.678Z".parse().unwrap();
         assert_eq!(date_text(date), "2026-01-02 03:04 UTC");
+        let json = serde_json::to_value(StreamMessage::stored(
+            &Message {
+                id: MessageId(1),
+                level: Level::STORED_INFO,
+                message: "x".into(),
+                extra_tags: String::new(),
+                url: None,
+                date: date + chrono::Duration::microseconds(7_000_042),
+            },
+            &LevelTags::default(),
+        ))
+        .unwrap();
+        assert_eq!(json["date"], "2026-01-02T03:04:12.678042Z");
+        let parsed: DateTime<Utc> = json["date"].as_str().unwrap().parse().unwrap();
+        assert_eq!(parsed, date + chrono::Duration::microseconds(7_000_042));
     }
 }

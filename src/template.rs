@@ -13,15 +13,29 @@
 //! template (`{% if stored_messages_count() > 0 %}` compares a marker, not a number; use the
 //! [`crate::Messages`] guard or the JSON API for logic), and markers are only filled in
 //! `text/html` responses.
+//!
+//! # Rendering once
+//!
+//! Rendering with Tera costs far more than the rest of a request (an interpreter walking the
+//! context as JSON values). A rendered template depends only on its name, its context and
+//! the template files, and the helpers print markers rather than per-user data, so
+//! [`Page`] (a drop-in for `Template::render`) and the list partial keep their output in a
+//! bounded memo ([`RenderMemo`]) keyed by exactly those: the same context renders once,
+//! and any other context renders afresh. [`register`] runs whenever rocket_dyn_templates
+//! (re)loads the templates, and a reload starts a new generation of the memo, so edited
+//! templates show at once in development.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use rocket::http::ContentType;
+use rocket::http::{ContentType, Status};
+use rocket::response::{self, Responder};
 use rocket::serde::json::json;
-use rocket::{Request, Response};
+use rocket::{Orbit, Request, Response, Rocket};
 use rocket_dyn_templates::tera::{self, Tera, Value};
-use rocket_dyn_templates::Metadata;
+use rocket_dyn_templates::{Metadata, Template};
 
 use crate::backend::ListQuery;
 use crate::csrf;
@@ -110,6 +124,8 @@ impl tera::Function for Helper {
 /// let templates = Template::custom(|engines| stored_messages::template::register(&mut engines.tera));
 /// ```
 pub fn register(tera: &mut Tera) {
+    // Called again on every template reload: what was rendered before is out of date.
+    GENERATION.fetch_add(1, Ordering::SeqCst);
     tera.register_function(
         "stored_messages_list",
         Helper {
@@ -253,11 +269,8 @@ async fn render_slot(
             backend.archive_list(user, ListQuery::first(n)).await,
         ),
     };
-    let messages: Vec<StreamMessage> = match result {
-        Ok(messages) => messages
-            .iter()
-            .map(|m| StreamMessage::stored(m, tags))
-            .collect(),
+    let messages: Vec<Message> = match result {
+        Ok(messages) => messages,
         Err(e) => {
             log::error!(
                 "stored-messages: {kind} helper failed: {}",
@@ -269,15 +282,171 @@ async fn render_slot(
     };
     let next = request.uri().to_string();
     let csrf = csrf::ensure_token(request);
-    let context = json!({ "messages": messages, "kind": kind, "csrf": csrf, "next": next });
-    if let rocket::outcome::Outcome::Success(meta) = request.guard::<Metadata<'_>>().await {
-        if meta.contains_template(LIST_TEMPLATE) {
-            if let Some((_, html)) = meta.render(LIST_TEMPLATE, &context) {
-                return html;
+    let stream = || -> Vec<StreamMessage> {
+        messages
+            .iter()
+            .map(|m| StreamMessage::stored(m, tags))
+            .collect()
+    };
+    let has_partial = match request.guard::<Metadata<'_>>().await {
+        rocket::outcome::Outcome::Success(meta) => meta.contains_template(LIST_TEMPLATE),
+        _ => false,
+    };
+    if !has_partial {
+        return fallback_list(&stream(), kind);
+    }
+    // The memo key names what the partial shows without building its context: a stored
+    // message never changes, and its id with its date identify it (ids are not reused; the
+    // date guards against a store that lost its data and starts over).
+    let mut key = format!("{kind}\n{csrf}\n{next}\n");
+    for m in &messages {
+        key.push_str(&format!(
+            "{}.{}.{}\n",
+            m.id.0,
+            m.date.timestamp_micros(),
+            m.level.0
+        ));
+    }
+    let context =
+        |_: &str| json!({ "messages": stream(), "kind": kind, "csrf": csrf, "next": next });
+    match render_memo(request.rocket(), Cow::Borrowed(LIST_TEMPLATE), key, context) {
+        Some(html) => html.to_string(),
+        None => fallback_list(&stream(), kind),
+    }
+}
+
+/// Bumped by [`register`], i.e. whenever the templates are (re)loaded.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Most bytes (contexts and output) the memo keeps.
+const MEMO_BYTES: usize = 8 << 20;
+
+#[derive(PartialEq, Eq, Hash)]
+struct MemoKey {
+    name: Cow<'static, str>,
+    generation: u64,
+    /// The context as JSON: exactly what the template sees.
+    context: String,
+}
+
+#[derive(Default)]
+struct MemoEntries {
+    map: HashMap<MemoKey, Arc<str>>,
+    bytes: usize,
+}
+
+/// Rendered templates by (name, context, template generation); see the module docs.
+/// Managed by the [`crate::StoredMessages`] fairing.
+#[derive(Default)]
+pub struct RenderMemo {
+    entries: Mutex<MemoEntries>,
+}
+
+impl RenderMemo {
+    fn get(&self, key: &MemoKey) -> Option<Arc<str>> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.map.get(key).cloned()
+    }
+
+    fn put(&self, key: MemoKey, html: Arc<str>) {
+        let size = key.context.len() + html.len();
+        if size > MEMO_BYTES / 8 {
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        while entries.bytes + size > MEMO_BYTES && !entries.map.is_empty() {
+            // HashMap order is effectively random: an arbitrary entry makes room.
+            let victim = entries.map.keys().next().map(|k| MemoKey {
+                name: k.name.clone(),
+                generation: k.generation,
+                context: k.context.clone(),
+            });
+            if let Some(old) = victim.and_then(|k| entries.map.remove_entry(&k)) {
+                entries.bytes -= old.0.context.len() + old.1.len();
             }
         }
+        entries.bytes += size;
+        if let Some(old) = entries.map.insert(key, html) {
+            entries.bytes -= size;
+            let _ = old;
+        }
     }
-    fallback_list(&messages, kind)
+}
+
+/// Renders template `name`, through the memo when the fairing manages one: `key` must
+/// determine the output completely, and `context` builds what the template sees on a miss
+/// (it is given the key).
+/// `None` when the template does not exist or fails to render (Tera logs why).
+fn render_memo(
+    rocket: &Rocket<Orbit>,
+    name: Cow<'static, str>,
+    key: String,
+    context: impl FnOnce(&str) -> serde_json::Value,
+) -> Option<Arc<str>> {
+    let memo = rocket.state::<RenderMemo>();
+    let key = MemoKey {
+        name,
+        generation: GENERATION.load(Ordering::SeqCst),
+        context: key,
+    };
+    if let Some(html) = memo.and_then(|memo| memo.get(&key)) {
+        return Some(html);
+    }
+    let html: Arc<str> = Template::show(rocket, key.name.clone(), context(&key.context))?.into();
+    if let Some(memo) = memo {
+        memo.put(key, html.clone());
+    }
+    Some(html)
+}
+
+/// An HTML page rendered from a Tera template: a drop-in for `Template::render` that renders
+/// each distinct context once (see the module docs). The context is serialized when the
+/// page is made, like `Template::render` does, so a [`crate::Messages`] stream in it counts
+/// as shown then.
+///
+/// ```no_run
+/// # use rocket::get;
+/// use rocket_dyn_templates::context;
+/// use stored_messages::{template::Page, Messages};
+///
+/// #[get("/")]
+/// fn index(messages: Messages<'_>) -> Page {
+///     Page::render("index", context! { messages })
+/// }
+/// ```
+pub struct Page {
+    name: Cow<'static, str>,
+    context: Result<String, serde_json::Error>,
+}
+
+impl Page {
+    /// The page `name` (a template such as `"index"` for `index.html.tera`) with `context`.
+    pub fn render(name: impl Into<Cow<'static, str>>, context: impl serde::Serialize) -> Page {
+        Page {
+            name: name.into(),
+            context: serde_json::to_string(&context),
+        }
+    }
+}
+
+impl<'r> Responder<'r, 'static> for Page {
+    fn respond_to(self, request: &'r Request<'_>) -> response::Result<'static> {
+        let context = self.context.map_err(|e| {
+            log::error!(
+                "stored-messages: the context of page {} failed to serialize: {e}",
+                self.name
+            );
+            Status::InternalServerError
+        })?;
+        // The key is the serialized context itself; a miss parses it back for Tera.
+        let parsed = |json: &str| serde_json::from_str(json).unwrap_or_default();
+        let html =
+            render_memo(request.rocket(), self.name.clone(), context, parsed).ok_or_else(|| {
+                log::error!("stored-messages: page {} failed to render", self.name);
+                Status::InternalServerError
+            })?;
+        (ContentType::HTML, html.to_string()).respond_to(request)
+    }
 }
 
 /// The list without a template (when the host has not copied the partial): same markup,

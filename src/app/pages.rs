@@ -6,9 +6,10 @@ use rocket::http::Status;
 use rocket::response::Redirect;
 use rocket::serde::Serialize;
 use rocket::{Catcher, Request, Route};
-use rocket_dyn_templates::{context, Template};
+use rocket_dyn_templates::context;
 
 use crate::app::auth::CurrentUser;
+use crate::template::Page;
 use crate::{Level, Messages, MAX_TEXT_CHARS};
 
 /// A level choice of the demo form.
@@ -19,15 +20,19 @@ struct LevelChoice {
     value: i32,
 }
 
-fn level_choices() -> Vec<LevelChoice> {
-    Level::NAMED
-        .iter()
-        .map(|(name, level)| LevelChoice {
-            name,
-            label: name.replace('_', " "),
-            value: level.0,
-        })
-        .collect()
+/// The demo form's level choices, built once.
+fn level_choices() -> &'static [LevelChoice] {
+    static CHOICES: std::sync::OnceLock<Vec<LevelChoice>> = std::sync::OnceLock::new();
+    CHOICES.get_or_init(|| {
+        Level::NAMED
+            .iter()
+            .map(|(name, level)| LevelChoice {
+                name,
+                label: name.replace('_', " "),
+                value: level.0,
+            })
+            .collect()
+    })
 }
 
 /// What the demo form sent back, to re-render it.
@@ -53,12 +58,12 @@ fn home(
     kept: bool,
     form: &DemoValues,
     errors: &DemoErrors,
-) -> Template {
+) -> Page {
     let stream: Vec<_> = messages.iter().collect();
     if kept {
         messages.set_used(false);
     }
-    Template::render(
+    Page::render(
         "index",
         context! {
             messages: stream,
@@ -73,7 +78,7 @@ fn home(
 }
 
 #[get("/?<keep>")]
-fn index(messages: Messages<'_>, user: Option<CurrentUser>, keep: Option<&str>) -> Template {
+fn index(messages: Messages<'_>, user: Option<CurrentUser>, keep: Option<&str>) -> Page {
     let kept = matches!(keep, Some("1" | "true" | "yes" | "on"));
     let form = DemoValues {
         level: "stored_info".into(),
@@ -103,7 +108,7 @@ async fn demo_message(
     form: Form<Contextual<'_, DemoForm<'_>>>,
     messages: Messages<'_>,
     user: Option<CurrentUser>,
-) -> Result<Redirect, (Status, Template)> {
+) -> Result<Redirect, (Status, Page)> {
     let values = match &form.value {
         Some(f) => DemoValues {
             level: f.level.to_string(),
@@ -176,8 +181,8 @@ async fn demo_message(
 }
 
 #[get("/archive")]
-fn archive(messages: Messages<'_>, user: CurrentUser) -> Template {
-    Template::render("archive", context! { messages: &messages, user: &user.0 })
+fn archive(messages: Messages<'_>, user: CurrentUser) -> Page {
+    Page::render("archive", context! { messages: &messages, user: &user.0 })
 }
 
 #[get("/archive", rank = 2)]
@@ -197,15 +202,15 @@ pub fn routes() -> Vec<Route> {
 }
 
 /// An error page; the header shows who is logged in, on error pages too.
-fn error_page(status: Status, message: &str, user: Option<&crate::app::users::User>) -> Template {
-    Template::render(
+fn error_page(status: Status, message: &str, user: Option<&crate::app::users::User>) -> Page {
+    Page::render(
         "error",
         context! { status: status.code, reason: status.reason().unwrap_or(""), message, user },
     )
 }
 
 #[catch(default)]
-fn html_error(status: Status, request: &Request<'_>) -> Template {
+fn html_error(status: Status, request: &Request<'_>) -> Page {
     let message = match status.code {
         403 if crate::csrf::was_rejected(request) => {
             "The form was missing its security token or it had expired. Go back, reload the page and try again."

@@ -17,9 +17,11 @@ use crate::flash::overflow::MemorySpill;
 use crate::level::Level;
 use crate::message::{Message, MessageId, NewMessage, UserId};
 
+pub mod cache;
 pub mod redis;
 pub mod sql;
 
+pub use self::cache::{CachedBackend, Change, ChangeSink};
 pub use self::redis::RedisBackend;
 pub use self::sql::{SqlBackend, SqlPool};
 
@@ -309,6 +311,21 @@ pub trait MessageBackend: Send + Sync + 'static {
         MemorySpill::global().delete(key);
         Ok(())
     }
+
+    /// Reports changes to inboxes made by other processes sharing this storage, for the
+    /// inbox cache ([`CachedBackend`]): calls [`ChangeSink::live`] once it listens, then
+    /// [`ChangeSink::changed`] for each change (users whose inbox changed, or all), and
+    /// [`ChangeSink::lost`] whenever it may have missed some, until [`ChangeSink::closed`]
+    /// resolves. Returns `Ok(false)` at once when the backend cannot report changes; the
+    /// default does, and such a backend is never cached.
+    ///
+    /// # Errors
+    ///
+    /// When the feed cannot start at all; the cache then stays off.
+    async fn watch_changes(&self, sink: ChangeSink) -> Result<bool> {
+        let _ = sink;
+        Ok(false)
+    }
 }
 
 /// A message with its audience, for administration.
@@ -329,6 +346,8 @@ pub struct Settings {
     pub store_levels: Vec<Level>,
     /// Expiry of inbox entries and messages.
     pub expiry: Expiry,
+    /// How often a backend that must poll for other processes' writes (SQLite) does so.
+    pub change_poll: std::time::Duration,
 }
 
 impl Settings {
@@ -340,6 +359,7 @@ impl Settings {
                 inbox_days: config.inbox_expire_days,
                 message_days: config.message_expire_days,
             },
+            change_poll: std::time::Duration::from_millis(config.inbox_cache_poll_ms.max(1)),
         }
     }
 }

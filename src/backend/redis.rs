@@ -19,6 +19,10 @@
 //! | `P user:<id>:archive` | sorted set | every message the user received |
 //! | `P flash:<key>` | string | flash messages that did not fit their cookie (expires by itself) |
 //!
+//! Every script that changes inboxes also publishes, on the channel `P changes`, the ids of
+//! the users whose inbox changed (comma separated, or `*` for many or unknown); the inbox
+//! caches of every process subscribe to it (see [`super::cache`]).
+//!
 //! A message is stored **once**, in its hash, however many users receive it; the sorted sets
 //! hold only its *member*. Every member has score 0, so Redis orders a set by the member's
 //! bytes, and a member is written so that byte order is (date, id) order:
@@ -90,7 +94,8 @@ use chrono::{DateTime, Utc};
 
 use super::sql::{from_micros, micros};
 use super::{
-    unique_users, BackendError, Cleanup, ListQuery, MessageBackend, MessageStats, Settings,
+    unique_users, BackendError, Change, ChangeSink, Cleanup, ListQuery, MessageBackend,
+    MessageStats, Settings,
 };
 use crate::config::SecretUrl;
 use crate::error::{Error, Result};
@@ -134,6 +139,8 @@ const MIN_VERSION: (u32, u32) = (6, 0);
 #[derive(Clone)]
 pub struct RedisBackend {
     connection: ConnectionManager,
+    /// For the change feed's own connection; `None` when built from a bare connection.
+    client: Option<Client>,
     keys: Keys,
     settings: Settings,
 }
@@ -156,6 +163,7 @@ impl RedisBackend {
     ) -> RedisBackend {
         RedisBackend {
             connection,
+            client: None,
             keys: Keys::new(key_prefix),
             settings,
         }
@@ -183,7 +191,7 @@ impl RedisBackend {
         let client = Client::open(url.expose()).map_err(failed)?;
         let connecting = async {
             let mut connection = ConnectionManager::new_with_backoff_and_timeouts(
-                client,
+                client.clone(),
                 2,
                 100,
                 CONNECT_RETRIES,
@@ -213,7 +221,20 @@ impl RedisBackend {
                 )))
             })
             .map_err(failed)?;
-        Ok(RedisBackend::new(connection, key_prefix, settings))
+        let mut backend = RedisBackend::new(connection, key_prefix, settings);
+        backend.client = Some(client);
+        Ok(backend)
+    }
+
+    /// Tells every inbox cache that anything may have changed.
+    async fn announce_all(&self) -> Result<()> {
+        let mut connection = self.connection.clone();
+        ::redis::cmd("PUBLISH")
+            .arg(self.keys.changes())
+            .arg("*")
+            .query_async::<_, ()>(&mut connection)
+            .await
+            .map_err(redis_error)
     }
 
     /// The connection, for commands of the host's own.
@@ -569,6 +590,7 @@ impl MessageBackend for RedisBackend {
                 .map_err(redis_error)?;
             messages += removed.iter().sum::<u64>();
         }
+        self.announce_all().await?;
         Ok(Cleanup {
             inbox_entries,
             messages,
@@ -681,6 +703,10 @@ impl MessageBackend for RedisBackend {
             .arg(self.keys.by_date())
             .arg(&member)
             .ignore();
+        pipe.cmd("PUBLISH")
+            .arg(self.keys.changes())
+            .arg("*")
+            .ignore();
         pipe.query_async::<_, ()>(&mut connection)
             .await
             .map_err(redis_error)?;
@@ -744,7 +770,69 @@ impl MessageBackend for RedisBackend {
             Some(pipe)
         })
         .await?;
-        Ok(())
+        self.announce_all().await
+    }
+
+    async fn watch_changes(&self, sink: ChangeSink) -> Result<bool> {
+        let Some(client) = &self.client else {
+            return Ok(false);
+        };
+        watch(client, &self.keys.changes(), &sink).await;
+        Ok(true)
+    }
+}
+
+/// How long the change feed waits before subscribing again after losing its connection.
+const FEED_RETRY: Duration = Duration::from_secs(1);
+
+/// The change feed: `SUBSCRIBE P changes` on a connection of its own. The scripts publish
+/// from inside each change, so a message arrives exactly when the change is visible.
+async fn watch(client: &Client, channel: &str, sink: &ChangeSink) {
+    use rocket::futures::StreamExt;
+    loop {
+        let subscribing = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(channel).await?;
+            Ok::<_, RedisError>(pubsub)
+        };
+        let subscribed = rocket::tokio::select! {
+            _ = sink.closed() => return,
+            subscribed = rocket::tokio::time::timeout(CONNECT_TIMEOUT, subscribing) => subscribed,
+        };
+        let mut pubsub = match subscribed {
+            Ok(Ok(pubsub)) => pubsub,
+            failed => {
+                if let Ok(Err(e)) = failed {
+                    log::warn!(
+                        "stored-messages: inbox cache paused, cannot subscribe to changes: {e}"
+                    );
+                }
+                sink.lost();
+                rocket::tokio::select! {
+                    _ = sink.closed() => return,
+                    _ = rocket::tokio::time::sleep(FEED_RETRY) => continue,
+                }
+            }
+        };
+        sink.live();
+        let mut messages = pubsub.on_message();
+        loop {
+            rocket::tokio::select! {
+                _ = sink.closed() => return,
+                message = messages.next() => match message {
+                    Some(message) => {
+                        let payload: String = message.get_payload().unwrap_or_default();
+                        sink.changed(Change::parse(&payload));
+                    }
+                    // The connection dropped: messages may have been missed.
+                    None => {
+                        log::warn!("stored-messages: inbox cache paused, lost the change subscription");
+                        sink.lost();
+                        break;
+                    }
+                },
+            }
+        }
     }
 }
 
@@ -877,6 +965,11 @@ impl Keys {
         }
     }
 
+    /// The channel scripts publish changed inboxes on.
+    fn changes(&self) -> String {
+        format!("{}changes", self.prefix)
+    }
+
     fn last_id(&self) -> String {
         format!("{}{LAST_ID_KEY}", self.prefix)
     }
@@ -945,6 +1038,11 @@ for i = 4 + n, #ARGV do
 end
 local users = #ARGV - 3 - n
 redis.call('HSET', KEYS[1], 'recipients', users, 'unread', users)
+if users > 0 then
+  local changed = '*'
+  if users <= 256 then changed = table.concat(ARGV, ',', 4 + n, #ARGV) end
+  redis.call('PUBLISH', prefix .. 'changes', changed)
+end
 return 0
 ";
 
@@ -970,6 +1068,11 @@ for i = 3, #ARGV do
 end
 redis.call('HINCRBY', KEYS[1], 'recipients', archived)
 redis.call('HINCRBY', KEYS[1], 'unread', unread)
+if unread > 0 then
+  local changed = '*'
+  if #ARGV - 2 <= 256 then changed = table.concat(ARGV, ',', 3, #ARGV) end
+  redis.call('PUBLISH', prefix .. 'changes', changed)
+end
 if mode == 'archive' then return archived end
 return unread
 ";
@@ -1028,6 +1131,9 @@ for i = 3, #ARGV do
     removed[#removed + 1] = ARGV[i]
   end
 end
+if #removed > 0 then
+  redis.call('PUBLISH', ARGV[1] .. 'changes', string.match(KEYS[1], 'user:(%-?%d+):notifications$') or '*')
+end
 return removed
 ";
 
@@ -1046,7 +1152,10 @@ for _, member in ipairs(members) do
     if redis.call('EXISTS', key) == 1 then redis.call('HINCRBY', key, 'unread', -1) end
   end
 end
-if #members > 0 then redis.call('ZREMRANGEBYLEX', KEYS[1], ARGV[2], ARGV[3]) end
+if #members > 0 then
+  redis.call('ZREMRANGEBYLEX', KEYS[1], ARGV[2], ARGV[3])
+  redis.call('PUBLISH', ARGV[1] .. 'changes', string.match(KEYS[1], 'user:(%-?%d+):notifications$') or '*')
+end
 return counted
 ";
 

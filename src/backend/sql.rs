@@ -41,7 +41,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Database, Encode, PgPool, Pool, Postgres, Sqlite, SqlitePool, Type};
 
 use super::{
-    unique_users, BackendError, Cleanup, ListQuery, MessageBackend, MessageStats, Settings,
+    unique_users, BackendError, Change, ChangeSink, Cleanup, ListQuery, MessageBackend,
+    MessageStats, Settings,
 };
 use crate::config::SecretUrl;
 use crate::error::{Error, Result};
@@ -205,6 +206,10 @@ pub(crate) trait IdArray: Database {
     /// prefers the primary key (all of a user's archive) to the partial inbox index, so it is
     /// told which index to use; PostgreSQL picks the partial index by itself.
     const INBOX_TABLE: &'static str;
+    /// The statement that tells other processes' inbox caches which inboxes changed
+    /// (`$1` channel, `$2` payload), sent when the transaction commits. SQLite has none: its
+    /// change feed polls `data_version` instead.
+    const ANNOUNCE: Option<&'static str>;
 }
 
 impl IdArray for Sqlite {
@@ -225,6 +230,7 @@ impl IdArray for Sqlite {
 
     const ROWS: &'static str = "select value as id from json_each(${n})";
     const INBOX_TABLE: &'static str = "sm_deliveries as d indexed by sm_deliveries_inbox";
+    const ANNOUNCE: Option<&'static str> = None;
 }
 
 impl IdArray for Postgres {
@@ -236,6 +242,30 @@ impl IdArray for Postgres {
 
     const ROWS: &'static str = "select unnest(${n}::int8[]) as id";
     const INBOX_TABLE: &'static str = "sm_deliveries as d";
+    const ANNOUNCE: Option<&'static str> = Some("select pg_notify($1, $2)");
+}
+
+/// The PostgreSQL channel on which writes announce changed inboxes (see [`Change`]).
+pub const CHANGES_CHANNEL: &str = "stored_messages_changes";
+
+/// `IdArray::ANNOUNCE` for the dialect of `pool`.
+fn announce_sql<DB: IdArray>(_pool: &Pool<DB>) -> Option<&'static str> {
+    DB::ANNOUNCE
+}
+
+/// Inside a transaction of `$pool` (`$tx`), announces `$payload` to other processes' inbox
+/// caches when the dialect needs it (PostgreSQL).
+macro_rules! announce {
+    ($pool:expr, $tx:expr, $payload:expr) => {
+        if let Some(sql) = announce_sql($pool) {
+            sqlx::query(sql)
+                .bind(CHANGES_CHANNEL)
+                .bind($payload)
+                .execute(&mut *$tx)
+                .await
+                .map_err(sql_error)?;
+        }
+    };
 }
 
 /// `IdArray::ROWS` for the dialect of `pool`, reading parameter `$n`.
@@ -358,15 +388,21 @@ impl SqlBackend {
                  select u.id, $2, $3, $4 from ({}) as u where true {on_conflict}",
                 id_rows(pool, 1)
             );
-            sqlx::query(&sql)
+            let mut tx = pool.begin().await.map_err(sql_error)?;
+            let done = sqlx::query(&sql)
                 .bind(id_param(pool, &ids))
                 .bind(micros(message.date))
                 .bind(message.id.0)
                 .bind(in_inbox)
-                .execute(pool)
+                .execute(&mut *tx)
                 .await
                 .map_err(sql_error)?
-                .rows_affected()
+                .rows_affected();
+            if in_inbox {
+                announce!(pool, tx, Change::payload(&ids));
+            }
+            tx.commit().await.map_err(sql_error)?;
+            done
         });
         Ok(done)
     }
@@ -456,7 +492,7 @@ impl MessageBackend for SqlBackend {
                      values ($1, $2, $3, $4, $5) returning id), \
                      d as (insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
                      select u, $5, m.id, true from m cross join unnest($6::int8[]) as u) \
-                     select id from m",
+                     select id, pg_notify($7, $8)::text from m",
                 )
                 .bind(message.level().0)
                 .bind(message.message())
@@ -464,6 +500,8 @@ impl MessageBackend for SqlBackend {
                 .bind(message.url())
                 .bind(micros(message.date()))
                 .bind(&users)
+                .bind(CHANGES_CHANNEL)
+                .bind(Change::payload(&users))
                 .fetch_all(pool)
                 .await
                 .map_err(sql_error)?;
@@ -578,14 +616,20 @@ impl MessageBackend for SqlBackend {
                  returning message_id",
                 id_rows(pool, 2)
             );
-            sqlx::query_scalar(&sql)
+            let mut tx = pool.begin().await.map_err(sql_error)?;
+            let deleted: Vec<i64> = sqlx::query_scalar(&sql)
                 .bind(user.0)
                 .bind(id_param(pool, &raw))
                 .bind(now)
                 .bind(cutoff)
-                .fetch_all(pool)
+                .fetch_all(&mut *tx)
                 .await
-                .map_err(sql_error)?
+                .map_err(sql_error)?;
+            if !deleted.is_empty() {
+                announce!(pool, tx, Change::payload(&[user.0]));
+            }
+            tx.commit().await.map_err(sql_error)?;
+            deleted
         });
         Ok(deleted.into_iter().map(MessageId).collect())
     }
@@ -597,14 +641,22 @@ impl MessageBackend for SqlBackend {
                    where user_id = $1 and in_inbox and date_us >= $2";
         let cutoff = self.inbox_cutoff();
         let now = micros(Utc::now());
-        let done = with_pool!(&self.pool, pool => sqlx::query(sql)
-            .bind(user.0)
-            .bind(cutoff)
-            .bind(now)
-            .execute(pool)
-            .await
-            .map_err(sql_error)?
-            .rows_affected());
+        let done = with_pool!(&self.pool, pool => {
+            let mut tx = pool.begin().await.map_err(sql_error)?;
+            let done = sqlx::query(sql)
+                .bind(user.0)
+                .bind(cutoff)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql_error)?
+                .rows_affected();
+            if done > 0 {
+                announce!(pool, tx, Change::payload(&[user.0]));
+            }
+            tx.commit().await.map_err(sql_error)?;
+            done
+        });
         Ok(done)
     }
 
@@ -664,6 +716,7 @@ impl MessageBackend for SqlBackend {
                 .await
                 .map_err(sql_error)?
                 .rows_affected();
+            announce!(pool, tx, "*");
             tx.commit().await.map_err(sql_error)?;
             Cleanup { inbox_entries, messages }
         });
@@ -676,6 +729,7 @@ impl MessageBackend for SqlBackend {
             sqlx::query("delete from sm_deliveries").execute(&mut *tx).await.map_err(sql_error)?;
             sqlx::query("delete from sm_messages").execute(&mut *tx).await.map_err(sql_error)?;
             sqlx::query("delete from sm_flash_spill").execute(&mut *tx).await.map_err(sql_error)?;
+            announce!(pool, tx, "*");
             tx.commit().await.map_err(sql_error)?;
         });
         Ok(())
@@ -729,6 +783,9 @@ impl MessageBackend for SqlBackend {
                 .await
                 .map_err(sql_error)?
                 .rows_affected();
+            if deliveries > 0 {
+                announce!(pool, tx, "*");
+            }
             tx.commit().await.map_err(sql_error)?;
             (deliveries, messages)
         });
@@ -772,5 +829,119 @@ impl MessageBackend for SqlBackend {
             .map_err(sql_error)?
             .rows_affected());
         Ok(())
+    }
+
+    async fn watch_changes(&self, sink: ChangeSink) -> Result<bool> {
+        match &self.pool {
+            SqlPool::Postgres(pool) => watch_postgres(pool, &sink).await,
+            SqlPool::Sqlite(pool) => watch_sqlite(pool, &sink, self.settings.change_poll).await,
+        }
+        Ok(true)
+    }
+}
+
+/// How long a change feed waits before connecting again after losing its connection.
+const FEED_RETRY: Duration = Duration::from_secs(1);
+
+/// Waits `delay`, or less if the cache goes away; `false` when it did.
+async fn pause(sink: &ChangeSink, delay: Duration) -> bool {
+    rocket::tokio::select! {
+        _ = sink.closed() => false,
+        _ = rocket::tokio::time::sleep(delay) => true,
+    }
+}
+
+/// PostgreSQL's change feed: `LISTEN` on [`CHANGES_CHANNEL`], on a connection of its own.
+/// Every write that changes inboxes notifies in its own transaction, so a notification
+/// arrives exactly when the change is visible.
+async fn watch_postgres(pool: &PgPool, sink: &ChangeSink) {
+    loop {
+        let listening = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+            listener.listen(CHANGES_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let mut listener = rocket::tokio::select! {
+            _ = sink.closed() => return,
+            listener = listening => match listener {
+                Ok(listener) => listener,
+                Err(e) => {
+                    log::warn!("stored-messages: inbox cache paused, cannot listen for changes: {e}");
+                    sink.lost();
+                    if !pause(sink, FEED_RETRY).await {
+                        return;
+                    }
+                    continue;
+                }
+            },
+        };
+        sink.live();
+        loop {
+            rocket::tokio::select! {
+                _ = sink.closed() => return,
+                received = listener.try_recv() => match received {
+                    Ok(Some(notification)) => sink.changed(Change::parse(notification.payload())),
+                    // The connection dropped: notifications may have been missed.
+                    Ok(None) | Err(_) => {
+                        log::warn!("stored-messages: inbox cache paused, lost the change listener");
+                        sink.lost();
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// SQLite's change feed: SQLite cannot notify other processes, but `pragma data_version`
+/// (read on a connection of its own) changes whenever another connection commits. Any
+/// change empties the cache, so writes by other processes show within `poll`.
+async fn watch_sqlite(pool: &SqlitePool, sink: &ChangeSink, poll: Duration) {
+    use sqlx::{ConnectOptions, Connection};
+    loop {
+        let options = pool.connect_options();
+        let connected = async {
+            let mut connection = options.connect().await?;
+            let version: i64 = sqlx::query_scalar("pragma data_version")
+                .fetch_one(&mut connection)
+                .await?;
+            Ok::<_, sqlx::Error>((connection, version))
+        };
+        let (mut connection, mut version) = rocket::tokio::select! {
+            _ = sink.closed() => return,
+            connected = connected => match connected {
+                Ok(connected) => connected,
+                Err(e) => {
+                    log::warn!("stored-messages: inbox cache paused, cannot watch for changes: {e}");
+                    sink.lost();
+                    if !pause(sink, FEED_RETRY).await {
+                        return;
+                    }
+                    continue;
+                }
+            },
+        };
+        sink.live();
+        loop {
+            if !pause(sink, poll).await {
+                let _ = connection.close().await;
+                return;
+            }
+            match sqlx::query_scalar::<_, i64>("pragma data_version")
+                .fetch_one(&mut connection)
+                .await
+            {
+                Ok(now) if now != version => {
+                    version = now;
+                    sink.changed(Change::All);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    log::warn!("stored-messages: inbox cache paused, change watch failed: {e}");
+                    sink.lost();
+                    break;
+                }
+            }
+        }
     }
 }

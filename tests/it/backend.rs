@@ -95,6 +95,8 @@ conformance!(
     deliver_once_skips_everyone_who_has_it_read_or_unread,
     message_stats_count_recipients_and_unread,
     message_delete_removes_it_everywhere,
+    inbox_cache_answers_exactly_like_the_backend,
+    inbox_cache_sees_writes_of_another_process,
 );
 
 async fn stored_message_is_in_inbox_and_archive(t: &TestStore) {
@@ -911,4 +913,117 @@ async fn message_delete_removes_it_everywhere(t: &TestStore) {
         t.backend().inbox_get(ALICE, keep.id).await.unwrap().id,
         keep.id
     );
+}
+
+/// The first pages and counts a store answers (through its inbox cache) and what the
+/// backend behind the cache answers, for one user.
+async fn cached_and_direct(t: &TestStore, user: UserId) -> [(Vec<MessageId>, u64); 2] {
+    let cache = t
+        .store
+        .inbox_cache()
+        .expect("the inbox cache is on by default");
+    let mut answers = Vec::new();
+    for backend in [t.backend(), &**cache.inner()] {
+        let first = backend.inbox_list(user, ListQuery::first(5)).await.unwrap();
+        let count = backend.inbox_count(user).await.unwrap();
+        answers.push((first.iter().map(|m| m.id).collect(), count));
+    }
+    [answers[0].clone(), answers[1].clone()]
+}
+
+/// Waits (for an event, not a fixed time) until the cache is listening for changes.
+async fn cache_live(store: &stored_messages::Store) {
+    let cache = store
+        .inbox_cache()
+        .expect("the inbox cache is on by default");
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while !cache.is_live() {
+            cache.wait_for_change(cache.changes_seen()).await;
+        }
+    })
+    .await
+    .expect("the change feed starts listening");
+}
+
+async fn inbox_cache_answers_exactly_like_the_backend(t: &TestStore) {
+    cache_live(&t.store).await;
+    let [cached, direct] = cached_and_direct(t, ALICE).await;
+    assert_eq!(cached, direct);
+    // more than the cache's window (100): counts beyond it come from the backend
+    let mut ids = Vec::new();
+    for i in 0..105 {
+        let d = t
+            .store
+            .add_message_for(&[ALICE, BOB], stored(&format!("m{i}")))
+            .await
+            .unwrap();
+        ids.push(d.message.id);
+        if i % 50 == 0 {
+            let [cached, direct] = cached_and_direct(t, ALICE).await;
+            assert_eq!(cached, direct, "after {} messages", i + 1);
+        }
+    }
+    let [cached, direct] = cached_and_direct(t, ALICE).await;
+    assert_eq!(cached, direct);
+    assert_eq!(cached.1, 105);
+    // each kind of write drops what it changed
+    assert!(t.store.mark_read(ALICE, ids[0]).await.unwrap());
+    let [cached, direct] = cached_and_direct(t, ALICE).await;
+    assert_eq!(cached, direct);
+    assert_eq!(cached.0[0], ids[1]);
+    t.store.mark_many_read(ALICE, &ids[1..10]).await.unwrap();
+    assert_eq!(cached_and_direct(t, ALICE).await[0].1, 95);
+    assert_eq!(t.store.mark_all_read(ALICE).await.unwrap(), 95);
+    let [cached, direct] = cached_and_direct(t, ALICE).await;
+    assert_eq!((cached.clone(), direct), ((vec![], 0), (vec![], 0)));
+    // a read message stored again comes back
+    let again = t.backend().inbox_get(BOB, ids[3]).await.unwrap();
+    t.backend().inbox_store(&[ALICE], &again).await.unwrap();
+    assert_eq!(cached_and_direct(t, ALICE).await[0], (vec![ids[3]], 1));
+    t.backend().inbox_purge(ALICE).await.unwrap();
+    assert_eq!(cached_and_direct(t, ALICE).await[0], (vec![], 0));
+    // BOB's entry was untouched by ALICE's reads and still agrees
+    let [cached, direct] = cached_and_direct(t, BOB).await;
+    assert_eq!(cached, direct);
+    assert_eq!(cached.1, 105);
+    t.backend().flush().await.unwrap();
+    assert_eq!(cached_and_direct(t, BOB).await[0], (vec![], 0));
+}
+
+async fn inbox_cache_sees_writes_of_another_process(t: &TestStore) {
+    // Another store over the same data, with connections of its own, stands in for
+    // another process (the CLI, a second app server).
+    let other = t.reconfigured(Config::default()).await;
+    cache_live(&t.store).await;
+    let cache = t.store.inbox_cache().unwrap();
+    let first = || async {
+        t.backend()
+            .inbox_list(ALICE, ListQuery::first(10))
+            .await
+            .unwrap()
+    };
+    // Waits for change reports until the cached answer is `want`.
+    let eventually = |want: Vec<&'static str>| async move {
+        tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                let seen = cache.changes_seen();
+                if texts(&first().await) == want {
+                    return;
+                }
+                cache.wait_for_change(seen).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the cache never showed {want:?}"));
+    };
+    assert!(first().await.is_empty());
+    let d = other
+        .add_message_for(&[ALICE], stored("from elsewhere"))
+        .await
+        .unwrap();
+    eventually(vec!["from elsewhere"]).await;
+    assert_eq!(t.backend().inbox_count(ALICE).await.unwrap(), 1);
+    assert!(other.mark_read(ALICE, d.message.id).await.unwrap());
+    eventually(vec![]).await;
+    assert_eq!(t.backend().inbox_count(ALICE).await.unwrap(), 0);
 }
