@@ -102,6 +102,9 @@ pub struct Config {
     /// SQLite: how often, in milliseconds, the inbox cache looks for writes made by other
     /// processes (default 100). PostgreSQL and Redis report them as they happen.
     pub inbox_cache_poll_ms: u64,
+    /// SQL: a delivery to at least this many consecutive user ids is stored once, as a run,
+    /// instead of one row per user (default 256). See [`crate::backend::sql`].
+    pub audience_min_run: u64,
 }
 
 impl Default for Config {
@@ -118,6 +121,7 @@ impl Default for Config {
             redis_key_prefix: String::new(),
             inbox_cache_messages: 100_000,
             inbox_cache_poll_ms: 100,
+            audience_min_run: 256,
         }
     }
 }
@@ -159,6 +163,9 @@ impl Config {
         }
         if self.message_expire_days == 0 {
             problems.push("stored_messages.message_expire_days: must be at least 1".to_string());
+        }
+        if self.audience_min_run == 0 {
+            problems.push("stored_messages.audience_min_run: must be at least 1".to_string());
         }
         if self.inbox_cache_poll_ms == 0 {
             problems.push("stored_messages.inbox_cache_poll_ms: must be at least 1".to_string());

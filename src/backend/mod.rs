@@ -348,6 +348,9 @@ pub struct Settings {
     pub expiry: Expiry,
     /// How often a backend that must poll for other processes' writes (SQLite) does so.
     pub change_poll: std::time::Duration,
+    /// The SQL backend stores a delivery to at least this many consecutive user ids once,
+    /// as a run.
+    pub audience_min_run: usize,
 }
 
 impl Settings {
@@ -360,6 +363,7 @@ impl Settings {
                 message_days: config.message_expire_days,
             },
             change_poll: std::time::Duration::from_millis(config.inbox_cache_poll_ms.max(1)),
+            audience_min_run: usize::try_from(config.audience_min_run.max(1)).unwrap_or(usize::MAX),
         }
     }
 }

@@ -3,25 +3,27 @@
 //!
 //! # Data model
 //!
-//! A message is stored **once** in `sm_messages`, however many users receive it. Each
-//! recipient gets one row in `sm_deliveries` — that row *is* the user's archive entry, and
-//! its `in_inbox` flag says whether it is still unread. So:
+//! A message is stored **once** in `sm_messages`, however many users receive it. Who has it
+//! is kept in two forms:
 //!
-//! - a broadcast is one `insert … select` over an array of user ids inside one transaction:
-//!   one row per recipient, no round trip per recipient, atomic by construction;
-//! - the inbox is a partial index (`where in_inbox`) on `(user_id, date_us, message_id)`:
-//!   listing it reads only unread entries, however large the archive;
-//! - the archive is the primary key `(user_id, date_us, message_id)`, which is also what
-//!   makes a delivery unique (a message has one date), so newest-first pages are index scans;
-//! - marking read flips `in_inbox`; nothing is copied between tables, so no message can be
-//!   lost between an inbox and an archive.
+//! - **rows**: one `sm_deliveries` row per user. The row *is* the user's archive entry, and
+//!   its `in_inbox` flag says whether it is still unread. The inbox is a partial index
+//!   (`where in_inbox`) on `(user_id, date_us, message_id)`, so listing it reads only unread
+//!   entries, however large the archive; the archive is the primary key
+//!   `(user_id, date_us, message_id)`, so newest-first pages are index scans.
+//! - **runs**: a delivery to at least `audience_min_run` (256) *consecutive* user ids, which
+//!   is what a broadcast to everyone usually is, is one `sm_audiences` row per run (cut at
+//!   buckets of 65,536 ids). A broadcast to a million users is then a few rows, not a
+//!   million: per-user rows cost a heap tuple and two user-keyed B-tree entries each, about
+//!   2.7 s per million on PostgreSQL. A covered user without a row has the message unread
+//!   (until it expires) and archived; reading it writes that user's row (a read marker), and
+//!   from then on the row decides, as it does for a message stored to the user again.
 //!
-//! The trade-off against storing a broadcast once with per-user read markers: a broadcast to
-//! a million users writes a million narrow rows (tens of megabytes) instead of one, and
-//! deleting a message touches all of them. In exchange every read is a plain index range
-//! scan, the audience is exactly the users the host named at send time (no "users created
-//! before" rules), and reading, expiring and deleting work the same for one recipient and
-//! for everyone.
+//! Every read is the union of both forms, each side an index range scan limited to one
+//! page; the runs covering a user are found within the user's bucket. The audience is still
+//! exactly the users the host named at send time: a run holds only ids that were in the
+//! list. Marking read flips `in_inbox` or adds a read marker; nothing is copied between
+//! tables, so no message can be lost between an inbox and an archive.
 //!
 //! # Dialects
 //!
@@ -330,6 +332,72 @@ pub(crate) fn from_micros(us: i64) -> DateTime<Utc> {
 /// The columns of a message, with `m` aliasing `sm_messages`.
 const MESSAGE_COLUMNS: &str = "m.id, m.level, m.message, m.extra_tags, m.url, m.date_us";
 
+/// Users per bucket of `sm_audiences`, as a shift: a run never crosses a bucket boundary.
+const BUCKET_BITS: u32 = 16;
+
+/// The bucket of `sm_audiences` that holds the runs covering `user`.
+fn bucket(user: UserId) -> i64 {
+    user.0 >> BUCKET_BITS
+}
+
+/// The condition "run `a` covers the user in parameter `$user`", with the user's bucket in
+/// parameter `$bucket` (so the primary key `(bucket, first_user, …)` finds the runs).
+fn covered(user: u8, bucket: u8) -> String {
+    format!("a.bucket = ${bucket} and a.first_user <= ${user} and a.last_user >= ${user}")
+}
+
+/// The condition "the user in `$1` has no row for run `a`'s message": a row, when there is
+/// one, is the user's state for that message and takes precedence over the run.
+const NO_ROW: &str = "not exists (select 1 from sm_deliveries r where r.user_id = $1 \
+                      and r.date_us = a.date_us and r.message_id = a.message_id)";
+
+/// Joins a row `d` to a run `a` of its message that covers its user.
+const ROW_IN_RUN: &str = "d.message_id = a.message_id \
+                          and d.user_id >= a.first_user and d.user_id <= a.last_user";
+
+/// A run of consecutive user ids within one bucket, stored once in `sm_audiences`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    bucket: i64,
+    first: i64,
+    last: i64,
+}
+
+/// Splits sorted, distinct user ids into runs of at least `min_run` consecutive ids (cut at
+/// bucket boundaries), and the ids left over, which get a row each.
+fn split_runs(users: &[i64], min_run: usize) -> (Vec<Run>, Vec<i64>) {
+    let mut runs = Vec::new();
+    let mut singles = Vec::new();
+    let mut start = 0;
+    while start < users.len() {
+        let mut end = start + 1;
+        while end < users.len() && users[end - 1].checked_add(1) == Some(users[end]) {
+            end += 1;
+        }
+        if end - start >= min_run.max(1) {
+            let (mut first, last) = (users[start], users[end - 1]);
+            while first <= last {
+                let bucket = first >> BUCKET_BITS;
+                let bucket_last = ((bucket + 1) << BUCKET_BITS).wrapping_sub(1);
+                let run_last = last.min(bucket_last);
+                runs.push(Run {
+                    bucket,
+                    first,
+                    last: run_last,
+                });
+                match run_last.checked_add(1) {
+                    Some(next) => first = next,
+                    None => break,
+                }
+            }
+        } else {
+            singles.extend_from_slice(&users[start..end]);
+        }
+        start = end;
+    }
+    (runs, singles)
+}
+
 /// Stored messages in SQLite or PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct SqlBackend {
@@ -383,9 +451,15 @@ impl SqlBackend {
         }
         let done = with_pool!(&self.pool, pool => {
             // `where true` keeps SQLite from reading `on conflict` as a join constraint.
+            // A user covered by one of the message's runs already has it, unread, unless a
+            // row of theirs says otherwise: such users are skipped; rows decide for the rest.
             let sql = format!(
                 "insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
-                 select u.id, $2, $3, $4 from ({}) as u where true {on_conflict}",
+                 select u.id, $2, $3, $4 from ({}) as u \
+                 where not exists (select 1 from sm_audiences a where a.message_id = $3 \
+                 and a.first_user <= u.id and a.last_user >= u.id) \
+                 or exists (select 1 from sm_deliveries r where r.user_id = u.id \
+                 and r.date_us = $2 and r.message_id = $3) {on_conflict}",
                 id_rows(pool, 1)
             );
             let mut tx = pool.begin().await.map_err(sql_error)?;
@@ -484,6 +558,7 @@ impl MessageBackend for SqlBackend {
     async fn deliver(&self, users: &[UserId], message: &NewMessage) -> Result<Message> {
         self.check_level(message.level())?;
         let users = unique_users(users);
+        let (runs, singles) = split_runs(&users, self.settings.audience_min_run);
         let id = match &self.pool {
             // One statement, one round trip: a data-modifying CTE is atomic by itself.
             SqlPool::Postgres(pool) => {
@@ -491,7 +566,10 @@ impl MessageBackend for SqlBackend {
                     "with m as (insert into sm_messages (level, message, extra_tags, url, date_us) \
                      values ($1, $2, $3, $4, $5) returning id), \
                      d as (insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
-                     select u, $5, m.id, true from m cross join unnest($6::int8[]) as u) \
+                     select u, $5, m.id, true from m cross join unnest($6::int8[]) as u), \
+                     a as (insert into sm_audiences (message_id, bucket, first_user, last_user, date_us) \
+                     select m.id, r.b, r.f, r.l, $5 from m \
+                     cross join unnest($9::int8[], $10::int8[], $11::int8[]) as r(b, f, l)) \
                      select id, pg_notify($7, $8)::text from m",
                 )
                 .bind(message.level().0)
@@ -499,9 +577,12 @@ impl MessageBackend for SqlBackend {
                 .bind(message.extra_tags())
                 .bind(message.url())
                 .bind(micros(message.date()))
-                .bind(&users)
+                .bind(&singles)
                 .bind(CHANGES_CHANNEL)
                 .bind(Change::payload(&users))
+                .bind(runs.iter().map(|r| r.bucket).collect::<Vec<_>>())
+                .bind(runs.iter().map(|r| r.first).collect::<Vec<_>>())
+                .bind(runs.iter().map(|r| r.last).collect::<Vec<_>>())
                 .fetch_all(pool)
                 .await
                 .map_err(sql_error)?;
@@ -523,15 +604,34 @@ impl MessageBackend for SqlBackend {
                 .await
                 .map_err(sql_error)?;
                 let id = returned_id(ids)?;
-                if !users.is_empty() {
+                if !singles.is_empty() {
                     // The ids are unique, so a plain insert cannot conflict.
                     sqlx::query(
                         "insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
                          select value, $2, $3, true from json_each($1)",
                     )
-                    .bind(Sqlite::param(&users))
+                    .bind(Sqlite::param(&singles))
                     .bind(micros(message.date()))
                     .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(sql_error)?;
+                }
+                if !runs.is_empty() {
+                    let flat: Vec<i64> = runs
+                        .iter()
+                        .flat_map(|r| [r.bucket, r.first, r.last])
+                        .collect();
+                    sqlx::query(
+                        "insert into sm_audiences (message_id, bucket, first_user, last_user, date_us) \
+                         select $2, b.value, f.value, l.value, $3 from json_each($1) as b \
+                         join json_each($1) as f on f.key = b.key + 1 \
+                         join json_each($1) as l on l.key = b.key + 2 \
+                         where b.key % 3 = 0",
+                    )
+                    .bind(Sqlite::param(&flat))
+                    .bind(id)
+                    .bind(micros(message.date()))
                     .execute(&mut *tx)
                     .await
                     .map_err(sql_error)?;
@@ -547,14 +647,25 @@ impl MessageBackend for SqlBackend {
         let (date, id, limit) = cursor_bounds(&query, START_ASC);
         let cutoff = self.inbox_cutoff();
         let rows: Vec<MessageRow> = with_pool!(&self.pool, pool => {
-            // Served by the partial index sm_deliveries_inbox: only unread rows are read.
+            // Unread rows through the partial index sm_deliveries_inbox, and the runs that
+            // cover the user (in the user's bucket) without a row of theirs: each side reads
+            // at most one page.
             let sql = format!(
-                "select {MESSAGE_COLUMNS} from {} \
+                "select * from (select {MESSAGE_COLUMNS} from {} \
                  join sm_messages m on m.id = d.message_id \
                  where d.user_id = $1 and d.in_inbox and d.date_us >= $2 \
                  and (d.date_us, d.message_id) > ($3, $4) \
-                 order by d.date_us, d.message_id limit $5",
-                inbox_table(pool)
+                 order by d.date_us, d.message_id limit $5) as own \
+                 union all \
+                 select * from (select {MESSAGE_COLUMNS} from sm_audiences a \
+                 join sm_messages m on m.id = a.message_id \
+                 where {} and a.date_us >= $2 \
+                 and (a.date_us, a.message_id) > ($3, $4) and {} \
+                 order by a.date_us, a.message_id limit $5) as runs \
+                 order by date_us, id limit $5",
+                inbox_table(pool),
+                covered(1, 6),
+                NO_ROW,
             );
             sqlx::query_as(&sql)
                 .bind(user.0)
@@ -562,6 +673,7 @@ impl MessageBackend for SqlBackend {
                 .bind(date)
                 .bind(id)
                 .bind(limit)
+                .bind(bucket(user))
                 .fetch_all(pool)
                 .await
                 .map_err(sql_error)?
@@ -573,27 +685,42 @@ impl MessageBackend for SqlBackend {
         let cutoff = self.inbox_cutoff();
         let count: i64 = with_pool!(&self.pool, pool => {
             let sql = format!(
-                "select count(*) from {} where d.user_id = $1 and d.in_inbox and d.date_us >= $2",
-                inbox_table(pool)
+                "select (select count(*) from {} \
+                 where d.user_id = $1 and d.in_inbox and d.date_us >= $2) \
+                 + (select count(*) from sm_audiences a \
+                 where {} and a.date_us >= $2 and {})",
+                inbox_table(pool),
+                covered(1, 3),
+                NO_ROW,
             );
-            sqlx::query_scalar(&sql).bind(user.0).bind(cutoff).fetch_one(pool).await.map_err(sql_error)?
+            sqlx::query_scalar(&sql)
+                .bind(user.0)
+                .bind(cutoff)
+                .bind(bucket(user))
+                .fetch_one(pool)
+                .await
+                .map_err(sql_error)?
         });
         Ok(count.max(0) as u64)
     }
 
     async fn inbox_get(&self, user: UserId, id: MessageId) -> Result<Message> {
-        // The message's date completes the delivery's key, so this is a primary key lookup.
+        // The message's date completes the delivery's key, so the row is a primary key
+        // lookup; without a row, a run of the message may cover the user.
         let sql = format!(
             "select {MESSAGE_COLUMNS} from sm_messages m \
-             join sm_deliveries d on d.user_id = $1 and d.date_us = m.date_us \
+             left join sm_deliveries d on d.user_id = $1 and d.date_us = m.date_us \
              and d.message_id = m.id \
-             where m.id = $2 and d.in_inbox and d.date_us >= $3"
+             where m.id = $2 and m.date_us >= $3 and (d.in_inbox or (d.user_id is null \
+             and exists (select 1 from sm_audiences a where a.message_id = m.id \
+             and a.bucket = $4 and a.first_user <= $1 and a.last_user >= $1)))"
         );
         let cutoff = self.inbox_cutoff();
         let row: Option<MessageRow> = with_pool!(&self.pool, pool => sqlx::query_as(&sql)
             .bind(user.0)
             .bind(id.0)
             .bind(cutoff)
+            .bind(bucket(user))
             .fetch_optional(pool)
             .await
             .map_err(sql_error)?);
@@ -616,8 +743,17 @@ impl MessageBackend for SqlBackend {
                  returning message_id",
                 id_rows(pool, 2)
             );
+            // Covered by a run without a row: a read marker row records the read.
+            let markers = format!(
+                "insert into sm_deliveries (user_id, date_us, message_id, in_inbox, read_us) \
+                 select $1, a.date_us, a.message_id, false, $3 from sm_audiences a \
+                 where a.message_id in ({}) and {} and a.date_us >= $4 \
+                 on conflict do nothing returning message_id",
+                id_rows(pool, 2),
+                covered(1, 5),
+            );
             let mut tx = pool.begin().await.map_err(sql_error)?;
-            let deleted: Vec<i64> = sqlx::query_scalar(&sql)
+            let mut deleted: Vec<i64> = sqlx::query_scalar(&sql)
                 .bind(user.0)
                 .bind(id_param(pool, &raw))
                 .bind(now)
@@ -625,6 +761,16 @@ impl MessageBackend for SqlBackend {
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(sql_error)?;
+            let marked: Vec<i64> = sqlx::query_scalar(&markers)
+                .bind(user.0)
+                .bind(id_param(pool, &raw))
+                .bind(now)
+                .bind(cutoff)
+                .bind(bucket(user))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(sql_error)?;
+            deleted.extend(marked);
             if !deleted.is_empty() {
                 announce!(pool, tx, Change::payload(&[user.0]));
             }
@@ -635,18 +781,33 @@ impl MessageBackend for SqlBackend {
     }
 
     async fn inbox_purge(&self, user: UserId) -> Result<u64> {
-        // One statement: a delivery committed while it runs is either updated (and counted)
-        // or not seen at all, so it stays unread.
+        // One transaction: a delivery committed while it runs is either marked read (and
+        // counted) or not seen at all, so it stays unread.
         let sql = "update sm_deliveries set in_inbox = false, read_us = $3 \
                    where user_id = $1 and in_inbox and date_us >= $2";
+        let markers = format!(
+            "insert into sm_deliveries (user_id, date_us, message_id, in_inbox, read_us) \
+             select $1, a.date_us, a.message_id, false, $3 from sm_audiences a \
+             where {} and a.date_us >= $2 on conflict do nothing",
+            covered(1, 4),
+        );
         let cutoff = self.inbox_cutoff();
         let now = micros(Utc::now());
         let done = with_pool!(&self.pool, pool => {
             let mut tx = pool.begin().await.map_err(sql_error)?;
-            let done = sqlx::query(sql)
+            let mut done = sqlx::query(sql)
                 .bind(user.0)
                 .bind(cutoff)
                 .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql_error)?
+                .rows_affected();
+            done += sqlx::query(&markers)
+                .bind(user.0)
+                .bind(cutoff)
+                .bind(now)
+                .bind(bucket(user))
                 .execute(&mut *tx)
                 .await
                 .map_err(sql_error)?
@@ -662,18 +823,28 @@ impl MessageBackend for SqlBackend {
 
     async fn archive_list(&self, user: UserId, query: ListQuery) -> Result<Vec<Message>> {
         let (date, id, limit) = cursor_bounds(&query, START_DESC);
-        // Served by the primary key, read backwards.
+        // The user's rows through the primary key, read backwards, and the runs covering
+        // the user without a row of theirs: each side reads at most one page.
         let sql = format!(
-            "select {MESSAGE_COLUMNS} from sm_deliveries d \
+            "select * from (select {MESSAGE_COLUMNS} from sm_deliveries d \
              join sm_messages m on m.id = d.message_id \
              where d.user_id = $1 and (d.date_us, d.message_id) < ($2, $3) \
-             order by d.date_us desc, d.message_id desc limit $4"
+             order by d.date_us desc, d.message_id desc limit $4) as own \
+             union all \
+             select * from (select {MESSAGE_COLUMNS} from sm_audiences a \
+             join sm_messages m on m.id = a.message_id \
+             where {} and (a.date_us, a.message_id) < ($2, $3) and {} \
+             order by a.date_us desc, a.message_id desc limit $4) as runs \
+             order by date_us desc, id desc limit $4",
+            covered(1, 5),
+            NO_ROW,
         );
         let rows: Vec<MessageRow> = with_pool!(&self.pool, pool => sqlx::query_as(&sql)
             .bind(user.0)
             .bind(date)
             .bind(id)
             .bind(limit)
+            .bind(bucket(user))
             .fetch_all(pool)
             .await
             .map_err(sql_error)?);
@@ -697,6 +868,34 @@ impl MessageBackend for SqlBackend {
             .await
             .map_err(sql_error)?
             .rows_affected();
+            // Runs leave the inbox as a whole: their covered users without a row are counted
+            // once, and the run is flagged so the next cleanup does not count them again.
+            let covered_without_row: i64 = sqlx::query_scalar(&format!(
+                "select coalesce((select cast(sum(a.last_user - a.first_user + 1) as bigint) from sm_audiences a \
+                 where not a.expired and a.date_us < $1 and a.date_us >= $2), 0) \
+                 - (select count(*) from sm_audiences a join sm_deliveries d \
+                 on {ROW_IN_RUN} where not a.expired and a.date_us < $1 and a.date_us >= $2)"
+            ))
+            .bind(inbox_cutoff)
+            .bind(message_cutoff)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(sql_error)?;
+            sqlx::query(
+                "update sm_audiences set expired = true \
+                 where not expired and date_us < $1 and date_us >= $2",
+            )
+            .bind(inbox_cutoff)
+            .bind(message_cutoff)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_error)?;
+            let inbox_entries = inbox_entries + covered_without_row.max(0) as u64;
+            sqlx::query("delete from sm_audiences where date_us < $1")
+                .bind(message_cutoff)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql_error)?;
             sqlx::query(
                 "delete from sm_deliveries where message_id in \
                  (select id from sm_messages where date_us < $1)",
@@ -727,6 +926,7 @@ impl MessageBackend for SqlBackend {
         with_pool!(&self.pool, pool => {
             let mut tx = pool.begin().await.map_err(sql_error)?;
             sqlx::query("delete from sm_deliveries").execute(&mut *tx).await.map_err(sql_error)?;
+            sqlx::query("delete from sm_audiences").execute(&mut *tx).await.map_err(sql_error)?;
             sqlx::query("delete from sm_messages").execute(&mut *tx).await.map_err(sql_error)?;
             sqlx::query("delete from sm_flash_spill").execute(&mut *tx).await.map_err(sql_error)?;
             announce!(pool, tx, "*");
@@ -745,10 +945,20 @@ impl MessageBackend for SqlBackend {
         limit: u32,
         before: Option<MessageId>,
     ) -> Result<Vec<MessageStats>> {
+        // Rows, plus the users of each run, minus the rows of users a run covers (their row
+        // is their state, counted once).
         let sql = format!(
             "select {MESSAGE_COLUMNS}, \
-             (select count(*) from sm_deliveries d where d.message_id = m.id) as recipients, \
-             (select count(*) from sm_deliveries d where d.message_id = m.id and d.in_inbox) as unread \
+             (select count(*) from sm_deliveries d where d.message_id = m.id) \
+             + coalesce((select cast(sum(a.last_user - a.first_user + 1) as bigint) from sm_audiences a \
+             where a.message_id = m.id), 0) \
+             - (select count(*) from sm_audiences a join sm_deliveries d on {ROW_IN_RUN} \
+             where a.message_id = m.id) as recipients, \
+             (select count(*) from sm_deliveries d where d.message_id = m.id and d.in_inbox) \
+             + coalesce((select cast(sum(a.last_user - a.first_user + 1) as bigint) from sm_audiences a \
+             where a.message_id = m.id and not a.expired), 0) \
+             - (select count(*) from sm_audiences a join sm_deliveries d on {ROW_IN_RUN} \
+             where a.message_id = m.id and not a.expired) as unread \
              from sm_messages m where m.id < $1 order by m.id desc limit $2"
         );
         let before = before.map_or(i64::MAX, |id| id.0);
@@ -771,12 +981,29 @@ impl MessageBackend for SqlBackend {
     async fn message_delete(&self, id: MessageId) -> Result<u64> {
         let (deliveries, messages) = with_pool!(&self.pool, pool => {
             let mut tx = pool.begin().await.map_err(sql_error)?;
+            // The users a run covers without a row of theirs, counted before the run goes.
+            let covered_without_row: i64 = sqlx::query_scalar(&format!(
+                "select coalesce((select cast(sum(a.last_user - a.first_user + 1) as bigint) from sm_audiences a \
+                 where a.message_id = $1), 0) \
+                 - (select count(*) from sm_audiences a join sm_deliveries d on {ROW_IN_RUN} \
+                 where a.message_id = $1)"
+            ))
+            .bind(id.0)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(sql_error)?;
+            sqlx::query("delete from sm_audiences where message_id = $1")
+                .bind(id.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql_error)?;
             let deliveries = sqlx::query("delete from sm_deliveries where message_id = $1")
                 .bind(id.0)
                 .execute(&mut *tx)
                 .await
                 .map_err(sql_error)?
-                .rows_affected();
+                .rows_affected()
+                + covered_without_row.max(0) as u64;
             let messages = sqlx::query("delete from sm_messages where id = $1")
                 .bind(id.0)
                 .execute(&mut *tx)
@@ -943,5 +1170,45 @@ async fn watch_sqlite(pool: &SqlitePool, sink: &ChangeSink, poll: Duration) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(bucket: i64, first: i64, last: i64) -> Run {
+        Run {
+            bucket,
+            first,
+            last,
+        }
+    }
+
+    #[test]
+    fn runs_are_long_stretches_of_consecutive_ids_cut_at_buckets() {
+        let (runs, singles) = split_runs(&[1, 2, 3, 5, 7, 8], 2);
+        assert_eq!(runs, [run(0, 1, 3), run(0, 7, 8)]);
+        assert_eq!(singles, [5]);
+        let (runs, singles) = split_runs(&[1, 2, 3, 5, 7, 8], 256);
+        assert!(runs.is_empty());
+        assert_eq!(singles, [1, 2, 3, 5, 7, 8]);
+        let everyone: Vec<i64> = (1..=200_000).collect();
+        let (runs, singles) = split_runs(&everyone, 256);
+        assert!(singles.is_empty());
+        assert_eq!(
+            runs,
+            [
+                run(0, 1, 65_535),
+                run(1, 65_536, 131_071),
+                run(2, 131_072, 196_607),
+                run(3, 196_608, 200_000)
+            ]
+        );
+        let (runs, _) = split_runs(&[-2, -1, 0, 1], 2);
+        assert_eq!(runs, [run(-1, -2, -1), run(0, 0, 1)]);
+        let (runs, _) = split_runs(&[i64::MAX - 1, i64::MAX], 2);
+        assert_eq!(runs, [run(i64::MAX >> 16, i64::MAX - 1, i64::MAX)]);
+        assert_eq!(bucket(UserId(-1)), -1);
     }
 }

@@ -63,6 +63,30 @@ macro_rules! conformance {
                 }
             )*
         }
+        /// SQLite with deliveries stored as runs of consecutive users.
+        mod sqlite_runs {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let config = crate::common::runs_config();
+                    if let Some(t) = crate::common::sqlite_store_with(config).await {
+                        super::$name(&t).await;
+                    }
+                }
+            )*
+        }
+        /// PostgreSQL with deliveries stored as runs of consecutive users.
+        mod postgres_runs {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let config = crate::common::runs_config();
+                    if let Some(t) = crate::common::postgres_store_with(config).await {
+                        super::$name(&t).await;
+                    }
+                }
+            )*
+        }
     };
 }
 
@@ -97,6 +121,8 @@ conformance!(
     message_delete_removes_it_everywhere,
     inbox_cache_answers_exactly_like_the_backend,
     inbox_cache_sees_writes_of_another_process,
+    a_broadcast_to_many_consecutive_users_behaves_per_user,
+    expired_broadcasts_leave_every_inbox_once,
 );
 
 async fn stored_message_is_in_inbox_and_archive(t: &TestStore) {
@@ -1026,4 +1052,109 @@ async fn inbox_cache_sees_writes_of_another_process(t: &TestStore) {
     assert!(other.mark_read(ALICE, d.message.id).await.unwrap());
     eventually(vec![]).await;
     assert_eq!(t.backend().inbox_count(ALICE).await.unwrap(), 0);
+}
+
+async fn a_broadcast_to_many_consecutive_users_behaves_per_user(t: &TestStore) {
+    // 600 consecutive users: the SQL backend keeps them as runs (and as rows for the users
+    // that act on the message), Redis as 600 entries; the answers are the same.
+    let everyone: Vec<UserId> = (1..=600).map(UserId).collect();
+    let stats = || async {
+        let stats = t.backend().message_stats(1, None).await.unwrap();
+        (stats[0].recipients, stats[0].unread)
+    };
+    let d = t
+        .store
+        .add_message_for(&everyone, stored("to everyone"))
+        .await
+        .unwrap();
+    let id = d.message.id;
+    assert_eq!(d.recipients, 600);
+    assert_eq!(stats().await, (600, 600));
+    for user in [UserId(1), UserId(300), UserId(600)] {
+        assert_eq!(t.backend().inbox_count(user).await.unwrap(), 1);
+        assert_eq!(t.backend().inbox_get(user, id).await.unwrap().id, id);
+        assert_eq!(archive_len(t, user).await, 1);
+    }
+    assert_eq!(t.backend().inbox_count(UserId(601)).await.unwrap(), 0);
+    assert!(t.backend().inbox_get(UserId(601), id).await.is_err());
+    // reading is per user
+    assert!(t.store.mark_read(UserId(300), id).await.unwrap());
+    assert!(!t.store.mark_read(UserId(300), id).await.unwrap());
+    assert_eq!(t.backend().inbox_count(UserId(300)).await.unwrap(), 0);
+    assert_eq!(archive_len(t, UserId(300)).await, 1);
+    assert_eq!(t.backend().inbox_count(UserId(301)).await.unwrap(), 1);
+    assert_eq!(t.store.mark_all_read(UserId(5)).await.unwrap(), 1);
+    assert_eq!(stats().await, (600, 598));
+    // storing again: covered users who have it unread are skipped, a reader gets it back
+    assert_eq!(
+        t.backend()
+            .inbox_store(&[UserId(300), UserId(301), UserId(700)], &d.message)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(t.backend().inbox_count(UserId(300)).await.unwrap(), 1);
+    assert_eq!(t.backend().inbox_count(UserId(301)).await.unwrap(), 1);
+    assert_eq!(stats().await, (601, 600));
+    assert_eq!(
+        t.backend()
+            .deliver_once(&[UserId(5), UserId(10), UserId(800)], &d.message)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        t.backend()
+            .archive_store(&[UserId(6), UserId(900)], &d.message)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(stats().await, (603, 601));
+    // a page of the inbox and of the archive shows it once
+    let first = t
+        .backend()
+        .inbox_list(UserId(300), ListQuery::first(10))
+        .await
+        .unwrap();
+    assert_eq!(texts(&first), ["to everyone"]);
+    let archive = t
+        .backend()
+        .archive_list(UserId(5), ListQuery::first(10))
+        .await
+        .unwrap();
+    assert_eq!(texts(&archive), ["to everyone"]);
+    // deleting the message removes every delivery
+    assert_eq!(t.backend().message_delete(id).await.unwrap(), 603);
+    assert_eq!(t.backend().inbox_count(UserId(1)).await.unwrap(), 0);
+    assert_eq!(archive_len(t, UserId(1)).await, 0);
+}
+
+async fn expired_broadcasts_leave_every_inbox_once(t: &TestStore) {
+    let everyone: Vec<UserId> = (1..=300).map(UserId).collect();
+    let old = NewMessage::parse(
+        Level::STORED_INFO,
+        "old",
+        "",
+        None,
+        Some(Utc::now() - Duration::days(31)),
+    )
+    .unwrap();
+    let d = t.store.add_message_for(&everyone, old).await.unwrap();
+    assert_eq!(t.backend().inbox_count(UserId(7)).await.unwrap(), 0);
+    // a user who has it already is skipped by archive_store, whatever stores it
+    assert_eq!(
+        t.backend()
+            .archive_store(&[UserId(7)], &d.message)
+            .await
+            .unwrap(),
+        0
+    );
+    let cleanup = t.store.cleanup().await.unwrap();
+    assert_eq!(cleanup.inbox_entries, 300);
+    assert_eq!(t.store.cleanup().await.unwrap().inbox_entries, 0);
+    assert_eq!(archive_len(t, UserId(7)).await, 1);
+    assert_eq!(archive_len(t, UserId(8)).await, 1);
+    let stats = t.backend().message_stats(1, None).await.unwrap();
+    assert_eq!((stats[0].recipients, stats[0].unread), (300, 0));
 }

@@ -267,21 +267,38 @@ pub fn sqlite_url(dir: &tempfile::TempDir) -> String {
 }
 
 pub async fn sqlite_store() -> Option<TestStore> {
-    let dir = tempfile::tempdir().unwrap();
-    let url = sqlite_url(&dir);
-    Some(new_store(url, Place::Sqlite(dir)).await)
+    sqlite_store_with(Config::default()).await
 }
 
 pub async fn postgres_store() -> Option<TestStore> {
+    postgres_store_with(Config::default()).await
+}
+
+/// SQL stores that keep every delivery of two or more consecutive users as a run, so the
+/// conformance suite runs over runs too (its users 1, 2 and 3 are consecutive).
+pub fn runs_config() -> Config {
+    Config {
+        audience_min_run: 2,
+        ..Config::default()
+    }
+}
+
+pub async fn sqlite_store_with(config: Config) -> Option<TestStore> {
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(&dir);
+    Some(new_store(url, Place::Sqlite(dir), config).await)
+}
+
+pub async fn postgres_store_with(config: Config) -> Option<TestStore> {
     let schema = PgSchema::create().await?;
     let url = schema.url.clone();
-    Some(new_store(url, Place::Postgres(schema)).await)
+    Some(new_store(url, Place::Postgres(schema), config).await)
 }
 
 pub async fn redis_store() -> Option<TestStore> {
     let prefix = RedisPrefix::create()?;
     let url = prefix.url.clone();
-    Some(new_store(url, Place::Redis(prefix)).await)
+    Some(new_store(url, Place::Redis(prefix), Config::default()).await)
 }
 
 /// The backend of `place` at `url`, connected with `settings`.
@@ -301,8 +318,7 @@ async fn connect(place: &Place, url: &str, settings: Settings) -> Arc<dyn Messag
     }
 }
 
-async fn new_store(url: String, place: Place) -> TestStore {
-    let config = Config::default();
+async fn new_store(url: String, place: Place, config: Config) -> TestStore {
     let backend = connect(&place, &url, Settings::from_config(&config)).await;
     let host = TestHost::with_users([]);
     let store = Store::new(backend, host.clone(), config.clone()).unwrap();

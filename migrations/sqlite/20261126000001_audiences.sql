@@ -1,0 +1,24 @@
+-- Broadcast audiences: a message sent to a run of consecutive user ids (at least
+-- `audience_min_run` of them, 256 by default) is stored once per run instead of once per
+-- user, which is what makes a broadcast to a million users one small insert. A covered
+-- user's own state lives in sm_deliveries only once it exists: a row there (a read marker,
+-- or a message stored again) takes precedence over the run. A covered user without a row
+-- has the message unread in the inbox (until it expires) and in the archive.
+
+create table sm_audiences (
+    message_id integer not null,
+    -- first_user >> 16: a run never crosses a bucket, so the runs covering a user are
+    -- found within the user's bucket instead of among every run ever sent.
+    bucket integer not null,
+    first_user integer not null,
+    last_user integer not null,
+    -- Copy of the message's date, as in sm_deliveries.
+    date_us integer not null,
+    -- Set by cleanup once the message is too old for inboxes, so expired inbox entries are
+    -- counted once.
+    expired boolean not null default false,
+    primary key (bucket, first_user, message_id)
+) without rowid;
+
+-- Deleting, counting and expiring go by message.
+create index sm_audiences_message on sm_audiences (message_id);
