@@ -115,10 +115,14 @@ fn serve() -> Result<(), String> {
         .map_err(|e| format!("the server stopped: {e}"))
 }
 
-/// The users table and the store, as `serve` would open them.
+/// The users table and the store, as `serve` would open them, without the inbox cache: a
+/// command runs once, so a cache (and its change feed's connection) would be wasted.
 async fn open(figment: &Figment) -> Result<(Arc<Users>, Store), String> {
     let users = Arc::new(crate::app::connect_users(figment).await?);
-    let store = Store::connect(figment, Arc::new(AppHost::new(users.clone())))
+    let figment = figment
+        .clone()
+        .merge(("stored_messages.inbox_cache_messages", 0));
+    let store = Store::connect(&figment, Arc::new(AppHost::new(users.clone())))
         .await
         .map_err(|e| report(&e))?;
     Ok((users, store))

@@ -88,6 +88,9 @@
 //!    }
 //!    ```
 //!
+//!    [`template::Page::render`] takes the same arguments as `Template::render` and renders
+//!    each distinct context once (Tera is the most expensive part of a page).
+//!
 //! 5. Copy `templates/stored_messages/` into your templates directory. Any template can then
 //!    use `{{ stored_messages_list(limit=10) }}`, `{{ stored_messages_archive(limit=10) }}`,
 //!    `{{ stored_messages_count() }}` and `{{ csrf_token() }}` (see [`template`]).
@@ -100,7 +103,9 @@
 //!   queue, and the private cookie is rewritten right away (Rocket copies cookie changes into
 //!   the response before any response fairing runs).
 //! - The first use of the guard in a request loads the flash queue (cookie, spill, Rocket's
-//!   own `_flash`) and the user's unread inbox, once.
+//!   own `_flash`) and the user's unread inbox, once. The inbox usually comes from the
+//!   in-process inbox cache ([`backend::cache`]), which every write of this process, and the
+//!   backend's change feed for other processes' writes, keeps exact.
 //! - Showing the stream (iterating the guard, or serializing it into a template context)
 //!   records exactly which messages were shown. Shown flash messages leave the cookie
 //!   immediately; the fairing marks the shown stored messages read after a successful
