@@ -104,8 +104,8 @@
 //!   the response before any response fairing runs).
 //! - The first use of the guard in a request loads the flash queue (cookie, spill, Rocket's
 //!   own `_flash`) and the user's unread inbox, once. The inbox usually comes from the
-//!   in-process inbox cache ([`backend::cache`]), which every write of this process, and the
-//!   backend's change feed for other processes' writes, keeps exact.
+//!   in-process inbox cache ([`backend::cache`]): this process's writes update it at once,
+//!   other processes' writes within milliseconds (within `inbox_cache_poll_ms` on SQLite).
 //! - Showing the stream (iterating the guard, or serializing it into a template context)
 //!   records exactly which messages were shown. Shown flash messages leave the cookie
 //!   immediately; the fairing marks the shown stored messages read after a successful

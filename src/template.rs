@@ -18,7 +18,8 @@
 //!
 //! Rendering with Tera costs far more than the rest of a request (an interpreter walking the
 //! context as JSON values). A rendered template depends only on its name, its context and
-//! the template files, and the helpers print markers rather than per-user data, so
+//! the template files (unless it calls `now()`, `get_random()` or similar), and the helpers
+//! print markers rather than per-user data, so
 //! [`Page`] (a drop-in for `Template::render`) and the list partial keep their output in a
 //! bounded memo ([`RenderMemo`]) keyed by exactly those: the same context renders once,
 //! and any other context renders afresh. [`register`] runs whenever rocket_dyn_templates
@@ -403,6 +404,11 @@ fn render_memo(
 /// each distinct context once (see the module docs). The context is serialized when the
 /// page is made, like `Template::render` does, so a [`crate::Messages`] stream in it counts
 /// as shown then.
+///
+/// The memo assumes the output depends on nothing but the context: keep `Template::render`
+/// for templates that call Tera's `now()`, `get_random()` or `get_env()`, or functions and
+/// filters of your own that read other state (a per-request nonce would be shared). The
+/// answer is always `text/html`, whatever the template's extension.
 ///
 /// ```no_run
 /// # use rocket::get;

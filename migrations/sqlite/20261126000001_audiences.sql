@@ -20,5 +20,10 @@ create table sm_audiences (
     primary key (bucket, first_user, message_id)
 ) without rowid;
 
+-- Listing a user's inbox or archive walks the runs of the user's bucket in date order and
+-- stops after one page of runs that cover the user; the index carries the run's bounds, so
+-- runs that do not cover the user are skipped without reading the table.
+create index sm_audiences_by_date on sm_audiences (bucket, date_us, message_id, first_user, last_user);
+
 -- Deleting, counting and expiring go by message.
 create index sm_audiences_message on sm_audiences (message_id);

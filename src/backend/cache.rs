@@ -10,8 +10,9 @@
 //! - **writes of other processes** (the CLI, other app servers) are reported by the backend
 //!   through [`MessageBackend::watch_changes`]: PostgreSQL `LISTEN`/`NOTIFY` sent in the
 //!   writing transaction, Redis `PUBLISH` from the writing script, SQLite's `data_version`
-//!   polled on a connection of its own. A backend that cannot report them (the default for
-//!   custom backends) is never cached.
+//!   polled on a connection of its own (it cannot tell whose write it saw, so on SQLite any
+//!   write empties the cache within `inbox_cache_poll_ms`). A backend that cannot report
+//!   them (the default for custom backends) is never cached.
 //!
 //! Fills cannot resurrect stale data: each user hashes to a stripe with a generation
 //! counter, an invalidation bumps it, and a fill is kept only when the generation it read
@@ -64,16 +65,17 @@ impl Change {
         ids.join(",")
     }
 
-    /// Reads a payload written by [`Change::payload`]; anything else counts as `All`.
+    /// Reads a payload written by [`Change::payload`] (empty: nobody); anything else counts
+    /// as `All`.
     pub fn parse(payload: &str) -> Change {
+        if payload.trim().is_empty() {
+            return Change::Users(Vec::new());
+        }
         let ids: Option<Vec<UserId>> = payload
             .split(',')
             .map(|id| id.trim().parse().ok().map(UserId))
             .collect();
-        match ids {
-            Some(ids) if !payload.trim().is_empty() => Change::Users(ids),
-            _ => Change::All,
-        }
+        ids.map_or(Change::All, Change::Users)
     }
 }
 
@@ -128,6 +130,15 @@ impl ChangeSink {
     }
 }
 
+/// Turns the cache off when dropped: held by the change feed's task.
+struct FeedEnded(ChangeSink);
+
+impl Drop for FeedEnded {
+    fn drop(&mut self) {
+        self.0.lost();
+    }
+}
+
 struct Entry {
     messages: Arc<[Message]>,
     /// The user has no unread messages beyond these.
@@ -135,10 +146,16 @@ struct Entry {
     filled: Instant,
 }
 
+/// Entries and their weight: each counts its messages plus one, so empty inboxes are
+/// bounded too.
 #[derive(Default)]
 struct Entries {
     map: HashMap<UserId, Entry>,
     messages: usize,
+}
+
+fn weight(entry: &Entry) -> usize {
+    entry.messages.len() + 1
 }
 
 /// The cache itself; see the module docs.
@@ -181,7 +198,7 @@ impl InboxCache {
         let mut entries = self.lock();
         for user in users {
             if let Some(entry) = entries.map.remove(user) {
-                entries.messages -= entry.messages.len();
+                entries.messages -= weight(&entry);
             }
         }
     }
@@ -206,7 +223,13 @@ impl InboxCache {
 
     /// Keeps what a fill read, unless the user's stripe changed since `generation`.
     fn put(&self, user: UserId, generation: u64, messages: Vec<Message>, complete: bool) {
-        if !self.live.load(Ordering::SeqCst) || messages.len() > self.max_messages {
+        let entry = Entry {
+            messages: messages.into(),
+            complete,
+            filled: Instant::now(),
+        };
+        let size = weight(&entry);
+        if !self.live.load(Ordering::SeqCst) || size > self.max_messages {
             return;
         }
         let mut entries = self.lock();
@@ -215,22 +238,27 @@ impl InboxCache {
         if self.generation(user) != generation {
             return;
         }
-        while entries.messages + messages.len() > self.max_messages && !entries.map.is_empty() {
-            // Room is made by dropping arbitrary entries: HashMap order is effectively random.
-            let victim = *entries.map.keys().next().expect("the map is not empty");
-            if let Some(old) = entries.map.remove(&victim) {
-                entries.messages -= old.messages.len();
+        if let Some(old) = entries.map.remove(&user) {
+            entries.messages -= weight(&old);
+        }
+        if entries.messages + size > self.max_messages {
+            // Aged entries go first, then arbitrary ones (HashMap order is effectively
+            // random) until there is room.
+            entries
+                .map
+                .retain(|_, e| e.filled.elapsed() < MAX_ENTRY_AGE);
+            entries.messages = entries.map.values().map(weight).sum();
+            while entries.messages + size > self.max_messages {
+                let Some(victim) = entries.map.keys().next().copied() else {
+                    break;
+                };
+                if let Some(old) = entries.map.remove(&victim) {
+                    entries.messages -= weight(&old);
+                }
             }
         }
-        entries.messages += messages.len();
-        let entry = Entry {
-            messages: messages.into(),
-            complete,
-            filled: Instant::now(),
-        };
-        if let Some(old) = entries.map.insert(user, entry) {
-            entries.messages -= old.messages.len();
-        }
+        entries.messages += size;
+        entries.map.insert(user, entry);
     }
 }
 
@@ -267,6 +295,9 @@ impl CachedBackend {
             if let Ok(runtime) = rocket::tokio::runtime::Handle::try_current() {
                 let backend = Arc::clone(&inner);
                 runtime.spawn(async move {
+                    // However the feed ends (the cache is gone, an error, a panic, its
+                    // runtime shutting down), the cache stops serving what it cannot check.
+                    let _stop = FeedEnded(sink.clone());
                     if let Err(e) = backend.watch_changes(sink).await {
                         log::warn!(
                             "stored-messages: inbox cache off, change feed failed: {}",
@@ -474,6 +505,52 @@ impl MessageBackend for CachedBackend {
 mod tests {
     use super::*;
 
+    fn cache(max_messages: usize) -> InboxCache {
+        InboxCache {
+            entries: Mutex::new(Entries::default()),
+            generations: std::array::from_fn(|_| AtomicU64::new(0)),
+            live: AtomicBool::new(true),
+            max_messages,
+            expiry: BackendSettings::default().expiry,
+            seen: watch::channel(0).0,
+            _stop: watch::channel(()).0,
+        }
+    }
+
+    #[test]
+    fn entries_stay_within_the_bound_even_when_empty() {
+        let cache = cache(10);
+        for user in 0..100 {
+            let generation = cache.generation(UserId(user));
+            cache.put(UserId(user), generation, Vec::new(), true);
+            let entries = cache.lock();
+            assert!(
+                entries.messages <= 10,
+                "{} after user {user}",
+                entries.messages
+            );
+            assert_eq!(entries.messages, entries.map.len());
+        }
+        assert!(cache.get(UserId(99)).is_some());
+    }
+
+    #[test]
+    fn a_fill_that_raced_an_invalidation_is_dropped() {
+        let cache = cache(10);
+        let generation = cache.generation(UserId(1));
+        cache.invalidate_users(&[UserId(1)]);
+        cache.put(UserId(1), generation, Vec::new(), true);
+        assert!(cache.get(UserId(1)).is_none());
+        // another stripe is not spoiled
+        let generation = cache.generation(UserId(2));
+        cache.invalidate_users(&[UserId(3)]);
+        cache.put(UserId(2), generation, Vec::new(), true);
+        assert!(cache.get(UserId(2)).is_some());
+        // nothing is served while the feed is down
+        cache.live.store(false, Ordering::SeqCst);
+        assert!(cache.get(UserId(2)).is_none());
+    }
+
     #[test]
     fn payloads_round_trip() {
         assert_eq!(Change::payload(&[1, 22, 333]), "1,22,333");
@@ -484,7 +561,7 @@ mod tests {
         let many: Vec<i64> = (0..=MANY_USERS as i64).collect();
         assert_eq!(Change::payload(&many), "*");
         assert_eq!(Change::parse("*"), Change::All);
-        assert_eq!(Change::parse(""), Change::All);
+        assert_eq!(Change::parse(""), Change::Users(vec![]));
         assert_eq!(Change::parse("1,x"), Change::All);
     }
 }

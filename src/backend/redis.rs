@@ -226,15 +226,18 @@ impl RedisBackend {
         Ok(backend)
     }
 
-    /// Tells every inbox cache that anything may have changed.
-    async fn announce_all(&self) -> Result<()> {
+    /// Tells every inbox cache that anything may have changed. The change itself is done by
+    /// then, so a failure is logged, not returned (the caches' entries age out in a minute).
+    async fn announce_all(&self) {
         let mut connection = self.connection.clone();
-        ::redis::cmd("PUBLISH")
+        if let Err(e) = ::redis::cmd("PUBLISH")
             .arg(self.keys.changes())
             .arg("*")
             .query_async::<_, ()>(&mut connection)
             .await
-            .map_err(redis_error)
+        {
+            log::warn!("stored-messages: telling inbox caches about a change failed: {e}");
+        }
     }
 
     /// The connection, for commands of the host's own.
@@ -590,7 +593,7 @@ impl MessageBackend for RedisBackend {
                 .map_err(redis_error)?;
             messages += removed.iter().sum::<u64>();
         }
-        self.announce_all().await?;
+        self.announce_all().await;
         Ok(Cleanup {
             inbox_entries,
             messages,
@@ -770,7 +773,8 @@ impl MessageBackend for RedisBackend {
             Some(pipe)
         })
         .await?;
-        self.announce_all().await
+        self.announce_all().await;
+        Ok(())
     }
 
     async fn watch_changes(&self, sink: ChangeSink) -> Result<bool> {

@@ -19,8 +19,11 @@
 //!   (until it expires) and archived; reading it writes that user's row (a read marker), and
 //!   from then on the row decides, as it does for a message stored to the user again.
 //!
-//! Every read is the union of both forms, each side an index range scan limited to one
-//! page; the runs covering a user are found within the user's bucket. The audience is still
+//! Every read is the union of both forms, each side limited to one page: the user's rows
+//! through their index, and the runs of the user's bucket in date order (index
+//! `sm_audiences_by_date`, which holds each run's bounds), skipping runs that do not cover
+//! the user. So a read costs what it returns, plus the runs of other users' broadcasts in
+//! the same bucket and date range, which with broadcasts to everyone are none. The audience is still
 //! exactly the users the host named at send time: a run holds only ids that were in the
 //! list. Marking read flips `in_inbox` or adds a read marker; nothing is copied between
 //! tables, so no message can be lost between an inbox and an archive.
@@ -450,9 +453,10 @@ impl SqlBackend {
             return Ok(0);
         }
         let done = with_pool!(&self.pool, pool => {
-            // `where true` keeps SQLite from reading `on conflict` as a join constraint.
             // A user covered by one of the message's runs already has it, unread, unless a
             // row of theirs says otherwise: such users are skipped; rows decide for the rest.
+            // (Having a `where`, the select also keeps SQLite from reading `on conflict` as
+            // a join constraint.)
             let sql = format!(
                 "insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
                  select u.id, $2, $3, $4 from ({}) as u \
@@ -981,6 +985,14 @@ impl MessageBackend for SqlBackend {
     async fn message_delete(&self, id: MessageId) -> Result<u64> {
         let (deliveries, messages) = with_pool!(&self.pool, pool => {
             let mut tx = pool.begin().await.map_err(sql_error)?;
+            // A write first: SQLite then holds the write lock for the whole transaction (a
+            // read first could not upgrade once another connection has committed).
+            let messages = sqlx::query("delete from sm_messages where id = $1")
+                .bind(id.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql_error)?
+                .rows_affected();
             // The users a run covers without a row of theirs, counted before the run goes.
             let covered_without_row: i64 = sqlx::query_scalar(&format!(
                 "select coalesce((select cast(sum(a.last_user - a.first_user + 1) as bigint) from sm_audiences a \
@@ -1004,12 +1016,6 @@ impl MessageBackend for SqlBackend {
                 .map_err(sql_error)?
                 .rows_affected()
                 + covered_without_row.max(0) as u64;
-            let messages = sqlx::query("delete from sm_messages where id = $1")
-                .bind(id.0)
-                .execute(&mut *tx)
-                .await
-                .map_err(sql_error)?
-                .rows_affected();
             if deliveries > 0 {
                 announce!(pool, tx, "*");
             }
@@ -1082,9 +1088,19 @@ async fn pause(sink: &ChangeSink, delay: Duration) -> bool {
 /// Every write that changes inboxes notifies in its own transaction, so a notification
 /// arrives exactly when the change is visible.
 async fn watch_postgres(pool: &PgPool, sink: &ChangeSink) {
+    // A pool of its own with one connection: a listener holds its connection for good, and
+    // must not take one from the pool that serves requests.
+    let own = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_lazy_with((*pool.connect_options()).clone());
     loop {
+        if pool.is_closed() {
+            sink.lost();
+            return;
+        }
         let listening = async {
-            let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+            let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
             listener.listen(CHANGES_CHANNEL).await?;
             Ok::<_, sqlx::Error>(listener)
         };
@@ -1126,6 +1142,10 @@ async fn watch_postgres(pool: &PgPool, sink: &ChangeSink) {
 async fn watch_sqlite(pool: &SqlitePool, sink: &ChangeSink, poll: Duration) {
     use sqlx::{ConnectOptions, Connection};
     loop {
+        if pool.is_closed() {
+            sink.lost();
+            return;
+        }
         let options = pool.connect_options();
         let connected = async {
             let mut connection = options.connect().await?;

@@ -1158,3 +1158,34 @@ async fn expired_broadcasts_leave_every_inbox_once(t: &TestStore) {
     let stats = t.backend().message_stats(1, None).await.unwrap();
     assert_eq!((stats[0].recipients, stats[0].unread), (300, 0));
 }
+
+/// PostgreSQL's change feed listens on a connection of its own: with a pool of one
+/// connection, requests still get it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_change_feed_leaves_the_pool_to_requests() {
+    use std::sync::Arc;
+    use stored_messages::backend::{Settings, SqlBackend, SqlPool};
+    let Some(schema) = crate::common::PgSchema::create().await else {
+        return;
+    };
+    let config = rocket_db_pools::Config {
+        url: schema.url.clone(),
+        min_connections: None,
+        max_connections: 1,
+        connect_timeout: 5,
+        idle_timeout: None,
+        extensions: None,
+    };
+    let pool = SqlPool::connect_with(&config).await.unwrap();
+    pool.migrate().await.unwrap();
+    let backend = Arc::new(SqlBackend::new(pool, Settings::default()));
+    let host = crate::common::TestHost::with_users([]);
+    let store = stored_messages::Store::new(backend, host, Config::default()).unwrap();
+    cache_live(&store).await;
+    store
+        .add_message_for(&[ALICE], stored("through the only connection"))
+        .await
+        .unwrap();
+    assert_eq!(store.backend().inbox_count(ALICE).await.unwrap(), 1);
+    assert_eq!(store.mark_all_read(ALICE).await.unwrap(), 1);
+}
