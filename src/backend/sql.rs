@@ -797,6 +797,26 @@ impl MessageBackend for SqlBackend {
         );
         let cutoff = self.inbox_cutoff();
         let now = micros(Utc::now());
+        if let SqlPool::Postgres(pool) = &self.pool {
+            // PostgreSQL does it in one statement (one round trip instead of five): the two
+            // data-modifying CTEs share one snapshot, and the notification goes at commit.
+            let sql = format!(
+                "with own as ({sql} returning 1), marked as ({markers} returning 1) \
+                 select (select count(*) from own) + (select count(*) from marked), \
+                 pg_notify($5, $6)::text"
+            );
+            let (done, _): (i64, Option<String>) = sqlx::query_as(&sql)
+                .bind(user.0)
+                .bind(cutoff)
+                .bind(now)
+                .bind(bucket(user))
+                .bind(CHANGES_CHANNEL)
+                .bind(Change::payload(&[user.0]))
+                .fetch_one(pool)
+                .await
+                .map_err(sql_error)?;
+            return Ok(done.max(0) as u64);
+        }
         let done = with_pool!(&self.pool, pool => {
             let mut tx = pool.begin().await.map_err(sql_error)?;
             let mut done = sqlx::query(sql)
