@@ -199,14 +199,17 @@ impl Inner {
     /// The user's unread messages once this request is settled, oldest first, from the
     /// request's own snapshot (no query): the snapshot and what this request stored, minus
     /// what it showed when `marked_read`. `None` when the snapshot was truncated.
-    pub(crate) fn unread_after(&self, marked_read: bool) -> Option<Vec<&Message>> {
+    ///
+    /// Moves the messages out (the stream is empty afterwards): only the response fairing
+    /// calls it, once the request is settled.
+    pub(crate) fn take_unread_after(&mut self, marked_read: bool) -> Option<Vec<Message>> {
         if self.truncated {
             return None;
         }
         let consumed = marked_read && self.used;
         Some(
-            self.stored
-                .iter()
+            std::mem::take(&mut self.stored)
+                .into_iter()
                 .filter(|(_, shown)| !(consumed && *shown))
                 .map(|(m, _)| m)
                 .collect(),

@@ -28,6 +28,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -240,13 +241,9 @@ async fn render_slot(
             return unread.map_or(0, <[Message]>::len).to_string();
         }
         (Slot::List(n), Some(_)) if unread.is_some() => {
-            let first = unread
-                .unwrap_or_default()
-                .iter()
-                .take(n as usize)
-                .cloned()
-                .collect();
-            ("inbox", Ok(first))
+            let unread = unread.unwrap_or_default();
+            let first = &unread[..unread.len().min(n as usize)];
+            ("inbox", Ok(Cow::Borrowed(first)))
         }
         (Slot::Count, Some(user)) => {
             return match backend.inbox_count(user).await {
@@ -260,17 +257,24 @@ async fn render_slot(
                 }
             }
         }
-        (Slot::List(_), None) => ("inbox", Ok(Vec::new())),
-        (Slot::Archive(_), None) => ("archive", Ok(Vec::new())),
-        (Slot::List(n), Some(user)) => {
-            ("inbox", backend.inbox_list(user, ListQuery::first(n)).await)
-        }
+        (Slot::List(_), None) => ("inbox", Ok(Cow::Owned(Vec::new()))),
+        (Slot::Archive(_), None) => ("archive", Ok(Cow::Owned(Vec::new()))),
+        (Slot::List(n), Some(user)) => (
+            "inbox",
+            backend
+                .inbox_list(user, ListQuery::first(n))
+                .await
+                .map(Cow::Owned),
+        ),
         (Slot::Archive(n), Some(user)) => (
             "archive",
-            backend.archive_list(user, ListQuery::first(n)).await,
+            backend
+                .archive_list(user, ListQuery::first(n))
+                .await
+                .map(Cow::Owned),
         ),
     };
-    let messages: Vec<Message> = match result {
+    let messages: Cow<'_, [Message]> = match result {
         Ok(messages) => messages,
         Err(e) => {
             log::error!(
@@ -300,13 +304,15 @@ async fn render_slot(
     // message never changes, and its id with its date identify it (ids are not reused; the
     // date guards against a store that lost its data and starts over).
     let mut key = format!("{kind}\n{csrf}\n{next}\n");
-    for m in &messages {
-        key.push_str(&format!(
-            "{}.{}.{}\n",
+    for m in messages.iter() {
+        // Writing to a String cannot fail.
+        let _ = writeln!(
+            key,
+            "{}.{}.{}",
             m.id.0,
             m.date.timestamp_micros(),
             m.level.0
-        ));
+        );
     }
     let context =
         |_: &str| json!({ "messages": stream(), "kind": kind, "csrf": csrf, "next": next });
