@@ -1104,6 +1104,38 @@ async fn pause(sink: &ChangeSink, delay: Duration) -> bool {
     }
 }
 
+/// Connects a change feed with `connect`, trying again every [`FEED_RETRY`] (the cache stays
+/// off meanwhile). `None` when the pool was closed or the cache went away.
+async fn connect_feed<T, F, Fut>(
+    sink: &ChangeSink,
+    pool_closed: impl Fn() -> bool,
+    mut connect: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    loop {
+        if pool_closed() {
+            sink.lost();
+            return None;
+        }
+        rocket::tokio::select! {
+            _ = sink.closed() => return None,
+            connected = connect() => match connected {
+                Ok(feed) => return Some(feed),
+                Err(e) => {
+                    log::warn!("stored-messages: inbox cache paused, cannot watch for changes: {e}");
+                    sink.lost();
+                    if !pause(sink, FEED_RETRY).await {
+                        return None;
+                    }
+                }
+            },
+        }
+    }
+}
+
 /// PostgreSQL's change feed: `LISTEN` on [`CHANGES_CHANNEL`], on a connection of its own.
 /// Every write that changes inboxes notifies in its own transaction, so a notification
 /// arrives exactly when the change is visible.
@@ -1115,28 +1147,13 @@ async fn watch_postgres(pool: &PgPool, sink: &ChangeSink) {
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .connect_lazy_with((*pool.connect_options()).clone());
     loop {
-        if pool.is_closed() {
-            sink.lost();
-            return;
-        }
-        let listening = async {
+        let listening = || async {
             let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
             listener.listen(CHANGES_CHANNEL).await?;
-            Ok::<_, sqlx::Error>(listener)
+            Ok(listener)
         };
-        let mut listener = rocket::tokio::select! {
-            _ = sink.closed() => return,
-            listener = listening => match listener {
-                Ok(listener) => listener,
-                Err(e) => {
-                    log::warn!("stored-messages: inbox cache paused, cannot listen for changes: {e}");
-                    sink.lost();
-                    if !pause(sink, FEED_RETRY).await {
-                        return;
-                    }
-                    continue;
-                }
-            },
+        let Some(mut listener) = connect_feed(sink, || pool.is_closed(), listening).await else {
+            return;
         };
         sink.live();
         loop {
@@ -1161,32 +1178,19 @@ async fn watch_postgres(pool: &PgPool, sink: &ChangeSink) {
 /// change empties the cache, so writes by other processes show within `poll`.
 async fn watch_sqlite(pool: &SqlitePool, sink: &ChangeSink, poll: Duration) {
     use sqlx::{ConnectOptions, Connection};
+    let options = pool.connect_options();
     loop {
-        if pool.is_closed() {
-            sink.lost();
-            return;
-        }
-        let options = pool.connect_options();
-        let connected = async {
+        let connected = || async {
             let mut connection = options.connect().await?;
             let version: i64 = sqlx::query_scalar("pragma data_version")
                 .fetch_one(&mut connection)
                 .await?;
-            Ok::<_, sqlx::Error>((connection, version))
+            Ok((connection, version))
         };
-        let (mut connection, mut version) = rocket::tokio::select! {
-            _ = sink.closed() => return,
-            connected = connected => match connected {
-                Ok(connected) => connected,
-                Err(e) => {
-                    log::warn!("stored-messages: inbox cache paused, cannot watch for changes: {e}");
-                    sink.lost();
-                    if !pause(sink, FEED_RETRY).await {
-                        return;
-                    }
-                    continue;
-                }
-            },
+        let Some((mut connection, mut version)) =
+            connect_feed(sink, || pool.is_closed(), connected).await
+        else {
+            return;
         };
         sink.live();
         loop {
