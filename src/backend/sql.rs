@@ -358,6 +358,18 @@ const NO_ROW: &str = "not exists (select 1 from sm_deliveries r where r.user_id 
 const ROW_IN_RUN: &str = "d.message_id = a.message_id \
                           and d.user_id >= a.first_user and d.user_id <= a.last_user";
 
+/// An SQL expression: how many users the runs `a` matching `filter` cover without having a
+/// row of their own (a row is the user's state, counted with the rows). Cleanup, stats and
+/// delete count a run's users this way.
+fn covered_without_row(filter: &str) -> String {
+    format!(
+        "(coalesce((select cast(sum(a.last_user - a.first_user + 1) as bigint) \
+         from sm_audiences a where {filter}), 0) \
+         - (select count(*) from sm_audiences a join sm_deliveries d on {ROW_IN_RUN} \
+         where {filter}))"
+    )
+}
+
 /// A run of consecutive user ids within one bucket, stored once in `sm_audiences`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Run {
@@ -895,10 +907,8 @@ impl MessageBackend for SqlBackend {
             // Runs leave the inbox as a whole: their covered users without a row are counted
             // once, and the run is flagged so the next cleanup does not count them again.
             let covered_without_row: i64 = sqlx::query_scalar(&format!(
-                "select coalesce((select cast(sum(a.last_user - a.first_user + 1) as bigint) from sm_audiences a \
-                 where not a.expired and a.date_us < $1 and a.date_us >= $2), 0) \
-                 - (select count(*) from sm_audiences a join sm_deliveries d \
-                 on {ROW_IN_RUN} where not a.expired and a.date_us < $1 and a.date_us >= $2)"
+                "select {}",
+                covered_without_row("not a.expired and a.date_us < $1 and a.date_us >= $2")
             ))
             .bind(inbox_cutoff)
             .bind(message_cutoff)
@@ -969,21 +979,17 @@ impl MessageBackend for SqlBackend {
         limit: u32,
         before: Option<MessageId>,
     ) -> Result<Vec<MessageStats>> {
-        // Rows, plus the users of each run, minus the rows of users a run covers (their row
-        // is their state, counted once).
+        // Rows, plus the users runs cover without a row (a row is its user's state, counted
+        // once); an expired run has nobody unread.
         let sql = format!(
             "select {MESSAGE_COLUMNS}, \
              (select count(*) from sm_deliveries d where d.message_id = m.id) \
-             + coalesce((select cast(sum(a.last_user - a.first_user + 1) as bigint) from sm_audiences a \
-             where a.message_id = m.id), 0) \
-             - (select count(*) from sm_audiences a join sm_deliveries d on {ROW_IN_RUN} \
-             where a.message_id = m.id) as recipients, \
+             + {} as recipients, \
              (select count(*) from sm_deliveries d where d.message_id = m.id and d.in_inbox) \
-             + coalesce((select cast(sum(a.last_user - a.first_user + 1) as bigint) from sm_audiences a \
-             where a.message_id = m.id and not a.expired), 0) \
-             - (select count(*) from sm_audiences a join sm_deliveries d on {ROW_IN_RUN} \
-             where a.message_id = m.id and not a.expired) as unread \
-             from sm_messages m where m.id < $1 order by m.id desc limit $2"
+             + {} as unread \
+             from sm_messages m where m.id < $1 order by m.id desc limit $2",
+            covered_without_row("a.message_id = m.id"),
+            covered_without_row("a.message_id = m.id and not a.expired"),
         );
         let before = before.map_or(i64::MAX, |id| id.0);
         let rows: Vec<StatsRow> = with_pool!(&self.pool, pool => sqlx::query_as(&sql)
@@ -1015,10 +1021,8 @@ impl MessageBackend for SqlBackend {
                 .rows_affected();
             // The users a run covers without a row of theirs, counted before the run goes.
             let covered_without_row: i64 = sqlx::query_scalar(&format!(
-                "select coalesce((select cast(sum(a.last_user - a.first_user + 1) as bigint) from sm_audiences a \
-                 where a.message_id = $1), 0) \
-                 - (select count(*) from sm_audiences a join sm_deliveries d on {ROW_IN_RUN} \
-                 where a.message_id = $1)"
+                "select {}",
+                covered_without_row("a.message_id = $1")
             ))
             .bind(id.0)
             .fetch_one(&mut *tx)
