@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# The benchmark suite: HTTP workloads (W1, W2 and their baseline, peak RSS) with wrk against the
-# release server on SQLite, PostgreSQL and Redis in turn, then the in-process backend
-# benchmarks (W3–W6, benches/backend.rs). Prints one table. Everything it creates (temporary
+# The benchmark suite: HTTP workloads with wrk against the release server on SQLite, PostgreSQL
+# and Redis in turn, then the in-process backend benchmarks (W3–W6, benches/backend.rs).
+# Prints one table.
+#
+# HTTP workloads, each measured in the same run as its baseline (GET /health, same client):
+# - W1many, W2many: 1,000 logged-in users (BENCH_USERS), each with 10 unread messages of
+#   their own, wrk rotating their cookies (bench/rotate.lua): GET /?keep=1 and
+#   GET /messages/inbox. This is how a site is loaded.
+# - W1, W2: the same two requests from one user, the same page over and over (kept to
+#   compare with earlier runs; they flatter anything that remembers identical answers). Everything it creates (temporary
 # databases, a PostgreSQL schema, Redis keys under its own prefix) is removed at the end.
 #
 #   bench/run.sh                 # everything (about 8 minutes on 2 cores after the build)
 #   BENCH_BACKENDS=sqlite bench/run.sh
 #   BENCH_DURATION=5 bench/run.sh
+#   BENCH_HTTP_ONLY=1 bench/run.sh  # only the HTTP workloads
 #
 # Needs wrk (apt-get install wrk), curl, psql (for the PostgreSQL run), redis-cli (Redis).
 set -euo pipefail
@@ -19,6 +27,8 @@ connections=${BENCH_CONNECTIONS:-16}
 database_url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
 redis_url=${REDIS_URL:-redis://127.0.0.1:6379}
 bin="${CARGO_TARGET_DIR:-$repo/target}/release/stored-messages"
+seed="${CARGO_TARGET_DIR:-$repo/target}/release/examples/bench-seed"
+many=${BENCH_USERS:-1000}
 work=$(mktemp -d)
 schema="sm_bench_http_$$"
 prefix="sm_bench_http_$$:"
@@ -37,7 +47,7 @@ for tool in wrk curl; do
 done
 
 echo "building the release binary and benchmarks…" >&2
-cargo build --release --quiet --bin stored-messages
+cargo build --release --quiet --bin stored-messages --example bench-seed
 cargo bench --quiet --bench backend --no-run >/dev/null 2>&1
 
 port=18765
@@ -46,9 +56,13 @@ results="$work/results.txt"
 : > "$results"
 
 # wrk's summary: requests/s, p50 and p99 latency (in ms).
-run_wrk() { # url cookie
+run_wrk() { # url, then either a cookie or "rotate FILE"
   local out
-  out=$(wrk -t1 -c"$connections" -d"${duration}s" --latency -H "Cookie: $2" "$1")
+  if [ "$2" = rotate ]; then
+    out=$(wrk -t1 -c"$connections" -d"${duration}s" --latency -s "$repo/bench/rotate.lua" "$1" -- "$3")
+  else
+    out=$(wrk -t1 -c"$connections" -d"${duration}s" --latency -H "Cookie: $2" "$1")
+  fi
   local rps p50 p99
   rps=$(awk '/Requests\/sec:/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
@@ -109,15 +123,33 @@ http_backend() { # name
   w2=$(run_wrk "http://127.0.0.1:$port/messages/inbox" "$cookie")
   unread=$(curl -fs -H "Cookie: $cookie" "http://127.0.0.1:$port/messages/count")
   [ "$unread" = '{"unread":10}' ] || { echo "bench: W1 must keep messages unread, got $unread" >&2; exit 1; }
+
+  # many users: each with 10 unread messages of their own, requests rotating among them
+  local cookies="$work/$name-cookies.txt" mbase m1 m2
+  "$seed" --users "$many" --messages 10 --server "127.0.0.1:$port" --cookies "$cookies" >&2
+  mbase=$(run_wrk "http://127.0.0.1:$port/health" rotate "$cookies")
+  m1=$(run_wrk "http://127.0.0.1:$port/?keep=1" rotate "$cookies")
+  m2=$(run_wrk "http://127.0.0.1:$port/messages/inbox" rotate "$cookies")
+  unread=$(curl -fs -H "Cookie: $(tail -1 "$cookies")" "http://127.0.0.1:$port/messages/count")
+  [ "$unread" = '{"unread":10}' ] || { echo "bench: W1many must keep messages unread, got $unread" >&2; exit 1; }
+  local mrss
+  mrss=$(awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$server_pid/status")
   kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=""
 
   read -r b_rps b_p50 b_p99 <<<"$base"
   read -r w1_rps w1_p50 w1_p99 <<<"$w1"
   read -r w2_rps w2_p50 w2_p99 <<<"$w2"
+  read -r mb_rps mb_p50 mb_p99 <<<"$mbase"
+  read -r m1_rps m1_p50 m1_p99 <<<"$m1"
+  read -r m2_rps m2_p50 m2_p99 <<<"$m2"
   {
-    printf "%-9s baseline GET /health          %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms\n" "$name" "$b_rps" "$b_p50" "$b_p99"
-    printf "%-9s W1 GET /?keep=1 (10 unread)   %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  %5.1f%% of baseline\n" "$name" "$w1_rps" "$w1_p50" "$w1_p99" "$(awk -v a="$w1_rps" -v b="$b_rps" 'BEGIN {print 100*a/b}')"
-    printf "%-9s W2 GET /messages/inbox        %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  %5.1f%% of baseline\n" "$name" "$w2_rps" "$w2_p50" "$w2_p99" "$(awk -v a="$w2_rps" -v b="$b_rps" 'BEGIN {print 100*a/b}')"
+    printf "%-9s baseline GET /health, %4d users %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms\n" "$name" "$many" "$mb_rps" "$mb_p50" "$mb_p99"
+    printf "%-9s W1many GET /?keep=1, %4d users  %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  %5.1f%% of baseline\n" "$name" "$many" "$m1_rps" "$m1_p50" "$m1_p99" "$(awk -v a="$m1_rps" -v b="$mb_rps" 'BEGIN {print 100*a/b}')"
+    printf "%-9s W2many GET /messages/inbox, %4d users %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  %5.1f%% of baseline\n" "$name" "$many" "$m2_rps" "$m2_p50" "$m2_p99" "$(awk -v a="$m2_rps" -v b="$mb_rps" 'BEGIN {print 100*a/b}')"
+    printf "%-9s peak RSS of the server after the many-users runs  %.1f MB\n" "$name" "$mrss"
+    printf "%-9s baseline GET /health, one user %8.0f req/s  p50 %7.3f ms  p99 %7.3f ms\n" "$name" "$b_rps" "$b_p50" "$b_p99"
+    printf "%-9s W1 GET /?keep=1, one user      %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  %5.1f%% of baseline\n" "$name" "$w1_rps" "$w1_p50" "$w1_p99" "$(awk -v a="$w1_rps" -v b="$b_rps" 'BEGIN {print 100*a/b}')"
+    printf "%-9s W2 GET /messages/inbox, one user %7.0f req/s  p50 %7.3f ms  p99 %7.3f ms  %5.1f%% of baseline\n" "$name" "$w2_rps" "$w2_p50" "$w2_p99" "$(awk -v a="$w2_rps" -v b="$b_rps" 'BEGIN {print 100*a/b}')"
     printf "%-9s peak RSS of the server after W1  %.1f MB\n" "$name" "$rss"
   } >>"$results"
   port=$((port + 1))
@@ -129,9 +161,11 @@ for name in "${list[@]}"; do
   http_backend "$name"
 done
 
-echo "backend workloads (W3–W6)…" >&2
-BENCH_BACKENDS="$backends" BENCH_SIZES="${BENCH_SIZES:-10000,100000,1000000}" \
-  cargo bench --quiet --bench backend 2>/dev/null | grep -E '^(sqlite|postgres|redis) ' >>"$results"
+if [ "${BENCH_HTTP_ONLY:-0}" != 1 ]; then
+  echo "backend workloads (W3–W6)…" >&2
+  BENCH_BACKENDS="$backends" BENCH_SIZES="${BENCH_SIZES:-10000,100000,1000000}" \
+    cargo bench --quiet --bench backend 2>/dev/null | grep -E '^(sqlite|postgres|redis) ' >>"$results"
+fi
 
 echo
 echo "stored-messages benchmarks — $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(date -u +%Y-%m-%d), wrk -t1 -c$connections -d${duration}s"

@@ -247,6 +247,7 @@ extern crate rocket;
 pub mod api;
 pub mod app;
 pub mod backend;
+pub mod changes;
 pub mod cli;
 pub mod config;
 pub mod csrf;
@@ -264,6 +265,7 @@ pub mod template;
 pub use crate::backend::{
     Cleanup, Cursor, ListQuery, MessageBackend, MessageStats, RedisBackend, SqlBackend, SqlPool,
 };
+pub use crate::changes::{Change, ChangeFeed, ChangeReceiver};
 pub use crate::config::Config;
 pub use crate::csrf::CsrfToken;
 pub use crate::error::{error_body, report, BoxError, Error, Result};

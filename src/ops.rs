@@ -13,6 +13,7 @@ use rocket::figment::Figment;
 use crate::backend::{
     CachedBackend, Cleanup, MessageBackend, RedisBackend, Settings, SqlBackend, SqlPool,
 };
+use crate::changes::ChangeFeed;
 use crate::config::{database_config, BackendKind, Config};
 use crate::error::{Error, Result};
 use crate::events::{Event, Events};
@@ -37,6 +38,7 @@ pub struct Store {
 struct Inner {
     backend: Arc<dyn MessageBackend>,
     cache: Option<Arc<CachedBackend>>,
+    feed: ChangeFeed,
     host: Arc<dyn Host>,
     config: Config,
     level_tags: LevelTags,
@@ -65,9 +67,11 @@ impl Store {
     ) -> Result<Store> {
         config.validate()?;
         let level_tags = config.level_tags()?;
+        let feed = ChangeFeed::new(backend.clone());
         let cache = (config.inbox_cache_messages > 0).then(|| {
             Arc::new(CachedBackend::new(
                 backend.clone(),
+                feed.clone(),
                 &Settings::from_config(&config),
                 config.inbox_cache_messages,
             ))
@@ -79,6 +83,7 @@ impl Store {
         let inner = Inner {
             backend,
             cache,
+            feed,
             host,
             config,
             level_tags,
@@ -123,6 +128,14 @@ impl Store {
     /// The inbox cache in front of the backend, unless `inbox_cache_messages` is 0.
     pub fn inbox_cache(&self) -> Option<&CachedBackend> {
         self.inner.cache.as_deref()
+    }
+
+    /// The change feed: which inboxes changed, in any process sharing the storage (see
+    /// [`crate::changes`]). It starts with the inbox cache, or on the first call to
+    /// [`Store::changes`] when the cache is off.
+    pub fn changes(&self) -> &ChangeFeed {
+        self.inner.feed.start();
+        &self.inner.feed
     }
 
     /// The host's view of users.

@@ -2,37 +2,43 @@
 //! so that pages and the JSON API read a user's inbox without a query.
 //!
 //! [`CachedBackend`] wraps any [`MessageBackend`]. It answers `inbox_list` (first pages, no
-//! cursor) and `inbox_count` from the cache and passes everything else through. It is kept
-//! correct in two ways:
+//! cursor) and `inbox_count` from the cache and passes everything else through.
+//!
+//! # What it guarantees
+//!
+//! A cached answer is never older than a query would be: a write that has returned in any
+//! process (this one, the CLI, another app instance) is seen by every read that starts
+//! after it. How:
 //!
 //! - **writes of this process** go through the wrapper, which drops the entries of the users
-//!   a write touched once the write returns;
-//! - **writes of other processes** (the CLI, other app servers) are reported by the backend
-//!   through [`MessageBackend::watch_changes`]: PostgreSQL `LISTEN`/`NOTIFY` sent in the
-//!   writing transaction, Redis `PUBLISH` from the writing script, SQLite's `data_version`
-//!   polled on a connection of its own (it cannot tell whose write it saw, so on SQLite any
-//!   write empties the cache within `inbox_cache_poll_ms`). A backend that cannot report
-//!   them (the default for custom backends) is never cached.
+//!   a write touched before the write returns;
+//! - **writes of other processes** reach the [`ChangeFeed`], which drops their entries from
+//!   its own task; and before it answers from an entry, a read waits for
+//!   [`ChangeFeed::sync`], which returns only once every change committed before the read
+//!   began has been reported. A read that finds no entry queries the backend (and keeps the
+//!   answer), so it needs no sync.
+//! - Fills cannot resurrect stale data: each user hashes to a stripe with a generation
+//!   counter, an invalidation bumps it, and a fill is kept only when the generation it read
+//!   before querying is still current.
+//! - While the feed is down, or a sync fails, nothing is answered from the cache: reads go
+//!   to the backend, and when the feed comes back the cache starts empty. A backend without
+//!   a feed (the default for custom backends) is never cached.
 //!
-//! Fills cannot resurrect stale data: each user hashes to a stripe with a generation
-//! counter, an invalidation bumps it, and a fill is kept only when the generation it read
-//! before querying is still current. While the change feed is down nothing is cached, and
-//! when it comes back the cache starts empty. Entries also expire after
-//! [`MAX_ENTRY_AGE`], a bound on staleness should a notification ever be lost.
+//! Entries also expire after [`MAX_ENTRY_AGE`], which bounds memory held for users who left.
 //!
 //! What it deliberately does not cache: archives, pages after a cursor, `inbox_get`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use rocket::tokio::sync::watch;
 
 use super::{
-    Cleanup, Expiry, ListQuery, MessageBackend, MessageStats, Settings as BackendSettings,
+    Cleanup, Expiry, FeedSink, ListQuery, MessageBackend, MessageStats, Settings as BackendSettings,
 };
+use crate::changes::{Change, ChangeFeed, MANY_USERS};
 use crate::error::Result;
 use crate::level::Level;
 use crate::message::{Message, MessageId, NewMessage, UserId};
@@ -40,104 +46,8 @@ use crate::request::MAX_STREAM_STORED;
 
 /// An entry older than this is read again from the backend.
 pub const MAX_ENTRY_AGE: Duration = Duration::from_secs(60);
-/// A write to more users than this drops the whole cache rather than one entry per user.
-const MANY_USERS: usize = 256;
 /// Generation stripes: users hash onto these, so unrelated writes rarely spoil a fill.
 const STRIPES: usize = 64;
-
-/// What changed, as a backend's change feed reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
-    /// The inboxes of these users changed.
-    Users(Vec<UserId>),
-    /// Anything may have changed.
-    All,
-}
-
-impl Change {
-    /// The form used in PostgreSQL notifications and Redis messages: user ids separated by
-    /// commas, or `*`.
-    pub fn payload(users: &[i64]) -> String {
-        if users.len() > MANY_USERS {
-            return "*".to_string();
-        }
-        let ids: Vec<String> = users.iter().map(i64::to_string).collect();
-        ids.join(",")
-    }
-
-    /// Reads a payload written by [`Change::payload`] (empty: nobody); anything else counts
-    /// as `All`.
-    pub fn parse(payload: &str) -> Change {
-        if payload.trim().is_empty() {
-            return Change::Users(Vec::new());
-        }
-        let ids: Option<Vec<UserId>> = payload
-            .split(',')
-            .map(|id| id.trim().parse().ok().map(UserId))
-            .collect();
-        ids.map_or(Change::All, Change::Users)
-    }
-}
-
-/// The handle a backend's change feed reports through. Cheap to clone.
-#[derive(Clone)]
-pub struct ChangeSink {
-    cache: Weak<InboxCache>,
-    stop: watch::Receiver<()>,
-}
-
-impl ChangeSink {
-    /// The feed is listening: from now on every change is reported. Clears the cache and
-    /// lets it fill.
-    pub fn live(&self) {
-        if let Some(cache) = self.cache.upgrade() {
-            cache.clear();
-            cache.live.store(true, Ordering::SeqCst);
-            cache.note_change();
-        }
-    }
-
-    /// The feed lost its connection: changes may be missed, so caching stops until
-    /// [`ChangeSink::live`].
-    pub fn lost(&self) {
-        if let Some(cache) = self.cache.upgrade() {
-            cache.live.store(false, Ordering::SeqCst);
-            cache.clear();
-            cache.note_change();
-        }
-    }
-
-    /// Something changed elsewhere.
-    pub fn changed(&self, change: Change) {
-        if let Some(cache) = self.cache.upgrade() {
-            match change {
-                Change::Users(users) => cache.invalidate_users(&users),
-                Change::All => cache.clear(),
-            }
-            cache.note_change();
-        }
-    }
-
-    /// Whether the cache is gone, so the feed should end.
-    pub fn is_closed(&self) -> bool {
-        self.cache.strong_count() == 0
-    }
-
-    /// Resolves when the cache is dropped: select on it to end a feed's task.
-    pub async fn closed(&self) {
-        let mut stop = self.stop.clone();
-        while stop.changed().await.is_ok() {}
-    }
-}
-
-/// Turns the cache off when dropped: held by the change feed's task.
-struct FeedEnded(ChangeSink);
-
-impl Drop for FeedEnded {
-    fn drop(&mut self) {
-        self.0.lost();
-    }
-}
 
 struct Entry {
     messages: Arc<[Message]>,
@@ -162,16 +72,20 @@ fn weight(entry: &Entry) -> usize {
 pub(crate) struct InboxCache {
     entries: Mutex<Entries>,
     generations: [AtomicU64; STRIPES],
-    live: AtomicBool,
     max_messages: usize,
     expiry: Expiry,
-    /// Counts reports from the change feed; tests wait on it instead of sleeping.
-    seen: watch::Sender<u64>,
-    /// Dropped with the cache, which ends the feed's task.
-    _stop: watch::Sender<()>,
 }
 
 impl InboxCache {
+    fn new(max_messages: usize, expiry: Expiry) -> InboxCache {
+        InboxCache {
+            entries: Mutex::new(Entries::default()),
+            generations: std::array::from_fn(|_| AtomicU64::new(0)),
+            max_messages,
+            expiry,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Entries> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -184,8 +98,11 @@ impl InboxCache {
         self.generations[Self::stripe(user)].load(Ordering::SeqCst)
     }
 
-    fn note_change(&self) {
-        self.seen.send_modify(|n| *n += 1);
+    fn apply(&self, change: &Change) {
+        match change {
+            Change::Users(users) => self.invalidate_users(users),
+            Change::All => self.clear(),
+        }
     }
 
     fn invalidate_users(&self, users: &[UserId]) {
@@ -212,10 +129,9 @@ impl InboxCache {
         entries.messages = 0;
     }
 
+    /// The user's entry, unless it aged out. Whether it is still current is the caller's
+    /// business (see [`CachedBackend::window`]).
     fn get(&self, user: UserId) -> Option<(Arc<[Message]>, bool)> {
-        if !self.live.load(Ordering::SeqCst) {
-            return None;
-        }
         let entries = self.lock();
         let entry = entries.map.get(&user)?;
         (entry.filled.elapsed() < MAX_ENTRY_AGE).then(|| (entry.messages.clone(), entry.complete))
@@ -229,7 +145,7 @@ impl InboxCache {
             filled: Instant::now(),
         };
         let size = weight(&entry);
-        if !self.live.load(Ordering::SeqCst) || size > self.max_messages {
+        if size > self.max_messages {
             return;
         }
         let mut entries = self.lock();
@@ -266,65 +182,38 @@ impl InboxCache {
 pub struct CachedBackend {
     inner: Arc<dyn MessageBackend>,
     cache: Arc<InboxCache>,
+    feed: ChangeFeed,
 }
 
 impl CachedBackend {
-    /// Wraps `inner` with a cache of at most `max_messages` messages, and starts the
-    /// backend's change feed in a task of the current Tokio runtime. Until the feed reports
-    /// that it listens (never, for a backend without one), every call passes through.
+    /// Wraps `inner` with a cache of at most `max_messages` messages, kept current by `feed`
+    /// (the change feed of `inner`), which it starts. Until the feed is live (never, for a
+    /// backend without one), every call passes through.
     pub fn new(
         inner: Arc<dyn MessageBackend>,
+        feed: ChangeFeed,
         settings: &BackendSettings,
         max_messages: usize,
     ) -> CachedBackend {
-        let (stop, stop_rx) = watch::channel(());
-        let cache = Arc::new(InboxCache {
-            entries: Mutex::new(Entries::default()),
-            generations: std::array::from_fn(|_| AtomicU64::new(0)),
-            live: AtomicBool::new(false),
-            max_messages,
-            expiry: settings.expiry,
-            seen: watch::channel(0).0,
-            _stop: stop,
-        });
-        let sink = ChangeSink {
-            cache: Arc::downgrade(&cache),
-            stop: stop_rx,
-        };
-        if max_messages > 0 {
-            if let Ok(runtime) = rocket::tokio::runtime::Handle::try_current() {
-                let backend = Arc::clone(&inner);
-                runtime.spawn(async move {
-                    // However the feed ends (the cache is gone, an error, a panic, its
-                    // runtime shutting down), the cache stops serving what it cannot check.
-                    let _stop = FeedEnded(sink.clone());
-                    if let Err(e) = backend.watch_changes(sink).await {
-                        log::warn!(
-                            "stored-messages: inbox cache off, change feed failed: {}",
-                            crate::report(&e)
-                        );
-                    }
-                });
+        let cache = Arc::new(InboxCache::new(max_messages, settings.expiry));
+        let weak = Arc::downgrade(&cache);
+        feed.add_hook(Box::new(move |change| {
+            if let Some(cache) = weak.upgrade() {
+                cache.apply(change);
             }
-        }
-        CachedBackend { inner, cache }
+        }));
+        feed.start();
+        CachedBackend { inner, cache, feed }
     }
 
-    /// Whether reads are being served from the cache (the change feed is listening).
+    /// Whether reads may be served from the cache (the change feed is live).
     pub fn is_live(&self) -> bool {
-        self.cache.live.load(Ordering::SeqCst)
+        self.feed.is_live()
     }
 
-    /// Waits until the change feed reports something more than it had when `seen` was read
-    /// from [`CachedBackend::changes_seen`]. For tests: an event to wait on, not a sleep.
-    pub async fn wait_for_change(&self, seen: u64) {
-        let mut rx = self.cache.seen.subscribe();
-        let _ = rx.wait_for(|n| *n > seen).await;
-    }
-
-    /// How many reports the change feed made so far.
-    pub fn changes_seen(&self) -> u64 {
-        *self.cache.seen.borrow()
+    /// The change feed that keeps the cache current.
+    pub fn feed(&self) -> &ChangeFeed {
+        &self.feed
     }
 
     /// The backend behind the cache.
@@ -337,10 +226,21 @@ impl CachedBackend {
     }
 
     /// The user's first unread messages (at most the window) and whether that is all of
-    /// them, from the cache or by a fill.
-    async fn window(&self, user: UserId) -> Result<(Arc<[Message]>, bool)> {
-        if let Some(hit) = self.cache.get(user) {
-            return Ok(hit);
+    /// them: from an entry once a sync vouches for it, or by a fill. `None` when the cache
+    /// cannot vouch for anything (the feed is down): read the backend.
+    async fn window(&self, user: UserId) -> Result<Option<(Arc<[Message]>, bool)>> {
+        if !self.feed.is_live() {
+            return Ok(None);
+        }
+        if self.cache.get(user).is_some() {
+            // The entry may predate a write that returned before this read began, in
+            // another process: once the sync returns, such a write has dropped it.
+            if !self.feed.sync().await {
+                return Ok(None);
+            }
+            if let Some(hit) = self.cache.get(user) {
+                return Ok(Some(hit));
+            }
         }
         let generation = self.cache.generation(user);
         let window = MAX_STREAM_STORED as usize;
@@ -351,8 +251,11 @@ impl CachedBackend {
         let complete = messages.len() <= window;
         messages.truncate(window);
         let shared: Arc<[Message]> = messages.clone().into();
-        self.cache.put(user, generation, messages, complete);
-        Ok((shared, complete))
+        // Kept only while the feed watches: a change it did not see could spoil the entry.
+        if self.feed.is_live() {
+            self.cache.put(user, generation, messages, complete);
+        }
+        Ok(Some((shared, complete)))
     }
 
     fn touched(&self, users: &[UserId]) {
@@ -393,14 +296,15 @@ impl MessageBackend for CachedBackend {
 
     async fn inbox_list(&self, user: UserId, query: ListQuery) -> Result<Vec<Message>> {
         let limit = query.limit.map(|n| n as usize);
-        let cacheable = query.after.is_none()
-            && limit.is_some_and(|n| n <= MAX_STREAM_STORED as usize + 1)
-            && self.is_live();
+        let cacheable =
+            query.after.is_none() && limit.is_some_and(|n| n <= MAX_STREAM_STORED as usize + 1);
         if !cacheable {
             return self.inner.inbox_list(user, query).await;
         }
         let limit = limit.unwrap_or_default();
-        let (messages, complete) = self.window(user).await?;
+        let Some((messages, complete)) = self.window(user).await? else {
+            return self.inner.inbox_list(user, query).await;
+        };
         let cutoff = self.cutoff();
         let fresh: Vec<Message> = messages
             .iter()
@@ -416,12 +320,9 @@ impl MessageBackend for CachedBackend {
     }
 
     async fn inbox_count(&self, user: UserId) -> Result<u64> {
-        if self.is_live() {
-            let (messages, complete) = self.window(user).await?;
-            if complete {
-                let cutoff = self.cutoff();
-                return Ok(messages.iter().filter(|m| m.date >= cutoff).count() as u64);
-            }
+        if let Some((messages, true)) = self.window(user).await? {
+            let cutoff = self.cutoff();
+            return Ok(messages.iter().filter(|m| m.date >= cutoff).count() as u64);
         }
         self.inner.inbox_count(user).await
     }
@@ -496,7 +397,7 @@ impl MessageBackend for CachedBackend {
         self.inner.spill_delete(key).await
     }
 
-    async fn watch_changes(&self, sink: ChangeSink) -> Result<bool> {
+    async fn watch_changes(&self, sink: FeedSink) -> Result<bool> {
         self.inner.watch_changes(sink).await
     }
 }
@@ -506,15 +407,7 @@ mod tests {
     use super::*;
 
     fn cache(max_messages: usize) -> InboxCache {
-        InboxCache {
-            entries: Mutex::new(Entries::default()),
-            generations: std::array::from_fn(|_| AtomicU64::new(0)),
-            live: AtomicBool::new(true),
-            max_messages,
-            expiry: BackendSettings::default().expiry,
-            seen: watch::channel(0).0,
-            _stop: watch::channel(()).0,
-        }
+        InboxCache::new(max_messages, BackendSettings::default().expiry)
     }
 
     #[test]
@@ -546,22 +439,10 @@ mod tests {
         cache.invalidate_users(&[UserId(3)]);
         cache.put(UserId(2), generation, Vec::new(), true);
         assert!(cache.get(UserId(2)).is_some());
-        // nothing is served while the feed is down
-        cache.live.store(false, Ordering::SeqCst);
-        assert!(cache.get(UserId(2)).is_none());
-    }
-
-    #[test]
-    fn payloads_round_trip() {
-        assert_eq!(Change::payload(&[1, 22, 333]), "1,22,333");
-        assert_eq!(
-            Change::parse("1,22,333"),
-            Change::Users(vec![UserId(1), UserId(22), UserId(333)])
-        );
-        let many: Vec<i64> = (0..=MANY_USERS as i64).collect();
-        assert_eq!(Change::payload(&many), "*");
-        assert_eq!(Change::parse("*"), Change::All);
-        assert_eq!(Change::parse(""), Change::Users(vec![]));
-        assert_eq!(Change::parse("1,x"), Change::All);
+        // a change for everyone spoils every fill
+        let generation = cache.generation(UserId(4));
+        cache.apply(&Change::All);
+        cache.put(UserId(4), generation, Vec::new(), true);
+        assert!(cache.get(UserId(2)).is_none() && cache.get(UserId(4)).is_none());
     }
 }

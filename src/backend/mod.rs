@@ -21,9 +21,10 @@ pub mod cache;
 pub mod redis;
 pub mod sql;
 
-pub use self::cache::{CachedBackend, Change, ChangeSink};
+pub use self::cache::CachedBackend;
 pub use self::redis::RedisBackend;
 pub use self::sql::{SqlBackend, SqlPool};
+pub use crate::changes::{Change, FeedSink, Wanted};
 
 /// The name the backends use internally.
 pub(crate) use self::unique_ids as unique_users;
@@ -312,17 +313,22 @@ pub trait MessageBackend: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Reports changes to inboxes made by other processes sharing this storage, for the
-    /// inbox cache ([`CachedBackend`]): calls [`ChangeSink::live`] once it listens, then
-    /// [`ChangeSink::changed`] for each change (users whose inbox changed, or all), and
-    /// [`ChangeSink::lost`] whenever it may have missed some, until [`ChangeSink::closed`]
-    /// resolves. Returns `Ok(false)` at once when the backend cannot report changes; the
-    /// default does, and such a backend is never cached.
+    /// Runs the backend's change feed (see [`crate::changes`]) until [`FeedSink::closed`]
+    /// resolves: calls [`FeedSink::live`] once it listens, [`FeedSink::changed`] for each
+    /// change to inboxes committed by any process (this one included), and
+    /// [`FeedSink::lost`] whenever it may have missed some (then it connects again, and calls
+    /// `live` again). Meanwhile it answers [`FeedSink::wanted`]: for [`Wanted::Sync`] it
+    /// sends a marker down the same ordered channel as the changes and calls
+    /// [`FeedSink::synced`] when the marker comes back (or [`FeedSink::sync_failed`]); for
+    /// [`Wanted::Reconnect`] it drops its connection and starts over.
+    ///
+    /// Returns `Ok(false)` at once when the backend has no change feed; the default does,
+    /// and such a backend is never cached.
     ///
     /// # Errors
     ///
-    /// When the feed cannot start at all; the cache then stays off.
-    async fn watch_changes(&self, sink: ChangeSink) -> Result<bool> {
+    /// When the feed cannot start at all; it then stays down.
+    async fn watch_changes(&self, sink: FeedSink) -> Result<bool> {
         let _ = sink;
         Ok(false)
     }

@@ -94,8 +94,8 @@ use chrono::{DateTime, Utc};
 
 use super::sql::{from_micros, micros};
 use super::{
-    unique_users, BackendError, Change, ChangeSink, Cleanup, ListQuery, MessageBackend,
-    MessageStats, Settings,
+    unique_users, BackendError, Change, Cleanup, FeedSink, ListQuery, MessageBackend, MessageStats,
+    Settings, Wanted,
 };
 use crate::config::SecretUrl;
 use crate::error::{Error, Result};
@@ -777,11 +777,23 @@ impl MessageBackend for RedisBackend {
         Ok(())
     }
 
-    async fn watch_changes(&self, sink: ChangeSink) -> Result<bool> {
+    async fn watch_changes(&self, sink: FeedSink) -> Result<bool> {
         let Some(client) = &self.client else {
             return Ok(false);
         };
-        watch(client, &self.keys.changes(), &sink).await;
+        let sync_channel = format!(
+            "{}sync:{}",
+            self.keys.prefix,
+            crate::changes::instance_name()
+        );
+        watch(
+            client,
+            self.connection.clone(),
+            &self.keys.changes(),
+            &sync_channel,
+            &sink,
+        )
+        .await;
         Ok(true)
     }
 }
@@ -789,14 +801,25 @@ impl MessageBackend for RedisBackend {
 /// How long the change feed waits before subscribing again after losing its connection.
 const FEED_RETRY: Duration = Duration::from_secs(1);
 
-/// The change feed: `SUBSCRIBE P changes` on a connection of its own. The scripts publish
-/// from inside each change, so a message arrives exactly when the change is visible.
-async fn watch(client: &Client, channel: &str, sink: &ChangeSink) {
+/// The change feed: `SUBSCRIBE P changes` and a sync channel of this process's own, on a
+/// connection of its own. The scripts publish from inside each change, so a message arrives
+/// exactly when the change is visible.
+///
+/// A sync marker is a `PUBLISH` on the sync channel over the shared connection. Redis runs
+/// one command at a time and a subscriber receives its messages in the order the server ran
+/// the `PUBLISH`es, so when the marker arrives, every change published before it has arrived.
+async fn watch(
+    client: &Client,
+    mut connection: ConnectionManager,
+    channel: &str,
+    sync_channel: &str,
+    sink: &FeedSink,
+) {
     use rocket::futures::StreamExt;
     loop {
         let subscribing = async {
             let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(channel).await?;
+            pubsub.subscribe(&[channel, sync_channel]).await?;
             Ok::<_, RedisError>(pubsub)
         };
         let subscribed = rocket::tokio::select! {
@@ -807,9 +830,7 @@ async fn watch(client: &Client, channel: &str, sink: &ChangeSink) {
             Ok(Ok(pubsub)) => pubsub,
             failed => {
                 if let Ok(Err(e)) = failed {
-                    log::warn!(
-                        "stored-messages: inbox cache paused, cannot subscribe to changes: {e}"
-                    );
+                    log::warn!("stored-messages: change feed down, cannot subscribe: {e}");
                 }
                 sink.lost();
                 rocket::tokio::select! {
@@ -824,13 +845,45 @@ async fn watch(client: &Client, channel: &str, sink: &ChangeSink) {
             rocket::tokio::select! {
                 _ = sink.closed() => return,
                 message = messages.next() => match message {
+                    Some(message) if message.get_channel_name() == sync_channel => {
+                        let payload: String = message.get_payload().unwrap_or_default();
+                        if let Ok(n) = payload.parse() {
+                            sink.synced(n);
+                        }
+                    }
                     Some(message) => {
                         let payload: String = message.get_payload().unwrap_or_default();
                         sink.changed(Change::parse(&payload));
                     }
                     // The connection dropped: messages may have been missed.
                     None => {
-                        log::warn!("stored-messages: inbox cache paused, lost the change subscription");
+                        log::warn!("stored-messages: change feed down, lost the Redis subscription");
+                        sink.lost();
+                        break;
+                    }
+                },
+                wanted = sink.wanted() => match wanted {
+                    Wanted::Sync(n) => {
+                        let sent = ::redis::cmd("PUBLISH")
+                            .arg(sync_channel)
+                            .arg(n)
+                            .query_async::<_, u64>(&mut connection)
+                            .await;
+                        match sent {
+                            // Nobody received it: this subscription is gone, though its
+                            // connection has not said so yet.
+                            Ok(0) => {
+                                sink.lost();
+                                break;
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                log::warn!("stored-messages: sending a change feed sync failed: {e}");
+                                sink.sync_failed();
+                            }
+                        }
+                    }
+                    Wanted::Reconnect => {
                         sink.lost();
                         break;
                     }

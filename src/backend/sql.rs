@@ -40,14 +40,18 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
+use sqlx::database::HasArguments;
 use sqlx::migrate::Migrator;
+use sqlx::postgres::PgArguments;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::query::Query;
+use sqlx::sqlite::SqliteArguments;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Database, Encode, PgPool, Pool, Postgres, Sqlite, SqlitePool, Type};
 
 use super::{
-    unique_users, BackendError, Change, ChangeSink, Cleanup, ListQuery, MessageBackend,
-    MessageStats, Settings,
+    unique_users, BackendError, Change, Cleanup, FeedSink, ListQuery, MessageBackend, MessageStats,
+    Settings, Wanted,
 };
 use crate::config::SecretUrl;
 use crate::error::{Error, Result};
@@ -211,10 +215,10 @@ pub(crate) trait IdArray: Database {
     /// prefers the primary key (all of a user's archive) to the partial inbox index, so it is
     /// told which index to use; PostgreSQL picks the partial index by itself.
     const INBOX_TABLE: &'static str;
-    /// The statement that tells other processes' inbox caches which inboxes changed
-    /// (`$1` channel, `$2` payload), sent when the transaction commits. SQLite has none: its
-    /// change feed polls `data_version` instead.
-    const ANNOUNCE: Option<&'static str>;
+    /// The statement that announces a change to every process's change feed, inside the
+    /// writing transaction: a row of SQLite's `sm_changes` log, a PostgreSQL notification
+    /// (sent when the transaction commits).
+    fn announce<'q>(payload: String) -> Query<'q, Self, <Self as HasArguments<'q>>::Arguments>;
 }
 
 impl IdArray for Sqlite {
@@ -235,7 +239,12 @@ impl IdArray for Sqlite {
 
     const ROWS: &'static str = "select value as id from json_each(${n})";
     const INBOX_TABLE: &'static str = "sm_deliveries as d indexed by sm_deliveries_inbox";
-    const ANNOUNCE: Option<&'static str> = None;
+
+    fn announce<'q>(payload: String) -> Query<'q, Sqlite, SqliteArguments<'q>> {
+        sqlx::query("insert into sm_changes (users, date_us) values ($1, $2)")
+            .bind(payload)
+            .bind(micros(Utc::now()))
+    }
 }
 
 impl IdArray for Postgres {
@@ -247,29 +256,36 @@ impl IdArray for Postgres {
 
     const ROWS: &'static str = "select unnest(${n}::int8[]) as id";
     const INBOX_TABLE: &'static str = "sm_deliveries as d";
-    const ANNOUNCE: Option<&'static str> = Some("select pg_notify($1, $2)");
+
+    fn announce<'q>(payload: String) -> Query<'q, Postgres, PgArguments> {
+        sqlx::query("select pg_notify(left($1 || coalesce(current_schema(), ''), 63), $2)")
+            .bind(CHANGES_CHANNEL)
+            .bind(payload)
+    }
 }
 
-/// The PostgreSQL channel on which writes announce changed inboxes (see [`Change`]).
-pub const CHANGES_CHANNEL: &str = "stored_messages_changes";
+/// The start of the PostgreSQL channel on which writes announce changed inboxes (see
+/// [`Change`]). The channel is this followed by the schema the tables are in (cut to 63
+/// bytes, PostgreSQL's limit), so stores in separate schemas of one database, such as the
+/// tests', do not hear each other.
+pub const CHANGES_CHANNEL: &str = "stored_messages_changes:";
 
-/// `IdArray::ANNOUNCE` for the dialect of `pool`.
-fn announce_sql<DB: IdArray>(_pool: &Pool<DB>) -> Option<&'static str> {
-    DB::ANNOUNCE
+/// `IdArray::announce` for the dialect of `pool`.
+fn announce_query<'q, DB: IdArray>(
+    _pool: &Pool<DB>,
+    payload: impl Into<String>,
+) -> Query<'q, DB, <DB as HasArguments<'q>>::Arguments> {
+    DB::announce(payload.into())
 }
 
-/// Inside a transaction of `$pool` (`$tx`), announces `$payload` to other processes' inbox
-/// caches when the dialect needs it (PostgreSQL).
+/// Inside a transaction of `$pool` (`$tx`), announces `$payload` (see [`Change::payload`])
+/// to every process's change feed.
 macro_rules! announce {
     ($pool:expr, $tx:expr, $payload:expr) => {
-        if let Some(sql) = announce_sql($pool) {
-            sqlx::query(sql)
-                .bind(CHANGES_CHANNEL)
-                .bind($payload)
-                .execute(&mut *$tx)
-                .await
-                .map_err(sql_error)?;
-        }
+        announce_query($pool, $payload)
+            .execute(&mut *$tx)
+            .await
+            .map_err(sql_error)?;
     };
 }
 
@@ -586,7 +602,8 @@ impl MessageBackend for SqlBackend {
                      a as (insert into sm_audiences (message_id, bucket, first_user, last_user, date_us) \
                      select m.id, r.b, r.f, r.l, $5 from m \
                      cross join unnest($9::int8[], $10::int8[], $11::int8[]) as r(b, f, l)) \
-                     select id, pg_notify($7, $8)::text from m",
+                     select id, pg_notify(left($7 || coalesce(current_schema(), ''), 63), $8)::text \
+                     from m",
                 )
                 .bind(message.level().0)
                 .bind(message.message())
@@ -651,6 +668,12 @@ impl MessageBackend for SqlBackend {
                     .execute(&mut *tx)
                     .await
                     .map_err(sql_error)?;
+                }
+                if !users.is_empty() {
+                    Sqlite::announce(Change::payload(&users))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(sql_error)?;
                 }
                 tx.commit().await.map_err(sql_error)?;
                 id
@@ -815,7 +838,7 @@ impl MessageBackend for SqlBackend {
             let sql = format!(
                 "with own as ({sql} returning 1), marked as ({markers} returning 1) \
                  select (select count(*) from own) + (select count(*) from marked), \
-                 pg_notify($5, $6)::text"
+                 pg_notify(left($5 || coalesce(current_schema(), ''), 63), $6)::text"
             );
             let (done, _): (i64, Option<String>) = sqlx::query_as(&sql)
                 .bind(user.0)
@@ -1088,7 +1111,7 @@ impl MessageBackend for SqlBackend {
         Ok(())
     }
 
-    async fn watch_changes(&self, sink: ChangeSink) -> Result<bool> {
+    async fn watch_changes(&self, sink: FeedSink) -> Result<bool> {
         match &self.pool {
             SqlPool::Postgres(pool) => watch_postgres(pool, &sink).await,
             SqlPool::Sqlite(pool) => watch_sqlite(pool, &sink, self.settings.change_poll).await,
@@ -1100,18 +1123,18 @@ impl MessageBackend for SqlBackend {
 /// How long a change feed waits before connecting again after losing its connection.
 const FEED_RETRY: Duration = Duration::from_secs(1);
 
-/// Waits `delay`, or less if the cache goes away; `false` when it did.
-async fn pause(sink: &ChangeSink, delay: Duration) -> bool {
+/// Waits `delay`, or less if the feed goes away; `false` when it did.
+async fn pause(sink: &FeedSink, delay: Duration) -> bool {
     rocket::tokio::select! {
         _ = sink.closed() => false,
         _ = rocket::tokio::time::sleep(delay) => true,
     }
 }
 
-/// Connects a change feed with `connect`, trying again every [`FEED_RETRY`] (the cache stays
-/// off meanwhile). `None` when the pool was closed or the cache went away.
+/// Connects a change feed with `connect`, trying again every [`FEED_RETRY`] (the feed stays
+/// down meanwhile). `None` when the pool was closed or the feed went away.
 async fn connect_feed<T, F, Fut>(
-    sink: &ChangeSink,
+    sink: &FeedSink,
     pool_closed: impl Fn() -> bool,
     mut connect: F,
 ) -> Option<T>
@@ -1129,7 +1152,7 @@ where
             connected = connect() => match connected {
                 Ok(feed) => return Some(feed),
                 Err(e) => {
-                    log::warn!("stored-messages: inbox cache paused, cannot watch for changes: {e}");
+                    log::warn!("stored-messages: change feed down, cannot connect: {e}");
                     sink.lost();
                     if !pause(sink, FEED_RETRY).await {
                         return None;
@@ -1140,34 +1163,92 @@ where
     }
 }
 
-/// PostgreSQL's change feed: `LISTEN` on [`CHANGES_CHANNEL`], on a connection of its own.
-/// Every write that changes inboxes notifies in its own transaction, so a notification
-/// arrives exactly when the change is visible.
-async fn watch_postgres(pool: &PgPool, sink: &ChangeSink) {
+/// PostgreSQL's change feed: `LISTEN` on the changes channel (see [`CHANGES_CHANNEL`]) and on
+/// a sync channel of this
+/// process's own, on a connection of its own. Every write that changes inboxes notifies in
+/// its own transaction, so a notification arrives exactly when the change is visible.
+///
+/// A sync marker is a notification on the sync channel, sent from the request pool (with
+/// `synchronous_commit` off: it carries no data worth a disk flush). PostgreSQL delivers
+/// notifications in commit order, so when the marker arrives every change committed before
+/// it was sent has arrived too.
+///
+/// The listening connection's `application_name` ends in `(change feed)`, so operators (and
+/// the tests) can find it in `pg_stat_activity`.
+async fn watch_postgres(pool: &PgPool, sink: &FeedSink) {
+    use rocket::futures::StreamExt;
     // A pool of its own with one connection: a listener holds its connection for good, and
     // must not take one from the pool that serves requests.
     let own = PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .connect_lazy_with((*pool.connect_options()).clone());
+    let sync_channel = format!("stored_messages_sync_{}", crate::changes::instance_name());
     loop {
         let listening = || async {
             let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
-            listener.listen(CHANGES_CHANNEL).await?;
+            let channel: String = sqlx::query_scalar(
+                "select left($1 || coalesce(current_schema(), ''), 63), \
+                 set_config('application_name', \
+                 left(current_setting('application_name'), 40) || ' (change feed)', false)",
+            )
+            .bind(CHANGES_CHANNEL)
+            .fetch_one(&mut listener)
+            .await?;
+            listener
+                .listen_all([channel.as_str(), sync_channel.as_str()])
+                .await?;
             Ok(listener)
         };
-        let Some(mut listener) = connect_feed(sink, || pool.is_closed(), listening).await else {
+        let Some(listener) = connect_feed(sink, || pool.is_closed(), listening).await else {
             return;
         };
+        // The listener lives inside the stream, so waiting for the next notification in a
+        // `select!` never drops a half-read one. The stream ends when the connection does
+        // (sqlx's `try_recv` answers `None` then, and would reconnect silently next time).
+        let mut notifications = Box::pin(rocket::futures::stream::unfold(
+            Some(listener),
+            |listener| async move {
+                let mut listener = listener?;
+                match listener.try_recv().await {
+                    Ok(Some(notification)) => Some((notification, Some(listener))),
+                    Ok(None) | Err(_) => None,
+                }
+            },
+        ));
         sink.live();
         loop {
             rocket::tokio::select! {
                 _ = sink.closed() => return,
-                received = listener.try_recv() => match received {
-                    Ok(Some(notification)) => sink.changed(Change::parse(notification.payload())),
-                    // The connection dropped: notifications may have been missed.
-                    Ok(None) | Err(_) => {
-                        log::warn!("stored-messages: inbox cache paused, lost the change listener");
+                received = notifications.next() => match received {
+                    Some(notification) if notification.channel() == sync_channel => {
+                        if let Ok(n) = notification.payload().parse() {
+                            sink.synced(n);
+                        }
+                    }
+                    Some(notification) => sink.changed(Change::parse(notification.payload())),
+                    None => {
+                        log::warn!("stored-messages: change feed down, lost the PostgreSQL listener");
+                        sink.lost();
+                        break;
+                    }
+                },
+                wanted = sink.wanted() => match wanted {
+                    Wanted::Sync(n) => {
+                        let sent = sqlx::query(
+                            "select set_config('synchronous_commit', 'off', true), \
+                             pg_notify($1, $2)",
+                        )
+                        .bind(&sync_channel)
+                        .bind(n.to_string())
+                        .execute(pool)
+                        .await;
+                        if let Err(e) = sent {
+                            log::warn!("stored-messages: sending a change feed sync failed: {e}");
+                            sink.sync_failed();
+                        }
+                    }
+                    Wanted::Reconnect => {
                         sink.lost();
                         break;
                     }
@@ -1177,46 +1258,106 @@ async fn watch_postgres(pool: &PgPool, sink: &ChangeSink) {
     }
 }
 
-/// SQLite's change feed: SQLite cannot notify other processes, but `pragma data_version`
-/// (read on a connection of its own) changes whenever another connection commits. Any
-/// change empties the cache, so writes by other processes show within `poll`.
-async fn watch_sqlite(pool: &SqlitePool, sink: &ChangeSink, poll: Duration) {
+/// How often SQLite's change feed prunes `sm_changes`, and how old a row must be to go.
+const LOG_PRUNE_EVERY: Duration = Duration::from_secs(60);
+const LOG_KEEP_US: i64 = 10 * 60 * 1_000_000;
+/// Rows of `sm_changes` read at a time.
+const LOG_PAGE: i64 = 1000;
+
+/// SQLite's change feed: SQLite cannot notify other processes, so writes leave a row in
+/// `sm_changes` (see its migration) and the feed reads the rows after the last one it saw,
+/// on a connection of its own: every `poll`, and at once for a sync, which therefore needs
+/// no marker (the read itself is the barrier: it sees every commit that came before it).
+async fn watch_sqlite(pool: &SqlitePool, sink: &FeedSink, poll: Duration) {
     use sqlx::{ConnectOptions, Connection};
     let options = pool.connect_options();
     loop {
         let connected = || async {
             let mut connection = options.connect().await?;
-            let version: i64 = sqlx::query_scalar("pragma data_version")
+            let last: i64 = sqlx::query_scalar("select coalesce(max(seq), 0) from sm_changes")
                 .fetch_one(&mut connection)
                 .await?;
-            Ok((connection, version))
+            Ok((connection, last))
         };
-        let Some((mut connection, mut version)) =
+        let Some((mut connection, mut last)) =
             connect_feed(sink, || pool.is_closed(), connected).await
         else {
             return;
         };
         sink.live();
+        let mut ticker = rocket::tokio::time::interval(poll);
+        ticker.set_missed_tick_behavior(rocket::tokio::time::MissedTickBehavior::Delay);
+        let mut pruned = std::time::Instant::now();
         loop {
-            if !pause(sink, poll).await {
-                let _ = connection.close().await;
-                return;
+            let sync = rocket::tokio::select! {
+                _ = sink.closed() => {
+                    let _ = connection.close().await;
+                    return;
+                }
+                _ = ticker.tick() => None,
+                wanted = sink.wanted() => match wanted {
+                    Wanted::Sync(n) => Some(n),
+                    Wanted::Reconnect => {
+                        sink.lost();
+                        break;
+                    }
+                },
+            };
+            if let Err(e) = read_change_log(&mut connection, &mut last, sink).await {
+                log::warn!("stored-messages: change feed down, reading sm_changes failed: {e}");
+                sink.lost();
+                break;
             }
-            match sqlx::query_scalar::<_, i64>("pragma data_version")
-                .fetch_one(&mut connection)
+            if let Some(n) = sync {
+                sink.synced(n);
+            }
+            if pruned.elapsed() >= LOG_PRUNE_EVERY {
+                pruned = std::time::Instant::now();
+                let cutoff = micros(Utc::now()) - LOG_KEEP_US;
+                // Every process prunes; the newest row stays, for the gap check below.
+                if let Err(e) = sqlx::query(
+                    "delete from sm_changes where date_us < $1 \
+                     and seq < (select max(seq) from sm_changes)",
+                )
+                .bind(cutoff)
+                .execute(&mut connection)
                 .await
-            {
-                Ok(now) if now != version => {
-                    version = now;
-                    sink.changed(Change::All);
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    log::warn!("stored-messages: inbox cache paused, change watch failed: {e}");
-                    sink.lost();
-                    break;
+                {
+                    log::debug!("stored-messages: pruning sm_changes failed: {e}");
                 }
             }
+        }
+    }
+}
+
+/// Reports every row of `sm_changes` after `last`, and moves `last` on. Rows pruned before
+/// this feed read them (it was paused for minutes) are reported as [`Change::All`].
+async fn read_change_log(
+    connection: &mut sqlx::SqliteConnection,
+    last: &mut i64,
+    sink: &FeedSink,
+) -> Result<(), sqlx::Error> {
+    loop {
+        let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+            "select seq, users, (select min(seq) from sm_changes) from sm_changes \
+             where seq > $1 order by seq limit $2",
+        )
+        .bind(*last)
+        .bind(LOG_PAGE)
+        .fetch_all(&mut *connection)
+        .await?;
+        let Some((_, _, oldest)) = rows.first() else {
+            return Ok(());
+        };
+        if *oldest > *last + 1 {
+            sink.changed(Change::All);
+        }
+        for (seq, users, _) in &rows {
+            sink.changed(Change::parse(users));
+            *last = *seq;
+        }
+        if (rows.len() as i64) < LOG_PAGE {
+            return Ok(());
         }
     }
 }

@@ -121,6 +121,7 @@ conformance!(
     message_delete_removes_it_everywhere,
     inbox_cache_answers_exactly_like_the_backend,
     inbox_cache_sees_writes_of_another_process,
+    change_feed_reports_writes_of_every_process,
     a_broadcast_to_many_consecutive_users_behaves_per_user,
     expired_broadcasts_leave_every_inbox_once,
 );
@@ -957,16 +958,12 @@ async fn cached_and_direct(t: &TestStore, user: UserId) -> [(Vec<MessageId>, u64
     [answers[0].clone(), answers[1].clone()]
 }
 
-/// Waits (for an event, not a fixed time) until the cache is listening for changes.
+/// Waits (for an event, not a fixed time) until the store's change feed is live.
 async fn cache_live(store: &stored_messages::Store) {
-    let cache = store
-        .inbox_cache()
-        .expect("the inbox cache is on by default");
-    tokio::time::timeout(std::time::Duration::from_secs(30), async {
-        while !cache.is_live() {
-            cache.wait_for_change(cache.changes_seen()).await;
-        }
-    })
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        store.changes().wait_live(),
+    )
     .await
     .expect("the change feed starts listening");
 }
@@ -1018,40 +1015,75 @@ async fn inbox_cache_answers_exactly_like_the_backend(t: &TestStore) {
 
 async fn inbox_cache_sees_writes_of_another_process(t: &TestStore) {
     // Another store over the same data, with connections of its own, stands in for
-    // another process (the CLI, a second app server).
+    // another process (the CLI, a second app server). Its writes must be seen by the very
+    // next read, with the answer cached beforehand: no waiting.
     let other = t.reconfigured(Config::default()).await;
     cache_live(&t.store).await;
-    let cache = t.store.inbox_cache().unwrap();
     let first = || async {
-        t.backend()
+        let messages = t
+            .backend()
             .inbox_list(ALICE, ListQuery::first(10))
             .await
-            .unwrap()
-    };
-    // Waits for change reports until the cached answer is `want`.
-    let eventually = |want: Vec<&'static str>| async move {
-        tokio::time::timeout(std::time::Duration::from_secs(30), async {
-            loop {
-                let seen = cache.changes_seen();
-                if texts(&first().await) == want {
-                    return;
-                }
-                cache.wait_for_change(seen).await;
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("the cache never showed {want:?}"));
+            .unwrap();
+        messages
+            .into_iter()
+            .map(|m| m.message)
+            .collect::<Vec<String>>()
     };
     assert!(first().await.is_empty());
-    let d = other
-        .add_message_for(&[ALICE], stored("from elsewhere"))
+    for round in 0..20 {
+        // the entry is cached now
+        assert!(first().await.is_empty(), "round {round}");
+        let d = other
+            .add_message_for(&[ALICE], stored("from elsewhere"))
+            .await
+            .unwrap();
+        assert_eq!(first().await, ["from elsewhere"], "round {round}");
+        assert_eq!(t.backend().inbox_count(ALICE).await.unwrap(), 1);
+        assert!(other.mark_read(ALICE, d.message.id).await.unwrap());
+        assert!(first().await.is_empty(), "round {round}");
+        assert_eq!(t.backend().inbox_count(ALICE).await.unwrap(), 0);
+        other
+            .add_message_for(&[ALICE, BOB], stored("again"))
+            .await
+            .unwrap();
+        assert_eq!(t.backend().inbox_count(ALICE).await.unwrap(), 1);
+        assert_eq!(other.mark_all_read(ALICE).await.unwrap(), 1);
+        assert_eq!(t.backend().inbox_count(ALICE).await.unwrap(), 0);
+    }
+    assert!(t.store.inbox_cache().unwrap().is_live());
+}
+
+async fn change_feed_reports_writes_of_every_process(t: &TestStore) {
+    let other = t.reconfigured(Config::default()).await;
+    cache_live(&t.store).await;
+    let mut changes = t.store.changes().subscribe();
+    // a write of another process, then one of this process: both reach the feed
+    other
+        .add_message_for(&[BOB], stored("from elsewhere"))
         .await
         .unwrap();
-    eventually(vec!["from elsewhere"]).await;
-    assert_eq!(t.backend().inbox_count(ALICE).await.unwrap(), 1);
-    assert!(other.mark_read(ALICE, d.message.id).await.unwrap());
-    eventually(vec![]).await;
-    assert_eq!(t.backend().inbox_count(ALICE).await.unwrap(), 0);
+    t.store
+        .add_message_for(&[ALICE], stored("from here"))
+        .await
+        .unwrap();
+    assert!(
+        t.store.changes().sync().await,
+        "a live feed vouches for itself"
+    );
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let change = tokio::time::timeout(std::time::Duration::from_secs(10), changes.recv())
+            .await
+            .expect("changes arrive")
+            .expect("the feed is open");
+        match change {
+            stored_messages::Change::Users(users) => seen.extend(users.iter().copied()),
+            stored_messages::Change::All => panic!("a write to one user is reported as such"),
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, [ALICE, BOB]);
 }
 
 async fn a_broadcast_to_many_consecutive_users_behaves_per_user(t: &TestStore) {

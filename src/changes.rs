@@ -1,0 +1,532 @@
+//! The change feed: which users' inboxes changed, in any process sharing the store.
+//!
+//! Every write that changes inboxes is announced by the backend itself, from inside the
+//! writing transaction or script: PostgreSQL `NOTIFY`, Redis `PUBLISH`, a row in SQLite's
+//! `sm_changes` log. So a write by this process, by the CLI or by another app instance is
+//! reported the same way, and a [`ChangeFeed`] reports all of them as [`Change`]s:
+//!
+//! - [`ChangeFeed::subscribe`] gives a [`ChangeReceiver`], for code that reacts to changes
+//!   (live pages, a host's own cache). A receiver that falls behind, or a feed that lost its
+//!   connection, gets [`Change::All`]: "re-read what you show", never a silent gap.
+//! - [`ChangeFeed::sync`] is a barrier: it returns once every change committed before the
+//!   call, in any process, has been reported. The inbox cache calls it before it trusts an
+//!   entry, which is what makes a cached read exactly as fresh as a query (see
+//!   [`crate::backend::cache`]).
+//!
+//! # How the barrier works
+//!
+//! The feed asks the backend for a *sync*: the backend sends a marker down the same ordered
+//! channel its changes travel on and reports the sync done when the marker comes back.
+//! PostgreSQL delivers notifications in commit order, Redis delivers a connection's
+//! messages in the order the server executed the `PUBLISH`es, and SQLite's log is read in
+//! commit order; so when the marker arrives, every change committed before it was sent has
+//! been reported. The marker is sent after the caller asked, hence after every write that
+//! had returned by then.
+//!
+//! One marker serves every caller that was waiting when it was sent: callers that arrive
+//! while a marker is out wait for the next one, which leaves as soon as the first returns.
+//! Under load a sync therefore costs one round trip per batch of requests, not per request.
+//!
+//! While the feed is down (no connection, or a sync that did not come back within
+//! [`SYNC_TIMEOUT`]), [`ChangeFeed::sync`] answers `false` at once and [`ChangeFeed::is_live`]
+//! is `false`: callers must then read the store itself. The backend reconnects by itself,
+//! and reports [`Change::All`] when it is back, since it may have missed changes meanwhile.
+//!
+//! This module owns the bookkeeping; each backend owns its transport (`watch_changes` in
+//! [`crate::backend::sql`] and [`crate::backend::redis`]).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use rocket::tokio::sync::{broadcast, watch, Notify};
+
+use crate::backend::MessageBackend;
+use crate::message::UserId;
+
+/// A write to more users than this is announced as [`Change::All`] rather than by listing
+/// them (the announcement stays small; caches drop everything instead of many entries).
+pub const MANY_USERS: usize = 256;
+
+/// How long [`ChangeFeed::sync`] waits for the backend's marker before it gives up, declares
+/// the feed down and has it reconnect.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How many changes a [`ChangeReceiver`] may fall behind before it gets [`Change::All`]
+/// instead of what it missed.
+const BACKLOG: usize = 4096;
+
+/// What changed, as a backend's change feed reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The inboxes of these users changed (sorted, each once).
+    Users(Arc<[UserId]>),
+    /// Any inbox may have changed: a cleanup, a deleted message, a write to very many users,
+    /// or a feed that may have missed changes.
+    All,
+}
+
+impl Change {
+    /// The change for `users` (any order, repeats allowed): [`Change::All`] beyond
+    /// [`MANY_USERS`].
+    pub fn users(users: &[UserId]) -> Change {
+        if users.len() > MANY_USERS {
+            return Change::All;
+        }
+        let mut users = users.to_vec();
+        users.sort_unstable();
+        users.dedup();
+        Change::Users(users.into())
+    }
+
+    /// Whether the change may concern `user`.
+    pub fn concerns(&self, user: UserId) -> bool {
+        match self {
+            Change::Users(users) => users.binary_search(&user).is_ok(),
+            Change::All => true,
+        }
+    }
+
+    /// How backends write a change into a notification or a log row: user ids separated by
+    /// commas, or `*` for [`Change::All`] (and beyond [`MANY_USERS`] ids).
+    pub fn payload(users: &[i64]) -> String {
+        if users.len() > MANY_USERS {
+            return "*".to_string();
+        }
+        let ids: Vec<String> = users.iter().map(i64::to_string).collect();
+        ids.join(",")
+    }
+
+    /// Reads a payload written by [`Change::payload`] (empty: nobody); anything else counts
+    /// as [`Change::All`].
+    pub fn parse(payload: &str) -> Change {
+        if payload.trim().is_empty() {
+            return Change::Users(Arc::from([]));
+        }
+        let ids: Option<Vec<UserId>> = payload
+            .split(',')
+            .map(|id| id.trim().parse().ok().map(UserId))
+            .collect();
+        ids.map_or(Change::All, |ids| Change::users(&ids))
+    }
+}
+
+/// A random name for this process's own sync channel: 16 lowercase letters and digits.
+pub fn instance_name() -> String {
+    use rand::Rng;
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::thread_rng();
+    (0..16)
+        .map(|_| char::from(CHARS[rng.gen_range(0..CHARS.len())]))
+        .collect()
+}
+
+/// A callback run on the feed's task for each change, before any sync that follows it
+/// returns: how the inbox cache drops entries in time.
+pub(crate) type Hook = Box<dyn Fn(&Change) + Send + Sync>;
+
+/// Barrier bookkeeping: syncs are numbered; at most one is out at a time.
+#[derive(Debug, Default)]
+struct Syncs {
+    /// The last sync asked for.
+    requested: u64,
+    /// The last sync the backend was told to send.
+    issued: u64,
+    /// The last sync that came back.
+    done: u64,
+    /// Someone arrived while a sync was out and waits for the next one.
+    again: bool,
+    /// The backend should drop its connection and start over.
+    reconnect: bool,
+}
+
+/// What sync waiters watch: the last sync done, and an epoch that changes whenever the
+/// syncs out can no longer come back (the feed went down).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Progress {
+    done: u64,
+    epoch: u64,
+}
+
+struct Shared {
+    name: &'static str,
+    live: AtomicBool,
+    syncs: Mutex<Syncs>,
+    progress: watch::Sender<Progress>,
+    /// Wakes the backend's task when a sync or a reconnection is wanted (shared with the
+    /// sink, which must not keep the feed alive while it waits).
+    wake: Arc<Notify>,
+    hooks: Mutex<Vec<Hook>>,
+    changes: broadcast::Sender<Change>,
+    /// Counts what the feed reported (changes and state changes), for tests to wait on.
+    reports: watch::Sender<u64>,
+    /// Dropped with the feed, which ends the backend's task.
+    stop: watch::Sender<()>,
+    started: AtomicBool,
+}
+
+impl Shared {
+    fn syncs(&self) -> MutexGuard<'_, Syncs> {
+        self.syncs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn report(&self, change: &Change) {
+        for hook in self.hooks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            hook(change);
+        }
+        // No receiver is not an error: nobody listens yet.
+        let _ = self.changes.send(change.clone());
+        self.reports.send_modify(|n| *n += 1);
+    }
+
+    /// Every sync out fails: their markers may never come back.
+    fn abandon_syncs(&self) {
+        let mut syncs = self.syncs();
+        syncs.done = syncs.requested;
+        syncs.issued = syncs.requested;
+        syncs.again = false;
+        self.progress.send_modify(|p| {
+            p.done = syncs.done;
+            p.epoch += 1;
+        });
+    }
+}
+
+/// A store's change feed; see the module docs. Cheap to clone.
+#[derive(Clone)]
+pub struct ChangeFeed {
+    shared: Arc<Shared>,
+    backend: Arc<dyn MessageBackend>,
+}
+
+impl std::fmt::Debug for ChangeFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangeFeed")
+            .field("backend", &self.shared.name)
+            .field("live", &self.is_live())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChangeFeed {
+    /// The feed of `backend`. Nothing runs until [`ChangeFeed::start`].
+    pub fn new(backend: Arc<dyn MessageBackend>) -> ChangeFeed {
+        let shared = Shared {
+            name: backend.name(),
+            live: AtomicBool::new(false),
+            syncs: Mutex::new(Syncs::default()),
+            progress: watch::channel(Progress::default()).0,
+            wake: Arc::new(Notify::new()),
+            hooks: Mutex::new(Vec::new()),
+            changes: broadcast::channel(BACKLOG).0,
+            reports: watch::channel(0).0,
+            stop: watch::channel(()).0,
+            started: AtomicBool::new(false),
+        };
+        ChangeFeed {
+            shared: Arc::new(shared),
+            backend,
+        }
+    }
+
+    /// Starts the backend's feed on the current Tokio runtime, once (later calls do
+    /// nothing). It runs until every clone of this feed is dropped, or the runtime stops.
+    /// Without a runtime, or for a backend that has no feed, the feed stays down.
+    pub fn start(&self) {
+        if self.shared.started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let Ok(runtime) = rocket::tokio::runtime::Handle::try_current() else {
+            log::warn!("stored-messages: no async runtime, the change feed is off");
+            return;
+        };
+        let sink = FeedSink::new(&self.shared);
+        let backend = Arc::clone(&self.backend);
+        runtime.spawn(async move {
+            // However the feed ends (dropped, an error, a panic, its runtime stopping), it
+            // is down from then on.
+            let _down = Down(sink.clone());
+            match backend.watch_changes(sink).await {
+                Ok(true) => {}
+                Ok(false) => log::info!(
+                    "stored-messages: the {} backend has no change feed; reads are never cached",
+                    backend.name()
+                ),
+                Err(e) => log::warn!(
+                    "stored-messages: the change feed failed: {}",
+                    crate::report(&e)
+                ),
+            }
+        });
+    }
+
+    /// Whether the feed is listening: every change, from any process, is being reported.
+    pub fn is_live(&self) -> bool {
+        self.shared.live.load(Ordering::SeqCst)
+    }
+
+    /// Waits until every change committed before this call, in any process sharing the
+    /// store, has been reported (to hooks and to receivers' queues). `false`, and at once,
+    /// when the feed is down; `false` also when it goes down meanwhile, or when the backend
+    /// does not answer within [`SYNC_TIMEOUT`] (the feed then reconnects). After `false`,
+    /// read the store itself.
+    pub async fn sync(&self) -> bool {
+        let shared = &self.shared;
+        if !self.is_live() {
+            return false;
+        }
+        let mut progress = shared.progress.subscribe();
+        let epoch = progress.borrow().epoch;
+        // Checked again after reading the epoch: going down clears `live` before it moves
+        // the epoch on, so from here on a fall is seen as a new epoch.
+        if !self.is_live() {
+            return false;
+        }
+        let target = {
+            let mut syncs = shared.syncs();
+            if syncs.requested == syncs.done {
+                syncs.requested += 1;
+                shared.wake.notify_one();
+                syncs.requested
+            } else {
+                // The sync out was sent before this call: wait for the next one.
+                syncs.again = true;
+                syncs.requested + 1
+            }
+        };
+        let waited = rocket::tokio::time::timeout(
+            SYNC_TIMEOUT,
+            progress.wait_for(|p| p.epoch != epoch || p.done >= target),
+        )
+        .await;
+        match waited {
+            Ok(Ok(p)) => p.epoch == epoch,
+            Ok(Err(_)) => false,
+            Err(_) => {
+                // Every waiter of this round times out together: the first one acts.
+                if shared.progress.borrow().epoch == epoch {
+                    log::warn!(
+                        "stored-messages: the {} change feed did not answer a sync within {:?}; reconnecting",
+                        shared.name,
+                        SYNC_TIMEOUT
+                    );
+                    let sink = FeedSink::new(shared);
+                    sink.lost();
+                    shared.syncs().reconnect = true;
+                    shared.wake.notify_one();
+                }
+                false
+            }
+        }
+    }
+
+    /// A receiver of every change reported from now on.
+    pub fn subscribe(&self) -> ChangeReceiver {
+        ChangeReceiver {
+            receiver: self.shared.changes.subscribe(),
+        }
+    }
+
+    /// Runs `hook` on the feed's task for each change, before any later [`ChangeFeed::sync`]
+    /// returns. Keep it short and non-blocking.
+    pub(crate) fn add_hook(&self, hook: Hook) {
+        self.shared
+            .hooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(hook);
+    }
+
+    /// How many reports (changes, going live, going down) the feed made so far.
+    pub fn reports(&self) -> u64 {
+        *self.shared.reports.borrow()
+    }
+
+    /// Waits until the feed has made more reports than `seen` (from [`ChangeFeed::reports`]).
+    /// For tests and tools: something to wait on instead of sleeping.
+    pub async fn wait_for_report(&self, seen: u64) {
+        let mut reports = self.shared.reports.subscribe();
+        let _ = reports.wait_for(|n| *n > seen).await;
+    }
+
+    /// Waits until the feed is live.
+    pub async fn wait_live(&self) {
+        loop {
+            let seen = self.reports();
+            if self.is_live() {
+                return;
+            }
+            self.wait_for_report(seen).await;
+        }
+    }
+}
+
+/// Changes as they are reported; see [`ChangeFeed::subscribe`].
+#[derive(Debug)]
+pub struct ChangeReceiver {
+    receiver: broadcast::Receiver<Change>,
+}
+
+impl ChangeReceiver {
+    /// The next change; [`Change::All`] when this receiver fell behind and some were
+    /// dropped; `None` once the feed is gone.
+    pub async fn recv(&mut self) -> Option<Change> {
+        match self.receiver.recv().await {
+            Ok(change) => Some(change),
+            Err(broadcast::error::RecvError::Lagged(_)) => Some(Change::All),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+}
+
+/// What a backend's feed is asked to do next; see [`FeedSink::wanted`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted {
+    /// Send sync marker `n` down the change channel, and call [`FeedSink::synced`] with
+    /// `n` when it comes back.
+    Sync(u64),
+    /// Drop the connection (it stopped answering) and connect again.
+    Reconnect,
+}
+
+/// The handle through which a backend's change feed reports; given to
+/// [`MessageBackend::watch_changes`]. Cheap to clone.
+#[derive(Clone)]
+pub struct FeedSink {
+    shared: Weak<Shared>,
+    wake: Arc<Notify>,
+    stop: watch::Receiver<()>,
+}
+
+impl FeedSink {
+    fn new(shared: &Arc<Shared>) -> FeedSink {
+        FeedSink {
+            shared: Arc::downgrade(shared),
+            wake: Arc::clone(&shared.wake),
+            stop: shared.stop.subscribe(),
+        }
+    }
+
+    /// The feed listens: every change committed from now on will be reported. Reports
+    /// [`Change::All`] (changes before this moment were not watched).
+    pub fn live(&self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.report(&Change::All);
+            shared.live.store(true, Ordering::SeqCst);
+            shared.reports.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// The feed lost its connection, or may have missed changes: it is down until
+    /// [`FeedSink::live`]. Syncs out fail, and [`Change::All`] is reported.
+    pub fn lost(&self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.live.store(false, Ordering::SeqCst);
+            shared.abandon_syncs();
+            shared.report(&Change::All);
+        }
+    }
+
+    /// Reports a change (from any process, this one included).
+    pub fn changed(&self, change: Change) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.report(&change);
+        }
+    }
+
+    /// Sync marker `n` came back: every change sent before it has been reported.
+    pub fn synced(&self, n: u64) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let mut syncs = shared.syncs();
+        if n <= syncs.done || n > syncs.issued {
+            // A marker of an abandoned round, or one this feed did not send.
+            return;
+        }
+        syncs.done = n;
+        if syncs.again {
+            syncs.again = false;
+            syncs.requested += 1;
+            shared.wake.notify_one();
+        }
+        shared.progress.send_modify(|p| p.done = n);
+    }
+
+    /// Sending a sync marker failed: the syncs out fail (their callers read the store).
+    /// The feed stays live: a failed send loses no change.
+    pub fn sync_failed(&self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.abandon_syncs();
+        }
+    }
+
+    /// Waits for the next thing the feed must do. Cancel-safe: use it in `select!` next to
+    /// the backend's own receive.
+    pub async fn wanted(&self) -> Wanted {
+        loop {
+            let Some(shared) = self.shared.upgrade() else {
+                // The feed is gone: nothing will ever be wanted.
+                return std::future::pending().await;
+            };
+            {
+                let mut syncs = shared.syncs();
+                if syncs.reconnect {
+                    syncs.reconnect = false;
+                    return Wanted::Reconnect;
+                }
+                if syncs.requested > syncs.issued {
+                    syncs.issued = syncs.requested;
+                    return Wanted::Sync(syncs.issued);
+                }
+            }
+            // `notify_one` stores a permit when nobody waits, so a wake between the check
+            // above and this wait is not lost.
+            drop(shared);
+            self.wake.notified().await;
+        }
+    }
+
+    /// Whether the feed is gone, so the backend's task should end.
+    pub fn is_closed(&self) -> bool {
+        self.shared.strong_count() == 0
+    }
+
+    /// Resolves when the feed is gone: select on it to end the backend's task.
+    pub async fn closed(&self) {
+        let mut stop = self.stop.clone();
+        while stop.changed().await.is_ok() {}
+    }
+}
+
+/// Declares the feed down when dropped: held by the feed's task.
+struct Down(FeedSink);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        self.0.lost();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(ids: &[i64]) -> Change {
+        Change::Users(ids.iter().copied().map(UserId).collect())
+    }
+
+    #[test]
+    fn payloads_round_trip() {
+        assert_eq!(Change::payload(&[1, 22, 333]), "1,22,333");
+        assert_eq!(Change::parse("333,1,22,1"), ids(&[1, 22, 333]));
+        let many: Vec<i64> = (0..=MANY_USERS as i64).collect();
+        assert_eq!(Change::payload(&many), "*");
+        assert_eq!(Change::parse("*"), Change::All);
+        assert_eq!(Change::parse(""), ids(&[]));
+        assert_eq!(Change::parse("1,x"), Change::All);
+        assert!(Change::parse("5,7").concerns(UserId(7)));
+        assert!(!Change::parse("5,7").concerns(UserId(6)));
+        assert!(Change::All.concerns(UserId(6)));
+    }
+}
