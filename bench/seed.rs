@@ -192,7 +192,13 @@ async fn seed(args: Args) -> Result<(), String> {
             (1..=args.messages).map(move |i| (*id, format!("message {i} for {name}")))
         })
         .collect();
-    for chunk in work.chunks(PARALLEL) {
+    // SQLite has one writer at a time: concurrent sends would only wait for each other.
+    let parallel = if store.backend().name() == "sqlite" {
+        1
+    } else {
+        PARALLEL
+    };
+    for chunk in work.chunks(parallel) {
         let sends = chunk.iter().map(|(id, text)| {
             let store = store.clone();
             async move {

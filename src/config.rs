@@ -99,9 +99,13 @@ pub struct Config {
     /// Most messages the in-process inbox cache holds (default 100000, a few tens of MB at
     /// most); 0 turns it off. See [`crate::backend::cache`].
     pub inbox_cache_messages: usize,
-    /// SQLite: how often, in milliseconds, the inbox cache looks for writes made by other
-    /// processes (default 100). PostgreSQL and Redis report them as they happen.
-    pub inbox_cache_poll_ms: u64,
+    /// SQLite: how often, in milliseconds, the change feed reads the `sm_changes` log for
+    /// writes of other processes (default 100), which is how soon subscribers such as live
+    /// pages hear of them. The inbox cache does not wait for it: it reads the log before it
+    /// trusts an entry. PostgreSQL and Redis report changes as they happen. (Also accepted
+    /// under its former name, `inbox_cache_poll_ms`.)
+    #[serde(alias = "inbox_cache_poll_ms")]
+    pub change_poll_ms: u64,
     /// SQL: a delivery to at least this many consecutive user ids is stored once, as a run,
     /// instead of one row per user (default 256). See [`crate::backend::sql`].
     pub audience_min_run: u64,
@@ -120,7 +124,7 @@ impl Default for Config {
             redis_url: SecretUrl::new("redis://127.0.0.1:6379"),
             redis_key_prefix: String::new(),
             inbox_cache_messages: 100_000,
-            inbox_cache_poll_ms: 100,
+            change_poll_ms: 100,
             audience_min_run: 256,
         }
     }
@@ -167,8 +171,8 @@ impl Config {
         if self.audience_min_run == 0 {
             problems.push("stored_messages.audience_min_run: must be at least 1".to_string());
         }
-        if self.inbox_cache_poll_ms == 0 {
-            problems.push("stored_messages.inbox_cache_poll_ms: must be at least 1".to_string());
+        if self.change_poll_ms == 0 {
+            problems.push("stored_messages.change_poll_ms: must be at least 1".to_string());
         }
         if self.message_expire_days < self.inbox_expire_days {
             problems.push(format!(

@@ -111,10 +111,11 @@ fn form_token(peeked: &[u8]) -> Option<String> {
 /// Checks the request's token; reroutes it to a 403 route when it is missing or wrong.
 /// Called by the fairing's `on_request`.
 pub(crate) async fn check(request: &mut Request<'_>, data: &mut Data<'_>) {
-    let expected = ensure_token(request);
+    // Safe requests are not checked, and get a token only when a page asks for one.
     if !is_state_changing(request.method()) {
         return;
     }
+    let expected = ensure_token(request);
     let mut sent = request.headers().get_one(CSRF_HEADER).map(str::to_string);
     if sent.is_none() && request.content_type().is_some_and(|ct| ct.is_form()) {
         let peeked = data.peek(512).await;

@@ -7,7 +7,8 @@
 //! - **liftoff**: one summary line, and the periodic cleanup task (ended by shutdown).
 //! - **request**: CSRF check of state-changing requests (see [`crate::csrf`]).
 //! - **response**: writes the flash spill, marks read exactly the stored messages the
-//!   request showed (only when the response succeeded), and fills the template helpers.
+//!   request showed (only when the response succeeded), and fills the markers of template
+//!   helpers that could not answer while the page rendered (see [`crate::template`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,7 +93,6 @@ impl Fairing for StoredMessages {
         };
         let rocket = rocket
             .manage(store)
-            .manage(template::RenderMemo::default())
             .mount(api::BASE, api::routes())
             .register(api::BASE, api::catchers());
         Ok(if self.csrf {
@@ -154,7 +154,10 @@ impl Fairing for StoredMessages {
         let Some(store) = request.rocket().state::<Store>() else {
             return;
         };
-        let html = response.content_type() == Some(rocket::http::ContentType::HTML);
+        // A page that `Page` rendered with every helper's value needs no second pass.
+        let rendered = template::Rendered::of(request);
+        let html = response.content_type() == Some(rocket::http::ContentType::HTML)
+            && (!rendered.by_page || rendered.markers);
         let mut user = None;
         let mut unread = None;
         if let Some(state) = request_state(request) {

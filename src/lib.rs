@@ -37,12 +37,11 @@
 //!    url = "sqlite://stored-messages.sqlite?mode=rwc"
 //!    ```
 //!
-//! 3. Tell it about your users ([`Host`]), attach the fairing and register the template
-//!    helpers:
+//! 3. Tell it about your users ([`Host`]), attach the fairing and the templates (with the
+//!    helpers registered):
 //!
 //!    ```no_run
 //!    use rocket::Request;
-//!    use rocket_dyn_templates::Template;
 //!    use stored_messages::{BoxError, Host, StoredMessages, UserId};
 //!
 //!    struct MyUsers;
@@ -61,18 +60,19 @@
 //!    fn rocket() -> _ {
 //!        rocket::build()
 //!            .attach(StoredMessages::fairing(MyUsers))
-//!            .attach(Template::custom(|engines| {
-//!                stored_messages::template::register(&mut engines.tera)
-//!            }))
+//!            // rocket_dyn_templates with the helpers; `template::custom(|engines| …)`
+//!            // to register functions of your own as well.
+//!            .attach(stored_messages::template::fairing())
 //!    }
 //!    ```
 //!
-//! 4. Add and show messages with the [`Messages`] guard:
+//! 4. Add and show messages with the [`Messages`] guard, and render pages with
+//!    [`template::Page`] (it takes the same arguments as `Template::render`):
 //!
 //!    ```
 //!    use rocket::response::Redirect;
-//!    use rocket_dyn_templates::{context, Template};
-//!    use stored_messages::Messages;
+//!    use rocket_dyn_templates::context;
+//!    use stored_messages::{template::Page, Messages};
 //!
 //!    #[rocket::post("/save")]
 //!    async fn save(messages: Messages<'_>) -> Redirect {
@@ -82,18 +82,17 @@
 //!    }
 //!
 //!    #[rocket::get("/")]
-//!    fn index(messages: Messages<'_>) -> Template {
+//!    fn index(messages: Messages<'_>) -> Page {
 //!        // Serializing the guard shows the stream: it is consumed at the end of the request.
-//!        Template::render("index", context! { messages })
+//!        Page::render("index", context! { messages })
 //!    }
 //!    ```
 //!
-//!    [`template::Page::render`] takes the same arguments as `Template::render` and renders
-//!    each distinct context once (Tera is the most expensive part of a page).
-//!
-//! 5. Copy `templates/stored_messages/` into your templates directory. Any template can then
-//!    use `{{ stored_messages_list(limit=10) }}`, `{{ stored_messages_archive(limit=10) }}`,
-//!    `{{ stored_messages_count() }}` and `{{ csrf_token() }}` (see [`template`]).
+//! 5. Any template can then use `{{ stored_messages_list(limit=10) }}`,
+//!    `{{ stored_messages_archive(limit=10) }}`, `{{ stored_messages_count() }}` (a number:
+//!    `{% if stored_messages_count() > 0 %}` works) and `{{ csrf_token() }}` (see
+//!    [`template`]). The list partial is built in; put your own
+//!    `stored_messages/list.html.tera` in your templates directory to change it.
 //!
 //! ## How a message travels
 //!
@@ -104,8 +103,8 @@
 //!   the response before any response fairing runs).
 //! - The first use of the guard in a request loads the flash queue (cookie, spill, Rocket's
 //!   own `_flash`) and the user's unread inbox, once. The inbox usually comes from the
-//!   in-process inbox cache ([`backend::cache`]): this process's writes update it at once,
-//!   other processes' writes within milliseconds (within `inbox_cache_poll_ms` on SQLite).
+//!   in-process inbox cache ([`backend::cache`]), which is never staler than the store
+//!   itself (see "Consistency" below).
 //! - Showing the stream (iterating the guard, or serializing it into a template context)
 //!   records exactly which messages were shown. Shown flash messages leave the cookie
 //!   immediately; the fairing marks the shown stored messages read after a successful
@@ -114,6 +113,29 @@
 //! - Without a request, the managed [`Store`] sends ([`Store::add_message_for`],
 //!   [`Store::broadcast_message`]) and reads ([`Store::mark_read`],
 //!   [`Store::mark_all_read`]); every write publishes [`Event`]s.
+//!
+//! ## Consistency across processes
+//!
+//! The CLI, background jobs and any number of app instances may share one store. The
+//! guarantee: **a write that has returned in any process** (a handler, the request-free
+//! [`Store`], the `stored-messages` CLI, another app instance) **is seen by every request
+//! that starts after it, in every process sharing the store**, on SQLite, PostgreSQL and
+//! Redis. That holds for new messages, for reads (`mark_read`) and for `mark_all_read`.
+//!
+//! The inbox cache keeps it so:
+//! - every write announces the inboxes it changed from inside its own transaction or
+//!   script (PostgreSQL `NOTIFY`, Redis `PUBLISH`, a row of SQLite's `sm_changes` log), and
+//!   each process's [`ChangeFeed`] hears every announcement and drops those entries;
+//! - before it answers from an entry, a request waits for [`ChangeFeed::sync`]: a marker sent
+//!   down the same ordered channel, which comes back only after every write committed before
+//!   it. One marker serves every request waiting at that moment, so under load it costs a
+//!   round trip per batch of requests, not per request;
+//! - while a feed is down (database restart, killed listener, Redis restart) the cache is
+//!   bypassed, never trusted: requests read the store (and get 503 if the store itself is
+//!   down). The feed reconnects by itself and starts again with an empty cache.
+//!
+//! The feed is public: [`Store::changes`] tells any code of yours which inboxes changed,
+//! wherever the change was made (see [`changes`]).
 //!
 //! ## A backend of your own
 //!

@@ -96,7 +96,7 @@ fn push_date(out: &mut String, date: DateTime<Utc>, separator: char, seconds: bo
 }
 
 /// `2026-11-25 14:05 UTC`.
-fn date_text(date: DateTime<Utc>) -> String {
+pub(crate) fn date_text(date: DateTime<Utc>) -> String {
     let mut out = String::with_capacity(20);
     push_date(&mut out, date, ' ', false);
     out.push_str(" UTC");
@@ -104,15 +104,19 @@ fn date_text(date: DateTime<Utc>) -> String {
 }
 
 /// `2026-11-25T14:05:07.123456Z`.
-fn rfc3339_micros<S: Serializer>(date: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn rfc3339(date: DateTime<Utc>) -> String {
     let mut out = String::with_capacity(27);
-    push_date(&mut out, *date, 'T', true);
+    push_date(&mut out, date, 'T', true);
     out.push('Z');
-    serializer.serialize_str(&out)
+    out
+}
+
+fn rfc3339_micros<S: Serializer>(date: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&rfc3339(*date))
 }
 
 /// The first 40 characters of `text`, with `…` when it was longer.
-fn summary(text: &str) -> String {
+pub(crate) fn summary(text: &str) -> String {
     match text.char_indices().nth(40) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
         None => text.to_string(),
@@ -199,8 +203,21 @@ impl Inner {
     /// The user's unread messages once this request is settled, oldest first, from the
     /// request's own snapshot (no query): the snapshot and what this request stored, minus
     /// what it showed when `marked_read`. `None` when the snapshot was truncated.
-    ///
-    /// Moves the messages out (the stream is empty afterwards): only the response fairing
+    pub(crate) fn unread_after(&self, marked_read: bool) -> Option<Vec<Message>> {
+        if self.truncated {
+            return None;
+        }
+        let consumed = marked_read && self.used;
+        Some(
+            self.stored
+                .iter()
+                .filter(|(_, shown)| !(consumed && *shown))
+                .map(|(m, _)| m.clone())
+                .collect(),
+        )
+    }
+
+    /// As [`Inner::unread_after`], moving the messages out (the stream is empty afterwards): only the response fairing
     /// calls it, once the request is settled.
     pub(crate) fn take_unread_after(&mut self, marked_read: bool) -> Option<Vec<Message>> {
         if self.truncated {

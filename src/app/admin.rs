@@ -11,7 +11,7 @@ use rocket::request::{FromRequest, Outcome};
 use rocket::response::Redirect;
 use rocket::serde::json::{json, Json, Value};
 use rocket::{Request, Route, State};
-use rocket_dyn_templates::{context, Template};
+use rocket_dyn_templates::context;
 use serde::Serialize;
 
 use crate::app::auth::CurrentUser;
@@ -20,6 +20,7 @@ use crate::app::users::{User, UserError, Users};
 use crate::backend::sql::from_micros;
 use crate::error::report;
 use crate::request::StreamMessage;
+use crate::template::Page;
 use crate::{Level, MessageId, Messages, NewMessage, Store, UserId, MAX_TEXT_CHARS};
 
 /// Broadcasts to more users than this run as background jobs (`admin.background_threshold`).
@@ -98,10 +99,10 @@ async fn dashboard(
     messages: Messages<'_>,
     jobs: &State<Jobs>,
     users: &State<Arc<Users>>,
-) -> Template {
+) -> Page {
     let recent = jobs.recent(5).await.unwrap_or_default();
     let user_count = users.count().await.unwrap_or(0);
-    Template::render(
+    Page::render(
         "admin/index",
         context! { messages: &messages, user: &admin.0, jobs: recent, user_count },
     )
@@ -144,8 +145,8 @@ fn broadcast_page(
     values: &BroadcastValues,
     errors: &BroadcastErrors,
     preview: Option<Vec<StreamMessage>>,
-) -> Template {
-    Template::render(
+) -> Page {
+    Page::render(
         "admin/broadcast",
         context! {
             messages,
@@ -161,7 +162,7 @@ fn broadcast_page(
 }
 
 #[get("/admin/broadcast")]
-fn broadcast_form(admin: AdminUser, messages: Messages<'_>, store: &State<Store>) -> Template {
+fn broadcast_form(admin: AdminUser, messages: Messages<'_>, store: &State<Store>) -> Page {
     let values = BroadcastValues {
         level: "stored_info".into(),
         recipients: "everyone".into(),
@@ -214,7 +215,7 @@ async fn broadcast_send(
     users: &State<Arc<Users>>,
     jobs: &State<Jobs>,
     threshold: &State<BackgroundThreshold>,
-) -> Result<Redirect, (Status, Template)> {
+) -> Result<Redirect, Page> {
     let values = match &form.value {
         Some(f) => BroadcastValues {
             level: f.level.to_string(),
@@ -307,25 +308,22 @@ async fn broadcast_send(
         Status::Ok
     };
     let Some(new) = new.filter(|_| !errors.any()) else {
-        return Err((
-            status,
-            broadcast_page(&messages, &admin.0, store, &values, &errors, None),
-        ));
+        return Err(
+            broadcast_page(&messages, &admin.0, store, &values, &errors, None).status(status),
+        );
     };
     if preview_only {
         let shown =
             StreamMessage::stored(&new.clone().into_message(MessageId(0)), store.level_tags());
-        return Err((
-            Status::Ok,
-            broadcast_page(
-                &messages,
-                &admin.0,
-                store,
-                &values,
-                &errors,
-                Some(vec![shown]),
-            ),
-        ));
+        return Err(broadcast_page(
+            &messages,
+            &admin.0,
+            store,
+            &values,
+            &errors,
+            Some(vec![shown]),
+        )
+        .status(Status::Ok));
     }
 
     let audience = match audience {
@@ -335,10 +333,10 @@ async fn broadcast_send(
             Err(e) => {
                 log::error!("reference app: listing users failed: {}", report(&e));
                 errors.usernames = Some("the user list is unavailable right now".into());
-                return Err((
-                    Status::ServiceUnavailable,
-                    broadcast_page(&messages, &admin.0, store, &values, &errors, None),
-                ));
+                return Err(
+                    broadcast_page(&messages, &admin.0, store, &values, &errors, None)
+                        .status(Status::ServiceUnavailable),
+                );
             }
         },
     };
@@ -423,16 +421,13 @@ fn failed(
     store: &Store,
     values: &BroadcastValues,
     e: crate::Error,
-) -> (Status, Template) {
+) -> Page {
     log::error!("reference app: broadcast failed: {}", report(&e));
     let errors = BroadcastErrors {
         message: Some(format!("nothing was sent: {}", e.public_message())),
         ..Default::default()
     };
-    (
-        e.status(),
-        broadcast_page(messages, admin, store, values, &errors, None),
-    )
+    broadcast_page(messages, admin, store, values, &errors, None).status(e.status())
 }
 
 #[get("/admin/jobs/<id>")]
@@ -442,7 +437,7 @@ async fn job_page(
     messages: Messages<'_>,
     jobs: &State<Jobs>,
     store: &State<Store>,
-) -> Result<Template, Status> {
+) -> Result<Page, Status> {
     let job = jobs
         .get(id)
         .await
@@ -455,7 +450,7 @@ async fn job_page(
     } else {
         "everyone"
     };
-    Ok(Template::render(
+    Ok(Page::render(
         "admin/job",
         context! {
             messages: &messages, user: &admin.0, job,
@@ -505,7 +500,7 @@ async fn audit(
     admin: AdminUser,
     messages: Messages<'_>,
     jobs: &State<Jobs>,
-) -> Result<Template, Status> {
+) -> Result<Page, Status> {
     let entries = jobs
         .audit_list(100)
         .await
@@ -517,7 +512,7 @@ async fn audit(
             json!({ "entry": e, "at": at, "level_name": Level(e.level as i32).name().unwrap_or("custom") })
         })
         .collect();
-    Ok(Template::render(
+    Ok(Page::render(
         "admin/audit",
         context! { messages: &messages, user: &admin.0, entries },
     ))
@@ -532,7 +527,7 @@ async fn message_list(
     before: Option<i64>,
     messages: Messages<'_>,
     store: &State<Store>,
-) -> Result<Template, Status> {
+) -> Result<Page, Status> {
     let before = before.filter(|b| *b > 0).map(MessageId);
     let (stats, unsupported) = match store.backend().message_stats(PAGE_SIZE, before).await {
         Ok(stats) => (stats, None),
@@ -559,7 +554,7 @@ async fn message_list(
     let next = (stats.len() as u32 == PAGE_SIZE)
         .then(|| stats.last().map(|s| s.message.id.0))
         .flatten();
-    Ok(Template::render(
+    Ok(Page::render(
         "admin/messages",
         context! {
             messages: &messages, user: &admin.0, rows, next, unsupported,
@@ -574,7 +569,7 @@ async fn delete_confirm(
     id: i64,
     messages: Messages<'_>,
     store: &State<Store>,
-) -> Result<Template, Status> {
+) -> Result<Page, Status> {
     let stats = store
         .backend()
         .message_stats(1, Some(MessageId(id.saturating_add(1))))
@@ -583,7 +578,7 @@ async fn delete_confirm(
     let Some(s) = stats.into_iter().find(|s| s.message.id == MessageId(id)) else {
         return Err(Status::NotFound);
     };
-    Ok(Template::render(
+    Ok(Page::render(
         "admin/delete",
         context! { messages: &messages, user: &admin.0, m: s },
     ))

@@ -7,10 +7,11 @@ use rocket::http::{Cookie, CookieJar, SameSite, Status};
 use rocket::request::{FromRequest, Outcome};
 use rocket::response::Redirect;
 use rocket::{Request, Route, State};
-use rocket_dyn_templates::{context, Template};
+use rocket_dyn_templates::context;
 
 use crate::app::users::{session, session_value, User, Users, SESSION_COOKIE};
 use crate::error::report;
+use crate::template::Page;
 use crate::Messages;
 
 /// The logged-in user, as the private session cookie describes them (no database query:
@@ -25,11 +26,16 @@ impl<'r> FromRequest<'r> for CurrentUser {
     type Error = Status;
 
     async fn from_request(request: &'r Request<'_>) -> Outcome<Self, Status> {
-        match request.local_cache(|| session(request.cookies())) {
+        match request_session(request) {
             Some(user) => Outcome::Success(CurrentUser(user.clone())),
             None => Outcome::Forward(Status::Unauthorized),
         }
     }
+}
+
+/// The request's session, decrypted once per request.
+pub(crate) fn request_session<'r>(request: &'r Request<'_>) -> Option<&'r User> {
+    request.local_cache(|| session(request.cookies())).as_ref()
 }
 
 /// Only a safe place to go back to after login: a site-relative path.
@@ -61,12 +67,12 @@ fn login_page(
     user: Option<CurrentUser>,
     next: Option<&str>,
     messages: Messages<'_>,
-) -> Result<Template, Redirect> {
+) -> Result<Page, Redirect> {
     let next = safe_next(next.unwrap_or("/")).to_string();
     if user.is_some() {
         return Err(Redirect::to(next));
     }
-    Ok(Template::render(
+    Ok(Page::render(
         "auth/login",
         context! { messages: &messages, next, username: "", error: "" },
     ))
@@ -78,7 +84,7 @@ async fn login(
     users: &State<Arc<Users>>,
     jar: &CookieJar<'_>,
     messages: Messages<'_>,
-) -> Result<Redirect, (Status, Template)> {
+) -> Result<Redirect, Page> {
     let raw_name = form
         .context
         .field_value("username")
@@ -86,13 +92,11 @@ async fn login(
         .to_string();
     let next = safe_next(form.context.field_value("next").unwrap_or("/")).to_string();
     let failed = |status: Status, error: &str| {
-        (
-            status,
-            Template::render(
-                "auth/login",
-                context! { messages: &messages, next: &next, username: &raw_name, error },
-            ),
+        Page::render(
+            "auth/login",
+            context! { messages: &messages, next: &next, username: &raw_name, error },
         )
+        .status(status)
     };
     let Some(input) = &form.value else {
         return Err(failed(

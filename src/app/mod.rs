@@ -10,7 +10,6 @@ use rocket::fairing::AdHoc;
 use rocket::figment::Figment;
 use rocket::fs::{relative, FileServer};
 use rocket::{Build, Rocket};
-use rocket_dyn_templates::Template;
 
 use crate::app::jobs::Jobs;
 use crate::app::users::{AppHost, Users};
@@ -70,9 +69,7 @@ pub fn rocket_from(figment: Figment) -> Rocket<Build> {
                 }
             })
         }))
-        .attach(Template::custom(|engines| {
-            crate::template::register(&mut engines.tera)
-        }))
+        .attach(crate::template::fairing())
         .mount("/", pages::routes())
         .mount("/", auth::routes())
         .mount("/", admin::routes())

@@ -108,7 +108,7 @@ async fn demo_message(
     form: Form<Contextual<'_, DemoForm<'_>>>,
     messages: Messages<'_>,
     user: Option<CurrentUser>,
-) -> Result<Redirect, (Status, Page)> {
+) -> Result<Redirect, Page> {
     let values = match &form.value {
         Some(f) => DemoValues {
             level: f.level.to_string(),
@@ -167,17 +167,16 @@ async fn demo_message(
                     "reference app: adding a message failed: {}",
                     crate::report(&e)
                 );
-                return Err((
+                return Err(error_page(
                     e.status(),
-                    error_page(e.status(), &e.public_message(), user.as_ref().map(|u| &u.0)),
-                ));
+                    &e.public_message(),
+                    user.as_ref().map(|u| &u.0),
+                )
+                .status(e.status()));
             }
         }
     }
-    Err((
-        Status::UnprocessableEntity,
-        home(&messages, user.as_ref(), false, &values, &errors),
-    ))
+    Err(home(&messages, user.as_ref(), false, &values, &errors).status(Status::UnprocessableEntity))
 }
 
 #[get("/archive")]
@@ -207,6 +206,7 @@ fn error_page(status: Status, message: &str, user: Option<&crate::app::users::Us
         "error",
         context! { status: status.code, reason: status.reason().unwrap_or(""), message, user },
     )
+    .status(status)
 }
 
 #[catch(default)]

@@ -289,7 +289,8 @@ impl AppHost {
 #[rocket::async_trait]
 impl Host for AppHost {
     async fn current_user(&self, request: &Request<'_>) -> Option<UserId> {
-        session_user(request.cookies())
+        // The same request-local copy as the `CurrentUser` guard: one decryption per request.
+        crate::app::auth::request_session(request).map(User::user_id)
     }
 
     async fn all_users(&self) -> Result<Vec<UserId>, BoxError> {

@@ -368,7 +368,7 @@ impl Settings {
                 inbox_days: config.inbox_expire_days,
                 message_days: config.message_expire_days,
             },
-            change_poll: std::time::Duration::from_millis(config.inbox_cache_poll_ms.max(1)),
+            change_poll: std::time::Duration::from_millis(config.change_poll_ms.max(1)),
             audience_min_run: usize::try_from(config.audience_min_run.max(1)).unwrap_or(usize::MAX),
         }
     }

@@ -446,7 +446,8 @@ pub struct Browser {
 }
 
 impl Browser {
-    /// This browser's CSRF token (every response sets it).
+    /// This browser's CSRF token (a page with a form sets it; a fresh browser gets it from
+    /// the login page, which consumes no messages).
     pub async fn csrf_token(&self) -> String {
         if self
             .client
@@ -454,7 +455,7 @@ impl Browser {
             .get_private(stored_messages::csrf::CSRF_COOKIE)
             .is_none()
         {
-            self.client.get("/health").dispatch().await;
+            self.client.get("/login").dispatch().await;
         }
         self.client
             .cookies()

@@ -10,4 +10,5 @@ mod backend;
 mod browser;
 mod cli;
 mod pages;
+mod processes;
 mod redis_backend;

@@ -1,0 +1,268 @@
+//! The list partial: the crate's own (`list.html.tera`, rendered by Rust code that writes
+//! exactly its markup), or the host's override of `stored_messages/list.html.tera`
+//! (rendered by Tera).
+//!
+//! Why Rust for the crate's own: every page with the list helper renders it, and Tera's
+//! interpreter spends most of a page's time there (each `{{ m.field }}` is a lookup through
+//! JSON values). The template file stays the documentation and the starting point for an
+//! override, and a test renders both and compares them byte for byte, so they cannot drift
+//! apart.
+
+use rocket_dyn_templates::tera::{self, Tera};
+use serde::Serialize;
+
+use crate::message::{LevelTags, Message};
+use crate::request::{date_text, rfc3339, summary, StreamMessage};
+
+/// The name hosts override, as rocket_dyn_templates names it.
+pub const LIST_TEMPLATE: &str = "stored_messages/list";
+
+/// The source of the crate's list partial: a starting point for an override.
+pub const BUILTIN_SOURCE: &str = include_str!("list.html.tera");
+
+/// Which list partial renders.
+pub(crate) enum ListPartial {
+    /// The crate's own.
+    Builtin,
+    /// The host's override, in a Tera of its own that escapes everything.
+    Host(Box<Tera>),
+}
+
+/// What the partial is given.
+#[derive(Serialize)]
+struct Context<'a> {
+    messages: Vec<StreamMessage>,
+    kind: &'a str,
+    csrf: &'a str,
+    next: &'a str,
+}
+
+impl ListPartial {
+    /// The host's override when its Tera has one, the crate's own otherwise. The override is
+    /// rendered by a Tera holding a copy of the host's templates (so whatever it includes is
+    /// there too) that escapes every template, whatever its name.
+    pub(crate) fn from_host(host: &Tera) -> ListPartial {
+        if host.get_template(LIST_TEMPLATE).is_err() {
+            return ListPartial::Builtin;
+        }
+        let mut tera = Tera::default();
+        tera.autoescape_on(vec![""]);
+        match tera.extend(host) {
+            Ok(()) => ListPartial::Host(Box::new(tera)),
+            Err(e) => {
+                log::error!(
+                    "stored-messages: cannot use {LIST_TEMPLATE} from the templates directory ({e}); using the built-in one"
+                );
+                ListPartial::Builtin
+            }
+        }
+    }
+
+    /// The list of `messages` (`kind` is `"inbox"` or `"archive"`), with forms carrying the
+    /// CSRF token and `next`, the page to come back to.
+    ///
+    /// # Errors
+    ///
+    /// When the host's override fails to render.
+    pub(crate) fn render(
+        &self,
+        kind: &str,
+        messages: &[Message],
+        tags: &LevelTags,
+        csrf: &str,
+        next: &str,
+    ) -> tera::Result<String> {
+        match self {
+            ListPartial::Builtin => Ok(builtin(kind, messages, tags, csrf, next)),
+            ListPartial::Host(tera) => {
+                let context = Context {
+                    messages: messages
+                        .iter()
+                        .map(|m| StreamMessage::stored(m, tags))
+                        .collect(),
+                    kind,
+                    csrf,
+                    next,
+                };
+                tera.render(LIST_TEMPLATE, &tera::Context::from_serialize(context)?)
+            }
+        }
+    }
+}
+
+/// `list.html.tera`, written out. Escaping is Tera's own (`escape_html`), so the bytes are
+/// the same as the template's.
+fn builtin(kind: &str, messages: &[Message], tags: &LevelTags, csrf: &str, next: &str) -> String {
+    let e = tera::escape_html;
+    let (csrf, next, kind_e) = (e(csrf), e(next), e(kind));
+    let inbox = kind == "inbox";
+    let mut out = String::with_capacity(256 + messages.len() * if inbox { 700 } else { 250 });
+    if inbox && !messages.is_empty() {
+        out.push_str("\n<form method=\"post\" action=\"/messages/mark_all_read\" class=\"sm-mark-all-read\">\n  <input type=\"hidden\" name=\"csrf_token\" value=\"");
+        out.push_str(&csrf);
+        out.push_str("\">\n  <input type=\"hidden\" name=\"next\" value=\"");
+        out.push_str(&next);
+        out.push_str(
+            "\">\n  <button type=\"submit\" class=\"secondary\">Mark all read</button>\n</form>",
+        );
+    }
+    out.push_str("\n<ul class=\"stored-messages stored-messages-");
+    out.push_str(&kind_e);
+    out.push_str("\">");
+    for m in messages {
+        let level_tag = tags.tag(m.level);
+        let id = m.id.to_string();
+        out.push_str("\n  <li class=\"message ");
+        out.push_str(&e(&m.tags(tags)));
+        out.push_str("\" data-id=\"");
+        out.push_str(&id);
+        out.push_str("\">\n    <span class=\"level\">");
+        out.push_str(&e(level_tag));
+        out.push_str("</span>");
+        match &m.url {
+            Some(url) => {
+                out.push_str("<a href=\"");
+                out.push_str(&e(url));
+                out.push_str("\">");
+                out.push_str(&e(&m.message));
+                out.push_str("</a>");
+            }
+            None => {
+                out.push_str("<span class=\"text\">");
+                out.push_str(&e(&m.message));
+                out.push_str("</span>");
+            }
+        }
+        out.push_str("\n    <time datetime=\"");
+        out.push_str(&rfc3339(m.date));
+        out.push_str("\">");
+        out.push_str(&date_text(m.date));
+        out.push_str("</time>");
+        if inbox {
+            out.push_str("\n    <form method=\"post\" action=\"/messages/inbox/");
+            out.push_str(&id);
+            out.push_str("/read\" class=\"sm-mark-read\">\n      <input type=\"hidden\" name=\"csrf_token\" value=\"");
+            out.push_str(&csrf);
+            out.push_str("\">\n      <input type=\"hidden\" name=\"next\" value=\"");
+            out.push_str(&next);
+            out.push_str(
+                "\">\n      <button type=\"submit\" class=\"secondary\" aria-label=\"Mark “",
+            );
+            out.push_str(&e(&summary(&m.message)));
+            out.push_str("” read\">Mark read</button>\n    </form>");
+        }
+        out.push_str("\n  </li>");
+    }
+    if messages.is_empty() {
+        out.push_str("\n  <li class=\"empty\">");
+        out.push_str(if kind == "archive" {
+            "No messages yet."
+        } else {
+            "No unread messages."
+        });
+        // (Tera keeps the newline before `{%- endfor %}` in a loop's `else` body.)
+        out.push_str("</li>\n");
+    }
+    out.push_str("\n</ul>\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+
+    use super::*;
+    use crate::level::Level;
+    use crate::message::MessageId;
+
+    fn message(id: i64, level: Level, text: &str, tags: &str, url: Option<&str>) -> Message {
+        Message {
+            id: MessageId(id),
+            level,
+            message: text.to_string(),
+            extra_tags: tags.to_string(),
+            url: url.map(str::to_string),
+            date: Utc.timestamp_opt(1_764_000_000 + id, 123_456_000).unwrap(),
+        }
+    }
+
+    /// The template file rendered by Tera, as an override would be.
+    fn by_tera(
+        kind: &str,
+        messages: &[Message],
+        tags: &LevelTags,
+        csrf: &str,
+        next: &str,
+    ) -> String {
+        let mut host = Tera::default();
+        host.add_raw_template(LIST_TEMPLATE, BUILTIN_SOURCE)
+            .unwrap();
+        ListPartial::from_host(&host)
+            .render(kind, messages, tags, csrf, next)
+            .unwrap()
+    }
+
+    #[test]
+    fn the_rust_partial_writes_exactly_the_template() {
+        let tags = LevelTags::new([(Level::STORED_WARNING, "careful".to_string())].into());
+        let hostile = "<script>alert('x & y')</script> \"quoted\" / ❤ and a text long enough to be cut in the label";
+        let messages = vec![
+            message(1, Level::STORED_INFO, "hello", "", None),
+            message(
+                2,
+                Level::STORED_WARNING,
+                hostile,
+                "ops \"urgent\"",
+                Some("/status?a=1&b=<2>"),
+            ),
+            message(
+                3,
+                Level(77),
+                "custom level",
+                "x",
+                Some("https://example.com/a'b"),
+            ),
+        ];
+        let nexts = ["/", "/?keep=1&x=\"y\"", "/archive"];
+        for kind in ["inbox", "archive"] {
+            for next in nexts {
+                for shown in [&messages[..], &messages[..1], &[]] {
+                    let rust = builtin(kind, shown, &tags, "tok-en_1", next);
+                    let tera = by_tera(kind, shown, &tags, "tok-en_1", next);
+                    assert_eq!(
+                        rust,
+                        tera,
+                        "kind {kind}, next {next}, {} messages",
+                        shown.len()
+                    );
+                }
+            }
+        }
+        // and it escapes what it shows
+        let html = builtin("inbox", &messages, &tags, "t", "/");
+        assert!(html.contains("&lt;script&gt;alert(&#x27;x &amp; y&#x27;)&lt;&#x2F;script&gt;"));
+        assert!(!html.contains("<script>"));
+    }
+
+    #[test]
+    fn a_host_without_the_partial_gets_the_builtin_one() {
+        assert!(matches!(
+            ListPartial::from_host(&Tera::default()),
+            ListPartial::Builtin
+        ));
+        let mut host = Tera::default();
+        host.add_raw_template(LIST_TEMPLATE, "<p>{{ messages | length }} {{ kind }}</p>")
+            .unwrap();
+        let partial = ListPartial::from_host(&host);
+        let html = partial
+            .render(
+                "inbox",
+                &[message(1, Level::STORED_INFO, "a", "", None)],
+                &LevelTags::default(),
+                "t",
+                "/",
+            )
+            .unwrap();
+        assert_eq!(html, "<p>1 inbox</p>");
+    }
+}

@@ -1,0 +1,574 @@
+//! The consistency guarantee, tested with real processes: a write that has returned in any
+//! process (the CLI, another app server) is seen by the next request of every server
+//! sharing the store, on SQLite, PostgreSQL and Redis, including while a server's change
+//! feed loses its connection. Zero stale answers are allowed.
+//!
+//! Each round first reads through the server under test, so that its inbox cache holds the
+//! user's entry; then another process writes; then the server is asked again at once. A
+//! cache that trusted its entry without hearing of the write would answer the old inbox.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::{random_id, redis_connection, sqlite_url, PgSchema, RedisPrefix};
+
+/// Where the processes keep their data: one store, shared by every process of a test.
+enum Backend {
+    Sqlite,
+    Postgres(PgSchema),
+    Redis(RedisPrefix),
+}
+
+/// One store for a test's processes: its configuration as `ROCKET_*` variables.
+struct Shared {
+    backend: Backend,
+    dir: tempfile::TempDir,
+    secret_key: String,
+}
+
+impl Shared {
+    async fn sqlite() -> Option<Shared> {
+        Some(Shared::new(Backend::Sqlite))
+    }
+
+    async fn postgres() -> Option<Shared> {
+        Some(Shared::new(Backend::Postgres(PgSchema::create().await?)))
+    }
+
+    async fn redis() -> Option<Shared> {
+        Some(Shared::new(Backend::Redis(RedisPrefix::create()?)))
+    }
+
+    fn new(backend: Backend) -> Shared {
+        let mut key = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut key);
+        Shared {
+            backend,
+            dir: tempfile::tempdir().unwrap(),
+            secret_key: base64::engine::general_purpose::STANDARD.encode(key),
+        }
+    }
+
+    /// The environment of a process named `name` (PostgreSQL connections carry it as their
+    /// `application_name`, so a test can find a server's change feed).
+    fn env(&self, name: &str) -> Vec<(&'static str, String)> {
+        let (database, stored) = match &self.backend {
+            Backend::Sqlite => (sqlite_url(&self.dir), String::new()),
+            Backend::Postgres(schema) => (
+                format!("{}&application_name={name}", schema.url),
+                String::new(),
+            ),
+            Backend::Redis(prefix) => (
+                sqlite_url(&self.dir),
+                format!(
+                    "backend=\"redis\",redis_url=\"{}\",redis_key_prefix=\"{}\",",
+                    prefix.url, prefix.prefix
+                ),
+            ),
+        };
+        vec![
+            (
+                "ROCKET_DATABASES",
+                format!("{{stored_messages={{url=\"{database}\"}}}}"),
+            ),
+            (
+                "ROCKET_STORED_MESSAGES",
+                format!("{{{stored}cleanup_interval_secs=0}}"),
+            ),
+            ("ROCKET_SECRET_KEY", self.secret_key.clone()),
+            ("ROCKET_LOG_LEVEL", "critical".into()),
+            (
+                "ROCKET_TEMPLATE_DIR",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/templates").into(),
+            ),
+        ]
+    }
+
+    fn command(&self, name: &str) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_stored-messages"));
+        command.current_dir(self.dir.path()).envs(self.env(name));
+        command
+    }
+
+    /// Runs a CLI command to completion; panics with its error output when it fails.
+    fn cli(&self, args: &[&str], stdin: &str) -> String {
+        use std::io::Write;
+        let mut child = self
+            .command("cli")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Starts `stored-messages serve` and waits until it answers.
+    async fn serve(&self, name: &str) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = self
+            .command(name)
+            .arg("serve")
+            .env("ROCKET_ADDRESS", "127.0.0.1")
+            .env("ROCKET_PORT", port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut server = Server {
+            name: name.to_string(),
+            address: format!("127.0.0.1:{port}"),
+            child,
+        };
+        let started = Instant::now();
+        loop {
+            if let Ok(answer) = get(&server.address, "/health", "").await {
+                if answer.status == 200 {
+                    return server;
+                }
+            }
+            if let Some(status) = server.child.try_wait().unwrap() {
+                panic!("server {name} exited at start: {status}");
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "server {name} did not answer"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A running `stored-messages serve`, killed when dropped.
+struct Server {
+    name: String,
+    address: String,
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP answer.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.body))
+    }
+}
+
+/// One HTTP/1.1 exchange on a fresh connection.
+async fn exchange(address: &str, request: String) -> std::io::Result<Answer> {
+    let mut stream = TcpStream::connect(address).await?;
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok(Answer {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut body = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 || after.len() < size {
+            break;
+        }
+        body.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    body
+}
+
+async fn get(address: &str, path: &str, cookie: &str) -> std::io::Result<Answer> {
+    exchange(
+        address,
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\
+             Accept: application/json\r\nCookie: {cookie}\r\n\r\n"
+        ),
+    )
+    .await
+}
+
+/// A logged-in browser: its cookies (valid on every server, which share the secret key)
+/// and CSRF token.
+struct Browser {
+    cookie: String,
+    token: String,
+}
+
+impl Browser {
+    /// Logs `username` in through `server`.
+    async fn login(server: &Server, username: &str, password: &str) -> Browser {
+        let page = get(&server.address, "/login", "").await.unwrap();
+        let mut jar = Vec::new();
+        keep_cookies(&mut jar, &page);
+        let token = csrf_token(&page.body);
+        let form = format!("csrf_token={token}&username={username}&password={password}");
+        let answer = post(&server.address, "/login", &cookies(&jar), &form)
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 303, "login: {}", answer.body);
+        keep_cookies(&mut jar, &answer);
+        let mut browser = Browser {
+            cookie: cookies(&jar),
+            token: String::new(),
+        };
+        // The token may change at login: take the one the logged-in pages carry.
+        let home = get(&server.address, "/", &browser.cookie).await.unwrap();
+        keep_cookies(&mut jar, &home);
+        browser.cookie = cookies(&jar);
+        browser.token = csrf_token(&home.body);
+        browser
+    }
+
+    async fn inbox(&self, server: &Server) -> Vec<String> {
+        let answer = get(&server.address, "/messages/inbox", &self.cookie)
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200, "{}: {}", server.name, answer.body);
+        answer.json()["messages"]
+            .as_array()
+            .expect("a page of messages")
+            .iter()
+            .map(|m| m["message"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    async fn count(&self, server: &Server) -> u64 {
+        let answer = get(&server.address, "/messages/count", &self.cookie)
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200, "{}: {}", server.name, answer.body);
+        answer.json()["unread"].as_u64().expect("a count")
+    }
+
+    /// Adds a stored message through the demo form (the `Messages` guard).
+    async fn add(&self, server: &Server, text: &str) {
+        let form = format!(
+            "csrf_token={}&level=stored_info&message={}",
+            self.token,
+            text.replace(' ', "+")
+        );
+        let answer = post(&server.address, "/demo/message", &self.cookie, &form)
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 303, "{}: {}", server.name, answer.body);
+    }
+
+    async fn mark_all_read(&self, server: &Server) -> u64 {
+        let answer = exchange(
+            &server.address,
+            format!(
+                "POST /messages/mark_all_read HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\
+                 Cookie: {}\r\nX-CSRF-Token: {}\r\nContent-Length: 0\r\n\r\n",
+                server.address, self.cookie, self.token
+            ),
+        )
+        .await
+        .unwrap();
+        assert_eq!(answer.status, 200, "{}: {}", server.name, answer.body);
+        answer.json()["marked"].as_u64().expect("a count")
+    }
+}
+
+async fn post(address: &str, path: &str, cookie: &str, form: &str) -> std::io::Result<Answer> {
+    exchange(
+        address,
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
+             Cookie: {cookie}\r\n\r\n{form}",
+            form.len()
+        ),
+    )
+    .await
+}
+
+fn keep_cookies(jar: &mut Vec<(String, String)>, answer: &Answer) {
+    for (name, value) in &answer.headers {
+        if name != "set-cookie" {
+            continue;
+        }
+        let pair = value.split(';').next().unwrap_or_default();
+        if let Some((k, v)) = pair.split_once('=') {
+            jar.retain(|(name, _)| name != k);
+            if !v.is_empty() {
+                jar.push((k.to_string(), v.to_string()));
+            }
+        }
+    }
+}
+
+fn cookies(jar: &[(String, String)]) -> String {
+    jar.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn csrf_token(html: &str) -> String {
+    html.split("name=\"csrf_token\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a CSRF token in the page")
+        .to_string()
+}
+
+/// How a test cuts a server's change feed off (PostgreSQL and Redis).
+impl Shared {
+    /// Kills the change feed connection of the server `name`, and returns whether there was
+    /// one to kill.
+    async fn kill_feed(&self, name: &str) -> bool {
+        match &self.backend {
+            Backend::Sqlite => false,
+            Backend::Postgres(_) => {
+                let pool = sqlx::PgPool::connect(&crate::common::postgres_url())
+                    .await
+                    .unwrap();
+                let killed: Vec<bool> = sqlx::query_scalar(
+                    "select pg_terminate_backend(pid) from pg_stat_activity \
+                     where application_name = $1",
+                )
+                .bind(format!("{name} (change feed)"))
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+                pool.close().await;
+                killed.iter().any(|k| *k)
+            }
+            Backend::Redis(prefix) => {
+                // Every subscriber on the server goes, as the issue asks: other tests'
+                // feeds reconnect by themselves, which is what this test checks too.
+                let mut connection = redis_connection(&prefix.url).unwrap();
+                let killed: i64 = ::redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("TYPE")
+                    .arg("pubsub")
+                    .query(&mut connection)
+                    .unwrap();
+                killed > 0
+            }
+        }
+    }
+
+    /// Whether `servers` change feeds are connected (PostgreSQL: a listener per server;
+    /// Redis: a subscriber per server on this test's change channel).
+    async fn feeds_connected(&self, servers: &[&Server]) -> bool {
+        match &self.backend {
+            Backend::Sqlite => true,
+            Backend::Postgres(_) => {
+                let pool = sqlx::PgPool::connect(&crate::common::postgres_url())
+                    .await
+                    .unwrap();
+                let names: Vec<String> = servers
+                    .iter()
+                    .map(|s| format!("{} (change feed)", s.name))
+                    .collect();
+                let listening: i64 = sqlx::query_scalar(
+                    "select count(*) from pg_stat_activity where application_name = any($1)",
+                )
+                .bind(&names)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                pool.close().await;
+                listening == servers.len() as i64
+            }
+            Backend::Redis(prefix) => {
+                let mut connection = redis_connection(&prefix.url).unwrap();
+                let (_, subscribers): (String, i64) = ::redis::cmd("PUBSUB")
+                    .arg("NUMSUB")
+                    .arg(format!("{}changes", prefix.prefix))
+                    .query(&mut connection)
+                    .unwrap();
+                subscribers == servers.len() as i64
+            }
+        }
+    }
+
+    /// Waits until the feeds of `servers` are connected (they reconnect by themselves).
+    async fn wait_feeds(&self, servers: &[&Server]) {
+        let started = Instant::now();
+        while !self.feeds_connected(servers).await {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the change feeds did not connect"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Stamps out one test per behaviour and backend.
+macro_rules! process_tests {
+    ($($name:ident),* $(,)?) => {
+        process_tests!(@backend sqlite, $($name),*);
+        process_tests!(@backend postgres, $($name),*);
+        process_tests!(@backend redis, $($name),*);
+    };
+    (@backend $backend:ident, $($name:ident),*) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(shared) = super::Shared::$backend().await {
+                        super::$name(&shared).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+process_tests!(
+    a_cli_send_is_seen_by_the_next_request,
+    a_write_through_one_server_is_seen_by_the_next_request_to_another,
+    writes_stay_visible_while_the_change_feed_is_killed,
+);
+
+const PASSWORD: &str = "correct-horse-battery";
+
+async fn a_cli_send_is_seen_by_the_next_request(shared: &Shared) {
+    // arrange
+    shared.cli(&["createuser", "alice"], &format!("{PASSWORD}\n"));
+    let server = shared.serve(&format!("sm_a_{}", random_id())).await;
+    let alice = Browser::login(&server, "alice", PASSWORD).await;
+    shared.wait_feeds(&[&server]).await;
+    for round in 0..200 {
+        // the server has alice's inbox cached
+        assert_eq!(
+            alice.inbox(&server).await,
+            Vec::<String>::new(),
+            "round {round}"
+        );
+        // act: another process writes, and returns
+        let text = format!("round {round}");
+        let out = shared.cli(&["send", "--to", "alice", &text], "");
+        assert!(out.starts_with("sent message "), "{out}");
+        // assert: the very next request sees it
+        assert_eq!(alice.inbox(&server).await, [text], "round {round}");
+        assert_eq!(alice.mark_all_read(&server).await, 1, "round {round}");
+    }
+}
+
+/// `rounds` of: a write through `writer`, then at once a read through `reader` (which had
+/// the inbox cached); then mark-all-read through `writer`, then at once a count through
+/// `reader`. With `kill`, the reader's change feed connection is killed every tenth round,
+/// just before the write; returns how many kills hit a connection.
+async fn write_here_read_there(
+    alice: &Browser,
+    writer: &Server,
+    reader: &Server,
+    rounds: usize,
+    kill: Option<&Shared>,
+) -> usize {
+    let mut kills = 0;
+    for round in 0..rounds {
+        assert_eq!(
+            alice.inbox(reader).await,
+            Vec::<String>::new(),
+            "round {round}"
+        );
+        if let Some(shared) = kill.filter(|_| round % 10 == 5) {
+            if shared.kill_feed(&reader.name).await {
+                kills += 1;
+            }
+        }
+        let text = format!("round {round}");
+        alice.add(writer, &text).await;
+        assert_eq!(
+            alice.inbox(reader).await,
+            [text],
+            "round {round}: stale read"
+        );
+        assert_eq!(alice.count(reader).await, 1, "round {round}");
+        assert_eq!(alice.mark_all_read(writer).await, 1, "round {round}");
+        assert_eq!(alice.count(reader).await, 0, "round {round}: stale count");
+    }
+    kills
+}
+
+async fn a_write_through_one_server_is_seen_by_the_next_request_to_another(shared: &Shared) {
+    shared.cli(&["createuser", "alice"], &format!("{PASSWORD}\n"));
+    let one = shared.serve(&format!("sm_one_{}", random_id())).await;
+    let two = shared.serve(&format!("sm_two_{}", random_id())).await;
+    let alice = Browser::login(&one, "alice", PASSWORD).await;
+    shared.wait_feeds(&[&one, &two]).await;
+    write_here_read_there(&alice, &one, &two, 100, None).await;
+    write_here_read_there(&alice, &two, &one, 100, None).await;
+}
+
+async fn writes_stay_visible_while_the_change_feed_is_killed(shared: &Shared) {
+    if matches!(shared.backend, Backend::Sqlite) {
+        // SQLite's feed reads a file: there is no connection to kill.
+        return;
+    }
+    shared.cli(&["createuser", "alice"], &format!("{PASSWORD}\n"));
+    let one = shared.serve(&format!("sm_one_{}", random_id())).await;
+    let two = shared.serve(&format!("sm_two_{}", random_id())).await;
+    let alice = Browser::login(&one, "alice", PASSWORD).await;
+    shared.wait_feeds(&[&one, &two]).await;
+    let kills = write_here_read_there(&alice, &one, &two, 100, Some(shared)).await;
+    assert!(kills >= 5, "the feed was killed {kills} times");
+    // and the feeds came back by themselves
+    shared.wait_feeds(&[&one, &two]).await;
+    write_here_read_there(&alice, &one, &two, 10, None).await;
+}
