@@ -15,16 +15,22 @@
 //!
 //! # How the barrier works
 //!
-//! The feed asks the backend for a *sync*: the backend sends a marker down the same ordered
-//! channel its changes travel on and reports the sync done when the marker comes back.
-//! PostgreSQL delivers notifications in commit order, Redis delivers a connection's
-//! messages in the order the server executed the `PUBLISH`es, and SQLite's log is read in
-//! commit order; so when the marker arrives, every change committed before it was sent has
-//! been reported. The marker is sent after the caller asked, hence after every write that
-//! had returned by then.
+//! The feed asks the backend for a *sync*, and the backend reports it done once every
+//! change committed before it began has been reported:
+//! - **PostgreSQL**: a second listening connection runs `select 1`; PostgreSQL sends a
+//!   listening session its pending notifications before the end of any command, and a
+//!   writer has signalled every listener before its commit returns.
+//! - **Redis**: a `PUBLISH` on a channel of this process's own; Redis runs one command at a
+//!   time and a subscriber receives messages in the order the `PUBLISH`es ran, so when the
+//!   marker arrives every change published before it has arrived.
+//! - **SQLite**: the feed reads the `sm_changes` log, which sees every commit that came
+//!   before the read.
 //!
-//! One marker serves every caller that was waiting when it was sent: callers that arrive
-//! while a marker is out wait for the next one, which leaves as soon as the first returns.
+//! The sync begins after the caller asked, hence after every write that had returned by
+//! then.
+//!
+//! One sync serves every caller that was waiting when it began: callers that arrive while a
+//! sync is out wait for the next one, which begins as soon as the first is done.
 //! Under load a sync therefore costs one round trip per batch of requests, not per request.
 //!
 //! While the feed is down (no connection, or a sync that did not come back within
@@ -170,10 +176,15 @@ impl Shared {
         self.syncs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn report(&self, change: &Change) {
+    /// Runs the hooks (the inbox cache) for `change`.
+    fn apply(&self, change: &Change) {
         for hook in self.hooks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             hook(change);
         }
+    }
+
+    fn report(&self, change: &Change) {
+        self.apply(change);
         // No receiver is not an error: nobody listens yet.
         let _ = self.changes.send(change.clone());
         self.reports.send_modify(|n| *n += 1);
@@ -382,8 +393,9 @@ impl ChangeReceiver {
 /// What a backend's feed is asked to do next; see [`FeedSink::wanted`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wanted {
-    /// Send sync marker `n` down the change channel, and call [`FeedSink::synced`] with
-    /// `n` when it comes back.
+    /// Sync `n`: call [`FeedSink::synced`] with `n` once every change committed before now
+    /// has been reported (for example, send a marker down the change channel and wait for it
+    /// to come back).
     Sync(u64),
     /// Drop the connection (it stopped answering) and connect again.
     Reconnect,
@@ -434,7 +446,16 @@ impl FeedSink {
         }
     }
 
-    /// Sync marker `n` came back: every change sent before it has been reported.
+    /// A change that reached the feed on its sync path (PostgreSQL's sync connection hears
+    /// every notification too): applied to caches before the sync is reported done, but not
+    /// repeated to receivers, which get it from the feed's own receive.
+    pub fn caught_up(&self, change: Change) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.apply(&change);
+        }
+    }
+
+    /// Sync `n` is done: every change committed before it began has been reported.
     pub fn synced(&self, n: u64) {
         let Some(shared) = self.shared.upgrade() else {
             return;
@@ -453,8 +474,8 @@ impl FeedSink {
         shared.progress.send_modify(|p| p.done = n);
     }
 
-    /// Sending a sync marker failed: the syncs out fail (their callers read the store).
-    /// The feed stays live: a failed send loses no change.
+    /// A sync could not be done, but no change was missed (sending a marker failed): the
+    /// syncs out fail, and their callers read the store. The feed stays live.
     pub fn sync_failed(&self) {
         if let Some(shared) = self.shared.upgrade() {
             shared.abandon_syncs();

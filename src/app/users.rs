@@ -9,7 +9,6 @@ use chrono::Utc;
 use rand::rngs::OsRng;
 use rocket::http::CookieJar;
 use rocket::Request;
-use sqlx::migrate::Migrator;
 
 use crate::backend::sql::{micros, run_migrations, with_pool, SqlPool};
 use crate::backend::BackendError;
@@ -118,9 +117,12 @@ impl Users {
 
     /// Applies the app's migrations (`migrations/app/…`).
     pub async fn migrate(&self) -> Result<(), BackendError> {
-        static SQLITE: Migrator = sqlx::migrate!("migrations/app/sqlite");
-        static POSTGRES: Migrator = sqlx::migrate!("migrations/app/postgres");
-        run_migrations(&self.pool, &SQLITE, &POSTGRES).await
+        run_migrations(
+            &self.pool,
+            sqlx::migrate!("migrations/app/sqlite"),
+            sqlx::migrate!("migrations/app/postgres"),
+        )
+        .await
     }
 
     /// The pool.

@@ -318,9 +318,10 @@ pub trait MessageBackend: Send + Sync + 'static {
     /// change to inboxes committed by any process (this one included), and
     /// [`FeedSink::lost`] whenever it may have missed some (then it connects again, and calls
     /// `live` again). Meanwhile it answers [`FeedSink::wanted`]: for [`Wanted::Sync`] it
-    /// sends a marker down the same ordered channel as the changes and calls
-    /// [`FeedSink::synced`] when the marker comes back (or [`FeedSink::sync_failed`]); for
-    /// [`Wanted::Reconnect`] it drops its connection and starts over.
+    /// calls [`FeedSink::synced`] once every change committed before the sync began has been
+    /// reported (for example by sending a marker down the same ordered channel as the
+    /// changes and waiting for it), or [`FeedSink::sync_failed`]; for [`Wanted::Reconnect`]
+    /// it drops its connection and starts over.
     ///
     /// Returns `Ok(false)` at once when the backend has no change feed; the default does,
     /// and such a backend is never cached.

@@ -40,7 +40,6 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use sqlx::database::HasArguments;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgArguments;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -172,9 +171,12 @@ impl SqlPool {
     ///
     /// [`BackendError::Migrate`] when a migration fails or an applied one was changed.
     pub async fn migrate(&self) -> Result<(), BackendError> {
-        static SQLITE: Migrator = sqlx::migrate!("migrations/sqlite");
-        static POSTGRES: Migrator = sqlx::migrate!("migrations/postgres");
-        run_migrations(self, &SQLITE, &POSTGRES).await
+        run_migrations(
+            self,
+            sqlx::migrate!("migrations/sqlite"),
+            sqlx::migrate!("migrations/postgres"),
+        )
+        .await
     }
 
     /// Closes every connection.
@@ -187,17 +189,12 @@ impl SqlPool {
 /// applied by another migration set on the same database.
 pub async fn run_migrations(
     pool: &SqlPool,
-    sqlite: &Migrator,
-    postgres: &Migrator,
+    mut sqlite: Migrator,
+    mut postgres: Migrator,
 ) -> Result<(), BackendError> {
-    let tolerant = |m: &Migrator| Migrator {
-        migrations: m.migrations.clone(),
-        ignore_missing: true,
-        locking: m.locking,
-    };
     match pool {
-        SqlPool::Sqlite(pool) => tolerant(sqlite).run(pool).await?,
-        SqlPool::Postgres(pool) => tolerant(postgres).run(pool).await?,
+        SqlPool::Sqlite(pool) => sqlite.set_ignore_missing(true).run(pool).await?,
+        SqlPool::Postgres(pool) => postgres.set_ignore_missing(true).run(pool).await?,
     }
     Ok(())
 }
@@ -218,7 +215,7 @@ pub(crate) trait IdArray: Database {
     /// The statement that announces a change to every process's change feed, inside the
     /// writing transaction: a row of SQLite's `sm_changes` log, a PostgreSQL notification
     /// (sent when the transaction commits).
-    fn announce<'q>(payload: String) -> Query<'q, Self, <Self as HasArguments<'q>>::Arguments>;
+    fn announce<'q>(payload: String) -> Query<'q, Self, <Self as Database>::Arguments<'q>>;
 }
 
 impl IdArray for Sqlite {
@@ -274,7 +271,7 @@ pub const CHANGES_CHANNEL: &str = "stored_messages_changes:";
 fn announce_query<'q, DB: IdArray>(
     _pool: &Pool<DB>,
     payload: impl Into<String>,
-) -> Query<'q, DB, <DB as HasArguments<'q>>::Arguments> {
+) -> Query<'q, DB, <DB as Database>::Arguments<'q>> {
     DB::announce(payload.into())
 }
 
@@ -1163,49 +1160,55 @@ where
     }
 }
 
-/// PostgreSQL's change feed: `LISTEN` on the changes channel (see [`CHANGES_CHANNEL`]) and on
-/// a sync channel of this
-/// process's own, on a connection of its own. Every write that changes inboxes notifies in
-/// its own transaction, so a notification arrives exactly when the change is visible.
+/// PostgreSQL's change feed: `LISTEN` on the changes channel (see [`CHANGES_CHANNEL`]), on
+/// two connections of its own. Every write that changes inboxes notifies in its own
+/// transaction, so a notification arrives exactly when the change is visible.
 ///
-/// A sync marker is a notification on the sync channel, sent from the request pool (with
-/// `synchronous_commit` off: it carries no data worth a disk flush). PostgreSQL delivers
-/// notifications in commit order, so when the marker arrives every change committed before
-/// it was sent has arrived too.
+/// - The *listener* waits for notifications and reports each one.
+/// - The *sync connection* listens too, but only ever runs `select 1`, for a sync.
+///   PostgreSQL sends a listening session every notification it has pending before the
+///   `ReadyForQuery` that ends a command (see `PostgresMain`: "if any notifies were
+///   received during the just-finished transaction, they'll be seen by the client before
+///   ReadyForQuery is"), and a writer has signalled every listener before its commit
+///   returns. So once `select 1` returns, every change committed before it was sent is in
+///   that connection's buffer, and is applied before the sync is reported done. A sync
+///   thus costs one trivial query, not a transaction of its own.
 ///
-/// The listening connection's `application_name` ends in `(change feed)`, so operators (and
-/// the tests) can find it in `pg_stat_activity`.
+/// Both connections' `application_name` ends in `(change feed)`, so operators (and the
+/// tests) can find them in `pg_stat_activity`. Losing either one is losing the feed.
 async fn watch_postgres(pool: &PgPool, sink: &FeedSink) {
     use rocket::futures::StreamExt;
-    // A pool of its own with one connection: a listener holds its connection for good, and
-    // must not take one from the pool that serves requests.
+    use sqlx::postgres::PgListener;
+    // A pool of its own: the feed holds its two connections for good, and must not take
+    // them from the pool that serves requests.
     let own = PgPoolOptions::new()
-        .max_connections(1)
+        .max_connections(2)
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .connect_lazy_with((*pool.connect_options()).clone());
-    let sync_channel = format!("stored_messages_sync_{}", crate::changes::instance_name());
+    let listen = || async {
+        let mut listener = PgListener::connect_with(&own).await?;
+        // A lost connection is reported, never silently replaced.
+        listener.eager_reconnect(false);
+        let channel: String = sqlx::query_scalar(
+            "select left($1 || coalesce(current_schema(), ''), 63), \
+             set_config('application_name', \
+             left(current_setting('application_name'), 40) || ' (change feed)', false)",
+        )
+        .bind(CHANGES_CHANNEL)
+        .fetch_one(&mut listener)
+        .await?;
+        listener.listen(&channel).await?;
+        Ok::<_, sqlx::Error>(listener)
+    };
     loop {
-        let listening = || async {
-            let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
-            let channel: String = sqlx::query_scalar(
-                "select left($1 || coalesce(current_schema(), ''), 63), \
-                 set_config('application_name', \
-                 left(current_setting('application_name'), 40) || ' (change feed)', false)",
-            )
-            .bind(CHANGES_CHANNEL)
-            .fetch_one(&mut listener)
-            .await?;
-            listener
-                .listen_all([channel.as_str(), sync_channel.as_str()])
-                .await?;
-            Ok(listener)
-        };
-        let Some(listener) = connect_feed(sink, || pool.is_closed(), listening).await else {
+        let connecting = || async { Ok((listen().await?, listen().await?)) };
+        let Some((listener, mut syncer)) =
+            connect_feed(sink, || pool.is_closed(), connecting).await
+        else {
             return;
         };
         // The listener lives inside the stream, so waiting for the next notification in a
-        // `select!` never drops a half-read one. The stream ends when the connection does
-        // (sqlx's `try_recv` answers `None` then, and would reconnect silently next time).
+        // `select!` never drops a half-read one. The stream ends when the connection does.
         let mut notifications = Box::pin(rocket::futures::stream::unfold(
             Some(listener),
             |listener| async move {
@@ -1221,11 +1224,6 @@ async fn watch_postgres(pool: &PgPool, sink: &FeedSink) {
             rocket::tokio::select! {
                 _ = sink.closed() => return,
                 received = notifications.next() => match received {
-                    Some(notification) if notification.channel() == sync_channel => {
-                        if let Ok(n) = notification.payload().parse() {
-                            sink.synced(n);
-                        }
-                    }
                     Some(notification) => sink.changed(Change::parse(notification.payload())),
                     None => {
                         log::warn!("stored-messages: change feed down, lost the PostgreSQL listener");
@@ -1235,18 +1233,15 @@ async fn watch_postgres(pool: &PgPool, sink: &FeedSink) {
                 },
                 wanted = sink.wanted() => match wanted {
                     Wanted::Sync(n) => {
-                        let sent = sqlx::query(
-                            "select set_config('synchronous_commit', 'off', true), \
-                             pg_notify($1, $2)",
-                        )
-                        .bind(&sync_channel)
-                        .bind(n.to_string())
-                        .execute(pool)
-                        .await;
-                        if let Err(e) = sent {
-                            log::warn!("stored-messages: sending a change feed sync failed: {e}");
-                            sink.sync_failed();
+                        if let Err(e) = sqlx::query("select 1").execute(&mut syncer).await {
+                            log::warn!("stored-messages: change feed down, a sync failed: {e}");
+                            sink.lost();
+                            break;
                         }
+                        while let Some(notification) = syncer.next_buffered() {
+                            sink.caught_up(Change::parse(notification.payload()));
+                        }
+                        sink.synced(n);
                     }
                     Wanted::Reconnect => {
                         sink.lost();

@@ -111,7 +111,7 @@ pub(crate) struct Helper {
 impl Helper {
     /// The value of `slot` from the current scope; `None` when there is no scope, or it
     /// cannot answer without I/O (the fairing fills a marker then).
-    fn from_scope(&self, slot: Slot) -> tera::Result<Option<Value>> {
+    fn scoped(&self, slot: Slot) -> tera::Result<Option<Value>> {
         // The scope is borrowed only to copy out what is needed: rendering an override of
         // the partial may call helpers again.
         let known = SCOPE.with(|s| {
@@ -132,7 +132,7 @@ impl Helper {
             scope.markers |= known.is_none();
             known
         });
-        Ok(known
+        known
             .map(|known| match known {
                 Known::Text(text) => Ok(Value::String(text)),
                 Known::Count(n) => Ok(Value::from(n)),
@@ -149,7 +149,7 @@ impl Helper {
                         .map(Value::String)
                 }
             })
-            .transpose()?)
+            .transpose()
     }
 }
 
@@ -170,7 +170,7 @@ impl tera::Function for Helper {
         };
         let slot = (self.kind)(limit);
         Ok(self
-            .from_scope(slot)?
+            .scoped(slot)?
             .unwrap_or_else(|| Value::String(slot.encode())))
     }
 

@@ -409,7 +409,7 @@ impl Shared {
         }
     }
 
-    /// Whether `servers` change feeds are connected (PostgreSQL: a listener per server;
+    /// Whether `servers` change feeds are connected (PostgreSQL: two connections per server;
     /// Redis: a subscriber per server on this test's change channel).
     async fn feeds_connected(&self, servers: &[&Server]) -> bool {
         match &self.backend {
@@ -430,7 +430,8 @@ impl Shared {
                 .await
                 .unwrap();
                 pool.close().await;
-                listening == servers.len() as i64
+                // each feed holds two connections: the listener and the sync connection
+                listening == 2 * servers.len() as i64
             }
             Backend::Redis(prefix) => {
                 let mut connection = redis_connection(&prefix.url).unwrap();
