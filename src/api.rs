@@ -62,9 +62,66 @@ impl ApiMessage {
             level_tag: m.level_tag(tags).to_string(),
             tags: m.tags(tags),
             extra_tags: m.extra_tags.clone(),
-            date: m.date.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            date: crate::request::rfc3339(m.date),
             url: m.url.clone(),
         }
+    }
+}
+
+/// How a message is written in answers: [`ApiMessage`]'s fields, serialized straight from
+/// the stored message (no copy of its strings on the way).
+struct MessageView<'a> {
+    message: &'a Message,
+    tags: &'a LevelTags,
+}
+
+impl Serialize for MessageView<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let m = self.message;
+        let level_tag = m.level_tag(self.tags);
+        let mut out = serializer.serialize_struct("ApiMessage", 8)?;
+        out.serialize_field("id", &m.id)?;
+        out.serialize_field("message", &m.message)?;
+        out.serialize_field("level", &m.level.0)?;
+        out.serialize_field("level_tag", level_tag)?;
+        out.serialize_field("tags", &m.tags(self.tags))?;
+        out.serialize_field("extra_tags", &m.extra_tags)?;
+        out.serialize_field("date", &crate::request::rfc3339(m.date))?;
+        out.serialize_field("url", &m.url)?;
+        out.end()
+    }
+}
+
+/// A page as handlers answer it: [`Page`]'s shape, written from the stored messages.
+struct PageView<'a> {
+    messages: Vec<Message>,
+    tags: &'a LevelTags,
+    next_cursor: Option<String>,
+    next: Option<String>,
+}
+
+impl Serialize for PageView<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeSeq, SerializeStruct};
+        struct Messages<'b>(&'b [Message], &'b LevelTags);
+        impl Serialize for Messages<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+                for message in self.0 {
+                    seq.serialize_element(&MessageView {
+                        message,
+                        tags: self.1,
+                    })?;
+                }
+                seq.end()
+            }
+        }
+        let mut out = serializer.serialize_struct("Page", 3)?;
+        out.serialize_field("messages", &Messages(&self.messages, self.tags))?;
+        out.serialize_field("next_cursor", &self.next_cursor)?;
+        out.serialize_field("next", &self.next)?;
+        out.end()
     }
 }
 
@@ -186,7 +243,12 @@ fn list_query(limit: Option<&str>, cursor: Option<&str>) -> ApiResult<ListQuery>
 
 /// Builds a page; asks for one more message than the limit to know whether a next page
 /// exists.
-fn page(path: &str, mut messages: Vec<Message>, limit: u32, tags: &LevelTags) -> Page {
+fn page<'a>(
+    path: &str,
+    mut messages: Vec<Message>,
+    limit: u32,
+    tags: &'a LevelTags,
+) -> PageView<'a> {
     let more = messages.len() > limit as usize;
     messages.truncate(limit as usize);
     let next_cursor = more
@@ -195,8 +257,9 @@ fn page(path: &str, mut messages: Vec<Message>, limit: u32, tags: &LevelTags) ->
     let next = next_cursor
         .as_ref()
         .map(|c| format!("{BASE}/{path}?limit={limit}&cursor={c}"));
-    Page {
-        messages: messages.iter().map(|m| ApiMessage::new(m, tags)).collect(),
+    PageView {
+        messages,
+        tags,
         next_cursor,
         next,
     }
@@ -210,12 +273,12 @@ fn one_more(query: ListQuery) -> ListQuery {
 }
 
 #[get("/inbox?<limit>&<cursor>")]
-async fn inbox_list(
+async fn inbox_list<'r>(
     user: ApiUser,
-    store: &State<Store>,
+    store: &'r State<Store>,
     limit: Option<&str>,
     cursor: Option<&str>,
-) -> ApiResult<Json<Page>> {
+) -> ApiResult<Json<PageView<'r>>> {
     let query = list_query(limit, cursor)?;
     let messages = store.backend().inbox_list(user.0, one_more(query)).await?;
     Ok(Json(page(
@@ -227,12 +290,12 @@ async fn inbox_list(
 }
 
 #[get("/archive?<limit>&<cursor>")]
-async fn archive_list(
+async fn archive_list<'r>(
     user: ApiUser,
-    store: &State<Store>,
+    store: &'r State<Store>,
     limit: Option<&str>,
     cursor: Option<&str>,
-) -> ApiResult<Json<Page>> {
+) -> ApiResult<Json<PageView<'r>>> {
     let query = list_query(limit, cursor)?;
     let messages = store
         .backend()

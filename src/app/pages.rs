@@ -16,23 +16,29 @@ use crate::{Level, Messages, MAX_TEXT_CHARS};
 #[derive(Serialize)]
 struct LevelChoice {
     name: &'static str,
-    label: String,
-    value: i32,
+    /// `stored info (21)`.
+    text: &'static str,
+    selected: bool,
 }
 
-/// The demo form's level choices, built once.
-fn level_choices() -> &'static [LevelChoice] {
-    static CHOICES: std::sync::OnceLock<Vec<LevelChoice>> = std::sync::OnceLock::new();
-    CHOICES.get_or_init(|| {
-        Level::NAMED
-            .iter()
-            .map(|(name, level)| LevelChoice {
-                name,
-                label: name.replace('_', " "),
-                value: level.0,
-            })
-            .collect()
-    })
+/// The demo form's level choices, with `chosen` selected. (What each shows is built once;
+/// the page template then has one lookup less per option to make.)
+fn level_choices(chosen: &str) -> Vec<LevelChoice> {
+    static TEXTS: std::sync::OnceLock<Vec<(&'static str, String)>> = std::sync::OnceLock::new();
+    TEXTS
+        .get_or_init(|| {
+            Level::NAMED
+                .iter()
+                .map(|(name, level)| (*name, format!("{} ({})", name.replace('_', " "), level.0)))
+                .collect()
+        })
+        .iter()
+        .map(|(name, text)| LevelChoice {
+            name,
+            text,
+            selected: *name == chosen,
+        })
+        .collect()
 }
 
 /// What the demo form sent back, to re-render it.
@@ -69,7 +75,7 @@ fn home(
             messages: stream,
             user: user.map(|u| &u.0),
             kept,
-            levels: level_choices(),
+            levels: level_choices(&form.level),
             max_len: MAX_TEXT_CHARS,
             form,
             errors,
