@@ -17,7 +17,7 @@
 //!
 //! The feed asks the backend for a *sync*, and the backend reports it done once every
 //! change committed before it began has been reported:
-//! - **PostgreSQL**: a second listening connection runs `select 1`; PostgreSQL sends a
+//! - **PostgreSQL**: a second listening connection runs an empty statement; PostgreSQL sends a
 //!   listening session its pending notifications before the end of any command, and a
 //!   writer has signalled every listener before its commit returns.
 //! - **Redis**: a `PUBLISH` on a channel of this process's own; Redis runs one command at a
@@ -295,12 +295,15 @@ impl ChangeFeed {
         }
         let target = {
             let mut syncs = shared.syncs();
-            if syncs.requested == syncs.done {
+            if syncs.requested > syncs.issued {
+                // Asked for and not begun yet: it begins after this call, so it will do.
+                syncs.requested
+            } else if syncs.requested == syncs.done {
                 syncs.requested += 1;
                 shared.wake.notify_one();
                 syncs.requested
             } else {
-                // The sync out was sent before this call: wait for the next one.
+                // The sync out began before this call: wait for the next one.
                 syncs.again = true;
                 syncs.requested + 1
             }

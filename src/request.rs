@@ -61,17 +61,23 @@ pub struct StreamMessage {
 }
 
 /// Appends `n` as exactly `width` decimal digits (`n` is below `10^width`).
-fn push_digits(out: &mut String, n: u32, width: u32) {
-    for place in (0..width).rev() {
-        let digit = (n / 10u32.pow(place)) % 10;
-        out.push(char::from(b'0' + digit as u8));
+fn push_digits(out: &mut String, n: u32, width: usize) {
+    let mut digits = [b'0'; 10];
+    let mut rest = n;
+    for digit in digits[..width].iter_mut().rev() {
+        *digit = b'0' + (rest % 10) as u8;
+        rest /= 10;
     }
+    // ASCII digits are valid UTF-8.
+    out.push_str(std::str::from_utf8(&digits[..width]).unwrap_or_default());
 }
 
 /// `2026-11-25 14:05` then, for `seconds`, `:07.123456`: the digits written directly, as
 /// pages format every message's date on every request.
 fn push_date(out: &mut String, date: DateTime<Utc>, separator: char, seconds: bool) {
     use chrono::{Datelike, Timelike};
+    // The naive form once: each accessor of a `DateTime` converts it again.
+    let date = date.naive_utc();
     let year = date.year();
     if (0..10_000).contains(&year) {
         push_digits(out, year as u32, 4);
@@ -98,17 +104,27 @@ fn push_date(out: &mut String, date: DateTime<Utc>, separator: char, seconds: bo
 /// `2026-11-25 14:05 UTC`.
 pub(crate) fn date_text(date: DateTime<Utc>) -> String {
     let mut out = String::with_capacity(20);
-    push_date(&mut out, date, ' ', false);
-    out.push_str(" UTC");
+    push_date_text(&mut out, date);
     out
+}
+
+/// Appends [`date_text`].
+pub(crate) fn push_date_text(out: &mut String, date: DateTime<Utc>) {
+    push_date(out, date, ' ', false);
+    out.push_str(" UTC");
 }
 
 /// `2026-11-25T14:05:07.123456Z`.
 pub(crate) fn rfc3339(date: DateTime<Utc>) -> String {
     let mut out = String::with_capacity(27);
-    push_date(&mut out, date, 'T', true);
-    out.push('Z');
+    push_rfc3339(&mut out, date);
     out
+}
+
+/// Appends [`rfc3339`].
+pub(crate) fn push_rfc3339(out: &mut String, date: DateTime<Utc>) {
+    push_date(out, date, 'T', true);
+    out.push('Z');
 }
 
 fn rfc3339_micros<S: Serializer>(date: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
@@ -117,9 +133,17 @@ fn rfc3339_micros<S: Serializer>(date: &DateTime<Utc>, serializer: S) -> Result<
 
 /// The first 40 characters of `text`, with `…` when it was longer.
 pub(crate) fn summary(text: &str) -> String {
+    match summary_cut(text) {
+        (head, true) => format!("{head}…"),
+        (head, false) => head.to_string(),
+    }
+}
+
+/// The first 40 characters of `text`, and whether that cut something off.
+pub(crate) fn summary_cut(text: &str) -> (&str, bool) {
     match text.char_indices().nth(40) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_string(),
+        Some((cut, _)) => (&text[..cut], true),
+        None => (text, false),
     }
 }
 
@@ -157,6 +181,64 @@ impl StreamMessage {
             date_text: date_text(m.date),
             summary: summary(&m.message),
         }
+    }
+}
+
+/// One message of the stream, serialized exactly like [`StreamMessage`] but straight from
+/// the queued or stored message, without building one first.
+struct StreamView<'a> {
+    id: Option<MessageId>,
+    level: Level,
+    extra_tags: &'a str,
+    message: &'a str,
+    url: Option<&'a str>,
+    date: DateTime<Utc>,
+    tags: &'a LevelTags,
+}
+
+impl<'a> StreamView<'a> {
+    fn flash(m: &'a NewMessage, tags: &'a LevelTags) -> StreamView<'a> {
+        StreamView {
+            id: None,
+            level: m.level(),
+            extra_tags: m.extra_tags(),
+            message: m.message(),
+            url: m.url(),
+            date: m.date(),
+            tags,
+        }
+    }
+
+    fn stored(m: &'a Message, tags: &'a LevelTags) -> StreamView<'a> {
+        StreamView {
+            id: Some(m.id),
+            level: m.level,
+            extra_tags: &m.extra_tags,
+            message: &m.message,
+            url: m.url.as_deref(),
+            date: m.date,
+            tags,
+        }
+    }
+}
+
+impl Serialize for StreamView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let level_tag = self.tags.tag(self.level);
+        let mut out = serializer.serialize_struct("StreamMessage", 11)?;
+        out.serialize_field("id", &self.id)?;
+        out.serialize_field("stored", &self.id.is_some())?;
+        out.serialize_field("level", &self.level)?;
+        out.serialize_field("level_tag", level_tag)?;
+        out.serialize_field("tags", &join_tags(self.extra_tags, level_tag))?;
+        out.serialize_field("extra_tags", self.extra_tags)?;
+        out.serialize_field("message", self.message)?;
+        out.serialize_field("url", &self.url)?;
+        out.serialize_field("date", &rfc3339(self.date))?;
+        out.serialize_field("date_text", &date_text(self.date))?;
+        out.serialize_field("summary", &summary(self.message))?;
+        out.end()
     }
 }
 
@@ -572,10 +654,33 @@ impl IntoIterator for &Messages<'_> {
     }
 }
 
-/// Serializing the guard (e.g. `context! { messages }`) shows the stream, like iterating.
+/// Serializing the guard (e.g. `context! { messages }`) shows the stream, like iterating,
+/// and writes each message as a [`StreamMessage`].
 impl Serialize for Messages<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let stream: Vec<StreamMessage> = self.iter().collect();
+        let tags = self.store.level_tags();
+        let mut inner = self.state.lock();
+        let mut stream: Vec<StreamView<'_>> =
+            Vec::with_capacity(inner.flash.len() + inner.stored.len());
+        for (_, shown) in inner.flash.iter_mut() {
+            *shown = true;
+        }
+        for (_, shown) in inner.stored.iter_mut() {
+            *shown = true;
+        }
+        inner.used = true;
+        if !inner.flash.is_empty() {
+            self.rewrite_cookies(&mut inner);
+        }
+        stream.extend(inner.flash.iter().map(|(m, _)| StreamView::flash(m, tags)));
+        stream.extend(
+            inner
+                .stored
+                .iter()
+                .map(|(m, _)| StreamView::stored(m, tags)),
+        );
+        // Stable: equal dates keep flash-before-stored and queue order, as `iter` does.
+        stream.sort_by_key(|m| m.date);
         let mut seq = serializer.serialize_seq(Some(stream.len()))?;
         for m in &stream {
             seq.serialize_element(m)?;
@@ -600,6 +705,28 @@ mod tests {
         let long = "❤".repeat(41);
         assert_eq!(summary(&long), format!("{}…", "❤".repeat(40)));
         assert_eq!(summary(&"x".repeat(40)), "x".repeat(40));
+    }
+
+    #[test]
+    fn views_serialize_exactly_like_stream_messages() {
+        let tags = LevelTags::new([(Level::STORED_INFO, "note".to_string())].into());
+        let stored = Message {
+            id: MessageId(7),
+            level: Level::STORED_INFO,
+            message: "a message longer than forty characters, to be cut".into(),
+            extra_tags: "x y".into(),
+            url: Some("/a".into()),
+            date: "2026-01-02T03:04:05.678Z".parse().unwrap(),
+        };
+        assert_eq!(
+            serde_json::to_value(StreamView::stored(&stored, &tags)).unwrap(),
+            serde_json::to_value(StreamMessage::stored(&stored, &tags)).unwrap()
+        );
+        let flash = NewMessage::new(Level::WARNING, "careful").unwrap();
+        assert_eq!(
+            serde_json::to_value(StreamView::flash(&flash, &tags)).unwrap(),
+            serde_json::to_value(StreamMessage::flash(&flash, &tags)).unwrap()
+        );
     }
 
     #[test]

@@ -65,14 +65,11 @@ fn home(
     form: &DemoValues,
     errors: &DemoErrors,
 ) -> Page {
-    let stream: Vec<_> = messages.iter().collect();
-    if kept {
-        messages.set_used(false);
-    }
-    Page::render(
+    // Serializing the guard shows the stream; `?keep=1` then takes that back.
+    let page = Page::render(
         "index",
         context! {
-            messages: stream,
+            messages,
             user: user.map(|u| &u.0),
             kept,
             levels: level_choices(&form.level),
@@ -80,7 +77,11 @@ fn home(
             form,
             errors,
         },
-    )
+    );
+    if kept {
+        messages.set_used(false);
+    }
+    page
 }
 
 #[get("/?<keep>")]

@@ -1165,12 +1165,12 @@ where
 /// transaction, so a notification arrives exactly when the change is visible.
 ///
 /// - The *listener* waits for notifications and reports each one.
-/// - The *sync connection* listens too, but only ever runs `select 1`, for a sync.
+/// - The *sync connection* listens too, but only ever runs an empty statement, for a sync.
 ///   PostgreSQL sends a listening session every notification it has pending before the
 ///   `ReadyForQuery` that ends a command (see `PostgresMain`: "if any notifies were
 ///   received during the just-finished transaction, they'll be seen by the client before
 ///   ReadyForQuery is"), and a writer has signalled every listener before its commit
-///   returns. So once `select 1` returns, every change committed before it was sent is in
+///   returns. So once that statement returns, every change committed before it was sent is in
 ///   that connection's buffer, and is applied before the sync is reported done. A sync
 ///   thus costs one trivial query, not a transaction of its own.
 ///
@@ -1233,7 +1233,7 @@ async fn watch_postgres(pool: &PgPool, sink: &FeedSink) {
                 },
                 wanted = sink.wanted() => match wanted {
                     Wanted::Sync(n) => {
-                        if let Err(e) = sqlx::query("select 1").execute(&mut syncer).await {
+                        if let Err(e) = empty_statement(&mut syncer).await {
                             log::warn!("stored-messages: change feed down, a sync failed: {e}");
                             sink.lost();
                             break;
@@ -1251,6 +1251,15 @@ async fn watch_postgres(pool: &PgPool, sink: &FeedSink) {
             }
         }
     }
+}
+
+/// Runs an empty statement on `connection` (the simple protocol, no parse or plan): the
+/// cheapest complete command there is.
+fn empty_statement(
+    connection: &mut sqlx::postgres::PgListener,
+) -> rocket::futures::future::BoxFuture<'_, Result<(), sqlx::Error>> {
+    use sqlx::Executor;
+    Box::pin(async move { connection.execute(";").await.map(|_| ()) })
 }
 
 /// How often SQLite's change feed prunes `sm_changes`, and how old a row must be to go.
