@@ -68,32 +68,66 @@ impl ApiMessage {
     }
 }
 
-/// How a message is written in answers: [`ApiMessage`]'s fields, serialized straight from
-/// the stored message (no copy of its strings on the way).
-struct MessageView<'a> {
-    message: &'a Message,
-    tags: &'a LevelTags,
+/// Appends `text` as a JSON string, escaped as serde_json escapes it.
+fn push_json_str(out: &mut String, text: &str) {
+    out.push('"');
+    let mut start = 0;
+    for (i, byte) in text.bytes().enumerate() {
+        let escape = match byte {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&text[start..i]);
+        if escape.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
+        } else {
+            out.push_str(escape);
+        }
+        start = i + 1;
+    }
+    out.push_str(&text[start..]);
+    out.push('"');
 }
 
-impl Serialize for MessageView<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        let m = self.message;
-        let level_tag = m.level_tag(self.tags);
-        let mut out = serializer.serialize_struct("ApiMessage", 8)?;
-        out.serialize_field("id", &m.id)?;
-        out.serialize_field("message", &m.message)?;
-        out.serialize_field("level", &m.level.0)?;
-        out.serialize_field("level_tag", level_tag)?;
-        out.serialize_field("tags", &m.tags(self.tags))?;
-        out.serialize_field("extra_tags", &m.extra_tags)?;
-        out.serialize_field("date", &crate::request::rfc3339(m.date))?;
-        out.serialize_field("url", &m.url)?;
-        out.end()
+fn push_json_opt(out: &mut String, text: Option<&str>) {
+    match text {
+        Some(text) => push_json_str(out, text),
+        None => out.push_str("null"),
     }
 }
 
-/// A page as handlers answer it: [`Page`]'s shape, written from the stored messages.
+/// Appends `m` as an [`ApiMessage`] object: the same fields, written straight from the
+/// stored message into the answer (a page is written on every inbox request).
+fn push_message(out: &mut String, m: &Message, tags: &LevelTags) {
+    use std::fmt::Write as _;
+    let level_tag = m.level_tag(tags);
+    // Writing to a String cannot fail.
+    let _ = write!(out, "{{\"id\":\"{}\",\"message\":", m.id.0);
+    push_json_str(out, &m.message);
+    let _ = write!(out, ",\"level\":{},\"level_tag\":", m.level.0);
+    push_json_str(out, level_tag);
+    out.push_str(",\"tags\":");
+    push_json_str(out, &crate::message::join_tags(&m.extra_tags, level_tag));
+    out.push_str(",\"extra_tags\":");
+    push_json_str(out, &m.extra_tags);
+    out.push_str(",\"date\":\"");
+    crate::request::push_rfc3339(out, m.date);
+    out.push_str("\",\"url\":");
+    push_json_opt(out, m.url.as_deref());
+    out.push('}');
+}
+
+/// A page as handlers answer it: [`Page`]'s JSON, written from the stored messages.
 struct PageView<'a> {
     messages: Vec<Message>,
     tags: &'a LevelTags,
@@ -101,27 +135,28 @@ struct PageView<'a> {
     next: Option<String>,
 }
 
-impl Serialize for PageView<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::{SerializeSeq, SerializeStruct};
-        struct Messages<'b>(&'b [Message], &'b LevelTags);
-        impl Serialize for Messages<'_> {
-            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
-                for message in self.0 {
-                    seq.serialize_element(&MessageView {
-                        message,
-                        tags: self.1,
-                    })?;
-                }
-                seq.end()
+impl PageView<'_> {
+    fn to_json(&self) -> String {
+        let mut out = String::with_capacity(64 + self.messages.len() * 320);
+        out.push_str("{\"messages\":[");
+        for (i, m) in self.messages.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
             }
+            push_message(&mut out, m, self.tags);
         }
-        let mut out = serializer.serialize_struct("Page", 3)?;
-        out.serialize_field("messages", &Messages(&self.messages, self.tags))?;
-        out.serialize_field("next_cursor", &self.next_cursor)?;
-        out.serialize_field("next", &self.next)?;
-        out.end()
+        out.push_str("],\"next_cursor\":");
+        push_json_opt(&mut out, self.next_cursor.as_deref());
+        out.push_str(",\"next\":");
+        push_json_opt(&mut out, self.next.as_deref());
+        out.push('}');
+        out
+    }
+}
+
+impl<'r> Responder<'r, 'static> for PageView<'_> {
+    fn respond_to(self, request: &'r Request<'_>) -> rocket::response::Result<'static> {
+        (rocket::http::ContentType::JSON, self.to_json()).respond_to(request)
     }
 }
 
@@ -278,15 +313,15 @@ async fn inbox_list<'r>(
     store: &'r State<Store>,
     limit: Option<&str>,
     cursor: Option<&str>,
-) -> ApiResult<Json<PageView<'r>>> {
+) -> ApiResult<PageView<'r>> {
     let query = list_query(limit, cursor)?;
     let messages = store.backend().inbox_list(user.0, one_more(query)).await?;
-    Ok(Json(page(
+    Ok(page(
         "inbox",
         messages,
         query.limit.unwrap_or(DEFAULT_LIMIT),
         store.level_tags(),
-    )))
+    ))
 }
 
 #[get("/archive?<limit>&<cursor>")]
@@ -295,18 +330,18 @@ async fn archive_list<'r>(
     store: &'r State<Store>,
     limit: Option<&str>,
     cursor: Option<&str>,
-) -> ApiResult<Json<PageView<'r>>> {
+) -> ApiResult<PageView<'r>> {
     let query = list_query(limit, cursor)?;
     let messages = store
         .backend()
         .archive_list(user.0, one_more(query))
         .await?;
-    Ok(Json(page(
+    Ok(page(
         "archive",
         messages,
         query.limit.unwrap_or(DEFAULT_LIMIT),
         store.level_tags(),
-    )))
+    ))
 }
 
 #[get("/inbox/<id>")]
@@ -545,5 +580,51 @@ mod tests {
             list_query(None, Some("%%")).unwrap_err().status,
             Status::BadRequest
         );
+    }
+
+    #[test]
+    fn pages_are_written_exactly_as_serde_json_writes_them() {
+        use crate::level::Level;
+        let tags = LevelTags::new([(Level(77), "custom".to_string())].into());
+        let message = |id: i64, text: &str, extra: &str, url: Option<&str>, level: Level| Message {
+            id: MessageId(id),
+            level,
+            message: text.to_string(),
+            extra_tags: extra.to_string(),
+            url: url.map(str::to_string),
+            date: chrono::DateTime::from_timestamp_micros(1_764_000_000_123_456 + id).unwrap(),
+        };
+        let messages = vec![
+            message(1, "plain", "", None, Level::STORED_INFO),
+            message(
+                2,
+                "quote \" backslash \\ newline \n tab \t bell \u{7} ❤ </script>",
+                "a b",
+                Some("/x?y=\"z\""),
+                Level(77),
+            ),
+            message(3, "", "", Some("https://example.com"), Level(5)),
+        ];
+        for (next_cursor, next) in [
+            (None, None),
+            (
+                Some("abc".to_string()),
+                Some("/messages/inbox?limit=2&cursor=abc".to_string()),
+            ),
+        ] {
+            let view = PageView {
+                messages: messages.clone(),
+                tags: &tags,
+                next_cursor: next_cursor.clone(),
+                next: next.clone(),
+            };
+            let expected = serde_json::to_string(&Page {
+                messages: messages.iter().map(|m| ApiMessage::new(m, &tags)).collect(),
+                next_cursor,
+                next,
+            })
+            .unwrap();
+            assert_eq!(view.to_json(), expected);
+        }
     }
 }

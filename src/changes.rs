@@ -127,6 +127,9 @@ pub fn instance_name() -> String {
         .collect()
 }
 
+/// See [`FeedSink::set_quick_check`].
+type QuickCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// A callback run on the feed's task for each change, before any sync that follows it
 /// returns: how the inbox cache drops entries in time.
 pub(crate) type Hook = Box<dyn Fn(&Change) + Send + Sync>;
@@ -163,6 +166,9 @@ struct Shared {
     /// sink, which must not keep the feed alive while it waits).
     wake: Arc<Notify>,
     hooks: Mutex<Vec<Hook>>,
+    /// The backend's way to vouch, without a round trip, that nothing changed since its
+    /// last complete report (see [`FeedSink::set_quick_check`]).
+    quick_check: std::sync::RwLock<Option<QuickCheck>>,
     changes: broadcast::Sender<Change>,
     /// Counts what the feed reported (changes and state changes), for tests to wait on.
     reports: watch::Sender<u64>,
@@ -229,6 +235,7 @@ impl ChangeFeed {
             progress: watch::channel(Progress::default()).0,
             wake: Arc::new(Notify::new()),
             hooks: Mutex::new(Vec::new()),
+            quick_check: std::sync::RwLock::new(None),
             changes: broadcast::channel(BACKLOG).0,
             reports: watch::channel(0).0,
             stop: watch::channel(()).0,
@@ -292,6 +299,14 @@ impl ChangeFeed {
         // the epoch on, so from here on a fall is seen as a new epoch.
         if !self.is_live() {
             return false;
+        }
+        let quick = shared
+            .quick_check
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if quick.is_some_and(|check| check()) {
+            return true;
         }
         let target = {
             let mut syncs = shared.syncs();
@@ -437,8 +452,25 @@ impl FeedSink {
     pub fn lost(&self) {
         if let Some(shared) = self.shared.upgrade() {
             shared.live.store(false, Ordering::SeqCst);
+            *shared
+                .quick_check
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = None;
             shared.abandon_syncs();
             shared.report(&Change::All);
+        }
+    }
+
+    /// Gives the feed a way to vouch without a round trip that nothing was committed since
+    /// the feed's last complete report: `check` answers `true` only when that is certain
+    /// (SQLite compares its WAL-index header). A sync that it vouches for returns at once.
+    /// Replaced by the next call; dropped when the feed goes down.
+    pub fn set_quick_check(&self, check: impl Fn() -> bool + Send + Sync + 'static) {
+        if let Some(shared) = self.shared.upgrade() {
+            *shared
+                .quick_check
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(check));
         }
     }
 

@@ -37,6 +37,7 @@
 //! `IdArray`.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -1288,6 +1289,13 @@ async fn watch_sqlite(pool: &SqlitePool, sink: &FeedSink, poll: Duration) {
         else {
             return;
         };
+        // Opened while the feed's connection holds the database open, so SQLite keeps
+        // this file (it removes it only when the last connection closes).
+        let header = WalHeader::open(options.get_filename()).map(Arc::new);
+        if let Some(header) = &header {
+            let header = Arc::clone(header);
+            sink.set_quick_check(move || header.unchanged());
+        }
         sink.live();
         let mut ticker = rocket::tokio::time::interval(poll);
         ticker.set_missed_tick_behavior(rocket::tokio::time::MissedTickBehavior::Delay);
@@ -1307,10 +1315,16 @@ async fn watch_sqlite(pool: &SqlitePool, sink: &FeedSink, poll: Duration) {
                     }
                 },
             };
+            // Read before the log: whatever commits after this moment either shows in the
+            // log read below or changes the header again.
+            let seen = header.as_deref().and_then(WalHeader::read);
             if let Err(e) = read_change_log(&mut connection, &mut last, sink).await {
                 log::warn!("stored-messages: change feed down, reading sm_changes failed: {e}");
                 sink.lost();
                 break;
+            }
+            if let Some(header) = &header {
+                header.record(seen);
             }
             if let Some(n) = sync {
                 sink.synced(n);
@@ -1331,6 +1345,57 @@ async fn watch_sqlite(pool: &SqlitePool, sink: &FeedSink, poll: Duration) {
                 }
             }
         }
+    }
+}
+
+/// SQLite's quick check for a sync: the WAL-index header, the first 96 bytes of the
+/// database's `-shm` file (two copies of the header described in
+/// <https://www.sqlite.org/walformat.html>), changes with every commit: it holds the last
+/// frame of the log and a counter bumped by each transaction. If it is byte for byte what it
+/// was before the feed's last complete read of `sm_changes`, nothing was committed since,
+/// so everything committed before now has been reported, and a sync needs no query (which
+/// on SQLite means a hop to sqlx's worker thread and back). Any doubt (no `-shm` file, a
+/// read error, a file that was removed, a header caught mid-write) just means a full sync.
+struct WalHeader {
+    file: std::fs::File,
+    seen: std::sync::Mutex<Option<[u8; 96]>>,
+}
+
+impl WalHeader {
+    fn open(database: &std::path::Path) -> Option<WalHeader> {
+        let mut path = database.as_os_str().to_owned();
+        path.push("-shm");
+        let file = std::fs::File::open(path).ok()?;
+        Some(WalHeader {
+            file,
+            seen: std::sync::Mutex::new(None),
+        })
+    }
+
+    #[cfg(unix)]
+    fn read(&self) -> Option<[u8; 96]> {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        // A file SQLite removed no longer changes: never trust it.
+        if self.file.metadata().ok()?.nlink() == 0 {
+            return None;
+        }
+        let mut header = [0u8; 96];
+        self.file.read_exact_at(&mut header, 0).ok()?;
+        Some(header)
+    }
+
+    #[cfg(not(unix))]
+    fn read(&self) -> Option<[u8; 96]> {
+        None
+    }
+
+    fn record(&self, header: Option<[u8; 96]>) {
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = header;
+    }
+
+    fn unchanged(&self) -> bool {
+        let seen = *self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.is_some() && self.read() == seen
     }
 }
 
