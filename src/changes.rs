@@ -43,7 +43,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rocket::tokio::sync::{broadcast, watch, Notify};
 
@@ -147,6 +147,8 @@ struct Syncs {
     again: bool,
     /// The backend should drop its connection and start over.
     reconnect: bool,
+    /// When the oldest sync not yet done was asked for (for the watchdog).
+    waiting_since: Option<Instant>,
 }
 
 /// What sync waiters watch: the last sync done, and an epoch that changes whenever the
@@ -202,6 +204,7 @@ impl Shared {
         syncs.done = syncs.requested;
         syncs.issued = syncs.requested;
         syncs.again = false;
+        syncs.waiting_since = None;
         self.progress.send_modify(|p| {
             p.done = syncs.done;
             p.epoch += 1;
@@ -259,6 +262,7 @@ impl ChangeFeed {
             return;
         };
         let sink = FeedSink::new(&self.shared);
+        runtime.spawn(ChangeFeed::watchdog(Arc::downgrade(&self.shared)));
         let backend = Arc::clone(&self.backend);
         runtime.spawn(async move {
             // However the feed ends (dropped, an error, a panic, its runtime stopping), it
@@ -315,6 +319,7 @@ impl ChangeFeed {
                 syncs.requested
             } else if syncs.requested == syncs.done {
                 syncs.requested += 1;
+                syncs.waiting_since = Some(Instant::now());
                 shared.wake.notify_one();
                 syncs.requested
             } else {
@@ -323,28 +328,44 @@ impl ChangeFeed {
                 syncs.requested + 1
             }
         };
-        let waited = rocket::tokio::time::timeout(
-            SYNC_TIMEOUT,
-            progress.wait_for(|p| p.epoch != epoch || p.done >= target),
-        )
-        .await;
-        match waited {
-            Ok(Ok(p)) => p.epoch == epoch,
-            Ok(Err(_)) => false,
-            Err(_) => {
-                // Every waiter of this round times out together: the first one acts.
-                if shared.progress.borrow().epoch == epoch {
-                    log::warn!(
-                        "stored-messages: the {} change feed did not answer a sync within {:?}; reconnecting",
-                        shared.name,
-                        SYNC_TIMEOUT
-                    );
-                    let sink = FeedSink::new(shared);
-                    sink.lost();
-                    shared.syncs().reconnect = true;
-                    shared.wake.notify_one();
-                }
-                false
+        // No timer per caller: the feed's watchdog ends every wait that lasts too long, by
+        // declaring the feed down (which moves the epoch on).
+        let answered = match progress
+            .wait_for(|p| p.epoch != epoch || p.done >= target)
+            .await
+        {
+            Ok(p) => p.epoch == epoch,
+            Err(_) => false,
+        };
+        answered
+    }
+
+    /// Ends syncs that waited longer than [`SYNC_TIMEOUT`]: the feed is declared down and
+    /// its backend asked to reconnect. Runs beside the backend's task, for as long as the
+    /// feed exists.
+    async fn watchdog(shared: Weak<Shared>) {
+        let mut ticker = rocket::tokio::time::interval(SYNC_TIMEOUT / 4);
+        loop {
+            ticker.tick().await;
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let stuck = {
+                let syncs = shared.syncs();
+                syncs.done < syncs.requested
+                    && syncs
+                        .waiting_since
+                        .is_some_and(|since| since.elapsed() > SYNC_TIMEOUT)
+            };
+            if stuck && shared.live.load(Ordering::SeqCst) {
+                log::warn!(
+                    "stored-messages: the {} change feed did not answer a sync within {:?}; reconnecting",
+                    shared.name,
+                    SYNC_TIMEOUT
+                );
+                FeedSink::new(&shared).lost();
+                shared.syncs().reconnect = true;
+                shared.wake.notify_one();
             }
         }
     }
@@ -501,9 +522,11 @@ impl FeedSink {
             return;
         }
         syncs.done = n;
+        syncs.waiting_since = None;
         if syncs.again {
             syncs.again = false;
             syncs.requested += 1;
+            syncs.waiting_since = Some(Instant::now());
             shared.wake.notify_one();
         }
         shared.progress.send_modify(|p| p.done = n);
@@ -566,7 +589,143 @@ impl Drop for Down {
 
 #[cfg(test)]
 mod tests {
+    use chrono::{DateTime, Utc};
+    use rocket::tokio;
+
     use super::*;
+    use crate::backend::{Cleanup, ListQuery};
+    use crate::error::Result;
+    use crate::level::Level;
+    use crate::message::{Message, MessageId, NewMessage};
+
+    /// A backend that stores nothing; its feed goes live, then answers syncs as told.
+    struct Feedless {
+        answer: bool,
+        syncs: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    #[rocket::async_trait]
+    impl MessageBackend for Feedless {
+        fn name(&self) -> &'static str {
+            "test"
+        }
+        fn can_handle(&self, _: Level) -> bool {
+            false
+        }
+        async fn create_message(&self, _: &NewMessage) -> Result<Message> {
+            unreachable!()
+        }
+        async fn archive_store(&self, _: &[UserId], _: &Message) -> Result<u64> {
+            unreachable!()
+        }
+        async fn inbox_store(&self, _: &[UserId], _: &Message) -> Result<u64> {
+            unreachable!()
+        }
+        async fn deliver(&self, _: &[UserId], _: &NewMessage) -> Result<Message> {
+            unreachable!()
+        }
+        async fn inbox_list(&self, _: UserId, _: ListQuery) -> Result<Vec<Message>> {
+            unreachable!()
+        }
+        async fn inbox_count(&self, _: UserId) -> Result<u64> {
+            unreachable!()
+        }
+        async fn inbox_get(&self, _: UserId, _: MessageId) -> Result<Message> {
+            unreachable!()
+        }
+        async fn inbox_delete_many(&self, _: UserId, _: &[MessageId]) -> Result<Vec<MessageId>> {
+            unreachable!()
+        }
+        async fn inbox_purge(&self, _: UserId) -> Result<u64> {
+            unreachable!()
+        }
+        async fn archive_list(&self, _: UserId, _: ListQuery) -> Result<Vec<Message>> {
+            unreachable!()
+        }
+        async fn expired_messages_cleanup(&self, _: DateTime<Utc>) -> Result<Cleanup> {
+            unreachable!()
+        }
+        async fn flush(&self) -> Result<()> {
+            unreachable!()
+        }
+        async fn deliver_once(&self, _: &[UserId], _: &Message) -> Result<u64> {
+            unreachable!()
+        }
+        async fn watch_changes(&self, sink: FeedSink) -> Result<bool> {
+            loop {
+                sink.live();
+                loop {
+                    tokio::select! {
+                        _ = sink.closed() => return Ok(true),
+                        wanted = sink.wanted() => match wanted {
+                            Wanted::Sync(n) => {
+                                self.syncs.fetch_add(1, Ordering::SeqCst);
+                                // Let more callers pile up behind this round.
+                                tokio::task::yield_now().await;
+                                if self.answer {
+                                    sink.synced(n);
+                                }
+                            }
+                            Wanted::Reconnect => break,
+                        },
+                    }
+                }
+            }
+        }
+    }
+
+    fn feed(answer: bool) -> (ChangeFeed, Arc<std::sync::atomic::AtomicU64>) {
+        let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let backend = Feedless {
+            answer,
+            syncs: syncs.clone(),
+        };
+        (ChangeFeed::new(Arc::new(backend)), syncs)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_syncs_share_rounds() {
+        let (feed, syncs) = feed(true);
+        feed.start();
+        feed.wait_live().await;
+        let callers: Vec<_> = (0..200)
+            .map(|_| {
+                let feed = feed.clone();
+                tokio::spawn(async move { feed.sync().await })
+            })
+            .collect();
+        for caller in callers {
+            assert!(caller.await.unwrap(), "a live feed answers every sync");
+        }
+        let rounds = syncs.load(Ordering::SeqCst);
+        assert!(
+            rounds >= 1 && rounds < 200,
+            "{rounds} rounds for 200 callers"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sync_nobody_answers_fails_and_the_feed_reconnects() {
+        let (feed, syncs) = feed(false);
+        feed.start();
+        feed.wait_live().await;
+        let started = Instant::now();
+        assert!(!feed.sync().await, "an unanswered sync fails");
+        assert!(started.elapsed() < SYNC_TIMEOUT * 3);
+        // the watchdog declared the feed down; the backend reconnected and it is live again
+        tokio::time::timeout(SYNC_TIMEOUT * 5, feed.wait_live())
+            .await
+            .expect("the feed comes back");
+        assert!(syncs.load(Ordering::SeqCst) >= 1);
+    }
+
+    #[tokio::test]
+    async fn a_feed_that_is_down_fails_syncs_at_once() {
+        let (feed, _) = feed(true);
+        // never started: not live
+        assert!(!feed.is_live());
+        assert!(!feed.sync().await);
+    }
 
     fn ids(ids: &[i64]) -> Change {
         Change::Users(ids.iter().copied().map(UserId).collect())
