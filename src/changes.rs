@@ -699,7 +699,7 @@ mod tests {
         }
         let rounds = syncs.load(Ordering::SeqCst);
         assert!(
-            rounds >= 1 && rounds < 200,
+            (1..200).contains(&rounds),
             "{rounds} rounds for 200 callers"
         );
     }
