@@ -9,7 +9,7 @@
 //!   (live pages, a host's own cache). A receiver that falls behind, or a feed that lost its
 //!   connection, gets [`Change::All`]: "re-read what you show", never a silent gap.
 //! - [`ChangeFeed::sync`] is a barrier: it returns once every change committed before the
-//!   call, in any process, has been reported. The inbox cache calls it before it trusts an
+//!   call, in any process, has been applied to caches. The inbox cache calls it before it trusts an
 //!   entry, which is what makes a cached read exactly as fresh as a query (see
 //!   [`crate::backend::cache`]).
 //!
@@ -254,13 +254,13 @@ impl ChangeFeed {
     /// nothing). It runs until every clone of this feed is dropped, or the runtime stops.
     /// Without a runtime, or for a backend that has no feed, the feed stays down.
     pub fn start(&self) {
+        let Ok(runtime) = rocket::tokio::runtime::Handle::try_current() else {
+            log::warn!("stored-messages: no async runtime yet, the change feed waits for one");
+            return;
+        };
         if self.shared.started.swap(true, Ordering::SeqCst) {
             return;
         }
-        let Ok(runtime) = rocket::tokio::runtime::Handle::try_current() else {
-            log::warn!("stored-messages: no async runtime, the change feed is off");
-            return;
-        };
         let sink = FeedSink::new(&self.shared);
         runtime.spawn(ChangeFeed::watchdog(Arc::downgrade(&self.shared)));
         let backend = Arc::clone(&self.backend);
@@ -288,7 +288,8 @@ impl ChangeFeed {
     }
 
     /// Waits until every change committed before this call, in any process sharing the
-    /// store, has been reported (to hooks and to receivers' queues). `false`, and at once,
+    /// store, has been applied to the hooks (the inbox cache); receivers get each change as
+    /// the feed receives it, which may be a moment later. `false`, and at once,
     /// when the feed is down; `false` also when it goes down meanwhile, or when the backend
     /// does not answer within [`SYNC_TIMEOUT`] (the feed then reconnects). After `false`,
     /// read the store itself.
@@ -564,11 +565,6 @@ impl FeedSink {
             drop(shared);
             self.wake.notified().await;
         }
-    }
-
-    /// Whether the feed is gone, so the backend's task should end.
-    pub fn is_closed(&self) -> bool {
-        self.shared.strong_count() == 0
     }
 
     /// Resolves when the feed is gone: select on it to end the backend's task.

@@ -111,8 +111,13 @@ fn form_token(peeked: &[u8]) -> Option<String> {
 /// Checks the request's token; reroutes it to a 403 route when it is missing or wrong.
 /// Called by the fairing's `on_request`.
 pub(crate) async fn check(request: &mut Request<'_>, data: &mut Data<'_>) {
-    // Safe requests are not checked, and get a token only when a page asks for one.
     if !is_state_changing(request.method()) {
+        // Safe requests are not checked. Those for pages get their token now, while its
+        // cookie can still be set: a page rendered with plain `Template::render` prints it
+        // only after the response's cookies were fixed. (JSON API reads never need one.)
+        if !request.uri().path().starts_with(crate::api::BASE) {
+            ensure_token(request);
+        }
         return;
     }
     let expected = ensure_token(request);

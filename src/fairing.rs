@@ -170,7 +170,7 @@ impl Fairing for StoredMessages {
             settle(store, state, cookies_sent, succeeded).await;
             // The helpers show the inbox as this request leaves it, from its own snapshot.
             if html {
-                unread = state.lock().take_unread_after(succeeded);
+                unread = state.lock().unread_after(succeeded);
             }
         } else if html {
             user = store.host().current_user(request).await;

@@ -89,9 +89,9 @@
 //!    ```
 //!
 //! 5. Any template can then use `{{ stored_messages_list(limit=10) }}`,
-//!    `{{ stored_messages_archive(limit=10) }}`, `{{ stored_messages_count() }}` (a number:
-//!    `{% if stored_messages_count() > 0 %}` works) and `{{ csrf_token() }}` (see
-//!    [`template`]). The list partial is built in; put your own
+//!    `{{ stored_messages_archive(limit=10) }}`, `{{ stored_messages_count() }}` (in a
+//!    [`template::Page`] a number: `{% if stored_messages_count() > 0 %}` works) and
+//!    `{{ csrf_token() }}` (see [`template`]). The list partial is built in; put your own
 //!    `stored_messages/list.html.tera` in your templates directory to change it.
 //!
 //! ## How a message travels
@@ -126,9 +126,10 @@
 //! - every write announces the inboxes it changed from inside its own transaction or
 //!   script (PostgreSQL `NOTIFY`, Redis `PUBLISH`, a row of SQLite's `sm_changes` log), and
 //!   each process's [`ChangeFeed`] hears every announcement and drops those entries;
-//! - before it answers from an entry, a request waits for [`ChangeFeed::sync`]: a marker sent
-//!   down the same ordered channel, which comes back only after every write committed before
-//!   it. One marker serves every request waiting at that moment, so under load it costs a
+//! - before it answers from an entry, a request waits for [`ChangeFeed::sync`], which returns
+//!   only once every write committed before it began has been applied to the cache (one
+//!   round trip to the store; on SQLite often none). One sync serves every request waiting
+//!   at that moment, so under load it costs a
 //!   round trip per batch of requests, not per request;
 //! - while a feed is down (database restart, killed listener, Redis restart) the cache is
 //!   bypassed, never trusted: requests read the store (and get 503 if the store itself is

@@ -299,22 +299,6 @@ impl Inner {
         )
     }
 
-    /// As [`Inner::unread_after`], moving the messages out (the stream is empty afterwards): only the response fairing
-    /// calls it, once the request is settled.
-    pub(crate) fn take_unread_after(&mut self, marked_read: bool) -> Option<Vec<Message>> {
-        if self.truncated {
-            return None;
-        }
-        let consumed = marked_read && self.used;
-        Some(
-            std::mem::take(&mut self.stored)
-                .into_iter()
-                .filter(|(_, shown)| !(consumed && *shown))
-                .map(|(m, _)| m)
-                .collect(),
-        )
-    }
-
     /// The spill key the browser sent, if this request's cookies no longer point to it.
     pub(crate) fn stale_spill_key(&self) -> Option<&str> {
         let current = self.pending_spill.as_ref().map(|(k, _)| k.as_str());
@@ -509,24 +493,38 @@ impl<'r> Messages<'r> {
     /// The stream in date order, marking it shown. Each call returns the whole stream.
     pub fn iter(&self) -> std::vec::IntoIter<StreamMessage> {
         let tags = self.store.level_tags();
-        let mut inner = self.state.lock();
-        let mut stream: Vec<StreamMessage> =
-            Vec::with_capacity(inner.flash.len() + inner.stored.len());
-        for (m, shown) in inner.flash.iter_mut() {
-            stream.push(StreamMessage::flash(m, tags));
-            *shown = true;
-        }
-        for (m, shown) in inner.stored.iter_mut() {
-            stream.push(StreamMessage::stored(m, tags));
-            *shown = true;
-        }
+        let inner = self.show();
+        let mut stream: Vec<StreamMessage> = inner
+            .flash
+            .iter()
+            .map(|(m, _)| StreamMessage::flash(m, tags))
+            .chain(
+                inner
+                    .stored
+                    .iter()
+                    .map(|(m, _)| StreamMessage::stored(m, tags)),
+            )
+            .collect();
         // Stable: equal dates keep flash-before-stored and queue order.
         stream.sort_by_key(|m| m.date);
+        stream.into_iter()
+    }
+
+    /// Marks the whole stream shown (shown flash messages leave the cookie at once) and
+    /// returns it, locked.
+    fn show(&self) -> MutexGuard<'_, Inner> {
+        let mut inner = self.state.lock();
+        for (_, shown) in inner.flash.iter_mut() {
+            *shown = true;
+        }
+        for (_, shown) in inner.stored.iter_mut() {
+            *shown = true;
+        }
         inner.used = true;
         if !inner.flash.is_empty() {
             self.rewrite_cookies(&mut inner);
         }
-        stream.into_iter()
+        inner
     }
 
     /// How many messages the stream holds now, without showing it.
@@ -659,26 +657,18 @@ impl IntoIterator for &Messages<'_> {
 impl Serialize for Messages<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let tags = self.store.level_tags();
-        let mut inner = self.state.lock();
-        let mut stream: Vec<StreamView<'_>> =
-            Vec::with_capacity(inner.flash.len() + inner.stored.len());
-        for (_, shown) in inner.flash.iter_mut() {
-            *shown = true;
-        }
-        for (_, shown) in inner.stored.iter_mut() {
-            *shown = true;
-        }
-        inner.used = true;
-        if !inner.flash.is_empty() {
-            self.rewrite_cookies(&mut inner);
-        }
-        stream.extend(inner.flash.iter().map(|(m, _)| StreamView::flash(m, tags)));
-        stream.extend(
-            inner
-                .stored
-                .iter()
-                .map(|(m, _)| StreamView::stored(m, tags)),
-        );
+        let inner = self.show();
+        let mut stream: Vec<StreamView<'_>> = inner
+            .flash
+            .iter()
+            .map(|(m, _)| StreamView::flash(m, tags))
+            .chain(
+                inner
+                    .stored
+                    .iter()
+                    .map(|(m, _)| StreamView::stored(m, tags)),
+            )
+            .collect();
         // Stable: equal dates keep flash-before-stored and queue order, as `iter` does.
         stream.sort_by_key(|m| m.date);
         let mut seq = serializer.serialize_seq(Some(stream.len()))?;

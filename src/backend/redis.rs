@@ -97,6 +97,7 @@ use super::{
     unique_users, BackendError, Change, Cleanup, FeedSink, ListQuery, MessageBackend, MessageStats,
     Settings, Wanted,
 };
+use crate::changes::SYNC_TIMEOUT;
 use crate::config::SecretUrl;
 use crate::error::{Error, Result};
 use crate::level::Level;
@@ -226,18 +227,17 @@ impl RedisBackend {
         Ok(backend)
     }
 
-    /// Tells every inbox cache that anything may have changed. The change itself is done by
-    /// then, so a failure is logged, not returned (the caches' entries age out in a minute).
-    async fn announce_all(&self) {
+    /// Tells every process's change feed that anything may have changed. A failure is an
+    /// error of the write that called it: other processes could not be told, so the write
+    /// does not count as done (it can be repeated).
+    async fn announce_all(&self) -> Result<()> {
         let mut connection = self.connection.clone();
-        if let Err(e) = ::redis::cmd("PUBLISH")
+        ::redis::cmd("PUBLISH")
             .arg(self.keys.changes())
             .arg("*")
             .query_async::<_, ()>(&mut connection)
             .await
-        {
-            log::warn!("stored-messages: telling inbox caches about a change failed: {e}");
-        }
+            .map_err(redis_error)
     }
 
     /// The connection, for commands of the host's own.
@@ -593,7 +593,7 @@ impl MessageBackend for RedisBackend {
                 .map_err(redis_error)?;
             messages += removed.iter().sum::<u64>();
         }
-        self.announce_all().await;
+        self.announce_all().await?;
         Ok(Cleanup {
             inbox_entries,
             messages,
@@ -773,8 +773,7 @@ impl MessageBackend for RedisBackend {
             Some(pipe)
         })
         .await?;
-        self.announce_all().await;
-        Ok(())
+        self.announce_all().await
     }
 
     async fn watch_changes(&self, sink: FeedSink) -> Result<bool> {
@@ -864,20 +863,19 @@ async fn watch(
                 },
                 wanted = sink.wanted() => match wanted {
                     Wanted::Sync(n) => {
-                        let sent = ::redis::cmd("PUBLISH")
-                            .arg(sync_channel)
-                            .arg(n)
-                            .query_async::<_, u64>(&mut connection)
-                            .await;
-                        match sent {
+                        let mut publish = ::redis::cmd("PUBLISH");
+                        publish.arg(sync_channel).arg(n);
+                        let publish = publish.query_async::<_, u64>(&mut connection);
+                        // Bounded: a server that stopped answering is not waited for.
+                        match rocket::tokio::time::timeout(SYNC_TIMEOUT, publish).await {
                             // Nobody received it: this subscription is gone, though its
                             // connection has not said so yet.
-                            Ok(0) => {
+                            Ok(Ok(0)) | Err(_) => {
                                 sink.lost();
                                 break;
                             }
-                            Ok(_) => {}
-                            Err(e) => {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => {
                                 log::warn!("stored-messages: sending a change feed sync failed: {e}");
                                 sink.sync_failed();
                             }
@@ -1097,7 +1095,7 @@ local users = #ARGV - 3 - n
 redis.call('HSET', KEYS[1], 'recipients', users, 'unread', users)
 if users > 0 then
   local changed = '*'
-  if users <= 256 then changed = table.concat(ARGV, ',', 4 + n, #ARGV) end
+  if users <= MANY_USERS then changed = table.concat(ARGV, ',', 4 + n, #ARGV) end
   redis.call('PUBLISH', prefix .. 'changes', changed)
 end
 return 0
@@ -1127,7 +1125,7 @@ redis.call('HINCRBY', KEYS[1], 'recipients', archived)
 redis.call('HINCRBY', KEYS[1], 'unread', unread)
 if unread > 0 then
   local changed = '*'
-  if #ARGV - 2 <= 256 then changed = table.concat(ARGV, ',', 3, #ARGV) end
+  if #ARGV - 2 <= MANY_USERS then changed = table.concat(ARGV, ',', 3, #ARGV) end
   redis.call('PUBLISH', prefix .. 'changes', changed)
 end
 if mode == 'archive' then return archived end
@@ -1228,9 +1226,12 @@ struct Scripts {
 
 fn scripts() -> &'static Scripts {
     static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
+    // The scripts name the users of a change up to the feed's own limit, like
+    // `Change::payload`, and `*` beyond it.
+    let many = |script: &str| script.replace("MANY_USERS", &crate::changes::MANY_USERS.to_string());
     SCRIPTS.get_or_init(|| Scripts {
-        deliver: Script::new(DELIVER),
-        store: Script::new(STORE),
+        deliver: Script::new(&many(DELIVER)),
+        store: Script::new(&many(STORE)),
         list: Script::new(LIST),
         get: Script::new(GET),
         delete: Script::new(DELETE),

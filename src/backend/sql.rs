@@ -53,6 +53,7 @@ use super::{
     unique_users, BackendError, Change, Cleanup, FeedSink, ListQuery, MessageBackend, MessageStats,
     Settings, Wanted,
 };
+use crate::changes::SYNC_TIMEOUT;
 use crate::config::SecretUrl;
 use crate::error::{Error, Result};
 use crate::level::Level;
@@ -256,17 +257,30 @@ impl IdArray for Postgres {
     const INBOX_TABLE: &'static str = "sm_deliveries as d";
 
     fn announce<'q>(payload: String) -> Query<'q, Postgres, PgArguments> {
-        sqlx::query("select pg_notify(left($1 || coalesce(current_schema(), ''), 63), $2)")
-            .bind(CHANGES_CHANNEL)
-            .bind(payload)
+        static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let sql = SQL.get_or_init(|| format!("select pg_notify({}, $2)", channel_sql(1)));
+        sqlx::query(sql).bind(CHANGES_CHANNEL).bind(payload)
     }
 }
 
 /// The start of the PostgreSQL channel on which writes announce changed inboxes (see
-/// [`Change`]). The channel is this followed by the schema the tables are in (cut to 63
-/// bytes, PostgreSQL's limit), so stores in separate schemas of one database, such as the
-/// tests', do not hear each other.
+/// [`Change`]). The channel is this followed by the schema that holds `sm_deliveries` as the
+/// connection resolves it (cut to 63 bytes, PostgreSQL's limit): writers and listeners agree
+/// whatever their roles and search paths, as long as they use the same tables, and stores in
+/// separate schemas of one database, such as the tests', do not hear each other.
+///
+/// NOTE: `LISTEN` needs a session of its own: behind a pooler in transaction mode (such as
+/// PgBouncer's), point the app at PostgreSQL directly, or the feed hears nothing and syncs
+/// vouch for nothing.
 pub const CHANGES_CHANNEL: &str = "stored_messages_changes:";
+
+/// The changes channel, as SQL, with [`CHANGES_CHANNEL`] in parameter `$n`.
+fn channel_sql(n: u8) -> String {
+    format!(
+        "left(${n} || (select relnamespace::regnamespace::text from pg_class \
+         where oid = 'sm_deliveries'::regclass), 63)"
+    )
+}
 
 /// `IdArray::announce` for the dialect of `pool`.
 fn announce_query<'q, DB: IdArray>(
@@ -592,7 +606,7 @@ impl MessageBackend for SqlBackend {
         let id = match &self.pool {
             // One statement, one round trip: a data-modifying CTE is atomic by itself.
             SqlPool::Postgres(pool) => {
-                let ids: Vec<i64> = sqlx::query_scalar(
+                let sql = format!(
                     "with m as (insert into sm_messages (level, message, extra_tags, url, date_us) \
                      values ($1, $2, $3, $4, $5) returning id), \
                      d as (insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
@@ -600,23 +614,24 @@ impl MessageBackend for SqlBackend {
                      a as (insert into sm_audiences (message_id, bucket, first_user, last_user, date_us) \
                      select m.id, r.b, r.f, r.l, $5 from m \
                      cross join unnest($9::int8[], $10::int8[], $11::int8[]) as r(b, f, l)) \
-                     select id, pg_notify(left($7 || coalesce(current_schema(), ''), 63), $8)::text \
-                     from m",
-                )
-                .bind(message.level().0)
-                .bind(message.message())
-                .bind(message.extra_tags())
-                .bind(message.url())
-                .bind(micros(message.date()))
-                .bind(&singles)
-                .bind(CHANGES_CHANNEL)
-                .bind(Change::payload(&users))
-                .bind(runs.iter().map(|r| r.bucket).collect::<Vec<_>>())
-                .bind(runs.iter().map(|r| r.first).collect::<Vec<_>>())
-                .bind(runs.iter().map(|r| r.last).collect::<Vec<_>>())
-                .fetch_all(pool)
-                .await
-                .map_err(sql_error)?;
+                     select id, pg_notify({}, $8)::text from m",
+                    channel_sql(7)
+                );
+                let ids: Vec<i64> = sqlx::query_scalar(&sql)
+                    .bind(message.level().0)
+                    .bind(message.message())
+                    .bind(message.extra_tags())
+                    .bind(message.url())
+                    .bind(micros(message.date()))
+                    .bind(&singles)
+                    .bind(CHANGES_CHANNEL)
+                    .bind(Change::payload(&users))
+                    .bind(runs.iter().map(|r| r.bucket).collect::<Vec<_>>())
+                    .bind(runs.iter().map(|r| r.first).collect::<Vec<_>>())
+                    .bind(runs.iter().map(|r| r.last).collect::<Vec<_>>())
+                    .fetch_all(pool)
+                    .await
+                    .map_err(sql_error)?;
                 returned_id(ids)?
             }
             // SQLite has no data-modifying CTEs: two statements in one transaction.
@@ -836,7 +851,8 @@ impl MessageBackend for SqlBackend {
             let sql = format!(
                 "with own as ({sql} returning 1), marked as ({markers} returning 1) \
                  select (select count(*) from own) + (select count(*) from marked), \
-                 pg_notify(left($5 || coalesce(current_schema(), ''), 63), $6)::text"
+                 pg_notify({}, $6)::text",
+                channel_sql(5)
             );
             let (done, _): (i64, Option<String>) = sqlx::query_as(&sql)
                 .bind(user.0)
@@ -1180,28 +1196,29 @@ where
 async fn watch_postgres(pool: &PgPool, sink: &FeedSink) {
     use rocket::futures::StreamExt;
     use sqlx::postgres::PgListener;
-    // A pool of its own: the feed holds its two connections for good, and must not take
-    // them from the pool that serves requests.
-    let own = PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(ACQUIRE_TIMEOUT)
-        .connect_lazy_with((*pool.connect_options()).clone());
-    let listen = || async {
-        let mut listener = PgListener::connect_with(&own).await?;
-        // A lost connection is reported, never silently replaced.
-        listener.eager_reconnect(false);
-        let channel: String = sqlx::query_scalar(
-            "select left($1 || coalesce(current_schema(), ''), 63), \
-             set_config('application_name', \
-             left(current_setting('application_name'), 40) || ' (change feed)', false)",
-        )
-        .bind(CHANGES_CHANNEL)
-        .fetch_one(&mut listener)
-        .await?;
-        listener.listen(&channel).await?;
-        Ok::<_, sqlx::Error>(listener)
-    };
     loop {
+        // A pool of its own, new for each connection: the feed holds its two connections
+        // for good and must not take them from the pool that serves requests, and a
+        // connection that hung must not be handed back to the next attempt.
+        let own = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with((*pool.connect_options()).clone());
+        let listen = || async {
+            let mut listener = PgListener::connect_with(&own).await?;
+            // A lost connection is reported, never silently replaced.
+            listener.eager_reconnect(false);
+            let channel: String = sqlx::query_scalar(&format!(
+                "select {}, set_config('application_name', \
+                 left(current_setting('application_name'), 40) || ' (change feed)', false)",
+                channel_sql(1)
+            ))
+            .bind(CHANGES_CHANNEL)
+            .fetch_one(&mut listener)
+            .await?;
+            listener.listen(&channel).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
         let connecting = || async { Ok((listen().await?, listen().await?)) };
         let Some((listener, mut syncer)) =
             connect_feed(sink, || pool.is_closed(), connecting).await
@@ -1220,39 +1237,61 @@ async fn watch_postgres(pool: &PgPool, sink: &FeedSink) {
                 }
             },
         ));
+        // The sync connection hears every notification too, and reads them only when it
+        // runs a statement: it does so at least this often, so PostgreSQL never has to
+        // hold notifications for it (a session that stops reading pins the notification
+        // queue for every session).
+        let mut drain = rocket::tokio::time::interval(SYNC_DRAIN);
+        drain.set_missed_tick_behavior(rocket::tokio::time::MissedTickBehavior::Delay);
         sink.live();
         loop {
-            rocket::tokio::select! {
+            let sync = rocket::tokio::select! {
                 _ = sink.closed() => return,
                 received = notifications.next() => match received {
-                    Some(notification) => sink.changed(Change::parse(notification.payload())),
+                    Some(notification) => {
+                        sink.changed(Change::parse(notification.payload()));
+                        continue;
+                    }
                     None => {
                         log::warn!("stored-messages: change feed down, lost the PostgreSQL listener");
                         sink.lost();
                         break;
                     }
                 },
+                _ = drain.tick() => None,
                 wanted = sink.wanted() => match wanted {
-                    Wanted::Sync(n) => {
-                        if let Err(e) = empty_statement(&mut syncer).await {
-                            log::warn!("stored-messages: change feed down, a sync failed: {e}");
-                            sink.lost();
-                            break;
-                        }
-                        while let Some(notification) = syncer.next_buffered() {
-                            sink.caught_up(Change::parse(notification.payload()));
-                        }
-                        sink.synced(n);
-                    }
+                    Wanted::Sync(n) => Some(n),
                     Wanted::Reconnect => {
                         sink.lost();
                         break;
                     }
                 },
+            };
+            // Bounded: a connection that stopped answering is dropped, not waited for.
+            match rocket::tokio::time::timeout(SYNC_TIMEOUT, empty_statement(&mut syncer)).await {
+                Ok(Ok(())) => {}
+                failed => {
+                    if let Ok(Err(e)) = failed {
+                        log::warn!("stored-messages: change feed down, a sync failed: {e}");
+                    } else {
+                        log::warn!("stored-messages: change feed down, a sync got no answer");
+                    }
+                    sink.lost();
+                    break;
+                }
+            }
+            while let Some(notification) = syncer.next_buffered() {
+                sink.caught_up(Change::parse(notification.payload()));
+            }
+            if let Some(n) = sync {
+                sink.synced(n);
             }
         }
     }
 }
+
+/// How often PostgreSQL's sync connection reads its notifications when no sync asks it to.
+const SYNC_DRAIN: Duration = Duration::from_secs(1);
 
 /// Runs an empty statement on `connection` (the simple protocol, no parse or plan): the
 /// cheapest complete command there is.
@@ -1363,7 +1402,9 @@ struct WalHeader {
 
 impl WalHeader {
     fn open(database: &std::path::Path) -> Option<WalHeader> {
-        let mut path = database.as_os_str().to_owned();
+        // SQLite keeps the `-shm` file beside the database's real path, links resolved:
+        // a leftover file beside a link would never change.
+        let mut path = std::fs::canonicalize(database).ok()?.into_os_string();
         path.push("-shm");
         let file = std::fs::File::open(path).ok()?;
         Some(WalHeader {

@@ -54,6 +54,10 @@ pub(crate) use self::fill::fill;
 pub use self::helpers::MAX_HELPER_LIMIT;
 pub use self::list::{BUILTIN_SOURCE as BUILTIN_LIST_SOURCE, LIST_TEMPLATE};
 
+/// The name under which pages include the list partial:
+/// `{% include "stored_messages/list.html" %}`.
+pub const LIST_INCLUDE: &str = "stored_messages/list.html";
+
 /// Registers the helpers on a Tera instance: call it from `Template::custom`, after any
 /// templates or functions of your own. [`fairing`] does this for you, and renders faster.
 ///
@@ -67,12 +71,22 @@ pub fn register(tera: &mut Tera) {
 }
 
 fn register_with(tera: &mut Tera, partial: Arc<ListPartial>) {
-    // Templates may `{% include "stored_messages/list" %}` with a context of their own;
-    // where the host has no file there, the crate's partial is registered. (Included, it
-    // is escaped like the page including it.)
-    if matches!(*partial, ListPartial::Builtin) {
-        if let Err(e) = tera.add_raw_template(LIST_TEMPLATE, list::BUILTIN_SOURCE) {
-            log::error!("stored-messages: registering the list partial failed: {e}");
+    // Pages may `{% include "stored_messages/list.html" %}` with a context of their own
+    // (see the partial's comment). That name is the host's override when there is one, the
+    // crate's partial otherwise, and it ends in `.html`, so Tera escapes it even when it is
+    // rendered on its own.
+    let source = match &*partial {
+        ListPartial::Builtin => Some(Cow::Borrowed(list::BUILTIN_SOURCE)),
+        ListPartial::Host(_) => tera
+            .get_template(LIST_TEMPLATE)
+            .ok()
+            .and_then(|t| t.path.clone())
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .map(Cow::Owned),
+    };
+    if let Some(source) = source {
+        if let Err(e) = tera.add_raw_template(LIST_INCLUDE, &source) {
+            log::error!("stored-messages: registering {LIST_INCLUDE} failed: {e}");
         }
     }
     let helper = |kind: fn(u32) -> Slot, takes_limit| Helper {

@@ -9,6 +9,7 @@ mod api;
 mod backend;
 mod browser;
 mod cli;
+mod host;
 mod pages;
 mod processes;
 mod redis_backend;
