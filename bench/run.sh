@@ -50,8 +50,8 @@ for tool in wrk curl; do
 done
 
 echo "building the release binary and benchmarks…" >&2
-cargo build --release --quiet --bin stored-messages --example bench-seed
-cargo bench --quiet --bench backend --no-run >/dev/null 2>&1
+cargo build --release --quiet -p stored-messages-app --bin stored-messages --example bench-seed
+cargo bench --quiet -p stored-messages --bench backend --no-run >/dev/null 2>&1
 
 port=18765
 secret=$(head -c 32 /dev/urandom | base64)
@@ -107,7 +107,7 @@ http_backend() { # name
   export ROCKET_DATABASES="{stored_messages={url=\"$db_url\"}}"
   export ROCKET_STORED_MESSAGES="{${redis_cfg}cleanup_interval_secs=0}"
   export ROCKET_SECRET_KEY="$secret" ROCKET_LOG_LEVEL=off ROCKET_PORT=$port ROCKET_ADDRESS=127.0.0.1
-  export ROCKET_TEMPLATE_DIR="$repo/templates"
+  export ROCKET_TEMPLATE_DIR="$repo/app/templates"
 
   echo "bench-password" | "$bin" createuser bench >/dev/null
   "$bin" serve >"$work/$name.log" 2>&1 &
@@ -186,7 +186,7 @@ done
 if [ "${BENCH_HTTP_ONLY:-0}" != 1 ]; then
   echo "backend workloads (W3–W6)…" >&2
   BENCH_BACKENDS="$backends" BENCH_SIZES="${BENCH_SIZES:-10000,100000,1000000}" \
-    cargo bench --quiet --bench backend 2>/dev/null | grep -E '^(sqlite|postgres|redis) ' >>"$results"
+    cargo bench --quiet -p stored-messages --bench backend 2>/dev/null | grep -E '^(sqlite|postgres|redis) ' >>"$results"
 fi
 
 echo

@@ -19,8 +19,8 @@ use argon2::password_hash::{PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use rocket::tokio::io::{AsyncReadExt, AsyncWriteExt};
 use rocket::tokio::net::TcpStream;
-use stored_messages::app::users::AppHost;
 use stored_messages::{Level, NewMessage, Store, UserId};
+use stored_messages_app::users::AppHost;
 
 const PASSWORD: &str = "bench-password";
 /// Requests in flight at once while seeding.
@@ -153,7 +153,7 @@ async fn login(server: &str, username: &str) -> Result<String, String> {
 
 async fn seed(args: Args) -> Result<(), String> {
     let figment = rocket::Config::figment().merge(("stored_messages.inbox_cache_messages", 0));
-    let users = Arc::new(stored_messages::app::connect_users(&figment).await?);
+    let users = Arc::new(stored_messages_app::connect_users(&figment).await?);
     let store = Store::connect(&figment, Arc::new(AppHost::new(users.clone())))
         .await
         .map_err(|e| stored_messages::report(&e))?;

@@ -1,5 +1,7 @@
-//! The JSON API under `/messages`: inbox, archive, count, mark read; its JSON catchers and
-//! its OpenAPI document.
+//! The JSON API: inbox, archive, count, mark read; its JSON catchers and its OpenAPI
+//! document. The fairing mounts it at [`BASE`] (`/messages`) unless the host chooses
+//! another base ([`crate::StoredMessages::api_at`]) or leaves it out
+//! ([`crate::StoredMessages::without_api`]); [`ApiBase`] tells where it is.
 //!
 //! Authentication is the host's (the same session as pages); anonymous requests get 401.
 //! Every error, Rocket's own 404/422/413 included, has the shape of [`crate::error_body`].
@@ -24,8 +26,76 @@ use crate::error::{error_body, report, Error};
 use crate::message::{LevelTags, Message, MessageId, UserId};
 use crate::ops::Store;
 
-/// Where the API is mounted.
+/// Where the API is mounted unless the host says otherwise.
 pub const BASE: &str = "/messages";
+
+/// Where the fairing mounted the API (managed state): the message list's buttons, the
+/// CSRF check and the API's own links follow it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiBase(Option<String>);
+
+impl ApiBase {
+    /// The API mounted at `base`, which must be a path (`/api/messages`); a trailing slash
+    /// is dropped.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when `base` is not a plain absolute path: letters, digits and
+    /// `/ - _ . ~`, no empty, `.` or `..` segments, not `/` itself.
+    pub fn at(base: &str) -> Result<ApiBase, Error> {
+        let bad = |why: &str| Error::Config(vec![format!("API base {base:?}: {why}")]);
+        if !base.starts_with('/') {
+            return Err(bad("must start with '/'"));
+        }
+        // Plain characters only: the base is written into pages and scripts as it is.
+        if !base
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b))
+        {
+            return Err(bad("may only hold letters, digits and / - _ . ~"));
+        }
+        if base.contains("//") || base.split('/').any(|s| s == "." || s == "..") {
+            return Err(bad("must not hold empty, '.' or '..' segments"));
+        }
+        let base = base.trim_end_matches('/');
+        if base.is_empty() {
+            return Err(bad("the API needs a path of its own, not '/'"));
+        }
+        Ok(ApiBase(Some(base.to_string())))
+    }
+
+    /// No API: the host left it out.
+    pub fn none() -> ApiBase {
+        ApiBase(None)
+    }
+
+    /// The base path (`/messages`), or `None` without an API.
+    pub fn get(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+
+    /// Where the API of `rocket` is (the default before the fairing ran).
+    pub fn of<P: rocket::Phase>(rocket: &rocket::Rocket<P>) -> Option<&str> {
+        match rocket.state::<ApiBase>() {
+            Some(base) => base.get(),
+            None => Some(BASE),
+        }
+    }
+
+    /// Whether `path` is the API's or under it.
+    pub(crate) fn contains(base: Option<&str>, path: &str) -> bool {
+        base.is_some_and(|base| {
+            path.strip_prefix(base)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+    }
+}
+
+impl Default for ApiBase {
+    fn default() -> ApiBase {
+        ApiBase(Some(BASE.to_string()))
+    }
+}
 /// Page size when `limit` is not given.
 pub const DEFAULT_LIMIT: u32 = 50;
 /// Largest accepted `limit`.
@@ -279,6 +349,7 @@ fn list_query(limit: Option<&str>, cursor: Option<&str>) -> ApiResult<ListQuery>
 /// Builds a page; asks for one more message than the limit to know whether a next page
 /// exists.
 fn page<'a>(
+    base: &ApiBase,
     path: &str,
     mut messages: Vec<Message>,
     limit: u32,
@@ -289,9 +360,10 @@ fn page<'a>(
     let next_cursor = more
         .then(|| messages.last().map(|m| encode_cursor(&Cursor::after(m))))
         .flatten();
-    let next = next_cursor
-        .as_ref()
-        .map(|c| format!("{BASE}/{path}?limit={limit}&cursor={c}"));
+    let next = next_cursor.as_ref().map(|c| {
+        let base = base.get().unwrap_or(BASE);
+        format!("{base}/{path}?limit={limit}&cursor={c}")
+    });
     PageView {
         messages,
         tags,
@@ -311,12 +383,14 @@ fn one_more(query: ListQuery) -> ListQuery {
 async fn inbox_list<'r>(
     user: ApiUser,
     store: &'r State<Store>,
+    base: &State<ApiBase>,
     limit: Option<&str>,
     cursor: Option<&str>,
 ) -> ApiResult<PageView<'r>> {
     let query = list_query(limit, cursor)?;
     let messages = store.backend().inbox_list(user.0, one_more(query)).await?;
     Ok(page(
+        base,
         "inbox",
         messages,
         query.limit.unwrap_or(DEFAULT_LIMIT),
@@ -328,6 +402,7 @@ async fn inbox_list<'r>(
 async fn archive_list<'r>(
     user: ApiUser,
     store: &'r State<Store>,
+    base: &State<ApiBase>,
     limit: Option<&str>,
     cursor: Option<&str>,
 ) -> ApiResult<PageView<'r>> {
@@ -337,6 +412,7 @@ async fn archive_list<'r>(
         .archive_list(user.0, one_more(query))
         .await?;
     Ok(page(
+        base,
         "archive",
         messages,
         query.limit.unwrap_or(DEFAULT_LIMIT),
@@ -435,11 +511,11 @@ async fn mark_all_read(user: ApiUser, store: &State<Store>, reply: Reply) -> Api
 }
 
 #[get("/openapi.json")]
-fn openapi() -> Json<Value> {
-    Json(openapi_document())
+fn openapi(base: &State<ApiBase>) -> Json<Value> {
+    Json(openapi_document_at(base.get().unwrap_or(BASE)))
 }
 
-/// The API routes, to mount at [`BASE`].
+/// The API routes, to mount at the API's base ([`BASE`] by default).
 pub fn routes() -> Vec<Route> {
     routes![
         inbox_list,
@@ -471,16 +547,17 @@ fn json_error(status: Status, request: &Request<'_>) -> Json<Value> {
     Json(error_body(status, message))
 }
 
-/// JSON catchers for everything under [`BASE`].
+/// JSON catchers for everything under the API's base.
 pub fn catchers() -> Vec<Catcher> {
     catchers![json_error]
 }
 
 /// Rewrites `/messages/inbox/` to `/messages/inbox` (keeping the query): the trailing slash
 /// is optional on every API path. Called by the fairing's `on_request`.
-pub(crate) fn normalize_trailing_slash(request: &mut Request<'_>) {
+pub(crate) fn normalize_trailing_slash(request: &mut Request<'_>, base: Option<&str>) {
     let path = request.uri().path().as_str();
-    if path.len() > BASE.len() && path.ends_with('/') && path.starts_with(BASE) {
+    let Some(base) = base else { return };
+    if path.len() > base.len() + 1 && path.ends_with('/') && ApiBase::contains(Some(base), path) {
         let trimmed = path.trim_end_matches('/');
         let uri = match request.uri().query() {
             Some(q) => format!("{trimmed}?{q}"),
@@ -492,8 +569,13 @@ pub(crate) fn normalize_trailing_slash(request: &mut Request<'_>) {
     }
 }
 
-/// The OpenAPI 3 description of the routes above.
+/// The OpenAPI 3 description of the routes above, mounted at [`BASE`].
 pub fn openapi_document() -> Value {
+    openapi_document_at(BASE)
+}
+
+/// The OpenAPI 3 description of the routes above, mounted at `base`.
+pub fn openapi_document_at(base: &str) -> Value {
     let message_ref = json!({ "$ref": "#/components/schemas/Message" });
     let page_ref = json!({ "$ref": "#/components/schemas/Page" });
     let error = json!({ "description": "error", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } });
@@ -505,7 +587,7 @@ pub fn openapi_document() -> Value {
         json!([{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }]);
     let csrf = json!([{ "name": "X-CSRF-Token", "in": "header", "required": true, "schema": { "type": "string" } }]);
     let ok = |schema: Value| json!({ "description": "ok", "content": { "application/json": { "schema": schema } } });
-    json!({
+    let mut document = json!({
         "openapi": "3.0.3",
         "info": { "title": "stored-messages", "version": env!("CARGO_PKG_VERSION"),
                   "description": "Stored messages of the logged-in user (session cookie). State-changing requests need the X-CSRF-Token header." },
@@ -540,7 +622,17 @@ pub fn openapi_document() -> Value {
                 "required": ["status", "code", "message"], "properties": {
                     "status": { "type": "integer" }, "code": { "type": "string" }, "message": { "type": "string" } } } } }
         } }
-    })
+    });
+    // The paths above are written at the default base; move them to the real one.
+    if base != BASE {
+        if let Some(paths) = document.get_mut("paths").and_then(Value::as_object_mut) {
+            *paths = std::mem::take(paths)
+                .into_iter()
+                .map(|(path, item)| (format!("{base}{}", &path[BASE.len()..]), item))
+                .collect();
+        }
+    }
+    document
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@
 //! and reports [`Change::All`] when it is back, since it may have missed changes meanwhile.
 //!
 //! This module owns the bookkeeping; each backend owns its transport (`watch_changes` in
-//! [`crate::backend::sql`] and [`crate::backend::redis`]).
+//! `backend::sql` and `backend::redis`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};

@@ -1,10 +1,28 @@
 //! CSRF protection for every state-changing request (POST, PUT, PATCH, DELETE).
 //!
-//! Each browser gets a random token in a private cookie. A state-changing request must
-//! carry the same token, either in the `X-CSRF-Token` header (scripts, the JSON API) or as
-//! the `csrf_token` field of a urlencoded form, within its first 512 bytes (forms put it
-//! first). A request without a valid token is rerouted before any handler runs to a route
-//! that answers 403, so no handler can forget the check and nothing changes.
+//! Each browser gets a random token in a private cookie (`sm_csrf`). The fairing checks every
+//! state-changing request of the application, the host's routes as well as the library's,
+//! before routing: the request must carry the same token
+//!
+//! - in the `X-CSRF-Token` header (scripts, the JSON API), or
+//! - as the `csrf_token` field of a form, urlencoded or `multipart/form-data`, within the
+//!   first 512 bytes of the body. That is all of a body a Rocket fairing can see
+//!   ([`rocket::data::Data::peek`]); a form that puts the hidden field first always meets it.
+//!
+//! A request without a valid token is rerouted, before any handler runs, to a route that
+//! answers 403 (JSON under the API's base, the host's 403 catcher elsewhere): no handler can
+//! forget the check, and nothing changes. Safe methods (GET, HEAD, OPTIONS) are never checked.
+//!
+//! Where that does not fit:
+//! - **Paths the host exempts** ([`crate::StoredMessages::csrf_exempt`]: a webhook, a route
+//!   authenticated by a signature) are not checked by the fairing. A route there that serves
+//!   a browser form whose token may come anywhere in the body takes [`CsrfForm`] instead of
+//!   Rocket's `Form`: it reads the whole form (up to the configured form limits) and answers
+//!   403 unless its `csrf_token` field matches.
+//! - **[`crate::StoredMessages::without_csrf`]** turns the check off entirely. The host must
+//!   then protect every state-changing route of its own *and* the library's API
+//!   (`POST <api>/inbox/<id>/read`, `POST <api>/mark_all_read`) itself, for instance with
+//!   `SameSite=Strict` session cookies and an `Origin` check.
 //!
 //! Templates get the token from `{{ csrf_token() }}` (see [`crate::template`]); handlers
 //! from the [`CsrfToken`] guard.
@@ -26,9 +44,18 @@ pub const CSRF_HEADER: &str = "X-CSRF-Token";
 pub const CSRF_FIELD: &str = "csrf_token";
 /// Where rejected requests outside the JSON API are rerouted.
 pub const REJECTED_PATH: &str = "/__stored_messages/csrf-rejected";
-/// Where rejected JSON API requests are rerouted (inside `/messages`, so JSON catchers
-/// answer).
-pub const API_REJECTED_PATH: &str = "/messages/__csrf-rejected";
+/// Where rejected JSON API requests are rerouted, below the API's base (so the API's JSON
+/// catchers answer).
+pub const API_REJECTED: &str = "/__csrf-rejected";
+
+/// What the fairing checks: everything state-changing but the exempt paths.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Policy {
+    /// Where the API is mounted, if it is.
+    pub(crate) api: Option<String>,
+    /// Paths (and everything below them) the fairing does not check.
+    pub(crate) exempt: Vec<String>,
+}
 
 /// The request's CSRF token (created on the request's way in when the browser had none).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,23 +135,79 @@ fn form_token(peeked: &[u8]) -> Option<String> {
     })
 }
 
+/// The `csrf_token` part among the first bytes of a `multipart/form-data` body with
+/// `boundary`, when the part is there complete.
+fn multipart_token(peeked: &[u8], boundary: &str) -> Option<String> {
+    let text = String::from_utf8_lossy(peeked);
+    let delimiter = format!("--{boundary}");
+    text.split(delimiter.as_str()).skip(1).find_map(|part| {
+        // A complete part: CRLF, headers, a blank line, the value, CRLF (then the next
+        // delimiter, which `split` removed). The last piece of a cut body has no final CRLF.
+        let (headers, value) = part.strip_prefix("\r\n")?.split_once("\r\n\r\n")?;
+        let value = value.strip_suffix("\r\n")?;
+        headers
+            .split("\r\n")
+            .any(names_token)
+            .then(|| value.to_string())
+    })
+}
+
+/// Whether a part header is `Content-Disposition: form-data; name="csrf_token"`.
+fn names_token(header: &str) -> bool {
+    let Some((name, value)) = header.split_once(':') else {
+        return false;
+    };
+    if !name.trim().eq_ignore_ascii_case("content-disposition") {
+        return false;
+    }
+    let mut params = value.split(';').map(str::trim);
+    params
+        .next()
+        .is_some_and(|kind| kind.eq_ignore_ascii_case("form-data"))
+        && params.any(|param| {
+            param.split_once('=').is_some_and(|(key, value)| {
+                key.trim().eq_ignore_ascii_case("name")
+                    && value.trim().trim_matches('"') == CSRF_FIELD
+            })
+        })
+}
+
+/// Whether `path` is `prefix` or below it.
+pub(crate) fn is_below(path: &str, prefix: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// Checks the request's token; reroutes it to a 403 route when it is missing or wrong.
 /// Called by the fairing's `on_request`.
-pub(crate) async fn check(request: &mut Request<'_>, data: &mut Data<'_>) {
+pub(crate) async fn check(request: &mut Request<'_>, data: &mut Data<'_>, policy: &Policy) {
+    let path = request.uri().path().as_str();
+    let in_api = policy.api.as_deref().is_some_and(|api| is_below(path, api));
     if !is_state_changing(request.method()) {
         // Safe requests are not checked. Those for pages get their token now, while its
         // cookie can still be set: a page rendered with plain `Template::render` prints it
         // only after the response's cookies were fixed. (JSON API reads never need one.)
-        if !request.uri().path().starts_with(crate::api::BASE) {
+        if !in_api {
             ensure_token(request);
         }
         return;
     }
+    if policy.exempt.iter().any(|prefix| is_below(path, prefix)) {
+        return;
+    }
     let expected = ensure_token(request);
     let mut sent = request.headers().get_one(CSRF_HEADER).map(str::to_string);
-    if sent.is_none() && request.content_type().is_some_and(|ct| ct.is_form()) {
-        let peeked = data.peek(512).await;
-        sent = form_token(peeked);
+    if sent.is_none() {
+        if let Some(content_type) = request.content_type() {
+            if content_type.is_form() {
+                sent = form_token(data.peek(PEEK).await);
+            } else if content_type.is_form_data() {
+                if let Some(boundary) = content_type.param("boundary").map(str::to_string) {
+                    sent = multipart_token(data.peek(PEEK).await, &boundary);
+                }
+            }
+        }
     }
     if sent.is_some_and(|t| same(&t, &expected)) {
         return;
@@ -134,16 +217,18 @@ pub(crate) async fn check(request: &mut Request<'_>, data: &mut Data<'_>) {
         request.method(),
         request.uri().path()
     );
-    let target = if request.uri().path().starts_with("/messages") {
-        API_REJECTED_PATH
-    } else {
-        REJECTED_PATH
+    let target = match policy.api.as_deref() {
+        Some(api) if in_api => format!("{api}{API_REJECTED}"),
+        _ => REJECTED_PATH.to_string(),
     };
     request.local_cache(|| CsrfRejected(true));
-    if let Ok(uri) = rocket::http::uri::Origin::parse(target) {
+    if let Ok(uri) = rocket::http::uri::Origin::parse_owned(target) {
         request.set_uri(uri);
     }
 }
+
+/// How much of a body the fairing can see (Rocket's peek buffer holds at most 512 bytes).
+const PEEK: usize = 512;
 
 /// Answers every rerouted request with 403 (through the catchers of its base).
 #[derive(Clone)]
@@ -156,20 +241,147 @@ impl Handler for Rejected {
     }
 }
 
-/// The 403 routes for rerouted requests, one per state-changing method and path.
+/// The 403 routes for rerouted requests, one per state-changing method, at `path`.
+pub(crate) fn routes_at(path: &str) -> Vec<Route> {
+    [Method::Post, Method::Put, Method::Patch, Method::Delete]
+        .into_iter()
+        .map(|method| Route::ranked(-100, method, path, Rejected))
+        .collect()
+}
+
+/// The 403 routes of rerouted requests outside the API, to mount at `/`.
 pub(crate) fn routes() -> Vec<Route> {
-    let mut routes = Vec::new();
-    for path in [REJECTED_PATH, API_REJECTED_PATH] {
-        for method in [Method::Post, Method::Put, Method::Patch, Method::Delete] {
-            routes.push(Route::ranked(-100, method, path, Rejected));
-        }
-    }
-    routes
+    routes_at(REJECTED_PATH)
 }
 
 /// Whether this request was refused for its CSRF token (for catchers to explain why).
 pub fn was_rejected(request: &Request<'_>) -> bool {
     request.local_cache(|| CsrfRejected(false)).0
+}
+
+/// A form whose `csrf_token` field is checked wherever it is in the body, up to Rocket's
+/// form limits: the data guard for a route on a path exempt from the fairing's check
+/// ([`crate::StoredMessages::csrf_exempt`]) that serves browser forms (a large upload whose
+/// token field comes after the file). Use it as Rocket's `Form`:
+///
+/// ```
+/// # use rocket::post;
+/// use rocket::fs::TempFile;
+/// use stored_messages::csrf::CsrfForm;
+///
+/// #[derive(rocket::FromForm)]
+/// struct Upload<'r> {
+///     title: &'r str,
+///     file: TempFile<'r>,
+/// }
+///
+/// #[post("/uploads", data = "<upload>")]
+/// fn upload(upload: CsrfForm<Upload<'_>>) -> String {
+///     format!("{} ({} bytes)", upload.title, upload.file.len())
+/// }
+/// ```
+///
+/// A missing or wrong token fails the guard with 403 (the host's catcher answers); the
+/// `csrf_token` field is not passed on to `T`.
+#[derive(Debug)]
+pub struct CsrfForm<T>(pub T);
+
+impl<T> CsrfForm<T> {
+    /// The form.
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+impl<T> std::ops::Deref for CsrfForm<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> std::ops::DerefMut for CsrfForm<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.0
+    }
+}
+
+/// `T` with the `csrf_token` field taken out.
+struct WithToken<T> {
+    token: Option<String>,
+    form: T,
+}
+
+/// The parsing state of [`WithToken`].
+struct WithTokenContext<'r, T: rocket::form::FromForm<'r>> {
+    token: Option<String>,
+    form: T::Context,
+}
+
+#[rocket::async_trait]
+impl<'r, T: rocket::form::FromForm<'r>> rocket::form::FromForm<'r> for WithToken<T> {
+    type Context = WithTokenContext<'r, T>;
+
+    fn init(options: rocket::form::Options) -> Self::Context {
+        WithTokenContext {
+            token: None,
+            form: T::init(options),
+        }
+    }
+
+    fn push_value(context: &mut Self::Context, field: rocket::form::ValueField<'r>) {
+        if field.name == CSRF_FIELD {
+            context.token = Some(field.value.to_string());
+        } else {
+            T::push_value(&mut context.form, field);
+        }
+    }
+
+    async fn push_data(context: &mut Self::Context, field: rocket::form::DataField<'r, '_>) {
+        T::push_data(&mut context.form, field).await;
+    }
+
+    fn finalize(context: Self::Context) -> rocket::form::Result<'r, Self> {
+        Ok(WithToken {
+            token: context.token,
+            form: T::finalize(context.form)?,
+        })
+    }
+}
+
+#[rocket::async_trait]
+impl<'r, T: rocket::form::FromForm<'r>> rocket::data::FromData<'r> for CsrfForm<T> {
+    type Error = rocket::form::Errors<'r>;
+
+    async fn from_data(
+        request: &'r Request<'_>,
+        data: Data<'r>,
+    ) -> rocket::data::Outcome<'r, Self> {
+        use rocket::data::Outcome as DataOutcome;
+        let expected = ensure_token(request);
+        match rocket::form::Form::<WithToken<T>>::from_data(request, data).await {
+            DataOutcome::Success(form) => {
+                let form = form.into_inner();
+                if form.token.is_some_and(|t| same(&t, &expected)) {
+                    DataOutcome::Success(CsrfForm(form.form))
+                } else {
+                    log::info!(
+                        "stored-messages: {} {} refused: missing or invalid CSRF token",
+                        request.method(),
+                        request.uri().path()
+                    );
+                    request.local_cache(|| CsrfRejected(true));
+                    DataOutcome::Error((
+                        Status::Forbidden,
+                        rocket::form::Error::validation("missing or invalid CSRF token").into(),
+                    ))
+                }
+            }
+            DataOutcome::Error(e) => DataOutcome::Error(e),
+            DataOutcome::Forward(f) => DataOutcome::Forward(f),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -181,6 +393,32 @@ mod tests {
         assert_eq!(form_token(b"csrf_token=abc&x=1").as_deref(), Some("abc"));
         assert_eq!(form_token(b"x=1&csrf_token=abc").as_deref(), Some("abc"));
         assert_eq!(form_token(b"x=1"), None);
+    }
+
+    #[test]
+    fn multipart_tokens_are_found_in_complete_parts() {
+        let body = "--XyZ\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\nhi\r\n\
+                    --XyZ\r\ncontent-disposition: form-data; name=csrf_token\r\n\r\nabc\r\n\
+                    --XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\n";
+        assert_eq!(
+            multipart_token(body.as_bytes(), "XyZ").as_deref(),
+            Some("abc")
+        );
+        // Cut inside the token's part: no value is trusted.
+        let cut = "--XyZ\r\nContent-Disposition: form-data; name=\"csrf_token\"\r\n\r\nab";
+        assert_eq!(multipart_token(cut.as_bytes(), "XyZ"), None);
+        // A file named csrf_token is not the field.
+        let other =
+            "--XyZ\r\nContent-Disposition: form-data; name=\"csrf_tokens\"\r\n\r\nabc\r\n--XyZ--";
+        assert_eq!(multipart_token(other.as_bytes(), "XyZ"), None);
+    }
+
+    #[test]
+    fn exempt_paths_cover_what_is_below_them_only() {
+        assert!(is_below("/hooks", "/hooks"));
+        assert!(is_below("/hooks/github", "/hooks/"));
+        assert!(!is_below("/hooksmith", "/hooks"));
+        assert!(is_below("/anything", "/"));
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! - **ignite**: reads and validates `[stored_messages]`, connects the backend, applies its
 //!   migrations and manages the [`Store`]; a problem fails launch with a readable reason.
-//!   Also mounts the JSON API under `/messages` (with its JSON catchers) and the CSRF
-//!   rejection routes.
+//!   Also mounts the JSON API at its base (`/messages` unless the host chose another or
+//!   none, see [`StoredMessages::api_at`]) with its JSON catchers, and the CSRF rejection
+//!   routes.
 //! - **liftoff**: one summary line, and the periodic cleanup task (ended by shutdown).
 //! - **request**: CSRF check of state-changing requests (see [`crate::csrf`]).
 //! - **response**: writes the flash spill, marks read exactly the stored messages the
@@ -17,6 +18,7 @@ use rocket::data::Data;
 use rocket::fairing::{Fairing, Info, Kind};
 use rocket::{Build, Orbit, Request, Response, Rocket};
 
+use crate::api::ApiBase;
 use crate::error::report;
 use crate::flash::cookie::{FLASH_COOKIE, SPILL_COOKIE};
 use crate::flash::overflow::spill_lifetime;
@@ -32,16 +34,20 @@ use crate::{api, csrf};
 /// # use stored_messages::{StoredMessages, Host};
 /// # fn app(host: impl Host) -> rocket::Rocket<rocket::Build> {
 /// rocket::build()
-///     .attach(StoredMessages::fairing(host))
-///     .attach(rocket_dyn_templates::Template::custom(|engines| {
-///         stored_messages::template::register(&mut engines.tera)
-///     }))
+///     .attach(
+///         StoredMessages::fairing(host)
+///             .api_at("/api/messages") // the JSON API's base; `/messages` by default
+///             .csrf_exempt("/hooks"), // paths the CSRF check leaves alone
+///     )
+///     .attach(stored_messages::template::fairing())
 /// # }
 /// ```
 pub struct StoredMessages {
     host: Arc<dyn Host>,
     store: Option<Store>,
     csrf: bool,
+    api: Result<ApiBase, String>,
+    exempt: Vec<String>,
 }
 
 impl StoredMessages {
@@ -51,6 +57,8 @@ impl StoredMessages {
             host: Arc::new(host),
             store: None,
             csrf: true,
+            api: Ok(ApiBase::default()),
+            exempt: Vec::new(),
         }
     }
 
@@ -60,14 +68,53 @@ impl StoredMessages {
             host: Arc::clone(store.host_arc()),
             store: Some(store),
             csrf: true,
+            api: Ok(ApiBase::default()),
+            exempt: Vec::new(),
         }
     }
 
-    /// Turns the built-in CSRF check off, for a host that already checks every
-    /// state-changing request itself.
+    /// Mounts the JSON API at `base` (`/api/messages`) instead of `/messages`. The message
+    /// list's buttons, the CSRF check and the API's links follow. A base that is not a plain
+    /// path fails launch with the reason.
+    pub fn api_at(mut self, base: &str) -> StoredMessages {
+        self.api = ApiBase::at(base).map_err(|e| e.to_string());
+        self
+    }
+
+    /// Leaves the JSON API out. The message list then has no "Mark read" buttons (they post
+    /// to the API); everything else works.
+    pub fn without_api(mut self) -> StoredMessages {
+        self.api = Ok(ApiBase::none());
+        self
+    }
+
+    /// Exempts `path` and every path below it (`/hooks` covers `/hooks/github`, not
+    /// `/hooksmith`) from the CSRF check: for requests that do not come from the app's
+    /// pages (webhooks, routes authenticated by a signature), or for a route that checks
+    /// its form itself with [`crate::csrf::CsrfForm`]. May be called several times.
+    pub fn csrf_exempt(mut self, path: &str) -> StoredMessages {
+        self.exempt.push(path.to_string());
+        self
+    }
+
+    /// Turns the built-in CSRF check off. The host must then protect every state-changing
+    /// request itself, its own and the JSON API's (see [`crate::csrf`] for what the check
+    /// does).
     pub fn without_csrf(mut self) -> StoredMessages {
         self.csrf = false;
         self
+    }
+
+    /// The CSRF policy: where the API is and what is exempt.
+    fn policy(&self) -> csrf::Policy {
+        csrf::Policy {
+            api: self
+                .api
+                .as_ref()
+                .ok()
+                .and_then(|a| a.get().map(str::to_string)),
+            exempt: self.exempt.clone(),
+        }
     }
 }
 
@@ -81,6 +128,19 @@ impl Fairing for StoredMessages {
     }
 
     async fn on_ignite(&self, rocket: Rocket<Build>) -> rocket::fairing::Result {
+        let api = match &self.api {
+            Ok(api) => api.clone(),
+            Err(e) => {
+                log::error!("stored-messages: cannot start: {e}");
+                return Err(rocket);
+            }
+        };
+        if let Some(bad) = self.exempt.iter().find(|p| !p.starts_with('/')) {
+            log::error!(
+                "stored-messages: cannot start: CSRF exempt path {bad:?} must start with '/'"
+            );
+            return Err(rocket);
+        }
         let store = match &self.store {
             Some(store) => store.clone(),
             None => match Store::connect(rocket.figment(), self.host.clone()).await {
@@ -91,10 +151,15 @@ impl Fairing for StoredMessages {
                 }
             },
         };
-        let rocket = rocket
-            .manage(store)
-            .mount(api::BASE, api::routes())
-            .register(api::BASE, api::catchers());
+        let mut rocket = rocket.manage(store).manage(api.clone());
+        if let Some(base) = api.get() {
+            rocket = rocket
+                .mount(base, api::routes())
+                .register(base, api::catchers());
+            if self.csrf {
+                rocket = rocket.mount(base, csrf::routes_at(csrf::API_REJECTED));
+            }
+        }
         Ok(if self.csrf {
             rocket.mount("/", csrf::routes())
         } else {
@@ -144,9 +209,10 @@ impl Fairing for StoredMessages {
     }
 
     async fn on_request(&self, request: &mut Request<'_>, data: &mut Data<'_>) {
-        api::normalize_trailing_slash(request);
+        let api = self.api.as_ref().ok().and_then(ApiBase::get);
+        api::normalize_trailing_slash(request, api);
         if self.csrf {
-            csrf::check(request, data).await;
+            csrf::check(request, data, &self.policy()).await;
         }
     }
 

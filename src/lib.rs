@@ -12,13 +12,40 @@
 //! It is the Rust successor of django-stored-messages: same levels, same backend operations,
 //! no lost messages.
 //!
+//! ## Modules
+//!
+//! | module | what it is for |
+//! |---|---|
+//! | [`StoredMessages`] (`fairing`) | the one fairing a host attaches: store, API, CSRF, marking read |
+//! | [`Messages`] (`request`) | the request guard: add messages, show the merged stream |
+//! | [`template`] | the Tera helpers, [`template::Page`], the built-in partials |
+//! | [`api`] | the JSON API and its OpenAPI document |
+//! | [`csrf`] | the CSRF check, [`CsrfToken`], [`csrf::CsrfForm`] |
+//! | [`flash`] | the flash queue: private cookie, server-side spill |
+//! | [`Store`] (`ops`) | the request-free API: send, broadcast, read, clean up |
+//! | [`backend`] | [`MessageBackend`] and its SQL and Redis implementations, the inbox cache |
+//! | [`changes`] | the change feed: which inboxes changed, in any process |
+//! | [`config`] | `[stored_messages]` settings |
+//! | [`Host`], [`Level`], [`Message`], [`Error`], [`Event`] | the vocabulary the rest uses |
+//!
+//! ## Cargo features
+//!
+//! One per backend: `sqlite` (the default), `postgres`, `redis`. A host compiles the drivers
+//! it picks and nothing else; with `default-features = false` and no backend it brings its
+//! own (see "A backend of your own" below). A configuration naming a backend the build left
+//! out fails at launch with [`backend::BackendError::NotCompiled`], which names the feature.
+//! The reference app and its command line are a separate crate (`stored-messages-app`), built
+//! on this crate's public API.
+//!
 //! ## Quick start
+//!
+//! The repository's `examples/host` is a complete host written as these steps say.
 //!
 //! 1. Depend on it, with Rocket's `secrets` feature and Tera templates:
 //!
 //!    ```toml
 //!    [dependencies]
-//!    stored-messages = "0.1"
+//!    stored-messages = "0.1"   # features = ["postgres", "redis"] for those backends
 //!    rocket = { version = "0.5", features = ["secrets", "json"] }
 //!    rocket_dyn_templates = { version = "0.2", features = ["tera"] }
 //!    ```
@@ -59,6 +86,8 @@
 //!    #[rocket::launch]
 //!    fn rocket() -> _ {
 //!        rocket::build()
+//!            // The JSON API is mounted at /messages unless you say `.api_at("/other")`
+//!            // or `.without_api()`.
 //!            .attach(StoredMessages::fairing(MyUsers))
 //!            // rocket_dyn_templates with the helpers; `template::custom(|engines| …)`
 //!            // to register functions of your own as well.
@@ -91,8 +120,10 @@
 //! 5. Any template can then use `{{ stored_messages_list(limit=10) }}`,
 //!    `{{ stored_messages_archive(limit=10) }}`, `{{ stored_messages_count() }}` (in a
 //!    [`template::Page`] a number: `{% if stored_messages_count() > 0 %}` works) and
-//!    `{{ csrf_token() }}` (see [`template`]). The list partial is built in; put your own
-//!    `stored_messages/list.html.tera` in your templates directory to change it.
+//!    `{{ csrf_token() }}` (see [`template`]), and include the stream with
+//!    `{% include "stored_messages/messages" %}`. Both partials are built in; put your own
+//!    `stored_messages/list.html.tera` or `stored_messages/messages.html.tera` in your
+//!    templates directory to change one.
 //!
 //! ## How a message travels
 //!
@@ -268,10 +299,8 @@
 extern crate rocket;
 
 pub mod api;
-pub mod app;
 pub mod backend;
 pub mod changes;
-pub mod cli;
 pub mod config;
 pub mod csrf;
 mod error;
@@ -285,9 +314,11 @@ mod ops;
 mod request;
 pub mod template;
 
-pub use crate::backend::{
-    Cleanup, Cursor, ListQuery, MessageBackend, MessageStats, RedisBackend, SqlBackend, SqlPool,
-};
+#[cfg(feature = "redis")]
+pub use crate::backend::RedisBackend;
+pub use crate::backend::{Cleanup, Cursor, ListQuery, MessageBackend, MessageStats};
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use crate::backend::{SqlBackend, SqlPool};
 pub use crate::changes::{Change, ChangeFeed, ChangeReceiver};
 pub use crate::config::Config;
 pub use crate::csrf::CsrfToken;
@@ -297,8 +328,8 @@ pub use crate::fairing::StoredMessages;
 pub use crate::host::Host;
 pub use crate::level::Level;
 pub use crate::message::{
-    LevelTags, Message, MessageId, NewMessage, UserId, MAX_EXTRA_TAGS_CHARS, MAX_TEXT_CHARS,
-    MAX_URL_CHARS,
+    parse_extra_tags, parse_url, LevelTags, Message, MessageId, NewMessage, UserId,
+    MAX_EXTRA_TAGS_CHARS, MAX_TEXT_CHARS, MAX_URL_CHARS,
 };
 pub use crate::ops::{Delivery, Store};
 pub use crate::request::{Messages, StreamMessage, MAX_STREAM_STORED};

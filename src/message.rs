@@ -230,7 +230,14 @@ impl LevelTags {
     }
 }
 
-pub(crate) fn parse_extra_tags(raw: &str) -> Result<String, Error> {
+/// Checks and normalizes extra tags as [`NewMessage::parse`] does (whitespace-separated
+/// words, at most [`MAX_EXTRA_TAGS_CHARS`], no control characters), for forms that report
+/// each field's error on its own.
+///
+/// # Errors
+///
+/// [`Error::InvalidExtraTags`] or [`Error::ExtraTagsTooLong`].
+pub fn parse_extra_tags(raw: &str) -> Result<String, Error> {
     if raw.chars().any(|c| c.is_control() && !c.is_whitespace()) {
         return Err(Error::InvalidExtraTags(raw.to_string()));
     }
@@ -248,8 +255,12 @@ pub(crate) fn parse_extra_tags(raw: &str) -> Result<String, Error> {
 /// Accepts an absolute `http`/`https` url with a host, or a site-relative path (`/inbox`).
 ///
 /// Protocol-relative urls (`//evil.example`) and backslashes are refused: browsers treat
-/// both as links to another site.
-pub(crate) fn parse_url(raw: &str) -> Result<String, Error> {
+/// both as links to another site. [`NewMessage::parse`] applies the same check.
+///
+/// # Errors
+///
+/// [`Error::InvalidUrl`], saying why.
+pub fn parse_url(raw: &str) -> Result<String, Error> {
     let invalid = |why: &'static str| Error::InvalidUrl {
         url: raw.to_string(),
         why,

@@ -10,11 +10,15 @@ use std::sync::Arc;
 use chrono::Utc;
 use rocket::figment::Figment;
 
-use crate::backend::{
-    CachedBackend, Cleanup, MessageBackend, RedisBackend, Settings, SqlBackend, SqlPool,
-};
+#[cfg(feature = "redis")]
+use crate::backend::RedisBackend;
+use crate::backend::{CachedBackend, Cleanup, MessageBackend, Settings};
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+use crate::backend::{SqlBackend, SqlPool};
 use crate::changes::ChangeFeed;
-use crate::config::{database_config, BackendKind, Config};
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+use crate::config::database_config;
+use crate::config::{BackendKind, Config};
 use crate::error::{Error, Result};
 use crate::events::{Event, Events};
 use crate::host::Host;
@@ -101,20 +105,43 @@ impl Store {
     /// # Errors
     ///
     /// [`Error::Config`] for bad configuration, [`Error::Backend`] when the storage cannot be
-    /// reached or migrated.
+    /// reached or migrated, or when it is a backend this build leaves out
+    /// ([`crate::backend::BackendError::NotCompiled`]: the Cargo features `sqlite`, `postgres`, `redis`).
+    #[cfg_attr(
+        not(any(feature = "sqlite", feature = "postgres", feature = "redis")),
+        allow(unreachable_code, unused_variables)
+    )]
     pub async fn connect(figment: &Figment, host: Arc<dyn Host>) -> Result<Store> {
         let config = Config::from_figment(figment)?;
         let settings = Settings::from_config(&config);
         let backend: Arc<dyn MessageBackend> = match config.backend {
+            #[cfg(any(feature = "sqlite", feature = "postgres"))]
             BackendKind::Sql => {
                 let pool = SqlPool::connect_with(&database_config(figment)?).await?;
                 pool.migrate().await?;
                 Arc::new(SqlBackend::new(pool, settings))
             }
+            #[cfg(not(any(feature = "sqlite", feature = "postgres")))]
+            BackendKind::Sql => {
+                return Err(crate::backend::BackendError::NotCompiled {
+                    what: "SQL",
+                    feature: "sqlite` or `postgres",
+                }
+                .into())
+            }
+            #[cfg(feature = "redis")]
             BackendKind::Redis => Arc::new(
                 RedisBackend::connect(&config.redis_url, &config.redis_key_prefix, settings)
                     .await?,
             ),
+            #[cfg(not(feature = "redis"))]
+            BackendKind::Redis => {
+                return Err(crate::backend::BackendError::NotCompiled {
+                    what: "Redis",
+                    feature: "redis",
+                }
+                .into())
+            }
         };
         Store::new(backend, host, config)
     }

@@ -3,7 +3,7 @@
 //! The trait keeps the operation names of django-stored-messages (`inbox_store`,
 //! `archive_list`, …) so the port stays traceable, and adds bulk forms (`deliver`,
 //! `inbox_delete_many`) where they make things fast. Each method's doc comment is its
-//! contract; the conformance suite in `tests/it/backend.rs` checks exactly those sentences
+//! contract; the conformance suite in `app/tests/it/backend.rs` checks exactly those sentences
 //! against every implementation.
 //!
 //! Backends do not emit events and do not know users by name: [`crate::Store`] wraps a
@@ -18,15 +18,35 @@ use crate::level::Level;
 use crate::message::{Message, MessageId, NewMessage, UserId};
 
 pub mod cache;
+#[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod sql;
 
 pub use self::cache::CachedBackend;
+#[cfg(feature = "redis")]
 pub use self::redis::RedisBackend;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use self::sql::{SqlBackend, SqlPool};
 pub use crate::changes::{Change, FeedSink, Wanted};
 
+/// Microseconds since the Unix epoch: how the SQL tables store dates (a host that joins
+/// them, or keeps tables of its own beside them, can use the same form).
+pub fn micros(date: DateTime<Utc>) -> i64 {
+    date.timestamp_micros()
+}
+
+/// The date of a stored microsecond count (see [`micros`]); out-of-range values give the
+/// earliest representable date rather than a panic.
+pub fn from_micros(us: i64) -> DateTime<Utc> {
+    use chrono::TimeZone as _;
+    Utc.timestamp_micros(us)
+        .single()
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
 /// The name the backends use internally.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub(crate) use self::unique_ids as unique_users;
 
 /// A failure of the storage itself (as opposed to a missing message or bad input).
@@ -34,15 +54,19 @@ pub(crate) use self::unique_ids as unique_users;
 #[non_exhaustive]
 pub enum BackendError {
     /// SQLite or PostgreSQL failed.
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     #[error("database error")]
     Sql(#[from] sqlx::Error),
     /// A migration could not be applied.
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     #[error("database migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// Redis failed.
+    #[cfg(feature = "redis")]
     #[error("redis error")]
     Redis(#[from] ::redis::RedisError),
     /// Redis could not be reached when connecting (the url is shown without its password).
+    #[cfg(feature = "redis")]
     #[error("cannot connect to redis at {url}")]
     RedisConnect {
         /// The server's url, redacted.
@@ -50,6 +74,17 @@ pub enum BackendError {
         /// Why the connection failed.
         #[source]
         source: ::redis::RedisError,
+    },
+    /// The configuration names a backend this build leaves out: the host did not turn on
+    /// its Cargo feature.
+    #[error(
+        "this build has no {what} support: turn on the `{feature}` feature of stored-messages"
+    )]
+    NotCompiled {
+        /// The backend or database named.
+        what: &'static str,
+        /// The Cargo feature that adds it.
+        feature: &'static str,
     },
     /// The database url names no supported driver.
     #[error("unsupported database url {0} (expected sqlite:// or postgres://)")]
@@ -65,9 +100,11 @@ impl BackendError {
         match self {
             // SQLSTATE class 08 is a connection exception, 57 an operator intervention (the
             // server is shutting down or restarting): both pass once the server is back.
+            #[cfg(any(feature = "sqlite", feature = "postgres"))]
             BackendError::Sql(sqlx::Error::Database(db)) => db
                 .code()
                 .is_some_and(|code| code.starts_with("08") || code.starts_with("57")),
+            #[cfg(any(feature = "sqlite", feature = "postgres"))]
             BackendError::Sql(e) => matches!(
                 e,
                 sqlx::Error::Io(_)
@@ -76,6 +113,7 @@ impl BackendError {
                     | sqlx::Error::Tls(_)
                     | sqlx::Error::WorkerCrashed
             ),
+            #[cfg(feature = "redis")]
             BackendError::Redis(e) | BackendError::RedisConnect { source: e, .. } => {
                 e.is_io_error()
                     || e.is_connection_refusal()
@@ -176,8 +214,9 @@ impl Expiry {
 ///   so, never someone else's message;
 /// - every method is atomic: it changes everything it describes or nothing.
 ///
-/// Implementations: [`SqlBackend`] (SQLite, PostgreSQL) and [`RedisBackend`]. A host can
-/// plug in its own; the crate docs show a complete one.
+/// Implementations: `SqlBackend` (SQLite, PostgreSQL) and `RedisBackend`, each with its
+/// Cargo feature (`sqlite`, `postgres`, `redis`). A host can plug in its own; the crate docs
+/// show a complete one.
 #[rocket::async_trait]
 pub trait MessageBackend: Send + Sync + 'static {
     /// A short name for logs: `"sqlite"`, `"postgres"`, `"redis"`, ….

@@ -92,7 +92,7 @@ use ::redis::aio::ConnectionManager;
 use ::redis::{Client, ErrorKind, RedisError, Script};
 use chrono::{DateTime, Utc};
 
-use super::sql::{from_micros, micros};
+use super::{from_micros, micros};
 use super::{
     unique_users, BackendError, Change, Cleanup, FeedSink, ListQuery, MessageBackend, MessageStats,
     Settings, Wanted,
@@ -1075,7 +1075,7 @@ impl Keys {
 
 // The scripts. They build user keys as `prefix .. 'user:' .. id .. ':archive'` (or
 // ':notifications') and message keys as `prefix .. 'message:' .. id`, the same names as
-// `Keys`; tests/it/redis_backend.rs checks that both agree.
+// `Keys`; app/tests/it/redis_backend.rs checks that both agree.
 
 /// `deliver`: writes the message hash and its index entry, then adds the member to the
 /// archive and inbox of every user. The users are distinct, so every add is new.

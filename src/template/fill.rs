@@ -12,8 +12,9 @@ use rocket_dyn_templates::{Metadata, Template};
 use serde::Serialize;
 
 use super::helpers::{marker_prefix, Slot, MARKER_END};
-use super::list::{ListPartial, LIST_TEMPLATE};
+use super::list::{Forms, ListPartial, LIST_TEMPLATE};
 use super::Templates;
+use crate::api::ApiBase;
 use crate::backend::ListQuery;
 use crate::csrf;
 use crate::message::{Message, UserId};
@@ -148,12 +149,17 @@ async fn render_slot(
     let next = request.uri().to_string();
     let csrf = csrf::ensure_token(request);
     let tags = store.level_tags();
+    let forms = Forms {
+        csrf: &csrf,
+        next: &next,
+        api: ApiBase::of(request.rocket()),
+    };
     let rendered = match request
         .rocket()
         .state::<Templates>()
         .and_then(Templates::partial)
     {
-        Some(partial) => partial.render(kind, &messages, tags, &csrf, &next),
+        Some(partial) => partial.render(kind, &messages, tags, forms),
         // The host registered the helpers itself (`register`): its override, if it has
         // one, is known to rocket_dyn_templates only.
         None if host_has_partial(request).await => {
@@ -163,6 +169,7 @@ async fn render_slot(
                 kind: &'a str,
                 csrf: &'a str,
                 next: &'a str,
+                api: &'a str,
             }
             let context = Context {
                 messages: messages
@@ -172,12 +179,13 @@ async fn render_slot(
                 kind,
                 csrf: &csrf,
                 next: &next,
+                api: forms.api.unwrap_or(""),
             };
             Template::show(request.rocket(), LIST_TEMPLATE, context).ok_or_else(|| {
                 rocket_dyn_templates::tera::Error::msg("the list partial failed to render")
             })
         }
-        None => ListPartial::Builtin.render(kind, &messages, tags, &csrf, &next),
+        None => ListPartial::Builtin.render(kind, &messages, tags, forms),
     };
     rendered.unwrap_or_else(|e| {
         log::error!(

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 
 use rocket_dyn_templates::tera::{self, Value};
 
-use super::list::ListPartial;
+use super::list::{Forms, ListPartial};
 use crate::message::{LevelTags, Message};
 
 /// Largest `limit` the list helpers accept.
@@ -58,6 +58,8 @@ pub(crate) struct Scope {
     pub(crate) csrf: String,
     /// This page, for the partial's forms to come back to.
     pub(crate) next: String,
+    /// Where the JSON API is, for the partial's forms.
+    pub(crate) api: Option<String>,
     /// The user's unread inbox as this page leaves it; `None` when the request did not load
     /// it.
     pub(crate) unread: Option<Arc<[Message]>>,
@@ -97,6 +99,7 @@ enum Known {
         tags: LevelTags,
         csrf: String,
         next: String,
+        api: Option<String>,
     },
 }
 
@@ -126,6 +129,7 @@ impl Helper {
                     tags: scope.tags.clone(),
                     csrf: scope.csrf.clone(),
                     next: scope.next.clone(),
+                    api: scope.api.clone(),
                 }),
                 Slot::Archive(_) => None,
             };
@@ -142,10 +146,16 @@ impl Helper {
                     tags,
                     csrf,
                     next,
+                    api,
                 } => {
                     let shown = &messages[..messages.len().min(limit)];
+                    let forms = Forms {
+                        csrf: &csrf,
+                        next: &next,
+                        api: api.as_deref(),
+                    };
                     self.partial
-                        .render("inbox", shown, &tags, &csrf, &next)
+                        .render("inbox", shown, &tags, forms)
                         .map(Value::String)
                 }
             })
@@ -246,6 +256,7 @@ mod tests {
         Scope {
             csrf: format!("token-of-{user}"),
             next: "/".into(),
+            api: Some("/messages".into()),
             unread: Some(unread.into()),
             tags: LevelTags::default(),
             markers: false,

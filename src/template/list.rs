@@ -28,6 +28,15 @@ pub(crate) enum ListPartial {
     Host(Box<Tera>),
 }
 
+/// What the list's forms need: the CSRF token, the page to come back to (`next`) and where
+/// the API is (`None`: no API, no forms).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Forms<'a> {
+    pub(crate) csrf: &'a str,
+    pub(crate) next: &'a str,
+    pub(crate) api: Option<&'a str>,
+}
+
 /// What the partial is given.
 #[derive(Serialize)]
 struct Context<'a> {
@@ -35,6 +44,7 @@ struct Context<'a> {
     kind: &'a str,
     csrf: &'a str,
     next: &'a str,
+    api: &'a str,
 }
 
 impl ListPartial {
@@ -58,8 +68,8 @@ impl ListPartial {
         }
     }
 
-    /// The list of `messages` (`kind` is `"inbox"` or `"archive"`), with forms carrying the
-    /// CSRF token and `next`, the page to come back to.
+    /// The list of `messages` (`kind` is `"inbox"` or `"archive"`), with forms to the API
+    /// carrying the CSRF token and `next`, the page to come back to.
     ///
     /// # Errors
     ///
@@ -69,11 +79,10 @@ impl ListPartial {
         kind: &str,
         messages: &[Message],
         tags: &LevelTags,
-        csrf: &str,
-        next: &str,
+        forms: Forms<'_>,
     ) -> tera::Result<String> {
         match self {
-            ListPartial::Builtin => Ok(builtin(kind, messages, tags, csrf, next)),
+            ListPartial::Builtin => Ok(builtin(kind, messages, tags, forms)),
             ListPartial::Host(tera) => {
                 let context = Context {
                     messages: messages
@@ -81,8 +90,9 @@ impl ListPartial {
                         .map(|m| StreamMessage::stored(m, tags))
                         .collect(),
                     kind,
-                    csrf,
-                    next,
+                    csrf: forms.csrf,
+                    next: forms.next,
+                    api: forms.api.unwrap_or(""),
                 };
                 tera.render(LIST_TEMPLATE, &tera::Context::from_serialize(context)?)
             }
@@ -112,8 +122,11 @@ pub(crate) fn push_escaped(out: &mut String, text: &str) {
 }
 
 /// `list.html.tera`, written out into one buffer.
-fn builtin(kind: &str, messages: &[Message], tags: &LevelTags, csrf: &str, next: &str) -> String {
+fn builtin(kind: &str, messages: &[Message], tags: &LevelTags, forms: Forms<'_>) -> String {
+    let Forms { csrf, next, api } = forms;
+    let api = api.unwrap_or("");
     let inbox = kind == "inbox";
+    let buttons = inbox && !api.is_empty();
     let mut out = String::with_capacity(160 + messages.len() * if inbox { 720 } else { 240 });
     // The hidden fields of every form, escaped once.
     let mut fields = String::with_capacity(120 + csrf.len() + next.len());
@@ -125,8 +138,10 @@ fn builtin(kind: &str, messages: &[Message], tags: &LevelTags, csrf: &str, next:
     push_escaped(&mut fields, next);
     fields.push_str("\">");
     let (csrf_field, next_field) = fields.split_at(indent);
-    if inbox && !messages.is_empty() {
-        out.push_str("\n<form method=\"post\" action=\"/messages/mark_all_read\" class=\"sm-mark-all-read\">\n  ");
+    if buttons && !messages.is_empty() {
+        out.push_str("\n<form method=\"post\" action=\"");
+        out.push_str(api);
+        out.push_str("/mark_all_read\" class=\"sm-mark-all-read\">\n  ");
         out.push_str(csrf_field);
         out.push_str("  ");
         out.push_str(next_field);
@@ -177,8 +192,10 @@ fn builtin(kind: &str, messages: &[Message], tags: &LevelTags, csrf: &str, next:
         out.push_str("\">");
         push_date_text(&mut out, m.date);
         out.push_str("</time>");
-        if inbox {
-            out.push_str("\n    <form method=\"post\" action=\"/messages/inbox/");
+        if buttons {
+            out.push_str("\n    <form method=\"post\" action=\"");
+            out.push_str(api);
+            out.push_str("/inbox/");
             out.push_str(&id);
             out.push_str("/read\" class=\"sm-mark-read\">\n      ");
             out.push_str(csrf_field);
@@ -228,19 +245,21 @@ mod tests {
     }
 
     /// The template file rendered by Tera, as an override would be.
-    fn by_tera(
-        kind: &str,
-        messages: &[Message],
-        tags: &LevelTags,
-        csrf: &str,
-        next: &str,
-    ) -> String {
+    fn by_tera(kind: &str, messages: &[Message], tags: &LevelTags, forms: Forms<'_>) -> String {
         let mut host = Tera::default();
         host.add_raw_template(LIST_TEMPLATE, BUILTIN_SOURCE)
             .unwrap();
         ListPartial::from_host(&host)
-            .render(kind, messages, tags, csrf, next)
+            .render(kind, messages, tags, forms)
             .unwrap()
+    }
+
+    fn forms<'a>(csrf: &'a str, next: &'a str) -> Forms<'a> {
+        Forms {
+            csrf,
+            next,
+            api: Some("/messages"),
+        }
     }
 
     #[test]
@@ -267,20 +286,27 @@ mod tests {
         let nexts = ["/", "/?keep=1&x=\"y\"", "/archive"];
         for kind in ["inbox", "archive"] {
             for next in nexts {
-                for shown in [&messages[..], &messages[..1], &[]] {
-                    let rust = builtin(kind, shown, &tags, "tok-en_1", next);
-                    let tera = by_tera(kind, shown, &tags, "tok-en_1", next);
-                    assert_eq!(
-                        rust,
-                        tera,
-                        "kind {kind}, next {next}, {} messages",
-                        shown.len()
-                    );
+                for api in [Some("/messages"), Some("/api/v1.2/my-messages"), None] {
+                    for shown in [&messages[..], &messages[..1], &[]] {
+                        let forms = Forms {
+                            csrf: "tok-en_1",
+                            next,
+                            api,
+                        };
+                        let rust = builtin(kind, shown, &tags, forms);
+                        let tera = by_tera(kind, shown, &tags, forms);
+                        assert_eq!(
+                            rust,
+                            tera,
+                            "kind {kind}, next {next}, api {api:?}, {} messages",
+                            shown.len()
+                        );
+                    }
                 }
             }
         }
         // and it escapes what it shows
-        let html = builtin("inbox", &messages, &tags, "t", "/");
+        let html = builtin("inbox", &messages, &tags, forms("t", "/"));
         assert!(html.contains("&lt;script&gt;alert(&#x27;x &amp; y&#x27;)&lt;&#x2F;script&gt;"));
         assert!(!html.contains("<script>"));
     }
@@ -300,8 +326,7 @@ mod tests {
                 "inbox",
                 &[message(1, Level::STORED_INFO, "a", "", None)],
                 &LevelTags::default(),
-                "t",
-                "/",
+                forms("t", "/"),
             )
             .unwrap();
         assert_eq!(html, "<p>1 inbox</p>");

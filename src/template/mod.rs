@@ -22,6 +22,11 @@
 //! Both ways, the helpers show the inbox as this page leaves it: messages the page shows
 //! (and marks read, see [`crate::Messages`]) are not counted as unread.
 //!
+//! The partials are built in and registered with Tera by [`register`] (and [`fairing`]):
+//! the stream `stored_messages/messages` ([`MESSAGES_TEMPLATE`]) and the list
+//! `stored_messages/list.html` ([`LIST_INCLUDE`]). A host overrides either by putting its own
+//! file at that path in its templates directory.
+//!
 //! The list partial is `stored_messages/list.html.tera`. The crate has its own (see
 //! [`list`](self) `list.html.tera`, rendered without Tera); a host overrides it by putting
 //! its own file at that path in its templates directory. [`fairing`] attaches
@@ -41,6 +46,7 @@ use rocket_dyn_templates::{Engines, Template};
 
 use self::helpers::{with_scope, Helper, Scope, Slot};
 use self::list::ListPartial;
+use crate::api::ApiBase;
 use crate::csrf;
 use crate::message::Message;
 use crate::ops::Store;
@@ -57,6 +63,15 @@ pub use self::list::{BUILTIN_SOURCE as BUILTIN_LIST_SOURCE, LIST_TEMPLATE};
 /// The name under which pages include the list partial:
 /// `{% include "stored_messages/list.html" %}`.
 pub const LIST_INCLUDE: &str = "stored_messages/list.html";
+
+/// The stream partial: the messages of the `messages` context variable (the
+/// [`crate::Messages`] guard, serialized) in an ARIA live region. Pages include it with
+/// `{% include "stored_messages/messages" %}`; a host overrides it with its own
+/// `stored_messages/messages.html.tera`.
+pub const MESSAGES_TEMPLATE: &str = "stored_messages/messages";
+
+/// The source of the crate's stream partial: a starting point for an override.
+pub const BUILTIN_MESSAGES_SOURCE: &str = include_str!("messages.html.tera");
 
 /// Registers the helpers on a Tera instance: call it from `Template::custom`, after any
 /// templates or functions of your own. [`fairing`] does this for you, and renders faster.
@@ -87,6 +102,12 @@ fn register_with(tera: &mut Tera, partial: Arc<ListPartial>) {
     if let Some(source) = source {
         if let Err(e) = tera.add_raw_template(LIST_INCLUDE, &source) {
             log::error!("stored-messages: registering {LIST_INCLUDE} failed: {e}");
+        }
+    }
+    // The stream partial, unless the host has its own.
+    if tera.get_template(MESSAGES_TEMPLATE).is_err() {
+        if let Err(e) = tera.add_raw_template(MESSAGES_TEMPLATE, BUILTIN_MESSAGES_SOURCE) {
+            log::error!("stored-messages: registering {MESSAGES_TEMPLATE} failed: {e}");
         }
     }
     let helper = |kind: fn(u32) -> Slot, takes_limit| Helper {
@@ -238,6 +259,7 @@ impl<'r> Responder<'r, 'static> for Page {
         let scope = Scope {
             csrf: csrf::ensure_token(request),
             next: request.uri().to_string(),
+            api: ApiBase::of(request.rocket()).map(str::to_string),
             unread: page_unread(request, succeeded),
             tags: request
                 .rocket()

@@ -68,7 +68,10 @@
         if (result.ok && typeof result.body.unread === "number") {
           setCount(result.body.unread);
         } else {
-          fetch("/messages/count", { credentials: "same-origin", headers: { "Accept": "application/json" } })
+          // The API's count, next to the route the form posted to (the API's base is the
+          // host's choice): <base>/inbox/<id>/read or <base>/mark_all_read.
+          var countUrl = form.action.replace(/\/(inbox\/[^\/]+\/read|mark_all_read)$/, "/count");
+          fetch(countUrl, { credentials: "same-origin", headers: { "Accept": "application/json" } })
             .then(function (r) { return r.json(); })
             .then(function (b) { if (typeof b.unread === "number") setCount(b.unread); });
         }

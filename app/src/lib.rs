@@ -1,8 +1,12 @@
-//! The reference application: users, login, demo pages around the library.
+//! The reference application of stored-messages: users, login, demo pages, the admin area
+//! and the `stored-messages` command line around the library.
 //!
-//! Nothing in the library imports from here; this module is one host among many, built the
-//! way a host app would be: it implements [`crate::Host`], attaches
-//! [`crate::StoredMessages::fairing`], registers the template helpers and mounts its pages.
+//! It is a crate of its own so that it is built the way any host is: with the library's
+//! public API only. It implements [`stored_messages::Host`], attaches
+//! [`StoredMessages::fairing`], registers the template helpers and mounts its pages.
+
+#[macro_use]
+extern crate rocket;
 
 use std::sync::Arc;
 
@@ -11,15 +15,27 @@ use rocket::figment::Figment;
 use rocket::fs::{relative, FileServer};
 use rocket::{Build, Rocket};
 
-use crate::app::jobs::Jobs;
-use crate::app::users::{AppHost, Users};
-use crate::backend::SqlPool;
-use crate::config::database_config;
-use crate::error::report;
-use crate::StoredMessages;
+use crate::jobs::Jobs;
+use crate::users::{AppHost, Users};
+use stored_messages::config::database_config;
+use stored_messages::report;
+use stored_messages::SqlPool;
+use stored_messages::StoredMessages;
+
+/// Runs `$body` with `$pool` bound to the concrete pool of either SQL dialect, so one piece
+/// of generic sqlx code serves the app's tables on SQLite and PostgreSQL.
+macro_rules! with_pool {
+    ($sql_pool:expr, $pool:ident => $body:expr) => {
+        match $sql_pool {
+            stored_messages::SqlPool::Sqlite($pool) => $body,
+            stored_messages::SqlPool::Postgres($pool) => $body,
+        }
+    };
+}
 
 pub mod admin;
 pub mod auth;
+pub mod cli;
 pub mod jobs;
 pub mod pages;
 pub mod users;
@@ -62,14 +78,15 @@ pub fn rocket_from(figment: Figment) -> Rocket<Build> {
                     first_admin(users).await;
                 }
                 // Resumes the broadcasts a restart interrupted, then runs new ones.
-                if let (Some(jobs), Some(store)) =
-                    (rocket.state::<Jobs>(), rocket.state::<crate::Store>())
-                {
+                if let (Some(jobs), Some(store)) = (
+                    rocket.state::<Jobs>(),
+                    rocket.state::<stored_messages::Store>(),
+                ) {
                     rocket::tokio::spawn(jobs.clone().worker(store.clone(), rocket.shutdown()));
                 }
             })
         }))
-        .attach(crate::template::fairing())
+        .attach(stored_messages::template::fairing())
         .mount("/", pages::routes())
         .mount("/", auth::routes())
         .mount("/", admin::routes())
@@ -81,7 +98,7 @@ pub fn rocket_from(figment: Figment) -> Rocket<Build> {
 /// migrations.
 pub async fn connect_users(figment: &Figment) -> Result<Users, String> {
     let config = database_config(figment).map_err(|e| e.to_string())?;
-    let url = crate::config::SecretUrl::new(&config.url);
+    let url = stored_messages::config::SecretUrl::new(&config.url);
     let pool = SqlPool::connect_with(&config)
         .await
         .map_err(|e| format!("{url}: {}", report(&e)))?;
@@ -101,7 +118,7 @@ async fn first_admin(users: &Users) {
             return;
         }
     }
-    let password = crate::flash::overflow::new_key();
+    let password = users::random_password();
     match users.create("admin", &password, true).await {
         Ok(_) => eprintln!(
             "\n  stored-messages: first start, no users yet.\n  \

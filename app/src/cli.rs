@@ -11,10 +11,10 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use rocket::figment::Figment;
 
-use crate::app::users::{AppHost, UserError, Users};
-use crate::backend::ListQuery;
-use crate::error::report;
-use crate::{Level, NewMessage, Store};
+use crate::users::{AppHost, UserError, Users};
+use stored_messages::report;
+use stored_messages::ListQuery;
+use stored_messages::{Level, NewMessage, Store};
 
 /// Flash and stored messages for Rocket: the reference app and its tools.
 #[derive(Debug, Parser)]
@@ -110,7 +110,7 @@ pub fn run() -> ExitCode {
 }
 
 fn serve() -> Result<(), String> {
-    rocket::execute(crate::app::rocket().launch())
+    rocket::execute(crate::rocket().launch())
         .map(|_| ())
         .map_err(|e| format!("the server stopped: {e}"))
 }
@@ -118,7 +118,7 @@ fn serve() -> Result<(), String> {
 /// The users table and the store, as `serve` would open them, without the inbox cache: a
 /// command runs once, so a cache (and its change feed's connection) would be wasted.
 async fn open(figment: &Figment) -> Result<(Arc<Users>, Store), String> {
-    let users = Arc::new(crate::app::connect_users(figment).await?);
+    let users = Arc::new(crate::connect_users(figment).await?);
     let figment = figment
         .clone()
         .merge(("stored_messages.inbox_cache_messages", 0));
@@ -140,7 +140,7 @@ async fn execute(command: Command, figment: Figment) -> Result<(), String> {
             println!("migrations applied ({} backend)", store.backend().name());
         }
         Command::Createuser { name, admin } => {
-            crate::app::users::check_username(&name).map_err(user_error)?;
+            crate::users::check_username(&name).map_err(user_error)?;
             let password = read_password()?;
             let user = users
                 .create(&name, &password, admin)
@@ -233,16 +233,16 @@ async fn execute(command: Command, figment: Figment) -> Result<(), String> {
 /// "command line". The message is already delivered: a failed audit is reported, not fatal.
 async fn audit(
     users: &Arc<Users>,
-    delivery: &crate::Delivery,
+    delivery: &stored_messages::Delivery,
     audience: &str,
     started: std::time::Instant,
 ) {
-    let actor = crate::app::users::User {
+    let actor = crate::users::User {
         id: 0,
         username: "command line".to_string(),
         is_admin: true,
     };
-    let entry = crate::app::jobs::Audit {
+    let entry = crate::jobs::Audit {
         actor: &actor,
         message: &delivery.message,
         audience,
@@ -250,10 +250,7 @@ async fn audit(
         duration_ms: Some(started.elapsed().as_millis() as i64),
         job_id: None,
     };
-    if let Err(e) = crate::app::jobs::Jobs::new(users.clone())
-        .audit(entry)
-        .await
-    {
+    if let Err(e) = crate::jobs::Jobs::new(users.clone()).audit(entry).await {
         eprintln!(
             "warning: the message was sent, but recording it in the audit failed: {}",
             report(&e)

@@ -33,27 +33,25 @@
 //! Queries are runtime-checked (`query`/`query_as`), so the build needs no database. Dates
 //! are stored as integer microseconds since the Unix epoch (`date_us`) in both dialects: the
 //! same comparisons and orderings then hold everywhere. Both drivers accept `$n`
-//! placeholders. The only dialect difference, how an array of ids is passed, lives in
-//! `IdArray`.
+//! placeholders. The dialect differences (how an array of ids is passed, the change feed,
+//! the one-statement forms PostgreSQL allows) live in `sqlite.rs` and `postgres.rs`, each
+//! compiled with its Cargo feature (`sqlite`, `postgres`).
 
-use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
-use sqlx::postgres::PgArguments;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::query::Query;
-use sqlx::sqlite::SqliteArguments;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Database, Encode, PgPool, Pool, Postgres, Sqlite, SqlitePool, Type};
+#[cfg(feature = "postgres")]
+use sqlx::PgPool;
+#[cfg(feature = "sqlite")]
+use sqlx::SqlitePool;
+use sqlx::{Database, Encode, Pool, Type};
 
 use super::{
     unique_users, BackendError, Change, Cleanup, FeedSink, ListQuery, MessageBackend, MessageStats,
-    Settings, Wanted,
+    Settings,
 };
-use crate::changes::SYNC_TIMEOUT;
 use crate::config::SecretUrl;
 use crate::error::{Error, Result};
 use crate::level::Level;
@@ -68,10 +66,28 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// hides dialect differences this crate needs to see.
 #[derive(Debug, Clone)]
 pub enum SqlPool {
-    /// An embedded SQLite database file.
+    /// An embedded SQLite database file (Cargo feature `sqlite`).
+    #[cfg(feature = "sqlite")]
     Sqlite(SqlitePool),
-    /// A PostgreSQL server.
+    /// A PostgreSQL server (Cargo feature `postgres`).
+    #[cfg(feature = "postgres")]
     Postgres(PgPool),
+}
+
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+#[cfg(feature = "postgres")]
+pub use self::postgres::CHANGES_CHANNEL;
+
+/// What both dialects' pools are built with.
+struct PoolSettings {
+    max: u32,
+    min: u32,
+    idle: Option<Duration>,
+    timeout: Duration,
 }
 
 /// Runs `$body` with `$pool` bound to the concrete pool of either dialect. The body is
@@ -79,12 +95,13 @@ pub enum SqlPool {
 macro_rules! with_pool {
     ($sql_pool:expr, $pool:ident => $body:expr) => {
         match $sql_pool {
+            #[cfg(feature = "sqlite")]
             $crate::backend::sql::SqlPool::Sqlite($pool) => $body,
+            #[cfg(feature = "postgres")]
             $crate::backend::sql::SqlPool::Postgres($pool) => $body,
         }
     };
 }
-pub(crate) use with_pool;
 
 impl SqlPool {
     /// Connects to `sqlite://…` or `postgres://…` (also `postgresql://`). A SQLite file is
@@ -121,45 +138,41 @@ impl SqlPool {
     /// As [`SqlPool::connect`].
     pub async fn connect_with(config: &rocket_db_pools::Config) -> Result<SqlPool, BackendError> {
         let raw = config.url.as_str();
-        let timeout = Duration::from_secs(config.connect_timeout.max(1));
         let max = u32::try_from(config.max_connections.max(1)).unwrap_or(u32::MAX);
-        let min = config.min_connections.unwrap_or(0).min(max);
-        let idle = config.idle_timeout.map(Duration::from_secs);
+        let settings = PoolSettings {
+            max,
+            min: config.min_connections.unwrap_or(0).min(max),
+            idle: config.idle_timeout.map(Duration::from_secs),
+            timeout: Duration::from_secs(config.connect_timeout.max(1)),
+        };
         if raw.starts_with("sqlite:") {
-            let options = SqliteConnectOptions::from_str(raw)?
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(timeout)
-                .foreign_keys(true);
-            let pool = SqlitePoolOptions::new()
-                .max_connections(max)
-                .min_connections(min)
-                .idle_timeout(idle)
-                .acquire_timeout(timeout)
-                .test_before_acquire(false)
-                .connect_with(options)
-                .await?;
-            Ok(SqlPool::Sqlite(pool))
-        } else if raw.starts_with("postgres:") || raw.starts_with("postgresql:") {
-            let options = PgConnectOptions::from_str(raw)?;
-            let pool = PgPoolOptions::new()
-                .max_connections(max)
-                .min_connections(min)
-                .idle_timeout(idle)
-                .acquire_timeout(timeout)
-                .test_before_acquire(false)
-                .connect_with(options)
-                .await?;
-            Ok(SqlPool::Postgres(pool))
-        } else {
-            Err(BackendError::UnsupportedUrl(SecretUrl::new(raw).redacted()))
+            #[cfg(feature = "sqlite")]
+            return Ok(SqlPool::Sqlite(sqlite::connect(raw, &settings).await?));
+            #[cfg(not(feature = "sqlite"))]
+            return Err(BackendError::NotCompiled {
+                what: "SQLite",
+                feature: "sqlite",
+            });
         }
+        if raw.starts_with("postgres:") || raw.starts_with("postgresql:") {
+            #[cfg(feature = "postgres")]
+            return Ok(SqlPool::Postgres(postgres::connect(raw, &settings).await?));
+            #[cfg(not(feature = "postgres"))]
+            return Err(BackendError::NotCompiled {
+                what: "PostgreSQL",
+                feature: "postgres",
+            });
+        }
+        let _ = settings;
+        Err(BackendError::UnsupportedUrl(SecretUrl::new(raw).redacted()))
     }
 
     /// `"sqlite"` or `"postgres"`.
     pub fn dialect(&self) -> &'static str {
         match self {
+            #[cfg(feature = "sqlite")]
             SqlPool::Sqlite(_) => "sqlite",
+            #[cfg(feature = "postgres")]
             SqlPool::Postgres(_) => "postgres",
         }
     }
@@ -195,9 +208,13 @@ pub async fn run_migrations(
     mut postgres: Migrator,
 ) -> Result<(), BackendError> {
     match pool {
+        #[cfg(feature = "sqlite")]
         SqlPool::Sqlite(pool) => sqlite.set_ignore_missing(true).run(pool).await?,
+        #[cfg(feature = "postgres")]
         SqlPool::Postgres(pool) => postgres.set_ignore_missing(true).run(pool).await?,
     }
+    // Only the compiled dialects' migrators are used.
+    let _ = (&mut sqlite, &mut postgres);
     Ok(())
 }
 
@@ -218,68 +235,6 @@ pub(crate) trait IdArray: Database {
     /// writing transaction: a row of SQLite's `sm_changes` log, a PostgreSQL notification
     /// (sent when the transaction commits).
     fn announce<'q>(payload: String) -> Query<'q, Self, <Self as Database>::Arguments<'q>>;
-}
-
-impl IdArray for Sqlite {
-    type Param = String;
-
-    fn param(ids: &[i64]) -> String {
-        let mut json = String::with_capacity(ids.len() * 8 + 2);
-        json.push('[');
-        for (i, id) in ids.iter().enumerate() {
-            if i > 0 {
-                json.push(',');
-            }
-            json.push_str(&id.to_string());
-        }
-        json.push(']');
-        json
-    }
-
-    const ROWS: &'static str = "select value as id from json_each(${n})";
-    const INBOX_TABLE: &'static str = "sm_deliveries as d indexed by sm_deliveries_inbox";
-
-    fn announce<'q>(payload: String) -> Query<'q, Sqlite, SqliteArguments<'q>> {
-        sqlx::query("insert into sm_changes (users, date_us) values ($1, $2)")
-            .bind(payload)
-            .bind(micros(Utc::now()))
-    }
-}
-
-impl IdArray for Postgres {
-    type Param = Vec<i64>;
-
-    fn param(ids: &[i64]) -> Vec<i64> {
-        ids.to_vec()
-    }
-
-    const ROWS: &'static str = "select unnest(${n}::int8[]) as id";
-    const INBOX_TABLE: &'static str = "sm_deliveries as d";
-
-    fn announce<'q>(payload: String) -> Query<'q, Postgres, PgArguments> {
-        static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let sql = SQL.get_or_init(|| format!("select pg_notify({}, $2)", channel_sql(1)));
-        sqlx::query(sql).bind(CHANGES_CHANNEL).bind(payload)
-    }
-}
-
-/// The start of the PostgreSQL channel on which writes announce changed inboxes (see
-/// [`Change`]). The channel is this followed by the schema that holds `sm_deliveries` as the
-/// connection resolves it (cut to 63 bytes, PostgreSQL's limit): writers and listeners agree
-/// whatever their roles and search paths, as long as they use the same tables, and stores in
-/// separate schemas of one database, such as the tests', do not hear each other.
-///
-/// NOTE: `LISTEN` needs a session of its own: behind a pooler in transaction mode (such as
-/// PgBouncer's), point the app at PostgreSQL directly, or the feed hears nothing and syncs
-/// vouch for nothing.
-pub const CHANGES_CHANNEL: &str = "stored_messages_changes:";
-
-/// The changes channel, as SQL, with [`CHANGES_CHANNEL`] in parameter `$n`.
-fn channel_sql(n: u8) -> String {
-    format!(
-        "left(${n} || (select relnamespace::regnamespace::text from pg_class \
-         where oid = 'sm_deliveries'::regclass), 63)"
-    )
 }
 
 /// `IdArray::announce` for the dialect of `pool`.
@@ -349,16 +304,7 @@ struct StatsRow {
     unread: i64,
 }
 
-/// Microseconds since the Unix epoch, the stored form of dates.
-pub(crate) fn micros(date: DateTime<Utc>) -> i64 {
-    date.timestamp_micros()
-}
-
-pub(crate) fn from_micros(us: i64) -> DateTime<Utc> {
-    Utc.timestamp_micros(us)
-        .single()
-        .unwrap_or(DateTime::<Utc>::MIN_UTC)
-}
+pub use super::{from_micros, micros};
 
 /// The columns of a message, with `m` aliasing `sm_messages`.
 const MESSAGE_COLUMNS: &str = "m.id, m.level, m.message, m.extra_tags, m.url, m.date_us";
@@ -604,92 +550,13 @@ impl MessageBackend for SqlBackend {
         let users = unique_users(users);
         let (runs, singles) = split_runs(&users, self.settings.audience_min_run);
         let id = match &self.pool {
-            // One statement, one round trip: a data-modifying CTE is atomic by itself.
+            #[cfg(feature = "postgres")]
             SqlPool::Postgres(pool) => {
-                let sql = format!(
-                    "with m as (insert into sm_messages (level, message, extra_tags, url, date_us) \
-                     values ($1, $2, $3, $4, $5) returning id), \
-                     d as (insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
-                     select u, $5, m.id, true from m cross join unnest($6::int8[]) as u), \
-                     a as (insert into sm_audiences (message_id, bucket, first_user, last_user, date_us) \
-                     select m.id, r.b, r.f, r.l, $5 from m \
-                     cross join unnest($9::int8[], $10::int8[], $11::int8[]) as r(b, f, l)) \
-                     select id, pg_notify({}, $8)::text from m",
-                    channel_sql(7)
-                );
-                let ids: Vec<i64> = sqlx::query_scalar(&sql)
-                    .bind(message.level().0)
-                    .bind(message.message())
-                    .bind(message.extra_tags())
-                    .bind(message.url())
-                    .bind(micros(message.date()))
-                    .bind(&singles)
-                    .bind(CHANGES_CHANNEL)
-                    .bind(Change::payload(&users))
-                    .bind(runs.iter().map(|r| r.bucket).collect::<Vec<_>>())
-                    .bind(runs.iter().map(|r| r.first).collect::<Vec<_>>())
-                    .bind(runs.iter().map(|r| r.last).collect::<Vec<_>>())
-                    .fetch_all(pool)
-                    .await
-                    .map_err(sql_error)?;
-                returned_id(ids)?
+                postgres::deliver(pool, message, &users, &singles, &runs).await?
             }
-            // SQLite has no data-modifying CTEs: two statements in one transaction.
+            #[cfg(feature = "sqlite")]
             SqlPool::Sqlite(pool) => {
-                let mut tx = pool.begin().await.map_err(sql_error)?;
-                let ids: Vec<i64> = sqlx::query_scalar(
-                    "insert into sm_messages (level, message, extra_tags, url, date_us) \
-                     values ($1, $2, $3, $4, $5) returning id",
-                )
-                .bind(message.level().0)
-                .bind(message.message())
-                .bind(message.extra_tags())
-                .bind(message.url())
-                .bind(micros(message.date()))
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(sql_error)?;
-                let id = returned_id(ids)?;
-                if !singles.is_empty() {
-                    // The ids are unique, so a plain insert cannot conflict.
-                    sqlx::query(
-                        "insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
-                         select value, $2, $3, true from json_each($1)",
-                    )
-                    .bind(Sqlite::param(&singles))
-                    .bind(micros(message.date()))
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(sql_error)?;
-                }
-                if !runs.is_empty() {
-                    let flat: Vec<i64> = runs
-                        .iter()
-                        .flat_map(|r| [r.bucket, r.first, r.last])
-                        .collect();
-                    sqlx::query(
-                        "insert into sm_audiences (message_id, bucket, first_user, last_user, date_us) \
-                         select $2, b.value, f.value, l.value, $3 from json_each($1) as b \
-                         join json_each($1) as f on f.key = b.key + 1 \
-                         join json_each($1) as l on l.key = b.key + 2 \
-                         where b.key % 3 = 0",
-                    )
-                    .bind(Sqlite::param(&flat))
-                    .bind(id)
-                    .bind(micros(message.date()))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(sql_error)?;
-                }
-                if !users.is_empty() {
-                    Sqlite::announce(Change::payload(&users))
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(sql_error)?;
-                }
-                tx.commit().await.map_err(sql_error)?;
-                id
+                sqlite::deliver(pool, message, &users, &singles, &runs).await?
             }
         };
         Ok(message.clone().into_message(MessageId(id)))
@@ -845,6 +712,8 @@ impl MessageBackend for SqlBackend {
         );
         let cutoff = self.inbox_cutoff();
         let now = micros(Utc::now());
+        #[cfg(feature = "postgres")]
+        #[allow(irrefutable_let_patterns)]
         if let SqlPool::Postgres(pool) = &self.pool {
             // PostgreSQL does it in one statement (one round trip instead of five): the two
             // data-modifying CTEs share one snapshot, and the notification goes at commit.
@@ -852,7 +721,7 @@ impl MessageBackend for SqlBackend {
                 "with own as ({sql} returning 1), marked as ({markers} returning 1) \
                  select (select count(*) from own) + (select count(*) from marked), \
                  pg_notify({}, $6)::text",
-                channel_sql(5)
+                postgres::channel_sql(5)
             );
             let (done, _): (i64, Option<String>) = sqlx::query_as(&sql)
                 .bind(user.0)
@@ -1127,8 +996,10 @@ impl MessageBackend for SqlBackend {
 
     async fn watch_changes(&self, sink: FeedSink) -> Result<bool> {
         match &self.pool {
-            SqlPool::Postgres(pool) => watch_postgres(pool, &sink).await,
-            SqlPool::Sqlite(pool) => watch_sqlite(pool, &sink, self.settings.change_poll).await,
+            #[cfg(feature = "postgres")]
+            SqlPool::Postgres(pool) => postgres::watch(pool, &sink).await,
+            #[cfg(feature = "sqlite")]
+            SqlPool::Sqlite(pool) => sqlite::watch(pool, &sink, self.settings.change_poll).await,
         }
         Ok(true)
     }
@@ -1173,301 +1044,6 @@ where
                     }
                 }
             },
-        }
-    }
-}
-
-/// PostgreSQL's change feed: `LISTEN` on the changes channel (see [`CHANGES_CHANNEL`]), on
-/// two connections of its own. Every write that changes inboxes notifies in its own
-/// transaction, so a notification arrives exactly when the change is visible.
-///
-/// - The *listener* waits for notifications and reports each one.
-/// - The *sync connection* listens too, but only ever runs an empty statement, for a sync.
-///   PostgreSQL sends a listening session every notification it has pending before the
-///   `ReadyForQuery` that ends a command (see `PostgresMain`: "if any notifies were
-///   received during the just-finished transaction, they'll be seen by the client before
-///   ReadyForQuery is"), and a writer has signalled every listener before its commit
-///   returns. So once that statement returns, every change committed before it was sent is in
-///   that connection's buffer, and is applied before the sync is reported done. A sync
-///   thus costs one trivial query, not a transaction of its own.
-///
-/// Both connections' `application_name` ends in `(change feed)`, so operators (and the
-/// tests) can find them in `pg_stat_activity`. Losing either one is losing the feed.
-async fn watch_postgres(pool: &PgPool, sink: &FeedSink) {
-    use rocket::futures::StreamExt;
-    use sqlx::postgres::PgListener;
-    loop {
-        // A pool of its own, new for each connection: the feed holds its two connections
-        // for good and must not take them from the pool that serves requests, and a
-        // connection that hung must not be handed back to the next attempt.
-        let own = PgPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_lazy_with((*pool.connect_options()).clone());
-        let listen = || async {
-            let mut listener = PgListener::connect_with(&own).await?;
-            // A lost connection is reported, never silently replaced.
-            listener.eager_reconnect(false);
-            let channel: String = sqlx::query_scalar(&format!(
-                "select {}, set_config('application_name', \
-                 left(current_setting('application_name'), 40) || ' (change feed)', false)",
-                channel_sql(1)
-            ))
-            .bind(CHANGES_CHANNEL)
-            .fetch_one(&mut listener)
-            .await?;
-            listener.listen(&channel).await?;
-            Ok::<_, sqlx::Error>(listener)
-        };
-        let connecting = || async { Ok((listen().await?, listen().await?)) };
-        let Some((listener, mut syncer)) =
-            connect_feed(sink, || pool.is_closed(), connecting).await
-        else {
-            return;
-        };
-        // The listener lives inside the stream, so waiting for the next notification in a
-        // `select!` never drops a half-read one. The stream ends when the connection does.
-        let mut notifications = Box::pin(rocket::futures::stream::unfold(
-            Some(listener),
-            |listener| async move {
-                let mut listener = listener?;
-                match listener.try_recv().await {
-                    Ok(Some(notification)) => Some((notification, Some(listener))),
-                    Ok(None) | Err(_) => None,
-                }
-            },
-        ));
-        // The sync connection hears every notification too, and reads them only when it
-        // runs a statement: it does so at least this often, so PostgreSQL never has to
-        // hold notifications for it (a session that stops reading pins the notification
-        // queue for every session).
-        let mut drain = rocket::tokio::time::interval(SYNC_DRAIN);
-        drain.set_missed_tick_behavior(rocket::tokio::time::MissedTickBehavior::Delay);
-        sink.live();
-        loop {
-            let sync = rocket::tokio::select! {
-                _ = sink.closed() => return,
-                received = notifications.next() => match received {
-                    Some(notification) => {
-                        sink.changed(Change::parse(notification.payload()));
-                        continue;
-                    }
-                    None => {
-                        log::warn!("stored-messages: change feed down, lost the PostgreSQL listener");
-                        sink.lost();
-                        break;
-                    }
-                },
-                _ = drain.tick() => None,
-                wanted = sink.wanted() => match wanted {
-                    Wanted::Sync(n) => Some(n),
-                    Wanted::Reconnect => {
-                        sink.lost();
-                        break;
-                    }
-                },
-            };
-            // Bounded: a connection that stopped answering is dropped, not waited for.
-            match rocket::tokio::time::timeout(SYNC_TIMEOUT, empty_statement(&mut syncer)).await {
-                Ok(Ok(())) => {}
-                failed => {
-                    if let Ok(Err(e)) = failed {
-                        log::warn!("stored-messages: change feed down, a sync failed: {e}");
-                    } else {
-                        log::warn!("stored-messages: change feed down, a sync got no answer");
-                    }
-                    sink.lost();
-                    break;
-                }
-            }
-            while let Some(notification) = syncer.next_buffered() {
-                sink.caught_up(Change::parse(notification.payload()));
-            }
-            if let Some(n) = sync {
-                sink.synced(n);
-            }
-        }
-    }
-}
-
-/// How often PostgreSQL's sync connection reads its notifications when no sync asks it to.
-const SYNC_DRAIN: Duration = Duration::from_secs(1);
-
-/// Runs an empty statement on `connection` (the simple protocol, no parse or plan): the
-/// cheapest complete command there is.
-fn empty_statement(
-    connection: &mut sqlx::postgres::PgListener,
-) -> rocket::futures::future::BoxFuture<'_, Result<(), sqlx::Error>> {
-    use sqlx::Executor;
-    Box::pin(async move { connection.execute(";").await.map(|_| ()) })
-}
-
-/// How often SQLite's change feed prunes `sm_changes`, and how old a row must be to go.
-const LOG_PRUNE_EVERY: Duration = Duration::from_secs(60);
-const LOG_KEEP_US: i64 = 10 * 60 * 1_000_000;
-/// Rows of `sm_changes` read at a time.
-const LOG_PAGE: i64 = 1000;
-
-/// SQLite's change feed: SQLite cannot notify other processes, so writes leave a row in
-/// `sm_changes` (see its migration) and the feed reads the rows after the last one it saw,
-/// on a connection of its own: every `poll`, and at once for a sync, which therefore needs
-/// no marker (the read itself is the barrier: it sees every commit that came before it).
-async fn watch_sqlite(pool: &SqlitePool, sink: &FeedSink, poll: Duration) {
-    use sqlx::{ConnectOptions, Connection};
-    let options = pool.connect_options();
-    loop {
-        let connected = || async {
-            let mut connection = options.connect().await?;
-            let last: i64 = sqlx::query_scalar("select coalesce(max(seq), 0) from sm_changes")
-                .fetch_one(&mut connection)
-                .await?;
-            Ok((connection, last))
-        };
-        let Some((mut connection, mut last)) =
-            connect_feed(sink, || pool.is_closed(), connected).await
-        else {
-            return;
-        };
-        // Opened while the feed's connection holds the database open, so SQLite keeps
-        // this file (it removes it only when the last connection closes).
-        let header = WalHeader::open(options.get_filename()).map(Arc::new);
-        if let Some(header) = &header {
-            let header = Arc::clone(header);
-            sink.set_quick_check(move || header.unchanged());
-        }
-        sink.live();
-        let mut ticker = rocket::tokio::time::interval(poll);
-        ticker.set_missed_tick_behavior(rocket::tokio::time::MissedTickBehavior::Delay);
-        let mut pruned = std::time::Instant::now();
-        loop {
-            let sync = rocket::tokio::select! {
-                _ = sink.closed() => {
-                    let _ = connection.close().await;
-                    return;
-                }
-                _ = ticker.tick() => None,
-                wanted = sink.wanted() => match wanted {
-                    Wanted::Sync(n) => Some(n),
-                    Wanted::Reconnect => {
-                        sink.lost();
-                        break;
-                    }
-                },
-            };
-            // Read before the log: whatever commits after this moment either shows in the
-            // log read below or changes the header again.
-            let seen = header.as_deref().and_then(WalHeader::read);
-            if let Err(e) = read_change_log(&mut connection, &mut last, sink).await {
-                log::warn!("stored-messages: change feed down, reading sm_changes failed: {e}");
-                sink.lost();
-                break;
-            }
-            if let Some(header) = &header {
-                header.record(seen);
-            }
-            if let Some(n) = sync {
-                sink.synced(n);
-            }
-            if pruned.elapsed() >= LOG_PRUNE_EVERY {
-                pruned = std::time::Instant::now();
-                let cutoff = micros(Utc::now()) - LOG_KEEP_US;
-                // Every process prunes; the newest row stays, for the gap check below.
-                if let Err(e) = sqlx::query(
-                    "delete from sm_changes where date_us < $1 \
-                     and seq < (select max(seq) from sm_changes)",
-                )
-                .bind(cutoff)
-                .execute(&mut connection)
-                .await
-                {
-                    log::debug!("stored-messages: pruning sm_changes failed: {e}");
-                }
-            }
-        }
-    }
-}
-
-/// SQLite's quick check for a sync: the WAL-index header, the first 96 bytes of the
-/// database's `-shm` file (two copies of the header described in
-/// <https://www.sqlite.org/walformat.html>), changes with every commit: it holds the last
-/// frame of the log and a counter bumped by each transaction. If it is byte for byte what it
-/// was before the feed's last complete read of `sm_changes`, nothing was committed since,
-/// so everything committed before now has been reported, and a sync needs no query (which
-/// on SQLite means a hop to sqlx's worker thread and back). Any doubt (no `-shm` file, a
-/// read error, a file that was removed, a header caught mid-write) just means a full sync.
-struct WalHeader {
-    file: std::fs::File,
-    seen: std::sync::Mutex<Option<[u8; 96]>>,
-}
-
-impl WalHeader {
-    fn open(database: &std::path::Path) -> Option<WalHeader> {
-        // SQLite keeps the `-shm` file beside the database's real path, links resolved:
-        // a leftover file beside a link would never change.
-        let mut path = std::fs::canonicalize(database).ok()?.into_os_string();
-        path.push("-shm");
-        let file = std::fs::File::open(path).ok()?;
-        Some(WalHeader {
-            file,
-            seen: std::sync::Mutex::new(None),
-        })
-    }
-
-    #[cfg(unix)]
-    fn read(&self) -> Option<[u8; 96]> {
-        use std::os::unix::fs::{FileExt, MetadataExt};
-        // A file SQLite removed no longer changes: never trust it.
-        if self.file.metadata().ok()?.nlink() == 0 {
-            return None;
-        }
-        let mut header = [0u8; 96];
-        self.file.read_exact_at(&mut header, 0).ok()?;
-        Some(header)
-    }
-
-    #[cfg(not(unix))]
-    fn read(&self) -> Option<[u8; 96]> {
-        None
-    }
-
-    fn record(&self, header: Option<[u8; 96]>) {
-        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = header;
-    }
-
-    fn unchanged(&self) -> bool {
-        let seen = *self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.is_some() && self.read() == seen
-    }
-}
-
-/// Reports every row of `sm_changes` after `last`, and moves `last` on. Rows pruned before
-/// this feed read them (it was paused for minutes) are reported as [`Change::All`].
-async fn read_change_log(
-    connection: &mut sqlx::SqliteConnection,
-    last: &mut i64,
-    sink: &FeedSink,
-) -> Result<(), sqlx::Error> {
-    loop {
-        let rows: Vec<(i64, String, i64)> = sqlx::query_as(
-            "select seq, users, (select min(seq) from sm_changes) from sm_changes \
-             where seq > $1 order by seq limit $2",
-        )
-        .bind(*last)
-        .bind(LOG_PAGE)
-        .fetch_all(&mut *connection)
-        .await?;
-        let Some((_, _, oldest)) = rows.first() else {
-            return Ok(());
-        };
-        if *oldest > *last + 1 {
-            sink.changed(Change::All);
-        }
-        for (seq, users, _) in &rows {
-            sink.changed(Change::parse(users));
-            *last = *seq;
-        }
-        if (rows.len() as i64) < LOG_PAGE {
-            return Ok(());
         }
     }
 }

@@ -9,10 +9,10 @@ use rocket::response::Redirect;
 use rocket::{Request, Route, State};
 use rocket_dyn_templates::context;
 
-use crate::app::users::{session, session_value, User, Users, SESSION_COOKIE};
-use crate::error::report;
-use crate::template::Page;
-use crate::Messages;
+use crate::users::{session, session_value, User, Users, SESSION_COOKIE};
+use stored_messages::report;
+use stored_messages::template::Page;
+use stored_messages::Messages;
 
 /// The logged-in user, as the private session cookie describes them (no database query:
 /// pages only show the name). Forwards with 401 for anonymous visitors, so a lower-ranked

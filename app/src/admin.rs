@@ -14,14 +14,14 @@ use rocket::{Request, Route, State};
 use rocket_dyn_templates::context;
 use serde::Serialize;
 
-use crate::app::auth::CurrentUser;
-use crate::app::jobs::{Audit, Jobs};
-use crate::app::users::{User, UserError, Users};
-use crate::backend::sql::from_micros;
-use crate::error::report;
-use crate::request::StreamMessage;
-use crate::template::Page;
-use crate::{Level, MessageId, Messages, NewMessage, Store, UserId, MAX_TEXT_CHARS};
+use crate::auth::CurrentUser;
+use crate::jobs::{Audit, Jobs};
+use crate::users::{User, UserError, Users};
+use stored_messages::backend::from_micros;
+use stored_messages::report;
+use stored_messages::template::Page;
+use stored_messages::StreamMessage;
+use stored_messages::{Level, MessageId, Messages, NewMessage, Store, UserId, MAX_TEXT_CHARS};
 
 /// Broadcasts to more users than this run as background jobs (`admin.background_threshold`).
 pub const DEFAULT_BACKGROUND_THRESHOLD: usize = 5_000;
@@ -265,10 +265,10 @@ async fn broadcast_send(
     if let Err(e) = NewMessage::parse(Level::INFO, &values.message, "", None, None) {
         errors.message = Some(e.to_string());
     }
-    if let Err(e) = crate::message::parse_extra_tags(&values.extra_tags) {
+    if let Err(e) = stored_messages::parse_extra_tags(&values.extra_tags) {
         errors.extra_tags = Some(e.to_string());
     }
-    if let Some(Err(e)) = url.map(crate::message::parse_url) {
+    if let Some(Err(e)) = url.map(stored_messages::parse_url) {
         errors.url = Some(e.to_string());
     }
     let new = match level {
@@ -364,7 +364,7 @@ async fn broadcast_send(
                     &admin.0,
                     store,
                     &values,
-                    crate::backend::BackendError::Sql(e).into(),
+                    stored_messages::backend::BackendError::Sql(e).into(),
                 ))
             }
         };
@@ -420,7 +420,7 @@ fn failed(
     admin: &User,
     store: &Store,
     values: &BroadcastValues,
-    e: crate::Error,
+    e: stored_messages::Error,
 ) -> Page {
     log::error!("reference app: broadcast failed: {}", report(&e));
     let errors = BroadcastErrors {
@@ -444,7 +444,7 @@ async fn job_page(
         .map_err(|_| Status::ServiceUnavailable)?
         .ok_or(Status::NotFound)?;
     // What is being sent, and to whom, from the job's own copy of the message.
-    let message: Option<crate::Message> = serde_json::from_str(&job.message).ok();
+    let message: Option<stored_messages::Message> = serde_json::from_str(&job.message).ok();
     let audience = if job.audience == "list" {
         "the users named in the form"
     } else {
@@ -531,7 +531,7 @@ async fn message_list(
     let before = before.filter(|b| *b > 0).map(MessageId);
     let (stats, unsupported) = match store.backend().message_stats(PAGE_SIZE, before).await {
         Ok(stats) => (stats, None),
-        Err(e @ crate::Error::Unsupported(_)) => (Vec::new(), Some(e.to_string())),
+        Err(e @ stored_messages::Error::Unsupported(_)) => (Vec::new(), Some(e.to_string())),
         Err(e) => {
             log::error!("reference app: message list failed: {}", report(&e));
             return Err(e.status());
@@ -600,7 +600,7 @@ async fn delete(
                 .await;
             Ok(Redirect::to("/admin/messages"))
         }
-        Err(crate::Error::MessageDoesNotExist(_)) => Err(Status::NotFound),
+        Err(stored_messages::Error::MessageDoesNotExist(_)) => Err(Status::NotFound),
         Err(e) => {
             log::error!(
                 "reference app: deleting message {id} failed: {}",
@@ -639,7 +639,7 @@ fn login_first(
     if user.is_some() {
         return Err(Status::NotFound);
     }
-    let next = crate::app::auth::safe_next(request_uri.path().as_str()).to_string();
+    let next = crate::auth::safe_next(request_uri.path().as_str()).to_string();
     Ok(Redirect::to(format!("/login?next={}", url_escape(&next))))
 }
 

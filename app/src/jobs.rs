@@ -15,11 +15,11 @@ use chrono::Utc;
 use rocket::tokio::sync::Notify;
 use serde::Serialize;
 
-use crate::app::users::Users;
-use crate::backend::sql::{micros, with_pool};
-use crate::error::report;
-use crate::message::{Message, UserId};
-use crate::Store;
+use crate::users::Users;
+use stored_messages::backend::micros;
+use stored_messages::report;
+use stored_messages::Store;
+use stored_messages::{Message, UserId};
 
 /// Users per chunk of a background broadcast.
 pub const CHUNK: i64 = 5_000;
@@ -87,7 +87,7 @@ pub struct AuditEntry {
 /// What an audit entry records.
 pub struct Audit<'a> {
     /// Who.
-    pub actor: &'a crate::app::users::User,
+    pub actor: &'a crate::users::User,
     /// The message.
     pub message: &'a Message,
     /// `everyone` or the usernames.

@@ -300,7 +300,7 @@ async fn large_broadcast_shows_progress_until_done() {
     };
     // arrange: an admin and 30 users (one password hash for all: argon2 is slow on purpose)
     app.user("root", true).await;
-    let hash = stored_messages::app::users::hash_password("password123").unwrap();
+    let hash = stored_messages_app::users::hash_password("password123").unwrap();
     let mut everyone = vec![app.users.by_name("root").await.unwrap().unwrap().user_id()];
     for i in 1..=30 {
         let user = app
@@ -411,7 +411,7 @@ impl Served {
             .merge(("shutdown.signals", Vec::<String>::new()))
             .merge(("shutdown.grace", 1))
             .merge(("shutdown.mercy", 1));
-        let rocket = stored_messages::app::rocket_from(figment)
+        let rocket = stored_messages_app::rocket_from(figment)
             .attach(AdHoc::on_liftoff("report the port", move |rocket| {
                 let port = rocket.config().port;
                 Box::pin(async move {

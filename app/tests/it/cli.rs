@@ -111,8 +111,8 @@ fn createuser_send_and_inbox_on_sqlite() {
     let entries = rt.block_on(async {
         let figment = crate::common::test_figment(&cli.url);
         let users =
-            std::sync::Arc::new(stored_messages::app::connect_users(&figment).await.unwrap());
-        stored_messages::app::jobs::Jobs::new(users)
+            std::sync::Arc::new(stored_messages_app::connect_users(&figment).await.unwrap());
+        stored_messages_app::jobs::Jobs::new(users)
             .audit_list(10)
             .await
             .unwrap()

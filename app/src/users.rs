@@ -10,11 +10,12 @@ use rand::rngs::OsRng;
 use rocket::http::CookieJar;
 use rocket::Request;
 
-use crate::backend::sql::{micros, run_migrations, with_pool, SqlPool};
-use crate::backend::BackendError;
-use crate::error::{BoxError, Error};
-use crate::host::Host;
-use crate::message::UserId;
+use stored_messages::backend::micros;
+use stored_messages::backend::sql::{run_migrations, SqlPool};
+use stored_messages::backend::BackendError;
+use stored_messages::Host;
+use stored_messages::UserId;
+use stored_messages::{BoxError, Error};
 
 /// The private cookie holding the logged-in user's id.
 pub const SESSION_COOKIE: &str = "sm_session";
@@ -115,12 +116,12 @@ impl Users {
         Users { pool }
     }
 
-    /// Applies the app's migrations (`migrations/app/…`).
+    /// Applies the app's migrations (`migrations/…`).
     pub async fn migrate(&self) -> Result<(), BackendError> {
         run_migrations(
             &self.pool,
-            sqlx::migrate!("migrations/app/sqlite"),
-            sqlx::migrate!("migrations/app/postgres"),
+            sqlx::migrate!("migrations/sqlite"),
+            sqlx::migrate!("migrations/postgres"),
         )
         .await
     }
@@ -292,12 +293,21 @@ impl AppHost {
 impl Host for AppHost {
     async fn current_user(&self, request: &Request<'_>) -> Option<UserId> {
         // The same request-local copy as the `CurrentUser` guard: one decryption per request.
-        crate::app::auth::request_session(request).map(User::user_id)
+        crate::auth::request_session(request).map(User::user_id)
     }
 
     async fn all_users(&self) -> Result<Vec<UserId>, BoxError> {
         Ok(self.users.all_ids().await?)
     }
+}
+
+/// A random password for the first admin: 18 random bytes, URL-safe base64 (24 characters).
+pub fn random_password() -> String {
+    use base64::Engine as _;
+    use rand::RngCore as _;
+    let mut bytes = [0u8; 18];
+    OsRng.fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 #[cfg(test)]

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use rocket::http::Status;
-use stored_messages::app::jobs::Jobs;
-use stored_messages::app::users::Users;
 use stored_messages::{Level, ListQuery, NewMessage, UserId};
+use stored_messages_app::jobs::Jobs;
+use stored_messages_app::users::Users;
 
 use crate::common::{assert_redirect, Browser, TestApp};
 
@@ -316,7 +316,7 @@ async fn large_broadcast_runs_in_the_background_and_finishes(app: &TestApp) {
         ids
     };
     let b = app
-        .browser_with(stored_messages::app::rocket_from(figment))
+        .browser_with(stored_messages_app::rocket_from(figment))
         .await;
     b.login_as("root").await;
     let r = b
@@ -361,7 +361,7 @@ async fn interrupted_job_resumes_without_delivering_twice(app: &TestApp) {
     }
     // No app is running, so no worker races this test's own run of the job.
     let users: Arc<Users> = app.users.clone();
-    let host = Arc::new(stored_messages::app::users::AppHost::new(users.clone()));
+    let host = Arc::new(stored_messages_app::users::AppHost::new(users.clone()));
     let store = stored_messages::Store::connect(&app.figment(), host)
         .await
         .unwrap();

@@ -8,9 +8,9 @@ use rocket::serde::Serialize;
 use rocket::{Catcher, Request, Route};
 use rocket_dyn_templates::context;
 
-use crate::app::auth::CurrentUser;
-use crate::template::Page;
-use crate::{Level, Messages, MAX_TEXT_CHARS};
+use crate::auth::CurrentUser;
+use stored_messages::template::Page;
+use stored_messages::{Level, Messages, MAX_TEXT_CHARS};
 
 /// A level choice of the demo form.
 #[derive(Serialize)]
@@ -148,7 +148,7 @@ async fn demo_message(
     }
     // Every field's error at once: the url is checked even when the text is missing.
     if !values.url.trim().is_empty() {
-        if let Err(e) = crate::message::parse_url(values.url.trim()) {
+        if let Err(e) = stored_messages::parse_url(values.url.trim()) {
             errors.url = Some(e.to_string());
         }
     }
@@ -162,17 +162,16 @@ async fn demo_message(
             Err(e) if e.is_bad_input() => {
                 let text = e.to_string();
                 match e {
-                    crate::Error::InvalidUrl { .. } => errors.url = Some(text),
-                    crate::Error::ExtraTagsTooLong { .. } | crate::Error::InvalidExtraTags(_) => {
-                        errors.extra_tags = Some(text)
-                    }
+                    stored_messages::Error::InvalidUrl { .. } => errors.url = Some(text),
+                    stored_messages::Error::ExtraTagsTooLong { .. }
+                    | stored_messages::Error::InvalidExtraTags(_) => errors.extra_tags = Some(text),
                     _ => errors.message = Some(text),
                 }
             }
             Err(e) => {
                 log::error!(
                     "reference app: adding a message failed: {}",
-                    crate::report(&e)
+                    stored_messages::report(&e)
                 );
                 return Err(error_page(
                     e.status(),
@@ -208,7 +207,7 @@ pub fn routes() -> Vec<Route> {
 }
 
 /// An error page; the header shows who is logged in, on error pages too.
-fn error_page(status: Status, message: &str, user: Option<&crate::app::users::User>) -> Page {
+fn error_page(status: Status, message: &str, user: Option<&crate::users::User>) -> Page {
     Page::render(
         "error",
         context! { status: status.code, reason: status.reason().unwrap_or(""), message, user },
@@ -219,7 +218,7 @@ fn error_page(status: Status, message: &str, user: Option<&crate::app::users::Us
 #[catch(default)]
 fn html_error(status: Status, request: &Request<'_>) -> Page {
     let message = match status.code {
-        403 if crate::csrf::was_rejected(request) => {
+        403 if stored_messages::csrf::was_rejected(request) => {
             "The form was missing its security token or it had expired. Go back, reload the page and try again."
         }
         401 => "Please log in first.",
@@ -233,7 +232,7 @@ fn html_error(status: Status, request: &Request<'_>) -> Page {
     error_page(
         status,
         message,
-        crate::app::users::session(request.cookies()).as_ref(),
+        crate::users::session(request.cookies()).as_ref(),
     )
 }
 

@@ -335,7 +335,7 @@ pub struct TestApp {
     pub url: String,
     /// Redis url and key prefix when the messages live in Redis.
     pub redis: Option<(String, String)>,
-    pub users: Arc<stored_messages::app::users::Users>,
+    pub users: Arc<stored_messages_app::users::Users>,
     _place: Place,
 }
 
@@ -390,7 +390,7 @@ impl TestApp {
     }
 
     async fn open(url: String, place: Place) -> TestApp {
-        let users = stored_messages::app::connect_users(&test_figment(&url))
+        let users = stored_messages_app::connect_users(&test_figment(&url))
             .await
             .unwrap();
         TestApp {
@@ -403,7 +403,7 @@ impl TestApp {
 
     /// The app as Rocket builds it for this test's database.
     pub fn rocket(&self) -> rocket::Rocket<rocket::Build> {
-        stored_messages::app::rocket_from(self.figment())
+        stored_messages_app::rocket_from(self.figment())
     }
 
     /// A browser on a customised app (extra test routes).
@@ -415,7 +415,7 @@ impl TestApp {
     }
 
     /// Creates a user (password "password123").
-    pub async fn user(&self, name: &str, admin: bool) -> stored_messages::app::users::User {
+    pub async fn user(&self, name: &str, admin: bool) -> stored_messages_app::users::User {
         self.users.create(name, "password123", admin).await.unwrap()
     }
 
