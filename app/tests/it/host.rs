@@ -144,3 +144,294 @@ async fn in_a_page_the_count_is_a_number_and_agrees_with_the_list() {
         "what the page showed was marked read"
     );
 }
+
+mod mounting_and_csrf {
+    //! Where the API goes, and the CSRF check as a host with forms of every kind meets it.
+
+    use rocket::fs::TempFile;
+    use rocket::http::{ContentType, Header, Status};
+    use rocket::local::asynchronous::Client;
+    use rocket::{get, post, routes, FromForm};
+    use stored_messages::csrf::CsrfForm;
+    use stored_messages::template::Page;
+    use stored_messages::StoredMessages;
+
+    use super::CookieHost;
+
+    #[derive(FromForm)]
+    struct Upload<'r> {
+        title: &'r str,
+        file: TempFile<'r>,
+    }
+
+    /// Checked by the fairing (the token must come early).
+    #[post("/upload", data = "<upload>")]
+    fn upload(upload: rocket::form::Form<Upload<'_>>) -> String {
+        format!("{} {}", upload.title, upload.file.len())
+    }
+
+    /// Exempt from the fairing, checked by the guard wherever the token is.
+    #[post("/big/upload", data = "<upload>")]
+    fn big_upload(upload: CsrfForm<Upload<'_>>) -> String {
+        format!("{} {}", upload.title, upload.file.len())
+    }
+
+    /// Exempt and unchecked: a webhook.
+    #[post("/hooks/ping")]
+    fn hook() -> &'static str {
+        "pong"
+    }
+
+    /// Not exempt: only its name starts like the exempt path.
+    #[post("/hooksmith")]
+    fn hooksmith() -> &'static str {
+        "made"
+    }
+
+    #[get("/messages")]
+    fn own_messages() -> &'static str {
+        "the host's own page"
+    }
+
+    /// The unread list (no stream on this page, so nothing is shown and marked read).
+    #[get("/list")]
+    fn list() -> Page {
+        Page::render("list", rocket_dyn_templates::context! {})
+    }
+
+    #[get("/blank")]
+    fn blank() -> &'static str {
+        "nothing"
+    }
+
+    async fn client(fairing: StoredMessages) -> (Client, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("list.html.tera"),
+            "{{ stored_messages_list() }}",
+        )
+        .unwrap();
+        let figment = crate::common::test_figment(&crate::common::sqlite_url(&dir))
+            .merge(("template_dir", dir.path().display().to_string()));
+        let rocket = rocket::custom(figment)
+            .attach(fairing)
+            .attach(stored_messages::template::fairing())
+            .mount(
+                "/",
+                routes![
+                    upload,
+                    big_upload,
+                    hook,
+                    hooksmith,
+                    own_messages,
+                    list,
+                    blank,
+                    super::login
+                ],
+            );
+        (Client::tracked(rocket).await.expect("launches"), dir)
+    }
+
+    async fn token(client: &Client) -> String {
+        // Any page outside the API sets the token cookie.
+        client.get("/blank").dispatch().await;
+        client
+            .cookies()
+            .get_private(stored_messages::csrf::CSRF_COOKIE)
+            .expect("a token cookie")
+            .value()
+            .to_string()
+    }
+
+    async fn login(client: &Client) {
+        assert_eq!(client.get("/login").dispatch().await.status(), Status::Ok);
+    }
+
+    /// A multipart body: the token part first, or after a file of `size` bytes.
+    fn multipart(token: &str, token_first: bool, size: usize) -> String {
+        let token_part = format!(
+            "--B0und\r\nContent-Disposition: form-data; name=\"csrf_token\"\r\n\r\n{token}\r\n"
+        );
+        let file = format!(
+            "--B0und\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n\
+             Content-Type: text/plain\r\n\r\n{}\r\n",
+            "x".repeat(size)
+        );
+        let title = "--B0und\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\nreport\r\n";
+        if token_first {
+            format!("{token_part}{title}{file}--B0und--\r\n")
+        } else {
+            format!("{title}{file}{token_part}--B0und--\r\n")
+        }
+    }
+
+    async fn post_multipart(client: &Client, path: &str, body: String) -> (Status, String) {
+        let content_type =
+            ContentType::new("multipart", "form-data").with_params(("boundary", "B0und"));
+        let response = client
+            .post(path)
+            .header(content_type)
+            .body(body)
+            .dispatch()
+            .await;
+        let status = response.status();
+        (status, response.into_string().await.unwrap_or_default())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn multipart_forms_pass_with_the_token_first_and_exempt_routes_check_it_anywhere() {
+        let fairing = StoredMessages::fairing(CookieHost)
+            .csrf_exempt("/big")
+            .csrf_exempt("/hooks");
+        let (client, _dir) = client(fairing).await;
+        let token = token(&client).await;
+
+        // The fairing reads the token in the first part of a multipart body.
+        let (status, body) =
+            post_multipart(&client, "/upload", multipart(&token, true, 5000)).await;
+        assert_eq!((status, body.as_str()), (Status::Ok, "report 5000"));
+        // After a large file it cannot see it: refused, the handler never runs.
+        let (status, _) = post_multipart(&client, "/upload", multipart(&token, false, 5000)).await;
+        assert_eq!(status, Status::Forbidden);
+        let (status, _) = post_multipart(
+            &client,
+            "/upload",
+            multipart("x".repeat(43).as_str(), true, 10),
+        )
+        .await;
+        assert_eq!(status, Status::Forbidden, "a wrong token is refused");
+
+        // On an exempt path, CsrfForm finds the token after the file, and refuses a wrong one.
+        let (status, body) =
+            post_multipart(&client, "/big/upload", multipart(&token, false, 5000)).await;
+        assert_eq!((status, body.as_str()), (Status::Ok, "report 5000"));
+        let forged = multipart(&"y".repeat(43), false, 5000);
+        let (status, _) = post_multipart(&client, "/big/upload", forged).await;
+        assert_eq!(status, Status::Forbidden);
+        let without = String::from(
+            "--B0und\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\nr\r\n\
+             --B0und\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\nx\r\n--B0und--\r\n")
+        ;
+        let (status, _) = post_multipart(&client, "/big/upload", without).await;
+        assert_eq!(status, Status::Forbidden, "no token at all");
+
+        // An exempt webhook needs no token; a path that only starts alike does.
+        assert_eq!(
+            client.post("/hooks/ping").dispatch().await.status(),
+            Status::Ok
+        );
+        assert_eq!(
+            client.post("/hooksmith").dispatch().await.status(),
+            Status::Forbidden
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_api_follows_its_base_and_can_be_left_out() {
+        // Moved: the host's /messages is its own, the API answers at the new base.
+        let (moved, _dir) =
+            client(StoredMessages::fairing(CookieHost).api_at("/api/v1/messages/")).await;
+        let client = moved;
+        login(&client).await;
+        let own = client.get("/messages").dispatch().await;
+        assert_eq!(
+            own.into_string().await.as_deref(),
+            Some("the host's own page")
+        );
+        let count = client.get("/api/v1/messages/count").dispatch().await;
+        assert_eq!(
+            count.into_string().await.as_deref(),
+            Some(r#"{"unread":0}"#)
+        );
+        let trailing = client.get("/api/v1/messages/count/").dispatch().await;
+        assert_eq!(
+            trailing.status(),
+            Status::Ok,
+            "the trailing slash stays optional"
+        );
+        let refused = client
+            .post("/api/v1/messages/mark_all_read")
+            .dispatch()
+            .await;
+        assert_eq!(refused.status(), Status::Forbidden);
+        let body = refused.into_string().await.unwrap();
+        assert!(body.contains("CSRF"), "the API's JSON error: {body}");
+        let openapi = client.get("/api/v1/messages/openapi.json").dispatch().await;
+        let openapi = openapi.into_string().await.unwrap();
+        assert!(openapi.contains("\"/api/v1/messages/inbox\""), "{openapi}");
+        let store = client.rocket().state::<stored_messages::Store>().unwrap();
+        store
+            .add_message_for(
+                &[stored_messages::UserId(1)],
+                stored_messages::NewMessage::new(stored_messages::Level::STORED_INFO, "hi")
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let token = token(&client).await;
+        let list = client
+            .get("/list")
+            .dispatch()
+            .await
+            .into_string()
+            .await
+            .unwrap();
+        assert!(
+            list.contains("action=\"/api/v1/messages/mark_all_read\""),
+            "{list}"
+        );
+        let marked = client
+            .post("/api/v1/messages/mark_all_read")
+            .header(Header::new("X-CSRF-Token", token))
+            .dispatch()
+            .await;
+        assert_eq!(marked.status(), Status::Ok);
+
+        // Left out: no API routes, a list without buttons, everything else as before.
+        let (client, _dir2) = self::client(StoredMessages::fairing(CookieHost).without_api()).await;
+        login(&client).await;
+        let store = client.rocket().state::<stored_messages::Store>().unwrap();
+        store
+            .add_message_for(
+                &[stored_messages::UserId(1)],
+                stored_messages::NewMessage::new(stored_messages::Level::STORED_INFO, "hi")
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let list = client
+            .get("/list")
+            .dispatch()
+            .await
+            .into_string()
+            .await
+            .unwrap();
+        assert!(list.contains("hi") && !list.contains("<form"), "{list}");
+        assert_eq!(
+            client.get("/messages/count").dispatch().await.status(),
+            Status::NotFound
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_api_base_or_exempt_path_stops_the_launch() {
+        for fairing in [
+            StoredMessages::fairing(CookieHost).api_at("messages"),
+            StoredMessages::fairing(CookieHost).api_at("/"),
+            StoredMessages::fairing(CookieHost).api_at("/a/../b"),
+            StoredMessages::fairing(CookieHost).api_at("/a\"b"),
+            StoredMessages::fairing(CookieHost).csrf_exempt("hooks"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let figment = crate::common::test_figment(&crate::common::sqlite_url(&dir));
+            let rocket = rocket::custom(figment).attach(fairing);
+            let Err(error) = Client::tracked(rocket).await else {
+                panic!("the launch fails");
+            };
+            assert!(matches!(
+                error.kind(),
+                rocket::error::ErrorKind::FailedFairings(_)
+            ));
+        }
+    }
+}
