@@ -268,16 +268,18 @@ impl ChangeFeed {
             // However the feed ends (dropped, an error, a panic, its runtime stopping), it
             // is down from then on.
             let _down = Down(sink.clone());
-            match backend.watch_changes(sink).await {
-                Ok(true) => {}
-                Ok(false) => log::info!(
+            let Some(feed) = backend.change_feed() else {
+                log::info!(
                     "stored-messages: the {} backend has no change feed; reads are never cached",
                     backend.name()
-                ),
-                Err(e) => log::warn!(
+                );
+                return;
+            };
+            if let Err(e) = feed.watch_changes(sink).await {
+                log::warn!(
                     "stored-messages: the change feed failed: {}",
                     crate::report(&e)
-                ),
+                );
             }
         });
     }
@@ -589,7 +591,7 @@ mod tests {
     use rocket::tokio;
 
     use super::*;
-    use crate::backend::{Cleanup, ListQuery};
+    use crate::backend::{Cleanup, ListQuery, WatchChanges};
     use crate::error::Result;
     use crate::level::Level;
     use crate::message::{Message, MessageId, NewMessage};
@@ -647,12 +649,19 @@ mod tests {
         async fn deliver_once(&self, _: &[UserId], _: &Message) -> Result<u64> {
             unreachable!()
         }
-        async fn watch_changes(&self, sink: FeedSink) -> Result<bool> {
+        fn change_feed(&self) -> Option<&dyn WatchChanges> {
+            Some(self)
+        }
+    }
+
+    #[rocket::async_trait]
+    impl WatchChanges for Feedless {
+        async fn watch_changes(&self, sink: FeedSink) -> Result<()> {
             loop {
                 sink.live();
                 loop {
                     tokio::select! {
-                        _ = sink.closed() => return Ok(true),
+                        _ = sink.closed() => return Ok(()),
                         wanted = sink.wanted() => match wanted {
                             Wanted::Sync(n) => {
                                 self.syncs.fetch_add(1, Ordering::SeqCst);

@@ -268,7 +268,7 @@ async fn settle(
     if cookies_sent {
         if let Some((key, payload)) = &pending {
             let expires = chrono::Utc::now() + spill_lifetime();
-            if let Err(e) = store.backend().spill_put(key, payload, expires).await {
+            if let Err(e) = store.flash_spill().spill_put(key, payload, expires).await {
                 log::error!(
                     "stored-messages: writing flash spill failed: {}",
                     report(&e)
@@ -276,7 +276,7 @@ async fn settle(
             }
         }
         if let Some(key) = &stale {
-            if let Err(e) = store.backend().spill_delete(key).await {
+            if let Err(e) = store.flash_spill().spill_delete(key).await {
                 log::warn!(
                     "stored-messages: dropping flash spill failed: {}",
                     report(&e)

@@ -173,7 +173,12 @@
 //!
 //! Implement [`MessageBackend`] (each method's documentation is its contract; the crate's
 //! conformance suite checks those sentences) and hand a [`Store`] over it to
-//! [`StoredMessages::with_store`]. A complete, if naive, in-memory backend:
+//! [`StoredMessages::with_store`]. What only some backends can do is opt-in: return your
+//! implementation of [`FlashSpill`], [`WatchChanges`] or [`MessageAdmin`] from
+//! [`MessageBackend::flash_spill`], [`MessageBackend::change_feed`] or
+//! [`MessageBackend::admin`]; without them flash spills stay in process memory, nothing is
+//! cached, and the admin's message browser says it is unsupported. A complete, if naive,
+//! in-memory backend with none of them:
 //!
 //! ```
 //! use std::collections::BTreeMap;
@@ -316,7 +321,10 @@ pub mod template;
 
 #[cfg(feature = "redis")]
 pub use crate::backend::RedisBackend;
-pub use crate::backend::{Cleanup, Cursor, ListQuery, MessageBackend, MessageStats};
+pub use crate::backend::{
+    Cleanup, Cursor, FlashSpill, ListQuery, MessageAdmin, MessageBackend, MessageStats,
+    WatchChanges,
+};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use crate::backend::{SqlBackend, SqlPool};
 pub use crate::changes::{Change, ChangeFeed, ChangeReceiver};

@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 use crate::level::Level;
 
+/// At most this many unread stored messages are loaded into one request's stream; the rest
+/// wait, unread, for the next page.
+pub const MAX_STREAM_STORED: u32 = 100;
+
 /// Longest message text accepted, in characters (Unicode scalar values).
 pub const MAX_TEXT_CHARS: usize = 4000;
 /// Longest extra tags accepted, in characters.

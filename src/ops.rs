@@ -12,7 +12,7 @@ use rocket::figment::Figment;
 
 #[cfg(feature = "redis")]
 use crate::backend::RedisBackend;
-use crate::backend::{CachedBackend, Cleanup, MessageBackend, Settings};
+use crate::backend::{CachedBackend, Cleanup, FlashSpill, MessageBackend, Settings};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 use crate::backend::{SqlBackend, SqlPool};
 use crate::changes::ChangeFeed;
@@ -21,6 +21,7 @@ use crate::config::database_config;
 use crate::config::{BackendKind, Config};
 use crate::error::{Error, Result};
 use crate::events::{Event, Events};
+use crate::flash::overflow::MemorySpill;
 use crate::host::Host;
 use crate::message::{LevelTags, Message, MessageId, NewMessage, UserId};
 
@@ -150,6 +151,15 @@ impl Store {
     /// go through the store so that they publish events.
     pub fn backend(&self) -> &dyn MessageBackend {
         &*self.inner.backend
+    }
+
+    /// Where flash messages that did not fit their cookie wait: the backend's
+    /// [`FlashSpill`], or this process's memory for a backend without one.
+    pub fn flash_spill(&self) -> &dyn FlashSpill {
+        self.inner
+            .backend
+            .flash_spill()
+            .unwrap_or_else(|| MemorySpill::global())
     }
 
     /// The inbox cache in front of the backend, unless `inbox_cache_messages` is 0.

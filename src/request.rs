@@ -28,9 +28,7 @@ use crate::level::Level;
 use crate::message::{join_tags, LevelTags, Message, MessageId, NewMessage, UserId};
 use crate::ops::Store;
 
-/// At most this many unread stored messages are loaded into one request's stream; the rest
-/// wait, unread, for the next page.
-pub const MAX_STREAM_STORED: u32 = 100;
+pub use crate::message::MAX_STREAM_STORED;
 
 /// One message of the merged stream, as handlers iterate it and templates see it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -327,7 +325,7 @@ impl RequestState {
             .map(|c| c.value().to_string())
             .filter(|k| is_valid_key(k));
         if let Some(key) = &loaded_spill_key {
-            match store.backend().spill_get(key).await {
+            match store.flash_spill().spill_get(key).await {
                 Ok(Some(payload)) => flash.extend(decode(&payload)),
                 Ok(None) => log::debug!("stored-messages: flash spill {key} is gone"),
                 Err(e) => {

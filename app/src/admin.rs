@@ -21,7 +21,9 @@ use stored_messages::backend::from_micros;
 use stored_messages::report;
 use stored_messages::template::Page;
 use stored_messages::StreamMessage;
-use stored_messages::{Level, MessageId, Messages, NewMessage, Store, UserId, MAX_TEXT_CHARS};
+use stored_messages::{
+    Level, MessageAdmin, MessageId, Messages, NewMessage, Store, UserId, MAX_TEXT_CHARS,
+};
 
 /// Broadcasts to more users than this run as background jobs (`admin.background_threshold`).
 pub const DEFAULT_BACKGROUND_THRESHOLD: usize = 5_000;
@@ -529,7 +531,11 @@ async fn message_list(
     store: &State<Store>,
 ) -> Result<Page, Status> {
     let before = before.filter(|b| *b > 0).map(MessageId);
-    let (stats, unsupported) = match store.backend().message_stats(PAGE_SIZE, before).await {
+    let listed = match message_admin(store) {
+        Ok(admin) => admin.message_stats(PAGE_SIZE, before).await,
+        Err(e) => Err(e),
+    };
+    let (stats, unsupported) = match listed {
         Ok(stats) => (stats, None),
         Err(e @ stored_messages::Error::Unsupported(_)) => (Vec::new(), Some(e.to_string())),
         Err(e) => {
@@ -570,8 +576,8 @@ async fn delete_confirm(
     messages: Messages<'_>,
     store: &State<Store>,
 ) -> Result<Page, Status> {
-    let stats = store
-        .backend()
+    let stats = message_admin(store)
+        .map_err(|e| e.status())?
         .message_stats(1, Some(MessageId(id.saturating_add(1))))
         .await
         .map_err(|e| e.status())?;
@@ -584,6 +590,16 @@ async fn delete_confirm(
     ))
 }
 
+/// The backend's administration capability, or why there is none.
+fn message_admin(store: &Store) -> Result<&dyn MessageAdmin, stored_messages::Error> {
+    store
+        .backend()
+        .admin()
+        .ok_or(stored_messages::Error::Unsupported(
+            "listing and deleting messages",
+        ))
+}
+
 #[post("/admin/messages/<id>/delete")]
 async fn delete(
     _admin: AdminUser,
@@ -591,7 +607,11 @@ async fn delete(
     messages: Messages<'_>,
     store: &State<Store>,
 ) -> Result<Redirect, Status> {
-    match store.backend().message_delete(MessageId(id)).await {
+    let deleted = match message_admin(store) {
+        Ok(admin) => admin.message_delete(MessageId(id)).await,
+        Err(e) => Err(e),
+    };
+    match deleted {
         Ok(n) => {
             let _ = messages
                 .success(&format!(

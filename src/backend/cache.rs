@@ -36,13 +36,14 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 
 use super::{
-    Cleanup, Expiry, FeedSink, ListQuery, MessageBackend, MessageStats, Settings as BackendSettings,
+    Cleanup, Expiry, FlashSpill, ListQuery, MessageAdmin, MessageBackend, MessageStats,
+    Settings as BackendSettings, WatchChanges,
 };
 use crate::changes::{Change, ChangeFeed, MANY_USERS};
 use crate::error::Result;
 use crate::level::Level;
+use crate::message::MAX_STREAM_STORED;
 use crate::message::{Message, MessageId, NewMessage, UserId};
-use crate::request::MAX_STREAM_STORED;
 
 /// An entry older than this is read again from the backend.
 pub const MAX_ENTRY_AGE: Duration = Duration::from_secs(60);
@@ -371,34 +372,40 @@ impl MessageBackend for CachedBackend {
         result
     }
 
+    fn flash_spill(&self) -> Option<&dyn FlashSpill> {
+        self.inner.flash_spill()
+    }
+
+    fn change_feed(&self) -> Option<&dyn WatchChanges> {
+        self.inner.change_feed()
+    }
+
+    /// The inner backend's, with the cache dropped after a deletion.
+    fn admin(&self) -> Option<&dyn MessageAdmin> {
+        self.inner.admin().map(|_| self as &dyn MessageAdmin)
+    }
+}
+
+#[rocket::async_trait]
+impl MessageAdmin for CachedBackend {
     async fn message_stats(
         &self,
         limit: u32,
         before: Option<MessageId>,
     ) -> Result<Vec<MessageStats>> {
-        self.inner.message_stats(limit, before).await
+        match self.inner.admin() {
+            Some(admin) => admin.message_stats(limit, before).await,
+            None => Err(crate::Error::Unsupported("listing messages")),
+        }
     }
 
     async fn message_delete(&self, id: MessageId) -> Result<u64> {
-        let result = self.inner.message_delete(id).await;
+        let result = match self.inner.admin() {
+            Some(admin) => admin.message_delete(id).await,
+            None => Err(crate::Error::Unsupported("deleting messages")),
+        };
         self.cache.clear();
         result
-    }
-
-    async fn spill_put(&self, key: &str, payload: &str, expires: DateTime<Utc>) -> Result<()> {
-        self.inner.spill_put(key, payload, expires).await
-    }
-
-    async fn spill_get(&self, key: &str) -> Result<Option<String>> {
-        self.inner.spill_get(key).await
-    }
-
-    async fn spill_delete(&self, key: &str) -> Result<()> {
-        self.inner.spill_delete(key).await
-    }
-
-    async fn watch_changes(&self, sink: FeedSink) -> Result<bool> {
-        self.inner.watch_changes(sink).await
     }
 }
 

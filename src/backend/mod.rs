@@ -13,7 +13,6 @@
 use chrono::{DateTime, Utc};
 
 use crate::error::{BoxError, Result};
-use crate::flash::overflow::MemorySpill;
 use crate::level::Level;
 use crate::message::{Message, MessageId, NewMessage, UserId};
 
@@ -214,9 +213,16 @@ impl Expiry {
 ///   so, never someone else's message;
 /// - every method is atomic: it changes everything it describes or nothing.
 ///
+/// The trait holds django-stored-messages' operations and their bulk forms. What only some
+/// backends can do is an optional capability, a trait of its own that a backend hands out
+/// from a method returning `None` by default: [`FlashSpill`] (server-side storage for flash
+/// messages), [`WatchChanges`] (a change feed across processes, which the inbox cache and
+/// live updates need) and [`MessageAdmin`] (listing and deleting any message). A custom
+/// backend implements the operations and opts into what it can do.
+///
 /// Implementations: `SqlBackend` (SQLite, PostgreSQL) and `RedisBackend`, each with its
-/// Cargo feature (`sqlite`, `postgres`, `redis`). A host can plug in its own; the crate docs
-/// show a complete one.
+/// Cargo feature (`sqlite`, `postgres`, `redis`), both with every capability. A host can
+/// plug in its own; the crate docs show a complete one.
 #[rocket::async_trait]
 pub trait MessageBackend: Send + Sync + 'static {
     /// A short name for logs: `"sqlite"`, `"postgres"`, `"redis"`, ….
@@ -307,71 +313,89 @@ pub trait MessageBackend: Send + Sync + 'static {
     /// without delivering twice.
     async fn deliver_once(&self, users: &[UserId], message: &Message) -> Result<u64>;
 
-    /// The newest messages (by id, newest first, ids below `before` when given) with how many
-    /// users received each and how many still have it unread. For administration.
+    /// Flash messages that did not fit their cookie, kept by this backend (see
+    /// [`FlashSpill`]). `None`, the default, keeps them in the app's process memory (lost on
+    /// restart, and not shared between app instances).
+    fn flash_spill(&self) -> Option<&dyn FlashSpill> {
+        None
+    }
+
+    /// The backend's change feed (see [`WatchChanges`]). `None`, the default, means no
+    /// feed: then nothing of this backend is cached, and live subscribers hear only the
+    /// writes of their own process.
+    fn change_feed(&self) -> Option<&dyn WatchChanges> {
+        None
+    }
+
+    /// Listing and deleting any message, for administration (see [`MessageAdmin`]).
+    /// `None`, the default: the admin's message browser says it is not supported.
+    fn admin(&self) -> Option<&dyn MessageAdmin> {
+        None
+    }
+}
+
+/// Optional capability of a [`MessageBackend`]: storage for flash messages that did not fit
+/// their cookie ([`MessageBackend::flash_spill`]). Keys are [`is_spill_key`] strings.
+#[rocket::async_trait]
+pub trait FlashSpill: Send + Sync {
+    /// Keeps `payload` under `key` until `expires`, replacing what was there.
+    async fn spill_put(&self, key: &str, payload: &str, expires: DateTime<Utc>) -> Result<()>;
+
+    /// The payload stored under `key`, unless it expired or was deleted.
+    async fn spill_get(&self, key: &str) -> Result<Option<String>>;
+
+    /// Forgets `key`; unknown keys are not an error.
+    async fn spill_delete(&self, key: &str) -> Result<()>;
+}
+
+/// Whether `key` has the form of a spill key: 24 URL-safe base64 characters (144 random
+/// bits). Anything else is refused before it reaches storage, so a forged cookie cannot
+/// name other keys.
+pub fn is_spill_key(key: &str) -> bool {
+    key.len() == 24
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Optional capability of a [`MessageBackend`]: a change feed ([`MessageBackend::change_feed`]),
+/// which tells every process which inboxes changed. See [`crate::changes`].
+#[rocket::async_trait]
+pub trait WatchChanges: Send + Sync {
+    /// Runs the change feed until [`FeedSink::closed`] resolves: calls [`FeedSink::live`]
+    /// once it listens, [`FeedSink::changed`] for each change to inboxes committed by any
+    /// process (this one included), and [`FeedSink::lost`] whenever it may have missed some
+    /// (then it connects again, and calls `live` again). Meanwhile it answers
+    /// [`FeedSink::wanted`]: for [`Wanted::Sync`] it calls [`FeedSink::synced`] once every
+    /// change committed before the sync began has been reported (for example by sending a
+    /// marker down the same ordered channel as the changes and waiting for it), or
+    /// [`FeedSink::sync_failed`]; for [`Wanted::Reconnect`] it drops its connection and
+    /// starts over.
     ///
     /// # Errors
     ///
-    /// [`crate::Error::Unsupported`] for a backend that cannot list messages.
+    /// When the feed cannot start at all; it then stays down.
+    async fn watch_changes(&self, sink: FeedSink) -> Result<()>;
+}
+
+/// Optional capability of a [`MessageBackend`]: administration of every message
+/// ([`MessageBackend::admin`]).
+#[rocket::async_trait]
+pub trait MessageAdmin: Send + Sync {
+    /// The newest messages (by id, newest first, ids below `before` when given) with how
+    /// many users received each and how many still have it unread.
     async fn message_stats(
         &self,
         limit: u32,
         before: Option<MessageId>,
-    ) -> Result<Vec<MessageStats>> {
-        let _ = (limit, before);
-        Err(crate::Error::Unsupported("listing messages"))
-    }
+    ) -> Result<Vec<MessageStats>>;
 
     /// Removes a message from every inbox and archive; returns how many deliveries it had.
     ///
     /// # Errors
     ///
-    /// [`crate::Error::MessageDoesNotExist`] for an unknown id, [`crate::Error::Unsupported`]
-    /// for a backend that cannot delete messages.
-    async fn message_delete(&self, id: MessageId) -> Result<u64> {
-        let _ = id;
-        Err(crate::Error::Unsupported("deleting messages"))
-    }
-
-    /// Keeps flash messages that did not fit their cookie under `key` until `expires`,
-    /// replacing what was there. The default keeps them in process memory (lost on restart);
-    /// backends with storage of their own override the three `spill_` methods.
-    async fn spill_put(&self, key: &str, payload: &str, expires: DateTime<Utc>) -> Result<()> {
-        MemorySpill::global().put(key, payload, expires);
-        Ok(())
-    }
-
-    /// The payload stored under `key`, unless it expired or was deleted.
-    async fn spill_get(&self, key: &str) -> Result<Option<String>> {
-        Ok(MemorySpill::global().get(key))
-    }
-
-    /// Forgets `key`; unknown keys are not an error.
-    async fn spill_delete(&self, key: &str) -> Result<()> {
-        MemorySpill::global().delete(key);
-        Ok(())
-    }
-
-    /// Runs the backend's change feed (see [`crate::changes`]) until [`FeedSink::closed`]
-    /// resolves: calls [`FeedSink::live`] once it listens, [`FeedSink::changed`] for each
-    /// change to inboxes committed by any process (this one included), and
-    /// [`FeedSink::lost`] whenever it may have missed some (then it connects again, and calls
-    /// `live` again). Meanwhile it answers [`FeedSink::wanted`]: for [`Wanted::Sync`] it
-    /// calls [`FeedSink::synced`] once every change committed before the sync began has been
-    /// reported (for example by sending a marker down the same ordered channel as the
-    /// changes and waiting for it), or [`FeedSink::sync_failed`]; for [`Wanted::Reconnect`]
-    /// it drops its connection and starts over.
-    ///
-    /// Returns `Ok(false)` at once when the backend has no change feed; the default does,
-    /// and such a backend is never cached.
-    ///
-    /// # Errors
-    ///
-    /// When the feed cannot start at all; it then stays down.
-    async fn watch_changes(&self, sink: FeedSink) -> Result<bool> {
-        let _ = sink;
-        Ok(false)
-    }
+    /// [`crate::Error::MessageDoesNotExist`] for an unknown id.
+    async fn message_delete(&self, id: MessageId) -> Result<u64>;
 }
 
 /// A message with its audience, for administration.

@@ -94,8 +94,8 @@ use chrono::{DateTime, Utc};
 
 use super::{from_micros, micros};
 use super::{
-    unique_users, BackendError, Change, Cleanup, FeedSink, ListQuery, MessageBackend, MessageStats,
-    Settings, Wanted,
+    unique_users, BackendError, Change, Cleanup, FeedSink, FlashSpill, ListQuery, MessageAdmin,
+    MessageBackend, MessageStats, Settings, Wanted, WatchChanges,
 };
 use crate::changes::SYNC_TIMEOUT;
 use crate::config::SecretUrl;
@@ -600,6 +600,52 @@ impl MessageBackend for RedisBackend {
         })
     }
 
+    async fn flush(&self) -> Result<()> {
+        let pattern = format!("{}*", glob_escape(&self.keys.prefix));
+        self.scan(&pattern, None, |keys| {
+            let owned: Vec<&Vec<u8>> = keys
+                .iter()
+                .filter(|key| {
+                    matches!(
+                        self.keys.kind(key),
+                        Some(
+                            KeyKind::Inbox
+                                | KeyKind::Archive
+                                | KeyKind::Message
+                                | KeyKind::Index
+                                | KeyKind::Spill
+                        )
+                    )
+                })
+                .collect();
+            if owned.is_empty() {
+                return None;
+            }
+            let mut pipe = ::redis::pipe();
+            pipe.cmd("UNLINK").arg(owned).ignore();
+            Some(pipe)
+        })
+        .await?;
+        self.announce_all().await
+    }
+
+    fn flash_spill(&self) -> Option<&dyn FlashSpill> {
+        Some(self)
+    }
+
+    /// A backend made over a connection of the caller's has no client to subscribe with,
+    /// so no feed.
+    fn change_feed(&self) -> Option<&dyn WatchChanges> {
+        self.client.as_ref().map(|_| self as &dyn WatchChanges)
+    }
+
+    fn admin(&self) -> Option<&dyn MessageAdmin> {
+        Some(self)
+    }
+}
+
+#[rocket::async_trait]
+impl MessageAdmin for RedisBackend {
     /// Walks ids downwards from `before` (or the last id given out), reading each message's
     /// hash with its `recipients` and `unread` counters (kept by the scripts), skipping ids
     /// whose message is gone; looks at most 10,000 ids per call.
@@ -663,7 +709,6 @@ impl MessageBackend for RedisBackend {
         }
         Ok(stats)
     }
-
     /// Removes the message's member from every user's sets (a `SCAN` over the user keys,
     /// as cleanup does: not one atomic step, but repeatable), then its hash and index entry.
     async fn message_delete(&self, id: MessageId) -> Result<u64> {
@@ -715,7 +760,10 @@ impl MessageBackend for RedisBackend {
             .map_err(redis_error)?;
         Ok(archived)
     }
+}
 
+#[rocket::async_trait]
+impl FlashSpill for RedisBackend {
     async fn spill_put(&self, key: &str, payload: &str, expires: DateTime<Utc>) -> Result<()> {
         let millis = (expires - Utc::now()).num_milliseconds().max(1);
         let mut connection = self.connection.clone();
@@ -728,7 +776,6 @@ impl MessageBackend for RedisBackend {
             .await
             .map_err(redis_error)
     }
-
     async fn spill_get(&self, key: &str) -> Result<Option<String>> {
         let mut connection = self.connection.clone();
         ::redis::cmd("GET")
@@ -737,7 +784,6 @@ impl MessageBackend for RedisBackend {
             .await
             .map_err(redis_error)
     }
-
     async fn spill_delete(&self, key: &str) -> Result<()> {
         let mut connection = self.connection.clone();
         ::redis::cmd("UNLINK")
@@ -746,39 +792,13 @@ impl MessageBackend for RedisBackend {
             .await
             .map_err(redis_error)
     }
+}
 
-    async fn flush(&self) -> Result<()> {
-        let pattern = format!("{}*", glob_escape(&self.keys.prefix));
-        self.scan(&pattern, None, |keys| {
-            let owned: Vec<&Vec<u8>> = keys
-                .iter()
-                .filter(|key| {
-                    matches!(
-                        self.keys.kind(key),
-                        Some(
-                            KeyKind::Inbox
-                                | KeyKind::Archive
-                                | KeyKind::Message
-                                | KeyKind::Index
-                                | KeyKind::Spill
-                        )
-                    )
-                })
-                .collect();
-            if owned.is_empty() {
-                return None;
-            }
-            let mut pipe = ::redis::pipe();
-            pipe.cmd("UNLINK").arg(owned).ignore();
-            Some(pipe)
-        })
-        .await?;
-        self.announce_all().await
-    }
-
-    async fn watch_changes(&self, sink: FeedSink) -> Result<bool> {
+#[rocket::async_trait]
+impl WatchChanges for RedisBackend {
+    async fn watch_changes(&self, sink: FeedSink) -> Result<()> {
         let Some(client) = &self.client else {
-            return Ok(false);
+            return Ok(());
         };
         let sync_channel = format!(
             "{}sync:{}",
@@ -793,7 +813,7 @@ impl MessageBackend for RedisBackend {
             &sink,
         )
         .await;
-        Ok(true)
+        Ok(())
     }
 }
 
@@ -1056,7 +1076,7 @@ impl Keys {
         } else if rest == BY_DATE_KEY {
             Some(KeyKind::Index)
         } else if let Some(key) = rest.strip_prefix(SPILL_KEY) {
-            crate::flash::overflow::is_valid_key(key).then_some(KeyKind::Spill)
+            super::is_spill_key(key).then_some(KeyKind::Spill)
         } else if let Some(id) = rest.strip_prefix(MESSAGE_KEY) {
             is_id(id).then_some(KeyKind::Message)
         } else if let Some(user) = rest.strip_prefix(USER_KEY) {

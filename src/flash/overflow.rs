@@ -1,9 +1,10 @@
 //! The server-side spill for flash messages that do not fit the cookie.
 //!
 //! The browser keeps only a random key (in a private cookie); the messages wait in the
-//! backend (`spill_put`/`spill_get`/`spill_delete` of [`crate::MessageBackend`]) until they
-//! are shown, then the key is dropped. Backends without a place of their own use the
-//! process-local [`MemorySpill`], which is lost on restart.
+//! backend's [`FlashSpill`] (see [`crate::MessageBackend::flash_spill`]) until they are
+//! shown, then the key is dropped. Backends without a place of their own use the
+//! process-local [`MemorySpill`], which is lost on restart ([`crate::Store::flash_spill`]
+//! picks).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -12,6 +13,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use chrono::{DateTime, Duration, Utc};
 use rand::RngCore;
+
+use crate::backend::FlashSpill;
+use crate::error::Result;
 
 /// How long spilled messages wait for the browser to come back.
 pub fn spill_lifetime() -> Duration {
@@ -26,14 +30,9 @@ pub fn new_key() -> String {
 }
 
 /// Whether `key` looks like one of ours (so a forged key cannot reach other storage keys).
-pub fn is_valid_key(key: &str) -> bool {
-    key.len() == 24
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
+pub use crate::backend::is_spill_key as is_valid_key;
 
-/// A process-local spill, shared by every backend that has none of its own.
+/// A process-local spill, used by every backend without a [`FlashSpill`] of its own.
 #[derive(Debug, Default)]
 pub struct MemorySpill {
     entries: Mutex<HashMap<String, (String, DateTime<Utc>)>>,
@@ -69,6 +68,23 @@ impl MemorySpill {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(key);
+    }
+}
+
+#[rocket::async_trait]
+impl FlashSpill for MemorySpill {
+    async fn spill_put(&self, key: &str, payload: &str, expires: DateTime<Utc>) -> Result<()> {
+        self.put(key, payload, expires);
+        Ok(())
+    }
+
+    async fn spill_get(&self, key: &str) -> Result<Option<String>> {
+        Ok(self.get(key))
+    }
+
+    async fn spill_delete(&self, key: &str) -> Result<()> {
+        self.delete(key);
+        Ok(())
     }
 }
 

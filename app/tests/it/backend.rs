@@ -868,7 +868,13 @@ async fn message_stats_count_recipients_and_unread(t: &TestStore) {
         .unwrap()
         .message;
     t.store.mark_read(BOB, a.id).await.unwrap();
-    let stats = t.backend().message_stats(10, None).await.unwrap();
+    let stats = t
+        .backend()
+        .admin()
+        .unwrap()
+        .message_stats(10, None)
+        .await
+        .unwrap();
     assert_eq!(stats.len(), 2);
     assert_eq!(
         (stats[0].message.id, stats[0].recipients, stats[0].unread),
@@ -878,13 +884,25 @@ async fn message_stats_count_recipients_and_unread(t: &TestStore) {
         (stats[1].message.id, stats[1].recipients, stats[1].unread),
         (a.id, 3, 2)
     );
-    let older = t.backend().message_stats(10, Some(b.id)).await.unwrap();
+    let older = t
+        .backend()
+        .admin()
+        .unwrap()
+        .message_stats(10, Some(b.id))
+        .await
+        .unwrap();
     assert_eq!(older.len(), 1);
     assert_eq!(older[0].message.id, a.id);
     // Counts follow every way of reading: mark all read, and a late second delivery.
     t.store.mark_all_read(ALICE).await.unwrap();
     t.store.deliver_once(&[ALICE, UserId(9)], &a).await.unwrap();
-    let stats = t.backend().message_stats(10, None).await.unwrap();
+    let stats = t
+        .backend()
+        .admin()
+        .unwrap()
+        .message_stats(10, None)
+        .await
+        .unwrap();
     assert_eq!(
         (stats[0].recipients, stats[0].unread),
         (1, 0),
@@ -897,6 +915,8 @@ async fn message_stats_count_recipients_and_unread(t: &TestStore) {
     );
     assert!(t
         .backend()
+        .admin()
+        .unwrap()
         .message_stats(10, Some(a.id))
         .await
         .unwrap()
@@ -917,7 +937,15 @@ async fn message_delete_removes_it_everywhere(t: &TestStore) {
         .unwrap()
         .message;
     t.store.mark_read(BOB, a.id).await.unwrap();
-    assert_eq!(t.backend().message_delete(a.id).await.unwrap(), 2);
+    assert_eq!(
+        t.backend()
+            .admin()
+            .unwrap()
+            .message_delete(a.id)
+            .await
+            .unwrap(),
+        2
+    );
     assert_eq!(
         texts(&t.backend().inbox_list(ALICE, ListQuery::ALL).await.unwrap()),
         ["keep"]
@@ -929,7 +957,7 @@ async fn message_delete_removes_it_everywhere(t: &TestStore) {
         .unwrap()
         .is_empty());
     assert!(matches!(
-        t.backend().message_delete(a.id).await,
+        t.backend().admin().unwrap().message_delete(a.id).await,
         Err(Error::MessageDoesNotExist(_))
     ));
     assert!(matches!(
@@ -1102,7 +1130,13 @@ async fn a_broadcast_to_many_consecutive_users_behaves_per_user(t: &TestStore) {
     // that act on the message), Redis as 600 entries; the answers are the same.
     let everyone: Vec<UserId> = (1..=600).map(UserId).collect();
     let stats = || async {
-        let stats = t.backend().message_stats(1, None).await.unwrap();
+        let stats = t
+            .backend()
+            .admin()
+            .unwrap()
+            .message_stats(1, None)
+            .await
+            .unwrap();
         (stats[0].recipients, stats[0].unread)
     };
     let d = t
@@ -1168,7 +1202,15 @@ async fn a_broadcast_to_many_consecutive_users_behaves_per_user(t: &TestStore) {
         .unwrap();
     assert_eq!(texts(&archive), ["to everyone"]);
     // deleting the message removes every delivery
-    assert_eq!(t.backend().message_delete(id).await.unwrap(), 603);
+    assert_eq!(
+        t.backend()
+            .admin()
+            .unwrap()
+            .message_delete(id)
+            .await
+            .unwrap(),
+        603
+    );
     assert_eq!(t.backend().inbox_count(UserId(1)).await.unwrap(), 0);
     assert_eq!(archive_len(t, UserId(1)).await, 0);
 }
@@ -1198,7 +1240,13 @@ async fn expired_broadcasts_leave_every_inbox_once(t: &TestStore) {
     assert_eq!(t.store.cleanup().await.unwrap().inbox_entries, 0);
     assert_eq!(archive_len(t, UserId(7)).await, 1);
     assert_eq!(archive_len(t, UserId(8)).await, 1);
-    let stats = t.backend().message_stats(1, None).await.unwrap();
+    let stats = t
+        .backend()
+        .admin()
+        .unwrap()
+        .message_stats(1, None)
+        .await
+        .unwrap();
     assert_eq!((stats[0].recipients, stats[0].unread), (300, 0));
 }
 

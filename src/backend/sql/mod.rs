@@ -49,8 +49,8 @@ use sqlx::SqlitePool;
 use sqlx::{Database, Encode, Pool, Type};
 
 use super::{
-    unique_users, BackendError, Change, Cleanup, FeedSink, ListQuery, MessageBackend, MessageStats,
-    Settings,
+    unique_users, BackendError, Change, Cleanup, FeedSink, FlashSpill, ListQuery, MessageAdmin,
+    MessageBackend, MessageStats, Settings, WatchChanges,
 };
 use crate::config::SecretUrl;
 use crate::error::{Error, Result};
@@ -880,6 +880,21 @@ impl MessageBackend for SqlBackend {
             .await
     }
 
+    fn flash_spill(&self) -> Option<&dyn FlashSpill> {
+        Some(self)
+    }
+
+    fn change_feed(&self) -> Option<&dyn WatchChanges> {
+        Some(self)
+    }
+
+    fn admin(&self) -> Option<&dyn MessageAdmin> {
+        Some(self)
+    }
+}
+
+#[rocket::async_trait]
+impl MessageAdmin for SqlBackend {
     async fn message_stats(
         &self,
         limit: u32,
@@ -913,7 +928,6 @@ impl MessageBackend for SqlBackend {
             })
             .collect())
     }
-
     async fn message_delete(&self, id: MessageId) -> Result<u64> {
         let (deliveries, messages) = with_pool!(&self.pool, pool => {
             let mut tx = pool.begin().await.map_err(sql_error)?;
@@ -957,7 +971,10 @@ impl MessageBackend for SqlBackend {
         }
         Ok(deliveries)
     }
+}
 
+#[rocket::async_trait]
+impl FlashSpill for SqlBackend {
     async fn spill_put(&self, key: &str, payload: &str, expires: DateTime<Utc>) -> Result<()> {
         let sql = "insert into sm_flash_spill (key, payload, expires_us) values ($1, $2, $3) \
                    on conflict (key) do update set payload = excluded.payload, \
@@ -972,7 +989,6 @@ impl MessageBackend for SqlBackend {
             .rows_affected());
         Ok(())
     }
-
     async fn spill_get(&self, key: &str) -> Result<Option<String>> {
         let sql = "select payload from sm_flash_spill where key = $1 and expires_us > $2";
         let now = micros(Utc::now());
@@ -983,7 +999,6 @@ impl MessageBackend for SqlBackend {
             .await
             .map_err(sql_error)?))
     }
-
     async fn spill_delete(&self, key: &str) -> Result<()> {
         with_pool!(&self.pool, pool => sqlx::query("delete from sm_flash_spill where key = $1")
             .bind(key)
@@ -993,15 +1008,18 @@ impl MessageBackend for SqlBackend {
             .rows_affected());
         Ok(())
     }
+}
 
-    async fn watch_changes(&self, sink: FeedSink) -> Result<bool> {
+#[rocket::async_trait]
+impl WatchChanges for SqlBackend {
+    async fn watch_changes(&self, sink: FeedSink) -> Result<()> {
         match &self.pool {
             #[cfg(feature = "postgres")]
             SqlPool::Postgres(pool) => postgres::watch(pool, &sink).await,
             #[cfg(feature = "sqlite")]
             SqlPool::Sqlite(pool) => sqlite::watch(pool, &sink, self.settings.change_poll).await,
         }
-        Ok(true)
+        Ok(())
     }
 }
 
