@@ -84,20 +84,23 @@
 //! - Durability is Redis' own: use AOF persistence (`appendonly yes`) if losing the last
 //!   second of messages on a crash matters.
 
+mod feed;
+mod scripts;
+
 use std::fmt;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use ::redis::aio::ConnectionManager;
-use ::redis::{Client, ErrorKind, RedisError, Script};
+use ::redis::{Client, ErrorKind, RedisError};
 use chrono::{DateTime, Utc};
 
+use self::feed::watch;
+use self::scripts::scripts;
 use super::{from_micros, micros};
 use super::{
-    unique_users, BackendError, Change, Cleanup, FeedSink, FlashSpill, ListQuery, MessageAdmin,
-    MessageBackend, MessageStats, Settings, Wanted, WatchChanges,
+    unique_users, BackendError, Cleanup, FeedSink, FlashSpill, ListQuery, MessageAdmin,
+    MessageBackend, MessageStats, Settings, WatchChanges,
 };
-use crate::changes::SYNC_TIMEOUT;
 use crate::config::SecretUrl;
 use crate::error::{Error, Result};
 use crate::level::Level;
@@ -120,7 +123,7 @@ pub const ARCHIVE_SUFFIX: &str = ":archive";
 pub const SPILL_KEY: &str = "flash:";
 
 /// How long connecting may take at startup, retries included, before it fails.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a command may wait for its answer. Generous: a broadcast to a million users is
 /// one script that runs for seconds.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -536,7 +539,7 @@ impl MessageBackend for RedisBackend {
                             // Sent as EVAL: a pipeline cannot reload a script the server
                             // forgot, and cleanup is rare enough for the extra bytes.
                             pipe.cmd("EVAL")
-                                .arg(TAKE)
+                                .arg(scripts::TAKE)
                                 .arg(1)
                                 .arg(key)
                                 .arg(&self.keys.prefix)
@@ -817,100 +820,6 @@ impl WatchChanges for RedisBackend {
     }
 }
 
-/// How long the change feed waits before subscribing again after losing its connection.
-const FEED_RETRY: Duration = Duration::from_secs(1);
-
-/// The change feed: `SUBSCRIBE P changes` and a sync channel of this process's own, on a
-/// connection of its own. The scripts publish from inside each change, so a message arrives
-/// exactly when the change is visible.
-///
-/// A sync marker is a `PUBLISH` on the sync channel over the shared connection. Redis runs
-/// one command at a time and a subscriber receives its messages in the order the server ran
-/// the `PUBLISH`es, so when the marker arrives, every change published before it has arrived.
-async fn watch(
-    client: &Client,
-    mut connection: ConnectionManager,
-    channel: &str,
-    sync_channel: &str,
-    sink: &FeedSink,
-) {
-    use rocket::futures::StreamExt;
-    loop {
-        let subscribing = async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&[channel, sync_channel]).await?;
-            Ok::<_, RedisError>(pubsub)
-        };
-        let subscribed = rocket::tokio::select! {
-            _ = sink.closed() => return,
-            subscribed = rocket::tokio::time::timeout(CONNECT_TIMEOUT, subscribing) => subscribed,
-        };
-        let mut pubsub = match subscribed {
-            Ok(Ok(pubsub)) => pubsub,
-            failed => {
-                if let Ok(Err(e)) = failed {
-                    log::warn!("stored-messages: change feed down, cannot subscribe: {e}");
-                }
-                sink.lost();
-                rocket::tokio::select! {
-                    _ = sink.closed() => return,
-                    _ = rocket::tokio::time::sleep(FEED_RETRY) => continue,
-                }
-            }
-        };
-        sink.live();
-        let mut messages = pubsub.on_message();
-        loop {
-            rocket::tokio::select! {
-                _ = sink.closed() => return,
-                message = messages.next() => match message {
-                    Some(message) if message.get_channel_name() == sync_channel => {
-                        let payload: String = message.get_payload().unwrap_or_default();
-                        if let Ok(n) = payload.parse() {
-                            sink.synced(n);
-                        }
-                    }
-                    Some(message) => {
-                        let payload: String = message.get_payload().unwrap_or_default();
-                        sink.changed(Change::parse(&payload));
-                    }
-                    // The connection dropped: messages may have been missed.
-                    None => {
-                        log::warn!("stored-messages: change feed down, lost the Redis subscription");
-                        sink.lost();
-                        break;
-                    }
-                },
-                wanted = sink.wanted() => match wanted {
-                    Wanted::Sync(n) => {
-                        let mut publish = ::redis::cmd("PUBLISH");
-                        publish.arg(sync_channel).arg(n);
-                        let publish = publish.query_async::<_, u64>(&mut connection);
-                        // Bounded: a server that stopped answering is not waited for.
-                        match rocket::tokio::time::timeout(SYNC_TIMEOUT, publish).await {
-                            // Nobody received it: this subscription is gone, though its
-                            // connection has not said so yet.
-                            Ok(Ok(0)) | Err(_) => {
-                                sink.lost();
-                                break;
-                            }
-                            Ok(Ok(_)) => {}
-                            Ok(Err(e)) => {
-                                log::warn!("stored-messages: sending a change feed sync failed: {e}");
-                                sink.sync_failed();
-                            }
-                        }
-                    }
-                    Wanted::Reconnect => {
-                        sink.lost();
-                        break;
-                    }
-                },
-            }
-        }
-    }
-}
-
 impl RedisBackend {
     fn spill_key(&self, key: &str) -> String {
         format!("{}{SPILL_KEY}{key}", self.keys.prefix)
@@ -1091,172 +1000,6 @@ impl Keys {
             None
         }
     }
-}
-
-// The scripts. They build user keys as `prefix .. 'user:' .. id .. ':archive'` (or
-// ':notifications') and message keys as `prefix .. 'message:' .. id`, the same names as
-// `Keys`; app/tests/it/redis_backend.rs checks that both agree.
-
-/// `deliver`: writes the message hash and its index entry, then adds the member to the
-/// archive and inbox of every user. The users are distinct, so every add is new.
-///
-/// KEYS: message hash, date index. ARGV: prefix, member, n, n hash field/value strings,
-/// user ids.
-const DELIVER: &str = r"
-local prefix, member, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], unpack(ARGV, 4, 3 + n))
-redis.call('ZADD', KEYS[2], 0, member)
-for i = 4 + n, #ARGV do
-  local user = prefix .. 'user:' .. ARGV[i]
-  redis.call('ZADD', user .. ':archive', 0, member)
-  redis.call('ZADD', user .. ':notifications', 0, member)
-end
-local users = #ARGV - 3 - n
-redis.call('HSET', KEYS[1], 'recipients', users, 'unread', users)
-if users > 0 then
-  local changed = '*'
-  if users <= MANY_USERS then changed = table.concat(ARGV, ',', 4 + n, #ARGV) end
-  redis.call('PUBLISH', prefix .. 'changes', changed)
-end
-return 0
-";
-
-/// `archive_store`, `inbox_store` and `deliver_once`: adds an existing message to each
-/// user's archive and, in `inbox` mode, inbox; in `once` mode, to the inbox of only the users
-/// whose archive did not have it yet. Returns how many archives (or inboxes) gained it, or
-/// -1 when the message does not exist. The member comes from the hash, so the sets always
-/// agree with the stored date.
-///
-/// KEYS: message hash. ARGV: prefix, 'archive', 'inbox' or 'once', user ids.
-const STORE: &str = r"
-local member = redis.call('HGET', KEYS[1], 'member')
-if not member then return -1 end
-local prefix, mode = ARGV[1], ARGV[2]
-local archived, unread = 0, 0
-for i = 3, #ARGV do
-  local user = prefix .. 'user:' .. ARGV[i]
-  local new = redis.call('ZADD', user .. ':archive', 0, member)
-  archived = archived + new
-  if mode == 'inbox' or (mode == 'once' and new == 1) then
-    unread = unread + redis.call('ZADD', user .. ':notifications', 0, member)
-  end
-end
-redis.call('HINCRBY', KEYS[1], 'recipients', archived)
-redis.call('HINCRBY', KEYS[1], 'unread', unread)
-if unread > 0 then
-  local changed = '*'
-  if #ARGV - 2 <= MANY_USERS then changed = table.concat(ARGV, ',', 3, #ARGV) end
-  redis.call('PUBLISH', prefix .. 'changes', changed)
-end
-if mode == 'archive' then return archived end
-return unread
-";
-
-/// `inbox_list` and `archive_list`: one page of a sorted set with each message's fields, as
-/// a flat list of `id, level, message, extra_tags, url, date_us`. A member whose hash is gone
-/// (a concurrent cleanup) is left out.
-///
-/// KEYS: the sorted set. ARGV: prefix, ZRANGEBYLEX or ZREVRANGEBYLEX, its two bounds, limit.
-const LIST: &str = r"
-local members = redis.call(ARGV[2], KEYS[1], ARGV[3], ARGV[4], 'LIMIT', 0, ARGV[5])
-local out = {}
-for _, member in ipairs(members) do
-  local id = string.match(member, ':0*(%d+)$')
-  if id then
-    local f = redis.call('HMGET', ARGV[1] .. 'message:' .. id,
-      'level', 'message', 'extra_tags', 'url', 'date_us')
-    if f[1] then
-      out[#out + 1] = id
-      for j = 1, 5 do out[#out + 1] = f[j] end
-    end
-  end
-end
-return out
-";
-
-/// `inbox_get`: the fields `level, message, extra_tags, url, date_us` of a message that is in
-/// the inbox and not expired, or nil.
-///
-/// Whether the member is at or above the expiry bound is asked of `ZLEXCOUNT` (the range
-/// from the bound to the member is empty when the member is below it) rather than compared
-/// in Lua, whose string comparison follows the server's locale.
-///
-/// KEYS: message hash, inbox. ARGV: the inbox's inclusive lower bound (`[member`).
-const GET: &str = r"
-local f = redis.call('HMGET', KEYS[1], 'member', 'level', 'message', 'extra_tags', 'url', 'date_us')
-local member = f[1]
-if not member or not redis.call('ZSCORE', KEYS[2], member)
-   or redis.call('ZLEXCOUNT', KEYS[2], ARGV[1], '[' .. member) == 0 then
-  return nil
-end
-return {f[2], f[3], f[4], f[5], f[6]}
-";
-
-/// `inbox_delete_many`: removes each message from the inbox when it is there and not
-/// expired; returns the ids removed. The bound check is the one `GET` makes.
-///
-/// KEYS: inbox. ARGV: prefix, the inbox's inclusive lower bound, message ids.
-const DELETE: &str = r"
-local removed = {}
-for i = 3, #ARGV do
-  local member = redis.call('HGET', ARGV[1] .. 'message:' .. ARGV[i], 'member')
-  if member and redis.call('ZLEXCOUNT', KEYS[1], ARGV[2], '[' .. member) > 0
-     and redis.call('ZREM', KEYS[1], member) == 1 then
-    redis.call('HINCRBY', ARGV[1] .. 'message:' .. ARGV[i], 'unread', -1)
-    removed[#removed + 1] = ARGV[i]
-  end
-end
-if #removed > 0 then
-  redis.call('PUBLISH', ARGV[1] .. 'changes', string.match(KEYS[1], 'user:(%-?%d+):notifications$') or '*')
-end
-return removed
-";
-
-/// `inbox_purge` and the inbox step of cleanup: removes the members of an inbox in a lex
-/// range and lowers each one's message `unread` count. Returns how many members were in the
-/// counted range (which may be narrower than the removed one).
-///
-/// KEYS: inbox. ARGV: prefix, removed range (min, max), counted range (min, max).
-const TAKE: &str = r"
-local counted = redis.call('ZLEXCOUNT', KEYS[1], ARGV[4], ARGV[5])
-local members = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[2], ARGV[3])
-for _, member in ipairs(members) do
-  local id = string.match(member, ':0*(%d+)$')
-  if id then
-    local key = ARGV[1] .. 'message:' .. id
-    if redis.call('EXISTS', key) == 1 then redis.call('HINCRBY', key, 'unread', -1) end
-  end
-end
-if #members > 0 then
-  redis.call('ZREMRANGEBYLEX', KEYS[1], ARGV[2], ARGV[3])
-  redis.call('PUBLISH', ARGV[1] .. 'changes', string.match(KEYS[1], 'user:(%-?%d+):notifications$') or '*')
-end
-return counted
-";
-
-/// The scripts, hashed once for `EVALSHA`.
-struct Scripts {
-    deliver: Script,
-    store: Script,
-    list: Script,
-    get: Script,
-    delete: Script,
-    take: Script,
-}
-
-fn scripts() -> &'static Scripts {
-    static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
-    // The scripts name the users of a change up to the feed's own limit, like
-    // `Change::payload`, and `*` beyond it.
-    let many = |script: &str| script.replace("MANY_USERS", &crate::changes::MANY_USERS.to_string());
-    SCRIPTS.get_or_init(|| Scripts {
-        deliver: Script::new(&many(DELIVER)),
-        store: Script::new(&many(STORE)),
-        list: Script::new(LIST),
-        get: Script::new(GET),
-        delete: Script::new(DELETE),
-        take: Script::new(TAKE),
-    })
 }
 
 #[cfg(test)]
