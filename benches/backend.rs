@@ -149,7 +149,8 @@ async fn open(name: &str) -> Option<Target> {
                 let mut c = client.get_connection().unwrap();
                 let keys: Vec<String> = redis::Commands::scan_match(&mut c, format!("{prefix}*"))
                     .unwrap()
-                    .collect();
+                    .collect::<redis::RedisResult<_>>()
+                    .unwrap();
                 for chunk in keys.chunks(1000) {
                     let _: redis::RedisResult<()> = redis::cmd("UNLINK").arg(chunk).query(&mut c);
                 }
@@ -239,7 +240,7 @@ async fn seed_redis_archive(
                 .ignore();
             pipe.cmd("ZADD").arg(&archive).arg(0).arg(&member).ignore();
         }
-        pipe.query_async::<_, ()>(&mut c).await.unwrap();
+        pipe.query_async::<()>(&mut c).await.unwrap();
     }
 }
 

@@ -118,8 +118,13 @@ impl BackendError {
                     || e.is_connection_refusal()
                     || e.is_connection_dropped()
                     || e.is_timeout()
-                    || e.kind() == ::redis::ErrorKind::BusyLoadingError
-                    || e.kind() == ::redis::ErrorKind::TryAgain
+                    || matches!(
+                        e.kind(),
+                        ::redis::ErrorKind::Server(
+                            ::redis::ServerErrorKind::BusyLoading
+                                | ::redis::ServerErrorKind::TryAgain
+                        )
+                    )
             }
             _ => false,
         }

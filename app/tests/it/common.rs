@@ -166,8 +166,8 @@ impl RedisPrefix {
         }
         pattern.push('*');
         // SCAN may return a key more than once while other tests grow the keyspace.
-        let mut keys: Vec<String> =
-            redis::Commands::scan_match::<_, String>(connection, pattern)?.collect();
+        let mut keys: Vec<String> = redis::Commands::scan_match::<_, String>(connection, pattern)?
+            .collect::<redis::RedisResult<_>>()?;
         keys.sort();
         keys.dedup();
         Ok(keys)

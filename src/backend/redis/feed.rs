@@ -78,7 +78,7 @@ pub(super) async fn watch(
                     Wanted::Sync(n) => {
                         let mut publish = ::redis::cmd("PUBLISH");
                         publish.arg(sync_channel).arg(n);
-                        let publish = publish.query_async::<_, u64>(&mut connection);
+                        let publish = publish.query_async::<u64>(&mut connection);
                         // Bounded: a server that stopped answering is not waited for.
                         match rocket::tokio::time::timeout(SYNC_TIMEOUT, publish).await {
                             // Nobody received it: this subscription is gone, though its

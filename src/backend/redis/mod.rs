@@ -90,7 +90,7 @@ mod scripts;
 use std::fmt;
 use std::time::Duration;
 
-use ::redis::aio::ConnectionManager;
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{Client, ErrorKind, RedisError};
 use chrono::{DateTime, Utc};
 
@@ -194,22 +194,20 @@ impl RedisBackend {
         };
         let client = Client::open(url.expose()).map_err(failed)?;
         let connecting = async {
-            let mut connection = ConnectionManager::new_with_backoff_and_timeouts(
-                client.clone(),
-                2,
-                100,
-                CONNECT_RETRIES,
-                RESPONSE_TIMEOUT,
-                CONNECT_TIMEOUT,
-            )
-            .await?;
+            let config = ConnectionManagerConfig::new()
+                .set_exponent_base(2.0)
+                .set_min_delay(Duration::from_millis(100))
+                .set_number_of_retries(CONNECT_RETRIES)
+                .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                .set_connection_timeout(Some(CONNECT_TIMEOUT));
+            let mut connection = ConnectionManager::new_with_config(client.clone(), config).await?;
             let info: String = ::redis::cmd("INFO")
                 .arg("server")
                 .query_async(&mut connection)
                 .await?;
             match server_version(&info) {
                 Some(version) if version < MIN_VERSION => Err(RedisError::from((
-                    ErrorKind::ClientError,
+                    ErrorKind::Client,
                     "redis 6.0 or newer is needed",
                     format!("the server runs {}.{}", version.0, version.1),
                 ))),
@@ -238,7 +236,7 @@ impl RedisBackend {
         ::redis::cmd("PUBLISH")
             .arg(self.keys.changes())
             .arg("*")
-            .query_async::<_, ()>(&mut connection)
+            .query_async::<()>(&mut connection)
             .await
             .map_err(redis_error)
     }
@@ -392,7 +390,7 @@ impl MessageBackend for RedisBackend {
             .arg(&member)
             .ignore();
         let mut connection = self.connection.clone();
-        pipe.query_async::<_, ()>(&mut connection)
+        pipe.query_async::<()>(&mut connection)
             .await
             .map_err(redis_error)?;
         Ok(message.clone().into_message(MessageId(id)))
@@ -428,7 +426,7 @@ impl MessageBackend for RedisBackend {
             .arg(&users);
         let mut connection = self.connection.clone();
         invocation
-            .invoke_async::<_, ()>(&mut connection)
+            .invoke_async::<()>(&mut connection)
             .await
             .map_err(redis_error)?;
         Ok(message.clone().into_message(id))
@@ -758,7 +756,7 @@ impl MessageAdmin for RedisBackend {
             .arg(self.keys.changes())
             .arg("*")
             .ignore();
-        pipe.query_async::<_, ()>(&mut connection)
+        pipe.query_async::<()>(&mut connection)
             .await
             .map_err(redis_error)?;
         Ok(archived)
@@ -775,7 +773,7 @@ impl FlashSpill for RedisBackend {
             .arg(payload)
             .arg("PX")
             .arg(millis)
-            .query_async::<_, ()>(&mut connection)
+            .query_async::<()>(&mut connection)
             .await
             .map_err(redis_error)
     }
@@ -791,7 +789,7 @@ impl FlashSpill for RedisBackend {
         let mut connection = self.connection.clone();
         ::redis::cmd("UNLINK")
             .arg(self.spill_key(key))
-            .query_async::<_, ()>(&mut connection)
+            .query_async::<()>(&mut connection)
             .await
             .map_err(redis_error)
     }
@@ -833,7 +831,7 @@ fn redis_error(e: RedisError) -> Error {
 /// An error for stored data that does not have the expected shape.
 fn corrupt(what: &str, value: Option<&str>) -> Error {
     redis_error(RedisError::from((
-        ErrorKind::TypeError,
+        ErrorKind::UnexpectedReturnType,
         "malformed stored message",
         format!("{what} is {value:?}"),
     )))
