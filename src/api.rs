@@ -257,6 +257,12 @@ impl ApiError {
     }
 }
 
+impl From<crate::message::InvalidMessage> for ApiError {
+    fn from(e: crate::message::InvalidMessage) -> ApiError {
+        Error::from(e).into()
+    }
+}
+
 impl From<Error> for ApiError {
     fn from(e: Error) -> ApiError {
         if !e.is_bad_input() {

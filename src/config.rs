@@ -5,14 +5,15 @@
 //! under `[default.databases.stored_messages]`.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use rocket::figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::backend::{Expiry, Settings};
 use crate::error::Error;
 use crate::level::Level;
 use crate::message::LevelTags;
+pub use crate::secret_url::SecretUrl;
 
 /// The figment key of this configuration.
 pub const CONFIG_KEY: &str = "stored_messages";
@@ -31,47 +32,6 @@ pub enum BackendKind {
     Sql,
     /// Redis, from `redis_url`.
     Redis,
-}
-
-/// A url that may carry a password: its `Debug` and `Display` hide the credentials.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct SecretUrl(String);
-
-impl SecretUrl {
-    /// Wraps a url.
-    pub fn new(url: impl Into<String>) -> SecretUrl {
-        SecretUrl(url.into())
-    }
-
-    /// The url with its credentials, for connecting.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// The url with any password replaced by `***`.
-    pub fn redacted(&self) -> String {
-        match url::Url::parse(&self.0) {
-            Ok(mut url) if url.password().is_some() => {
-                let _ = url.set_password(Some("***"));
-                url.to_string()
-            }
-            Ok(url) => url.to_string(),
-            Err(_) => "(unparseable url)".to_string(),
-        }
-    }
-}
-
-impl fmt::Debug for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.redacted())
-    }
-}
-
-impl fmt::Display for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
 }
 
 /// `[default.stored_messages]`.
@@ -251,6 +211,29 @@ pub fn database_config(figment: &Figment) -> Result<rocket_db_pools::Config, Err
         .join(Serialized::default("connect_timeout", 5))
         .extract::<rocket_db_pools::Config>()
         .map_err(|e| Error::Config(e.into_iter().map(|e| format!("{key}: {e}")).collect()))
+}
+
+// The backends' settings are built here, so that the backends never read the
+// configuration themselves.
+impl Settings {
+    /// The settings of `config`.
+    pub fn from_config(config: &Config) -> Settings {
+        Settings {
+            store_levels: config.store_levels.clone(),
+            expiry: Expiry {
+                inbox_days: config.inbox_expire_days,
+                message_days: config.message_expire_days,
+            },
+            change_poll: std::time::Duration::from_millis(config.change_poll_ms.max(1)),
+            audience_min_run: usize::try_from(config.audience_min_run.max(1)).unwrap_or(usize::MAX),
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings::from_config(&Config::default())
+    }
 }
 
 #[cfg(test)]

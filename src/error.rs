@@ -7,13 +7,11 @@
 use rocket::http::Status;
 use rocket::serde::json::{json, Value};
 
-use crate::backend::BackendError;
-use crate::level::Level;
-use crate::message::MessageId;
+use crate::backend::error::BackendError;
+use crate::level::{Level, UnknownLevel};
+use crate::message::{InvalidMessage, MessageId};
 
-/// A boxed error from code the library does not own (a host's user directory, a custom
-/// backend).
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+pub use crate::backend::error::BoxError;
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -80,6 +78,25 @@ pub enum Error {
     /// The host's user directory failed.
     #[error("user directory failed")]
     Host(#[source] BoxError),
+}
+
+impl From<InvalidMessage> for Error {
+    fn from(e: InvalidMessage) -> Error {
+        match e {
+            InvalidMessage::Empty => Error::EmptyMessage,
+            InvalidMessage::TooLong { len, max } => Error::MessageTooLong { len, max },
+            InvalidMessage::ExtraTagsTooLong { len, max } => Error::ExtraTagsTooLong { len, max },
+            InvalidMessage::InvalidExtraTags(tags) => Error::InvalidExtraTags(tags),
+            InvalidMessage::InvalidUrl { url, why } => Error::InvalidUrl { url, why },
+            InvalidMessage::MalformedId(id) => Error::MessageIdMalformed(id),
+        }
+    }
+}
+
+impl From<UnknownLevel> for Error {
+    fn from(e: UnknownLevel) -> Error {
+        Error::UnknownLevel(e.0)
+    }
 }
 
 impl Error {

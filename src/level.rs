@@ -9,8 +9,6 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Error;
-
 /// A message level. Higher is more important.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -104,8 +102,8 @@ impl Level {
     ///
     /// # Errors
     ///
-    /// [`Error::UnknownLevel`] naming the input when it is neither.
-    pub fn parse(input: &str) -> Result<Level, Error> {
+    /// [`UnknownLevel`] naming the input when it is neither.
+    pub fn parse(input: &str) -> Result<Level, UnknownLevel> {
         let trimmed = input.trim();
         if let Ok(value) = trimmed.parse::<i32>() {
             return Ok(Level(value));
@@ -121,12 +119,18 @@ impl Level {
             .iter()
             .find(|(name, _)| *name == normalized)
             .map(|(_, level)| *level)
-            .ok_or_else(|| Error::UnknownLevel(input.to_string()))
+            .ok_or_else(|| UnknownLevel(input.to_string()))
     }
 }
 
+/// A level that is neither an integer nor a level's name (wrapped by
+/// [`crate::Error::UnknownLevel`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown level \"{0}\"")]
+pub struct UnknownLevel(pub String);
+
 impl FromStr for Level {
-    type Err = Error;
+    type Err = UnknownLevel;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Level::parse(s)

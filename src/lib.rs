@@ -317,6 +317,7 @@ mod level;
 mod message;
 mod ops;
 mod request;
+mod secret_url;
 pub mod template;
 
 #[cfg(feature = "redis")]
@@ -334,9 +335,9 @@ pub use crate::error::{error_body, report, BoxError, Error, Result};
 pub use crate::events::{Event, Events};
 pub use crate::fairing::StoredMessages;
 pub use crate::host::Host;
-pub use crate::level::Level;
+pub use crate::level::{Level, UnknownLevel};
 pub use crate::message::{
-    parse_extra_tags, parse_url, LevelTags, Message, MessageId, NewMessage, UserId,
+    parse_extra_tags, parse_url, InvalidMessage, LevelTags, Message, MessageId, NewMessage, UserId,
     MAX_EXTRA_TAGS_CHARS, MAX_TEXT_CHARS, MAX_URL_CHARS,
 };
 pub use crate::ops::{Delivery, Store};

@@ -10,7 +10,6 @@ use std::str::FromStr;
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::error::Error;
 use crate::level::Level;
 
 /// At most this many unread stored messages are loaded into one request's stream; the rest
@@ -35,15 +34,56 @@ impl fmt::Display for MessageId {
 }
 
 impl FromStr for MessageId {
-    type Err = Error;
+    type Err = InvalidMessage;
 
-    /// Parses a decimal id; anything else is [`Error::MessageIdMalformed`].
+    /// Parses a decimal id; anything else is [`InvalidMessage::MalformedId`].
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.parse::<i64>() {
             Ok(id) if id > 0 && !s.starts_with('+') => Ok(MessageId(id)),
-            _ => Err(Error::MessageIdMalformed(s.to_string())),
+            _ => Err(InvalidMessage::MalformedId(s.to_string())),
         }
     }
+}
+
+/// Why a message (or its id) is not valid. Each variant says which value and why; the
+/// crate's [`crate::Error`] wraps them under the same names (`InvalidMessage::TooLong` is
+/// `Error::MessageTooLong`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidMessage {
+    /// The text is empty or only whitespace.
+    #[error("message text is empty")]
+    Empty,
+    /// The text is longer than [`MAX_TEXT_CHARS`].
+    #[error("message text is {len} characters long, the limit is {max}")]
+    TooLong {
+        /// Its length in characters.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The extra tags are longer than [`MAX_EXTRA_TAGS_CHARS`].
+    #[error("extra tags are {len} characters long, the limit is {max}")]
+    ExtraTagsTooLong {
+        /// Their length in characters.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The extra tags hold control characters.
+    #[error("extra tags {0:?} contain control characters")]
+    InvalidExtraTags(String),
+    /// The url is not an `http(s)` url with a host or a site-relative path.
+    #[error("invalid url \"{url}\": {why}")]
+    InvalidUrl {
+        /// The url given.
+        url: String,
+        /// Why it was refused.
+        why: &'static str,
+    },
+    /// An id that is not a positive decimal integer.
+    #[error("malformed message id \"{0}\"")]
+    MalformedId(String),
 }
 
 impl Serialize for MessageId {
@@ -94,7 +134,7 @@ impl NewMessage {
     /// # Errors
     ///
     /// See [`NewMessage::parse`].
-    pub fn new(level: Level, message: &str) -> Result<NewMessage, Error> {
+    pub fn new(level: Level, message: &str) -> Result<NewMessage, InvalidMessage> {
         NewMessage::parse(level, message, "", None, None)
     }
 
@@ -103,21 +143,21 @@ impl NewMessage {
     ///
     /// # Errors
     ///
-    /// [`Error::EmptyMessage`], [`Error::MessageTooLong`], [`Error::ExtraTagsTooLong`],
-    /// [`Error::InvalidExtraTags`] or [`Error::InvalidUrl`], naming the offending value.
+    /// [`InvalidMessage`] naming the offending value: `Empty`, `TooLong`,
+    /// `ExtraTagsTooLong`, `InvalidExtraTags` or `InvalidUrl`.
     pub fn parse(
         level: Level,
         message: &str,
         extra_tags: &str,
         url: Option<&str>,
         date: Option<DateTime<Utc>>,
-    ) -> Result<NewMessage, Error> {
+    ) -> Result<NewMessage, InvalidMessage> {
         if message.trim().is_empty() {
-            return Err(Error::EmptyMessage);
+            return Err(InvalidMessage::Empty);
         }
         let len = message.chars().count();
         if len > MAX_TEXT_CHARS {
-            return Err(Error::MessageTooLong {
+            return Err(InvalidMessage::TooLong {
                 len,
                 max: MAX_TEXT_CHARS,
             });
@@ -240,15 +280,15 @@ impl LevelTags {
 ///
 /// # Errors
 ///
-/// [`Error::InvalidExtraTags`] or [`Error::ExtraTagsTooLong`].
-pub fn parse_extra_tags(raw: &str) -> Result<String, Error> {
+/// [`InvalidMessage::InvalidExtraTags`] or [`InvalidMessage::ExtraTagsTooLong`].
+pub fn parse_extra_tags(raw: &str) -> Result<String, InvalidMessage> {
     if raw.chars().any(|c| c.is_control() && !c.is_whitespace()) {
-        return Err(Error::InvalidExtraTags(raw.to_string()));
+        return Err(InvalidMessage::InvalidExtraTags(raw.to_string()));
     }
     let tags = raw.split_whitespace().collect::<Vec<_>>().join(" ");
     let len = tags.chars().count();
     if len > MAX_EXTRA_TAGS_CHARS {
-        return Err(Error::ExtraTagsTooLong {
+        return Err(InvalidMessage::ExtraTagsTooLong {
             len,
             max: MAX_EXTRA_TAGS_CHARS,
         });
@@ -263,9 +303,9 @@ pub fn parse_extra_tags(raw: &str) -> Result<String, Error> {
 ///
 /// # Errors
 ///
-/// [`Error::InvalidUrl`], saying why.
-pub fn parse_url(raw: &str) -> Result<String, Error> {
-    let invalid = |why: &'static str| Error::InvalidUrl {
+/// [`InvalidMessage::InvalidUrl`], saying why.
+pub fn parse_url(raw: &str) -> Result<String, InvalidMessage> {
+    let invalid = |why: &'static str| InvalidMessage::InvalidUrl {
         url: raw.to_string(),
         why,
     };
@@ -322,11 +362,11 @@ mod tests {
     fn text_must_be_present_and_within_the_limit() {
         assert!(matches!(
             NewMessage::new(Level::INFO, ""),
-            Err(Error::EmptyMessage)
+            Err(InvalidMessage::Empty)
         ));
         assert!(matches!(
             NewMessage::new(Level::INFO, " \n\t"),
-            Err(Error::EmptyMessage)
+            Err(InvalidMessage::Empty)
         ));
         let long = "❤".repeat(MAX_TEXT_CHARS);
         assert!(NewMessage::new(Level::INFO, &long).is_ok());

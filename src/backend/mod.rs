@@ -12,17 +12,19 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::error::{BoxError, Result};
+use crate::error::Result;
 use crate::level::Level;
 use crate::message::{Message, MessageId, NewMessage, UserId};
 
 pub mod cache;
+pub(crate) mod error;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod sql;
 
 pub use self::cache::CachedBackend;
+pub use self::error::BackendError;
 #[cfg(feature = "redis")]
 pub use self::redis::RedisBackend;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
@@ -47,89 +49,6 @@ pub fn from_micros(us: i64) -> DateTime<Utc> {
 /// The name the backends use internally.
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub(crate) use self::unique_ids as unique_users;
-
-/// A failure of the storage itself (as opposed to a missing message or bad input).
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum BackendError {
-    /// SQLite or PostgreSQL failed.
-    #[cfg(any(feature = "sqlite", feature = "postgres"))]
-    #[error("database error")]
-    Sql(#[from] sqlx::Error),
-    /// A migration could not be applied.
-    #[cfg(any(feature = "sqlite", feature = "postgres"))]
-    #[error("database migration failed")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    /// Redis failed.
-    #[cfg(feature = "redis")]
-    #[error("redis error")]
-    Redis(#[from] ::redis::RedisError),
-    /// Redis could not be reached when connecting (the url is shown without its password).
-    #[cfg(feature = "redis")]
-    #[error("cannot connect to redis at {url}")]
-    RedisConnect {
-        /// The server's url, redacted.
-        url: String,
-        /// Why the connection failed.
-        #[source]
-        source: ::redis::RedisError,
-    },
-    /// The configuration names a backend this build leaves out: the host did not turn on
-    /// its Cargo feature.
-    #[error(
-        "this build has no {what} support: turn on the `{feature}` feature of stored-messages"
-    )]
-    NotCompiled {
-        /// The backend or database named.
-        what: &'static str,
-        /// The Cargo feature that adds it.
-        feature: &'static str,
-    },
-    /// The database url names no supported driver.
-    #[error("unsupported database url {0} (expected sqlite:// or postgres://)")]
-    UnsupportedUrl(String),
-    /// A custom backend's own error.
-    #[error("storage error")]
-    Other(#[source] BoxError),
-}
-
-impl BackendError {
-    /// Whether the storage is unreachable (answer 503 and retry later) rather than broken.
-    pub fn is_unavailable(&self) -> bool {
-        match self {
-            // SQLSTATE class 08 is a connection exception, 57 an operator intervention (the
-            // server is shutting down or restarting): both pass once the server is back.
-            #[cfg(any(feature = "sqlite", feature = "postgres"))]
-            BackendError::Sql(sqlx::Error::Database(db)) => db
-                .code()
-                .is_some_and(|code| code.starts_with("08") || code.starts_with("57")),
-            #[cfg(any(feature = "sqlite", feature = "postgres"))]
-            BackendError::Sql(e) => matches!(
-                e,
-                sqlx::Error::Io(_)
-                    | sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::Tls(_)
-                    | sqlx::Error::WorkerCrashed
-            ),
-            #[cfg(feature = "redis")]
-            BackendError::Redis(e) | BackendError::RedisConnect { source: e, .. } => {
-                e.is_io_error()
-                    || e.is_connection_refusal()
-                    || e.is_connection_dropped()
-                    || e.is_timeout()
-                    || matches!(
-                        e.kind(),
-                        ::redis::ErrorKind::Server(
-                            ::redis::ServerErrorKind::BusyLoading
-                                | ::redis::ServerErrorKind::TryAgain
-                        )
-                    )
-            }
-            _ => false,
-        }
-    }
-}
 
 /// Where a page of a listing starts: just after this message, in the listing's own order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -414,7 +333,9 @@ pub struct MessageStats {
     pub unread: u64,
 }
 
-/// What every backend needs to know from the configuration.
+/// What every backend needs to know from the configuration (built by
+/// [`Settings::from_config`], in [`crate::config`], so backends never read the
+/// configuration themselves).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// The levels it stores (`can_handle`).
@@ -426,27 +347,6 @@ pub struct Settings {
     /// The SQL backend stores a delivery to at least this many consecutive user ids once,
     /// as a run.
     pub audience_min_run: usize,
-}
-
-impl Settings {
-    /// The settings of `config`.
-    pub fn from_config(config: &crate::Config) -> Settings {
-        Settings {
-            store_levels: config.store_levels.clone(),
-            expiry: Expiry {
-                inbox_days: config.inbox_expire_days,
-                message_days: config.message_expire_days,
-            },
-            change_poll: std::time::Duration::from_millis(config.change_poll_ms.max(1)),
-            audience_min_run: usize::try_from(config.audience_min_run.max(1)).unwrap_or(usize::MAX),
-        }
-    }
-}
-
-impl Default for Settings {
-    fn default() -> Settings {
-        Settings::from_config(&crate::Config::default())
-    }
 }
 
 /// Sorts and deduplicates user ids: each recipient counts once, and sorted ids make bulk

@@ -562,7 +562,7 @@ async fn non_store_level_is_refused_and_nothing_changes(t: &TestStore) {
     // Validation happens before any backend sees the message.
     assert!(matches!(
         NewMessage::new(Level::STORED_INFO, ""),
-        Err(Error::EmptyMessage)
+        Err(stored_messages::InvalidMessage::Empty)
     ));
     assert!(NewMessage::parse(
         Level::STORED_INFO,

@@ -101,10 +101,10 @@ use super::{
     unique_users, BackendError, Cleanup, FeedSink, FlashSpill, ListQuery, MessageAdmin,
     MessageBackend, MessageStats, Settings, WatchChanges,
 };
-use crate::config::SecretUrl;
 use crate::error::{Error, Result};
 use crate::level::Level;
 use crate::message::{Message, MessageId, NewMessage, UserId};
+use crate::secret_url::SecretUrl;
 
 /// The counter `INCR`ed for each new message id (after the prefix).
 pub const LAST_ID_KEY: &str = "messages:last_id";

@@ -52,10 +52,10 @@ use super::{
     unique_users, BackendError, Change, Cleanup, FeedSink, FlashSpill, ListQuery, MessageAdmin,
     MessageBackend, MessageStats, Settings, WatchChanges,
 };
-use crate::config::SecretUrl;
 use crate::error::{Error, Result};
 use crate::level::Level;
 use crate::message::{Message, MessageId, NewMessage, UserId};
+use crate::secret_url::SecretUrl;
 
 /// How long a query waits for a pooled connection (and SQLite for a lock) before failing.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
