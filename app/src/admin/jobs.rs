@@ -1,0 +1,82 @@
+//! A background broadcast's page, its status (polled by admin.js) and its resumption.
+
+use rocket::http::Status;
+use rocket::response::Redirect;
+use rocket::serde::json::{json, Json, Value};
+use rocket::State;
+use rocket_dyn_templates::context;
+use stored_messages::report;
+use stored_messages::template::Page;
+use stored_messages::{Messages, Store};
+
+use super::AdminUser;
+use crate::jobs::Jobs;
+
+#[get("/admin/jobs/<id>")]
+pub(super) async fn job_page(
+    admin: AdminUser,
+    id: i64,
+    messages: Messages<'_>,
+    jobs: &State<Jobs>,
+    store: &State<Store>,
+) -> Result<Page, Status> {
+    let job = jobs
+        .get(id)
+        .await
+        .map_err(|_| Status::ServiceUnavailable)?
+        .ok_or(Status::NotFound)?;
+    // What is being sent, and to whom, from the job's own copy of the message.
+    let message: Option<stored_messages::Message> = serde_json::from_str(&job.message).ok();
+    let audience = if job.audience == "list" {
+        "the users named in the form"
+    } else {
+        "everyone"
+    };
+    Ok(Page::render(
+        "admin/job",
+        context! {
+            messages: &messages, user: &admin.0, job,
+            text: message.as_ref().map(|m| m.message.as_str()),
+            level_tag: message.as_ref().map(|m| store.level_tags().tag(m.level)),
+            audience,
+        },
+    ))
+}
+
+#[get("/admin/jobs/<id>/status")]
+pub(super) async fn job_status(
+    _admin: AdminUser,
+    id: i64,
+    jobs: &State<Jobs>,
+) -> Result<Json<Value>, Status> {
+    let job = jobs
+        .get(id)
+        .await
+        .map_err(|_| Status::ServiceUnavailable)?
+        .ok_or(Status::NotFound)?;
+    Ok(Json(json!({
+        "id": job.id, "status": job.status, "total": job.total, "delivered": job.delivered,
+        "error": job.error,
+    })))
+}
+
+#[post("/admin/jobs/<id>/resume")]
+pub(super) async fn job_resume(
+    _admin: AdminUser,
+    id: i64,
+    jobs: &State<Jobs>,
+    messages: Messages<'_>,
+) -> Redirect {
+    match jobs.resume(id).await {
+        Ok(true) => {
+            let _ = messages.info("The broadcast is running again.").await;
+        }
+        Ok(false) => {
+            let _ = messages
+                .warning("Only a failed broadcast can be resumed.")
+                .await;
+        }
+        Err(e) => log::error!("reference app: resuming job {id} failed: {}", report(&e)),
+    }
+    Redirect::to(format!("/admin/jobs/{id}"))
+}

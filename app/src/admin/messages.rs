@@ -1,0 +1,164 @@
+//! The audit log of broadcasts, the message browser with deletion, and cleanup.
+
+use rocket::http::Status;
+use rocket::response::Redirect;
+use rocket::serde::json::{json, Value};
+use rocket::State;
+use rocket_dyn_templates::context;
+use stored_messages::backend::from_micros;
+use stored_messages::report;
+use stored_messages::template::Page;
+use stored_messages::{Level, MessageAdmin, MessageId, Messages, Store};
+
+use super::AdminUser;
+use crate::jobs::Jobs;
+
+#[get("/admin/audit")]
+pub(super) async fn audit(
+    admin: AdminUser,
+    messages: Messages<'_>,
+    jobs: &State<Jobs>,
+) -> Result<Page, Status> {
+    let entries = jobs
+        .audit_list(100)
+        .await
+        .map_err(|_| Status::ServiceUnavailable)?;
+    let entries: Vec<Value> = entries
+        .into_iter()
+        .map(|e| {
+            let at = from_micros(e.at_us).format("%Y-%m-%d %H:%M:%S UTC").to_string();
+            json!({ "entry": e, "at": at, "level_name": Level(e.level as i32).name().unwrap_or("custom") })
+        })
+        .collect();
+    Ok(Page::render(
+        "admin/audit",
+        context! { messages: &messages, user: &admin.0, entries },
+    ))
+}
+
+/// Rows of the message browser.
+const PAGE_SIZE: u32 = 25;
+
+#[get("/admin/messages?<before>")]
+pub(super) async fn message_list(
+    admin: AdminUser,
+    before: Option<i64>,
+    messages: Messages<'_>,
+    store: &State<Store>,
+) -> Result<Page, Status> {
+    let before = before.filter(|b| *b > 0).map(MessageId);
+    let listed = match message_admin(store) {
+        Ok(admin) => admin.message_stats(PAGE_SIZE, before).await,
+        Err(e) => Err(e),
+    };
+    let (stats, unsupported) = match listed {
+        Ok(stats) => (stats, None),
+        Err(e @ stored_messages::Error::Unsupported(_)) => (Vec::new(), Some(e.to_string())),
+        Err(e) => {
+            log::error!("reference app: message list failed: {}", report(&e));
+            return Err(e.status());
+        }
+    };
+    let cutoff =
+        chrono::Utc::now() - chrono::Duration::days(i64::from(store.config().inbox_expire_days));
+    let rows: Vec<Value> = stats
+        .iter()
+        .map(|s| {
+            json!({
+                "id": s.message.id, "message": s.message.message, "level": s.message.level.0,
+                "level_tag": store.level_tags().tag(s.message.level),
+                "date": s.message.date.format("%Y-%m-%d %H:%M").to_string(),
+                "recipients": s.recipients, "unread": s.unread,
+                "expired": s.unread > 0 && s.message.date < cutoff,
+            })
+        })
+        .collect();
+    let next = (stats.len() as u32 == PAGE_SIZE)
+        .then(|| stats.last().map(|s| s.message.id.0))
+        .flatten();
+    Ok(Page::render(
+        "admin/messages",
+        context! {
+            messages: &messages, user: &admin.0, rows, next, unsupported,
+            inbox_expire_days: store.config().inbox_expire_days,
+        },
+    ))
+}
+
+#[get("/admin/messages/<id>/delete")]
+pub(super) async fn delete_confirm(
+    admin: AdminUser,
+    id: i64,
+    messages: Messages<'_>,
+    store: &State<Store>,
+) -> Result<Page, Status> {
+    let stats = message_admin(store)
+        .map_err(|e| e.status())?
+        .message_stats(1, Some(MessageId(id.saturating_add(1))))
+        .await
+        .map_err(|e| e.status())?;
+    let Some(s) = stats.into_iter().find(|s| s.message.id == MessageId(id)) else {
+        return Err(Status::NotFound);
+    };
+    Ok(Page::render(
+        "admin/delete",
+        context! { messages: &messages, user: &admin.0, m: s },
+    ))
+}
+
+/// The backend's administration capability, or why there is none.
+pub(super) fn message_admin(store: &Store) -> Result<&dyn MessageAdmin, stored_messages::Error> {
+    store
+        .backend()
+        .admin()
+        .ok_or(stored_messages::Error::Unsupported(
+            "listing and deleting messages",
+        ))
+}
+
+#[post("/admin/messages/<id>/delete")]
+pub(super) async fn delete(
+    _admin: AdminUser,
+    id: i64,
+    messages: Messages<'_>,
+    store: &State<Store>,
+) -> Result<Redirect, Status> {
+    let deleted = match message_admin(store) {
+        Ok(admin) => admin.message_delete(MessageId(id)).await,
+        Err(e) => Err(e),
+    };
+    match deleted {
+        Ok(n) => {
+            let _ = messages
+                .success(&format!(
+                    "Message {id} deleted from {n} inboxes and archives."
+                ))
+                .await;
+            Ok(Redirect::to("/admin/messages"))
+        }
+        Err(stored_messages::Error::MessageDoesNotExist(_)) => Err(Status::NotFound),
+        Err(e) => {
+            log::error!(
+                "reference app: deleting message {id} failed: {}",
+                report(&e)
+            );
+            Err(e.status())
+        }
+    }
+}
+
+#[post("/admin/cleanup")]
+pub(super) async fn cleanup(
+    _admin: AdminUser,
+    messages: Messages<'_>,
+    store: &State<Store>,
+) -> Result<Redirect, Status> {
+    let c = store.cleanup().await.map_err(|e| e.status())?;
+    let _ = messages
+        .success(&format!(
+            "Cleanup removed {} expired inbox entries and {} expired messages.",
+            c.inbox_entries, c.messages
+        ))
+        .await;
+    Ok(Redirect::to("/admin/messages"))
+}

@@ -1,0 +1,120 @@
+//! The admin area: broadcast form (with preview, background jobs and audit), message browser
+//! with delete and cleanup. Admins only: a logged-in non-admin gets 403, an anonymous visitor
+//! is sent to the login page and comes back after it.
+//!
+//! - `broadcast.rs`: the broadcast form, its validation and the two ways of sending;
+//! - `jobs.rs`: a background broadcast's page, status and resumption;
+//! - `messages.rs`: the audit log, the message browser, deletion and cleanup.
+
+use std::sync::Arc;
+
+use rocket::http::Status;
+use rocket::request::{FromRequest, Outcome};
+use rocket::response::Redirect;
+use rocket::{Request, Route, State};
+use rocket_dyn_templates::context;
+use stored_messages::report;
+use stored_messages::template::Page;
+use stored_messages::Messages;
+
+use crate::auth::CurrentUser;
+use crate::jobs::Jobs;
+use crate::users::{User, Users};
+
+mod broadcast;
+mod jobs;
+mod messages;
+
+/// Broadcasts to more users than this run as background jobs (`admin.background_threshold`).
+pub const DEFAULT_BACKGROUND_THRESHOLD: usize = 5_000;
+
+/// How many users make a broadcast a background job.
+#[derive(Debug, Clone, Copy)]
+pub struct BackgroundThreshold(pub usize);
+
+/// A logged-in admin. Anonymous: forwards (to the login redirect); not an admin: 403.
+pub struct AdminUser(pub User);
+
+#[rocket::async_trait]
+impl<'r> FromRequest<'r> for AdminUser {
+    type Error = Status;
+
+    async fn from_request(request: &'r Request<'_>) -> Outcome<Self, Status> {
+        let session = match request.guard::<CurrentUser>().await {
+            Outcome::Success(CurrentUser(user)) => user,
+            Outcome::Error(e) => return Outcome::Error(e),
+            Outcome::Forward(status) => return Outcome::Forward(status),
+        };
+        // The cookie may be older than a change of the admin flag: ask the database.
+        let Some(users) = request.rocket().state::<Arc<Users>>() else {
+            return Outcome::Error((Status::InternalServerError, Status::InternalServerError));
+        };
+        match users.by_id(session.user_id()).await {
+            Ok(Some(user)) if user.is_admin => Outcome::Success(AdminUser(user)),
+            Ok(_) => Outcome::Error((Status::Forbidden, Status::Forbidden)),
+            Err(e) => {
+                log::error!(
+                    "reference app: loading user {} failed: {}",
+                    session.id,
+                    report(&e)
+                );
+                Outcome::Error((Status::ServiceUnavailable, Status::ServiceUnavailable))
+            }
+        }
+    }
+}
+
+#[get("/admin")]
+async fn dashboard(
+    admin: AdminUser,
+    messages: Messages<'_>,
+    jobs: &State<Jobs>,
+    users: &State<Arc<Users>>,
+) -> Page {
+    let recent = jobs.recent(5).await.unwrap_or_default();
+    let user_count = users.count().await.unwrap_or(0);
+    Page::render(
+        "admin/index",
+        context! { messages: &messages, user: &admin.0, jobs: recent, user_count },
+    )
+}
+
+/// Anonymous visitors of any admin page (`/admin` included: a trailing `<_..>` also matches
+/// no segment) go to the login page and come back after it. A logged-in user only gets here
+/// when no admin route matched (`/admin/jobs/abc`, `/admin/nowhere`): that is a 404, not a
+/// trip to the login page, which would send them straight back.
+#[get("/admin/<_..>", rank = 20)]
+fn login_first(
+    request_uri: &rocket::http::uri::Origin<'_>,
+    user: Option<CurrentUser>,
+) -> Result<Redirect, Status> {
+    if user.is_some() {
+        return Err(Status::NotFound);
+    }
+    let next = crate::auth::safe_next(request_uri.path().as_str()).to_string();
+    Ok(Redirect::to(format!("/login?next={}", url_escape(&next))))
+}
+
+fn url_escape(path: &str) -> String {
+    url::form_urlencoded::byte_serialize(path.as_bytes())
+        .collect::<String>()
+        .replace("%2F", "/")
+}
+
+/// The admin routes.
+pub fn routes() -> Vec<Route> {
+    routes![
+        dashboard,
+        broadcast::broadcast_form,
+        broadcast::broadcast_send,
+        jobs::job_page,
+        jobs::job_status,
+        jobs::job_resume,
+        messages::audit,
+        messages::message_list,
+        messages::delete_confirm,
+        messages::delete,
+        messages::cleanup,
+        login_first
+    ]
+}
