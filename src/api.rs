@@ -470,7 +470,7 @@ impl<'r> FromData<'r> for Reply {
         }
         match Form::<BackForm<'r>>::from_data(request, data).await {
             data::Outcome::Success(form) => {
-                data::Outcome::Success(Reply::Back(safe_next(form.next).to_string()))
+                data::Outcome::Success(Reply::Back(safe_next(form.next)))
             }
             data::Outcome::Error((status, _)) => data::Outcome::Error((status, ())),
             data::Outcome::Forward(forward) => data::Outcome::Forward(forward),
@@ -479,9 +479,9 @@ impl<'r> FromData<'r> for Reply {
 }
 
 /// A site-relative `next`, or `/`.
-fn safe_next(next: Option<&str>) -> &str {
-    next.filter(|n| n.starts_with('/') && !n.starts_with("//") && !n.contains('\\'))
-        .unwrap_or("/")
+fn safe_next(next: Option<&str>) -> String {
+    next.and_then(crate::local_path)
+        .unwrap_or_else(|| "/".to_string())
 }
 
 impl Reply {

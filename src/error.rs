@@ -36,6 +36,9 @@ pub enum Error {
     /// Message text that is empty or only whitespace.
     #[error("message text is empty")]
     EmptyMessage,
+    /// Message text with control characters other than line breaks and tabs.
+    #[error("message text contains control characters")]
+    MessageHasControlCharacters,
     /// Message text over [`crate::MAX_TEXT_CHARS`].
     #[error("message text is {len} characters long, the limit is {max}")]
     MessageTooLong {
@@ -84,6 +87,7 @@ impl From<InvalidMessage> for Error {
     fn from(e: InvalidMessage) -> Error {
         match e {
             InvalidMessage::Empty => Error::EmptyMessage,
+            InvalidMessage::ControlCharacters => Error::MessageHasControlCharacters,
             InvalidMessage::TooLong { len, max } => Error::MessageTooLong { len, max },
             InvalidMessage::ExtraTagsTooLong { len, max } => Error::ExtraTagsTooLong { len, max },
             InvalidMessage::InvalidExtraTags(tags) => Error::InvalidExtraTags(tags),
@@ -107,6 +111,7 @@ impl Error {
             Error::MessageTypeNotSupported(_)
             | Error::UnknownLevel(_)
             | Error::EmptyMessage
+            | Error::MessageHasControlCharacters
             | Error::MessageTooLong { .. }
             | Error::ExtraTagsTooLong { .. }
             | Error::InvalidExtraTags(_)

@@ -209,6 +209,7 @@ impl Fairing for StoredMessages {
     }
 
     async fn on_request(&self, request: &mut Request<'_>, data: &mut Data<'_>) {
+        crate::request::note_looks_only(request);
         let api = self.api.as_ref().ok().and_then(ApiBase::get);
         api::normalize_trailing_slash(request, api);
         if self.csrf {
@@ -220,6 +221,15 @@ impl Fairing for StoredMessages {
         let Some(store) = request.rocket().state::<Store>() else {
             return;
         };
+        // What the API answers, and a page that loaded the message stream, belong to one
+        // user (or one browser's flash queue): no cache may keep them, unless the handler
+        // said otherwise.
+        let api = self.api.as_ref().ok().and_then(ApiBase::get);
+        let private = request_state(request).is_some()
+            || api.is_some_and(|api| csrf::is_below(request.uri().path().as_str(), api));
+        if private && !response.headers().contains("Cache-Control") {
+            response.set_raw_header("Cache-Control", "no-store");
+        }
         // A page that `Page` rendered with every helper's value needs no second pass.
         let rendered = template::Rendered::of(request);
         let html = response.content_type() == Some(rocket::http::ContentType::HTML)

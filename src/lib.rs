@@ -316,6 +316,7 @@ mod host;
 mod level;
 mod message;
 mod ops;
+mod redirect;
 mod request;
 mod secret_url;
 pub mod template;
@@ -341,4 +342,5 @@ pub use crate::message::{
     MAX_EXTRA_TAGS_CHARS, MAX_TEXT_CHARS, MAX_URL_CHARS,
 };
 pub use crate::ops::{Delivery, Store};
+pub use crate::redirect::local_path;
 pub use crate::request::{Messages, StreamMessage, MAX_STREAM_STORED};

@@ -62,6 +62,10 @@ pub enum InvalidMessage {
         /// The limit.
         max: usize,
     },
+    /// The text holds control characters other than line breaks and tabs (ESC, BEL, …),
+    /// which would reach terminals and logs as commands.
+    #[error("message text contains control characters")]
+    ControlCharacters,
     /// The extra tags are longer than [`MAX_EXTRA_TAGS_CHARS`].
     #[error("extra tags are {len} characters long, the limit is {max}")]
     ExtraTagsTooLong {
@@ -143,8 +147,8 @@ impl NewMessage {
     ///
     /// # Errors
     ///
-    /// [`InvalidMessage`] naming the offending value: `Empty`, `TooLong`,
-    /// `ExtraTagsTooLong`, `InvalidExtraTags` or `InvalidUrl`.
+    /// [`InvalidMessage`] naming the offending value: `Empty`, `ControlCharacters`,
+    /// `TooLong`, `ExtraTagsTooLong`, `InvalidExtraTags` or `InvalidUrl`.
     pub fn parse(
         level: Level,
         message: &str,
@@ -154,6 +158,12 @@ impl NewMessage {
     ) -> Result<NewMessage, InvalidMessage> {
         if message.trim().is_empty() {
             return Err(InvalidMessage::Empty);
+        }
+        if message
+            .chars()
+            .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+        {
+            return Err(InvalidMessage::ControlCharacters);
         }
         let len = message.chars().count();
         if len > MAX_TEXT_CHARS {
@@ -356,6 +366,24 @@ mod tests {
         assert_eq!(m.tags(&tags), "");
         let custom = LevelTags::new([(Level(3), "custom".to_string())].into());
         assert_eq!(m.tags(&custom), "custom");
+    }
+
+    #[test]
+    fn text_may_hold_line_breaks_and_tabs_but_no_other_control_characters() {
+        assert!(NewMessage::new(Level::INFO, "two\r\nlines\tand a tab").is_ok());
+        for bad in [
+            "\u{1b}]0;pwned\u{7}",
+            "bell \u{7}",
+            "nul \0",
+            "del \u{7f}",
+            "c1 \u{9b}",
+        ] {
+            assert_eq!(
+                NewMessage::new(Level::INFO, bad).unwrap_err(),
+                InvalidMessage::ControlCharacters,
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

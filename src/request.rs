@@ -265,6 +265,33 @@ pub(crate) struct Inner {
     pub(crate) cookies_rewritten: bool,
     /// Whether the inbox snapshot stopped at [`MAX_STREAM_STORED`] (more may be unread).
     truncated: bool,
+    /// A request that only looks (HEAD, a browser's prefetch): showing does not consume.
+    look_only: bool,
+}
+
+/// Whether a request only looks (see [`looks_only`]), as decided on its way in.
+#[derive(Debug, Clone, Copy)]
+struct LooksOnly(bool);
+
+/// Decides, on the request's way in (the fairing's `on_request`), whether it only looks:
+/// Rocket answers `HEAD` with the `GET` route and turns the method into `GET` for it, so this
+/// must be asked before routing.
+pub(crate) fn note_looks_only(request: &Request<'_>) {
+    request.local_cache(|| LooksOnly(looks_only(request)));
+}
+
+/// Whether `request` only looks: `HEAD`, or a prefetch or prerender a browser makes on its
+/// own (`Sec-Purpose: prefetch`, or the older `Purpose: prefetch`). Showing the stream to
+/// such a request consumes nothing: the user has not seen it.
+fn looks_only(request: &Request<'_>) -> bool {
+    request.method() == rocket::http::Method::Head
+        || ["Sec-Purpose", "Purpose", "X-Moz", "X-Purpose"]
+            .iter()
+            .filter_map(|name| request.headers().get_one(name))
+            .any(|value| {
+                let value = value.to_ascii_lowercase();
+                value.contains("prefetch") || value.contains("preview")
+            })
 }
 
 impl Inner {
@@ -366,6 +393,7 @@ impl RequestState {
             stored,
             loaded_spill_key,
             truncated,
+            look_only: request.local_cache(|| LooksOnly(looks_only(request))).0,
             ..Inner::default()
         };
         RequestState {
@@ -386,6 +414,8 @@ impl RequestState {
 ///   shows the stream: flash messages and the unread inbox, in date order. Shown flash
 ///   messages leave the cookie; shown stored messages are marked read when the response
 ///   succeeds. `set_used(false)` keeps everything for later.
+/// - A request that only looks (`HEAD`, a browser's prefetch with `Sec-Purpose: prefetch`)
+///   consumes nothing by showing: the user did not see the page.
 ///
 /// Fails with 503 when the storage is unavailable.
 pub struct Messages<'r> {
@@ -518,7 +548,8 @@ impl<'r> Messages<'r> {
         for (_, shown) in inner.stored.iter_mut() {
             *shown = true;
         }
-        inner.used = true;
+        // A request that only looks shows the stream and keeps it (as `set_used(false)`).
+        inner.used = !inner.look_only;
         if !inner.flash.is_empty() {
             self.rewrite_cookies(&mut inner);
         }

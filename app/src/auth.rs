@@ -39,16 +39,8 @@ pub(crate) fn request_session<'r>(request: &'r Request<'_>) -> Option<&'r User> 
 }
 
 /// Only a safe place to go back to after login: a site-relative path.
-pub fn safe_next(next: &str) -> &str {
-    let ok = next.starts_with('/')
-        && !next.starts_with("//")
-        && !next.contains('\\')
-        && !next.chars().any(|c| c.is_control());
-    if ok {
-        next
-    } else {
-        "/"
-    }
+pub fn safe_next(next: &str) -> String {
+    stored_messages::local_path(next).unwrap_or_else(|| "/".to_string())
 }
 
 #[derive(Debug, FromForm)]
@@ -68,7 +60,7 @@ fn login_page(
     next: Option<&str>,
     messages: Messages<'_>,
 ) -> Result<Page, Redirect> {
-    let next = safe_next(next.unwrap_or("/")).to_string();
+    let next = safe_next(next.unwrap_or("/"));
     if user.is_some() {
         return Err(Redirect::to(next));
     }
@@ -90,7 +82,7 @@ async fn login(
         .field_value("username")
         .unwrap_or("")
         .to_string();
-    let next = safe_next(form.context.field_value("next").unwrap_or("/")).to_string();
+    let next = safe_next(form.context.field_value("next").unwrap_or("/"));
     let failed = |status: Status, error: &str| {
         Page::render(
             "auth/login",
@@ -111,9 +103,7 @@ async fn login(
                 .same_site(SameSite::Lax)
                 .http_only(true);
             jar.add_private(cookie);
-            Ok(Redirect::to(
-                safe_next(input.next.unwrap_or("/")).to_string(),
-            ))
+            Ok(Redirect::to(safe_next(input.next.unwrap_or("/"))))
         }
         Ok(None) => Err(failed(
             Status::Unauthorized,

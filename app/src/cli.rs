@@ -4,7 +4,7 @@
 //! Every command reads the same configuration as `serve` (Rocket.toml and `ROCKET_*`
 //! variables), and fails with one clear line and a non-zero exit code.
 
-use std::io::{BufRead, IsTerminal};
+use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -155,11 +155,16 @@ async fn execute(command: Command, figment: Figment) -> Result<(), String> {
         }
         Command::Send { to, message } => {
             let message = message.parse()?;
-            let names: Vec<String> = to
-                .iter()
-                .map(|n| n.trim().to_string())
-                .filter(|n| !n.is_empty())
-                .collect();
+            // Each name once, in the order given.
+            let mut names: Vec<String> = Vec::new();
+            for name in to.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+                if !names.iter().any(|n| n == name) {
+                    names.push(name.to_string());
+                }
+            }
+            if names.is_empty() {
+                return Err("--to names no user: give at least one username".to_string());
+            }
             let ids = users.ids_by_names(&names).await.map_err(user_error)?;
             let started = std::time::Instant::now();
             let delivery = store
@@ -201,21 +206,31 @@ async fn execute(command: Command, figment: Figment) -> Result<(), String> {
                 .inbox_list(user.user_id(), ListQuery::ALL)
                 .await
                 .map_err(|e| report(&e))?;
-            println!(
+            // Written line by line; a reader that stops early (`| head`) ends the listing
+            // quietly instead of a panic over a broken pipe.
+            let mut out = std::io::stdout().lock();
+            let mut lines = vec![format!(
                 "{} unread message{} for {}",
                 inbox.len(),
                 if inbox.len() == 1 { "" } else { "s" },
                 name
-            );
-            for m in inbox {
-                let tag = store.level_tags().tag(m.level);
-                println!(
+            )];
+            lines.extend(inbox.iter().map(|m| {
+                format!(
                     "{}  {}  [{}] {}",
                     m.id,
                     m.date.format("%Y-%m-%d %H:%M:%S"),
-                    tag,
-                    m.message
-                );
+                    printable(store.level_tags().tag(m.level)),
+                    printable(&m.message)
+                )
+            }));
+            for line in lines {
+                if let Err(e) = writeln!(out, "{line}") {
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        break;
+                    }
+                    return Err(format!("cannot write the listing: {e}"));
+                }
             }
         }
         Command::Cleanup => {
@@ -227,6 +242,22 @@ async fn execute(command: Command, figment: Figment) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `text` on one line of a terminal: control characters (line breaks, and anything that a
+/// terminal would take as a command, such as ESC or BEL, in messages stored before such
+/// text was refused) are shown escaped (`\n`, `\u{1b}`).
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
 }
 
 /// Records a send or broadcast from the command line in the admin audit, as actor

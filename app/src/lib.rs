@@ -40,6 +40,21 @@ pub mod jobs;
 pub mod pages;
 pub mod users;
 
+/// Headers of every response, beside Rocket's own (`X-Content-Type-Options`,
+/// `X-Frame-Options`, `Permissions-Policy`): the pages load scripts and styles from
+/// `/static` only (no inline code anywhere), and links to other sites carry no path.
+const SECURITY_HEADERS: [(&str, &str); 2] = [
+    (
+        "Content-Security-Policy",
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+         object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'",
+    ),
+    ("Referrer-Policy", "same-origin"),
+];
+
+/// The form limit unless the configuration sets `limits.form` itself.
+const FORM_LIMIT: &str = "64 KiB";
+
 /// The reference app with Rocket's usual configuration (Rocket.toml, `ROCKET_*`).
 pub fn rocket() -> Rocket<Build> {
     rocket_from(rocket::Config::figment())
@@ -47,6 +62,9 @@ pub fn rocket() -> Rocket<Build> {
 
 /// The reference app over a given figment (tests build theirs in code).
 pub fn rocket_from(figment: Figment) -> Rocket<Build> {
+    // A message may be 4,000 characters of up to 4 bytes each, which a urlencoded form
+    // triples: Rocket's default form limit (32 KiB) is too small for the longest one.
+    let figment = figment.join(("limits.form", FORM_LIMIT));
     rocket::custom(figment)
         .attach(AdHoc::try_on_ignite(
             "reference app users",
@@ -87,6 +105,15 @@ pub fn rocket_from(figment: Figment) -> Rocket<Build> {
             })
         }))
         .attach(stored_messages::template::fairing())
+        .attach(AdHoc::on_response("security headers", |_, response| {
+            Box::pin(async move {
+                for (name, value) in SECURITY_HEADERS {
+                    if !response.headers().contains(name) {
+                        response.set_raw_header(name, value);
+                    }
+                }
+            })
+        }))
         .mount("/", pages::routes())
         .mount("/", auth::routes())
         .mount("/", admin::routes())

@@ -21,6 +21,9 @@ use crate::message::{Message, UserId};
 use crate::ops::Store;
 use crate::request::StreamMessage;
 
+/// The largest HTML body the fairing reads to look for helper markers (16 MiB).
+const MAX_SCANNED_BODY: usize = 16 << 20;
+
 /// Replaces the markers of an HTML response with the data of its request's user.
 ///
 /// `unread` is the user's inbox as the request left it, when the request loaded it (the
@@ -34,6 +37,13 @@ pub(crate) async fn fill<'r>(
 ) {
     if response.content_type() != Some(ContentType::HTML) {
         return;
+    }
+    // Helpers print into rendered templates, which are in-memory bodies of a known size: a
+    // streamed body (unknown size) is passed on untouched, never read into memory, and so is
+    // one too large to be a rendered page.
+    match response.body().preset_size() {
+        Some(size) if size <= MAX_SCANNED_BODY => {}
+        _ => return,
     }
     let body = match response.body_mut().to_string().await {
         Ok(body) => body,

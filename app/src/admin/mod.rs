@@ -91,7 +91,7 @@ fn login_first(
     if user.is_some() {
         return Err(Status::NotFound);
     }
-    let next = crate::auth::safe_next(request_uri.path().as_str()).to_string();
+    let next = crate::auth::safe_next(request_uri.path().as_str());
     Ok(Redirect::to(format!("/login?next={}", url_escape(&next))))
 }
 

@@ -84,8 +84,10 @@ fn send_and_read_back(cli: &Cli) {
         None,
     );
     assert!(out.contains("to 2 users: alice, bob"), "{out}");
+    let out = cli.ok(&["send", "--to", "alice,alice, alice", "once"], None);
+    assert!(out.contains("to 1 user: alice"), "each name once: {out}");
     let out = cli.ok(&["inbox", "alice"], None);
-    assert!(out.contains("2 unread messages for alice"), "{out}");
+    assert!(out.contains("3 unread messages for alice"), "{out}");
     assert!(out.contains("[stored info] hello ❤"), "{out}");
     assert!(out.contains("[stored warning] disk full"), "{out}");
     let out = cli.ok(&["broadcast", "everyone"], None);
@@ -117,7 +119,7 @@ fn createuser_send_and_inbox_on_sqlite() {
             .await
             .unwrap()
     });
-    assert_eq!(entries.len(), 3, "two sends and a broadcast");
+    assert_eq!(entries.len(), 4, "three sends and a broadcast");
     assert!(entries.iter().all(|e| e.actor == "command line"));
     assert_eq!(
         (entries[0].audience.as_str(), entries[0].audience_size),
@@ -174,6 +176,21 @@ fn bad_input_fails_with_one_clear_line() {
             &["send", "--to", "alice", "  "],
             None,
             "message text is empty",
+        ),
+        (
+            &["send", "--to", "", "x"],
+            None,
+            "give at least one username",
+        ),
+        (
+            &["send", "--to", " , ", "x"],
+            None,
+            "give at least one username",
+        ),
+        (
+            &["send", "--to", "alice", "\u{1b}]0;pwned\u{7}"],
+            None,
+            "control characters",
         ),
         (
             &["createuser", "alice"],

@@ -435,3 +435,60 @@ mod mounting_and_csrf {
         }
     }
 }
+
+mod untouched {
+    //! Responses the fairing must leave alone: a page without helpers is passed on as it
+    //! is, and a streamed HTML body is never read into memory.
+
+    use rocket::http::{ContentType, Status};
+    use rocket::local::asynchronous::Client;
+    use rocket::response::stream::TextStream;
+    use rocket::{get, routes};
+    use stored_messages::StoredMessages;
+
+    use super::CookieHost;
+
+    #[get("/streamed")]
+    fn streamed() -> (ContentType, TextStream![&'static str]) {
+        (
+            ContentType::HTML,
+            TextStream! {
+                for _ in 0..1000 {
+                    yield "<p>a line of a long streamed page</p>\n";
+                }
+            },
+        )
+    }
+
+    #[get("/static")]
+    fn fixed() -> rocket::response::content::RawHtml<&'static str> {
+        rocket::response::content::RawHtml("<p>no helpers <!-- a comment --></p>")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streamed_and_helperless_pages_pass_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let figment = crate::common::test_figment(&crate::common::sqlite_url(&dir));
+        let rocket = rocket::custom(figment)
+            .attach(StoredMessages::fairing(CookieHost))
+            .attach(stored_messages::template::fairing())
+            .mount("/", routes![streamed, fixed]);
+        let client = Client::tracked(rocket).await.unwrap();
+
+        let response = client.get("/streamed").dispatch().await;
+        assert_eq!(response.status(), Status::Ok);
+        assert_eq!(
+            response.body().preset_size(),
+            None,
+            "still streamed, not buffered into a sized body"
+        );
+        let body = response.into_string().await.unwrap();
+        assert_eq!(body.lines().count(), 1000);
+
+        let response = client.get("/static").dispatch().await;
+        assert_eq!(
+            response.into_string().await.as_deref(),
+            Some("<p>no helpers <!-- a comment --></p>")
+        );
+    }
+}

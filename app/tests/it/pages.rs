@@ -14,6 +14,10 @@ app_tests!(
     stored_message_lands_in_the_inbox,
     consumed_stream_empties_the_inbox_and_archive_keeps_it,
     keep_leaves_everything_unread,
+    head_and_prefetch_consume_nothing,
+    the_longest_message_fits_the_form,
+    odd_next_values_redirect_instead_of_failing,
+    private_pages_are_not_cached_and_carry_security_headers,
     anonymous_stored_level_falls_back_to_flash,
     empty_message_is_dropped,
     stored_and_flash_consumed_together,
@@ -183,6 +187,82 @@ async fn keep_leaves_everything_unread(app: &TestApp) {
         "still there after keep"
     );
     assert!(TestApp::inbox_texts(&b, alice).await.is_empty());
+}
+
+async fn the_longest_message_fits_the_form(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    let longest = "❤".repeat(stored_messages::MAX_TEXT_CHARS);
+    assert_eq!(add(&b, "stored_info", &longest).await, Status::SeeOther);
+    assert_eq!(TestApp::inbox_texts(&b, alice).await, [longest]);
+}
+
+async fn head_and_prefetch_consume_nothing(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    add(&b, "stored_info", "still unread").await;
+    add(&b, "info", "still flashed").await;
+    let head = b.client.head("/").dispatch().await;
+    assert_eq!(head.status(), Status::Ok);
+    let prefetch = b
+        .client
+        .get("/")
+        .header(rocket::http::Header::new("Sec-Purpose", "prefetch"))
+        .dispatch()
+        .await;
+    let html = prefetch.into_string().await.unwrap();
+    assert_eq!(stream_texts(&html), ["still unread", "still flashed"]);
+    assert_eq!(TestApp::inbox_texts(&b, alice).await, ["still unread"]);
+    // The user's own visit consumes them, once.
+    let (_, html) = b.get_html("/").await;
+    assert_eq!(stream_texts(&html), ["still unread", "still flashed"]);
+    let (_, html) = b.get_html("/").await;
+    assert!(stream_texts(&html).is_empty());
+}
+
+async fn odd_next_values_redirect_instead_of_failing(app: &TestApp) {
+    app.user("alice", false).await;
+    let b = browser(app).await;
+    let r = b
+        .post_form(
+            "/login",
+            &[
+                ("username", "alice"),
+                ("password", "password123"),
+                ("next", "/x y"),
+            ],
+        )
+        .await;
+    assert_redirect(&r, "/x%20y");
+    let r = b.client.get("/login?next=/%E2%9D%A4").dispatch().await;
+    assert_redirect(&r, "/%E2%9D%A4");
+    for next in ["/a\tb", "/a\u{1b}b", "//evil.example", "/\\evil"] {
+        let r = b
+            .post_form("/messages/mark_all_read", &[("next", next)])
+            .await;
+        assert_redirect(&r, "/");
+    }
+}
+
+async fn private_pages_are_not_cached_and_carry_security_headers(app: &TestApp) {
+    let (b, _alice) = logged_in(app, "alice").await;
+    let page = b.client.get("/").dispatch().await;
+    assert_eq!(page.headers().get_one("Cache-Control"), Some("no-store"));
+    let csp = page
+        .headers()
+        .get_one("Content-Security-Policy")
+        .unwrap_or("");
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert_eq!(
+        page.headers().get_one("Referrer-Policy"),
+        Some("same-origin")
+    );
+    let api = b.client.get("/messages/count").dispatch().await;
+    assert_eq!(api.headers().get_one("Cache-Control"), Some("no-store"));
+    // Static files stay cacheable.
+    let css = b.client.get("/static/style.css").dispatch().await;
+    assert_eq!(css.headers().get_one("Cache-Control"), None);
 }
 
 async fn anonymous_stored_level_falls_back_to_flash(app: &TestApp) {
