@@ -9,6 +9,9 @@
 //!   first 512 bytes of the body. That is all of a body a Rocket fairing can see
 //!   ([`rocket::data::Data::peek`]); a form that puts the hidden field first always meets it.
 //!
+//! A request whose `Origin` names another site than its `Host` is refused whatever its
+//! token (browsers send `Origin` with every POST; behind a proxy, pass `Host` on).
+//!
 //! A request without a valid token is rerouted, before any handler runs, to a route that
 //! answers 403 (JSON under the API's base, the host's 403 catcher elsewhere): no handler can
 //! forget the check, and nothing changes. Safe methods (GET, HEAD, OPTIONS) are never checked.
@@ -197,6 +200,16 @@ pub(crate) async fn check(request: &mut Request<'_>, data: &mut Data<'_>, policy
         return;
     }
     let expected = ensure_token(request);
+    if cross_origin(request) {
+        log::info!(
+            "stored-messages: {} {} refused: sent from another site ({})",
+            request.method(),
+            request.uri().path(),
+            request.headers().get_one("Origin").unwrap_or("")
+        );
+        reject(request, policy, in_api);
+        return;
+    }
     let mut sent = request.headers().get_one(CSRF_HEADER).map(str::to_string);
     if sent.is_none() {
         if let Some(content_type) = request.content_type() {
@@ -217,6 +230,11 @@ pub(crate) async fn check(request: &mut Request<'_>, data: &mut Data<'_>, policy
         request.method(),
         request.uri().path()
     );
+    reject(request, policy, in_api);
+}
+
+/// Reroutes `request` to the 403 route of its side (the API's, or the host's).
+fn reject(request: &mut Request<'_>, policy: &Policy, in_api: bool) {
     let target = match policy.api.as_deref() {
         Some(api) if in_api => format!("{api}{API_REJECTED}"),
         _ => REJECTED_PATH.to_string(),
@@ -225,6 +243,39 @@ pub(crate) async fn check(request: &mut Request<'_>, data: &mut Data<'_>, policy
     if let Ok(uri) = rocket::http::uri::Origin::parse_owned(target) {
         request.set_uri(uri);
     }
+}
+
+/// Whether the request says it comes from another site: browsers send `Origin` with every
+/// cross-site POST (and with same-site ones), so an `Origin` whose host and port differ from
+/// the `Host` the request was sent to, or the opaque `null`, is refused even with a valid
+/// token. Without either header (old clients, scripts) the token alone decides. Behind a
+/// proxy, the proxy must pass the browser's `Host` on (nginx: `proxy_set_header Host $host`).
+fn cross_origin(request: &Request<'_>) -> bool {
+    let headers = request.headers();
+    let (Some(origin), Some(host)) = (headers.get_one("Origin"), headers.get_one("Host")) else {
+        return false;
+    };
+    let Ok(origin) = url::Url::parse(origin) else {
+        // `null` (a sandboxed frame, a privacy-sensitive redirect) or garbage.
+        return true;
+    };
+    let (Some(origin_host), Some(origin_port)) =
+        (origin.host_str(), origin.port_or_known_default())
+    else {
+        return true;
+    };
+    // `Host` is `name` or `name:port` (`[v6]:port` for IPv6); no port means the origin
+    // scheme's default.
+    let (host_name, host_port) = match host.rsplit_once(':') {
+        Some((name, port)) if !port.contains(']') => (name, port.parse().ok()),
+        _ => (host, None),
+    };
+    let default_port = match origin.scheme() {
+        "https" => 443,
+        _ => 80,
+    };
+    let host_port = host_port.unwrap_or(default_port);
+    !(host_name.eq_ignore_ascii_case(origin_host) && host_port == origin_port)
 }
 
 /// How much of a body the fairing can see (Rocket's peek buffer holds at most 512 bytes).

@@ -492,3 +492,79 @@ mod untouched {
         );
     }
 }
+
+mod origin {
+    //! A valid token is not enough from another site: `Origin` must be this site's.
+
+    use rocket::http::{Header, Status};
+    use rocket::local::asynchronous::Client;
+    use rocket::{get, post, routes};
+    use stored_messages::StoredMessages;
+
+    use super::CookieHost;
+
+    #[get("/blank")]
+    fn blank() -> &'static str {
+        "nothing"
+    }
+
+    #[post("/act")]
+    fn act() -> &'static str {
+        "done"
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cross_site_origins_are_refused_even_with_a_valid_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let figment = crate::common::test_figment(&crate::common::sqlite_url(&dir));
+        let rocket = rocket::custom(figment)
+            .attach(StoredMessages::fairing(CookieHost))
+            .mount("/", routes![blank, act]);
+        let client = Client::tracked(rocket).await.unwrap();
+        client.get("/blank").dispatch().await;
+        let token = client
+            .cookies()
+            .get_private(stored_messages::csrf::CSRF_COOKIE)
+            .unwrap()
+            .value()
+            .to_string();
+        let post = |origin: Option<&'static str>, host: &'static str| {
+            let mut request = client
+                .post("/act")
+                .header(Header::new("X-CSRF-Token", token.clone()))
+                .header(Header::new("Host", host));
+            if let Some(origin) = origin {
+                request = request.header(Header::new("Origin", origin));
+            }
+            request.dispatch()
+        };
+        for (origin, host, expected) in [
+            (None, "app.example", Status::Ok),
+            (Some("https://app.example"), "app.example", Status::Ok),
+            (Some("https://app.example"), "app.example:443", Status::Ok),
+            (Some("http://127.0.0.1:8000"), "127.0.0.1:8000", Status::Ok),
+            (
+                Some("https://evil.example"),
+                "app.example",
+                Status::Forbidden,
+            ),
+            (
+                Some("https://app.example.evil"),
+                "app.example",
+                Status::Forbidden,
+            ),
+            (
+                Some("http://app.example:8080"),
+                "app.example",
+                Status::Forbidden,
+            ),
+            (Some("null"), "app.example", Status::Forbidden),
+        ] {
+            assert_eq!(
+                post(origin, host).await.status(),
+                expected,
+                "{origin:?} to {host}"
+            );
+        }
+    }
+}
