@@ -1,14 +1,17 @@
 //! Login, logout and the guards that tell pages who is logged in.
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rocket::form::{Contextual, Form};
-use rocket::http::{Cookie, CookieJar, SameSite, Status};
+use rocket::http::{Cookie, CookieJar, Header, SameSite, Status};
 use rocket::request::{FromRequest, Outcome};
 use rocket::response::Redirect;
 use rocket::{Request, Route, State};
 use rocket_dyn_templates::context;
 
+use crate::throttle::LoginThrottle;
 use crate::users::{session, session_value, User, Users, SESSION_COOKIE};
 use stored_messages::report;
 use stored_messages::template::Page;
@@ -70,13 +73,23 @@ fn login_page(
     ))
 }
 
+/// Why a login did not log in: the form again (with its error and status), or the form with
+/// `Retry-After` while the throttle holds this login back.
+#[derive(Responder)]
+enum Refused {
+    Form(Page),
+    Wait(Page, Header<'static>),
+}
+
 #[post("/login", data = "<form>")]
 async fn login(
     form: Form<Contextual<'_, LoginForm<'_>>>,
     users: &State<Arc<Users>>,
+    throttle: &State<LoginThrottle>,
+    address: Option<IpAddr>,
     jar: &CookieJar<'_>,
     messages: Messages<'_>,
-) -> Result<Redirect, Page> {
+) -> Result<Redirect, Refused> {
     let raw_name = form
         .context
         .field_value("username")
@@ -91,13 +104,36 @@ async fn login(
         .status(status)
     };
     let Some(input) = &form.value else {
-        return Err(failed(
+        return Err(Refused::Form(failed(
             Status::UnprocessableEntity,
             "Enter a username and a password.",
+        )));
+    };
+    let wait = |wait: Duration| {
+        let seconds = wait.as_secs().max(1);
+        let page = failed(
+            Status::TooManyRequests,
+            &format!("Too many failed attempts: try again in {seconds} s."),
+        );
+        Refused::Wait(page, Header::new("Retry-After", seconds.to_string()))
+    };
+    if let Some(left) = throttle.locked(input.username, address) {
+        return Err(wait(left));
+    }
+    let Some(permit) = throttle.check_permit().await else {
+        return Err(Refused::Wait(
+            failed(
+                Status::ServiceUnavailable,
+                "Too many logins at once: try again in a moment.",
+            ),
+            Header::new("Retry-After", "1"),
         ));
     };
-    match users.verify(input.username, input.password).await {
+    let verified = users.verify(input.username, input.password).await;
+    drop(permit);
+    match verified {
         Ok(Some(user)) => {
+            throttle.succeeded(input.username, address);
             let cookie = Cookie::build((SESSION_COOKIE, session_value(&user)))
                 .path("/")
                 .same_site(SameSite::Lax)
@@ -105,16 +141,19 @@ async fn login(
             jar.add_private(cookie);
             Ok(Redirect::to(safe_next(input.next.unwrap_or("/"))))
         }
-        Ok(None) => Err(failed(
-            Status::Unauthorized,
-            "Unknown username or wrong password.",
-        )),
+        Ok(None) => match throttle.failed(input.username, address) {
+            Some(locked) => Err(wait(locked)),
+            None => Err(Refused::Form(failed(
+                Status::Unauthorized,
+                "Unknown username or wrong password.",
+            ))),
+        },
         Err(e) => {
             log::error!("reference app: login failed: {}", report(&e));
-            Err(failed(
+            Err(Refused::Form(failed(
                 Status::ServiceUnavailable,
                 "Logging in is unavailable right now, try again shortly.",
-            ))
+            )))
         }
     }
 }

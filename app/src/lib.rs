@@ -38,6 +38,7 @@ pub mod auth;
 pub mod cli;
 pub mod jobs;
 pub mod pages;
+pub mod throttle;
 pub mod users;
 
 /// Headers of every response, beside Rocket's own (`X-Content-Type-Options`,
@@ -79,6 +80,7 @@ pub fn rocket_from(figment: Figment) -> Rocket<Build> {
                             .unwrap_or(admin::DEFAULT_BACKGROUND_THRESHOLD);
                         Ok(rocket
                             .manage(Jobs::new(users.clone()))
+                            .manage(throttle::LoginThrottle::default())
                             .manage(admin::BackgroundThreshold(threshold))
                             .manage(users)
                             .attach(StoredMessages::fairing(host)))

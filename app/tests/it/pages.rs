@@ -17,6 +17,7 @@ app_tests!(
     head_and_prefetch_consume_nothing,
     the_longest_message_fits_the_form,
     odd_next_values_redirect_instead_of_failing,
+    repeated_wrong_passwords_lock_the_login_out,
     private_pages_are_not_cached_and_carry_security_headers,
     anonymous_stored_level_falls_back_to_flash,
     empty_message_is_dropped,
@@ -240,6 +241,33 @@ async fn odd_next_values_redirect_instead_of_failing(app: &TestApp) {
             .await;
         assert_redirect(&r, "/");
     }
+}
+
+async fn repeated_wrong_passwords_lock_the_login_out(app: &TestApp) {
+    app.user("alice", false).await;
+    app.user("bob", false).await;
+    let b = browser(app).await;
+    let attempt = |password: &'static str| {
+        let b = &b;
+        async move {
+            b.post_form("/login", &[("username", "alice"), ("password", password)])
+                .await
+        }
+    };
+    for _ in 1..stored_messages_app::throttle::FREE_FAILURES {
+        assert_eq!(attempt("wrong-password").await.status(), Status::Unauthorized);
+    }
+    let locked = attempt("wrong-password").await;
+    assert_eq!(locked.status(), Status::TooManyRequests);
+    assert_eq!(locked.headers().get_one("Retry-After"), Some("1"));
+    let html = locked.into_string().await.unwrap();
+    assert!(html.contains("Too many failed attempts"), "{html}");
+    // Even the right password waits; another user does not.
+    assert_eq!(attempt("password123").await.status(), Status::TooManyRequests);
+    let r = b
+        .post_form("/login", &[("username", "bob"), ("password", "password123")])
+        .await;
+    assert_eq!(r.status(), Status::SeeOther);
 }
 
 async fn private_pages_are_not_cached_and_carry_security_headers(app: &TestApp) {
