@@ -23,16 +23,58 @@ pub const SESSION_COOKIE: &str = "sm_session";
 pub const MAX_USERNAME_CHARS: usize = 64;
 /// Shortest password accepted.
 pub const MIN_PASSWORD_CHARS: usize = 8;
+/// Longest password accepted (the login form takes no more).
+pub const MAX_PASSWORD_CHARS: usize = 1024;
+
+/// Passwords refused whatever their length: the most common ones.
+const COMMON_PASSWORDS: &[&str] = &[
+    "password",
+    "password1",
+    "password12",
+    "password123",
+    "passw0rd",
+    "12345678",
+    "123456789",
+    "1234567890",
+    "11111111",
+    "00000000",
+    "87654321",
+    "qwertyui",
+    "qwertyuiop",
+    "qwerty123",
+    "iloveyou",
+    "abcdefgh",
+    "abc12345",
+    "letmein1",
+    "welcome1",
+    "admin123",
+    "sunshine",
+    "football",
+    "baseball",
+    "princess",
+    "superman",
+    "trustno1",
+    "changeme",
+];
 
 /// Why a user could not be created or found.
 #[derive(Debug, thiserror::Error)]
 pub enum UserError {
     /// Bad username.
-    #[error("invalid username \"{0}\": use 1 to 64 letters, digits, '.', '_', '-' or '@'")]
+    #[error(
+        "invalid username \"{0}\": use 1 to 64 ASCII letters, digits, '.', '_', '-' or '@' \
+         (letters are lowercased)"
+    )]
     InvalidUsername(String),
     /// Password too short.
     #[error("password is too short: at least {MIN_PASSWORD_CHARS} characters")]
     PasswordTooShort,
+    /// Password too long to be typed into the login form.
+    #[error("password is too long: at most {MAX_PASSWORD_CHARS} characters")]
+    PasswordTooLong,
+    /// Password easy to guess.
+    #[error("password is too easy to guess: {0}")]
+    PasswordTooWeak(&'static str),
     /// Username taken.
     #[error("user \"{0}\" already exists")]
     Exists(String),
@@ -79,16 +121,60 @@ pub struct Users {
 
 /// Checks a username: 1–64 characters of letters, digits, `.`, `_`, `-`, `@`.
 pub fn check_username(name: &str) -> Result<(), UserError> {
+    normalize_username(name).map(|_| ())
+}
+
+/// The one spelling of a username: ASCII letters lowercased, digits, `.`, `_`, `-`, `@`.
+/// Usernames are compared in this form, so `Alice` is `alice`; letters outside ASCII
+/// (Cyrillic `а`, fullwidth `ａ`) are refused, since they can look like ASCII ones.
+///
+/// # Errors
+///
+/// [`UserError::InvalidUsername`] for anything else, or more than 64 characters.
+pub fn normalize_username(name: &str) -> Result<String, UserError> {
+    let name = name.trim();
     let ok = !name.is_empty()
-        && name.chars().count() <= MAX_USERNAME_CHARS
+        && name.len() <= MAX_USERNAME_CHARS
         && name
-            .chars()
-            .all(|c| c.is_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'));
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@'));
     if ok {
-        Ok(())
+        Ok(name.to_ascii_lowercase())
     } else {
         Err(UserError::InvalidUsername(name.to_string()))
     }
+}
+
+/// Whether `password` may be `username`'s: 8 to 1,024 characters, not only spaces, not the
+/// username, not one of the most common passwords.
+///
+/// # Errors
+///
+/// [`UserError::PasswordTooShort`], [`UserError::PasswordTooLong`] or
+/// [`UserError::PasswordTooWeak`], saying why.
+pub fn check_password(username: &str, password: &str) -> Result<(), UserError> {
+    let length = password.chars().count();
+    if length < MIN_PASSWORD_CHARS {
+        return Err(UserError::PasswordTooShort);
+    }
+    if length > MAX_PASSWORD_CHARS {
+        return Err(UserError::PasswordTooLong);
+    }
+    if password.trim().is_empty() {
+        return Err(UserError::PasswordTooWeak("it is only spaces"));
+    }
+    let lowered = password.to_lowercase();
+    if lowered == username.to_lowercase() {
+        return Err(UserError::PasswordTooWeak("it is the username"));
+    }
+    if COMMON_PASSWORDS.contains(&lowered.as_str())
+        || lowered.chars().all(|c| lowered.starts_with(c))
+    {
+        return Err(UserError::PasswordTooWeak(
+            "it is one of the most common passwords",
+        ));
+    }
+    Ok(())
 }
 
 /// An argon2id hash of `password` in PHC form.
@@ -138,12 +224,10 @@ impl Users {
         password: &str,
         is_admin: bool,
     ) -> Result<User, UserError> {
-        check_username(username)?;
-        if password.chars().count() < MIN_PASSWORD_CHARS {
-            return Err(UserError::PasswordTooShort);
-        }
+        let username = normalize_username(username)?;
+        check_password(&username, password)?;
         let hash = hash_password(password)?;
-        self.insert_hashed(username, &hash, is_admin).await
+        self.insert_hashed(&username, &hash, is_admin).await
     }
 
     /// Creates a user from an existing password hash (bulk seeding, imports).
@@ -153,7 +237,7 @@ impl Users {
         hash: &str,
         is_admin: bool,
     ) -> Result<User, UserError> {
-        check_username(username)?;
+        let username = &normalize_username(username)?;
         let sql = "insert into app_users (username, password_hash, is_admin, created_us) \
                    values ($1, $2, $3, $4) on conflict (username) do nothing \
                    returning id, username, is_admin";
@@ -172,6 +256,9 @@ impl Users {
 
     /// The user called `username`.
     pub async fn by_name(&self, username: &str) -> Result<Option<User>, UserError> {
+        let Ok(username) = normalize_username(username) else {
+            return Ok(None);
+        };
         let sql = "select id, username, is_admin from app_users where username = $1";
         Ok(
             with_pool!(&self.pool, pool => sqlx::query_as(sql).bind(username).fetch_optional(pool).await?),
@@ -190,7 +277,10 @@ impl Users {
     /// timing does not tell which usernames exist.
     pub async fn verify(&self, username: &str, password: &str) -> Result<Option<User>, UserError> {
         let sql = "select id, username, is_admin, password_hash from app_users where username = $1";
-        let row: Option<(i64, String, bool, String)> = with_pool!(&self.pool, pool => sqlx::query_as(sql).bind(username).fetch_optional(pool).await?);
+        // A name that cannot exist is looked up as the empty name, which finds nobody: the
+        // dummy hash below then costs what a real check does.
+        let username = normalize_username(username).unwrap_or_default();
+        let row: Option<(i64, String, bool, String)> = with_pool!(&self.pool, pool => sqlx::query_as(sql).bind(&username).fetch_optional(pool).await?);
         let password = password.to_string();
         let checked = rocket::tokio::task::spawn_blocking(move || match row {
             Some((id, username, is_admin, hash)) => {
@@ -313,6 +403,45 @@ pub fn random_password() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usernames_have_one_ascii_spelling() {
+        assert_eq!(normalize_username(" Alice ").unwrap(), "alice");
+        assert!(normalize_username("bob.o'").is_err());
+        for confusable in [
+            "\u{430}lice",
+            "\u{ff41}\u{ff4c}\u{ff49}\u{ff43}\u{ff45}",
+            "al ice",
+            "",
+        ] {
+            assert!(normalize_username(confusable).is_err(), "{confusable:?}");
+        }
+        assert!(normalize_username(&"a".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn weak_and_overlong_passwords_are_refused() {
+        for (password, ok) in [
+            ("correct horse battery", true),
+            ("password", false),
+            ("PassWord123", false),
+            ("        ", false),
+            ("aaaaaaaaaaaa", false),
+            ("alice-smith", false),
+            ("short", false),
+        ] {
+            assert_eq!(
+                check_password("alice-smith", password).is_ok(),
+                ok,
+                "{password:?}"
+            );
+        }
+        assert!(matches!(
+            check_password("alice", &"x1".repeat(513)),
+            Err(UserError::PasswordTooLong)
+        ));
+        assert!(check_password("alice", &"x1".repeat(512)).is_ok());
+    }
 
     #[test]
     fn passwords_verify_against_their_hash_only() {

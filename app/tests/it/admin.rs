@@ -69,7 +69,7 @@ async fn admin_pages_are_for_admins_only(app: &TestApp) {
             "/login",
             &[
                 ("username", "root"),
-                ("password", "password123"),
+                ("password", "horse-battery-9"),
                 ("next", "/admin/broadcast"),
             ],
         )

@@ -300,7 +300,7 @@ async fn large_broadcast_shows_progress_until_done() {
     };
     // arrange: an admin and 30 users (one password hash for all: argon2 is slow on purpose)
     app.user("root", true).await;
-    let hash = stored_messages_app::users::hash_password("password123").unwrap();
+    let hash = stored_messages_app::users::hash_password("horse-battery-9").unwrap();
     let mut everyone = vec![app.users.by_name("root").await.unwrap().unwrap().user_id()];
     for i in 1..=30 {
         let user = app
@@ -515,7 +515,7 @@ impl Served {
             .unwrap_or_else(|e| panic!("opening {path}: {e}"));
     }
 
-    /// Logs in as `username` (password "password123") through the login form, asked to come
+    /// Logs in as `username` (password "horse-battery-9") through the login form, asked to come
     /// back to `next` (a path with its query), and waits until the browser is there.
     async fn log_in(&self, username: &str, next: &str) {
         let client = &self.client;
@@ -531,7 +531,7 @@ impl Served {
             .find(Locator::Id("password"))
             .await
             .unwrap()
-            .send_keys("password123")
+            .send_keys("horse-battery-9")
             .await
             .unwrap();
         client

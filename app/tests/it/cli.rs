@@ -213,11 +213,36 @@ fn bad_input_fails_with_one_clear_line() {
             "no password on standard input",
         ),
         (&["inbox", "nobody"], None, "unknown user \"nobody\""),
+        // One spelling per name: case folds, look-alike letters are refused.
+        (
+            &["createuser", "Alice"],
+            Some("secret-password\n"),
+            "user \"alice\" already exists",
+        ),
+        (
+            &["createuser", "\u{430}lice"],
+            Some("secret-password\n"),
+            "invalid username",
+        ),
+        (
+            &["createuser", "\u{ff41}\u{ff4c}\u{ff49}\u{ff43}\u{ff45}"],
+            Some("secret-password\n"),
+            "invalid username",
+        ),
+        (&["createuser", "carol"], Some("password\n"), "too easy to guess"),
+        (&["createuser", "carol"], Some("        \n"), "too easy to guess"),
+        (&["createuser", "carol"], Some("carol\n"), "too short"),
     ];
     for (args, stdin, expected) in cases {
         let err = cli.fails(args, *stdin);
         assert!(err.contains(expected), "{args:?}: {err}");
     }
+    let long = format!("{}\n", "x1".repeat(513));
+    let err = cli.fails(&["createuser", "carol"], Some(&long));
+    assert!(err.contains("too long"), "{err}");
+    // The name logs in however it is cased.
+    let out = cli.ok(&["inbox", "ALICE"], None);
+    assert!(out.contains("for ALICE") || out.contains("for alice"), "{out}");
     // Nothing was sent by the failed commands.
     let out = cli.ok(&["inbox", "alice"], None);
     assert!(out.contains("0 unread messages"), "{out}");

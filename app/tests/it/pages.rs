@@ -227,7 +227,7 @@ async fn odd_next_values_redirect_instead_of_failing(app: &TestApp) {
             "/login",
             &[
                 ("username", "alice"),
-                ("password", "password123"),
+                ("password", "horse-battery-9"),
                 ("next", "/x y"),
             ],
         )
@@ -255,7 +255,10 @@ async fn repeated_wrong_passwords_lock_the_login_out(app: &TestApp) {
         }
     };
     for _ in 1..stored_messages_app::throttle::FREE_FAILURES {
-        assert_eq!(attempt("wrong-password").await.status(), Status::Unauthorized);
+        assert_eq!(
+            attempt("wrong-password").await.status(),
+            Status::Unauthorized
+        );
     }
     let locked = attempt("wrong-password").await;
     assert_eq!(locked.status(), Status::TooManyRequests);
@@ -263,9 +266,15 @@ async fn repeated_wrong_passwords_lock_the_login_out(app: &TestApp) {
     let html = locked.into_string().await.unwrap();
     assert!(html.contains("Too many failed attempts"), "{html}");
     // Even the right password waits; another user does not.
-    assert_eq!(attempt("password123").await.status(), Status::TooManyRequests);
+    assert_eq!(
+        attempt("horse-battery-9").await.status(),
+        Status::TooManyRequests
+    );
     let r = b
-        .post_form("/login", &[("username", "bob"), ("password", "password123")])
+        .post_form(
+            "/login",
+            &[("username", "bob"), ("password", "horse-battery-9")],
+        )
         .await;
     assert_eq!(r.status(), Status::SeeOther);
 }
@@ -650,7 +659,7 @@ async fn login_refuses_wrong_passwords_and_honours_next(app: &TestApp) {
     let r = b
         .post_form(
             "/login",
-            &[("username", "nobody"), ("password", "password123")],
+            &[("username", "nobody"), ("password", "horse-battery-9")],
         )
         .await;
     assert_eq!(r.status(), Status::Unauthorized);
@@ -663,7 +672,7 @@ async fn login_refuses_wrong_passwords_and_honours_next(app: &TestApp) {
             "/login",
             &[
                 ("username", "alice"),
-                ("password", "password123"),
+                ("password", "horse-battery-9"),
                 ("next", "https://evil.example"),
             ],
         )
@@ -675,7 +684,7 @@ async fn login_refuses_wrong_passwords_and_honours_next(app: &TestApp) {
             "/login",
             &[
                 ("username", "alice"),
-                ("password", "password123"),
+                ("password", "horse-battery-9"),
                 ("next", "/archive"),
             ],
         )
