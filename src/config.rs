@@ -69,6 +69,10 @@ pub struct Config {
     /// SQL: a delivery to at least this many consecutive user ids is stored once, as a run,
     /// instead of one row per user (default 256). See [`crate::backend::sql`].
     pub audience_min_run: u64,
+    /// Marks the library's cookies (flash queue, spill key, CSRF token) `Secure`, so browsers
+    /// send them over HTTPS only. Set it when a proxy terminates TLS in front of the app;
+    /// with Rocket's own TLS they are `Secure` already. Default `false`.
+    pub secure_cookies: bool,
 }
 
 impl Default for Config {
@@ -86,6 +90,7 @@ impl Default for Config {
             inbox_cache_messages: 100_000,
             change_poll_ms: 100,
             audience_min_run: 256,
+            secure_cookies: false,
         }
     }
 }

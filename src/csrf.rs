@@ -69,6 +69,13 @@ impl CsrfToken {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Drops this browser's token; its next page gets a new one. Call it when the session
+    /// changes hands (login, logout), so that a token known before (for instance one a
+    /// sibling subdomain planted with its cookie) is worth nothing after.
+    pub fn renew(jar: &rocket::http::CookieJar<'_>) {
+        jar.remove_private(Cookie::build(CSRF_COOKIE).path("/"));
+    }
 }
 
 /// Marks a request that was rerouted because its token was missing or wrong.
@@ -96,7 +103,15 @@ pub(crate) fn ensure_token(request: &Request<'_>) -> String {
                     .path("/")
                     .same_site(SameSite::Lax)
                     .http_only(true);
-                jar.add_private(cookie);
+                let secure = request
+                    .rocket()
+                    .state::<crate::Store>()
+                    .is_some_and(|store| store.config().secure_cookies);
+                if secure {
+                    jar.add_private(cookie.secure(true));
+                } else {
+                    jar.add_private(cookie);
+                }
                 token
             }))
         })

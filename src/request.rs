@@ -628,6 +628,11 @@ impl<'r> Messages<'r> {
     /// Writes the flash cookies for the queue as it now stands: everything when the stream is
     /// not used, only what was not shown otherwise. Overflow gets a fresh spill key; the
     /// fairing stores its payload.
+    /// Whether the library's cookies are marked `Secure` (`secure_cookies`).
+    fn secure(&self) -> bool {
+        self.store.config().secure_cookies
+    }
+
     fn rewrite_cookies(&self, inner: &mut Inner) {
         let keep: Vec<NewMessage> = inner
             .flash
@@ -637,7 +642,9 @@ impl<'r> Messages<'r> {
             .collect();
         let (head, rest) = split(&keep);
         match head {
-            Some(value) => self.jar.add_private(flash_cookie(FLASH_COOKIE, value)),
+            Some(value) => self
+                .jar
+                .add_private(flash_cookie(FLASH_COOKIE, value, self.secure())),
             None => remove_if_present(self.jar, FLASH_COOKIE),
         }
         if rest.is_empty() {
@@ -646,7 +653,7 @@ impl<'r> Messages<'r> {
         } else {
             let key = new_key();
             self.jar
-                .add_private(flash_cookie(SPILL_COOKIE, key.clone()));
+                .add_private(flash_cookie(SPILL_COOKIE, key.clone(), self.secure()));
             inner.pending_spill = Some((key, encode(rest)));
         }
         // Rocket's `_flash` message now lives in our queue (or was shown).
@@ -658,12 +665,17 @@ impl<'r> Messages<'r> {
     }
 }
 
-fn flash_cookie(name: &'static str, value: String) -> Cookie<'static> {
-    Cookie::build((name, value))
+fn flash_cookie(name: &'static str, value: String, secure: bool) -> Cookie<'static> {
+    let cookie = Cookie::build((name, value))
         .path("/")
         .same_site(SameSite::Lax)
-        .http_only(true)
-        .build()
+        .http_only(true);
+    // Unset (not `false`) unless configured, so that Rocket's TLS can still mark it.
+    if secure {
+        cookie.secure(true).build()
+    } else {
+        cookie.build()
+    }
 }
 
 fn remove_if_present(jar: &CookieJar<'_>, name: &'static str) {

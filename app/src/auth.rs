@@ -15,7 +15,7 @@ use crate::throttle::LoginThrottle;
 use crate::users::{session, session_value, User, Users, SESSION_COOKIE};
 use stored_messages::report;
 use stored_messages::template::Page;
-use stored_messages::Messages;
+use stored_messages::{CsrfToken, Messages, Store};
 
 /// The logged-in user, as the private session cookie describes them (no database query:
 /// pages only show the name). Forwards with 401 for anonymous visitors, so a lower-ranked
@@ -86,6 +86,7 @@ async fn login(
     form: Form<Contextual<'_, LoginForm<'_>>>,
     users: &State<Arc<Users>>,
     throttle: &State<LoginThrottle>,
+    store: &State<Store>,
     address: Option<IpAddr>,
     jar: &CookieJar<'_>,
     messages: Messages<'_>,
@@ -138,7 +139,13 @@ async fn login(
                 .path("/")
                 .same_site(SameSite::Lax)
                 .http_only(true);
-            jar.add_private(cookie);
+            if store.config().secure_cookies {
+                jar.add_private(cookie.secure(true));
+            } else {
+                jar.add_private(cookie);
+            }
+            // A token from before the login is worth nothing after it.
+            CsrfToken::renew(jar);
             Ok(Redirect::to(safe_next(input.next.unwrap_or("/"))))
         }
         Ok(None) => match throttle.failed(input.username, address) {
@@ -161,6 +168,7 @@ async fn login(
 #[post("/logout")]
 async fn logout(jar: &CookieJar<'_>, messages: Messages<'_>) -> Redirect {
     jar.remove_private(Cookie::build(SESSION_COOKIE).path("/"));
+    CsrfToken::renew(jar);
     let _ = messages.info("You are logged out.").await;
     Redirect::to("/login")
 }

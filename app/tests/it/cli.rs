@@ -229,8 +229,16 @@ fn bad_input_fails_with_one_clear_line() {
             Some("secret-password\n"),
             "invalid username",
         ),
-        (&["createuser", "carol"], Some("password\n"), "too easy to guess"),
-        (&["createuser", "carol"], Some("        \n"), "too easy to guess"),
+        (
+            &["createuser", "carol"],
+            Some("password\n"),
+            "too easy to guess",
+        ),
+        (
+            &["createuser", "carol"],
+            Some("        \n"),
+            "too easy to guess",
+        ),
         (&["createuser", "carol"], Some("carol\n"), "too short"),
     ];
     for (args, stdin, expected) in cases {
@@ -242,7 +250,10 @@ fn bad_input_fails_with_one_clear_line() {
     assert!(err.contains("too long"), "{err}");
     // The name logs in however it is cased.
     let out = cli.ok(&["inbox", "ALICE"], None);
-    assert!(out.contains("for ALICE") || out.contains("for alice"), "{out}");
+    assert!(
+        out.contains("for ALICE") || out.contains("for alice"),
+        "{out}"
+    );
     // Nothing was sent by the failed commands.
     let out = cli.ok(&["inbox", "alice"], None);
     assert!(out.contains("0 unread messages"), "{out}");

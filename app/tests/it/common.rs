@@ -416,7 +416,10 @@ impl TestApp {
 
     /// Creates a user (password "horse-battery-9").
     pub async fn user(&self, name: &str, admin: bool) -> stored_messages_app::users::User {
-        self.users.create(name, "horse-battery-9", admin).await.unwrap()
+        self.users
+            .create(name, "horse-battery-9", admin)
+            .await
+            .unwrap()
     }
 
     /// The texts of a user's unread messages, oldest first, as the backend has them.
@@ -492,7 +495,10 @@ impl Browser {
 
     pub async fn login_as(&self, name: &str) {
         let response = self
-            .post_form("/login", &[("username", name), ("password", "horse-battery-9")])
+            .post_form(
+                "/login",
+                &[("username", name), ("password", "horse-battery-9")],
+            )
             .await;
         assert_eq!(
             response.status(),

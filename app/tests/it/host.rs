@@ -568,3 +568,46 @@ mod origin {
         }
     }
 }
+
+mod secure_cookies {
+    //! `secure_cookies = true` marks the library's cookies `Secure`; by default Rocket decides.
+
+    use rocket::local::asynchronous::Client;
+    use rocket::{get, routes};
+    use stored_messages::{Messages, StoredMessages};
+
+    use super::CookieHost;
+
+    #[get("/flash")]
+    async fn flash(messages: Messages<'_>) -> &'static str {
+        messages.info("hello").await.unwrap();
+        "ok"
+    }
+
+    async fn set_cookies(secure: Option<bool>) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut figment = crate::common::test_figment(&crate::common::sqlite_url(&dir));
+        if let Some(secure) = secure {
+            figment = figment.merge(("stored_messages.secure_cookies", secure));
+        }
+        let rocket = rocket::custom(figment)
+            .attach(StoredMessages::fairing(CookieHost))
+            .mount("/", routes![flash]);
+        let client = Client::untracked(rocket).await.unwrap();
+        let response = client.get("/flash").dispatch().await;
+        response
+            .headers()
+            .get("Set-Cookie")
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_library_cookies_are_secure_when_configured() {
+        let secure = set_cookies(Some(true)).await;
+        assert!(secure.len() >= 2, "flash and CSRF cookies: {secure:?}");
+        assert!(secure.iter().all(|c| c.contains("Secure")), "{secure:?}");
+        let plain = set_cookies(None).await;
+        assert!(plain.iter().all(|c| !c.contains("Secure")), "{plain:?}");
+    }
+}

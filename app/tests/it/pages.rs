@@ -18,6 +18,7 @@ app_tests!(
     the_longest_message_fits_the_form,
     odd_next_values_redirect_instead_of_failing,
     repeated_wrong_passwords_lock_the_login_out,
+    the_csrf_token_changes_at_login_and_logout,
     private_pages_are_not_cached_and_carry_security_headers,
     anonymous_stored_level_falls_back_to_flash,
     empty_message_is_dropped,
@@ -277,6 +278,27 @@ async fn repeated_wrong_passwords_lock_the_login_out(app: &TestApp) {
         )
         .await;
     assert_eq!(r.status(), Status::SeeOther);
+}
+
+async fn the_csrf_token_changes_at_login_and_logout(app: &TestApp) {
+    app.user("alice", false).await;
+    let b = browser(app).await;
+    let anonymous = b.csrf_token().await;
+    b.login_as("alice").await;
+    let logged_in = b.csrf_token().await;
+    assert_ne!(anonymous, logged_in, "a new token after login");
+    // The old token no longer passes.
+    let stale = b
+        .client
+        .post("/messages/mark_all_read")
+        .header(rocket::http::Header::new("X-CSRF-Token", anonymous.clone()))
+        .dispatch()
+        .await;
+    assert_eq!(stale.status(), Status::Forbidden);
+    let r = b.post_form("/logout", &[]).await;
+    assert!(r.status().class().is_redirection());
+    let after = b.csrf_token().await;
+    assert_ne!(after, logged_in, "a new token after logout");
 }
 
 async fn private_pages_are_not_cached_and_carry_security_headers(app: &TestApp) {
