@@ -21,7 +21,7 @@ use rocket::{Build, Orbit, Request, Response, Rocket};
 use crate::api::ApiBase;
 use crate::error::report;
 use crate::flash::cookie::{FLASH_COOKIE, SPILL_COOKIE};
-use crate::flash::overflow::spill_lifetime;
+use crate::flash::overflow::{spill_lifetime, SpillQuota};
 use crate::host::Host;
 use crate::ops::Store;
 use crate::request::request_state;
@@ -43,6 +43,7 @@ use crate::{api, csrf};
 /// # }
 /// ```
 pub struct StoredMessages {
+    spill_quota: SpillQuota,
     host: Arc<dyn Host>,
     store: Option<Store>,
     csrf: bool,
@@ -54,6 +55,7 @@ impl StoredMessages {
     /// The fairing for `host`, with the backend chosen by configuration.
     pub fn fairing(host: impl Host) -> StoredMessages {
         StoredMessages {
+            spill_quota: SpillQuota::default(),
             host: Arc::new(host),
             store: None,
             csrf: true,
@@ -65,6 +67,7 @@ impl StoredMessages {
     /// The fairing over a store built by the caller (a custom backend, a shared store).
     pub fn with_store(store: Store) -> StoredMessages {
         StoredMessages {
+            spill_quota: SpillQuota::default(),
             host: Arc::clone(store.host_arc()),
             store: Some(store),
             csrf: true,
@@ -243,7 +246,12 @@ impl Fairing for StoredMessages {
                     || c.starts_with(&format!("{FLASH_COOKIE}="))
             });
             let succeeded = response.status().code < 400;
-            settle(store, state, cookies_sent, succeeded).await;
+            let client = request.client_ip();
+            let quota = &self.spill_quota;
+            settle(store, state, cookies_sent, succeeded, || {
+                quota.allow(client)
+            })
+            .await;
             // The helpers show the inbox as this request leaves it, from its own snapshot.
             if html {
                 unread = state.lock().unread_after(succeeded);
@@ -264,6 +272,7 @@ async fn settle(
     state: &crate::request::RequestState,
     cookies_sent: bool,
     succeeded: bool,
+    spill_allowed: impl FnOnce() -> bool,
 ) {
     let (pending, stale, shown) = {
         let inner = state.lock();
@@ -277,11 +286,19 @@ async fn settle(
     // old cookies, so the old spill must stay and the new one is useless.
     if cookies_sent {
         if let Some((key, payload)) = &pending {
-            let expires = chrono::Utc::now() + spill_lifetime();
-            if let Err(e) = store.flash_spill().spill_put(key, payload, expires).await {
-                log::error!(
-                    "stored-messages: writing flash spill failed: {}",
-                    report(&e)
+            // Replacing the spill the browser brought back is no growth; only new ones count.
+            if stale.is_some() || spill_allowed() {
+                let expires = chrono::Utc::now() + spill_lifetime();
+                if let Err(e) = store.flash_spill().spill_put(key, payload, expires).await {
+                    log::error!(
+                        "stored-messages: writing flash spill failed: {}",
+                        report(&e)
+                    );
+                }
+            } else {
+                log::warn!(
+                    "stored-messages: a client created too many flash spills; {} bytes of flash messages dropped",
+                    payload.len()
                 );
             }
         }

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::flash::cookie::{
     decode, encode, parse_rocket_flash, split, FLASH_COOKIE, ROCKET_FLASH_COOKIE, SPILL_COOKIE,
 };
-use crate::flash::overflow::{is_valid_key, new_key};
+use crate::flash::overflow::{is_valid_key, new_key, MAX_SPILL_BYTES};
 use crate::level::Level;
 use crate::message::{join_tags, LevelTags, Message, MessageId, NewMessage, UserId};
 use crate::ops::Store;
@@ -625,14 +625,14 @@ impl<'r> Messages<'r> {
         self.add(Level::STORED_ERROR, text).await
     }
 
-    /// Writes the flash cookies for the queue as it now stands: everything when the stream is
-    /// not used, only what was not shown otherwise. Overflow gets a fresh spill key; the
-    /// fairing stores its payload.
     /// Whether the library's cookies are marked `Secure` (`secure_cookies`).
     fn secure(&self) -> bool {
         self.store.config().secure_cookies
     }
 
+    /// Writes the flash cookies for the queue as it now stands: everything when the stream is
+    /// not used, only what was not shown otherwise. Overflow gets a fresh spill key; the
+    /// fairing stores its payload.
     fn rewrite_cookies(&self, inner: &mut Inner) {
         let keep: Vec<NewMessage> = inner
             .flash
@@ -654,7 +654,19 @@ impl<'r> Messages<'r> {
             let key = new_key();
             self.jar
                 .add_private(flash_cookie(SPILL_COOKIE, key.clone(), self.secure()));
-            inner.pending_spill = Some((key, encode(rest)));
+            // The spill keeps the newest messages that fit its size limit.
+            let mut payload = encode(rest);
+            let mut from = 0;
+            while payload.len() > MAX_SPILL_BYTES && from + 1 < rest.len() {
+                from += 1;
+                payload = encode(&rest[from..]);
+            }
+            if from > 0 {
+                log::warn!(
+                    "stored-messages: {from} flash messages dropped: the queue is over {MAX_SPILL_BYTES} bytes"
+                );
+            }
+            inner.pending_spill = Some((key, payload));
         }
         // Rocket's `_flash` message now lives in our queue (or was shown).
         if self.jar.get(ROCKET_FLASH_COOKIE).is_some() {

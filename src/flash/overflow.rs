@@ -32,6 +32,42 @@ pub fn new_key() -> String {
 /// Whether `key` looks like one of ours (so a forged key cannot reach other storage keys).
 pub use crate::backend::is_spill_key as is_valid_key;
 
+/// How many new spills one client address may create per [`SPILL_WINDOW`].
+pub const SPILLS_PER_CLIENT: u32 = 20;
+/// The window of [`SPILLS_PER_CLIENT`].
+pub const SPILL_WINDOW: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+/// The largest spill payload kept (bytes); a larger queue keeps its newest messages that fit.
+pub const MAX_SPILL_BYTES: usize = 256 * 1024;
+
+/// Bounds the server-side storage anonymous clients can make the app keep: a browser that
+/// returns its cookies holds one spill at a time (the previous one is deleted when it is
+/// replaced), but a client that never returns them would create a new one with every
+/// request. At most [`SPILLS_PER_CLIENT`] new spills per address per [`SPILL_WINDOW`] are
+/// written; beyond that the overflow is dropped (logged), and the messages that fit the
+/// cookie still arrive. One instance's count, kept in memory.
+#[derive(Debug, Default)]
+pub struct SpillQuota {
+    counts: Mutex<HashMap<Option<std::net::IpAddr>, (u32, std::time::Instant)>>,
+}
+
+impl SpillQuota {
+    /// Whether `client` may create one more spill now (and counts it).
+    pub fn allow(&self, client: Option<std::net::IpAddr>) -> bool {
+        let now = std::time::Instant::now();
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if counts.len() > 10_000 {
+            counts.retain(|_, (_, since)| now.duration_since(*since) < SPILL_WINDOW);
+        }
+        let (count, since) = counts.entry(client).or_insert((0, now));
+        if now.duration_since(*since) >= SPILL_WINDOW {
+            *count = 0;
+            *since = now;
+        }
+        *count += 1;
+        *count <= SPILLS_PER_CLIENT
+    }
+}
+
 /// A process-local spill, used by every backend without a [`FlashSpill`] of its own.
 #[derive(Debug, Default)]
 pub struct MemorySpill {

@@ -611,3 +611,62 @@ mod secure_cookies {
         assert!(plain.iter().all(|c| !c.contains("Secure")), "{plain:?}");
     }
 }
+
+mod spill_bounds {
+    //! A client that never returns its cookies cannot make the server keep spill after
+    //! spill; a browser that does return them keeps one, however often it posts.
+
+    use rocket::local::asynchronous::Client;
+    use rocket::{post, routes};
+    use stored_messages::flash::overflow::SPILLS_PER_CLIENT;
+    use stored_messages::{Messages, StoredMessages};
+
+    use super::CookieHost;
+
+    /// Queues flash messages well over the cookie's budget.
+    #[post("/big")]
+    async fn big(messages: Messages<'_>) -> &'static str {
+        for _ in 0..3 {
+            messages.info(&"x".repeat(3000)).await.unwrap();
+        }
+        "queued"
+    }
+
+    async fn spill_rows(url: &str) -> i64 {
+        use sqlx::Connection;
+        let mut connection = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::query_scalar("select count(*) from sm_flash_spill")
+            .fetch_one(&mut connection)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn anonymous_spills_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = crate::common::sqlite_url(&dir);
+        let rocket = || {
+            rocket::custom(crate::common::test_figment(&url))
+                .attach(StoredMessages::fairing(CookieHost).without_csrf())
+                .mount("/", routes![big])
+        };
+        // Never returns cookies: every post would be a new spill.
+        let forgetful = Client::untracked(rocket()).await.unwrap();
+        for _ in 0..60 {
+            forgetful.post("/big").dispatch().await;
+        }
+        assert_eq!(spill_rows(&url).await, i64::from(SPILLS_PER_CLIENT));
+        drop(forgetful);
+        // A browser brings its spill back: it holds one at a time and is never cut off.
+        let dir2 = tempfile::tempdir().unwrap();
+        let url2 = crate::common::sqlite_url(&dir2);
+        let rocket2 = rocket::custom(crate::common::test_figment(&url2))
+            .attach(StoredMessages::fairing(CookieHost).without_csrf())
+            .mount("/", routes![big]);
+        let browser = Client::tracked(rocket2).await.unwrap();
+        for _ in 0..60 {
+            browser.post("/big").dispatch().await;
+        }
+        assert_eq!(spill_rows(&url2).await, 1);
+    }
+}
