@@ -10,7 +10,8 @@
 //!   ([`rocket::data::Data::peek`]); a form that puts the hidden field first always meets it.
 //!
 //! A request whose `Origin` names another site than its `Host` is refused whatever its
-//! token (browsers send `Origin` with every POST; behind a proxy, pass `Host` on).
+//! token (browsers send `Origin` with every POST; behind a proxy, pass `Host` on with its
+//! port, nginx's `proxy_set_header Host $http_host`).
 //!
 //! A request without a valid token is rerouted, before any handler runs, to a route that
 //! answers 403 (JSON under the API's base, the host's 403 catcher elsewhere): no handler can
@@ -72,7 +73,9 @@ impl CsrfToken {
 
     /// Drops this browser's token; its next page gets a new one. Call it when the session
     /// changes hands (login, logout), so that a token known before (for instance one a
-    /// sibling subdomain planted with its cookie) is worth nothing after.
+    /// sibling subdomain planted with its cookie) is worth nothing after. Answer such a
+    /// request with a redirect: a page rendered in the same request would still print the
+    /// old token.
     pub fn renew(jar: &rocket::http::CookieJar<'_>) {
         jar.remove_private(Cookie::build(CSRF_COOKIE).path("/"));
     }
@@ -264,10 +267,16 @@ fn reject(request: &mut Request<'_>, policy: &Policy, in_api: bool) {
 /// cross-site POST (and with same-site ones), so an `Origin` whose host and port differ from
 /// the `Host` the request was sent to, or the opaque `null`, is refused even with a valid
 /// token. Without either header (old clients, scripts) the token alone decides. Behind a
-/// proxy, the proxy must pass the browser's `Host` on (nginx: `proxy_set_header Host $host`).
+/// proxy, the proxy must pass the browser's `Host` on, port included (nginx:
+/// `proxy_set_header Host $http_host`).
 fn cross_origin(request: &Request<'_>) -> bool {
-    let headers = request.headers();
-    let (Some(origin), Some(host)) = (headers.get_one("Origin"), headers.get_one("Host")) else {
+    // `Host` in HTTP/1.1, `:authority` in HTTP/2: Rocket reads either into `host()`
+    // (a request built in code may only have the header).
+    let host = request
+        .host()
+        .map(|host| host.to_string())
+        .or_else(|| request.headers().get_one("Host").map(str::to_string));
+    let (Some(origin), Some(host)) = (request.headers().get_one("Origin"), host.as_deref()) else {
         return false;
     };
     let Ok(origin) = url::Url::parse(origin) else {

@@ -274,11 +274,12 @@ async fn settle(
     succeeded: bool,
     spill_allowed: impl FnOnce() -> bool,
 ) {
-    let (pending, stale, shown) = {
+    let (pending, stale, replaces, shown) = {
         let inner = state.lock();
         (
             inner.pending_spill.clone(),
             inner.stale_spill_key().map(str::to_string),
+            inner.replaces_spill(),
             inner.shown_stored(),
         )
     };
@@ -286,8 +287,9 @@ async fn settle(
     // old cookies, so the old spill must stay and the new one is useless.
     if cookies_sent {
         if let Some((key, payload)) = &pending {
-            // Replacing the spill the browser brought back is no growth; only new ones count.
-            if stale.is_some() || spill_allowed() {
+            // Replacing a spill the browser brought back is no growth; only new ones count
+            // (a replayed key of a spill that is gone is a new one).
+            if replaces || spill_allowed() {
                 let expires = chrono::Utc::now() + spill_lifetime();
                 if let Err(e) = store.flash_spill().spill_put(key, payload, expires).await {
                     log::error!(

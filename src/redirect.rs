@@ -1,6 +1,6 @@
 //! Where a form may send the browser back to: [`local_path`].
 
-use rocket::http::uri::Origin;
+use rocket::http::uri::Reference;
 
 /// `next` as a path of this site that a redirect can carry, or `None` when it must not be
 /// followed: it must start with one `/` (not `//host`, not a backslash, which browsers read
@@ -26,8 +26,13 @@ pub fn local_path(next: &str) -> Option<String> {
         return None;
     }
     let mut out = String::with_capacity(next.len());
-    for c in next.chars() {
-        if c.is_ascii_alphanumeric() || "/-._~!$&'()*+,;=:@?%".contains(c) {
+    // One `#` starts the fragment; a later one is encoded.
+    let fragment = next.find('#');
+    for (i, c) in next.char_indices() {
+        if c.is_ascii_alphanumeric()
+            || "/-._~!$&'()*+,;=:@?%".contains(c)
+            || (c == '#' && Some(i) == fragment)
+        {
             out.push(c);
         } else {
             let mut bytes = [0u8; 4];
@@ -38,7 +43,8 @@ pub fn local_path(next: &str) -> Option<String> {
     }
     // A `%` not followed by two hex digits is itself encoded.
     let out = fix_stray_percents(&out);
-    Origin::parse(&out).ok()?;
+    // What `Redirect::to` parses: a relative reference (a path, a query, a fragment).
+    Reference::parse(&out).ok()?;
     Some(out)
 }
 
@@ -72,6 +78,8 @@ mod tests {
             ("/a\"b<c>", Some("/a%22b%3Cc%3E")),
             ("/50%", Some("/50%25")),
             ("/%zz", Some("/%25zz")),
+            ("/page#part", Some("/page#part")),
+            ("/page#a#b", Some("/page#a%23b")),
             ("//evil.example", None),
             ("/\\evil.example", None),
             ("https://evil.example", None),

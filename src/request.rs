@@ -259,6 +259,9 @@ pub(crate) struct Inner {
     used: bool,
     /// Spill key the browser sent.
     loaded_spill_key: Option<String>,
+    /// Whether the spill the key names was there (a replayed key of a spill that is gone
+    /// replaces nothing).
+    spill_found: bool,
     /// Spill to write (key, payload) so the cookie set in this request finds its messages.
     pub(crate) pending_spill: Option<(String, String)>,
     /// Whether this request rewrote the flash cookies.
@@ -325,6 +328,11 @@ impl Inner {
     }
 
     /// The spill key the browser sent, if this request's cookies no longer point to it.
+    /// Whether this request's new spill replaces one that existed (no growth of storage).
+    pub(crate) fn replaces_spill(&self) -> bool {
+        self.spill_found && self.stale_spill_key().is_some()
+    }
+
     pub(crate) fn stale_spill_key(&self) -> Option<&str> {
         let current = self.pending_spill.as_ref().map(|(k, _)| k.as_str());
         match (&self.loaded_spill_key, self.cookies_rewritten) {
@@ -351,9 +359,13 @@ impl RequestState {
             .get_private(SPILL_COOKIE)
             .map(|c| c.value().to_string())
             .filter(|k| is_valid_key(k));
+        let mut spill_found = false;
         if let Some(key) = &loaded_spill_key {
             match store.flash_spill().spill_get(key).await {
-                Ok(Some(payload)) => flash.extend(decode(&payload)),
+                Ok(Some(payload)) => {
+                    spill_found = true;
+                    flash.extend(decode(&payload));
+                }
                 Ok(None) => log::debug!("stored-messages: flash spill {key} is gone"),
                 Err(e) => {
                     log::error!(
@@ -392,6 +404,7 @@ impl RequestState {
             flash: flash.into_iter().map(|m| (m, false)).collect(),
             stored,
             loaded_spill_key,
+            spill_found,
             truncated,
             look_only: request.local_cache(|| LooksOnly(looks_only(request))).0,
             ..Inner::default()

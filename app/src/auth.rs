@@ -50,7 +50,8 @@ pub fn safe_next(next: &str) -> String {
 struct LoginForm<'r> {
     #[field(validate = len(1..=64))]
     username: &'r str,
-    #[field(validate = len(1..=1024))]
+    // Bytes: 1,024 characters of up to 4 bytes each (see `MAX_PASSWORD_CHARS`).
+    #[field(validate = len(1..=4096))]
     password: &'r str,
     next: Option<&'r str>,
 }
@@ -130,6 +131,11 @@ async fn login(
             Header::new("Retry-After", "1"),
         ));
     };
+    // Checked again with the permit: attempts queued behind it while the failures that
+    // lock this login out were recorded must not be checked any more.
+    if let Some(left) = throttle.locked(input.username, address) {
+        return Err(wait(left));
+    }
     let verified = users.verify(input.username, input.password).await;
     drop(permit);
     match verified {

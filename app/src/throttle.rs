@@ -12,6 +12,9 @@
 //!   guessing stays slow; a success clears the username's record.
 //!
 //! The records live in this process (one instance's view); they are pruned as they age.
+//! The address is Rocket's `client_ip()`: the reference app's Rocket.toml turns
+//! `ip_header` off, so it is the peer's address; behind a proxy, set `ip_header` to the header
+//! the proxy overwrites (never one a client can set).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -64,7 +67,10 @@ impl LoginThrottle {
 
     fn keys(username: &str, address: Option<IpAddr>) -> [String; 2] {
         let address = address.map_or_else(|| "-".to_string(), |a| a.to_string());
-        [format!("{address} {}", username.to_lowercase()), address]
+        // The account's one spelling, so ` Alice` and `alice` share a record.
+        let name = crate::users::normalize_username(username)
+            .unwrap_or_else(|_| username.trim().to_lowercase());
+        [format!("{address} {name}"), address]
     }
 
     /// How long this username and address must still wait, if they are locked out.
@@ -144,7 +150,10 @@ mod tests {
             assert_eq!(throttle.failed("alice", ip), None);
             assert_eq!(throttle.locked("alice", ip), None);
         }
-        assert_eq!(throttle.failed("Alice", ip), Some(Duration::from_secs(1)));
+        assert_eq!(
+            throttle.failed(" Alice\t", ip),
+            Some(Duration::from_secs(1))
+        );
         assert!(throttle.locked("alice", ip).is_some());
         assert_eq!(throttle.failed("alice", ip), Some(Duration::from_secs(2)));
         assert_eq!(throttle.failed("alice", ip), Some(Duration::from_secs(4)));

@@ -145,6 +145,13 @@ pub fn normalize_username(name: &str) -> Result<String, UserError> {
     }
 }
 
+/// The name to look an account up by: its one spelling, or for an account created before
+/// names had one (mixed case, non-ASCII letters), the name as typed; lookups compare
+/// without case and prefer an exact match.
+fn lookup_name(typed: &str) -> String {
+    normalize_username(typed).unwrap_or_else(|_| typed.trim().to_string())
+}
+
 /// Whether `password` may be `username`'s: 8 to 1,024 characters, not only spaces, not the
 /// username, not one of the most common passwords.
 ///
@@ -226,6 +233,10 @@ impl Users {
     ) -> Result<User, UserError> {
         let username = normalize_username(username)?;
         check_password(&username, password)?;
+        // An account from before names had one spelling (`Alice`) holds this name too.
+        if self.by_name(&username).await?.is_some() {
+            return Err(UserError::Exists(username));
+        }
         let hash = hash_password(password)?;
         self.insert_hashed(&username, &hash, is_admin).await
     }
@@ -256,10 +267,9 @@ impl Users {
 
     /// The user called `username`.
     pub async fn by_name(&self, username: &str) -> Result<Option<User>, UserError> {
-        let Ok(username) = normalize_username(username) else {
-            return Ok(None);
-        };
-        let sql = "select id, username, is_admin from app_users where username = $1";
+        let username = lookup_name(username);
+        let sql = "select id, username, is_admin from app_users \
+                   where lower(username) = lower($1) order by username = $1 desc limit 1";
         Ok(
             with_pool!(&self.pool, pool => sqlx::query_as(sql).bind(username).fetch_optional(pool).await?),
         )
@@ -276,10 +286,10 @@ impl Users {
     /// The user if `password` is theirs. Unknown users cost a hash verification too, so
     /// timing does not tell which usernames exist.
     pub async fn verify(&self, username: &str, password: &str) -> Result<Option<User>, UserError> {
-        let sql = "select id, username, is_admin, password_hash from app_users where username = $1";
-        // A name that cannot exist is looked up as the empty name, which finds nobody: the
-        // dummy hash below then costs what a real check does.
-        let username = normalize_username(username).unwrap_or_default();
+        let sql = "select id, username, is_admin, password_hash from app_users \
+                   where lower(username) = lower($1) order by username = $1 desc limit 1";
+        // Unknown names still cost a hash check (the dummy below), so timing tells nothing.
+        let username = lookup_name(username);
         let row: Option<(i64, String, bool, String)> = with_pool!(&self.pool, pool => sqlx::query_as(sql).bind(&username).fetch_optional(pool).await?);
         let password = password.to_string();
         let checked = rocket::tokio::task::spawn_blocking(move || match row {

@@ -57,6 +57,10 @@ pub(crate) async fn fill<'r>(
         return;
     }
     let filled = replace_markers(&body, request, store, user, unread.as_deref()).await;
+    // The page now holds this browser's token and, for a user, their messages.
+    if !response.headers().contains("Cache-Control") {
+        response.set_raw_header("Cache-Control", "no-store");
+    }
     response.set_sized_body(filled.len(), std::io::Cursor::new(filled));
 }
 

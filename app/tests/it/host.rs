@@ -668,5 +668,33 @@ mod spill_bounds {
             browser.post("/big").dispatch().await;
         }
         assert_eq!(spill_rows(&url2).await, 1);
+
+        // A client replaying one captured spill cookie: once its spill is gone, each replay
+        // is a new spill and counts against the quota.
+        let dir3 = tempfile::tempdir().unwrap();
+        let url3 = crate::common::sqlite_url(&dir3);
+        let rocket3 = rocket::custom(crate::common::test_figment(&url3))
+            .attach(StoredMessages::fairing(CookieHost).without_csrf())
+            .mount("/", routes![big]);
+        let replayer = Client::untracked(rocket3).await.unwrap();
+        let first = replayer.post("/big").dispatch().await;
+        let spill_cookie = first
+            .headers()
+            .get("Set-Cookie")
+            .find(|c| c.starts_with("sm_flash_spill="))
+            .map(|c| c.split(';').next().unwrap().to_string())
+            .expect("a spill cookie");
+        for _ in 0..60 {
+            replayer
+                .post("/big")
+                .header(rocket::http::Header::new("Cookie", spill_cookie.clone()))
+                .dispatch()
+                .await;
+        }
+        assert!(
+            spill_rows(&url3).await <= i64::from(SPILLS_PER_CLIENT) + 1,
+            "{} rows",
+            spill_rows(&url3).await
+        );
     }
 }
