@@ -21,7 +21,8 @@ use serde::ser::{Serialize, SerializeSeq, Serializer};
 use crate::backend::ListQuery;
 use crate::error::{Error, Result};
 use crate::flash::cookie::{
-    decode, encode, parse_rocket_flash, split, FLASH_COOKIE, ROCKET_FLASH_COOKIE, SPILL_COOKIE,
+    decode, encode, newest_within, parse_rocket_flash, split, FLASH_COOKIE, ROCKET_FLASH_COOKIE,
+    SPILL_COOKIE,
 };
 use crate::flash::overflow::{is_valid_key, new_key, MAX_SPILL_BYTES};
 use crate::level::Level;
@@ -668,12 +669,8 @@ impl<'r> Messages<'r> {
             self.jar
                 .add_private(flash_cookie(SPILL_COOKIE, key.clone(), self.secure()));
             // The spill keeps the newest messages that fit its size limit.
-            let mut payload = encode(rest);
-            let mut from = 0;
-            while payload.len() > MAX_SPILL_BYTES && from + 1 < rest.len() {
-                from += 1;
-                payload = encode(&rest[from..]);
-            }
+            let from = newest_within(rest, MAX_SPILL_BYTES);
+            let payload = encode(&rest[from..]);
             if from > 0 {
                 log::warn!(
                     "stored-messages: {from} flash messages dropped: the queue is over {MAX_SPILL_BYTES} bytes"

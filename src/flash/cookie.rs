@@ -46,6 +46,22 @@ pub fn encode(messages: &[NewMessage]) -> String {
     serde_json::to_string(&wire).unwrap_or_else(|_| "[]".to_string())
 }
 
+/// Where the newest messages of `messages` that [`encode`] into at most `max` bytes start
+/// (`messages.len() - 1` at the latest: the newest message is always kept).
+pub fn newest_within(messages: &[NewMessage], max: usize) -> usize {
+    // `[a,b,c]`: the brackets, each message, a comma between two.
+    let mut size = 2;
+    for (i, message) in messages.iter().enumerate().rev() {
+        let item = serde_json::to_string(&to_wire(message)).map_or(0, |t| t.len());
+        let comma = usize::from(i + 1 < messages.len());
+        if size + item + comma > max && i + 1 < messages.len() {
+            return i + 1;
+        }
+        size += item + comma;
+    }
+    0
+}
+
 /// Decodes a queue; anything malformed (or invalid entries) decodes to nothing rather than
 /// an error: a bad cookie is treated as empty.
 pub fn decode(raw: &str) -> Vec<NewMessage> {
@@ -123,6 +139,28 @@ mod tests {
         ] {
             assert!(decode(raw).is_empty(), "{raw}");
         }
+    }
+
+    #[test]
+    fn newest_within_keeps_the_newest_that_fit() {
+        let queue: Vec<NewMessage> = (0..50)
+            .map(|i| {
+                NewMessage::new(Level::INFO, &format!("message {i} {}", "x".repeat(i))).unwrap()
+            })
+            .collect();
+        for max in [0, 10, 100, 1000, 5000, usize::MAX] {
+            let from = newest_within(&queue, max);
+            assert!(from < queue.len());
+            let kept = encode(&queue[from..]).len();
+            assert!(kept <= max || from == queue.len() - 1, "max {max}: {kept}");
+            if from > 0 {
+                assert!(
+                    encode(&queue[from - 1..]).len() > max,
+                    "max {max}: could keep more"
+                );
+            }
+        }
+        assert_eq!(newest_within(&queue, usize::MAX), 0);
     }
 
     #[test]
