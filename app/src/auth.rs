@@ -12,15 +12,15 @@ use rocket::{Request, Route, State};
 use rocket_dyn_templates::context;
 
 use crate::throttle::LoginThrottle;
-use crate::users::{session, session_value, User, Users, SESSION_COOKIE};
+use crate::users::{User, Users, SESSION_COOKIE};
 use stored_messages::report;
 use stored_messages::template::Page;
 use stored_messages::{CsrfToken, Messages, Store};
 
-/// The logged-in user, as the private session cookie describes them (no database query:
-/// pages only show the name). Forwards with 401 for anonymous visitors, so a lower-ranked
-/// route (or the 401 catcher) can send them to the login page. Admin pages check the admin
-/// flag in the database (`AdminUser`).
+/// The logged-in user: the session the private session cookie names, if it has neither
+/// ended (logout, `stored-messages endsessions`) nor expired. Forwards with 401 for anonymous
+/// visitors, so a lower-ranked route (or the 401 catcher) can send them to the login page.
+/// Admin pages check the admin flag in the database (`AdminUser`).
 #[derive(Debug, Clone)]
 pub struct CurrentUser(pub User);
 
@@ -29,16 +29,38 @@ impl<'r> FromRequest<'r> for CurrentUser {
     type Error = Status;
 
     async fn from_request(request: &'r Request<'_>) -> Outcome<Self, Status> {
-        match request_session(request) {
+        match request_session(request).await {
             Some(user) => Outcome::Success(CurrentUser(user.clone())),
             None => Outcome::Forward(Status::Unauthorized),
         }
     }
 }
 
-/// The request's session, decrypted once per request.
-pub(crate) fn request_session<'r>(request: &'r Request<'_>) -> Option<&'r User> {
-    request.local_cache(|| session(request.cookies())).as_ref()
+/// How long a session lasts (`app.session_days`, default 14).
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLifetime(pub Duration);
+
+/// Sessions last this many days unless `app.session_days` says otherwise.
+pub const DEFAULT_SESSION_DAYS: u64 = 14;
+
+/// The request's session user, looked up once per request (one indexed query; an ended or
+/// expired session is nobody). If the users database cannot answer, nobody is logged in for
+/// this request (and it is logged).
+pub(crate) async fn request_session<'r>(request: &'r Request<'_>) -> Option<&'r User> {
+    request
+        .local_cache_async(async {
+            let id = request.cookies().get_private(SESSION_COOKIE)?;
+            let users = request.rocket().state::<Arc<Users>>()?;
+            match users.session_user(id.value()).await {
+                Ok(user) => user,
+                Err(e) => {
+                    log::error!("reference app: reading a session failed: {}", report(&e));
+                    None
+                }
+            }
+        })
+        .await
+        .as_ref()
 }
 
 /// Only a safe place to go back to after login: a site-relative path.
@@ -82,11 +104,13 @@ enum Refused {
     Wait(Page, Header<'static>),
 }
 
+#[allow(clippy::too_many_arguments)]
 #[post("/login", data = "<form>")]
 async fn login(
     form: Form<Contextual<'_, LoginForm<'_>>>,
     users: &State<Arc<Users>>,
     throttle: &State<LoginThrottle>,
+    lifetime: &State<SessionLifetime>,
     store: &State<Store>,
     address: Option<IpAddr>,
     jar: &CookieJar<'_>,
@@ -141,10 +165,24 @@ async fn login(
     match verified {
         Ok(Some(user)) => {
             throttle.succeeded(input.username, address);
-            let cookie = Cookie::build((SESSION_COOKIE, session_value(&user)))
+            let session = match users.start_session(user.id, lifetime.0).await {
+                Ok(id) => id,
+                Err(e) => {
+                    log::error!("reference app: starting a session failed: {}", report(&e));
+                    return Err(Refused::Form(failed(
+                        Status::ServiceUnavailable,
+                        "Logging in is unavailable right now, try again shortly.",
+                    )));
+                }
+            };
+            let max_age = rocket::time::Duration::seconds(
+                i64::try_from(lifetime.0.as_secs()).unwrap_or(i64::MAX),
+            );
+            let cookie = Cookie::build((SESSION_COOKIE, session))
                 .path("/")
                 .same_site(SameSite::Lax)
-                .http_only(true);
+                .http_only(true)
+                .max_age(max_age);
             if store.config().secure_cookies {
                 jar.add_private(cookie.secure(true));
             } else {
@@ -172,7 +210,17 @@ async fn login(
 }
 
 #[post("/logout")]
-async fn logout(jar: &CookieJar<'_>, messages: Messages<'_>) -> Redirect {
+async fn logout(
+    jar: &CookieJar<'_>,
+    users: &State<Arc<Users>>,
+    messages: Messages<'_>,
+) -> Redirect {
+    // Ended in the database, so a copy of the cookie is worth nothing on any instance.
+    if let Some(session) = jar.get_private(SESSION_COOKIE) {
+        if let Err(e) = users.end_session(session.value()).await {
+            log::error!("reference app: ending a session failed: {}", report(&e));
+        }
+    }
     jar.remove_private(Cookie::build(SESSION_COOKIE).path("/"));
     CsrfToken::renew(jar);
     let _ = messages.info("You are logged out.").await;

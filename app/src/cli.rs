@@ -59,6 +59,11 @@ enum Command {
     },
     /// Remove expired inbox entries and messages now.
     Cleanup,
+    /// End every session of a user, on every app instance (they must log in again).
+    Endsessions {
+        /// The username.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -193,6 +198,19 @@ async fn execute(command: Command, figment: Figment) -> Result<(), String> {
                 delivery.message.id,
                 delivery.recipients,
                 started.elapsed().as_millis()
+            );
+        }
+        Command::Endsessions { name } => {
+            let user = users
+                .by_name(&name)
+                .await
+                .map_err(user_error)?
+                .ok_or_else(|| format!("unknown user \"{name}\""))?;
+            let ended = users.end_sessions(user.id).await.map_err(user_error)?;
+            println!(
+                "ended {ended} session{} of {}",
+                if ended == 1 { "" } else { "s" },
+                user.username
             );
         }
         Command::Inbox { name } => {

@@ -78,9 +78,17 @@ pub fn rocket_from(figment: Figment) -> Rocket<Build> {
                             .figment()
                             .extract_inner::<usize>("admin.background_threshold")
                             .unwrap_or(admin::DEFAULT_BACKGROUND_THRESHOLD);
+                        let session_days = rocket
+                            .figment()
+                            .extract_inner::<u64>("app.session_days")
+                            .unwrap_or(auth::DEFAULT_SESSION_DAYS)
+                            .max(1);
                         Ok(rocket
                             .manage(Jobs::new(users.clone()))
                             .manage(throttle::LoginThrottle::default())
+                            .manage(auth::SessionLifetime(std::time::Duration::from_secs(
+                                session_days.saturating_mul(86_400),
+                            )))
                             .manage(admin::BackgroundThreshold(threshold))
                             .manage(users)
                             .attach(StoredMessages::fairing(host)))

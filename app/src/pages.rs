@@ -216,7 +216,7 @@ fn error_page(status: Status, message: &str, user: Option<&crate::users::User>) 
 }
 
 #[catch(default)]
-fn html_error(status: Status, request: &Request<'_>) -> Page {
+async fn html_error(status: Status, request: &Request<'_>) -> Page {
     let message = match status.code {
         403 if stored_messages::csrf::was_rejected(request) => {
             "The form was missing its security token or it had expired. Go back, reload the page and try again."
@@ -229,11 +229,7 @@ fn html_error(status: Status, request: &Request<'_>) -> Page {
         503 => "The service is unavailable right now; try again shortly.",
         _ => "Something went wrong on our side.",
     };
-    error_page(
-        status,
-        message,
-        crate::users::session(request.cookies()).as_ref(),
-    )
+    error_page(status, message, crate::auth::request_session(request).await)
 }
 
 /// HTML error pages for everything outside the JSON API.

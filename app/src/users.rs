@@ -2,12 +2,12 @@
 //! implementation that tells the library who is logged in and who exists.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use chrono::Utc;
 use rand::rngs::OsRng;
-use rocket::http::CookieJar;
 use rocket::Request;
 
 use stored_messages::backend::micros;
@@ -310,6 +310,63 @@ impl Users {
         Ok(checked)
     }
 
+    /// Starts a session for `user` lasting `lifetime`, and returns its id (144 random bits,
+    /// for the private session cookie). Expired sessions are dropped on the way.
+    pub async fn start_session(&self, user: i64, lifetime: Duration) -> Result<String, UserError> {
+        let id = random_password();
+        let now = Utc::now();
+        let expires =
+            now + chrono::Duration::from_std(lifetime).unwrap_or(chrono::Duration::days(14));
+        with_pool!(&self.pool, pool => {
+            sqlx::query("delete from app_sessions where expires_us <= $1")
+                .bind(micros(now))
+                .execute(pool)
+                .await?;
+            sqlx::query(
+                "insert into app_sessions (id, user_id, created_us, expires_us) values ($1, $2, $3, $4)",
+            )
+            .bind(&id)
+            .bind(user)
+            .bind(micros(now))
+            .bind(micros(expires))
+            .execute(pool)
+            .await?;
+        });
+        Ok(id)
+    }
+
+    /// The user of session `id`, unless it ended or expired.
+    pub async fn session_user(&self, id: &str) -> Result<Option<User>, UserError> {
+        let sql = "select u.id, u.username, u.is_admin from app_sessions s \
+                   join app_users u on u.id = s.user_id where s.id = $1 and s.expires_us > $2";
+        let now = micros(Utc::now());
+        Ok(
+            with_pool!(&self.pool, pool => sqlx::query_as(sql).bind(id).bind(now).fetch_optional(pool).await?),
+        )
+    }
+
+    /// Ends session `id` (logout), on every instance at once.
+    pub async fn end_session(&self, id: &str) -> Result<(), UserError> {
+        with_pool!(&self.pool, pool => {
+            sqlx::query("delete from app_sessions where id = $1")
+                .bind(id)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Ends every session of `user`; returns how many there were.
+    pub async fn end_sessions(&self, user: i64) -> Result<u64, UserError> {
+        Ok(
+            with_pool!(&self.pool, pool => sqlx::query("delete from app_sessions where user_id = $1")
+            .bind(user)
+            .execute(pool)
+            .await?
+            .rows_affected()),
+        )
+    }
+
     /// The ids of these usernames, in the same order.
     ///
     /// # Errors
@@ -349,32 +406,6 @@ impl Users {
 const DUMMY_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2ptDXN6Rvc5wztu4zpPtc5o1Vn2ipZZd8gUZGmaAJUk";
 
-/// The value of the session cookie for `user`: `<id>:<0|1 admin>:<username>`. The cookie is
-/// private (encrypted and authenticated), so its content can be trusted for display; admin
-/// pages still check the admin flag in the database.
-pub fn session_value(user: &User) -> String {
-    format!("{}:{}:{}", user.id, u8::from(user.is_admin), user.username)
-}
-
-/// The logged-in user of a request, as the private session cookie describes them.
-pub fn session(cookies: &CookieJar<'_>) -> Option<User> {
-    let cookie = cookies.get_private(SESSION_COOKIE)?;
-    let mut parts = cookie.value().splitn(3, ':');
-    let id = parts.next()?.parse::<i64>().ok()?;
-    let is_admin = parts.next()? == "1";
-    let username = parts.next()?.to_string();
-    Some(User {
-        id,
-        username,
-        is_admin,
-    })
-}
-
-/// The logged-in user id of a request, from the private session cookie.
-pub fn session_user(cookies: &CookieJar<'_>) -> Option<UserId> {
-    session(cookies).map(|u| u.user_id())
-}
-
 /// The reference app as a [`Host`]: the session cookie says who is logged in, the users
 /// table says who exists.
 #[derive(Debug, Clone)]
@@ -392,8 +423,10 @@ impl AppHost {
 #[rocket::async_trait]
 impl Host for AppHost {
     async fn current_user(&self, request: &Request<'_>) -> Option<UserId> {
-        // The same request-local copy as the `CurrentUser` guard: one decryption per request.
-        crate::auth::request_session(request).map(User::user_id)
+        // The same request-local copy as the `CurrentUser` guard: one lookup per request.
+        crate::auth::request_session(request)
+            .await
+            .map(User::user_id)
     }
 
     async fn all_users(&self) -> Result<Vec<UserId>, BoxError> {

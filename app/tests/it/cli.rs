@@ -92,6 +92,8 @@ fn send_and_read_back(cli: &Cli) {
     assert!(out.contains("[stored warning] disk full"), "{out}");
     let out = cli.ok(&["broadcast", "everyone"], None);
     assert!(out.contains("to 2 users"), "{out}");
+    let out = cli.ok(&["endsessions", "alice"], None);
+    assert!(out.contains("ended 0 sessions of alice"), "{out}");
     let out = cli.ok(&["cleanup"], None);
     assert!(
         out.contains("cleanup removed 0 expired inbox entries and 0 expired messages"),

@@ -37,6 +37,7 @@ app_tests!(
     two_users_rendering_at_once_see_their_own_messages,
     login_refuses_wrong_passwords_and_honours_next,
     logout_ends_the_session,
+    ending_all_sessions_logs_a_user_out_everywhere,
     archive_needs_login,
     error_pages_know_who_is_logged_in,
     first_start_creates_an_admin,
@@ -716,12 +717,56 @@ async fn login_refuses_wrong_passwords_and_honours_next(app: &TestApp) {
 
 async fn logout_ends_the_session(app: &TestApp) {
     let (b, _) = logged_in(app, "alice").await;
+    // A copy of the session cookie taken before logout (as a thief would keep it).
+    let stolen = b
+        .client
+        .cookies()
+        .get_private(stored_messages_app::users::SESSION_COOKIE)
+        .expect("a session cookie");
+    let thief = browser(app).await;
+    let before = thief
+        .client
+        .get("/messages/count")
+        .private_cookie(stolen.clone())
+        .dispatch()
+        .await;
+    assert_eq!(
+        before.status(),
+        Status::Ok,
+        "the copy works while the session lasts"
+    );
     let r = b.post_form("/logout", &[]).await;
     assert_redirect(&r, "/login");
     let (_, html) = b.get_html("/login").await;
     assert!(html.contains("You are logged out."));
     let r = b.client.get("/archive").dispatch().await;
     assert_redirect(&r, "/login?next=/archive");
+    // Ended for good: the copy is worth nothing now.
+    let after = thief
+        .client
+        .get("/messages/count")
+        .private_cookie(stolen)
+        .dispatch()
+        .await;
+    assert_eq!(after.status(), Status::Unauthorized);
+}
+
+async fn ending_all_sessions_logs_a_user_out_everywhere(app: &TestApp) {
+    let (first, _) = logged_in(app, "alice").await;
+    let second = browser(app).await;
+    second.login_as("alice").await;
+    for b in [&first, &second] {
+        assert_eq!(
+            b.client.get("/messages/count").dispatch().await.status(),
+            Status::Ok
+        );
+    }
+    let alice = app.users.by_name("alice").await.unwrap().unwrap();
+    assert_eq!(app.users.end_sessions(alice.id).await.unwrap(), 2);
+    for b in [&first, &second] {
+        let r = b.client.get("/messages/count").dispatch().await;
+        assert_eq!(r.status(), Status::Unauthorized);
+    }
 }
 
 async fn error_pages_know_who_is_logged_in(app: &TestApp) {

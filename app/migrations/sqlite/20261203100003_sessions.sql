@@ -1,0 +1,9 @@
+-- Server-side sessions: the session cookie holds only a random id; a session ends for good
+-- (on every instance) when its row is gone or has expired.
+create table app_sessions (
+    id text primary key,
+    user_id integer not null references app_users (id) on delete cascade,
+    created_us integer not null,
+    expires_us integer not null
+);
+create index app_sessions_by_user on app_sessions (user_id);
