@@ -51,7 +51,7 @@ done
 
 echo "building the release binary and benchmarks…" >&2
 cargo build --release --quiet -p stored-messages-app --bin stored-messages --example bench-seed
-cargo bench --quiet -p stored-messages --bench backend --no-run >/dev/null 2>&1
+cargo bench --quiet -p stored-messages --features sqlite,postgres,redis --bench backend --no-run >/dev/null 2>&1
 
 port=18765
 secret=$(head -c 32 /dev/urandom | base64)
@@ -186,7 +186,7 @@ done
 if [ "${BENCH_HTTP_ONLY:-0}" != 1 ]; then
   echo "backend workloads (W3–W6)…" >&2
   BENCH_BACKENDS="$backends" BENCH_SIZES="${BENCH_SIZES:-10000,100000,1000000}" \
-    cargo bench --quiet -p stored-messages --bench backend 2>/dev/null | grep -E '^(sqlite|postgres|redis) ' >>"$results"
+    cargo bench --quiet -p stored-messages --features sqlite,postgres,redis --bench backend 2>/dev/null | grep -E '^(sqlite|postgres|redis) ' >>"$results"
 fi
 
 echo
