@@ -39,6 +39,11 @@ enum Command {
         #[arg(long)]
         admin: bool,
     },
+    /// Set a user's password (read as for `createuser`) and end all of their sessions.
+    Passwd {
+        /// The username.
+        name: String,
+    },
     /// Send a stored message to some users.
     Send {
         /// Recipients, by username, separated by commas.
@@ -156,6 +161,23 @@ async fn execute(command: Command, figment: Figment) -> Result<(), String> {
                 if admin { "admin " } else { "" },
                 user.username,
                 user.id
+            );
+        }
+        Command::Passwd { name } => {
+            let user = users
+                .by_name(&name)
+                .await
+                .map_err(user_error)?
+                .ok_or_else(|| format!("unknown user \"{name}\""))?;
+            let password = read_password()?;
+            let ended = users
+                .set_password(&user, &password)
+                .await
+                .map_err(user_error)?;
+            println!(
+                "password of {} changed; {ended} session{} ended",
+                user.username,
+                if ended == 1 { "" } else { "s" }
             );
         }
         Command::Send { to, message } => {

@@ -345,6 +345,22 @@ impl Users {
         )
     }
 
+    /// Sets `user`'s password (checked as for a new user) and ends all of their sessions, on
+    /// every instance: whoever knew the old password is logged out. Returns how many sessions
+    /// ended.
+    pub async fn set_password(&self, user: &User, password: &str) -> Result<u64, UserError> {
+        check_password(&user.username, password)?;
+        let hash = hash_password(password)?;
+        with_pool!(&self.pool, pool => {
+            sqlx::query("update app_users set password_hash = $1 where id = $2")
+                .bind(&hash)
+                .bind(user.id)
+                .execute(pool)
+                .await?;
+        });
+        self.end_sessions(user.id).await
+    }
+
     /// Ends session `id` (logout), on every instance at once.
     pub async fn end_session(&self, id: &str) -> Result<(), UserError> {
         with_pool!(&self.pool, pool => {

@@ -94,6 +94,13 @@ fn send_and_read_back(cli: &Cli) {
     assert!(out.contains("to 2 users"), "{out}");
     let out = cli.ok(&["endsessions", "alice"], None);
     assert!(out.contains("ended 0 sessions of alice"), "{out}");
+    let out = cli.ok(&["passwd", "alice"], Some("a-new-secret-9\n"));
+    assert!(
+        out.contains("password of alice changed; 0 sessions ended"),
+        "{out}"
+    );
+    let err = cli.fails(&["passwd", "alice"], Some("password\n"));
+    assert!(err.contains("too easy to guess"), "{err}");
     let out = cli.ok(&["cleanup"], None);
     assert!(
         out.contains("cleanup removed 0 expired inbox entries and 0 expired messages"),

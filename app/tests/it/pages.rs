@@ -762,7 +762,14 @@ async fn ending_all_sessions_logs_a_user_out_everywhere(app: &TestApp) {
         );
     }
     let alice = app.users.by_name("alice").await.unwrap().unwrap();
-    assert_eq!(app.users.end_sessions(alice.id).await.unwrap(), 2);
+    // A password change ends every session of the user.
+    assert_eq!(
+        app.users
+            .set_password(&alice, "another-secret-7")
+            .await
+            .unwrap(),
+        2
+    );
     for b in [&first, &second] {
         let r = b.client.get("/messages/count").dispatch().await;
         assert_eq!(r.status(), Status::Unauthorized);
