@@ -13,7 +13,6 @@ use rocket::request::{FromRequest, Outcome};
 use rocket::response::Redirect;
 use rocket::{Request, Route, State};
 use rocket_dyn_templates::context;
-use stored_messages::report;
 use stored_messages::template::Page;
 use stored_messages::Messages;
 
@@ -40,26 +39,15 @@ impl<'r> FromRequest<'r> for AdminUser {
     type Error = Status;
 
     async fn from_request(request: &'r Request<'_>) -> Outcome<Self, Status> {
-        let session = match request.guard::<CurrentUser>().await {
-            Outcome::Success(CurrentUser(user)) => user,
-            Outcome::Error(e) => return Outcome::Error(e),
-            Outcome::Forward(status) => return Outcome::Forward(status),
-        };
-        // The cookie may be older than a change of the admin flag: ask the database.
-        let Some(users) = request.rocket().state::<Arc<Users>>() else {
-            return Outcome::Error((Status::InternalServerError, Status::InternalServerError));
-        };
-        match users.by_id(session.user_id()).await {
-            Ok(Some(user)) if user.is_admin => Outcome::Success(AdminUser(user)),
-            Ok(_) => Outcome::Error((Status::Forbidden, Status::Forbidden)),
-            Err(e) => {
-                log::error!(
-                    "reference app: loading user {} failed: {}",
-                    session.id,
-                    report(&e)
-                );
-                Outcome::Error((Status::ServiceUnavailable, Status::ServiceUnavailable))
+        // The session lookup reads the user's row (admin flag included) on every request,
+        // so a revoked admin flag takes effect at once without a second query.
+        match request.guard::<CurrentUser>().await {
+            Outcome::Success(CurrentUser(user)) if user.is_admin => {
+                Outcome::Success(AdminUser(user))
             }
+            Outcome::Success(_) => Outcome::Error((Status::Forbidden, Status::Forbidden)),
+            Outcome::Error(e) => Outcome::Error(e),
+            Outcome::Forward(status) => Outcome::Forward(status),
         }
     }
 }
