@@ -294,11 +294,8 @@ impl<'r> FromRequest<'r> for ApiUser {
         let Some(store) = request.rocket().state::<Store>() else {
             return Outcome::Error((Status::InternalServerError, ()));
         };
-        let user = request
-            .local_cache_async(store.host().current_user(request))
-            .await;
-        match user {
-            Some(user) => Outcome::Success(ApiUser(*user)),
+        match crate::host::current_user(request, store.host()).await {
+            Some(user) => Outcome::Success(ApiUser(user)),
             None => Outcome::Error((Status::Unauthorized, ())),
         }
     }

@@ -73,6 +73,14 @@ pub struct Config {
     /// send them over HTTPS only. Set it when a proxy terminates TLS in front of the app;
     /// with Rocket's own TLS they are `Secure` already. Default `false`.
     pub secure_cookies: bool,
+    /// New flash spills (messages over the cookie's budget, kept server-side) one client
+    /// address may create per 10 minutes (default 20; 0: none). See
+    /// [`crate::flash::overflow::SpillQuota`].
+    pub spills_per_client: u32,
+    /// Bytes the flash spills of anonymous visitors may occupy together, per instance
+    /// (default 64 MiB; 0: anonymous visitors never spill). Over it, a visitor gets what fits
+    /// the cookie and a warning that some messages could not be kept.
+    pub anonymous_spill_bytes: usize,
 }
 
 impl Default for Config {
@@ -91,6 +99,8 @@ impl Default for Config {
             change_poll_ms: 100,
             audience_min_run: 256,
             secure_cookies: false,
+            spills_per_client: crate::flash::overflow::SPILLS_PER_CLIENT,
+            anonymous_spill_bytes: crate::flash::overflow::ANONYMOUS_SPILL_BYTES,
         }
     }
 }

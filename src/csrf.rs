@@ -9,8 +9,14 @@
 //!   first 512 bytes of the body. That is all of a body a Rocket fairing can see
 //!   ([`rocket::data::Data::peek`]); a form that puts the hidden field first always meets it.
 //!
-//! A request whose `Origin` names another site than its `Host` is refused whatever its
-//! token (browsers send `Origin` with every POST; behind a proxy, pass `Host` on with its
+//! The token is bound to the session ([`crate::Host::session_key`], by default the current
+//! user): the cookie records what it was issued for, and a request of another session gets
+//! a new token instead, so a token issued to someone else (a cookie planted from a sibling
+//! subdomain) passes nowhere but in that someone's session, and tokens change at login and
+//! logout by themselves.
+//!
+//! A request whose `Origin` names another site than its `Host`, or that the browser marks
+//! `Sec-Fetch-Site: cross-site`, is refused whatever its token (browsers send `Origin` with every POST; behind a proxy, pass `Host` on with its
 //! port, nginx's `proxy_set_header Host $http_host`).
 //!
 //! A request without a valid token is rerouted, before any handler runs, to a route that
@@ -71,11 +77,10 @@ impl CsrfToken {
         &self.0
     }
 
-    /// Drops this browser's token; its next page gets a new one. Call it when the session
-    /// changes hands (login, logout), so that a token known before (for instance one a
-    /// sibling subdomain planted with its cookie) is worth nothing after. Answer such a
-    /// request with a redirect: a page rendered in the same request would still print the
-    /// old token.
+    /// Drops this browser's token; its next page gets a new one. The token already changes
+    /// whenever the session does (see [`crate::Host::session_key`]); this is for a host
+    /// that wants a new one at some other moment. Answer such a request with a redirect: a
+    /// page rendered in the same request would still print the old token.
     pub fn renew(jar: &rocket::http::CookieJar<'_>) {
         jar.remove_private(Cookie::build(CSRF_COOKIE).path("/"));
     }
@@ -91,35 +96,97 @@ fn new_token() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// The token of this request: from its cookie, or a new one (set as a cookie) when absent.
+/// What the token of `request` is bound to: the host's session key, or else the current
+/// user (`None` for an anonymous visitor).
+async fn binding(request: &Request<'_>) -> Option<String> {
+    let store = request.rocket().state::<crate::Store>()?;
+    match store.host().session_key(request).await {
+        Some(key) => Some(format!("s:{key}")),
+        None => crate::host::current_user(request, store.host())
+            .await
+            .map(|user| format!("u:{user}")),
+    }
+}
+
+/// Splits a cookie value, `<token>` or `<token>.<binding>`.
+fn parse_cookie(value: &str) -> Option<(&str, Option<&str>)> {
+    let (token, binding) = match value.split_once('.') {
+        Some((token, binding)) => (token, Some(binding)),
+        None => (value, None),
+    };
+    (token.len() == 43).then_some((token, binding))
+}
+
+/// The token of this request, bound to its session (see [`crate::Host::session_key`]): the
+/// cookie's when it was issued for this session, else a new one (set as a cookie). Resolved
+/// once per request, by the fairing on the request's way in (before any handler, so the
+/// cookie can still be set).
+pub(crate) async fn resolve_token(request: &Request<'_>) -> String {
+    if let Some(token) = slot(request).get() {
+        return token.clone();
+    }
+    let binding = binding(request).await;
+    slot(request)
+        .get_or_init(|| {
+            let jar = request.cookies();
+            let existing = jar.get_private(CSRF_COOKIE).and_then(|c| {
+                let (token, bound) = parse_cookie(c.value())?;
+                (bound == binding.as_deref()).then(|| token.to_string())
+            });
+            existing.unwrap_or_else(|| {
+                let token = new_token();
+                let value = match &binding {
+                    Some(binding) => format!("{token}.{binding}"),
+                    None => token.clone(),
+                };
+                set_cookie(request, value);
+                token
+            })
+        })
+        .clone()
+}
+
+/// Where a request keeps its token once resolved.
+#[derive(Default)]
+struct TokenSlot(std::sync::OnceLock<String>);
+
+fn slot<'a>(request: &'a Request<'_>) -> &'a std::sync::OnceLock<String> {
+    &request.local_cache(TokenSlot::default).0
+}
+
+/// The token of this request where no `await` is possible (rendering): the one resolved on
+/// the request's way in. Without the fairing's check (`without_csrf`, API paths) it is the
+/// cookie's token, or a new unbound one.
 pub(crate) fn ensure_token(request: &Request<'_>) -> String {
-    request
-        .local_cache(|| {
+    slot(request)
+        .get_or_init(|| {
             let jar = request.cookies();
             let existing = jar
                 .get_private(CSRF_COOKIE)
-                .map(|c| c.value().to_string())
-                .filter(|t| t.len() == 43);
-            CsrfToken(existing.unwrap_or_else(|| {
+                .and_then(|c| parse_cookie(c.value()).map(|(token, _)| token.to_string()));
+            existing.unwrap_or_else(|| {
                 let token = new_token();
-                let cookie = Cookie::build((CSRF_COOKIE, token.clone()))
-                    .path("/")
-                    .same_site(SameSite::Lax)
-                    .http_only(true);
-                let secure = request
-                    .rocket()
-                    .state::<crate::Store>()
-                    .is_some_and(|store| store.config().secure_cookies);
-                if secure {
-                    jar.add_private(cookie.secure(true));
-                } else {
-                    jar.add_private(cookie);
-                }
+                set_cookie(request, token.clone());
                 token
-            }))
+            })
         })
-        .0
         .clone()
+}
+
+fn set_cookie(request: &Request<'_>, value: String) {
+    let cookie = Cookie::build((CSRF_COOKIE, value))
+        .path("/")
+        .same_site(SameSite::Lax)
+        .http_only(true);
+    let secure = request
+        .rocket()
+        .state::<crate::Store>()
+        .is_some_and(|store| store.config().secure_cookies);
+    if secure {
+        request.cookies().add_private(cookie.secure(true));
+    } else {
+        request.cookies().add_private(cookie);
+    }
 }
 
 #[rocket::async_trait]
@@ -127,7 +194,7 @@ impl<'r> FromRequest<'r> for CsrfToken {
     type Error = std::convert::Infallible;
 
     async fn from_request(request: &'r Request<'_>) -> Outcome<Self, Self::Error> {
-        Outcome::Success(CsrfToken(ensure_token(request)))
+        Outcome::Success(CsrfToken(resolve_token(request).await))
     }
 }
 
@@ -210,14 +277,14 @@ pub(crate) async fn check(request: &mut Request<'_>, data: &mut Data<'_>, policy
         // cookie can still be set: a page rendered with plain `Template::render` prints it
         // only after the response's cookies were fixed. (JSON API reads never need one.)
         if !in_api {
-            ensure_token(request);
+            resolve_token(request).await;
         }
         return;
     }
     if policy.exempt.iter().any(|prefix| is_below(path, prefix)) {
         return;
     }
-    let expected = ensure_token(request);
+    let expected = resolve_token(request).await;
     if cross_origin(request) {
         log::info!(
             "stored-messages: {} {} refused: sent from another site ({})",
@@ -263,13 +330,23 @@ fn reject(request: &mut Request<'_>, policy: &Policy, in_api: bool) {
     }
 }
 
-/// Whether the request says it comes from another site: browsers send `Origin` with every
+/// Whether the request says it comes from another site: `Sec-Fetch-Site: cross-site`; or
+/// browsers send `Origin` with every
 /// cross-site POST (and with same-site ones), so an `Origin` whose host and port differ from
 /// the `Host` the request was sent to, or the opaque `null`, is refused even with a valid
 /// token. Without either header (old clients, scripts) the token alone decides. Behind a
 /// proxy, the proxy must pass the browser's `Host` on, port included (nginx:
 /// `proxy_set_header Host $http_host`).
 fn cross_origin(request: &Request<'_>) -> bool {
+    // Browsers say so themselves; a site's own pages send `same-origin` (or `none` when the
+    // user typed the address).
+    if request
+        .headers()
+        .get_one("Sec-Fetch-Site")
+        .is_some_and(|site| site.eq_ignore_ascii_case("cross-site"))
+    {
+        return true;
+    }
     // `Host` in HTTP/1.1, `:authority` in HTTP/2: Rocket reads either into `host()`
     // (a request built in code may only have the header).
     let host = request
@@ -434,7 +511,7 @@ impl<'r, T: rocket::form::FromForm<'r>> rocket::data::FromData<'r> for CsrfForm<
         data: Data<'r>,
     ) -> rocket::data::Outcome<'r, Self> {
         use rocket::data::Outcome as DataOutcome;
-        let expected = ensure_token(request);
+        let expected = resolve_token(request).await;
         match rocket::form::Form::<WithToken<T>>::from_data(request, data).await {
             DataOutcome::Success(form) => {
                 let form = form.into_inner();

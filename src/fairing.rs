@@ -21,7 +21,7 @@ use rocket::{Build, Orbit, Request, Response, Rocket};
 use crate::api::ApiBase;
 use crate::error::report;
 use crate::flash::cookie::{FLASH_COOKIE, SPILL_COOKIE};
-use crate::flash::overflow::{spill_lifetime, SpillQuota};
+use crate::flash::overflow::{spill_lifetime, ANONYMOUS_SPILL_LIFETIME};
 use crate::host::Host;
 use crate::ops::Store;
 use crate::request::request_state;
@@ -43,7 +43,6 @@ use crate::{api, csrf};
 /// # }
 /// ```
 pub struct StoredMessages {
-    spill_quota: SpillQuota,
     host: Arc<dyn Host>,
     store: Option<Store>,
     csrf: bool,
@@ -55,7 +54,6 @@ impl StoredMessages {
     /// The fairing for `host`, with the backend chosen by configuration.
     pub fn fairing(host: impl Host) -> StoredMessages {
         StoredMessages {
-            spill_quota: SpillQuota::default(),
             host: Arc::new(host),
             store: None,
             csrf: true,
@@ -67,7 +65,6 @@ impl StoredMessages {
     /// The fairing over a store built by the caller (a custom backend, a shared store).
     pub fn with_store(store: Store) -> StoredMessages {
         StoredMessages {
-            spill_quota: SpillQuota::default(),
             host: Arc::clone(store.host_arc()),
             store: Some(store),
             csrf: true,
@@ -246,18 +243,13 @@ impl Fairing for StoredMessages {
                     || c.starts_with(&format!("{FLASH_COOKIE}="))
             });
             let succeeded = response.status().code < 400;
-            let client = request.client_ip();
-            let quota = &self.spill_quota;
-            settle(store, state, cookies_sent, succeeded, || {
-                quota.allow(client)
-            })
-            .await;
+            settle(store, state, cookies_sent, succeeded).await;
             // The helpers show the inbox as this request leaves it, from its own snapshot.
             if html {
                 unread = state.lock().unread_after(succeeded);
             }
         } else if html {
-            user = store.host().current_user(request).await;
+            user = crate::host::current_user(request, store.host()).await;
         }
         if html {
             template::fill(request, response, store, user, unread).await;
@@ -272,35 +264,31 @@ async fn settle(
     state: &crate::request::RequestState,
     cookies_sent: bool,
     succeeded: bool,
-    spill_allowed: impl FnOnce() -> bool,
 ) {
-    let (pending, stale, replaces, shown) = {
+    let (pending, stale, shown) = {
         let inner = state.lock();
         (
             inner.pending_spill.clone(),
             inner.stale_spill_key().map(str::to_string),
-            inner.replaces_spill(),
             inner.shown_stored(),
         )
     };
     // A catcher response drops the handler's cookie changes: then the browser keeps its
     // old cookies, so the old spill must stay and the new one is useless.
     if cookies_sent {
+        // The quota already let this spill be made (`Messages`): a refused one is not
+        // pending.
         if let Some((key, payload)) = &pending {
-            // Replacing a spill the browser brought back is no growth; only new ones count
-            // (a replayed key of a spill that is gone is a new one).
-            if replaces || spill_allowed() {
-                let expires = chrono::Utc::now() + spill_lifetime();
-                if let Err(e) = store.flash_spill().spill_put(key, payload, expires).await {
-                    log::error!(
-                        "stored-messages: writing flash spill failed: {}",
-                        report(&e)
-                    );
-                }
-            } else {
-                log::warn!(
-                    "stored-messages: a client created too many flash spills; {} bytes of flash messages dropped",
-                    payload.len()
+            let lifetime = match state.user {
+                Some(_) => spill_lifetime(),
+                None => chrono::Duration::from_std(ANONYMOUS_SPILL_LIFETIME)
+                    .unwrap_or_else(|_| spill_lifetime()),
+            };
+            let expires = chrono::Utc::now() + lifetime;
+            if let Err(e) = store.flash_spill().spill_put(key, payload, expires).await {
+                log::error!(
+                    "stored-messages: writing flash spill failed: {}",
+                    report(&e)
                 );
             }
         }

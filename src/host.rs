@@ -35,10 +35,30 @@ use crate::message::UserId;
 /// ```
 #[rocket::async_trait]
 pub trait Host: Send + Sync + 'static {
-    /// The logged-in user of this request, or `None` for an anonymous visitor. Called at
-    /// most once per request (the answer is cached).
+    /// The logged-in user of this request, or `None` for an anonymous visitor. The library
+    /// asks it once per request (and keeps the answer for that request).
     async fn current_user(&self, request: &Request<'_>) -> Option<UserId>;
 
     /// Every user that exists now: the audience of [`crate::Store::broadcast_message`].
     async fn all_users(&self) -> Result<Vec<UserId>, BoxError>;
+
+    /// What identifies this request's session, if the host keeps server-side sessions (the
+    /// session's id, or any value that changes when the session does). The CSRF token is
+    /// bound to it: a token issued in one session is refused in any other, and a new one is
+    /// issued whenever it changes (login, logout, another user). The default, `None`, binds
+    /// the token to [`Host::current_user`] instead (anonymous, or which user), which gives
+    /// the same guarantees except between two sessions of one user.
+    async fn session_key(&self, request: &Request<'_>) -> Option<String> {
+        let _ = request;
+        None
+    }
+}
+
+/// The current user of `request` as the host says, asked once per request.
+pub(crate) async fn current_user(request: &Request<'_>, host: &dyn Host) -> Option<UserId> {
+    struct Cached(Option<UserId>);
+    request
+        .local_cache_async(async { Cached(host.current_user(request).await) })
+        .await
+        .0
 }

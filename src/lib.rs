@@ -343,4 +343,4 @@ pub use crate::message::{
 };
 pub use crate::ops::{Delivery, Store};
 pub use crate::redirect::local_path;
-pub use crate::request::{Messages, StreamMessage, MAX_STREAM_STORED};
+pub use crate::request::{Messages, StreamMessage, MAX_STREAM_STORED, OVERFLOW_NOTICE};

@@ -21,7 +21,7 @@ use crate::config::database_config;
 use crate::config::{BackendKind, Config};
 use crate::error::{Error, Result};
 use crate::events::{Event, Events};
-use crate::flash::overflow::MemorySpill;
+use crate::flash::overflow::{MemorySpill, SpillQuota};
 use crate::host::Host;
 use crate::message::{LevelTags, Message, MessageId, NewMessage, UserId};
 
@@ -48,6 +48,7 @@ struct Inner {
     config: Config,
     level_tags: LevelTags,
     events: Events,
+    spill_quota: SpillQuota,
 }
 
 impl std::fmt::Debug for Store {
@@ -85,6 +86,7 @@ impl Store {
             Some(cache) => cache.clone() as Arc<dyn MessageBackend>,
             None => backend,
         };
+        let spill_quota = SpillQuota::new(config.spills_per_client, config.anonymous_spill_bytes);
         let inner = Inner {
             backend,
             cache,
@@ -93,6 +95,7 @@ impl Store {
             config,
             level_tags,
             events: Events::new(),
+            spill_quota,
         };
         Ok(Store {
             inner: Arc::new(inner),
@@ -160,6 +163,11 @@ impl Store {
             .backend
             .flash_spill()
             .unwrap_or_else(|| MemorySpill::global())
+    }
+
+    /// How many flash spills clients may still create (see [`SpillQuota`]).
+    pub(crate) fn spill_quota(&self) -> &SpillQuota {
+        &self.inner.spill_quota
     }
 
     /// The inbox cache in front of the backend, unless `inbox_cache_messages` is 0.

@@ -265,6 +265,13 @@ pub(crate) struct Inner {
     spill_found: bool,
     /// Spill to write (key, payload) so the cookie set in this request finds its messages.
     pub(crate) pending_spill: Option<(String, String)>,
+    /// Whether the quota let this request create a spill (asked once, at the first
+    /// overflow; replacing the spill the browser brought back is always allowed).
+    spill_allowed: Option<bool>,
+    /// The bytes the quota counted for this request's anonymous spill.
+    spill_counted: usize,
+    /// The client's address, for the spill quota.
+    client: Option<std::net::IpAddr>,
     /// Whether this request rewrote the flash cookies.
     pub(crate) cookies_rewritten: bool,
     /// Whether the inbox snapshot stopped at [`MAX_STREAM_STORED`] (more may be unread).
@@ -329,11 +336,6 @@ impl Inner {
     }
 
     /// The spill key the browser sent, if this request's cookies no longer point to it.
-    /// Whether this request's new spill replaces one that existed (no growth of storage).
-    pub(crate) fn replaces_spill(&self) -> bool {
-        self.spill_found && self.stale_spill_key().is_some()
-    }
-
     pub(crate) fn stale_spill_key(&self) -> Option<&str> {
         let current = self.pending_spill.as_ref().map(|(k, _)| k.as_str());
         match (&self.loaded_spill_key, self.cookies_rewritten) {
@@ -349,7 +351,7 @@ impl RequestState {
     }
 
     async fn load(request: &Request<'_>, store: &Store) -> RequestState {
-        let user = store.host().current_user(request).await;
+        let user = crate::host::current_user(request, store.host()).await;
         let jar = request.cookies();
         let mut failure = None;
         let mut flash: Vec<NewMessage> = jar
@@ -408,6 +410,7 @@ impl RequestState {
             spill_found,
             truncated,
             look_only: request.local_cache(|| LooksOnly(looks_only(request))).0,
+            client: request.client_ip(),
             ..Inner::default()
         };
         RequestState {
@@ -665,9 +668,6 @@ impl<'r> Messages<'r> {
             inner.pending_spill = None;
             remove_if_present(self.jar, SPILL_COOKIE);
         } else {
-            let key = new_key();
-            self.jar
-                .add_private(flash_cookie(SPILL_COOKIE, key.clone(), self.secure()));
             // The spill keeps the newest messages that fit its size limit.
             let from = newest_within(rest, MAX_SPILL_BYTES);
             let payload = encode(&rest[from..]);
@@ -676,7 +676,45 @@ impl<'r> Messages<'r> {
                     "stored-messages: {from} flash messages dropped: the queue is over {MAX_SPILL_BYTES} bytes"
                 );
             }
-            inner.pending_spill = Some((key, payload));
+            let anonymous = self.state.user.is_none();
+            let quota = self.store.spill_quota();
+            let allowed = match inner.spill_allowed {
+                // Replacing the spill the browser brought back does not grow the storage.
+                _ if inner.spill_found => true,
+                Some(false) => false,
+                // The queue grew since the quota let it spill: count what it grew by.
+                Some(true) if anonymous && payload.len() > inner.spill_counted => {
+                    let more = quota.allow_more(payload.len() - inner.spill_counted);
+                    inner.spill_counted = inner.spill_counted.max(payload.len());
+                    more
+                }
+                Some(true) => true,
+                None => quota.allow(inner.client, anonymous, payload.len()),
+            };
+            if allowed && anonymous {
+                inner.spill_counted = inner.spill_counted.max(payload.len());
+            }
+            inner.spill_allowed = Some(allowed);
+            if allowed {
+                let key = new_key();
+                self.jar
+                    .add_private(flash_cookie(SPILL_COOKIE, key.clone(), self.secure()));
+                inner.pending_spill = Some((key, payload));
+            } else {
+                log::warn!(
+                    "stored-messages: flash spill refused by the quota ({} messages, {} bytes dropped)",
+                    rest.len(),
+                    payload.len()
+                );
+                let kept = with_overflow_notice(&keep[..keep.len() - rest.len()]);
+                let (head, _) = split(&kept);
+                if let Some(value) = head {
+                    self.jar
+                        .add_private(flash_cookie(FLASH_COOKIE, value, self.secure()));
+                }
+                inner.pending_spill = None;
+                remove_if_present(self.jar, SPILL_COOKIE);
+            }
         }
         // Rocket's `_flash` message now lives in our queue (or was shown).
         if self.jar.get(ROCKET_FLASH_COOKIE).is_some() {
@@ -684,6 +722,27 @@ impl<'r> Messages<'r> {
                 .remove(Cookie::build(ROCKET_FLASH_COOKIE).path("/"));
         }
         inner.cookies_rewritten = true;
+    }
+}
+
+/// The warning that stands in for flash messages the spill quota refused to keep.
+pub const OVERFLOW_NOTICE: &str =
+    "Some messages could not be kept: too many were waiting. Reload the page to see new ones.";
+
+/// `fitting` (a queue that fits the cookie) with [`OVERFLOW_NOTICE`] at its end, dropping
+/// its newest messages until the notice fits too.
+fn with_overflow_notice(fitting: &[NewMessage]) -> Vec<NewMessage> {
+    let Ok(notice) = NewMessage::new(Level::WARNING, OVERFLOW_NOTICE) else {
+        return fitting.to_vec();
+    };
+    let mut kept = fitting.to_vec();
+    loop {
+        kept.push(notice.clone());
+        if split(&kept).1.is_empty() || kept.len() == 1 {
+            return kept;
+        }
+        kept.pop();
+        kept.pop();
     }
 }
 

@@ -15,7 +15,7 @@ use crate::throttle::LoginThrottle;
 use crate::users::{User, Users, SESSION_COOKIE};
 use stored_messages::report;
 use stored_messages::template::Page;
-use stored_messages::{CsrfToken, Messages, Store};
+use stored_messages::{Messages, Store};
 
 /// The logged-in user: the session the private session cookie names, if it has neither
 /// ended (logout, `stored-messages endsessions`) nor expired. Forwards with 401 for anonymous
@@ -188,8 +188,8 @@ async fn login(
             } else {
                 jar.add_private(cookie);
             }
-            // A token from before the login is worth nothing after it.
-            CsrfToken::renew(jar);
+            // The CSRF token is bound to the session (`AppHost::session_key`): the next page
+            // gets a new one, and one from before the login is worth nothing after it.
             Ok(Redirect::to(safe_next(input.next.unwrap_or("/"))))
         }
         Ok(None) => match throttle.failed(input.username, address) {
@@ -222,14 +222,192 @@ async fn logout(
         }
     }
     jar.remove_private(Cookie::build(SESSION_COOKIE).path("/"));
-    CsrfToken::renew(jar);
     let _ = messages.info("You are logged out.").await;
     Redirect::to("/login")
 }
 
-/// Login and logout.
+#[derive(Debug, FromForm)]
+struct PasswordForm<'r> {
+    #[field(default = "")]
+    current: &'r str,
+    #[field(default = "")]
+    new: &'r str,
+    #[field(default = "")]
+    confirm: &'r str,
+}
+
+/// One problem of the password form, for the field it is about.
+#[derive(Debug, serde::Serialize)]
+struct FieldError {
+    field: &'static str,
+    text: String,
+}
+
+fn account_page(
+    messages: &Messages<'_>,
+    user: &User,
+    errors: &[FieldError],
+    status: Status,
+) -> Page {
+    let invalid: std::collections::BTreeMap<&str, &str> =
+        errors.iter().map(|e| (e.field, e.text.as_str())).collect();
+    Page::render("auth/account", context! { messages, user, errors, invalid }).status(status)
+}
+
+#[get("/account")]
+fn account(user: CurrentUser, messages: Messages<'_>) -> Page {
+    account_page(&messages, &user.0, &[], Status::Ok)
+}
+
+#[get("/account", rank = 2)]
+fn account_login() -> Redirect {
+    Redirect::to("/login?next=/account")
+}
+
+/// Changes the logged-in user's password: the current one is checked as a login is (same
+/// throttle, same bounded pool of password checks), the new one as for a new user. Every
+/// other session of the user ends; this one stays.
+#[allow(clippy::too_many_arguments)]
+#[post("/account/password", data = "<form>")]
+async fn change_password(
+    user: CurrentUser,
+    form: Form<PasswordForm<'_>>,
+    users: &State<Arc<Users>>,
+    throttle: &State<LoginThrottle>,
+    address: Option<IpAddr>,
+    jar: &CookieJar<'_>,
+    messages: Messages<'_>,
+) -> Result<Redirect, Refused> {
+    let user = user.0;
+    let refuse = |errors: Vec<FieldError>, status: Status| {
+        Refused::Form(account_page(&messages, &user, &errors, status))
+    };
+    let mut errors = Vec::new();
+    if form.current.is_empty() {
+        errors.push(FieldError {
+            field: "current",
+            text: "Enter your current password.".into(),
+        });
+    }
+    if let Err(e) = crate::users::check_password(&user.username, form.new) {
+        errors.push(FieldError {
+            field: "new",
+            text: capitalize(&e.to_string()),
+        });
+    } else if form.new != form.confirm {
+        errors.push(FieldError {
+            field: "confirm",
+            text: "The two new passwords differ.".into(),
+        });
+    }
+    if !errors.is_empty() {
+        return Err(refuse(errors, Status::UnprocessableEntity));
+    }
+    let wait = |left: Duration| {
+        let seconds = left.as_secs().max(1);
+        let error = FieldError {
+            field: "current",
+            text: format!("Too many wrong passwords: try again in {seconds} s."),
+        };
+        Refused::Wait(
+            account_page(&messages, &user, &[error], Status::TooManyRequests),
+            Header::new("Retry-After", seconds.to_string()),
+        )
+    };
+    if let Some(left) = throttle.locked(&user.username, address) {
+        return Err(wait(left));
+    }
+    let Some(permit) = throttle.check_permit().await else {
+        let error = FieldError {
+            field: "current",
+            text: "Too many password checks at once: try again in a moment.".into(),
+        };
+        return Err(Refused::Wait(
+            account_page(&messages, &user, &[error], Status::ServiceUnavailable),
+            Header::new("Retry-After", "1"),
+        ));
+    };
+    if let Some(left) = throttle.locked(&user.username, address) {
+        return Err(wait(left));
+    }
+    let unavailable = |e: &crate::users::UserError| {
+        log::error!("reference app: changing a password failed: {}", report(e));
+        let error = FieldError {
+            field: "current",
+            text: "Changing passwords is unavailable right now, try again shortly.".into(),
+        };
+        Refused::Form(account_page(
+            &messages,
+            &user,
+            &[error],
+            Status::ServiceUnavailable,
+        ))
+    };
+    match users.verify(&user.username, form.current).await {
+        Ok(Some(checked)) if checked.id == user.id => {}
+        Ok(_) => {
+            drop(permit);
+            if let Some(left) = throttle.failed(&user.username, address) {
+                return Err(wait(left));
+            }
+            let error = FieldError {
+                field: "current",
+                text: "The current password is wrong.".into(),
+            };
+            return Err(refuse(vec![error], Status::UnprocessableEntity));
+        }
+        Err(e) => return Err(unavailable(&e)),
+    }
+    throttle.succeeded(&user.username, address);
+    let session = jar
+        .get_private(SESSION_COOKIE)
+        .map(|c| c.value().to_string());
+    let ended = users
+        .change_password(&user, form.new, session.as_deref())
+        .await;
+    drop(permit);
+    match ended {
+        Ok(ended) => {
+            let text = match ended {
+                0 => "Your password was changed.".to_string(),
+                1 => "Your password was changed, and your 1 other session was logged out.".into(),
+                n => format!(
+                    "Your password was changed, and your {n} other sessions were logged out."
+                ),
+            };
+            let _ = messages.success(&text).await;
+            Ok(Redirect::to("/account"))
+        }
+        Err(e @ crate::users::UserError::Backend(_)) => Err(unavailable(&e)),
+        Err(e) => Err(refuse(
+            vec![FieldError {
+                field: "new",
+                text: capitalize(&e.to_string()),
+            }],
+            Status::UnprocessableEntity,
+        )),
+    }
+}
+
+/// `text` with its first letter in upper case (error texts start in lower case).
+fn capitalize(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// Login, logout and the account page.
 pub fn routes() -> Vec<Route> {
-    routes![login_page, login, logout]
+    routes![
+        login_page,
+        login,
+        logout,
+        account,
+        account_login,
+        change_password
+    ]
 }
 
 #[cfg(test)]

@@ -349,6 +349,21 @@ impl Users {
     /// every instance: whoever knew the old password is logged out. Returns how many sessions
     /// ended.
     pub async fn set_password(&self, user: &User, password: &str) -> Result<u64, UserError> {
+        self.change_password(user, password, None).await
+    }
+
+    /// Sets `user`'s password and ends every session of theirs but `keep` (the one that
+    /// changed it), on every instance at once; returns how many sessions ended.
+    ///
+    /// # Errors
+    ///
+    /// A password that [`check_password`] refuses, or a database error.
+    pub async fn change_password(
+        &self,
+        user: &User,
+        password: &str,
+        keep: Option<&str>,
+    ) -> Result<u64, UserError> {
         check_password(&user.username, password)?;
         let hash = hash_password(password)?;
         with_pool!(&self.pool, pool => {
@@ -358,7 +373,17 @@ impl Users {
                 .execute(pool)
                 .await?;
         });
-        self.end_sessions(user.id).await
+        match keep {
+            None => self.end_sessions(user.id).await,
+            Some(keep) => Ok(with_pool!(&self.pool, pool => sqlx::query(
+                    "delete from app_sessions where user_id = $1 and id <> $2",
+                )
+                .bind(user.id)
+                .bind(keep)
+                .execute(pool)
+                .await?
+                .rows_affected())),
+        }
     }
 
     /// Ends session `id` (logout), on every instance at once.
@@ -447,6 +472,17 @@ impl Host for AppHost {
 
     async fn all_users(&self) -> Result<Vec<UserId>, BoxError> {
         Ok(self.users.all_ids().await?)
+    }
+
+    /// A digest of the session id (the CSRF cookie need not hold the session's secret), for
+    /// a session that is live; `None` otherwise.
+    async fn session_key(&self, request: &Request<'_>) -> Option<String> {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        crate::auth::request_session(request).await?;
+        let id = request.cookies().get_private(SESSION_COOKIE)?;
+        let digest = sha2::Sha256::digest(id.value().as_bytes());
+        Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..16]))
     }
 }
 

@@ -6,7 +6,7 @@
 //! process-local [`MemorySpill`], which is lost on restart ([`crate::Store::flash_spill`]
 //! picks).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, OnceLock};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -32,27 +32,105 @@ pub fn new_key() -> String {
 /// Whether `key` looks like one of ours (so a forged key cannot reach other storage keys).
 pub use crate::backend::is_spill_key as is_valid_key;
 
-/// How many new spills one client address may create per [`SPILL_WINDOW`].
+/// How many new spills one client address may create per [`SPILL_WINDOW`] by default
+/// (`spills_per_client`).
 pub const SPILLS_PER_CLIENT: u32 = 20;
 /// The window of [`SPILLS_PER_CLIENT`].
 pub const SPILL_WINDOW: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 /// The largest spill payload kept (bytes); a larger queue keeps its newest messages that fit.
 pub const MAX_SPILL_BYTES: usize = 256 * 1024;
+/// How long an anonymous visitor's spill waits for the browser to come back (a logged-in
+/// user's waits [`spill_lifetime`]). It is also the window of the anonymous budget.
+pub const ANONYMOUS_SPILL_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60 * 60);
+/// The default of `anonymous_spill_bytes`: 64 MiB.
+pub const ANONYMOUS_SPILL_BYTES: usize = 64 * 1024 * 1024;
 
-/// Bounds the server-side storage anonymous clients can make the app keep: a browser that
-/// returns its cookies holds one spill at a time (the previous one is deleted when it is
-/// replaced), but a client that never returns them would create a new one with every
-/// request. At most [`SPILLS_PER_CLIENT`] new spills per address per [`SPILL_WINDOW`] are
-/// written; beyond that the overflow is dropped (logged), and the messages that fit the
-/// cookie still arrive. One instance's count, kept in memory.
-#[derive(Debug, Default)]
+/// Bounds the server-side storage that clients can make the app keep.
+///
+/// A browser that returns its cookies holds one spill at a time (the previous one is deleted
+/// when it is replaced, which costs no quota), but a client that never returns them would
+/// create a new one with every request. So:
+///
+/// - **per client**: at most `spills_per_client` (default [`SPILLS_PER_CLIENT`]) new spills
+///   per address per [`SPILL_WINDOW`], logged in or not;
+/// - **all anonymous visitors together**: the spills created in the last
+///   [`ANONYMOUS_SPILL_LIFETIME`] (which is also how long an anonymous spill lives) hold at
+///   most `anonymous_spill_bytes` (default [`ANONYMOUS_SPILL_BYTES`]), so that is the most
+///   their spills can occupy in the store, per instance.
+///
+/// A spill refused by either is not written: the visitor gets the messages that fit the
+/// cookie and, in place of the rest, a warning that some messages could not be kept.
+/// The counts are this instance's, in memory.
+#[derive(Debug)]
 pub struct SpillQuota {
+    per_client: u32,
+    anonymous_bytes: usize,
     counts: Mutex<HashMap<Option<std::net::IpAddr>, (u32, std::time::Instant)>>,
+    /// Anonymous spills still alive: when each was created and its size, oldest first.
+    anonymous: Mutex<(VecDeque<(std::time::Instant, usize)>, usize)>,
+}
+
+impl Default for SpillQuota {
+    fn default() -> SpillQuota {
+        SpillQuota::new(SPILLS_PER_CLIENT, ANONYMOUS_SPILL_BYTES)
+    }
 }
 
 impl SpillQuota {
-    /// Whether `client` may create one more spill now (and counts it).
-    pub fn allow(&self, client: Option<std::net::IpAddr>) -> bool {
+    /// A quota of `per_client` new spills per address per [`SPILL_WINDOW`], and
+    /// `anonymous_bytes` for the live spills of anonymous visitors.
+    pub fn new(per_client: u32, anonymous_bytes: usize) -> SpillQuota {
+        SpillQuota {
+            per_client,
+            anonymous_bytes,
+            counts: Mutex::default(),
+            anonymous: Mutex::default(),
+        }
+    }
+
+    /// Whether `client` may create one more spill of `bytes` now (and counts it);
+    /// `anonymous` spills also count against the anonymous budget.
+    pub fn allow(&self, client: Option<std::net::IpAddr>, anonymous: bool, bytes: usize) -> bool {
+        if anonymous {
+            let mut live = self.anonymous.lock().unwrap_or_else(|e| e.into_inner());
+            return self.fits(&mut live, bytes)
+                && self.count_client(client)
+                && Self::take(&mut live, bytes);
+        }
+        self.count_client(client)
+    }
+
+    /// Whether an anonymous spill already allowed may grow by `bytes` (and counts them).
+    pub fn allow_more(&self, bytes: usize) -> bool {
+        let mut live = self.anonymous.lock().unwrap_or_else(|e| e.into_inner());
+        self.fits(&mut live, bytes) && Self::take(&mut live, bytes)
+    }
+
+    /// Drops the spills that expired; whether `bytes` more fit the anonymous budget.
+    fn fits(
+        &self,
+        live: &mut (VecDeque<(std::time::Instant, usize)>, usize),
+        bytes: usize,
+    ) -> bool {
+        let now = std::time::Instant::now();
+        let (spills, total) = live;
+        while let Some((created, size)) = spills.front() {
+            if now.duration_since(*created) < ANONYMOUS_SPILL_LIFETIME {
+                break;
+            }
+            *total -= size;
+            spills.pop_front();
+        }
+        total.saturating_add(bytes) <= self.anonymous_bytes
+    }
+
+    fn take(live: &mut (VecDeque<(std::time::Instant, usize)>, usize), bytes: usize) -> bool {
+        live.0.push_back((std::time::Instant::now(), bytes));
+        live.1 += bytes;
+        true
+    }
+
+    fn count_client(&self, client: Option<std::net::IpAddr>) -> bool {
         let now = std::time::Instant::now();
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         if counts.len() > 10_000 {
@@ -63,8 +141,11 @@ impl SpillQuota {
             *count = 0;
             *since = now;
         }
+        if *count >= self.per_client {
+            return false;
+        }
         *count += 1;
-        *count <= SPILLS_PER_CLIENT
+        true
     }
 }
 
@@ -135,6 +216,21 @@ mod tests {
         assert!(is_valid_key(&a));
         assert!(!is_valid_key("../../etc/passwd"));
         assert!(!is_valid_key(""));
+    }
+
+    #[test]
+    fn the_quota_counts_clients_and_anonymous_bytes() {
+        let quota = SpillQuota::new(3, 1000);
+        let a = Some(std::net::IpAddr::from([10, 0, 0, 1]));
+        let b = Some(std::net::IpAddr::from([10, 0, 0, 2]));
+        assert!((0..3).all(|_| quota.allow(a, false, 10_000)));
+        assert!(!quota.allow(a, false, 1), "a's fourth");
+        assert!(quota.allow(b, true, 600));
+        assert!(!quota.allow(b, true, 600), "over the anonymous bytes");
+        assert!(quota.allow(b, true, 400));
+        assert!(!quota.allow_more(1), "the budget is spent");
+        assert!(quota.allow(b, false, 1), "b's third: a logged-in spill");
+        assert!(!quota.allow(b, false, 1), "b used its three");
     }
 
     #[test]

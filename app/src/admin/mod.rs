@@ -59,12 +59,85 @@ async fn dashboard(
     jobs: &State<Jobs>,
     users: &State<Arc<Users>>,
 ) -> Page {
+    dashboard_page(&admin, &messages, jobs, users, "", "").await
+}
+
+async fn dashboard_page(
+    admin: &AdminUser,
+    messages: &Messages<'_>,
+    jobs: &Jobs,
+    users: &Users,
+    session_user: &str,
+    session_error: &str,
+) -> Page {
     let recent = jobs.recent(5).await.unwrap_or_default();
     let user_count = users.count().await.unwrap_or(0);
     Page::render(
         "admin/index",
-        context! { messages: &messages, user: &admin.0, jobs: recent, user_count },
+        context! {
+            messages, user: &admin.0, jobs: recent, user_count, session_user, session_error,
+        },
     )
+}
+
+#[derive(Debug, FromForm)]
+struct EndSessionsForm<'r> {
+    #[field(default = "")]
+    username: &'r str,
+}
+
+/// Ends every session of a user (as `stored-messages endsessions NAME` does).
+#[post("/admin/sessions/end", data = "<form>")]
+async fn end_sessions(
+    admin: AdminUser,
+    form: rocket::form::Form<EndSessionsForm<'_>>,
+    messages: Messages<'_>,
+    jobs: &State<Jobs>,
+    users: &State<Arc<Users>>,
+) -> Result<Redirect, Page> {
+    let name = form.username.trim();
+    let (admin, messages) = (&admin, &messages);
+    let refuse = |error: String, status: Status| async move {
+        dashboard_page(admin, messages, jobs, users, name, &error)
+            .await
+            .status(status)
+    };
+    if name.is_empty() {
+        return Err(refuse("Enter a username.".into(), Status::UnprocessableEntity).await);
+    }
+    let user = match users.by_name(name).await {
+        Ok(Some(user)) => user,
+        Ok(None) => {
+            let error = format!("There is no user named “{name}”.");
+            return Err(refuse(error, Status::UnprocessableEntity).await);
+        }
+        Err(e) => {
+            log::error!(
+                "reference app: looking up a user failed: {}",
+                stored_messages::report(&e)
+            );
+            let error = "Users are unavailable right now, try again shortly.".to_string();
+            return Err(refuse(error, Status::ServiceUnavailable).await);
+        }
+    };
+    match users.end_sessions(user.id).await {
+        Ok(n) => {
+            let text = match n {
+                1 => format!("Ended 1 session of {}.", user.username),
+                n => format!("Ended {n} sessions of {}.", user.username),
+            };
+            let _ = messages.success(&text).await;
+            Ok(Redirect::to("/admin"))
+        }
+        Err(e) => {
+            log::error!(
+                "reference app: ending sessions failed: {}",
+                stored_messages::report(&e)
+            );
+            let error = "Sessions are unavailable right now, try again shortly.".to_string();
+            Err(refuse(error, Status::ServiceUnavailable).await)
+        }
+    }
 }
 
 /// Anonymous visitors of any admin page (`/admin` included: a trailing `<_..>` also matches
@@ -93,6 +166,7 @@ fn url_escape(path: &str) -> String {
 pub fn routes() -> Vec<Route> {
     routes![
         dashboard,
+        end_sessions,
         broadcast::broadcast_form,
         broadcast::broadcast_send,
         jobs::job_page,

@@ -449,23 +449,17 @@ pub struct Browser {
 }
 
 impl Browser {
-    /// This browser's CSRF token (a page with a form sets it; a fresh browser gets it from
-    /// the login page, which consumes no messages).
+    /// This browser's CSRF token for its current session. The token is bound to the session,
+    /// so this asks for a page first (the login page, which consumes no messages and
+    /// redirects a logged-in browser) to get the one issued for the session as it is now.
     pub async fn csrf_token(&self) -> String {
-        if self
+        self.client.get("/login").dispatch().await;
+        let cookie = self
             .client
             .cookies()
             .get_private(stored_messages::csrf::CSRF_COOKIE)
-            .is_none()
-        {
-            self.client.get("/login").dispatch().await;
-        }
-        self.client
-            .cookies()
-            .get_private(stored_messages::csrf::CSRF_COOKIE)
-            .unwrap()
-            .value()
-            .to_string()
+            .unwrap();
+        token_of(cookie.value())
     }
 
     pub async fn get_html(&self, path: &str) -> (rocket::http::Status, String) {
@@ -506,6 +500,11 @@ impl Browser {
             "login as {name}"
         );
     }
+}
+
+/// The token in a CSRF cookie's value (`<token>` or `<token>.<session binding>`).
+pub fn token_of(cookie_value: &str) -> String {
+    cookie_value.split('.').next().unwrap_or("").to_string()
 }
 
 pub fn urlencode(text: &str) -> String {

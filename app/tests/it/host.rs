@@ -235,12 +235,13 @@ mod mounting_and_csrf {
     async fn token(client: &Client) -> String {
         // Any page outside the API sets the token cookie.
         client.get("/blank").dispatch().await;
-        client
-            .cookies()
-            .get_private(stored_messages::csrf::CSRF_COOKIE)
-            .expect("a token cookie")
-            .value()
-            .to_string()
+        crate::common::token_of(
+            client
+                .cookies()
+                .get_private(stored_messages::csrf::CSRF_COOKIE)
+                .expect("a token cookie")
+                .value(),
+        )
     }
 
     async fn login(client: &Client) {
@@ -522,12 +523,13 @@ mod origin {
             .mount("/", routes![blank, act]);
         let client = Client::tracked(rocket).await.unwrap();
         client.get("/blank").dispatch().await;
-        let token = client
-            .cookies()
-            .get_private(stored_messages::csrf::CSRF_COOKIE)
-            .unwrap()
-            .value()
-            .to_string();
+        let token = crate::common::token_of(
+            client
+                .cookies()
+                .get_private(stored_messages::csrf::CSRF_COOKIE)
+                .unwrap()
+                .value(),
+        );
         let post = |origin: Option<&'static str>, host: &'static str| {
             let mut request = client
                 .post("/act")
@@ -538,6 +540,20 @@ mod origin {
             }
             request.dispatch()
         };
+        // Browsers also say where a request comes from in `Sec-Fetch-Site`.
+        for (site, expected) in [
+            ("cross-site", Status::Forbidden),
+            ("same-origin", Status::Ok),
+            ("none", Status::Ok),
+        ] {
+            let response = client
+                .post("/act")
+                .header(Header::new("X-CSRF-Token", token.clone()))
+                .header(Header::new("Sec-Fetch-Site", site))
+                .dispatch()
+                .await;
+            assert_eq!(response.status(), expected, "Sec-Fetch-Site: {site}");
+        }
         for (origin, host, expected) in [
             (None, "app.example", Status::Ok),
             (Some("https://app.example"), "app.example", Status::Ok),
@@ -617,7 +633,7 @@ mod spill_bounds {
     //! spill; a browser that does return them keeps one, however often it posts.
 
     use rocket::local::asynchronous::Client;
-    use rocket::{post, routes};
+    use rocket::{get, post, routes};
     use stored_messages::flash::overflow::SPILLS_PER_CLIENT;
     use stored_messages::{Messages, StoredMessages};
 
@@ -626,8 +642,8 @@ mod spill_bounds {
     /// Queues flash messages well over the cookie's budget.
     #[post("/big")]
     async fn big(messages: Messages<'_>) -> &'static str {
-        for _ in 0..3 {
-            messages.info(&"x".repeat(3000)).await.unwrap();
+        for _ in 0..6 {
+            messages.info(&"x".repeat(1500)).await.unwrap();
         }
         "queued"
     }
@@ -697,4 +713,103 @@ mod spill_bounds {
             spill_rows(&url3).await
         );
     }
+
+    #[get("/show")]
+    fn show(messages: Messages<'_>) -> String {
+        messages
+            .iter()
+            .map(|m| m.message)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Bytes the flash spills take in the app's store.
+    async fn spill_bytes(app: &crate::common::TestApp) -> usize {
+        if let Some((url, prefix)) = &app.redis {
+            let mut connection = crate::common::redis_connection(url).unwrap();
+            let keys: Vec<String> = ::redis::Commands::scan_match::<_, String>(
+                &mut connection,
+                format!("{prefix}flash:*"),
+            )
+            .unwrap()
+            .collect::<::redis::RedisResult<_>>()
+            .unwrap();
+            let mut total = 0;
+            for key in keys {
+                let len: usize = ::redis::Commands::strlen(&mut connection, &key).unwrap();
+                total += len;
+            }
+            return total;
+        }
+        let sql = "select cast(coalesce(sum(length(payload)), 0) as bigint) from sm_flash_spill";
+        let total: i64 = if app.url.starts_with("postgres") {
+            use sqlx::Connection;
+            let mut connection = sqlx::PgConnection::connect(&app.url).await.unwrap();
+            sqlx::query_scalar(sql)
+                .fetch_one(&mut connection)
+                .await
+                .unwrap()
+        } else {
+            use sqlx::Connection;
+            let mut connection = sqlx::SqliteConnection::connect(&app.url).await.unwrap();
+            sqlx::query_scalar(sql)
+                .fetch_one(&mut connection)
+                .await
+                .unwrap()
+        };
+        usize::try_from(total).unwrap()
+    }
+
+    /// 5,000 oversize posts from anonymous clients that never return their cookies (the
+    /// per-address rate set high, as if they came from many addresses): the spills stay
+    /// within `anonymous_spill_bytes`, and a visitor refused a spill is told.
+    async fn the_anonymous_budget_holds(app: &crate::common::TestApp) {
+        const BUDGET: usize = 100_000;
+        let figment = app
+            .figment()
+            .merge(("stored_messages.anonymous_spill_bytes", BUDGET))
+            .merge(("stored_messages.spills_per_client", 1_000_000));
+        let rocket = rocket::custom(figment)
+            .attach(StoredMessages::fairing(CookieHost).without_csrf())
+            .mount("/", routes![big, show]);
+        let client = Client::untracked(rocket).await.unwrap();
+        let mut last = None;
+        for _ in 0..5_000 {
+            let response = client.post("/big").dispatch().await;
+            assert_eq!(response.status(), rocket::http::Status::Ok);
+            last = Some(
+                response
+                    .headers()
+                    .get("Set-Cookie")
+                    .map(|c| c.split(';').next().unwrap().to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            );
+        }
+        let stored = spill_bytes(app).await;
+        assert!(stored > 0, "some spills were kept");
+        assert!(stored <= BUDGET, "{stored} bytes of spill");
+        // The last visitor got what fit the cookie and the notice, no spill.
+        let cookies = last.unwrap();
+        assert!(!cookies.contains("sm_flash_spill="), "{cookies}");
+        let jar: Vec<rocket::http::Cookie<'static>> = cookies
+            .split("; ")
+            .filter_map(|c| rocket::http::Cookie::parse_encoded(c.to_string()).ok())
+            .collect();
+        let shown = client
+            .get("/show")
+            .cookies(jar)
+            .dispatch()
+            .await
+            .into_string()
+            .await
+            .unwrap();
+        assert!(shown.contains(stored_messages::OVERFLOW_NOTICE), "{shown}");
+        assert!(
+            shown.contains("xxxx"),
+            "the messages that fit arrive: {shown}"
+        );
+    }
+
+    app_tests!(the_anonymous_budget_holds);
 }

@@ -19,6 +19,9 @@ app_tests!(
     odd_next_values_redirect_instead_of_failing,
     repeated_wrong_passwords_lock_the_login_out,
     the_csrf_token_changes_at_login_and_logout,
+    a_token_is_refused_in_any_other_session,
+    changing_the_password_ends_the_other_sessions,
+    an_admin_ends_a_users_sessions,
     private_pages_are_not_cached_and_carry_security_headers,
     anonymous_stored_level_falls_back_to_flash,
     empty_message_is_dropped,
@@ -300,6 +303,64 @@ async fn the_csrf_token_changes_at_login_and_logout(app: &TestApp) {
     assert!(r.status().class().is_redirection());
     let after = b.csrf_token().await;
     assert_ne!(after, logged_in, "a new token after logout");
+}
+
+/// Someone who can plant cookies in the victim's browser (a sibling subdomain) plants their
+/// own CSRF cookie and sends its token: refused, because the token belongs to another session.
+async fn a_token_is_refused_in_any_other_session(app: &TestApp) {
+    use stored_messages::csrf::CSRF_COOKIE;
+    use stored_messages_app::users::SESSION_COOKIE;
+    app.user("alice", false).await;
+    app.user("mallory", false).await;
+    let victim = browser(app).await;
+    victim.login_as("alice").await;
+    let attacker = browser(app).await;
+    attacker.login_as("mallory").await;
+    let attacker_token = attacker.csrf_token().await;
+    let value = |b: &Browser, name: &str| {
+        b.client
+            .cookies()
+            .get_private(name)
+            .unwrap()
+            .value()
+            .to_string()
+    };
+    let fresh = rocket::local::asynchronous::Client::untracked(app.rocket())
+        .await
+        .unwrap();
+    let post = |session: String, csrf: String, token: String| {
+        fresh
+            .post("/messages/mark_all_read")
+            .private_cookie(rocket::http::Cookie::new(SESSION_COOKIE, session))
+            .private_cookie(rocket::http::Cookie::new(CSRF_COOKIE, csrf))
+            .header(rocket::http::Header::new("X-CSRF-Token", token))
+            .dispatch()
+    };
+    // The pair works in its own session (so the cookies reach the app as planted)...
+    let own = post(
+        value(&attacker, SESSION_COOKIE),
+        value(&attacker, CSRF_COOKIE),
+        attacker_token.clone(),
+    )
+    .await;
+    assert_eq!(own.status(), Status::Ok);
+    // ...and nowhere else, nor does a token issued before login.
+    let planted = post(
+        value(&victim, SESSION_COOKIE),
+        value(&attacker, CSRF_COOKIE),
+        attacker_token,
+    )
+    .await;
+    assert_eq!(planted.status(), Status::Forbidden);
+    let anonymous = browser(app).await;
+    let anonymous_token = anonymous.csrf_token().await;
+    let before_login = post(
+        value(&victim, SESSION_COOKIE),
+        value(&anonymous, CSRF_COOKIE),
+        anonymous_token,
+    )
+    .await;
+    assert_eq!(before_login.status(), Status::Forbidden);
 }
 
 async fn private_pages_are_not_cached_and_carry_security_headers(app: &TestApp) {
@@ -774,6 +835,154 @@ async fn ending_all_sessions_logs_a_user_out_everywhere(app: &TestApp) {
         let r = b.client.get("/messages/count").dispatch().await;
         assert_eq!(r.status(), Status::Unauthorized);
     }
+}
+
+/// The account page changes the password (checked as a login is, the new one as for a new
+/// user) and logs the user out everywhere else; this browser stays logged in.
+async fn changing_the_password_ends_the_other_sessions(app: &TestApp) {
+    let (here, _) = logged_in(app, "alice").await;
+    let elsewhere = browser(app).await;
+    elsewhere.login_as("alice").await;
+    let (status, html) = here.get_html("/account").await;
+    assert_eq!(status, Status::Ok);
+    assert!(html.contains("Change your password"), "{html}");
+    // Bad input: each error names its field, nothing changes.
+    for (fields, status, error) in [
+        (
+            [
+                ("current", "wrong-password-1"),
+                ("new", "another-secret-7"),
+                ("confirm", "another-secret-7"),
+            ],
+            Status::UnprocessableEntity,
+            "The current password is wrong.",
+        ),
+        (
+            [
+                ("current", "horse-battery-9"),
+                ("new", "password"),
+                ("confirm", "password"),
+            ],
+            Status::UnprocessableEntity,
+            "too easy to guess",
+        ),
+        (
+            [
+                ("current", "horse-battery-9"),
+                ("new", "another-secret-7"),
+                ("confirm", "another-secret-8"),
+            ],
+            Status::UnprocessableEntity,
+            "The two new passwords differ.",
+        ),
+    ] {
+        let r = here.post_form("/account/password", &fields).await;
+        assert_eq!(r.status(), status, "{fields:?}");
+        let html = r.into_string().await.unwrap();
+        assert!(html.contains(error), "{error}: {html}");
+        assert!(
+            html.contains("aria-invalid=\"true\""),
+            "the field is marked"
+        );
+    }
+    assert_eq!(
+        elsewhere
+            .client
+            .get("/messages/count")
+            .dispatch()
+            .await
+            .status(),
+        Status::Ok,
+        "nothing changed yet"
+    );
+    let r = here
+        .post_form(
+            "/account/password",
+            &[
+                ("current", "horse-battery-9"),
+                ("new", "another-secret-7"),
+                ("confirm", "another-secret-7"),
+            ],
+        )
+        .await;
+    assert_redirect(&r, "/account");
+    let (_, html) = here.get_html("/account").await;
+    assert!(
+        html.contains("your 1 other session was logged out"),
+        "{html}"
+    );
+    assert_eq!(
+        here.client.get("/messages/count").dispatch().await.status(),
+        Status::Ok,
+        "this session stays"
+    );
+    assert_eq!(
+        elsewhere
+            .client
+            .get("/messages/count")
+            .dispatch()
+            .await
+            .status(),
+        Status::Unauthorized,
+        "the other one ended"
+    );
+    // The new password logs in, the old one does not.
+    let again = browser(app).await;
+    let old = again
+        .post_form(
+            "/login",
+            &[("username", "alice"), ("password", "horse-battery-9")],
+        )
+        .await;
+    assert_eq!(old.status(), Status::Unauthorized);
+    let new = again
+        .post_form(
+            "/login",
+            &[("username", "alice"), ("password", "another-secret-7")],
+        )
+        .await;
+    assert_eq!(new.status(), Status::SeeOther);
+    // Anonymous visitors are sent to log in first.
+    let anonymous = browser(app).await;
+    let r = anonymous.client.get("/account").dispatch().await;
+    assert_redirect(&r, "/login?next=/account");
+}
+
+/// An admin can log a user out everywhere from `/admin`.
+async fn an_admin_ends_a_users_sessions(app: &TestApp) {
+    let (alice, _) = logged_in(app, "alice").await;
+    app.user("boss", true).await;
+    let admin = browser(app).await;
+    admin.login_as("boss").await;
+    let r = admin
+        .post_form("/admin/sessions/end", &[("username", "nobody")])
+        .await;
+    assert_eq!(r.status(), Status::UnprocessableEntity);
+    assert!(r
+        .into_string()
+        .await
+        .unwrap()
+        .contains("There is no user named “nobody”."));
+    // Not for non-admins.
+    let r = alice
+        .post_form("/admin/sessions/end", &[("username", "alice")])
+        .await;
+    assert_eq!(r.status(), Status::Forbidden);
+    let r = admin
+        .post_form("/admin/sessions/end", &[("username", "Alice")])
+        .await;
+    assert_redirect(&r, "/admin");
+    let (_, html) = admin.get_html("/admin").await;
+    assert!(html.contains("Ended 1 session of alice."), "{html}");
+    assert_eq!(
+        alice
+            .client
+            .get("/messages/count")
+            .dispatch()
+            .await
+            .status(),
+        Status::Unauthorized
+    );
 }
 
 async fn error_pages_know_who_is_logged_in(app: &TestApp) {

@@ -75,6 +75,11 @@ async fn the_example_host_works_as_documented() {
     // buttons posting to the API where the host mounted it.
     let login = format!("csrf_token={csrf}");
     assert_eq!(post(&client, "/login/1", login).await, Status::SeeOther);
+    // The token is bound to the session: the login made the old one worthless, and the next
+    // page carries the new one.
+    let body = format!("csrf_token={csrf}&text=stale+token");
+    assert_eq!(post(&client, "/note", body).await, Status::Forbidden);
+    let csrf = token(&page(&client, "/").await);
     let body = format!("csrf_token={csrf}&text=stored+note");
     assert_eq!(post(&client, "/note", body).await, Status::SeeOther);
     let inbox = page(&client, "/messages").await;
