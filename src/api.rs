@@ -281,7 +281,7 @@ impl<'r> Responder<'r, 'static> for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// The user of an API request; 401 (JSON) for anonymous requests.
 pub struct ApiUser(pub UserId);
@@ -527,7 +527,8 @@ pub fn routes() -> Vec<Route> {
         count,
         inbox_mark_read,
         mark_all_read,
-        openapi
+        openapi,
+        crate::live::stream
     ]
 }
 
@@ -610,6 +611,12 @@ pub fn openapi_document_at(base: &str) -> Value {
                 "responses": { "200": ok(page_ref), "400": error, "401": error, "422": error } } },
             "/messages/count": { "get": { "summary": "Number of unread messages",
                 "responses": { "200": ok(json!({ "type": "object", "properties": { "unread": { "type": "integer" } } })), "401": error } } },
+            "/messages/stream": { "get": { "summary": "Server-sent events of the inbox: message, read, count, resync (see the crate's `live` module)",
+                "parameters": [
+                    { "name": "Last-Event-ID", "in": "header", "schema": { "type": "string" }, "description": "the id of the last event received: missed messages are replayed, or resync is sent" },
+                    { "name": "since", "in": "query", "schema": { "type": "string" }, "description": "the same, for a first connection (an event id a page was rendered with)" }
+                ],
+                "responses": { "200": { "description": "text/event-stream", "content": { "text/event-stream": { "schema": { "type": "string" } } } }, "401": error } } },
             "/messages/openapi.json": { "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI 3 document" } } } }
         },
         "components": { "schemas": {

@@ -314,6 +314,7 @@ mod fairing;
 pub mod flash;
 mod host;
 mod level;
+pub mod live;
 mod message;
 mod ops;
 mod redirect;

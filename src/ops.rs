@@ -49,6 +49,7 @@ struct Inner {
     level_tags: LevelTags,
     events: Events,
     spill_quota: SpillQuota,
+    open_streams: crate::live::OpenStreams,
 }
 
 impl std::fmt::Debug for Store {
@@ -96,6 +97,7 @@ impl Store {
             level_tags,
             events: Events::new(),
             spill_quota,
+            open_streams: crate::live::OpenStreams::default(),
         };
         Ok(Store {
             inner: Arc::new(inner),
@@ -163,6 +165,15 @@ impl Store {
             .backend
             .flash_spill()
             .unwrap_or_else(|| MemorySpill::global())
+    }
+
+    /// How many live streams (`GET <api>/stream`) this store serves now.
+    pub fn open_streams(&self) -> usize {
+        self.inner.open_streams.get()
+    }
+
+    pub(crate) fn open_streams_counter(&self) -> &crate::live::OpenStreams {
+        &self.inner.open_streams
     }
 
     /// How many flash spills clients may still create (see [`SpillQuota`]).

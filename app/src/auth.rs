@@ -264,6 +264,12 @@ fn account_login() -> Redirect {
     Redirect::to("/login?next=/account")
 }
 
+/// The address bar shows the form's action after an error: reloading it goes back to the form.
+#[get("/account/password")]
+fn account_password_page() -> Redirect {
+    Redirect::to("/account")
+}
+
 /// Changes the logged-in user's password: the current one is checked as a login is (same
 /// throttle, same bounded pool of password checks), the new one as for a new user. Every
 /// other session of the user ends; this one stays.
@@ -294,13 +300,20 @@ async fn change_password(
             field: "new",
             text: capitalize(&e.to_string()),
         });
+    } else if form.new == form.current {
+        errors.push(FieldError {
+            field: "new",
+            text: "The new password must differ from the current one.".into(),
+        });
     } else if form.new != form.confirm {
         errors.push(FieldError {
             field: "confirm",
             text: "The two new passwords differ.".into(),
         });
     }
-    if !errors.is_empty() {
+    // Without a current password there is nothing to check it against; otherwise it is
+    // checked even when the new one was refused, so that every error shows at once.
+    if form.current.is_empty() {
         return Err(refuse(errors, Status::UnprocessableEntity));
     }
     let wait = |left: Duration| {
@@ -350,15 +363,21 @@ async fn change_password(
             if let Some(left) = throttle.failed(&user.username, address) {
                 return Err(wait(left));
             }
-            let error = FieldError {
-                field: "current",
-                text: "The current password is wrong.".into(),
-            };
-            return Err(refuse(vec![error], Status::UnprocessableEntity));
+            errors.insert(
+                0,
+                FieldError {
+                    field: "current",
+                    text: "The current password is wrong.".into(),
+                },
+            );
+            return Err(refuse(errors, Status::UnprocessableEntity));
         }
         Err(e) => return Err(unavailable(&e)),
     }
     throttle.succeeded(&user.username, address);
+    if !errors.is_empty() {
+        return Err(refuse(errors, Status::UnprocessableEntity));
+    }
     let session = jar
         .get_private(SESSION_COOKIE)
         .map(|c| c.value().to_string());
@@ -406,6 +425,7 @@ pub fn routes() -> Vec<Route> {
         logout,
         account,
         account_login,
+        account_password_page,
         change_password
     ]
 }

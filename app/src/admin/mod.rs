@@ -80,6 +80,12 @@ async fn dashboard_page(
     )
 }
 
+/// The address bar shows the form's action after an error: reloading it goes back to `/admin`.
+#[get("/admin/sessions/end")]
+fn end_sessions_page(_admin: AdminUser) -> Redirect {
+    Redirect::to("/admin")
+}
+
 #[derive(Debug, FromForm)]
 struct EndSessionsForm<'r> {
     #[field(default = "")]
@@ -167,6 +173,7 @@ pub fn routes() -> Vec<Route> {
     routes![
         dashboard,
         end_sessions,
+        end_sessions_page,
         broadcast::broadcast_form,
         broadcast::broadcast_send,
         jobs::job_page,

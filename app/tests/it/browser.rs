@@ -155,6 +155,106 @@ async fn mark_all_read_button_drops_the_count_to_zero_in_place() {
     session.stop().await;
 }
 
+/// Live updates: with the inbox page open, a message sent by the CLI (another process)
+/// appears without a reload and the badge goes up; marking it read in a second tab brings
+/// the first tab's badge down and takes it out of the first tab's list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_by_the_cli_appears_live_and_a_read_in_another_tab_follows() {
+    let Some(session) = Session::start(1).await else {
+        return;
+    };
+    let client = &session.served.client;
+    session.login_and_open_home().await;
+    assert_eq!(unread_count_text(client).await.as_deref(), Some("1"));
+    let url_before = client.current_url().await.unwrap();
+    mark_page_as_loaded(client).await;
+    let first_tab = client.window().await.unwrap();
+    // The stream is open once its first count arrived (the page's own count is right).
+    sleep(Duration::from_millis(500)).await;
+
+    // act: the CLI, another process on the same database, sends alice a message
+    let sent = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_stored-messages"))
+        .args(["send", "--to", "alice", "Live <b>from</b> the CLI"])
+        .env(
+            "ROCKET_DATABASES",
+            format!("{{stored_messages={{url=\"{}\"}}}}", session._app.url),
+        )
+        .env("ROCKET_LOG_LEVEL", "off")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // assert: it appears in the list, escaped, with its button; the badge goes up
+    let text = wait_for_text(
+        client,
+        "ul.stored-messages-inbox li.message:last-child",
+        |t| t.contains("Live <b>from</b> the CLI"),
+    )
+    .await;
+    wait_for_unread_count(client, "2").await;
+    println!("the CLI's message appeared after {:?}", sent.elapsed());
+    assert!(text.contains("Mark read"), "{text}");
+    assert_same_page(client, &url_before).await;
+    let live_id = client
+        .find(Locator::Css(
+            "ul.stored-messages-inbox li.message:last-child",
+        ))
+        .await
+        .unwrap()
+        .attr("data-id")
+        .await
+        .unwrap()
+        .expect("the live item carries its id");
+
+    // act: a second tab marks it read
+    let second_tab = client.new_window(true).await.unwrap();
+    client.switch_to_window(second_tab.handle).await.unwrap();
+    session.served.goto("/?keep=1").await;
+    click(
+        client,
+        &format!("ul.stored-messages-inbox li[data-id=\"{live_id}\"] form.sm-mark-read button"),
+    )
+    .await;
+    wait_for_unread_count(client, "1").await;
+
+    // assert: the first tab follows, without a reload
+    client.switch_to_window(first_tab).await.unwrap();
+    wait_for_unread_count(client, "1").await;
+    eventually(
+        "the read message to leave the first tab's list",
+        WAIT,
+        || async {
+            let left = client
+                .find_all(Locator::Css(&format!(
+                    "ul.stored-messages-inbox li[data-id=\"{live_id}\"]"
+                )))
+                .await
+                .map_err(|e| e.to_string())?;
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err("still listed".to_string())
+            }
+        },
+    )
+    .await;
+    assert_same_page(client, &url_before).await;
+    let mut expected = session.messages.clone();
+    expected.sort();
+    assert_eq!(
+        session.inbox_ids().await,
+        expected,
+        "only the live one was read"
+    );
+
+    session.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_broadcasts_to_two_named_users_and_one_of_them_sees_it_once() {
     let Some(tools) = browser_tools() else {

@@ -1,0 +1,381 @@
+//! Live updates: `GET <api>/stream`, server-sent events of the current user's inbox.
+//!
+//! The stream follows the store's [change feed](crate::changes), so a write in any process
+//! sharing the store (a handler, the request-free [`crate::Store`], the CLI, another app
+//! instance) reaches the streams of every instance. Nothing is sent per write beyond what
+//! the feed already carries: when the feed says a user's inbox may have changed, each of that
+//! user's streams reads the inbox and sends the difference from what its client was told.
+//!
+//! | event | data | when |
+//! |---|---|---|
+//! | `message` | the API's message object | a message entered the inbox |
+//! | `read` | `{"ids": ["12", …]}` | messages left the inbox (read, here or anywhere; expired; deleted) |
+//! | `count` | `{"unread": N}` | after each change, and first thing on a new stream |
+//! | `resync` | `{"unread": N}` | the server cannot vouch that the client missed nothing: reload the inbox from the API |
+//!
+//! Every event carries an `id:` naming the inbox as the client then knows it. A client that
+//! reconnects sends it back (`Last-Event-ID`; browsers do this by themselves, a page may pass
+//! the id its HTML was rendered with as `?since=`): the stream then replays the messages that
+//! arrived meanwhile, exactly, or sends `resync` when messages also left the inbox meanwhile
+//! (which ones cannot be told from the id alone). Because each stream compares whole inboxes,
+//! a stream that falls behind the feed loses nothing either: it reads the inbox once more.
+//! An inbox of more than [`KNOWN_LIMIT`] unread messages is followed by `count` and `resync`
+//! only.
+//!
+//! The stream sends a `retry:` hint, a heartbeat comment every [`HEARTBEAT`], and the headers
+//! proxies need (`Cache-Control: no-cache`, `X-Accel-Buffering: no`). It ends when the client
+//! goes away (noticed at the next write, the heartbeat at the latest) and when the server
+//! shuts down. [`crate::Store::open_streams`] counts the open ones.
+//!
+//! A message that arrives live is not marked read by arriving: it stays unread until the user
+//! marks it read or a page shows it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use rocket::http::Header;
+use rocket::response::stream::{Event, EventStream};
+use rocket::{get, Shutdown, State};
+use serde_json::json;
+
+use crate::api::{ApiMessage, ApiUser};
+use crate::backend::ListQuery;
+use crate::changes::ChangeReceiver;
+use crate::error::Result;
+use crate::message::{Message, MessageId, UserId};
+use crate::ops::Store;
+
+/// How often an idle stream sends a comment, so that proxies keep it open and a client that
+/// went away is noticed.
+pub const HEARTBEAT: Duration = Duration::from_secs(15);
+/// How long a browser waits before it reconnects a stream that broke (the `retry:` hint).
+pub const RETRY: Duration = Duration::from_secs(2);
+/// The most unread messages a stream follows one by one; beyond, it sends `count` and
+/// `resync` only.
+pub const KNOWN_LIMIT: u32 = 500;
+
+/// How many streams a store serves now ([`crate::Store::open_streams`]).
+#[derive(Debug, Default)]
+pub(crate) struct OpenStreams(AtomicUsize);
+
+impl OpenStreams {
+    pub(crate) fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a stream as open while it lives.
+struct Open(Store);
+
+impl Open {
+    fn new(store: Store) -> Open {
+        store
+            .open_streams_counter()
+            .0
+            .fetch_add(1, Ordering::Relaxed);
+        Open(store)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0
+            .open_streams_counter()
+            .0
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Spreads a message id over 64 bits, so that the XOR of a set of them identifies the set.
+fn mix(id: MessageId) -> u64 {
+    // splitmix64's finaliser.
+    let mut z = (id.0 as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// What a client was told of the inbox: the unread ids, and the largest id ever told.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Known {
+    ids: BTreeMap<MessageId, ()>,
+    /// The largest message id the client was told of (read or not).
+    max: i64,
+    /// XOR of [`mix`] over `ids`.
+    hash: u64,
+}
+
+impl Known {
+    fn insert(&mut self, id: MessageId) {
+        if self.ids.insert(id, ()).is_none() {
+            self.hash ^= mix(id);
+        }
+        self.max = self.max.max(id.0);
+    }
+
+    fn remove(&mut self, id: MessageId) {
+        if self.ids.remove(&id).is_some() {
+            self.hash ^= mix(id);
+        }
+    }
+
+    /// The event id naming this state: `<largest id>-<set hash>`.
+    pub fn event_id(&self) -> String {
+        format!("{}-{:016x}", self.max, self.hash)
+    }
+
+    /// Reads an event id; `None` when it is not one of ours.
+    fn parse(id: &str) -> Option<(i64, u64)> {
+        let (max, hash) = id.trim().split_once('-')?;
+        Some((max.parse().ok()?, u64::from_str_radix(hash, 16).ok()?))
+    }
+
+    /// What a client that was told `id` knows, given the inbox `now`: the messages of `now`
+    /// up to the id's largest, if they are exactly the set the id names (nothing left the
+    /// inbox since). `None` when that cannot be vouched for.
+    fn resume(id: &str, now: &[Message]) -> Option<Known> {
+        let (max, hash) = Known::parse(id)?;
+        let mut known = Known {
+            max,
+            ..Known::default()
+        };
+        for m in now.iter().filter(|m| m.id.0 <= max) {
+            known.insert(m.id);
+        }
+        known.max = max;
+        (known.hash == hash).then_some(known)
+    }
+}
+
+/// The inbox as a stream reads it.
+struct Inbox {
+    messages: Vec<Message>,
+    /// More unread messages than [`KNOWN_LIMIT`]: followed by count only.
+    truncated: bool,
+    unread: u64,
+}
+
+async fn read_inbox(store: &Store, user: UserId) -> Result<Inbox> {
+    let messages = store
+        .backend()
+        .inbox_list(user, ListQuery::first(KNOWN_LIMIT))
+        .await?;
+    let truncated = messages.len() >= KNOWN_LIMIT as usize;
+    let unread = if truncated {
+        store.backend().inbox_count(user).await?
+    } else {
+        messages.len() as u64
+    };
+    Ok(Inbox {
+        messages,
+        truncated,
+        unread,
+    })
+}
+
+/// The events that bring a client from `known` to `inbox`; updates `known`.
+fn differences(known: &mut Known, inbox: &Inbox, store: &Store) -> Vec<Event> {
+    if inbox.truncated {
+        return resync(known, inbox);
+    }
+    let mut events = Vec::new();
+    let current: BTreeMap<MessageId, ()> = inbox.messages.iter().map(|m| (m.id, ())).collect();
+    for m in &inbox.messages {
+        if !known.ids.contains_key(&m.id) {
+            known.insert(m.id);
+            events.push(
+                Event::json(&ApiMessage::new(m, store.level_tags()))
+                    .event("message")
+                    .id(known.event_id()),
+            );
+        }
+    }
+    let gone: Vec<MessageId> = known
+        .ids
+        .keys()
+        .filter(|id| !current.contains_key(id))
+        .copied()
+        .collect();
+    if !gone.is_empty() {
+        for id in &gone {
+            known.remove(*id);
+        }
+        let ids: Vec<String> = gone.iter().map(MessageId::to_string).collect();
+        events.push(
+            Event::json(&json!({ "ids": ids }))
+                .event("read")
+                .id(known.event_id()),
+        );
+    }
+    if !events.is_empty() {
+        events.push(count(known, inbox.unread));
+    }
+    events
+}
+
+fn count(known: &Known, unread: u64) -> Event {
+    Event::json(&json!({ "unread": unread }))
+        .event("count")
+        .id(known.event_id())
+}
+
+/// Tells the client to reload, and takes `inbox` as what it then knows.
+fn resync(known: &mut Known, inbox: &Inbox) -> Vec<Event> {
+    let max = known.max;
+    *known = Known::default();
+    for m in &inbox.messages {
+        known.insert(m.id);
+    }
+    known.max = known.max.max(max);
+    vec![Event::json(&json!({ "unread": inbox.unread }))
+        .event("resync")
+        .id(known.event_id())]
+}
+
+/// The first events of a stream: `count` for a new client, the missed messages (or
+/// `resync`) for one that resumes from `last`.
+fn opening(known: &mut Known, inbox: &Inbox, last: Option<&str>, store: &Store) -> Vec<Event> {
+    let mut events = vec![Event::retry(RETRY)];
+    match last {
+        Some(last) => match Known::resume(last, &inbox.messages).filter(|_| !inbox.truncated) {
+            Some(resumed) => {
+                *known = resumed;
+                let missed = differences(known, inbox, store);
+                if missed.is_empty() {
+                    events.push(count(known, inbox.unread));
+                } else {
+                    events.extend(missed);
+                }
+            }
+            None => events.extend(resync(known, inbox)),
+        },
+        None => {
+            for m in &inbox.messages {
+                known.insert(m.id);
+            }
+            events.push(count(known, inbox.unread));
+        }
+    }
+    events
+}
+
+/// The id the client last saw: `Last-Event-ID` (a reconnect), or `?since=` (a page passing
+/// the state its HTML showed).
+pub struct LastEventId(Option<String>);
+
+#[rocket::async_trait]
+impl<'r> rocket::request::FromRequest<'r> for LastEventId {
+    type Error = std::convert::Infallible;
+
+    async fn from_request(
+        request: &'r rocket::Request<'_>,
+    ) -> rocket::request::Outcome<Self, Self::Error> {
+        let header = request
+            .headers()
+            .get_one("Last-Event-ID")
+            .map(str::to_string);
+        let query = || {
+            request
+                .query_value::<&str>("since")
+                .and_then(|v| v.ok())
+                .map(str::to_string)
+        };
+        rocket::request::Outcome::Success(LastEventId(
+            header.filter(|h| !h.is_empty()).or_else(query),
+        ))
+    }
+}
+
+/// A server-sent event stream with the header nginx needs not to buffer it.
+#[derive(rocket::Responder)]
+pub struct LiveStream<S> {
+    stream: EventStream<S>,
+    accel: Header<'static>,
+}
+
+/// Follows `user`'s inbox for one client.
+fn follow(
+    store: Store,
+    user: UserId,
+    mut changes: ChangeReceiver,
+    mut known: Known,
+    first: Vec<Event>,
+    mut shutdown: Shutdown,
+) -> EventStream<impl rocket::futures::Stream<Item = Event>> {
+    let open = Open::new(store.clone());
+    EventStream! {
+        let _open = open;
+        for event in first {
+            yield event;
+        }
+        loop {
+            let change = rocket::tokio::select! {
+                change = changes.recv() => change,
+                _ = &mut shutdown => break,
+            };
+            let Some(change) = change else { break };
+            if !change.concerns(user) {
+                continue;
+            }
+            match read_inbox(&store, user).await {
+                Ok(inbox) => {
+                    for event in differences(&mut known, &inbox, &store) {
+                        yield event;
+                    }
+                }
+                Err(e) => {
+                    // The client reconnects (and resumes from its last id) once the store
+                    // answers again.
+                    log::warn!(
+                        "stored-messages: a live stream of user {user} ends: {}",
+                        crate::report(&e)
+                    );
+                    break;
+                }
+            }
+        }
+    }
+    .heartbeat(HEARTBEAT)
+}
+
+/// `GET <api>/stream`: the current user's inbox, live (see the [module](self)).
+#[get("/stream")]
+pub(crate) async fn stream(
+    user: ApiUser,
+    store: &State<Store>,
+    last: LastEventId,
+    shutdown: Shutdown,
+) -> crate::api::ApiResult<LiveStream<impl rocket::futures::Stream<Item = Event>>> {
+    let store: Store = store.inner().clone();
+    // Subscribed before the inbox is read: a change after the read is not missed.
+    let changes = store.changes().subscribe();
+    let inbox = read_inbox(&store, user.0).await?;
+    let mut known = Known::default();
+    let first = opening(&mut known, &inbox, last.0.as_deref(), &store);
+    Ok(LiveStream {
+        stream: follow(store, user.0, changes, known, first, shutdown),
+        accel: Header::new("X-Accel-Buffering", "no"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_ids_name_the_set() {
+        let mut a = Known::default();
+        a.insert(MessageId(3));
+        a.insert(MessageId(7));
+        let mut b = Known::default();
+        b.insert(MessageId(7));
+        b.insert(MessageId(3));
+        assert_eq!(a.event_id(), b.event_id());
+        b.remove(MessageId(3));
+        assert_ne!(a.event_id(), b.event_id());
+        assert_eq!(Known::parse(&a.event_id()), Some((7, a.hash)));
+        assert_eq!(Known::parse("garbage"), None);
+        assert_eq!(Known::parse("5-zz"), None);
+    }
+}
