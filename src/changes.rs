@@ -444,7 +444,7 @@ pub enum Wanted {
 }
 
 /// The handle through which a backend's change feed reports; given to
-/// [`MessageBackend::watch_changes`]. Cheap to clone.
+/// [`crate::backend::WatchChanges::watch_changes`]. Cheap to clone.
 #[derive(Clone)]
 pub struct FeedSink {
     shared: Weak<Shared>,

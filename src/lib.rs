@@ -20,6 +20,7 @@
 //! | [`Messages`] (`request`) | the request guard: add messages, show the merged stream |
 //! | [`template`] | the Tera helpers, [`template::Page`], the built-in partials |
 //! | [`api`] | the JSON API and its OpenAPI document |
+//! | [`live`] | `GET <api>/stream`: the inbox as server-sent events, from the change feed |
 //! | [`csrf`] | the CSRF check, [`CsrfToken`], [`csrf::CsrfForm`] |
 //! | [`flash`] | the flash queue: private cookie, server-side spill |
 //! | [`Store`] (`ops`) | the request-free API: send, broadcast, read, clean up |

@@ -23,7 +23,31 @@ app_tests!(
     trailing_slash_is_optional,
     plain_forms_redirect_back,
     count_says_unread,
+    a_thousand_streams_opened_and_closed_leave_none_open,
 );
+
+/// Clients that go away free their streams: 1,000 opened (each has read its first event),
+/// then dropped; the store counts none open afterwards.
+async fn a_thousand_streams_opened_and_closed_leave_none_open(app: &TestApp) {
+    use rocket::tokio::io::AsyncReadExt;
+    let (b, _) = user(app, "alice").await;
+    let store = TestApp::store(&b).clone();
+    let before = store.open_streams();
+    for round in 0..2 {
+        let mut open = Vec::new();
+        for _ in 0..500 {
+            let mut response = b.client.get("/messages/stream").dispatch().await;
+            assert_eq!(response.status(), Status::Ok);
+            let mut first = [0u8; 64];
+            let n = response.read(&mut first).await.unwrap();
+            assert!(n > 0, "the stream started");
+            open.push(response);
+        }
+        assert_eq!(store.open_streams(), before + 500, "round {round}");
+        drop(open);
+        assert_eq!(store.open_streams(), before, "round {round}: all closed");
+    }
+}
 
 async fn user(app: &TestApp, name: &str) -> (Browser, UserId) {
     let id = app.user(name, false).await.user_id();

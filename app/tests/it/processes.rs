@@ -479,6 +479,8 @@ macro_rules! process_tests {
     };
 }
 
+mod live;
+
 process_tests!(
     a_cli_send_is_seen_by_the_next_request,
     a_write_through_one_server_is_seen_by_the_next_request_to_another,

@@ -1,0 +1,265 @@
+//! Live streams (`GET /messages/stream`) across processes: every write, by the CLI or by
+//! another server on the same store, reaches an open stream; a reconnect with `Last-Event-ID`
+//! replays what was missed or asks for a resync; a killed change feed loses nothing; SIGTERM
+//! ends the streams and the server.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{get, random_id, Backend, Browser, Server, Shared, PASSWORD};
+
+/// How long a test waits for an event before it fails.
+const EVENT_WAIT: Duration = Duration::from_secs(10);
+
+/// One server-sent event.
+#[derive(Debug, Clone)]
+struct Sse {
+    id: Option<String>,
+    event: String,
+    data: Value,
+}
+
+/// A stream read over a raw HTTP/1.0 connection (no chunked framing to undo).
+struct EventReader {
+    connection: TcpStream,
+    buffer: String,
+    headers: Vec<(String, String)>,
+    status: u16,
+}
+
+impl EventReader {
+    async fn open(server: &Server, cookie: &str, last_event_id: Option<&str>) -> EventReader {
+        let mut connection = TcpStream::connect(&server.address).await.unwrap();
+        let last = last_event_id
+            .map(|id| format!("Last-Event-ID: {id}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "GET /messages/stream HTTP/1.0\r\nHost: {}\r\nAccept: text/event-stream\r\n\
+             Cookie: {cookie}\r\n{last}\r\n",
+            server.address
+        );
+        connection.write_all(request.as_bytes()).await.unwrap();
+        let mut reader = EventReader {
+            connection,
+            buffer: String::new(),
+            headers: Vec::new(),
+            status: 0,
+        };
+        while !reader.buffer.contains("\r\n\r\n") {
+            assert!(reader.fill().await, "the stream's head: {}", reader.buffer);
+        }
+        let (head, rest) = reader.buffer.split_once("\r\n\r\n").unwrap();
+        let mut lines = head.lines();
+        reader.status = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        reader.headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        reader.buffer = rest.to_string();
+        reader
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Reads more; `false` at the end of the stream.
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 8192];
+        match tokio::time::timeout(EVENT_WAIT, self.connection.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => false,
+            Ok(Ok(n)) => {
+                self.buffer.push_str(&String::from_utf8_lossy(&chunk[..n]));
+                true
+            }
+            Err(_) => panic!("no event within {EVENT_WAIT:?}; have {:?}", self.buffer),
+        }
+    }
+
+    /// The next event (comments and `retry:` skipped); `None` when the stream ended.
+    async fn next(&mut self) -> Option<Sse> {
+        loop {
+            while let Some((block, rest)) = self.buffer.split_once("\n\n") {
+                let block = block.to_string();
+                self.buffer = rest.to_string();
+                let (mut id, mut event, mut data) = (None, String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim().to_string());
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if !event.is_empty() {
+                    let data = serde_json::from_str(&data).unwrap_or(Value::Null);
+                    return Some(Sse { id, event, data });
+                }
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    /// The next event, which must be `event`.
+    async fn expect(&mut self, event: &str) -> Sse {
+        let next = self.next().await.expect("the stream is open");
+        assert_eq!(next.event, event, "{next:?}");
+        next
+    }
+}
+
+process_tests!(
+    a_stream_hears_every_process,
+    a_reconnect_replays_what_it_missed_or_resyncs,
+    sigterm_ends_the_streams_and_the_server,
+);
+
+async fn a_stream_hears_every_process(shared: &Shared) {
+    shared.cli(&["createuser", "alice"], &format!("{PASSWORD}\n"));
+    let one = shared.serve(&format!("sm_one_{}", random_id())).await;
+    let two = shared.serve(&format!("sm_two_{}", random_id())).await;
+    let alice = Browser::login(&one, "alice", PASSWORD).await;
+    shared.wait_feeds(&[&one, &two]).await;
+
+    // Anonymous: 401 with the API's JSON error.
+    let anonymous = get(&two.address, "/messages/stream", "").await.unwrap();
+    assert_eq!(anonymous.status, 401);
+    assert!(anonymous.json()["error"]["message"].is_string());
+
+    let mut stream = EventReader::open(&two, &alice.cookie, None).await;
+    assert_eq!(stream.status, 200);
+    assert_eq!(stream.header("content-type"), Some("text/event-stream"));
+    assert_eq!(stream.header("cache-control"), Some("no-cache"));
+    assert_eq!(stream.header("x-accel-buffering"), Some("no"));
+    let first = stream.expect("count").await;
+    assert_eq!(first.data["unread"], 0);
+
+    // The CLI, another process.
+    shared.cli(&["send", "--to", "alice", "from the CLI"], "");
+    let message = stream.expect("message").await;
+    assert_eq!(message.data["message"], "from the CLI");
+    assert!(message.id.is_some());
+    assert_eq!(stream.expect("count").await.data["unread"], 1);
+
+    // Another server.
+    alice.add(&one, "from server one").await;
+    assert_eq!(
+        stream.expect("message").await.data["message"],
+        "from server one"
+    );
+    assert_eq!(stream.expect("count").await.data["unread"], 2);
+
+    // Its feed connection killed: the next write still arrives.
+    if !matches!(shared.backend, Backend::Sqlite) {
+        assert!(shared.kill_feed(&two.name).await, "a feed to kill");
+        shared.cli(&["send", "--to", "alice", "after the kill"], "");
+        assert_eq!(
+            stream.expect("message").await.data["message"],
+            "after the kill"
+        );
+        assert_eq!(stream.expect("count").await.data["unread"], 3);
+    }
+
+    // Read through the other server: the ids leave, the count drops.
+    let marked = alice.mark_all_read(&one).await;
+    let read = stream.expect("read").await;
+    assert_eq!(read.data["ids"].as_array().unwrap().len() as u64, marked);
+    assert_eq!(stream.expect("count").await.data["unread"], 0);
+}
+
+async fn a_reconnect_replays_what_it_missed_or_resyncs(shared: &Shared) {
+    shared.cli(&["createuser", "alice"], &format!("{PASSWORD}\n"));
+    let server = shared.serve(&format!("sm_r_{}", random_id())).await;
+    let alice = Browser::login(&server, "alice", PASSWORD).await;
+    shared.wait_feeds(&[&server]).await;
+    shared.cli(&["send", "--to", "alice", "before"], "");
+
+    let mut stream = EventReader::open(&server, &alice.cookie, None).await;
+    let seen = stream.expect("count").await;
+    assert_eq!(seen.data["unread"], 1);
+    drop(stream);
+
+    // Missed while away: replayed in order, then the count.
+    shared.cli(&["send", "--to", "alice", "away 1"], "");
+    shared.cli(&["send", "--to", "alice", "away 2"], "");
+    let mut stream = EventReader::open(&server, &alice.cookie, seen.id.as_deref()).await;
+    assert_eq!(stream.expect("message").await.data["message"], "away 1");
+    assert_eq!(stream.expect("message").await.data["message"], "away 2");
+    let now = stream.expect("count").await;
+    assert_eq!(now.data["unread"], 3);
+    drop(stream);
+
+    // Nothing missed: just the count.
+    let mut stream = EventReader::open(&server, &alice.cookie, now.id.as_deref()).await;
+    assert_eq!(stream.expect("count").await.data["unread"], 3);
+    drop(stream);
+
+    // Messages left the inbox meanwhile: which ones cannot be told, so resync.
+    alice.mark_all_read(&server).await;
+    shared.cli(&["send", "--to", "alice", "after the read"], "");
+    let mut stream = EventReader::open(&server, &alice.cookie, now.id.as_deref()).await;
+    let resync = stream.expect("resync").await;
+    assert_eq!(resync.data["unread"], 1);
+    // From the resync's id on, it is exact again.
+    drop(stream);
+    shared.cli(&["send", "--to", "alice", "after the resync"], "");
+    let mut stream = EventReader::open(&server, &alice.cookie, resync.id.as_deref()).await;
+    assert_eq!(
+        stream.expect("message").await.data["message"],
+        "after the resync"
+    );
+    drop(stream);
+
+    // An id that is not one of ours: resync.
+    let mut stream = EventReader::open(&server, &alice.cookie, Some("garbage")).await;
+    assert_eq!(stream.expect("resync").await.data["unread"], 2);
+}
+
+async fn sigterm_ends_the_streams_and_the_server(shared: &Shared) {
+    shared.cli(&["createuser", "alice"], &format!("{PASSWORD}\n"));
+    let mut server = shared.serve(&format!("sm_t_{}", random_id())).await;
+    let alice = Browser::login(&server, "alice", PASSWORD).await;
+    let mut streams = Vec::new();
+    for _ in 0..5 {
+        let mut stream = EventReader::open(&server, &alice.cookie, None).await;
+        stream.expect("count").await;
+        streams.push(stream);
+    }
+    let asked = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for stream in &mut streams {
+        assert!(stream.next().await.is_none(), "the stream ends");
+    }
+    println!("SIGTERM: the streams ended after {:?}", asked.elapsed());
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            println!(
+                "SIGTERM: streams ended and the server exited ({status}) after {:?}",
+                asked.elapsed()
+            );
+            break;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(30),
+            "the server did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
