@@ -148,6 +148,19 @@ impl Known {
     }
 }
 
+/// The event id naming `unread` (an inbox as a page showed it): what a page passes as the
+/// stream's `?since=`. Empty when the inbox is more than a stream follows.
+pub(crate) fn state_id(unread: &[Message]) -> String {
+    if unread.len() >= KNOWN_LIMIT as usize {
+        return String::new();
+    }
+    let mut known = Known::default();
+    for m in unread {
+        known.insert(m.id);
+    }
+    known.event_id()
+}
+
 /// The inbox as a stream reads it.
 struct Inbox {
     messages: Vec<Message>,
@@ -279,6 +292,7 @@ impl<'r> rocket::request::FromRequest<'r> for LastEventId {
             request
                 .query_value::<&str>("since")
                 .and_then(|v| v.ok())
+                .filter(|v| !v.is_empty())
                 .map(str::to_string)
         };
         rocket::request::Outcome::Success(LastEventId(

@@ -99,7 +99,11 @@
   var streamMeta = document.querySelector('meta[name="stored-messages-stream"]');
   if (!streamMeta || !window.EventSource) return;
   var streamUrl = streamMeta.getAttribute("content");
-  var api = streamUrl.replace(/\/stream$/, "");
+  var api = streamUrl.replace(/\/stream(\?.*)?$/, "");
+  // The page says which inbox it showed (`?since=`): the stream then sends what changed
+  // after it. Without that, a first count that differs from the page's means it missed
+  // something.
+  var pageState = /[?&]since=[^&]/.test(streamUrl);
 
   function inboxList() {
     return document.querySelector("ul.stored-messages-inbox");
@@ -225,7 +229,7 @@
     } else if (type === "read") {
       removeMessages(data.ids || []);
     } else if (type === "count") {
-      if (firstCount && currentCount() !== null && currentCount() !== data.unread) {
+      if (firstCount && !pageState && currentCount() !== null && currentCount() !== data.unread) {
         resync();
       }
       firstCount = false;

@@ -112,6 +112,17 @@ async fn render_slot(
     let (kind, result) = match (slot, user) {
         (Slot::Csrf, _) => return csrf::ensure_token(request),
         (Slot::Count, None) => return "0".to_string(),
+        (Slot::StreamId, None) => return String::new(),
+        (Slot::StreamId, Some(_)) if unread.is_some() => {
+            return crate::live::state_id(unread.unwrap_or_default());
+        }
+        (Slot::StreamId, Some(user)) => {
+            let query = crate::backend::ListQuery::first(crate::live::KNOWN_LIMIT);
+            return match backend.inbox_list(user, query).await {
+                Ok(inbox) => crate::live::state_id(&inbox),
+                Err(_) => String::new(),
+            };
+        }
         (Slot::Count, Some(_)) if unread.is_some() => {
             return unread.map_or(0, <[Message]>::len).to_string();
         }

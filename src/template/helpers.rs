@@ -29,6 +29,7 @@ pub(crate) enum Slot {
     Archive(u32),
     Count,
     Csrf,
+    StreamId,
 }
 
 impl Slot {
@@ -38,6 +39,7 @@ impl Slot {
             Slot::Archive(n) => format!("archive:{n}"),
             Slot::Count => "count".to_string(),
             Slot::Csrf => "csrf".to_string(),
+            Slot::StreamId => "stream".to_string(),
         };
         format!("{}{body}{MARKER_END}", marker_prefix())
     }
@@ -48,6 +50,7 @@ impl Slot {
             Some(("archive", n)) => n.parse().ok().map(Slot::Archive),
             None if body == "count" => Some(Slot::Count),
             None if body == "csrf" => Some(Slot::Csrf),
+            None if body == "stream" => Some(Slot::StreamId),
             _ => None,
         }
     }
@@ -123,6 +126,10 @@ impl Helper {
             let known = match slot {
                 Slot::Csrf => Some(Known::Text(scope.csrf.clone())),
                 Slot::Count => scope.unread.as_ref().map(|u| Known::Count(u.len())),
+                Slot::StreamId => scope
+                    .unread
+                    .as_ref()
+                    .map(|u| Known::Text(crate::live::state_id(u))),
                 Slot::List(n) => scope.unread.as_ref().map(|u| Known::List {
                     messages: u.clone(),
                     limit: n as usize,
@@ -205,7 +212,13 @@ mod tests {
 
     #[test]
     fn markers_round_trip() {
-        for slot in [Slot::List(10), Slot::Archive(200), Slot::Count, Slot::Csrf] {
+        for slot in [
+            Slot::List(10),
+            Slot::Archive(200),
+            Slot::Count,
+            Slot::Csrf,
+            Slot::StreamId,
+        ] {
             let marker = slot.encode();
             let body = marker
                 .strip_prefix(marker_prefix())

@@ -1,5 +1,7 @@
 //! Tera helpers: `stored_messages_list(limit=10)`, `stored_messages_archive(limit=10)`,
-//! `stored_messages_count()` and `csrf_token()`, for the current user of any page.
+//! `stored_messages_count()`, `csrf_token()` and `stored_messages_stream_id()` (the inbox
+//! this page shows, as a live stream's event id: a page passes it as the stream's `?since=`,
+//! see [`crate::live`]), for the current user of any page.
 //!
 //! Tera functions are synchronous and see only their arguments, so they cannot know whose
 //! page is being rendered, and must never wait for a database. So the data is prepared
@@ -119,6 +121,10 @@ fn register_with(tera: &mut Tera, partial: Arc<ListPartial>) {
     tera.register_function("stored_messages_archive", helper(Slot::Archive, true));
     tera.register_function("stored_messages_count", helper(|_| Slot::Count, false));
     tera.register_function("csrf_token", helper(|_| Slot::Csrf, false));
+    tera.register_function(
+        "stored_messages_stream_id",
+        helper(|_| Slot::StreamId, false),
+    );
 }
 
 /// What [`fairing`] last loaded: the Tera [`Page`] renders with, and the list partial.

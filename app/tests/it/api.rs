@@ -24,7 +24,64 @@ app_tests!(
     plain_forms_redirect_back,
     count_says_unread,
     a_thousand_streams_opened_and_closed_leave_none_open,
+    a_page_hands_its_inbox_over_to_the_stream,
 );
+
+/// Reads a stream until `count` events arrived; their names, in order.
+async fn event_names(
+    response: &mut rocket::local::asynchronous::LocalResponse<'_>,
+    until: &str,
+) -> Vec<String> {
+    use rocket::tokio::io::AsyncReadExt;
+    let mut text = String::new();
+    let mut chunk = [0u8; 4096];
+    while !text.contains(&format!("event:{until}")) {
+        let n = rocket::tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            response.read(&mut chunk),
+        )
+        .await
+        .expect("an event in time")
+        .unwrap();
+        assert!(n > 0, "the stream ended: {text}");
+        text.push_str(&String::from_utf8_lossy(&chunk[..n]));
+    }
+    text.lines()
+        .filter_map(|l| l.strip_prefix("event:"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A page names the inbox it showed (`stored_messages_stream_id()` in the stream's url): a
+/// stream opened with it sends only what changed after the page, nothing twice.
+async fn a_page_hands_its_inbox_over_to_the_stream(app: &TestApp) {
+    let (b, alice) = user(app, "alice").await;
+    send(&b, alice, "one").await;
+    send(&b, alice, "two").await;
+    let (_, page) = b.get_html("/?keep=1").await;
+    let url = page
+        .split("name=\"stored-messages-stream\" content=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the page names its stream")
+        .replace("&#x2F;", "/")
+        .to_string();
+    assert!(
+        url.starts_with("/messages/stream?since=") && url.len() > 25,
+        "{url}"
+    );
+    // Nothing changed since the page: the count only.
+    let mut stream = b.client.get(url.clone()).dispatch().await;
+    assert_eq!(event_names(&mut stream, "count").await, ["count"]);
+    drop(stream);
+    // A message after the page: replayed, then the count.
+    send(&b, alice, "three").await;
+    let mut stream = b.client.get(url).dispatch().await;
+    assert_eq!(
+        event_names(&mut stream, "count").await,
+        ["message", "count"]
+    );
+}
 
 /// Clients that go away free their streams: 1,000 opened (each has read its first event),
 /// then dropped; the store counts none open afterwards.

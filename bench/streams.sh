@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The live-streams benchmark: two release servers on one store (PostgreSQL, then Redis), one
+# `GET /messages/stream` open per user (BENCH_STREAMS users, 10,000 by default, half on each
+# server), and bench/streams.rs measuring the servers' memory per idle stream, the latency
+# from a write's return (the request-free Store, a third process) to the event at the
+# client, and how long a broadcast to everyone takes to reach every stream.
+#
+#   bench/streams.sh
+#   BENCH_BACKENDS=redis BENCH_STREAMS=2000 bench/streams.sh
+#
+# Needs psql (PostgreSQL run), redis-cli (Redis run), curl. Raises the open-files limit for
+# itself and the servers (each stream is a connection on both sides).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+
+backends=${BENCH_BACKENDS:-postgres,redis}
+streams=${BENCH_STREAMS:-10000}
+samples=${BENCH_SAMPLES:-200}
+database_url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
+redis_url=${REDIS_URL:-redis://127.0.0.1:6379}
+target="${CARGO_TARGET_DIR:-$repo/target}/release"
+work=$(mktemp -d)
+schema="sm_bench_live_$$"
+prefix="sm_bench_live_$$:"
+pids=()
+
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+  psql "$database_url" -qc "drop schema if exists $schema cascade" >/dev/null 2>&1 || true
+  redis-cli -u "$redis_url" --scan --pattern "${prefix}*" 2>/dev/null | xargs -r -n 500 redis-cli -u "$redis_url" unlink >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+echo "building the release binary and the benchmark clients…" >&2
+cargo build --release --quiet -p stored-messages-app --bin stored-messages --example bench-seed --example bench-streams
+
+secret=$(head -c 32 /dev/urandom | base64)
+port=18865
+results="$work/results.txt"
+: > "$results"
+
+run_backend() { # name
+  local name=$1 db_url redis_cfg=""
+  case "$name" in
+    postgres)
+      psql "$database_url" -qc "drop schema if exists $schema cascade; create schema $schema" >/dev/null
+      db_url="$database_url?options=-c%20search_path%3D$schema" ;;
+    redis)
+      db_url="sqlite://$work/$name-users.sqlite?mode=rwc"
+      redis_cfg="backend=\"redis\",redis_url=\"$redis_url\",redis_key_prefix=\"$prefix\"," ;;
+    sqlite) db_url="sqlite://$work/$name.sqlite?mode=rwc" ;;
+  esac
+  export ROCKET_DATABASES="{stored_messages={url=\"$db_url\"}}"
+  export ROCKET_STORED_MESSAGES="{${redis_cfg}cleanup_interval_secs=0}"
+  export ROCKET_SECRET_KEY="$secret" ROCKET_LOG_LEVEL=off ROCKET_ADDRESS=127.0.0.1
+  export ROCKET_TEMPLATE_DIR="$repo/app/templates"
+  "$target/stored-messages" migrate >/dev/null
+
+  local servers="" server_pids="" i
+  for i in 0 1; do
+    ROCKET_PORT=$((port + i)) "$target/stored-messages" serve >"$work/$name-$i.log" 2>&1 &
+    pids+=($!)
+    server_pids="$server_pids${server_pids:+,}$!"
+    servers="$servers${servers:+,}127.0.0.1:$((port + i))"
+    for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$((port + i))/health" >/dev/null && break; sleep 0.1; done
+  done
+  echo "seeding $streams users on $name…" >&2
+  "$target/examples/bench-seed" --users "$streams" --messages 0 --server "127.0.0.1:$port" --cookies "$work/$name-cookies.txt" >&2
+  echo "streams on $name…" >&2
+  "$target/examples/bench-streams" --servers "$servers" --pids "$server_pids" \
+    --cookies "$work/$name-cookies.txt" --samples "$samples" | sed "s/^/$name  /" >>"$results"
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+  pids=()
+  port=$((port + 2))
+}
+
+IFS=',' read -r -a list <<<"$backends"
+for name in "${list[@]}"; do
+  run_backend "$name"
+done
+
+echo
+echo "stored-messages live streams — $(nproc) cores, $(date -u +%Y-%m-%d), two servers per store"
+sed 's/^/  /' "$results"
