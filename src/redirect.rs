@@ -92,4 +92,79 @@ mod tests {
             assert_eq!(local_path(raw).as_deref(), expected, "{raw:?}");
         }
     }
+
+    /// Generated values, heavy on the characters that broke redirects before: whatever
+    /// comes in, the answer is `None` or a site path that a `Location` header carries.
+    #[test]
+    fn any_generated_value_is_refused_or_a_valid_site_path() {
+        use rand::{Rng, SeedableRng};
+        let pieces = [
+            "/",
+            "//",
+            "\\",
+            "%",
+            "%2",
+            "%zz",
+            "%41",
+            "#",
+            "?",
+            "&",
+            "=",
+            " ",
+            "\t",
+            "\n",
+            "\r",
+            "\u{0}",
+            "\u{1b}",
+            "\u{7f}",
+            "\u{85}",
+            "\u{2028}",
+            "❤",
+            "é",
+            "\"",
+            "<",
+            ">",
+            "`",
+            "{",
+            "}",
+            "|",
+            "^",
+            "[",
+            "]",
+            "@",
+            ":",
+            "..",
+            ".",
+            "a",
+            "Z",
+            "9",
+            "~",
+            "'",
+            "javascript:",
+            "http://x",
+            "\u{feff}",
+            "\u{202e}",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(20261203);
+        for _ in 0..50_000 {
+            let len = rng.gen_range(0..12);
+            let raw: String = (0..len)
+                .map(|_| pieces[rng.gen_range(0..pieces.len())])
+                .collect();
+            let Some(path) = local_path(&raw) else {
+                continue;
+            };
+            assert!(
+                path.starts_with('/') && !path.starts_with("//"),
+                "{raw:?} → {path:?}"
+            );
+            assert!(
+                path.bytes().all(|b| b.is_ascii_graphic()) && !path.contains('\\'),
+                "{raw:?} → {path:?}"
+            );
+            assert!(Reference::parse(&path).is_ok(), "{raw:?} → {path:?}");
+            let location = rocket::http::Header::new("Location", path.clone());
+            assert_eq!(location.value(), path);
+        }
+    }
 }

@@ -246,6 +246,68 @@ async fn odd_next_values_redirect_instead_of_failing(app: &TestApp) {
             .await;
         assert_redirect(&r, "/");
     }
+    // Generated values, on every route that takes `next`: a redirect, never a 5xx.
+    use rand::{Rng, SeedableRng};
+    let pieces = [
+        "/",
+        "//",
+        "\\",
+        "%",
+        "%zz",
+        "#",
+        "?",
+        "&",
+        " ",
+        "\t",
+        "\u{1b}",
+        "❤",
+        "\"",
+        "<",
+        "`",
+        "{",
+        "|",
+        "^",
+        "[",
+        ":",
+        "..",
+        "a",
+        "~",
+        "javascript:",
+        "http://x",
+        "\u{202e}",
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+    let (logged_in, anonymous) = (&b, browser(app).await);
+    for round in 0..300 {
+        let len = rng.gen_range(0..8);
+        let next: String = (0..len)
+            .map(|_| pieces[rng.gen_range(0..pieces.len())])
+            .collect();
+        let r = logged_in
+            .post_form("/messages/mark_all_read", &[("next", &next)])
+            .await;
+        assert!(
+            r.status().class().is_redirection(),
+            "{round} {next:?}: {}",
+            r.status()
+        );
+        let r = logged_in
+            .client
+            .get(format!("/login?next={}", crate::common::urlencode(&next)))
+            .dispatch()
+            .await;
+        assert!(
+            r.status().class().is_redirection(),
+            "{round} {next:?}: {}",
+            r.status()
+        );
+        let r = anonymous
+            .client
+            .get(format!("/login?next={}", crate::common::urlencode(&next)))
+            .dispatch()
+            .await;
+        assert_eq!(r.status(), Status::Ok, "{round} {next:?}");
+    }
 }
 
 async fn repeated_wrong_passwords_lock_the_login_out(app: &TestApp) {
