@@ -169,18 +169,14 @@ struct Inbox {
     unread: u64,
 }
 
-/// Reads `user`'s inbox from the store itself, not through the inbox cache: a stream reads
-/// either when it opens (subscribed to the feed already) or because the feed reported a
-/// change, which was committed before it was reported, so the store has it; the cache would
-/// first wait for a barrier round trip through the feed to learn the same.
 async fn read_inbox(store: &Store, user: UserId) -> Result<Inbox> {
-    let backend = store.uncached_backend();
-    let messages = backend
+    let messages = store
+        .backend()
         .inbox_list(user, ListQuery::first(KNOWN_LIMIT))
         .await?;
     let truncated = messages.len() >= KNOWN_LIMIT as usize;
     let unread = if truncated {
-        backend.inbox_count(user).await?
+        store.backend().inbox_count(user).await?
     } else {
         messages.len() as u64
     };

@@ -42,8 +42,6 @@ pub struct Store {
 
 struct Inner {
     backend: Arc<dyn MessageBackend>,
-    /// The backend without the inbox cache in front.
-    uncached: Arc<dyn MessageBackend>,
     cache: Option<Arc<CachedBackend>>,
     feed: ChangeFeed,
     host: Arc<dyn Host>,
@@ -85,7 +83,6 @@ impl Store {
                 config.inbox_cache_messages,
             ))
         });
-        let uncached = backend.clone();
         let backend = match &cache {
             Some(cache) => cache.clone() as Arc<dyn MessageBackend>,
             None => backend,
@@ -93,7 +90,6 @@ impl Store {
         let spill_quota = SpillQuota::new(config.spills_per_client, config.anonymous_spill_bytes);
         let inner = Inner {
             backend,
-            uncached,
             cache,
             feed,
             host,
@@ -160,12 +156,6 @@ impl Store {
     /// go through the store so that they publish events.
     pub fn backend(&self) -> &dyn MessageBackend {
         &*self.inner.backend
-    }
-
-    /// The backend without the inbox cache: for a reader that was just told by the change
-    /// feed that an inbox changed, and so needs no barrier before it reads (live streams).
-    pub(crate) fn uncached_backend(&self) -> &dyn MessageBackend {
-        &*self.inner.uncached
     }
 
     /// Where flash messages that did not fit their cookie wait: the backend's
