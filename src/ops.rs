@@ -42,6 +42,8 @@ pub struct Store {
 
 struct Inner {
     backend: Arc<dyn MessageBackend>,
+    /// The backend without the inbox cache in front.
+    uncached: Arc<dyn MessageBackend>,
     cache: Option<Arc<CachedBackend>>,
     feed: ChangeFeed,
     host: Arc<dyn Host>,
@@ -83,6 +85,7 @@ impl Store {
                 config.inbox_cache_messages,
             ))
         });
+        let uncached = backend.clone();
         let backend = match &cache {
             Some(cache) => cache.clone() as Arc<dyn MessageBackend>,
             None => backend,
@@ -90,6 +93,7 @@ impl Store {
         let spill_quota = SpillQuota::new(config.spills_per_client, config.anonymous_spill_bytes);
         let inner = Inner {
             backend,
+            uncached,
             cache,
             feed,
             host,
@@ -156,6 +160,16 @@ impl Store {
     /// go through the store so that they publish events.
     pub fn backend(&self) -> &dyn MessageBackend {
         &*self.inner.backend
+    }
+
+    /// Whether the storage answers now: one small read that goes to the storage itself, past
+    /// the inbox cache (for a readiness check).
+    ///
+    /// # Errors
+    ///
+    /// The backend's error when it does not answer.
+    pub async fn ping(&self) -> Result<()> {
+        self.inner.uncached.inbox_count(UserId(0)).await.map(|_| ())
     }
 
     /// Where flash messages that did not fit their cookie wait: the backend's

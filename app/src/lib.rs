@@ -162,6 +162,10 @@ async fn first_admin(users: &Users) {
              Log in at /login as  admin  with password  {password}\n  \
              (shown only now; create more users with `stored-messages createuser NAME [--admin]`)\n"
         ),
+        // Several instances started together on a fresh database: one of them made it.
+        Err(users::UserError::Exists(_)) => {
+            log::info!("reference app: the first admin was created by another instance")
+        }
         Err(e) => log::error!(
             "reference app: creating the first admin failed: {}",
             report(&e)

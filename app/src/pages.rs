@@ -201,9 +201,34 @@ fn health() -> &'static str {
     "ok"
 }
 
-/// The home page, the demo form, the archive and the health check.
+/// For load balancers: `200 ready` when the store (messages, and the users database)
+/// answers, `503` naming what does not. Two small queries; cheap enough every second.
+/// (`/health` stays trivial: it is the benchmarks' baseline.)
+#[get("/health/ready")]
+async fn ready(
+    store: &rocket::State<stored_messages::Store>,
+    users: &rocket::State<std::sync::Arc<crate::users::Users>>,
+) -> (Status, &'static str) {
+    if let Err(e) = store.ping().await {
+        log::warn!(
+            "reference app: not ready, the message store does not answer: {}",
+            stored_messages::report(&e)
+        );
+        return (Status::ServiceUnavailable, "message store unavailable");
+    }
+    if let Err(e) = users.ping().await {
+        log::warn!(
+            "reference app: not ready, the users database does not answer: {}",
+            stored_messages::report(&e)
+        );
+        return (Status::ServiceUnavailable, "users database unavailable");
+    }
+    (Status::Ok, "ready")
+}
+
+/// The home page, the demo form, the archive and the health checks.
 pub fn routes() -> Vec<Route> {
-    routes![index, demo_message, archive, archive_login, health]
+    routes![index, demo_message, archive, archive_login, health, ready]
 }
 
 /// An error page; the header shows who is logged in, on error pages too.

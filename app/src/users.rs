@@ -265,6 +265,12 @@ impl Users {
             .ok_or_else(|| UserError::Exists(username.to_string()))
     }
 
+    /// Whether the database answers (`select 1`): the readiness check.
+    pub async fn ping(&self) -> Result<(), UserError> {
+        with_pool!(&self.pool, pool => { sqlx::query("select 1").execute(pool).await?; });
+        Ok(())
+    }
+
     /// The user called `username`.
     pub async fn by_name(&self, username: &str) -> Result<Option<User>, UserError> {
         let username = lookup_name(username);

@@ -1073,3 +1073,33 @@ async fn first_start_creates_an_admin(app: &TestApp) {
     let _again = browser(app).await;
     assert_eq!(app.users.count().await.unwrap(), 1);
 }
+
+/// `/health/ready` answers 200 while the store answers, and 503 once it does not (the
+/// schema of this test's PostgreSQL database dropped under the running app).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_store() {
+    let Some(app) = TestApp::postgres().await else {
+        return;
+    };
+    let b = browser(&app).await;
+    let r = b.client.get("/health/ready").dispatch().await;
+    assert_eq!(r.status(), Status::Ok);
+    assert_eq!(r.into_string().await.as_deref(), Some("ready"));
+    let schema = app.url.split("search_path%3D").nth(1).map(str::to_string);
+    let schema = schema.expect("the test's schema in its url");
+    {
+        use sqlx::Connection;
+        let mut admin = sqlx::PgConnection::connect(&crate::common::postgres_url())
+            .await
+            .unwrap();
+        sqlx::query(&format!("drop schema {schema} cascade"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+    let r = b.client.get("/health/ready").dispatch().await;
+    assert_eq!(r.status(), Status::ServiceUnavailable);
+    // `/health` stays the trivial route.
+    let r = b.client.get("/health").dispatch().await;
+    assert_eq!(r.status(), Status::Ok);
+}

@@ -123,39 +123,62 @@ impl Shared {
 
     /// Starts `stored-messages serve` and waits until it answers.
     async fn serve(&self, name: &str) -> Server {
+        let mut server = self.start(name, None);
+        server.wait_ready().await;
+        server
+    }
+
+    /// Starts `stored-messages serve` without waiting; with `log`, its output goes there at
+    /// Rocket's normal log level (errors included).
+    fn start(&self, name: &str, log: Option<&std::path::Path>) -> Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let child = self
-            .command(name)
+        let mut command = self.command(name);
+        command
             .arg("serve")
             .env("ROCKET_ADDRESS", "127.0.0.1")
             .env("ROCKET_PORT", port.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut server = Server {
+            .stdin(Stdio::null());
+        match log {
+            Some(path) => {
+                let file = std::fs::File::create(path).unwrap();
+                command
+                    .env("ROCKET_LOG_LEVEL", "normal")
+                    .env("ROCKET_CLI_COLORS", "false")
+                    .stdout(file.try_clone().unwrap())
+                    .stderr(file);
+            }
+            None => {
+                command.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+        }
+        Server {
             name: name.to_string(),
             address: format!("127.0.0.1:{port}"),
-            child,
-        };
+            child: command.spawn().unwrap(),
+        }
+    }
+}
+
+impl Server {
+    async fn wait_ready(&mut self) {
         let started = Instant::now();
         loop {
-            if let Ok(answer) = get(&server.address, "/health", "").await {
+            if let Ok(answer) = get(&self.address, "/health", "").await {
                 if answer.status == 200 {
-                    return server;
+                    return;
                 }
             }
-            if let Some(status) = server.child.try_wait().unwrap() {
-                panic!("server {name} exited at start: {status}");
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("server {} exited at start: {status}", self.name);
             }
             assert!(
                 started.elapsed() < Duration::from_secs(60),
-                "server {name} did not answer"
+                "server {} did not answer",
+                self.name
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -482,6 +505,7 @@ macro_rules! process_tests {
 mod live;
 
 process_tests!(
+    four_instances_start_together_on_a_fresh_store,
     a_cli_send_is_seen_by_the_next_request,
     a_write_through_one_server_is_seen_by_the_next_request_to_another,
     writes_stay_visible_while_the_change_feed_is_killed,
@@ -574,4 +598,77 @@ async fn writes_stay_visible_while_the_change_feed_is_killed(shared: &Shared) {
     // and the feeds came back by themselves
     shared.wait_feeds(&[&one, &two]).await;
     write_here_read_there(&alice, &one, &two, 10, None).await;
+}
+
+/// Four instances started at once on a fresh store: migrations applied once, the first
+/// admin created by exactly one of them (one login banner), no error logged anywhere, and
+/// every one of them ready.
+async fn four_instances_start_together_on_a_fresh_store(shared: &Shared) {
+    let logs: Vec<std::path::PathBuf> = (0..4)
+        .map(|i| shared.dir.path().join(format!("instance-{i}.log")))
+        .collect();
+    let _keep = KeepLogs(logs.clone());
+    let mut servers: Vec<Server> = logs
+        .iter()
+        .enumerate()
+        .map(|(i, log)| shared.start(&format!("sm_four_{i}_{}", random_id()), Some(log)))
+        .collect();
+    for server in &mut servers {
+        server.wait_ready().await;
+        let ready = get(&server.address, "/health/ready", "").await.unwrap();
+        assert_eq!(ready.status, 200, "{}: {}", server.name, ready.body);
+    }
+    // The liftoff work (first admin) runs right after the servers answer.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut banners = 0;
+    for log in &logs {
+        let text = std::fs::read_to_string(log).unwrap();
+        banners += text.matches("first start, no users yet").count();
+        // (Rocket's launch report lists the catchers, `html_error` among them.)
+        for line in text.lines().filter(|l| !l.contains(">>")) {
+            let lower = line.to_ascii_lowercase();
+            assert!(
+                !lower.contains("error")
+                    && !lower.contains("failed")
+                    && !lower.contains("panicked"),
+                "{}: {line}",
+                log.display()
+            );
+        }
+    }
+    assert_eq!(banners, 1, "one instance created the first admin");
+    // One admin account.
+    let sql = "select cast(count(*) as bigint) from app_users where is_admin";
+    let admins: i64 = match &shared.backend {
+        Backend::Postgres(schema) => {
+            use sqlx::Connection;
+            let mut db = sqlx::PgConnection::connect(&schema.url).await.unwrap();
+            sqlx::query_scalar(sql).fetch_one(&mut db).await.unwrap()
+        }
+        _ => {
+            use sqlx::Connection;
+            let mut db = sqlx::SqliteConnection::connect(&sqlite_url(&shared.dir))
+                .await
+                .unwrap();
+            sqlx::query_scalar(sql).fetch_one(&mut db).await.unwrap()
+        }
+    };
+    assert_eq!(admins, 1);
+}
+
+/// Prints the logs of a failed test.
+struct KeepLogs(Vec<std::path::PathBuf>);
+
+impl Drop for KeepLogs {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for log in &self.0 {
+                eprintln!(
+                    "--- {}\n{}",
+                    log.display(),
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+        }
+    }
 }

@@ -209,7 +209,27 @@ pub async fn run_migrations(
 ) -> Result<(), BackendError> {
     match pool {
         #[cfg(feature = "sqlite")]
-        SqlPool::Sqlite(pool) => sqlite.set_ignore_missing(true).run(pool).await?,
+        SqlPool::Sqlite(pool) => {
+            // Unlike PostgreSQL's (an advisory lock), SQLite's migrator takes no lock: two
+            // processes starting together on a fresh file both apply a migration, and the
+            // second fails ("table … already exists") once the first committed it. Each
+            // migration is one transaction with its bookkeeping row, so running the migrator
+            // again skips what the other process applied.
+            sqlite.set_ignore_missing(true);
+            let mut attempt = 0;
+            loop {
+                match sqlite.run(pool).await {
+                    Ok(()) => break,
+                    Err(e) if attempt < 20 => {
+                        attempt += 1;
+                        log::debug!("stored-messages: migrating again after: {e}");
+                        let wait = 50 + rand::random::<u64>() % 100;
+                        rocket::tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
         #[cfg(feature = "postgres")]
         SqlPool::Postgres(pool) => postgres.set_ignore_missing(true).run(pool).await?,
     }
