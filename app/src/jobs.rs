@@ -7,6 +7,12 @@
 //! already have the message, a chunk that was delivered but not yet recorded is never
 //! delivered twice. A chunk that fails stops the job as `failed`, with what was delivered;
 //! an admin can resume it.
+//!
+//! Several instances share the jobs table: an instance works on a job only while it holds
+//! the job's lease ([`LEASE`], renewed after every chunk). Claiming is one conditional
+//! `update`, so two instances never hold one job; an instance that dies stops renewing, and
+//! another takes the job over once the lease expired (its worker looks every [`POLL`]),
+//! from the recorded cursor. Every instance's admin pages read the progress from the table.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +29,11 @@ use stored_messages::{Message, UserId};
 
 /// Users per chunk of a background broadcast.
 pub const CHUNK: i64 = 5_000;
+/// How long a job's lease lasts without renewal: after that, another instance may take the
+/// job over.
+pub const LEASE: Duration = Duration::from_secs(15);
+/// How often an idle worker looks for jobs it can take (new ones wake it at once).
+pub const POLL: Duration = Duration::from_secs(5);
 
 /// A background broadcast.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -105,6 +116,8 @@ pub struct Audit<'a> {
 pub struct Jobs {
     users: Arc<Users>,
     wake: Arc<Notify>,
+    /// This instance's name in the leases it holds.
+    owner: Arc<str>,
 }
 
 const JOB_COLUMNS: &str =
@@ -117,6 +130,7 @@ impl Jobs {
         Jobs {
             users,
             wake: Arc::new(Notify::new()),
+            owner: stored_messages::changes::instance_name().into(),
         }
     }
 
@@ -210,18 +224,34 @@ impl Jobs {
 
     /// Sets a failed job running again; `false` if it was not failed.
     pub async fn resume(&self, id: i64) -> Result<bool, sqlx::Error> {
-        let sql = "update app_broadcast_jobs set status = 'running', error = null \
-                   where id = $1 and status = 'failed'";
+        let sql = "update app_broadcast_jobs set status = 'running', error = null, \
+                   lease_owner = null, lease_until_us = null where id = $1 and status = 'failed'";
         let n = with_pool!(self.users.pool(), pool => sqlx::query(sql).bind(id).execute(pool).await?.rows_affected());
         self.wake.notify_one();
         Ok(n == 1)
     }
 
-    async fn running(&self) -> Result<Vec<Job>, sqlx::Error> {
+    /// Takes the lease of the oldest running job nobody holds (or whose holder stopped
+    /// renewing it), if there is one.
+    async fn claim(&self) -> Result<Option<Job>, sqlx::Error> {
+        let now = micros(Utc::now());
+        let until = now + LEASE.as_micros() as i64;
+        // The condition is checked again on the row itself: of two instances that picked
+        // the same job, the second updates nothing.
         let sql = format!(
-            "select {JOB_COLUMNS} from app_broadcast_jobs where status = 'running' order by id"
+            "update app_broadcast_jobs set lease_owner = $1, lease_until_us = $2 \
+             where id = (select id from app_broadcast_jobs where status = 'running' \
+                         and (lease_until_us is null or lease_until_us < $3) order by id limit 1) \
+             and status = 'running' and (lease_until_us is null or lease_until_us < $3) \
+             returning {JOB_COLUMNS}"
         );
-        Ok(with_pool!(self.users.pool(), pool => sqlx::query_as(&sql).fetch_all(pool).await?))
+        let jobs: Vec<Job> = with_pool!(self.users.pool(), pool => sqlx::query_as(&sql)
+            .bind(&*self.owner)
+            .bind(until)
+            .bind(now)
+            .fetch_all(pool)
+            .await?);
+        Ok(jobs.into_iter().next())
     }
 
     /// The next chunk of a job's audience after its cursor.
@@ -243,10 +273,14 @@ impl Jobs {
         Ok(ids.into_iter().map(UserId).collect())
     }
 
-    async fn record(&self, job: &Job, cursor: i64, delivered: i64) -> Result<(), sqlx::Error> {
-        let sql = "update app_broadcast_jobs set cursor = $2, delivered = $3 where id = $1";
-        with_pool!(self.users.pool(), pool => sqlx::query(sql).bind(job.id).bind(cursor).bind(delivered).execute(pool).await?.rows_affected());
-        Ok(())
+    /// Records progress and renews the lease; `false` when this instance no longer holds
+    /// it (it stalled past [`LEASE`] and another took over): then it must stop.
+    async fn record(&self, job: &Job, cursor: i64, delivered: i64) -> Result<bool, sqlx::Error> {
+        let until = micros(Utc::now()) + LEASE.as_micros() as i64;
+        let sql = "update app_broadcast_jobs set cursor = $2, delivered = $3, lease_until_us = $4 \
+                   where id = $1 and lease_owner = $5";
+        let n = with_pool!(self.users.pool(), pool => sqlx::query(sql).bind(job.id).bind(cursor).bind(delivered).bind(until).bind(&*self.owner).execute(pool).await?.rows_affected());
+        Ok(n == 1)
     }
 
     async fn finish(
@@ -260,14 +294,27 @@ impl Jobs {
         let duration_ms = (now - job.created_us) / 1000;
         let sql = "update app_audit set duration_ms = $2 where job_id = $1";
         with_pool!(self.users.pool(), pool => sqlx::query(sql).bind(job.id).bind(duration_ms).execute(pool).await?.rows_affected());
-        let sql =
-            "update app_broadcast_jobs set status = $2, error = $3, finished_us = $4 where id = $1";
+        let sql = "update app_broadcast_jobs set status = $2, error = $3, finished_us = $4, \
+                   lease_owner = null, lease_until_us = null where id = $1";
         with_pool!(self.users.pool(), pool => sqlx::query(sql).bind(job.id).bind(status).bind(&error).bind(now).execute(pool).await?.rows_affected());
         Ok(())
     }
 
-    /// Runs one job to its end (done or failed).
-    pub async fn run(&self, store: &Store, mut job: Job) {
+    /// Claims the oldest job this instance may work on and runs it to its end (done, failed,
+    /// or taken over); `false` when there was none to claim.
+    pub async fn run_next(&self, store: &Store) -> Result<bool, sqlx::Error> {
+        match self.claim().await? {
+            Some(job) => {
+                self.run(store, job).await;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Runs one claimed job to its end (done or failed), or until another instance took it
+    /// over.
+    async fn run(&self, store: &Store, mut job: Job) {
         let message: Message = match serde_json::from_str(&job.message) {
             Ok(message) => message,
             Err(e) => {
@@ -302,8 +349,16 @@ impl Jobs {
                     // Users covered, whether this chunk added it or an interrupted run did.
                     let _ = added;
                     job.delivered += chunk.len() as i64;
-                    if let Err(e) = self.record(&job, job.cursor, job.delivered).await {
-                        return self.fail(&job, report(&e)).await;
+                    match self.record(&job, job.cursor, job.delivered).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            log::warn!(
+                                "reference app: broadcast job {} was taken over by another instance",
+                                job.id
+                            );
+                            return;
+                        }
+                        Err(e) => return self.fail(&job, report(&e)).await,
                     }
                 }
                 Err(e) => return self.fail(&job, report(&e)).await,
@@ -327,23 +382,37 @@ impl Jobs {
         }
     }
 
-    /// Runs every running job, then waits for new ones, until shutdown.
+    /// Runs the jobs this instance can claim, one at a time, then waits for new ones (or
+    /// for a lease to expire), until shutdown.
     pub async fn worker(self, store: Store, mut shutdown: rocket::Shutdown) {
         loop {
-            match self.running().await {
-                Ok(jobs) => {
-                    for job in jobs {
-                        self.run(&store, job).await;
+            loop {
+                match self.claim().await {
+                    Ok(Some(job)) => {
+                        let id = job.id;
+                        log::info!("reference app: working on broadcast job {id}");
+                        rocket::tokio::select! {
+                            _ = self.run(&store, job) => {}
+                            _ = &mut shutdown => {
+                                // The lease lapses; another instance (or this one after a
+                                // restart) goes on from the cursor.
+                                return;
+                            }
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        log::error!(
+                            "reference app: claiming a broadcast job failed: {}",
+                            report(&e)
+                        );
+                        break;
                     }
                 }
-                Err(e) => log::error!(
-                    "reference app: listing broadcast jobs failed: {}",
-                    report(&e)
-                ),
             }
             rocket::tokio::select! {
                 _ = self.wake.notified() => {}
-                _ = rocket::tokio::time::sleep(Duration::from_secs(30)) => {}
+                _ = rocket::tokio::time::sleep(POLL) => {}
                 _ = &mut shutdown => break,
             }
         }

@@ -352,6 +352,10 @@ impl Browser {
     }
 }
 
+async fn processes_post(address: &str, path: &str, cookie: &str, form: &str) -> Answer {
+    post(address, path, cookie, form).await.unwrap()
+}
+
 async fn post(address: &str, path: &str, cookie: &str, form: &str) -> std::io::Result<Answer> {
     exchange(
         address,
@@ -506,6 +510,7 @@ mod live;
 
 process_tests!(
     four_instances_start_together_on_a_fresh_store,
+    a_broadcast_whose_instance_is_killed_is_finished_by_another,
     a_cli_send_is_seen_by_the_next_request,
     a_write_through_one_server_is_seen_by_the_next_request_to_another,
     writes_stay_visible_while_the_change_feed_is_killed,
@@ -671,4 +676,116 @@ impl Drop for KeepLogs {
             }
         }
     }
+}
+
+/// The figment of a process of `shared` (what its `ROCKET_*` variables say), for a store in
+/// the test itself.
+fn figment_of(shared: &Shared) -> rocket::figment::Figment {
+    let figment = rocket::Config::figment()
+        .merge(("stored_messages.cleanup_interval_secs", 0))
+        .merge(("stored_messages.inbox_cache_messages", 0));
+    match &shared.backend {
+        Backend::Sqlite => {
+            figment.merge(("databases.stored_messages.url", sqlite_url(&shared.dir)))
+        }
+        Backend::Postgres(schema) => {
+            figment.merge(("databases.stored_messages.url", schema.url.clone()))
+        }
+        Backend::Redis(prefix) => figment
+            .merge(("databases.stored_messages.url", sqlite_url(&shared.dir)))
+            .merge(("stored_messages.backend", "redis"))
+            .merge(("stored_messages.redis_url", prefix.url.clone()))
+            .merge(("stored_messages.redis_key_prefix", prefix.prefix.clone())),
+    }
+}
+
+/// Several instances, one job: an admin broadcasts to 50,000 users through one instance,
+/// which is killed (`SIGKILL`) while its background job runs; another instance takes the job
+/// over once the lease expired and finishes it; every user has the message exactly once.
+async fn a_broadcast_whose_instance_is_killed_is_finished_by_another(shared: &Shared) {
+    use stored_messages::backend::MessageAdmin as _;
+    const USERS: i64 = 50_000;
+    shared.cli(&["createuser", "root", "--admin"], &format!("{PASSWORD}\n"));
+    let figment = figment_of(shared);
+    let users = std::sync::Arc::new(stored_messages_app::connect_users(&figment).await.unwrap());
+    // The audience, inserted in one statement (the same in both dialects).
+    let sql = format!(
+        "with recursive n(i) as (select 1 union all select i + 1 from n where i < {USERS}) \
+         insert into app_users (username, password_hash, is_admin, created_us) \
+         select 'bulk' || i, 'x', false, 0 from n"
+    );
+    match users.pool() {
+        stored_messages::SqlPool::Sqlite(pool) => {
+            sqlx::query(&sql).execute(pool).await.unwrap();
+        }
+        stored_messages::SqlPool::Postgres(pool) => {
+            sqlx::query(&sql).execute(pool).await.unwrap();
+        }
+    }
+    let mut doomed = shared.serve(&format!("sm_doomed_{}", random_id())).await;
+    let survivor = shared.serve(&format!("sm_survivor_{}", random_id())).await;
+    let root = Browser::login(&doomed, "root", PASSWORD).await;
+    let form = format!(
+        "csrf_token={}&level=stored_info&message=to+everyone&recipients=everyone&action=send",
+        root.token
+    );
+    let answer = processes_post(&doomed.address, "/admin/broadcast", &root.cookie, &form).await;
+    assert_eq!(answer.status, 303, "{}", answer.body);
+    // Killed while its job runs.
+    doomed.child.kill().unwrap();
+    let killed = Instant::now();
+    doomed.child.wait().unwrap();
+    let jobs = stored_messages_app::jobs::Jobs::new(users.clone());
+    let job = jobs
+        .recent(1)
+        .await
+        .unwrap()
+        .pop()
+        .expect("a background job");
+    assert_eq!(
+        job.status, "running",
+        "the job ended before the kill: {job:?}"
+    );
+    println!(
+        "job {} killed at {} of {} users",
+        job.id, job.delivered, job.total
+    );
+    let done = loop {
+        let job = jobs.get(job.id).await.unwrap().unwrap();
+        if job.status != "running" {
+            break job;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "not taken over: {job:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "taken over and finished {:?} after the kill",
+        killed.elapsed()
+    );
+    assert_eq!(done.status, "done", "{done:?}");
+    assert_eq!(done.delivered, USERS + 1, "{done:?}");
+    // Exactly once: as many archive entries as users.
+    let store = stored_messages::Store::connect(
+        &figment,
+        std::sync::Arc::new(stored_messages_app::users::AppHost::new(users.clone())),
+    )
+    .await
+    .unwrap();
+    let stats = store
+        .backend()
+        .admin()
+        .expect("every backend administers its messages")
+        .message_stats(1, None)
+        .await
+        .unwrap();
+    assert_eq!(stats[0].message.id.0, done.message_id);
+    assert_eq!(
+        stats[0].recipients,
+        (USERS + 1) as u64,
+        "each user exactly once"
+    );
+    drop(survivor);
 }
