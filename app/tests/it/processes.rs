@@ -703,7 +703,6 @@ fn figment_of(shared: &Shared) -> rocket::figment::Figment {
 /// which is killed (`SIGKILL`) while its background job runs; another instance takes the job
 /// over once the lease expired and finishes it; every user has the message exactly once.
 async fn a_broadcast_whose_instance_is_killed_is_finished_by_another(shared: &Shared) {
-    use stored_messages::backend::MessageAdmin as _;
     const USERS: i64 = 50_000;
     shared.cli(&["createuser", "root", "--admin"], &format!("{PASSWORD}\n"));
     let figment = figment_of(shared);
