@@ -197,8 +197,18 @@ impl Fairing for StoredMessages {
                 loop {
                     rocket::tokio::select! {
                         _ = ticker.tick() => {
-                            if let Err(e) = store.cleanup().await {
-                                log::error!("stored-messages: periodic cleanup failed: {}", report(&e));
+                            // Once per interval among every process sharing the store: the
+                            // lease lasts a little less than the interval, so the next tick
+                            // of whichever instance comes first takes it again.
+                            let ttl = Duration::from_secs(interval).mul_f64(0.9);
+                            match store.backend().try_lease("cleanup", ttl).await {
+                                Ok(true) => {
+                                    if let Err(e) = store.cleanup().await {
+                                        log::error!("stored-messages: periodic cleanup failed: {}", report(&e));
+                                    }
+                                }
+                                Ok(false) => log::debug!("stored-messages: another instance cleans up this time"),
+                                Err(e) => log::error!("stored-messages: periodic cleanup failed: {}", report(&e)),
                             }
                         }
                         _ = &mut shutdown => break,

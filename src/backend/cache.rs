@@ -372,6 +372,10 @@ impl MessageBackend for CachedBackend {
         result
     }
 
+    async fn try_lease(&self, name: &str, ttl: std::time::Duration) -> Result<bool> {
+        self.inner.try_lease(name, ttl).await
+    }
+
     fn flash_spill(&self) -> Option<&dyn FlashSpill> {
         self.inner.flash_spill()
     }

@@ -237,6 +237,15 @@ pub trait MessageBackend: Send + Sync + 'static {
     /// without delivering twice.
     async fn deliver_once(&self, users: &[UserId], message: &Message) -> Result<u64>;
 
+    /// Takes the store-wide lease `name` for `ttl` when nobody holds it (or its holder's time
+    /// ran out): `true` when this call took it. Of several processes sharing the store, the
+    /// one that gets `true` does a periodic task this time (the fairing's cleanup). The
+    /// default, for a backend with no place shared between processes, always answers `true`.
+    async fn try_lease(&self, name: &str, ttl: std::time::Duration) -> Result<bool> {
+        let _ = (name, ttl);
+        Ok(true)
+    }
+
     /// Flash messages that did not fit their cookie, kept by this backend (see
     /// [`FlashSpill`]). `None`, the default, keeps them in the app's process memory (lost on
     /// restart, and not shared between app instances).

@@ -91,6 +91,7 @@ macro_rules! conformance {
 }
 
 conformance!(
+    a_lease_has_one_holder_until_its_time_runs_out,
     stored_message_is_in_inbox_and_archive,
     inbox_get_returns_the_message_and_refuses_unknown_ids,
     inbox_delete_keeps_the_archive_and_refuses_a_second_time,
@@ -1279,4 +1280,18 @@ async fn postgres_change_feed_leaves_the_pool_to_requests() {
         .unwrap();
     assert_eq!(store.backend().inbox_count(ALICE).await.unwrap(), 1);
     assert_eq!(store.mark_all_read(ALICE).await.unwrap(), 1);
+}
+
+/// `try_lease`: one taker while the lease lasts (whoever asks again, this process or
+/// another), a new one once it ran out; leases of other names are independent.
+async fn a_lease_has_one_holder_until_its_time_runs_out(t: &TestStore) {
+    use std::time::Duration;
+    let backend = t.backend();
+    let ttl = Duration::from_millis(400);
+    assert!(backend.try_lease("cleanup", ttl).await.unwrap());
+    assert!(!backend.try_lease("cleanup", ttl).await.unwrap());
+    assert!(backend.try_lease("other", ttl).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(backend.try_lease("cleanup", ttl).await.unwrap());
+    assert!(!backend.try_lease("cleanup", ttl).await.unwrap());
 }

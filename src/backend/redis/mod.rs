@@ -630,6 +630,20 @@ impl MessageBackend for RedisBackend {
         self.announce_all().await
     }
 
+    async fn try_lease(&self, name: &str, ttl: std::time::Duration) -> Result<bool> {
+        let mut connection = self.connection.clone();
+        let taken: Option<String> = ::redis::cmd("SET")
+            .arg(format!("{}lease:{name}", self.keys.prefix))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
+            .query_async(&mut connection)
+            .await
+            .map_err(redis_error)?;
+        Ok(taken.is_some())
+    }
+
     fn flash_spill(&self) -> Option<&dyn FlashSpill> {
         Some(self)
     }

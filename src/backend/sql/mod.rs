@@ -900,6 +900,24 @@ impl MessageBackend for SqlBackend {
             .await
     }
 
+    async fn try_lease(&self, name: &str, ttl: std::time::Duration) -> Result<bool> {
+        let now = micros(Utc::now());
+        let until = now.saturating_add(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX));
+        // One statement: of two processes racing for an expired lease, the second finds
+        // it renewed and updates (so returns) nothing.
+        let sql = "insert into sm_leases (name, until_us) values ($1, $2) \
+                   on conflict (name) do update set until_us = excluded.until_us \
+                   where sm_leases.until_us <= $3 returning name";
+        let taken: Vec<String> = with_pool!(&self.pool, pool => sqlx::query_scalar(sql)
+            .bind(name)
+            .bind(until)
+            .bind(now)
+            .fetch_all(pool)
+            .await
+            .map_err(sql_error)?);
+        Ok(!taken.is_empty())
+    }
+
     fn flash_spill(&self) -> Option<&dyn FlashSpill> {
         Some(self)
     }
