@@ -509,6 +509,7 @@ macro_rules! process_tests {
 mod live;
 
 process_tests!(
+    any_request_may_go_to_any_instance,
     four_instances_start_together_on_a_fresh_store,
     a_broadcast_whose_instance_is_killed_is_finished_by_another,
     a_cli_send_is_seen_by_the_next_request,
@@ -787,4 +788,61 @@ async fn a_broadcast_whose_instance_is_killed_is_finished_by_another(shared: &Sh
         "each user exactly once"
     );
     drop(survivor);
+}
+
+/// Any request, any instance: three servers on one store and one secret key, each request
+/// of a scripted session sent to a random one. Login, messages added through the form (a
+/// stored one, and flash ones over the cookie's budget, which spill to the store), pages,
+/// the API, mark read: the same results as on one instance.
+async fn any_request_may_go_to_any_instance(shared: &Shared) {
+    use rand::Rng;
+    shared.cli(&["createuser", "alice"], &format!("{PASSWORD}\n"));
+    let servers = [
+        shared.serve(&format!("sm_any0_{}", random_id())).await,
+        shared.serve(&format!("sm_any1_{}", random_id())).await,
+        shared.serve(&format!("sm_any2_{}", random_id())).await,
+    ];
+    let refs: Vec<&Server> = servers.iter().collect();
+    shared.wait_feeds(&refs).await;
+    let mut rng = rand::thread_rng();
+    let mut any = || &servers[rng.gen_range(0..servers.len())];
+    let alice = Browser::login(any(), "alice", PASSWORD).await;
+    for round in 0..10 {
+        let text = format!("stored {round}");
+        alice.add(any(), &text).await;
+        assert_eq!(alice.count(any()).await, 1, "round {round}");
+        assert_eq!(alice.inbox(any()).await, [text.clone()], "round {round}");
+        // A page shows it (and marks it read), on another instance.
+        let page = get(&any().address, "/", &alice.cookie).await.unwrap();
+        assert_eq!(page.status, 200);
+        assert!(page.body.contains(&text), "round {round}");
+        assert_eq!(
+            alice.count(any()).await,
+            0,
+            "round {round}: read everywhere"
+        );
+    }
+    // Anonymous flash messages over the cookie's budget: the spill is in the store, so the
+    // page that shows them may be served by any instance.
+    let login = get(&any().address, "/login", "").await.unwrap();
+    let mut jar = Vec::new();
+    keep_cookies(&mut jar, &login);
+    let token = csrf_token(&login.body);
+    let long = "x".repeat(1500);
+    for i in 0..4 {
+        let form = format!("csrf_token={token}&level=info&message=flash{i}+{long}");
+        let answer = post(&any().address, "/demo/message", &cookies(&jar), &form)
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 303, "{}", answer.body);
+        keep_cookies(&mut jar, &answer);
+    }
+    assert!(
+        jar.iter().any(|(k, _)| k == "sm_flash_spill"),
+        "the queue spilled: {jar:?}"
+    );
+    let page = get(&any().address, "/", &cookies(&jar)).await.unwrap();
+    for i in 0..4 {
+        assert!(page.body.contains(&format!("flash{i} ")), "flash {i} shown");
+    }
 }
