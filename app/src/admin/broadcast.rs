@@ -89,6 +89,7 @@ fn broadcast_page(
     values: &BroadcastValues,
     errors: &BroadcastErrors,
     preview: Option<Vec<StreamMessage>>,
+    confirm: Option<usize>,
 ) -> Page {
     Page::render(
         "admin/broadcast",
@@ -100,6 +101,7 @@ fn broadcast_page(
             form: values,
             errors,
             preview,
+            confirm,
             store_levels: store.config().store_levels.iter().map(|l| l.0).collect::<Vec<_>>(),
         },
     )
@@ -111,9 +113,9 @@ pub(super) fn broadcast_form(
     messages: Messages<'_>,
     store: &State<Store>,
 ) -> Page {
+    // No recipient is chosen for the admin: "everyone" is a choice to make, not a default.
     let values = BroadcastValues {
         level: "stored_info".into(),
-        recipients: "everyone".into(),
         ..Default::default()
     };
     broadcast_page(
@@ -122,6 +124,7 @@ pub(super) fn broadcast_form(
         store,
         &values,
         &BroadcastErrors::default(),
+        None,
         None,
     )
 }
@@ -133,9 +136,11 @@ pub(super) struct BroadcastForm<'r> {
     message: &'r str,
     extra_tags: Option<&'r str>,
     url: Option<&'r str>,
-    recipients: &'r str,
+    recipients: Option<&'r str>,
     usernames: Option<&'r str>,
     action: Option<&'r str>,
+    /// `yes` once the admin confirmed a broadcast to everyone.
+    confirmed: Option<&'r str>,
 }
 
 /// Usernames separated by commas, spaces or new lines, without duplicates, in order.
@@ -164,7 +169,7 @@ impl BroadcastValues {
                 message: f.message.to_string(),
                 extra_tags: f.extra_tags.unwrap_or("").to_string(),
                 url: f.url.unwrap_or("").to_string(),
-                recipients: f.recipients.to_string(),
+                recipients: f.recipients.unwrap_or("").to_string(),
                 usernames: f.usernames.unwrap_or("").to_string(),
             },
             None => {
@@ -252,7 +257,7 @@ impl BroadcastValues {
                 }
             }
             _ => {
-                errors.usernames = Some("choose everyone or a list of usernames".into());
+                errors.usernames = Some("choose who receives it: everyone, or these users".into());
                 None
             }
         }
@@ -286,6 +291,7 @@ impl Sending<'_, '_> {
             self.store,
             self.values,
             errors,
+            None,
             None,
         )
         .status(status)
@@ -402,6 +408,7 @@ pub(super) async fn broadcast_send(
             &values,
             &errors,
             Some(vec![shown]),
+            None,
         ));
     }
     let audience = match &named {
@@ -415,6 +422,22 @@ pub(super) async fn broadcast_send(
             }
         },
     };
+    // Everyone is asked for once more, with the exact count and the preview; nothing is
+    // stored before the admin says yes.
+    let confirmed = form.value.as_ref().and_then(|f| f.confirmed) == Some("yes");
+    if named.is_none() && !confirmed {
+        let shown =
+            StreamMessage::stored(&new.clone().into_message(MessageId(0)), store.level_tags());
+        return Err(broadcast_page(
+            &messages,
+            &admin.0,
+            store,
+            &values,
+            &errors,
+            Some(vec![shown]),
+            Some(audience.len()),
+        ));
+    }
     if audience.len() > threshold.0 {
         sending.in_background(&new, named.as_deref()).await
     } else {

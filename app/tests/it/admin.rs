@@ -18,6 +18,7 @@ app_tests!(
     preview_shows_the_message_and_sends_nothing,
     bad_broadcast_input_is_refused_with_field_errors,
     large_broadcast_runs_in_the_background_and_finishes,
+    a_broadcast_to_everyone_asks_first_and_stores_nothing_until_confirmed,
     interrupted_job_resumes_without_delivering_twice,
     message_browser_counts_deletes_and_cleans_up,
 );
@@ -44,6 +45,8 @@ fn form<'a>(
         ("extra_tags", "ops"),
         ("url", "/status"),
         ("action", action),
+        // The confirmation step of a broadcast to everyone, already answered.
+        ("confirmed", "yes"),
     ]
 }
 
@@ -263,7 +266,7 @@ async fn bad_broadcast_input_is_refused_with_field_errors(app: &TestApp) {
         ),
         (
             form("nobody-knows", "", "x", "send"),
-            "choose everyone or a list",
+            "choose who receives it",
         ),
     ];
     for (fields, expected) in cases {
@@ -457,5 +460,60 @@ async fn message_browser_counts_deletes_and_cleans_up(app: &TestApp) {
     assert!(
         html.contains("Cleanup removed 2 expired inbox entries and 0 expired messages."),
         "{html}"
+    );
+}
+
+/// No recipient is chosen by default; a broadcast to everyone shows the exact count and the
+/// preview, stores nothing, and sends only once confirmed.
+async fn a_broadcast_to_everyone_asks_first_and_stores_nothing_until_confirmed(app: &TestApp) {
+    let b = admin(app).await;
+    let alice = app.user("alice", false).await.user_id();
+    let (_, page) = b.get_html("/admin/broadcast").await;
+    assert!(!page.contains("checked"), "no recipient chosen by default");
+    // Without a choice: an error for the field, nothing sent.
+    let mut fields = form("everyone", "", "Are you sure", "send");
+    fields.retain(|(k, _)| *k != "recipients" && *k != "confirmed");
+    let r = b.post_form("/admin/broadcast", &fields).await;
+    assert_eq!(r.status(), Status::UnprocessableEntity);
+    assert!(r
+        .into_string()
+        .await
+        .unwrap()
+        .contains("choose who receives it"));
+    // Everyone, not confirmed: the question, with the count and the text.
+    let mut fields = form("everyone", "", "Are you sure", "send");
+    fields.retain(|(k, _)| *k != "confirmed");
+    let r = b.post_form("/admin/broadcast", &fields).await;
+    assert_eq!(r.status(), Status::Ok);
+    let html = r.into_string().await.unwrap();
+    assert!(html.contains("Send this to everyone (2 users)?"), "{html}");
+    assert!(html.contains("Are you sure"));
+    assert!(html.contains("name=\"confirmed\" value=\"yes\""));
+    let store = TestApp::store(&b);
+    assert!(
+        store
+            .backend()
+            .archive_list(alice, ListQuery::ALL)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing stored before the confirmation"
+    );
+    // Confirmed: sent.
+    let r = b
+        .post_form(
+            "/admin/broadcast",
+            &form("everyone", "", "Are you sure", "send"),
+        )
+        .await;
+    assert!(r.status().class().is_redirection());
+    assert_eq!(
+        store
+            .backend()
+            .archive_list(alice, ListQuery::ALL)
+            .await
+            .unwrap()
+            .len(),
+        1
     );
 }

@@ -416,13 +416,7 @@ async fn large_broadcast_shows_progress_until_done() {
     let text = "New terms of service from Monday";
     served.log_in("root", "/admin/broadcast").await;
     type_into(client, "#message", text).await;
-    assert!(client
-        .find(Locator::Css("input[name=recipients][value=everyone]"))
-        .await
-        .unwrap()
-        .is_selected()
-        .await
-        .unwrap());
+    click(client, "input[name=recipients][value=everyone]").await;
 
     // Deliveries wait for this lock; reading them (the pages, the header's count) does not.
     let mut hold = sqlx::PgConnection::connect(&app.url).await.unwrap();
@@ -432,8 +426,14 @@ async fn large_broadcast_shows_progress_until_done() {
         .await
         .unwrap();
 
-    // act: send to everyone
+    // act: send to everyone, and confirm
     click(client, "button[name=action][value=send]").await;
+    let question = wait_for_text(client, "#confirm-title", |t| t.contains("31 users")).await;
+    assert!(
+        question.contains("Send this to everyone (31 users)?"),
+        "{question}"
+    );
+    click(client, "section.confirm button[name=action][value=send]").await;
 
     // assert: on the job's page, running, nothing delivered yet
     served

@@ -726,7 +726,7 @@ async fn a_broadcast_whose_instance_is_killed_is_finished_by_another(shared: &Sh
     let survivor = shared.serve(&format!("sm_survivor_{}", random_id())).await;
     let root = Browser::login(&doomed, "root", PASSWORD).await;
     let form = format!(
-        "csrf_token={}&level=stored_info&message=to+everyone&recipients=everyone&action=send",
+        "csrf_token={}&level=stored_info&message=to+everyone&recipients=everyone&action=send&confirmed=yes",
         root.token
     );
     let answer = processes_post(&doomed.address, "/admin/broadcast", &root.cookie, &form).await;
