@@ -272,16 +272,19 @@ pub(crate) fn is_below(path: &str, prefix: &str) -> bool {
 pub(crate) async fn check(request: &mut Request<'_>, data: &mut Data<'_>, policy: &Policy) {
     let path = request.uri().path().as_str();
     let in_api = policy.api.as_deref().is_some_and(|api| is_below(path, api));
+    let exempt = policy.exempt.iter().any(|prefix| is_below(path, prefix));
     if !is_state_changing(request.method()) {
         // Safe requests are not checked. Those for pages get their token now, while its
         // cookie can still be set: a page rendered with plain `Template::render` prints it
-        // only after the response's cookies were fixed. (JSON API reads never need one.)
-        if !in_api {
+        // only after the response's cookies were fixed. Resolving it asks the host who the
+        // session is, so JSON API reads (which never need one) and exempt paths (static
+        // files, health checks) skip it.
+        if !in_api && !exempt {
             resolve_token(request).await;
         }
         return;
     }
-    if policy.exempt.iter().any(|prefix| is_below(path, prefix)) {
+    if exempt {
         return;
     }
     let expected = resolve_token(request).await;

@@ -92,6 +92,11 @@ impl StoredMessages {
     /// `/hooksmith`) from the CSRF check: for requests that do not come from the app's
     /// pages (webhooks, routes authenticated by a signature), or for a route that checks
     /// its form itself with [`crate::csrf::CsrfForm`]. May be called several times.
+    ///
+    /// Safe requests below an exempt path do not resolve the session's token either (which
+    /// asks the host who the session is): exempt static files and health checks that way.
+    /// A page there that prints `csrf_token()` gets the browser's cookie token as it is,
+    /// unchecked against the session, so keep pages with forms outside exempt paths.
     pub fn csrf_exempt(mut self, path: &str) -> StoredMessages {
         self.exempt.push(path.to_string());
         self

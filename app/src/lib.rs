@@ -91,7 +91,13 @@ pub fn rocket_from(figment: Figment) -> Rocket<Build> {
                             )))
                             .manage(admin::BackgroundThreshold(threshold))
                             .manage(users)
-                            .attach(StoredMessages::fairing(host)))
+                            // Static files and health checks have no forms: no token
+                            // to resolve (it would ask for the session on every file).
+                            .attach(
+                                StoredMessages::fairing(host)
+                                    .csrf_exempt("/static")
+                                    .csrf_exempt("/health"),
+                            ))
                     }
                     Err(e) => {
                         log::error!("reference app: cannot open the users database: {e}");

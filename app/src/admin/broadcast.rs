@@ -398,18 +398,24 @@ pub(super) async fn broadcast_send(
     let Some(new) = new.filter(|_| !errors.any()) else {
         return Err(sending.again(&errors, Status::UnprocessableEntity));
     };
-    if form.value.as_ref().and_then(|f| f.action) == Some("preview") {
+    // The form again with the message as recipients will see it: after Preview, and as
+    // the question before a broadcast to `confirm` users (everyone).
+    let preview = |confirm: Option<usize>| {
         let shown =
             StreamMessage::stored(&new.clone().into_message(MessageId(0)), store.level_tags());
-        return Err(broadcast_page(
+        let page = broadcast_page(
             &messages,
             &admin.0,
             store,
             &values,
             &errors,
             Some(vec![shown]),
-            None,
-        ));
+            confirm,
+        );
+        Err(page)
+    };
+    if form.value.as_ref().and_then(|f| f.action) == Some("preview") {
+        return preview(None);
     }
     let audience = match &named {
         Some(ids) => ids.clone(),
@@ -426,17 +432,7 @@ pub(super) async fn broadcast_send(
     // stored before the admin says yes.
     let confirmed = form.value.as_ref().and_then(|f| f.confirmed) == Some("yes");
     if named.is_none() && !confirmed {
-        let shown =
-            StreamMessage::stored(&new.clone().into_message(MessageId(0)), store.level_tags());
-        return Err(broadcast_page(
-            &messages,
-            &admin.0,
-            store,
-            &values,
-            &errors,
-            Some(vec![shown]),
-            Some(audience.len()),
-        ));
+        return preview(Some(audience.len()));
     }
     if audience.len() > threshold.0 {
         sending.in_background(&new, named.as_deref()).await

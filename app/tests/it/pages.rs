@@ -20,6 +20,7 @@ app_tests!(
     repeated_wrong_passwords_lock_the_login_out,
     the_csrf_token_changes_at_login_and_logout,
     a_token_is_refused_in_any_other_session,
+    static_files_and_health_checks_resolve_no_token,
     changing_the_password_ends_the_other_sessions,
     an_admin_ends_a_users_sessions,
     private_pages_are_not_cached_and_carry_security_headers,
@@ -423,6 +424,27 @@ async fn a_token_is_refused_in_any_other_session(app: &TestApp) {
     )
     .await;
     assert_eq!(before_login.status(), Status::Forbidden);
+}
+
+/// Static files and health checks have no forms: no CSRF token is resolved for them (it
+/// would ask for the session on every file), so none is set.
+async fn static_files_and_health_checks_resolve_no_token(app: &TestApp) {
+    let b = browser(app).await;
+    for path in ["/static/style.css", "/health", "/health/ready"] {
+        let r = b.client.get(path).dispatch().await;
+        assert_eq!(r.status(), Status::Ok, "{path}");
+        assert!(
+            r.headers()
+                .get("Set-Cookie")
+                .all(|c| !c.starts_with("sm_csrf=")),
+            "{path}"
+        );
+    }
+    let r = b.client.get("/login").dispatch().await;
+    assert!(r
+        .headers()
+        .get("Set-Cookie")
+        .any(|c| c.starts_with("sm_csrf=")));
 }
 
 async fn private_pages_are_not_cached_and_carry_security_headers(app: &TestApp) {
