@@ -81,18 +81,35 @@ struct LoginForm<'r> {
 // Redirect is large, but a handler's result is built once per request.
 #[allow(clippy::result_large_err)]
 #[get("/login?<next>")]
-fn login_page(
+async fn login_page(
     user: Option<CurrentUser>,
     next: Option<&str>,
+    jar: &CookieJar<'_>,
+    users: &State<Arc<Users>>,
     messages: Messages<'_>,
 ) -> Result<Page, Redirect> {
     let next = safe_next(next.unwrap_or("/"));
     if user.is_some() {
         return Err(Redirect::to(next));
     }
+    // A session cookie whose session is gone: logged out elsewhere (another device, a
+    // password change, an admin) or expired. Say so, and forget the cookie; but not when
+    // the database could not answer (the session may well be alive).
+    let ended = match jar.get_private(SESSION_COOKIE) {
+        Some(cookie) => matches!(users.session_user(cookie.value()).await, Ok(None)),
+        None => false,
+    };
+    if ended {
+        jar.remove_private(Cookie::build(SESSION_COOKIE).path("/"));
+    }
+    let notice = if ended {
+        "Your session has ended (it expired, or you were logged out elsewhere). Please log in again."
+    } else {
+        ""
+    };
     Ok(Page::render(
         "auth/login",
-        context! { messages: &messages, next, username: "", error: "" },
+        context! { messages: &messages, next, username: "", error: "", notice },
     ))
 }
 

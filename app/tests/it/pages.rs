@@ -1010,6 +1010,11 @@ async fn changing_the_password_ends_the_other_sessions(app: &TestApp) {
         Status::Unauthorized,
         "the other one ended"
     );
+    // Its login page says why, once.
+    let (_, html) = elsewhere.get_html("/login").await;
+    assert!(html.contains("Your session has ended"), "{html}");
+    let (_, html) = elsewhere.get_html("/login").await;
+    assert!(!html.contains("Your session has ended"), "said once");
     // The new password logs in, the old one does not.
     let again = browser(app).await;
     let old = again
