@@ -41,7 +41,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use rand::RngCore;
 use rocket::data::Data;
-use rocket::http::{Cookie, Method, SameSite, Status};
+use rocket::http::{Cookie, Method, Status};
 use rocket::request::{FromRequest, Outcome};
 use rocket::route::{Handler, Outcome as RouteOutcome, Route};
 use rocket::Request;
@@ -174,19 +174,13 @@ pub(crate) fn ensure_token(request: &Request<'_>) -> String {
 }
 
 fn set_cookie(request: &Request<'_>, value: String) {
-    let cookie = Cookie::build((CSRF_COOKIE, value))
-        .path("/")
-        .same_site(SameSite::Lax)
-        .http_only(true);
     let secure = request
         .rocket()
         .state::<crate::Store>()
         .is_some_and(|store| store.config().secure_cookies);
-    if secure {
-        request.cookies().add_private(cookie.secure(true));
-    } else {
-        request.cookies().add_private(cookie);
-    }
+    request
+        .cookies()
+        .add_private(crate::request::library_cookie(CSRF_COOKIE, value, secure));
 }
 
 #[rocket::async_trait]

@@ -661,7 +661,7 @@ impl<'r> Messages<'r> {
         match head {
             Some(value) => self
                 .jar
-                .add_private(flash_cookie(FLASH_COOKIE, value, self.secure())),
+                .add_private(library_cookie(FLASH_COOKIE, value, self.secure())),
             None => remove_if_present(self.jar, FLASH_COOKIE),
         }
         if rest.is_empty() {
@@ -678,19 +678,18 @@ impl<'r> Messages<'r> {
             }
             let anonymous = self.state.user.is_none();
             let quota = self.store.spill_quota();
-            let allowed = match inner.spill_allowed {
-                // Replacing the spill the browser brought back does not grow the storage.
-                _ if inner.spill_found => true,
-                Some(false) => false,
-                // The queue grew since the quota let it spill: count what it grew by.
-                Some(true) if anonymous && payload.len() > inner.spill_counted => {
-                    let more = quota.allow_more(payload.len() - inner.spill_counted);
-                    inner.spill_counted = inner.spill_counted.max(payload.len());
-                    more
-                }
-                Some(true) => true,
-                None => quota.allow(inner.client, anonymous, payload.len()),
-            };
+            // Replacing the spill the browser brought back does not grow the storage; a
+            // queue that grew since the quota let it spill counts what it grew by.
+            let allowed = inner.spill_found
+                || match inner.spill_allowed {
+                    Some(false) => false,
+                    Some(true) => {
+                        !anonymous
+                            || payload.len() <= inner.spill_counted
+                            || quota.allow_more(payload.len() - inner.spill_counted)
+                    }
+                    None => quota.allow(inner.client, anonymous, payload.len()),
+                };
             if allowed && anonymous {
                 inner.spill_counted = inner.spill_counted.max(payload.len());
             }
@@ -698,7 +697,7 @@ impl<'r> Messages<'r> {
             if allowed {
                 let key = new_key();
                 self.jar
-                    .add_private(flash_cookie(SPILL_COOKIE, key.clone(), self.secure()));
+                    .add_private(library_cookie(SPILL_COOKIE, key.clone(), self.secure()));
                 inner.pending_spill = Some((key, payload));
             } else {
                 log::warn!(
@@ -710,7 +709,7 @@ impl<'r> Messages<'r> {
                 let (head, _) = split(&kept);
                 if let Some(value) = head {
                     self.jar
-                        .add_private(flash_cookie(FLASH_COOKIE, value, self.secure()));
+                        .add_private(library_cookie(FLASH_COOKIE, value, self.secure()));
                 }
                 inner.pending_spill = None;
                 remove_if_present(self.jar, SPILL_COOKIE);
@@ -746,7 +745,9 @@ fn with_overflow_notice(fitting: &[NewMessage]) -> Vec<NewMessage> {
     }
 }
 
-fn flash_cookie(name: &'static str, value: String, secure: bool) -> Cookie<'static> {
+/// A cookie of the library's (flash queue, spill key, CSRF token): site-wide, `Lax`, not
+/// for scripts, `Secure` when configured.
+pub(crate) fn library_cookie(name: &'static str, value: String, secure: bool) -> Cookie<'static> {
     let cookie = Cookie::build((name, value))
         .path("/")
         .same_site(SameSite::Lax)
