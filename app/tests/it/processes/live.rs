@@ -238,6 +238,28 @@ async fn sigterm_ends_the_streams_and_the_server(shared: &Shared) {
         stream.expect("count").await;
         streams.push(stream);
     }
+    // A request in flight: its head and half its body sent before the signal.
+    let body = format!(
+        "csrf_token={}&level=stored_info&message=in+flight",
+        alice.token
+    );
+    let (first, rest) = body.split_at(body.len() / 2);
+    let mut in_flight = TcpStream::connect(&server.address).await.unwrap();
+    in_flight
+        .write_all(
+            format!(
+                "POST /demo/message HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\
+                 Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
+                 Cookie: {}\r\n\r\n{first}",
+                server.address,
+                body.len(),
+                alice.cookie
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let asked = Instant::now();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &server.child.id().to_string()])
@@ -247,6 +269,20 @@ async fn sigterm_ends_the_streams_and_the_server(shared: &Shared) {
     for stream in &mut streams {
         assert!(stream.next().await.is_none(), "the stream ends");
     }
+    // The request in flight is finished: the rest of its body arrives after the signal,
+    // and it is answered (and its message stored).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    in_flight.write_all(rest.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(EVENT_WAIT, in_flight.read_to_end(&mut answer))
+        .await
+        .expect("an answer to the request in flight")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 303"),
+        "the request in flight was answered: {answer}"
+    );
     println!("SIGTERM: the streams ended after {:?}", asked.elapsed());
     loop {
         if let Some(status) = server.child.try_wait().unwrap() {
@@ -262,4 +298,6 @@ async fn sigterm_ends_the_streams_and_the_server(shared: &Shared) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let out = shared.cli(&["inbox", "alice"], "");
+    assert!(out.contains("in flight"), "stored before the exit: {out}");
 }
