@@ -269,6 +269,21 @@ async fn sigterm_ends_the_streams_and_the_server(shared: &Shared) {
     for stream in &mut streams {
         assert!(stream.next().await.is_none(), "the stream ends");
     }
+    // No new request is taken: a connection is refused, or closed unanswered.
+    if let Ok(mut late) = TcpStream::connect(&server.address).await {
+        let request = format!(
+            "GET /health HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            server.address
+        );
+        let _ = late.write_all(request.as_bytes()).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(EVENT_WAIT, late.read_to_end(&mut answer)).await;
+        assert!(
+            answer.is_empty(),
+            "a request after the signal was answered: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
     // The request in flight is finished: the rest of its body arrives after the signal,
     // and it is answered (and its message stored).
     tokio::time::sleep(Duration::from_millis(200)).await;
