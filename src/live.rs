@@ -301,11 +301,27 @@ impl<'r> rocket::request::FromRequest<'r> for LastEventId {
     }
 }
 
-/// A server-sent event stream with the header nginx needs not to buffer it.
-#[derive(rocket::Responder)]
+/// The largest piece of a stream written at once. Rocket keeps a buffer of this size for
+/// every open response (4 KiB by default); events are a few hundred bytes, and a longer one
+/// is simply written in several pieces.
+const CHUNK: usize = 512;
+
+/// A server-sent event stream with the header nginx needs not to buffer it, written in
+/// pieces of at most [`CHUNK`] bytes, so that an idle stream holds a small buffer.
 pub struct LiveStream<S> {
     stream: EventStream<S>,
-    accel: Header<'static>,
+}
+
+impl<'r, S> rocket::response::Responder<'r, 'r> for LiveStream<S>
+where
+    S: rocket::futures::Stream<Item = Event> + Send + 'r,
+{
+    fn respond_to(self, request: &'r rocket::Request<'_>) -> rocket::response::Result<'r> {
+        let mut response = self.stream.respond_to(request)?;
+        response.set_header(Header::new("X-Accel-Buffering", "no"));
+        response.set_max_chunk_size(CHUNK);
+        Ok(response)
+    }
 }
 
 /// Follows `user`'s inbox for one client.
@@ -369,7 +385,6 @@ pub(crate) async fn stream(
     let first = opening(&mut known, &inbox, last.0.as_deref(), &store);
     Ok(LiveStream {
         stream: follow(store, user.0, changes, known, first, shutdown),
-        accel: Header::new("X-Accel-Buffering", "no"),
     })
 }
 

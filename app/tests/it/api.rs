@@ -137,7 +137,10 @@ async fn a_stream_that_falls_behind_the_feed_catches_up_exactly(app: &TestApp) {
             rocket::futures::future::join_all(sends).await;
         }
     }
-    assert!(store.changes().sync().await, "the feed reported every change");
+    assert!(
+        store.changes().sync().await,
+        "the feed reported every change"
+    );
     // The stream catches up: alice's three messages, then the count.
     assert_eq!(
         event_names(&mut stream, "count").await,
