@@ -119,6 +119,7 @@ conformance!(
     can_handle_follows_store_levels,
     deliver_once_skips_everyone_who_has_it_read_or_unread,
     deliver_once_in_overlapping_chunks_reaches_each_user_once,
+    inbox_list_many_answers_what_inbox_list_answers,
     message_stats_count_recipients_and_unread,
     message_delete_removes_it_everywhere,
     inbox_cache_answers_exactly_like_the_backend,
@@ -920,6 +921,48 @@ async fn deliver_once_in_overlapping_chunks_reaches_each_user_once(t: &TestStore
     assert_eq!(t.store.mark_all_read(UserId(1)).await.unwrap(), 1);
     assert_eq!(t.store.deliver_once(&users(1..=1200), &m).await.unwrap(), 0);
     assert_eq!(t.backend().inbox_count(UserId(1)).await.unwrap(), 0);
+}
+
+async fn inbox_list_many_answers_what_inbox_list_answers(t: &TestStore) {
+    // Rows, runs (600 consecutive users), a read marker, a user with nothing, duplicates.
+    let everyone: Vec<UserId> = (1..=600).map(UserId).collect();
+    t.store
+        .add_message_for(&everyone, stored("to everyone"))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        t.store
+            .add_message_for(&[ALICE, UserId(300)], stored(&format!("own {i}")))
+            .await
+            .unwrap();
+    }
+    let read = t
+        .store
+        .add_message_for(&[BOB], stored("read"))
+        .await
+        .unwrap()
+        .message;
+    assert!(t.store.mark_read(BOB, read.id).await.unwrap());
+    assert_eq!(t.store.mark_all_read(CAROL).await.unwrap(), 1);
+    let users = [ALICE, BOB, CAROL, UserId(300), UserId(700), ALICE];
+    for limit in [1, 2, 10] {
+        let many = t.backend().inbox_list_many(&users, limit).await.unwrap();
+        assert_eq!(many.len(), users.len());
+        for (user, list) in users.iter().zip(&many) {
+            let one = t
+                .backend()
+                .inbox_list(*user, ListQuery::first(limit))
+                .await
+                .unwrap();
+            assert_eq!(list, &one, "user {user}, limit {limit}");
+        }
+    }
+    assert!(t
+        .backend()
+        .inbox_list_many(&[], 10)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 async fn message_stats_count_recipients_and_unread(t: &TestStore) {

@@ -703,6 +703,20 @@ impl MessageBackend for SqlBackend {
         Ok(rows.into_iter().map(Message::from).collect())
     }
 
+    async fn inbox_list_many(&self, users: &[UserId], limit: u32) -> Result<Vec<Vec<Message>>> {
+        #[cfg(feature = "postgres")]
+        #[allow(irrefutable_let_patterns)]
+        if let SqlPool::Postgres(pool) = &self.pool {
+            return postgres::inbox_list_many(pool, users, limit, self.inbox_cutoff()).await;
+        }
+        // SQLite answers in-process: one query per user costs no round trip.
+        let mut lists = Vec::with_capacity(users.len());
+        for user in users {
+            lists.push(self.inbox_list(*user, ListQuery::first(limit)).await?);
+        }
+        Ok(lists)
+    }
+
     async fn inbox_count(&self, user: UserId) -> Result<u64> {
         let cutoff = self.inbox_cutoff();
         let count: i64 = with_pool!(&self.pool, pool => {
