@@ -33,6 +33,30 @@ macro_rules! with_pool {
     };
 }
 
+/// Runs `$body` with `$conn` bound to a connection of `$reads` (a
+/// [`stored_messages::backend::SqlReads`]), which goes back for reuse only if `$body`
+/// completed: for one-statement reads on every request.
+macro_rules! with_read {
+    ($reads:expr, $conn:ident => $body:expr) => {
+        match $reads {
+            stored_messages::backend::SqlReads::Sqlite(reuse) => {
+                let mut lease = reuse.lease().await?;
+                let $conn = &mut *lease;
+                let out = $body;
+                lease.done();
+                out
+            }
+            stored_messages::backend::SqlReads::Postgres(reuse) => {
+                let mut lease = reuse.lease().await?;
+                let $conn = &mut *lease;
+                let out = $body;
+                lease.done();
+                out
+            }
+        }
+    };
+}
+
 pub mod admin;
 pub mod auth;
 pub mod cli;

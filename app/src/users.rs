@@ -117,6 +117,8 @@ impl User {
 #[derive(Debug, Clone)]
 pub struct Users {
     pool: SqlPool,
+    /// For the session lookup of every request: connections reused without sqlx's ping.
+    reads: std::sync::Arc<stored_messages::backend::SqlReads>,
 }
 
 /// Checks a username: 1–64 characters of letters, digits, `.`, `_`, `-`, `@`.
@@ -206,7 +208,8 @@ fn verify_password(password: &str, hash: &str) -> bool {
 impl Users {
     /// Uses `pool` (already migrated with [`Users::migrate`]).
     pub fn new(pool: SqlPool) -> Users {
-        Users { pool }
+        let reads = std::sync::Arc::new(stored_messages::backend::SqlReads::new(&pool));
+        Users { pool, reads }
     }
 
     /// Applies the app's migrations (`migrations/…`).
@@ -346,9 +349,8 @@ impl Users {
         let sql = "select u.id, u.username, u.is_admin from app_sessions s \
                    join app_users u on u.id = s.user_id where s.id = $1 and s.expires_us > $2";
         let now = micros(Utc::now());
-        Ok(
-            with_pool!(&self.pool, pool => sqlx::query_as(sql).bind(id).bind(now).fetch_optional(pool).await?),
-        )
+        Ok(with_read!(&*self.reads, conn =>
+            sqlx::query_as(sql).bind(id).bind(now).fetch_optional(conn).await?))
     }
 
     /// Sets `user`'s password (checked as for a new user) and ends all of their sessions, on

@@ -28,7 +28,7 @@ pub use self::error::BackendError;
 #[cfg(feature = "redis")]
 pub use self::redis::RedisBackend;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub use self::sql::{SqlBackend, SqlPool};
+pub use self::sql::{SqlBackend, SqlPool, SqlReads};
 pub use crate::changes::{Change, FeedSink, Wanted};
 
 /// Microseconds since the Unix epoch: how the SQL tables store dates (a host that joins

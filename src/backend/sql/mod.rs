@@ -76,8 +76,12 @@ pub enum SqlPool {
 
 #[cfg(feature = "postgres")]
 mod postgres;
+#[macro_use]
+mod reads;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+
+pub use self::reads::{Lease, Reuse, SqlReads};
 
 #[cfg(feature = "postgres")]
 pub use self::postgres::CHANGES_CHANNEL;
@@ -494,13 +498,20 @@ fn plan_runs(wanted: &[Run], existing: &[(Run, bool)]) -> RunPlan {
 #[derive(Debug, Clone)]
 pub struct SqlBackend {
     pool: SqlPool,
+    /// The inbox and archive reads, on connections reused without sqlx's ping.
+    reads: std::sync::Arc<SqlReads>,
     settings: Settings,
 }
 
 impl SqlBackend {
     /// A backend over an already migrated pool.
     pub fn new(pool: SqlPool, settings: Settings) -> SqlBackend {
-        SqlBackend { pool, settings }
+        let reads = std::sync::Arc::new(SqlReads::new(&pool));
+        SqlBackend {
+            pool,
+            reads,
+            settings,
+        }
     }
 
     /// Connects to `url`, applies the migrations and returns the backend.
@@ -668,7 +679,7 @@ impl MessageBackend for SqlBackend {
     async fn inbox_list(&self, user: UserId, query: ListQuery) -> Result<Vec<Message>> {
         let (date, id, limit) = cursor_bounds(&query, START_ASC);
         let cutoff = self.inbox_cutoff();
-        let rows: Vec<MessageRow> = with_pool!(&self.pool, pool => {
+        let rows: Vec<MessageRow> = with_read!(&*self.reads, sql_error, pool, conn => {
             // Unread rows through the partial index sm_deliveries_inbox, and the runs that
             // cover the user (in the user's bucket) without a row of theirs: each side reads
             // at most one page.
@@ -696,7 +707,7 @@ impl MessageBackend for SqlBackend {
                 .bind(id)
                 .bind(limit)
                 .bind(bucket(user))
-                .fetch_all(pool)
+                .fetch_all(conn)
                 .await
                 .map_err(sql_error)?
         });
@@ -719,7 +730,7 @@ impl MessageBackend for SqlBackend {
 
     async fn inbox_count(&self, user: UserId) -> Result<u64> {
         let cutoff = self.inbox_cutoff();
-        let count: i64 = with_pool!(&self.pool, pool => {
+        let count: i64 = with_read!(&*self.reads, sql_error, pool, conn => {
             let sql = format!(
                 "select (select count(*) from {} \
                  where d.user_id = $1 and d.in_inbox and d.date_us >= $2) \
@@ -733,7 +744,7 @@ impl MessageBackend for SqlBackend {
                 .bind(user.0)
                 .bind(cutoff)
                 .bind(bucket(user))
-                .fetch_one(pool)
+                .fetch_one(conn)
                 .await
                 .map_err(sql_error)?
         });
@@ -752,12 +763,12 @@ impl MessageBackend for SqlBackend {
              and a.bucket = $4 and a.first_user <= $1 and a.last_user >= $1)))"
         );
         let cutoff = self.inbox_cutoff();
-        let row: Option<MessageRow> = with_pool!(&self.pool, pool => sqlx::query_as(&sql)
+        let row: Option<MessageRow> = with_read!(&*self.reads, sql_error, _pool, conn => sqlx::query_as(&sql)
             .bind(user.0)
             .bind(id.0)
             .bind(cutoff)
             .bind(bucket(user))
-            .fetch_optional(pool)
+            .fetch_optional(conn)
             .await
             .map_err(sql_error)?);
         row.map(Message::from).ok_or(Error::MessageDoesNotExist(id))
@@ -898,13 +909,13 @@ impl MessageBackend for SqlBackend {
             covered(1, 5),
             NO_ROW,
         );
-        let rows: Vec<MessageRow> = with_pool!(&self.pool, pool => sqlx::query_as(&sql)
+        let rows: Vec<MessageRow> = with_read!(&*self.reads, sql_error, _pool, conn => sqlx::query_as(&sql)
             .bind(user.0)
             .bind(date)
             .bind(id)
             .bind(limit)
             .bind(bucket(user))
-            .fetch_all(pool)
+            .fetch_all(conn)
             .await
             .map_err(sql_error)?);
         Ok(rows.into_iter().map(Message::from).collect())
