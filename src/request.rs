@@ -42,6 +42,8 @@ pub struct StreamMessage {
     pub level: Level,
     /// Its level tag (`"stored info"`).
     pub level_tag: String,
+    /// The level in a word for people (`"Info"`, see [`Level::label`]).
+    pub level_label: &'static str,
     /// Extra tags then the level tag, space separated: use as CSS classes.
     pub tags: String,
     /// Extra tags alone.
@@ -155,6 +157,7 @@ impl StreamMessage {
             level: m.level(),
             tags: join_tags(m.extra_tags(), &level_tag),
             level_tag,
+            level_label: m.level().label(),
             extra_tags: m.extra_tags().to_string(),
             message: m.message().to_string(),
             url: m.url().map(str::to_string),
@@ -173,6 +176,7 @@ impl StreamMessage {
             level: m.level,
             tags: join_tags(&m.extra_tags, &level_tag),
             level_tag,
+            level_label: m.level.label(),
             extra_tags: m.extra_tags.clone(),
             message: m.message.clone(),
             url: m.url.clone(),
@@ -225,11 +229,12 @@ impl Serialize for StreamView<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let level_tag = self.tags.tag(self.level);
-        let mut out = serializer.serialize_struct("StreamMessage", 11)?;
+        let mut out = serializer.serialize_struct("StreamMessage", 12)?;
         out.serialize_field("id", &self.id)?;
         out.serialize_field("stored", &self.id.is_some())?;
         out.serialize_field("level", &self.level)?;
         out.serialize_field("level_tag", level_tag)?;
+        out.serialize_field("level_label", self.level.label())?;
         out.serialize_field("tags", &join_tags(self.extra_tags, level_tag))?;
         out.serialize_field("extra_tags", self.extra_tags)?;
         out.serialize_field("message", self.message)?;
@@ -571,6 +576,31 @@ impl<'r> Messages<'r> {
             self.rewrite_cookies(&mut inner);
         }
         inner
+    }
+
+    /// The flash messages alone, in date order, marking them shown (they leave the cookie);
+    /// the stored messages stay as they are, neither shown nor marked read.
+    ///
+    /// For pages that list the inbox or the archive themselves and must not consume it:
+    /// put `messages.flash()` in the context where the stream would go.
+    pub fn flash(&self) -> Vec<StreamMessage> {
+        let tags = self.store.level_tags();
+        let mut inner = self.state.lock();
+        for (_, shown) in inner.flash.iter_mut() {
+            *shown = true;
+        }
+        // `used` settles only what is marked shown: no stored message is.
+        inner.used = !inner.look_only;
+        if !inner.flash.is_empty() {
+            self.rewrite_cookies(&mut inner);
+        }
+        let mut flash: Vec<StreamMessage> = inner
+            .flash
+            .iter()
+            .map(|(m, _)| StreamMessage::flash(m, tags))
+            .collect();
+        flash.sort_by_key(|m| m.date);
+        flash
     }
 
     /// How many messages the stream holds now, without showing it.

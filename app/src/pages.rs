@@ -1,5 +1,9 @@
-//! The reference app's pages: home (the merged stream and a demo form), archive, health,
-//! and the HTML catchers.
+//! The reference app's pages: home (the merged stream and a demo form), inbox, archive,
+//! health, and the HTML catchers.
+//!
+//! Only the home page shows the stored stream and so marks it read (the original's rule);
+//! every other page shows one-time notices alone (`Messages::flash`), so reading the inbox
+//! or the archive uses nothing up.
 
 use rocket::form::{Contextual, Form};
 use rocket::http::Status;
@@ -10,33 +14,33 @@ use rocket_dyn_templates::context;
 
 use crate::auth::CurrentUser;
 use stored_messages::template::Page;
-use stored_messages::{Level, Messages, MAX_TEXT_CHARS};
+use stored_messages::{Level, Messages, NewMessage, MAX_STREAM_STORED, MAX_TEXT_CHARS};
 
 /// A level choice of the demo form.
 #[derive(Serialize)]
 struct LevelChoice {
     name: &'static str,
-    /// `stored info (21)`.
-    text: &'static str,
+    /// `Info: saved to your inbox`.
+    text: String,
     selected: bool,
 }
 
-/// The demo form's level choices, with `chosen` selected. (What each shows is built once;
-/// the page template then has one lookup less per option to make.)
-fn level_choices(chosen: &str) -> Vec<LevelChoice> {
-    static TEXTS: std::sync::OnceLock<Vec<(&'static str, String)>> = std::sync::OnceLock::new();
-    TEXTS
-        .get_or_init(|| {
-            Level::NAMED
-                .iter()
-                .map(|(name, level)| (*name, format!("{} ({})", name.replace('_', " "), level.0)))
-                .collect()
-        })
+/// The demo form's level choices, with `chosen` selected, in words: whether a level is
+/// saved to the inbox (for a logged-in user) or shown once.
+fn level_choices(chosen: &str, logged_in: bool) -> Vec<LevelChoice> {
+    Level::NAMED
         .iter()
-        .map(|(name, text)| LevelChoice {
-            name,
-            text,
-            selected: *name == chosen,
+        .map(|(name, level)| {
+            let what = if level.is_stored() && logged_in {
+                "saved to your inbox"
+            } else {
+                "shown once, not saved"
+            };
+            LevelChoice {
+                name,
+                text: format!("{}: {what}", level.label()),
+                selected: *name == chosen,
+            }
         })
         .collect()
 }
@@ -50,12 +54,24 @@ struct DemoValues {
     url: String,
 }
 
-#[derive(Debug, Default, Serialize)]
-struct DemoErrors {
-    level: Option<String>,
-    message: Option<String>,
-    extra_tags: Option<String>,
-    url: Option<String>,
+/// One problem of a form, for the field it is about (the error summary links to it).
+#[derive(Debug, Serialize)]
+pub(crate) struct FieldError {
+    pub(crate) field: &'static str,
+    pub(crate) text: String,
+}
+
+/// `unknown level "x"` → `Unknown level "x".`: the library's error texts as sentences.
+pub(crate) fn sentence(text: &str) -> String {
+    let mut chars = text.chars();
+    let mut out: String = match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => return String::new(),
+    };
+    if !out.ends_with(['.', '!', '?']) {
+        out.push('.');
+    }
+    out
 }
 
 fn home(
@@ -63,19 +79,25 @@ fn home(
     user: Option<&CurrentUser>,
     kept: bool,
     form: &DemoValues,
-    errors: &DemoErrors,
+    errors: &[FieldError],
 ) -> Page {
     // Serializing the guard shows the stream; `?keep=1` then takes that back.
+    let invalid: std::collections::BTreeMap<&str, &str> =
+        errors.iter().map(|e| (e.field, e.text.as_str())).collect();
     let page = Page::render(
         "index",
         context! {
             messages,
+            here: "home",
             user: user.map(|u| &u.0),
             kept,
-            levels: level_choices(&form.level),
+            // A page that fails (a form with errors) marks nothing read.
+            marks_read: !kept && errors.is_empty(),
+            levels: level_choices(&form.level, user.is_some()),
             max_len: MAX_TEXT_CHARS,
             form,
             errors,
+            invalid,
         },
     );
     if kept {
@@ -91,13 +113,7 @@ fn index(messages: Messages<'_>, user: Option<CurrentUser>, keep: Option<&str>) 
         level: "stored_info".into(),
         ..DemoValues::default()
     };
-    home(
-        &messages,
-        user.as_ref(),
-        kept,
-        &form,
-        &DemoErrors::default(),
-    )
+    home(&messages, user.as_ref(), kept, &form, &[])
 }
 
 #[derive(Debug, FromForm)]
@@ -108,8 +124,50 @@ struct DemoForm<'r> {
     url: Option<&'r str>,
 }
 
+/// Every problem of the demo form at once, in the order of its fields.
+fn demo_errors(values: &DemoValues) -> (Option<Level>, Vec<FieldError>) {
+    let mut errors = Vec::new();
+    let level = match Level::parse(&values.level) {
+        Ok(level) => Some(level),
+        Err(e) => {
+            errors.push(FieldError {
+                field: "level",
+                text: sentence(&e.to_string()),
+            });
+            None
+        }
+    };
+    // The text alone (a plain level, no tags, no url): its own problems only.
+    if values.message.trim().is_empty() {
+        errors.push(FieldError {
+            field: "message",
+            text: "Enter a message.".into(),
+        });
+    } else if let Err(e) = NewMessage::parse(Level::INFO, &values.message, "", None, None) {
+        errors.push(FieldError {
+            field: "message",
+            text: sentence(&e.to_string()),
+        });
+    }
+    if let Err(e) = stored_messages::parse_extra_tags(&values.extra_tags) {
+        errors.push(FieldError {
+            field: "extra_tags",
+            text: sentence(&e.to_string()),
+        });
+    }
+    if !values.url.trim().is_empty() {
+        if let Err(e) = stored_messages::parse_url(values.url.trim()) {
+            errors.push(FieldError {
+                field: "url",
+                text: sentence(&e.to_string()),
+            });
+        }
+    }
+    (level, errors)
+}
+
 /// Adds a message through the guard (stored or flash by level) and goes back home; bad
-/// input re-renders the form with field errors and adds nothing.
+/// input re-renders the form with every field's error at once and adds nothing.
 #[post("/demo/message", data = "<form>")]
 async fn demo_message(
     form: Form<Contextual<'_, DemoForm<'_>>>,
@@ -134,25 +192,8 @@ async fn demo_message(
             }
         }
     };
-    let level_input = values.level.clone();
-    let mut errors = DemoErrors::default();
-    let level = match Level::parse(&level_input) {
-        Ok(level) => Some(level),
-        Err(e) => {
-            errors.level = Some(e.to_string());
-            None
-        }
-    };
-    if values.message.trim().is_empty() {
-        errors.message = Some("Enter a message.".into());
-    }
-    // Every field's error at once: the url is checked even when the text is missing.
-    if !values.url.trim().is_empty() {
-        if let Err(e) = stored_messages::parse_url(values.url.trim()) {
-            errors.url = Some(e.to_string());
-        }
-    }
-    if let (Some(level), None, None) = (level, &errors.message, &errors.url) {
+    let (level, mut errors) = demo_errors(&values);
+    if let (Some(level), true) = (level, errors.is_empty()) {
         let url = Some(values.url.as_str()).filter(|u| !u.trim().is_empty());
         match messages
             .add_with(level, &values.message, &values.extra_tags, url)
@@ -160,13 +201,16 @@ async fn demo_message(
         {
             Ok(()) => return Ok(Redirect::to("/")),
             Err(e) if e.is_bad_input() => {
-                let text = e.to_string();
-                match e {
-                    stored_messages::Error::InvalidUrl { .. } => errors.url = Some(text),
+                let field = match e {
+                    stored_messages::Error::InvalidUrl { .. } => "url",
                     stored_messages::Error::ExtraTagsTooLong { .. }
-                    | stored_messages::Error::InvalidExtraTags(_) => errors.extra_tags = Some(text),
-                    _ => errors.message = Some(text),
-                }
+                    | stored_messages::Error::InvalidExtraTags(_) => "extra_tags",
+                    _ => "message",
+                };
+                errors.push(FieldError {
+                    field,
+                    text: sentence(&e.to_string()),
+                });
             }
             Err(e) => {
                 log::error!(
@@ -185,9 +229,28 @@ async fn demo_message(
     Err(home(&messages, user.as_ref(), false, &values, &errors).status(Status::UnprocessableEntity))
 }
 
+/// The unread inbox, listed without using it up: nothing here is marked read unless the
+/// reader says so (Mark read, Mark all read). One-time notices still show.
+#[get("/inbox")]
+fn inbox(messages: Messages<'_>, user: CurrentUser) -> Page {
+    Page::render(
+        "inbox",
+        context! { messages: messages.flash(), here: "inbox", user: &user.0, limit: MAX_STREAM_STORED },
+    )
+}
+
+#[get("/inbox", rank = 2)]
+fn inbox_login() -> Redirect {
+    Redirect::to("/login?next=/inbox")
+}
+
+/// Every stored message the user received; looking at it marks nothing read.
 #[get("/archive")]
 fn archive(messages: Messages<'_>, user: CurrentUser) -> Page {
-    Page::render("archive", context! { messages: &messages, user: &user.0 })
+    Page::render(
+        "archive",
+        context! { messages: messages.flash(), here: "archive", user: &user.0 },
+    )
 }
 
 #[get("/archive", rank = 2)]
@@ -228,7 +291,16 @@ async fn ready(
 
 /// The home page, the demo form, the archive and the health checks.
 pub fn routes() -> Vec<Route> {
-    routes![index, demo_message, archive, archive_login, health, ready]
+    routes![
+        index,
+        demo_message,
+        inbox,
+        inbox_login,
+        archive,
+        archive_login,
+        health,
+        ready
+    ]
 }
 
 /// An error page; the header shows who is logged in, on error pages too.

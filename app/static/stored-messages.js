@@ -19,14 +19,65 @@
     });
   }
 
+  // The live region says one thing at a time: the newest note replaces the last.
   function announce(text) {
     var region = document.querySelector(".messages[aria-live]");
     if (!region) return;
+    region.querySelectorAll(".sr-note").forEach(function (old) { old.remove(); });
     var note = document.createElement("p");
     note.className = "sr-note";
     note.textContent = text;
     region.appendChild(note);
   }
+
+  // The level in a word, as the templates write it (Level::label in the crate).
+  function levelLabel(level) {
+    switch (level) {
+      case 10: case 11: return "Debug";
+      case 20: case 21: return "Info";
+      case 25: case 26: return "Success";
+      case 30: case 31: return "Warning";
+      case 40: case 41: return "Error";
+      default: return "Message";
+    }
+  }
+
+  function summary(text) {
+    var chars = Array.from(text);
+    return chars.length > 40 ? chars.slice(0, 40).join("") + "\u2026" : text;
+  }
+
+  // ---- Dates ---------------------------------------------------------------------------
+  // Pages write every date once, as <time datetime="RFC 3339">2026-11-25 14:05 UTC</time>.
+  // Here they become relative ("3 min ago") for the last day, and the reader's local date
+  // and time before that; the full local time is in the title.
+
+  var longFormat = window.Intl ? new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "short" }) : null;
+
+  function relative(date, now) {
+    var seconds = Math.round((now - date) / 1000);
+    if (seconds < 45) return "just now";
+    var minutes = Math.round(seconds / 60);
+    if (minutes < 60) return minutes + " min ago";
+    var hours = Math.round(minutes / 60);
+    if (hours < 24) return hours + (hours === 1 ? " hour ago" : " hours ago");
+    return null;
+  }
+
+  function showTimes(root) {
+    if (!longFormat) return;
+    var now = Date.now();
+    (root || document).querySelectorAll("time[datetime]").forEach(function (el) {
+      var date = new Date(el.getAttribute("datetime"));
+      if (isNaN(date.getTime())) return;
+      var full = longFormat.format(date);
+      el.title = full;
+      el.textContent = relative(date, now) || full;
+    });
+  }
+
+  showTimes(document);
+  setInterval(function () { showTimes(document); }, 60000);
 
   function currentCount() {
     var badge = document.querySelector("[data-unread-count]");
@@ -42,6 +93,22 @@
       list.appendChild(empty);
       var all = document.querySelector("form.sm-mark-all-read");
       if (all) all.remove();
+    }
+  }
+
+  // Where focus goes once an item leaves the list: the next item's button (or the one
+  // before it, at the end), else the page's heading.
+  function focusAfterRemoval(list, next, previous) {
+    var target = next || previous;
+    var button = target && target.querySelector("form.sm-mark-read button");
+    if (button) {
+      button.focus();
+      return;
+    }
+    var heading = document.querySelector("main h1");
+    if (heading) {
+      if (!heading.hasAttribute("tabindex")) heading.setAttribute("tabindex", "-1");
+      heading.focus();
     }
   }
 
@@ -70,11 +137,19 @@
         var list = document.querySelector("ul.stored-messages-inbox");
         if (single) {
           var item = form.closest("li");
+          var text = item ? item.querySelector(".text, a") : null;
+          var next = item ? item.nextElementSibling : null;
+          var previous = item ? item.previousElementSibling : null;
           if (item) item.remove();
-          announce("Message marked read.");
+          showEmptyIfNeeded(list);
+          focusAfterRemoval(list, next, previous);
+          announce("Marked read: " + (text ? summary(text.textContent) : "the message") + ".");
         } else if (list) {
+          var n = list.querySelectorAll("li.message").length;
           list.querySelectorAll("li.message").forEach(function (li) { li.remove(); });
-          announce("All messages marked read.");
+          showEmptyIfNeeded(list);
+          focusAfterRemoval(list, null, null);
+          announce(n === 1 ? "1 message marked read." : "All " + n + " messages marked read.");
         }
         if (result.ok && typeof result.body.unread === "number") {
           setCount(result.body.unread);
@@ -86,7 +161,6 @@
             .then(function (r) { return r.json(); })
             .then(function (b) { if (typeof b.unread === "number") setCount(b.unread); });
         }
-        showEmptyIfNeeded(list);
       })
       .catch(function (error) {
         if (button) button.disabled = false;
@@ -126,11 +200,6 @@
     return b;
   }
 
-  function summary(text) {
-    var chars = Array.from(text);
-    return chars.length > 40 ? chars.slice(0, 40).join("") + "\u2026" : text;
-  }
-
   // The same markup as the list partial (stored_messages/list.html.tera), built with text
   // nodes only: nothing from a message is parsed as HTML.
   function messageItem(m) {
@@ -139,7 +208,7 @@
     li.setAttribute("data-id", m.id);
     var level = document.createElement("span");
     level.className = "level";
-    level.textContent = m.level_tag;
+    level.textContent = levelLabel(m.level);
     li.appendChild(level);
     var text;
     if (m.url) {
@@ -153,15 +222,16 @@
     li.appendChild(text);
     var time = document.createElement("time");
     time.setAttribute("datetime", m.date);
-    time.textContent = m.date.slice(0, 19).replace("T", " ") + " UTC";
+    time.textContent = m.date.slice(0, 16).replace("T", " ") + " UTC";
     li.appendChild(time);
+    showTimes(li);
     var form = document.createElement("form");
     form.method = "post";
     form.action = api + "/inbox/" + encodeURIComponent(m.id) + "/read";
     form.className = "sm-mark-read";
     form.appendChild(hidden("csrf_token", token));
     form.appendChild(hidden("next", location.pathname + location.search));
-    form.appendChild(button("Mark read", "Mark \u201c" + summary(m.message) + "\u201d read"));
+    form.appendChild(button("Mark read", "Mark read: " + summary(m.message)));
     li.appendChild(form);
     return li;
   }

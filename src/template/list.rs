@@ -171,7 +171,7 @@ fn builtin(kind: &str, messages: &[Message], tags: &LevelTags, forms: Forms<'_>)
         out.push_str("\" data-id=\"");
         out.push_str(&id);
         out.push_str("\">\n    <span class=\"level\">");
-        push_escaped(&mut out, level_tag);
+        push_escaped(&mut out, m.level.label());
         out.push_str("</span>");
         match &m.url {
             Some(url) => {
@@ -201,13 +201,15 @@ fn builtin(kind: &str, messages: &[Message], tags: &LevelTags, forms: Forms<'_>)
             out.push_str(csrf_field);
             out.push_str("      ");
             out.push_str(next_field);
-            out.push_str("\n      <button type=\"submit\" class=\"secondary\" aria-label=\"Mark “");
+            out.push_str(
+                "\n      <button type=\"submit\" class=\"secondary\" aria-label=\"Mark read: ",
+            );
             let (head, cut) = summary_cut(&m.message);
             push_escaped(&mut out, head);
             if cut {
                 out.push('…');
             }
-            out.push_str("” read\">Mark read</button>\n    </form>");
+            out.push_str("\">Mark read</button>\n    </form>");
         }
         out.push_str("\n  </li>");
     }

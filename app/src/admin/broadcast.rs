@@ -94,7 +94,8 @@ fn broadcast_page(
     Page::render(
         "admin/broadcast",
         context! {
-            messages,
+            messages: messages.flash(),
+            here: "admin",
             user: admin,
             levels: stored_level_choices(store),
             max_len: MAX_TEXT_CHARS,

@@ -35,7 +35,7 @@ pub(super) async fn job_page(
     Ok(Page::render(
         "admin/job",
         context! {
-            messages: &messages, user: &admin.0, job,
+            messages: messages.flash(), here: "admin", user: &admin.0, job,
             text: message.as_ref().map(|m| m.message.as_str()),
             level_tag: message.as_ref().map(|m| store.level_tags().tag(m.level)),
             audience,

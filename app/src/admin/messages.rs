@@ -32,7 +32,7 @@ pub(super) async fn audit(
         .collect();
     Ok(Page::render(
         "admin/audit",
-        context! { messages: &messages, user: &admin.0, entries },
+        context! { messages: messages.flash(), here: "admin", user: &admin.0, entries },
     ))
 }
 
@@ -79,7 +79,7 @@ pub(super) async fn message_list(
     Ok(Page::render(
         "admin/messages",
         context! {
-            messages: &messages, user: &admin.0, rows, next, unsupported,
+            messages: messages.flash(), here: "admin", user: &admin.0, rows, next, unsupported,
             inbox_expire_days: store.config().inbox_expire_days,
         },
     ))
@@ -102,7 +102,7 @@ pub(super) async fn delete_confirm(
     };
     Ok(Page::render(
         "admin/delete",
-        context! { messages: &messages, user: &admin.0, m: s },
+        context! { messages: messages.flash(), here: "admin", user: &admin.0, m: s },
     ))
 }
 

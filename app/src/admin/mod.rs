@@ -75,7 +75,8 @@ async fn dashboard_page(
     Page::render(
         "admin/index",
         context! {
-            messages, user: &admin.0, jobs: recent, user_count, session_user, session_error,
+            messages: messages.flash(), here: "admin-home", user: &admin.0, jobs: recent, user_count,
+            session_user, session_error,
         },
     )
 }

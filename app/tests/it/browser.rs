@@ -55,8 +55,8 @@ async fn mark_read_button_updates_the_count_in_place_and_reads_exactly_that_mess
     };
     let client = &session.served.client;
 
-    // arrange: logged in, on the home page that keeps messages unread
-    session.login_and_open_home().await;
+    // arrange: logged in, on the inbox page
+    session.login_and_open_inbox().await;
     assert_eq!(unread_count_text(client).await.as_deref(), Some("3"));
     let url_before = client.current_url().await.unwrap();
     mark_page_as_loaded(client).await;
@@ -118,7 +118,7 @@ async fn mark_all_read_button_drops_the_count_to_zero_in_place() {
     let client = &session.served.client;
 
     // arrange
-    session.login_and_open_home().await;
+    session.login_and_open_inbox().await;
     assert_eq!(unread_count_text(client).await.as_deref(), Some("3"));
     let url_before = client.current_url().await.unwrap();
     mark_page_as_loaded(client).await;
@@ -164,7 +164,7 @@ async fn a_message_sent_by_the_cli_appears_live_and_a_read_in_another_tab_follow
         return;
     };
     let client = &session.served.client;
-    session.login_and_open_home().await;
+    session.login_and_open_inbox().await;
     assert_eq!(unread_count_text(client).await.as_deref(), Some("1"));
     let url_before = client.current_url().await.unwrap();
     mark_page_as_loaded(client).await;
@@ -214,7 +214,7 @@ async fn a_message_sent_by_the_cli_appears_live_and_a_read_in_another_tab_follow
     // act: a second tab marks it read
     let second_tab = client.new_window(true).await.unwrap();
     client.switch_to_window(second_tab.handle).await.unwrap();
-    session.served.goto("/?keep=1").await;
+    session.served.goto("/inbox").await;
     click(
         client,
         &format!("ul.stored-messages-inbox li[data-id=\"{live_id}\"] form.sm-mark-read button"),
@@ -315,10 +315,7 @@ async fn admin_broadcasts_to_two_named_users_and_one_of_them_sees_it_once() {
     click(client, "button[name=action][value=send]").await;
 
     // assert: back on the form with a flash saying how many and how long
-    let flash = wait_for_text(client, "section.messages li.message", |t| {
-        t.contains("Sent to")
-    })
-    .await;
+    let flash = wait_for_text(client, "div.messages li.message", |t| t.contains("Sent to")).await;
     let sent = flash
         .split_once("Sent to 2 users in ")
         .and_then(|(_, rest)| rest.strip_suffix(" ms."))
@@ -663,7 +660,7 @@ impl Served {
             .unwrap();
         self.wait_for_location("the logout to land on /login", |at| at == "/login")
             .await;
-        wait_for_text(&self.client, "section.messages", |text| {
+        wait_for_text(&self.client, "div.messages", |text| {
             text.contains("You are logged out.")
         })
         .await;
@@ -752,10 +749,10 @@ impl Session {
         })
     }
 
-    /// Logs in through the form and lands on `/?keep=1`, which shows the inbox and keeps it
-    /// unread (plain `/` would mark everything it shows read).
-    async fn login_and_open_home(&self) {
-        self.served.log_in("alice", "/?keep=1").await;
+    /// Logs in through the form and lands on the inbox page, which lists the unread
+    /// messages with their buttons and marks nothing read by showing them.
+    async fn login_and_open_inbox(&self) {
+        self.served.log_in("alice", "/inbox").await;
     }
 
     async fn inbox_ids(&self) -> Vec<MessageId> {
@@ -1037,12 +1034,12 @@ async fn wait_for_text(client: &Client, css: &str, wanted: impl Fn(&str) -> bool
 /// The texts of the merged stream's messages on the current page (once it has loaded).
 async fn stream_texts(client: &Client) -> Vec<String> {
     client
-        .find(Locator::Css("section.messages"))
+        .find(Locator::Css("div.messages"))
         .await
         .expect("the page has the merged stream");
     let mut texts = Vec::new();
     for item in client
-        .find_all(Locator::Css("section.messages li.message"))
+        .find_all(Locator::Css("div.messages li.message"))
         .await
         .unwrap()
     {
