@@ -1,11 +1,18 @@
 // Live progress of a background broadcast: polls the job's status and updates the page in
-// place. Without JavaScript the page refreshes itself (a <noscript> meta refresh).
+// place: the progress bar, the status (in a live region, so it is announced), the heading,
+// and a notice when the job makes no progress for a while. Without JavaScript the page
+// refreshes itself slowly (a <noscript> meta refresh) and offers a Refresh link.
 (function () {
   "use strict";
   var box = document.querySelector("[data-job-status-url]");
   if (!box) return;
   var url = box.getAttribute("data-job-status-url");
   var bar = box.querySelector("progress");
+  var heading = document.querySelector("[data-job-heading]");
+  // No change in the delivered count for this long: say the job may be stuck.
+  var STALL_MS = 30000;
+  var lastDelivered = null;
+  var lastProgress = Date.now();
   function field(name) { return box.querySelector('[data-job-field="' + name + '"]'); }
   function poll() {
     fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
@@ -18,21 +25,35 @@
       .then(function (job) {
         bar.max = job.total;
         bar.value = job.delivered;
-        field("status").textContent = job.status;
-        field("status").className = "status " + job.status;
+        var status = field("status");
+        if (status.textContent !== job.status_label) {
+          status.textContent = job.status_label;
+          status.className = "status " + job.status;
+        }
+        if (heading && heading.getAttribute("data-" + job.status)) {
+          heading.textContent = heading.getAttribute("data-" + job.status);
+        }
         field("delivered").textContent = String(job.delivered);
         var err = field("error");
         if (job.error) { err.textContent = job.error; err.hidden = false; }
+        if (job.delivered !== lastDelivered) {
+          lastDelivered = job.delivered;
+          lastProgress = Date.now();
+        }
+        var stalled = field("stalled");
         if (job.status === "running") {
+          if (stalled) stalled.hidden = Date.now() - lastProgress < STALL_MS;
           setTimeout(poll, 1000);
           return;
         }
-        // Ended: a failed job reloads for its "Resume" button; a finished one drops the
-        // "updates by itself" note.
+        if (stalled) stalled.hidden = true;
+        // Ended: a failed job reloads for its "Resume" button; a finished one says so in
+        // the live region and drops the "updates by itself" note.
         if (job.status === "failed") {
           window.location.reload();
           return;
         }
+        field("said").textContent = "Broadcast sent to " + job.delivered + " users.";
         var notes = box.querySelectorAll("[data-job-while-running]");
         for (var i = 0; i < notes.length; i++) notes[i].hidden = true;
       })
@@ -46,5 +67,5 @@
         setTimeout(poll, 3000);
       });
   }
-  if (field("status").textContent === "running") setTimeout(poll, 500);
+  if (field("status").classList.contains("running")) setTimeout(poll, 500);
 })();

@@ -97,9 +97,11 @@
   }
 
   // Where focus goes once an item leaves the list: the next item's button (or the one
-  // before it, at the end), else the page's heading.
+  // before it, at the end; either may have left meanwhile through the live stream), else
+  // the page's heading.
   function focusAfterRemoval(list, next, previous) {
-    var target = next || previous;
+    var target = [next, previous].filter(function (li) { return li && li.isConnected; })[0];
+    if (!target && list) target = list.querySelector("li.message");
     var button = target && target.querySelector("form.sm-mark-read button");
     if (button) {
       button.focus();
@@ -120,6 +122,14 @@
     event.preventDefault();
     var button = form.querySelector("button");
     if (button) button.disabled = true;
+    // What the page shows now: the live stream may change it while the request runs.
+    var list = document.querySelector("ul.stored-messages-inbox");
+    var item = single ? form.closest("li") : null;
+    var next = item ? item.nextElementSibling : null;
+    var previous = item ? item.previousElementSibling : null;
+    var text = item ? item.querySelector(".text, a") : null;
+    var name = text ? summary(text.textContent) : "the message";
+    var shown = list ? list.querySelectorAll("li.message").length : 0;
     fetch(form.action, {
       method: "POST",
       credentials: "same-origin",
@@ -134,21 +144,16 @@
         if (!result.ok && result.status !== 404) {
           throw new Error(result.body && result.body.error ? result.body.error.message : "request failed");
         }
-        var list = document.querySelector("ul.stored-messages-inbox");
         if (single) {
-          var item = form.closest("li");
-          var text = item ? item.querySelector(".text, a") : null;
-          var next = item ? item.nextElementSibling : null;
-          var previous = item ? item.previousElementSibling : null;
           if (item) item.remove();
           showEmptyIfNeeded(list);
           focusAfterRemoval(list, next, previous);
-          announce("Marked read: " + (text ? summary(text.textContent) : "the message") + ".");
-        } else if (list) {
-          var n = list.querySelectorAll("li.message").length;
-          list.querySelectorAll("li.message").forEach(function (li) { li.remove(); });
+          announce("Marked read: " + name + ".");
+        } else {
+          if (list) list.querySelectorAll("li.message").forEach(function (li) { li.remove(); });
           showEmptyIfNeeded(list);
           focusAfterRemoval(list, null, null);
+          var n = result.ok && typeof result.body.marked === "number" ? result.body.marked : shown;
           announce(n === 1 ? "1 message marked read." : "All " + n + " messages marked read.");
         }
         if (result.ok && typeof result.body.unread === "number") {
@@ -264,7 +269,13 @@
     if (!list) return;
     ids.forEach(function (id) {
       var item = list.querySelector('li[data-id="' + CSS.escape(String(id)) + '"]');
-      if (item) item.remove();
+      if (!item) return;
+      // Read elsewhere while focused here: focus moves on as after "Mark read".
+      var focused = item.contains(document.activeElement);
+      var next = item.nextElementSibling;
+      var previous = item.previousElementSibling;
+      item.remove();
+      if (focused) focusAfterRemoval(list, next, previous);
     });
     showEmptyIfNeeded(list);
   }

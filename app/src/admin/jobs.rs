@@ -7,7 +7,7 @@ use rocket::State;
 use rocket_dyn_templates::context;
 use stored_messages::report;
 use stored_messages::template::Page;
-use stored_messages::{Messages, Store};
+use stored_messages::Messages;
 
 use super::AdminUser;
 use crate::jobs::Jobs;
@@ -18,7 +18,6 @@ pub(super) async fn job_page(
     id: i64,
     messages: Messages<'_>,
     jobs: &State<Jobs>,
-    store: &State<Store>,
 ) -> Result<Page, Status> {
     let job = jobs
         .get(id)
@@ -35,12 +34,36 @@ pub(super) async fn job_page(
     Ok(Page::render(
         "admin/job",
         context! {
-            messages: messages.flash(), here: "admin", user: &admin.0, job,
+            messages: messages.flash(), here: "admin", user: &admin.0,
+            status_label: status_label(&job.status),
+            error: job_error(&job),
+            job,
             text: message.as_ref().map(|m| m.message.as_str()),
-            level_tag: message.as_ref().map(|m| store.level_tags().tag(m.level)),
+            level_label: message.as_ref().map(|m| m.level.label()),
             audience,
         },
     ))
+}
+
+/// A job's status in a word.
+fn status_label(status: &str) -> &'static str {
+    match status {
+        "running" => "Running",
+        "done" => "Done",
+        "failed" => "Failed",
+        _ => "Unknown",
+    }
+}
+
+/// Why a job stopped, in words: the stored detail (a database's error text) is for the
+/// log, where the worker wrote it under the job's id; the page names that id.
+fn job_error(job: &crate::jobs::Job) -> Option<String> {
+    job.error.as_ref().map(|_| {
+        format!(
+            "Delivery stopped after {} users because of an error. The details are in the server log, under “broadcast job {}”.",
+            job.delivered, job.id
+        )
+    })
 }
 
 #[get("/admin/jobs/<id>/status")]
@@ -55,8 +78,8 @@ pub(super) async fn job_status(
         .map_err(|_| Status::ServiceUnavailable)?
         .ok_or(Status::NotFound)?;
     Ok(Json(json!({
-        "id": job.id, "status": job.status, "total": job.total, "delivered": job.delivered,
-        "error": job.error,
+        "id": job.id, "status": job.status, "status_label": status_label(&job.status),
+        "total": job.total, "delivered": job.delivered, "error": job_error(&job),
     })))
 }
 

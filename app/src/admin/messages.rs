@@ -26,8 +26,13 @@ pub(super) async fn audit(
     let entries: Vec<Value> = entries
         .into_iter()
         .map(|e| {
-            let at = from_micros(e.at_us).format("%Y-%m-%d %H:%M:%S UTC").to_string();
-            json!({ "entry": e, "at": at, "level_name": Level(e.level as i32).name().unwrap_or("custom") })
+            let at = from_micros(e.at_us);
+            json!({
+                "entry": e,
+                "at": at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "at_text": at.format("%Y-%m-%d %H:%M UTC").to_string(),
+                "level_label": Level(e.level as i32).label(),
+            })
         })
         .collect();
     Ok(Page::render(
@@ -66,8 +71,10 @@ pub(super) async fn message_list(
         .map(|s| {
             json!({
                 "id": s.message.id, "message": s.message.message, "level": s.message.level.0,
-                "level_tag": store.level_tags().tag(s.message.level),
-                "date": s.message.date.format("%Y-%m-%d %H:%M").to_string(),
+                "level_label": s.message.level.label(),
+                "head": crate::pages::head_of_long(&s.message.message),
+                "date": s.message.date.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "date_text": s.message.date.format("%Y-%m-%d %H:%M UTC").to_string(),
                 "recipients": s.recipients, "unread": s.unread,
                 "expired": s.unread > 0 && s.message.date < cutoff,
             })

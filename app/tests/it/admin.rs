@@ -179,7 +179,7 @@ async fn unknown_usernames_are_all_named_and_nothing_is_sent(app: &TestApp) {
         .await;
     assert_eq!(r.status(), Status::UnprocessableEntity);
     let html = r.into_string().await.unwrap();
-    assert!(html.contains("unknown users: ghost, nobody"), "all named");
+    assert!(html.contains("Unknown users: ghost, nobody."), "all named");
     assert!(html.contains("alice, ghost, nobody"), "entered value kept");
     assert!(TestApp::inbox_texts(&b, alice).await.is_empty());
     let r = b
@@ -200,7 +200,7 @@ async fn preview_shows_the_message_and_sends_nothing(app: &TestApp) {
     assert_eq!(r.status(), Status::Ok);
     let html = r.into_string().await.unwrap();
     let preview = html
-        .split("aria-label=\"Preview\"")
+        .split("aria-labelledby=\"preview-title\"")
         .nth(1)
         .expect("preview section");
     assert!(
@@ -272,7 +272,7 @@ async fn bad_broadcast_input_is_refused_with_field_errors(app: &TestApp) {
     for (fields, expected) in cases {
         let r = b.post_form("/admin/broadcast", &fields).await;
         assert_eq!(r.status(), Status::UnprocessableEntity, "{expected}");
-        let html = r.into_string().await.unwrap();
+        let html = r.into_string().await.unwrap().to_lowercase();
         assert!(html.contains(expected), "{expected}");
     }
     // every field's error at once, even with a bad level
@@ -288,10 +288,24 @@ async fn bad_broadcast_input_is_refused_with_field_errors(app: &TestApp) {
     let r = b.post_form("/admin/broadcast", &fields).await;
     let html = r.into_string().await.unwrap();
     assert!(
-        html.contains("unknown level")
-            && html.contains("invalid url")
-            && html.contains("message text is empty")
+        html.contains("Unknown level")
+            && html.contains("Invalid url")
+            && html.contains("Message text is empty")
     );
+    // one summary, first in the form, taking focus, each error linked to its field
+    let summary = html
+        .split("class=\"error-summary\" tabindex=\"-1\" autofocus")
+        .nth(1)
+        .expect("an error summary that takes focus")
+        .split("</div>")
+        .next()
+        .unwrap();
+    for field in ["custom_level", "message", "url"] {
+        assert!(
+            summary.contains(&format!("<a href=\"#{field}\">")),
+            "{field}: {summary}"
+        );
+    }
     let long = "y".repeat(4001);
     let r = b
         .post_form("/admin/broadcast", &form("everyone", "", &long, "send"))
@@ -479,7 +493,7 @@ async fn a_broadcast_to_everyone_asks_first_and_stores_nothing_until_confirmed(a
         .into_string()
         .await
         .unwrap()
-        .contains("choose who receives it"));
+        .contains("Choose who receives it"));
     // Everyone, not confirmed: the question, with the count and the text.
     let mut fields = form("everyone", "", "Are you sure", "send");
     fields.retain(|(k, _)| *k != "confirmed");

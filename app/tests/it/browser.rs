@@ -14,6 +14,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+use fantoccini::key::Key;
 use fantoccini::wd::{Capabilities, TimeoutConfiguration};
 use fantoccini::{Client, ClientBuilder, Locator};
 use rocket::fairing::AdHoc;
@@ -346,7 +348,7 @@ async fn admin_broadcasts_to_two_named_users_and_one_of_them_sees_it_once() {
     };
     assert_eq!(cells.len(), 7, "{cells:?}");
     assert_eq!(cells[1], "root", "who: {cells:?}");
-    assert_eq!(cells[2], "stored warning (31)", "level: {cells:?}");
+    assert_eq!(cells[2], "Warning (31)", "level: {cells:?}");
     assert_eq!(cells[3], text, "{cells:?}");
     assert_eq!(cells[4], "alice, bob", "audience: {cells:?}");
     assert_eq!(cells[5], "2", "size: {cells:?}");
@@ -439,7 +441,7 @@ async fn large_broadcast_shows_progress_until_done() {
                 .is_some_and(|id| id.parse::<i64>().is_ok())
         })
         .await;
-    wait_for_text(client, "[data-job-field=status]", |t| t == "running").await;
+    wait_for_text(client, "[data-job-field=status]", |t| t == "Running").await;
     assert_eq!(progress(client).await, (0.0, 31.0));
     assert!(
         running_note_shown(client).await,
@@ -452,7 +454,7 @@ async fn large_broadcast_shows_progress_until_done() {
     held.commit().await.unwrap();
 
     // assert: the page follows the job to its end by itself
-    wait_for_text(client, "[data-job-field=status]", |t| t == "done").await;
+    wait_for_text(client, "[data-job-field=status]", |t| t == "Done").await;
     eventually("the progress bar to be full", WAIT, || async {
         match progress(client).await {
             (value, max) if value == max => Ok(()),
@@ -483,6 +485,397 @@ async fn large_broadcast_shows_progress_until_done() {
     }
 
     served.stop().await;
+}
+
+/// The keyboard alone: Tab reaches the first "Mark read", Enter marks it read, focus lands
+/// on the next message's button and the live region names the message; "Mark all read"
+/// then leaves focus on the page's heading and the empty list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mark_read_by_keyboard_moves_focus_to_the_next_message() {
+    let Some(session) = Session::start(3).await else {
+        return;
+    };
+    let client = &session.served.client;
+    session.login_and_open_inbox().await;
+    mark_page_as_loaded(client).await;
+
+    // the skip link comes first
+    press(client, Key::Tab).await;
+    assert_eq!(
+        active(client, "el.textContent.trim()").await,
+        "Skip to content"
+    );
+
+    // act: Tab until the first message's "Mark read", then Enter
+    let first = session.messages[0];
+    let mut tabs = 1;
+    while active(
+        client,
+        "el.closest('li') ? el.closest('li').dataset.id + ' ' + el.textContent.trim() : ''",
+    )
+    .await
+        != format!("{first} Mark read")
+    {
+        tabs += 1;
+        assert!(tabs < 40, "Tab never reached the first \"Mark read\"");
+        press(client, Key::Tab).await;
+    }
+    press(client, Key::Enter).await;
+
+    // assert: focus on the next message's button, the message named, the count down
+    let second = session.messages[1];
+    eventually("focus on the next message", WAIT, || async {
+        let at = active(
+            client,
+            "el.closest('li') ? el.closest('li').dataset.id + ' ' + el.textContent.trim() : el.tagName",
+        )
+        .await;
+        if at == format!("{second} Mark read") {
+            Ok(())
+        } else {
+            Err(format!("focus is on {at:?}"))
+        }
+    })
+    .await;
+    wait_for_unread_count(client, "2").await;
+    let said = wait_for_text(client, "div.messages .sr-note", |t| {
+        t.contains("Marked read")
+    })
+    .await;
+    assert_eq!(said, "Marked read: Stored message 1 for the browser.");
+    assert_eq!(session.inbox_ids().await, session.messages[1..]);
+
+    // act: Shift+Tab back to "Mark all read", Enter
+    while active(client, "el.textContent.trim()").await != "Mark all read" {
+        tabs += 1;
+        assert!(tabs < 80, "Shift+Tab never reached \"Mark all read\"");
+        press_with_shift(client, Key::Tab).await;
+    }
+    press(client, Key::Enter).await;
+
+    // assert: focus on the heading, the list says it is empty, the count is 0, same page
+    eventually("focus on the page heading", WAIT, || async {
+        let at = active(client, "el.tagName + ' ' + el.textContent.trim()").await;
+        if at == "H1 Inbox" {
+            Ok(())
+        } else {
+            Err(format!("focus is on {at:?}"))
+        }
+    })
+    .await;
+    wait_for_unread_count(client, "0").await;
+    wait_for_text(client, "div.messages .sr-note", |t| {
+        t == "All 2 messages marked read."
+    })
+    .await;
+    wait_for_text(client, "ul.stored-messages-inbox li.empty", |t| {
+        t == "No unread messages."
+    })
+    .await;
+    assert!(session.inbox_ids().await.is_empty());
+    let url = client.current_url().await.unwrap();
+    assert_same_page(client, &url).await;
+
+    session.stop().await;
+}
+
+/// axe-core (from npm, see `.ci/run`) on every page and state of the reference app, at 390
+/// and 1280 px wide: no violation of WCAG 2.1 A/AA or of axe's best practices. With
+/// `STORED_MESSAGES_SCREENSHOTS=DIR`, it also saves a screenshot of each state and width.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_page_and_state_passes_axe_at_two_widths() {
+    let Some(axe) = axe_source() else {
+        return;
+    };
+    let Some(tools) = browser_tools() else {
+        return;
+    };
+    let Some(app) = TestApp::sqlite().await else {
+        return;
+    };
+    // arrange: an admin, alice with messages (one long, one linked), and two more users
+    app.user("root", true).await;
+    let alice = app.user("alice", false).await.user_id();
+    app.user("bob", false).await;
+    app.user("carol", false).await;
+    let figment = test_figment(&app.url).merge(("admin.background_threshold", 2));
+    let served = Served::start(tools, figment).await;
+    let client = &served.client;
+    let long = format!(
+        "A long message: {}",
+        "all work and no play makes a dull day. ".repeat(30)
+    );
+    let texts = [
+        (
+            "Your export is ready",
+            Level::STORED_SUCCESS,
+            Some("/archive"),
+        ),
+        (
+            "Disk 91% full on the build server",
+            Level::STORED_WARNING,
+            None,
+        ),
+        (long.as_str(), Level::STORED_INFO, None),
+        ("Payment failed: card expired", Level::STORED_ERROR, None),
+    ];
+    let mut last = MessageId(0);
+    for (text, level, url) in texts {
+        let message = NewMessage::parse(level, text, "", url, None).unwrap();
+        last = served
+            .store
+            .add_message_for(&[alice], message)
+            .await
+            .unwrap()
+            .message
+            .id;
+    }
+    let mut audit = Audit {
+        client,
+        axe: &axe,
+        shots: std::env::var_os("STORED_MESSAGES_SCREENSHOTS").map(PathBuf::from),
+        checked: Vec::new(),
+        violations: Vec::new(),
+    };
+
+    // anonymous
+    served.goto("/").await;
+    audit.check("home, anonymous").await;
+    served.goto("/login").await;
+    audit.check("login").await;
+    type_into(client, "#username", "alice").await;
+    type_into(client, "#password", "not-her-password").await;
+    click(client, "form.card button[type=submit]").await;
+    wait_for_text(client, ".form-error", |t| !t.is_empty()).await;
+    audit.check("login, wrong password").await;
+    served.goto("/no/such/page").await;
+    audit.check("404 page").await;
+    // the harness sees a violation when there is one: an image without a text alternative
+    client
+        .execute(
+            "document.querySelector('main').appendChild(document.createElement('img'));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let found = run_axe(client, &axe).await;
+    assert!(
+        found.iter().any(|v| v.starts_with("image-alt")),
+        "axe reports a planted image without alt: {found:?}"
+    );
+
+    // alice
+    served.log_in("alice", "/inbox").await;
+    audit.check("inbox, four unread").await;
+    served.goto("/archive").await;
+    audit.check("archive").await;
+    served.goto("/?keep=1").await;
+    audit.check("home, stream kept unread").await;
+    served.goto("/account").await;
+    audit.check("account").await;
+    type_into(client, "#current", "not-her-password").await;
+    type_into(client, "#new", "short").await;
+    type_into(client, "#confirm", "other").await;
+    click(client, "form.card button[type=submit]").await;
+    wait_for_text(client, ".form-error", |t| !t.is_empty()).await;
+    audit.check("account, password form with errors").await;
+    served.goto("/").await;
+    audit.check("home, stream shown and marked read").await;
+    served.goto("/").await;
+    audit.check("home, nothing new").await;
+    type_into(client, "#url", "javascript:alert(1)").await;
+    click(client, "form.card button[type=submit]").await;
+    wait_for_text(client, ".error-summary", |t| !t.is_empty()).await;
+    audit.check("home, demo form with errors").await;
+    served.goto("/inbox").await;
+    audit.check("inbox, empty").await;
+    served.log_out().await;
+    audit.check("login, after logout").await;
+
+    // the admin
+    served.log_in("root", "/admin").await;
+    audit.check("admin overview").await;
+    served.goto("/admin/broadcast").await;
+    audit.check("broadcast form").await;
+    click(client, "button[name=action][value=send]").await;
+    wait_for_text(client, ".error-summary", |t| !t.is_empty()).await;
+    audit.check("broadcast form with errors").await;
+    click(client, "input[name=recipients][value=list]").await;
+    type_into(client, "#usernames", "alice, bob").await;
+    type_into(client, "#message", "Maintenance tonight at 22:00").await;
+    click(client, "button[name=action][value=preview]").await;
+    wait_for_text(client, "section.preview li.message", |t| {
+        t.contains("Maintenance")
+    })
+    .await;
+    audit.check("broadcast preview").await;
+    served.goto("/admin/broadcast").await;
+    click(client, "input[name=recipients][value=everyone]").await;
+    type_into(client, "#message", "New terms of service from Monday").await;
+    click(client, "button[name=action][value=send]").await;
+    wait_for_text(client, "#confirm-title", |t| t.contains("4 users")).await;
+    audit.check("broadcast confirmation").await;
+    click(client, "section.confirm button[name=action][value=send]").await;
+    served
+        .wait_for_location("the job page", |at| at.starts_with("/admin/jobs/"))
+        .await;
+    wait_for_text(client, "[data-job-field=status]", |t| t == "Done").await;
+    audit.check("job page, done").await;
+    served.goto("/admin/messages").await;
+    audit.check("messages browser").await;
+    served.goto("/admin/audit").await;
+    audit.check("audit").await;
+    served
+        .goto(&format!("/admin/messages/{}/delete", last.0))
+        .await;
+    audit.check("delete confirmation").await;
+    served.goto("/admin/jobs/999999").await;
+    audit.check("404 page, admin").await;
+
+    println!(
+        "axe checked {} states at 390 and 1280 px:\n  {}",
+        audit.checked.len(),
+        audit.checked.join("\n  ")
+    );
+    assert!(
+        audit.violations.is_empty(),
+        "axe found violations:\n{}",
+        audit.violations.join("\n")
+    );
+    served.stop().await;
+}
+
+/// What axe checked and found in one run of [`every_page_and_state_passes_axe_at_two_widths`].
+struct Audit<'a> {
+    client: &'a Client,
+    axe: &'a str,
+    shots: Option<PathBuf>,
+    checked: Vec<String>,
+    violations: Vec<String>,
+}
+
+impl Audit<'_> {
+    /// Runs axe on the page as it is now, at each width (resizing does not reload it).
+    async fn check(&mut self, state: &str) {
+        for width in [390, 1280] {
+            self.client.set_window_size(width, 1000).await.unwrap();
+            let found = run_axe(self.client, self.axe).await;
+            for v in found {
+                self.violations.push(format!("{state} at {width} px: {v}"));
+            }
+            if let Some(dir) = &self.shots {
+                std::fs::create_dir_all(dir).unwrap();
+                let name: String = state
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                    .collect();
+                let png = self.client.screenshot().await.unwrap();
+                std::fs::write(dir.join(format!("{name}-{width}.png")), png).unwrap();
+            }
+        }
+        self.checked.push(state.to_string());
+    }
+}
+
+/// The WCAG 2.1 A/AA rules and axe's best practices.
+const AXE_TAGS: &[&str] = &["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"];
+
+/// axe-core's script: `node_modules/axe-core/axe.min.js` at the workspace root, where
+/// `.ci/run` installs it (`npm install axe-core@4`), or the file `AXE_CORE_JS` names. `None`
+/// after one line when it is missing (a failure when services are required).
+fn axe_source() -> Option<String> {
+    let path = std::env::var_os("AXE_CORE_JS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../node_modules/axe-core/axe.min.js"
+            ))
+        });
+    let source = std::fs::read_to_string(&path).ok();
+    let name = format!(
+        "axe-core at {} (npm install --no-save axe-core@4, as .ci/run does)",
+        path.display()
+    );
+    if !service_available(&name, source.is_some()) {
+        return None;
+    }
+    source
+}
+
+/// Runs axe on the current page (injecting it first when the page does not have it) and
+/// returns one line per violation: rule, impact, help and up to five of its nodes.
+async fn run_axe(client: &Client, axe: &str) -> Vec<String> {
+    let loaded = client
+        .execute("return typeof window.axe === 'object';", vec![])
+        .await
+        .unwrap();
+    if loaded != json!(true) {
+        client
+            .execute(&format!("{axe}\n;return true;"), vec![])
+            .await
+            .expect("axe-core loads");
+    }
+    let result = client
+        .execute_async(
+            r#"
+            var done = arguments[arguments.length - 1];
+            axe.run(document, { runOnly: { type: "tag", values: arguments[0] }, resultTypes: ["violations"] })
+              .then(function (r) {
+                done(r.violations.map(function (v) {
+                  return v.id + " (" + v.impact + "): " + v.help + " — " + v.nodes.slice(0, 5).map(function (n) {
+                    return n.target.join(" ") + " [" + (n.failureSummary || "").replace(/\s+/g, " ") + "]";
+                  }).join("; ");
+                }));
+              }, function (e) { done(["axe failed: " + e]); });
+            "#,
+            vec![json!(AXE_TAGS)],
+        )
+        .await
+        .expect("axe runs");
+    serde_json::from_value(result).expect("a list of violations")
+}
+
+/// Evaluates `expression` with `el` the focused element.
+async fn active(client: &Client, expression: &str) -> String {
+    let value = client
+        .execute(
+            &format!("var el = document.activeElement; return String({expression});"),
+            vec![],
+        )
+        .await
+        .unwrap();
+    value.as_str().unwrap_or_default().to_string()
+}
+
+/// Presses and releases `key`, as a keyboard does (on whatever has focus).
+async fn press(client: &Client, key: Key) {
+    let keys = KeyActions::new("keyboard".into())
+        .then(KeyAction::Down {
+            value: char::from(key),
+        })
+        .then(KeyAction::Up {
+            value: char::from(key),
+        });
+    client.perform_actions(keys).await.unwrap();
+}
+
+/// Shift + `key`.
+async fn press_with_shift(client: &Client, key: Key) {
+    let keys = KeyActions::new("keyboard".into())
+        .then(KeyAction::Down {
+            value: char::from(Key::Shift),
+        })
+        .then(KeyAction::Down {
+            value: char::from(key),
+        })
+        .then(KeyAction::Up {
+            value: char::from(key),
+        })
+        .then(KeyAction::Up {
+            value: char::from(Key::Shift),
+        });
+    client.perform_actions(keys).await.unwrap();
 }
 
 /// The reference app served on a port of its own, and a WebDriver session on a fresh
