@@ -345,4 +345,6 @@ pub use crate::message::{
 };
 pub use crate::ops::{Delivery, Store};
 pub use crate::redirect::local_path;
-pub use crate::request::{Messages, StreamMessage, MAX_STREAM_STORED, OVERFLOW_NOTICE};
+pub use crate::request::{
+    Messages, StreamMessage, LONG_TEXT_CHARS, MAX_STREAM_STORED, OVERFLOW_NOTICE,
+};

@@ -59,6 +59,25 @@ pub struct StreamMessage {
     pub date_text: String,
     /// The text cut to 40 characters (with `…`), for labels such as a button's.
     pub summary: String,
+    /// For a long text (over [`LONG_TEXT_CHARS`] characters): its start, about 200
+    /// characters cut at a space, which the templates show with the rest behind "Show more".
+    /// `None` for a text short enough to show whole.
+    pub head: Option<String>,
+}
+
+/// Texts longer than this (in characters) have a [`StreamMessage::head`].
+pub const LONG_TEXT_CHARS: usize = 300;
+
+/// The start of a long text (see [`StreamMessage::head`]).
+pub(crate) fn long_head(text: &str) -> Option<&str> {
+    let mut chars = text.char_indices();
+    chars.nth(LONG_TEXT_CHARS)?;
+    let cut = text.char_indices().nth(200).map_or(text.len(), |(i, _)| i);
+    let head = &text[..cut];
+    Some(match head.rfind(char::is_whitespace) {
+        Some(space) if space > cut / 2 => head[..space].trim_end(),
+        _ => head,
+    })
 }
 
 /// Appends `n` as exactly `width` decimal digits (`n` is below `10^width`).
@@ -164,6 +183,7 @@ impl StreamMessage {
             date: m.date(),
             date_text: date_text(m.date()),
             summary: summary(m.message()),
+            head: long_head(m.message()).map(str::to_string),
         }
     }
 
@@ -183,6 +203,7 @@ impl StreamMessage {
             date: m.date,
             date_text: date_text(m.date),
             summary: summary(&m.message),
+            head: long_head(&m.message).map(str::to_string),
         }
     }
 }
@@ -229,7 +250,7 @@ impl Serialize for StreamView<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let level_tag = self.tags.tag(self.level);
-        let mut out = serializer.serialize_struct("StreamMessage", 12)?;
+        let mut out = serializer.serialize_struct("StreamMessage", 13)?;
         out.serialize_field("id", &self.id)?;
         out.serialize_field("stored", &self.id.is_some())?;
         out.serialize_field("level", &self.level)?;
@@ -242,6 +263,7 @@ impl Serialize for StreamView<'_> {
         out.serialize_field("date", &rfc3339(self.date))?;
         out.serialize_field("date_text", &date_text(self.date))?;
         out.serialize_field("summary", &summary(self.message))?;
+        out.serialize_field("head", &long_head(self.message))?;
         out.end()
     }
 }
@@ -851,6 +873,17 @@ mod tests {
     }
 
     #[test]
+    fn long_texts_have_a_head_cut_at_a_space() {
+        assert_eq!(long_head(&"x".repeat(300)), None);
+        let long = "word ".repeat(100);
+        let head = long_head(&long).unwrap();
+        assert!(head.len() <= 200 && head.len() > 150, "{head:?}");
+        assert!(head.ends_with("word"), "{head:?}");
+        let unbroken = "❤".repeat(301);
+        assert_eq!(long_head(&unbroken).unwrap(), "❤".repeat(200));
+    }
+
+    #[test]
     fn views_serialize_exactly_like_stream_messages() {
         let tags = LevelTags::new([(Level::STORED_INFO, "note".to_string())].into());
         let stored = Message {
@@ -864,6 +897,14 @@ mod tests {
         assert_eq!(
             serde_json::to_value(StreamView::stored(&stored, &tags)).unwrap(),
             serde_json::to_value(StreamMessage::stored(&stored, &tags)).unwrap()
+        );
+        let long = Message {
+            message: "long enough ".repeat(40),
+            ..stored.clone()
+        };
+        assert_eq!(
+            serde_json::to_value(StreamView::stored(&long, &tags)).unwrap(),
+            serde_json::to_value(StreamMessage::stored(&long, &tags)).unwrap()
         );
         let flash = NewMessage::new(Level::WARNING, "careful").unwrap();
         assert_eq!(

@@ -74,24 +74,6 @@ pub(crate) fn sentence(text: &str) -> String {
     out
 }
 
-/// Texts longer than this many characters are shortened on pages (the rest behind
-/// "Show more").
-const LONG_TEXT_CHARS: usize = 300;
-
-/// The start of a long text (about 200 characters, cut at a space), or `None` when the
-/// text is short enough to show whole.
-pub(crate) fn head_of_long(text: &str) -> Option<&str> {
-    if text.chars().count() <= LONG_TEXT_CHARS {
-        return None;
-    }
-    let cut = text.char_indices().nth(200).map_or(text.len(), |(i, _)| i);
-    let head = &text[..cut];
-    Some(match head.rfind(char::is_whitespace) {
-        Some(space) if space > cut / 2 => head[..space].trim_end(),
-        _ => head,
-    })
-}
-
 fn home(
     messages: &Messages<'_>,
     user: Option<&CurrentUser>,

@@ -8,7 +8,7 @@ use rocket_dyn_templates::context;
 use stored_messages::backend::from_micros;
 use stored_messages::report;
 use stored_messages::template::Page;
-use stored_messages::{Level, MessageAdmin, MessageId, Messages, Store};
+use stored_messages::{Level, MessageAdmin, MessageId, Messages, Store, StreamMessage};
 
 use super::AdminUser;
 use crate::jobs::Jobs;
@@ -72,7 +72,7 @@ pub(super) async fn message_list(
             json!({
                 "id": s.message.id, "message": s.message.message, "level": s.message.level.0,
                 "level_label": s.message.level.label(),
-                "head": crate::pages::head_of_long(&s.message.message),
+                "head": StreamMessage::stored(&s.message, store.level_tags()).head,
                 "date": s.message.date.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
                 "date_text": s.message.date.format("%Y-%m-%d %H:%M UTC").to_string(),
                 "recipients": s.recipients, "unread": s.unread,

@@ -269,6 +269,14 @@ async fn inbox_and_archive_pages_consume_nothing(app: &TestApp) {
     assert_eq!(badge(&html), "1", "the account page uses nothing up");
     assert_eq!(TestApp::inbox_texts(&b, alice).await, ["look but keep"]);
 
+    // a long message: its start, the rest behind "Show more", without JavaScript
+    let long = "many words ".repeat(40);
+    add(&b, "stored_info", long.trim()).await;
+    let (_, html) = b.get_html("/inbox").await;
+    assert!(html.contains("<details class=\"long\"><summary><span class=\"head\">many words"));
+    assert!(html.contains("<span class=\"more\">Show more</span>"));
+    assert_eq!(times_shown(&html, long.trim()), 1, "the whole text once");
+
     // anonymous: the inbox asks to log in first
     let anonymous = browser(app).await;
     let r = anonymous.client.get("/inbox").dispatch().await;
