@@ -755,25 +755,46 @@ struct Audit<'a> {
 }
 
 impl Audit<'_> {
-    /// Runs axe on the page as it is now, at each width (resizing does not reload it).
+    /// Runs axe on the page as it is now, at each width (resizing does not reload it), and
+    /// checks that it fits 320 px, the narrowest width it must fit.
     async fn check(&mut self, state: &str) {
+        self.client.set_window_size(320, 1000).await.unwrap();
+        self.shoot(state, 320).await;
         for width in [390, 1280] {
             self.client.set_window_size(width, 1000).await.unwrap();
             let found = run_axe(self.client, self.axe).await;
             for v in found {
                 self.violations.push(format!("{state} at {width} px: {v}"));
             }
-            if let Some(dir) = &self.shots {
-                std::fs::create_dir_all(dir).unwrap();
-                let name: String = state
-                    .chars()
-                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-                    .collect();
-                let png = self.client.screenshot().await.unwrap();
-                std::fs::write(dir.join(format!("{name}-{width}.png")), png).unwrap();
-            }
+            self.shoot(state, width).await;
         }
         self.checked.push(state.to_string());
+    }
+
+    /// Checks that the page does not scroll sideways at this width, and takes a screenshot
+    /// when screenshots are asked for.
+    async fn shoot(&mut self, state: &str, width: u32) {
+        if let Some(dir) = &self.shots {
+            std::fs::create_dir_all(dir).unwrap();
+            let name: String = state
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect();
+            let png = self.client.screenshot().await.unwrap();
+            std::fs::write(dir.join(format!("{name}-{width}.png")), png).unwrap();
+        }
+        let wider = self
+            .client
+            .execute(
+                "return document.documentElement.scrollWidth > document.documentElement.clientWidth;",
+                vec![],
+            )
+            .await
+            .unwrap();
+        if wider == json!(true) {
+            self.violations
+                .push(format!("{state} at {width} px: the page scrolls sideways"));
+        }
     }
 }
 
@@ -959,6 +980,10 @@ impl Served {
 
         // a Chromium with a fresh profile
         let mut args: Vec<String> = CHROMIUM_FLAGS.iter().map(|f| f.to_string()).collect();
+        // More flags for a look at the pages, e.g. `--force-dark-mode` (dark colour scheme).
+        if let Ok(extra) = std::env::var("STORED_MESSAGES_CHROMIUM_FLAGS") {
+            args.extend(extra.split_whitespace().map(str::to_string));
+        }
         args.push(format!(
             "--user-data-dir={}",
             processes.profile.path().display()
