@@ -13,8 +13,13 @@ use rocket::{Catcher, Request, Route};
 use rocket_dyn_templates::context;
 
 use crate::auth::CurrentUser;
+use crate::paging::Trail;
+use rocket::State;
 use stored_messages::template::Page;
-use stored_messages::{Level, Messages, NewMessage, MAX_STREAM_STORED, MAX_TEXT_CHARS};
+use stored_messages::{
+    Cursor, Level, ListQuery, MessageId, Messages, NewMessage, Store, StreamMessage,
+    MAX_STREAM_STORED, MAX_TEXT_CHARS,
+};
 
 /// A level choice of the demo form.
 #[derive(Serialize)]
@@ -244,12 +249,74 @@ fn inbox_login() -> Redirect {
     Redirect::to("/login?next=/inbox")
 }
 
-/// Every stored message the user received; looking at it marks nothing read.
-#[get("/archive")]
-fn archive(messages: Messages<'_>, user: CurrentUser) -> Page {
+/// Rows of an archive page.
+const ARCHIVE_PAGE: u32 = 25;
+
+/// An archive position as a link carries it: `MICROS_ID` (the date in microseconds since
+/// the epoch and the id of the last message seen).
+fn cursor_text(cursor: &Cursor) -> String {
+    format!("{}_{}", cursor.date.timestamp_micros(), cursor.id.0)
+}
+
+fn parse_cursor(text: &str) -> Option<Cursor> {
+    let (micros, id) = text.split_once('_')?;
+    let date = chrono::DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+    let id = id.parse().ok().filter(|id| *id > 0)?;
+    Some(Cursor {
+        date,
+        id: MessageId(id),
+    })
+}
+
+/// Every stored message the user received, newest first, a page at a time (both ways);
+/// looking at it marks nothing read.
+#[get("/archive?<from>&<back>")]
+async fn archive(
+    messages: Messages<'_>,
+    user: CurrentUser,
+    store: &State<Store>,
+    from: Option<&str>,
+    back: Option<&str>,
+) -> Page {
+    let Some(trail) = Trail::parse(from, back, |s| parse_cursor(s).is_some()) else {
+        return error_page(
+            Status::BadRequest,
+            "This page link is not valid: open the archive from its first page.",
+            Some(&user.0),
+        );
+    };
+    let query = ListQuery {
+        limit: Some(ARCHIVE_PAGE + 1),
+        after: parse_cursor(&trail.from),
+    };
+    let mut rows = match store.backend().archive_list(user.0.user_id(), query).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            log::error!(
+                "reference app: archive of user {} failed: {}",
+                user.0.id,
+                stored_messages::report(&e)
+            );
+            return error_page(e.status(), &e.public_message(), Some(&user.0));
+        }
+    };
+    let more = rows.len() > ARCHIVE_PAGE as usize;
+    rows.truncate(ARCHIVE_PAGE as usize);
+    let next = rows
+        .last()
+        .filter(|_| more)
+        .map(|m| cursor_text(&Cursor::after(m)));
+    let tags = store.level_tags();
+    let rows: Vec<StreamMessage> = rows
+        .iter()
+        .map(|m| StreamMessage::stored(m, tags))
+        .collect();
     Page::render(
         "archive",
-        context! { messages: messages.flash(), here: "archive", user: &user.0 },
+        context! {
+            messages: messages.flash(), here: "archive", user: &user.0, rows,
+            first: trail.is_first(), pages: trail.links(next),
+        },
     )
 }
 

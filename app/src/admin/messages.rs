@@ -12,6 +12,7 @@ use stored_messages::{Level, MessageAdmin, MessageId, Messages, Store, StreamMes
 
 use super::AdminUser;
 use crate::jobs::Jobs;
+use crate::paging::Trail;
 
 #[get("/admin/audit")]
 pub(super) async fn audit(
@@ -44,14 +45,22 @@ pub(super) async fn audit(
 /// Rows of the message browser.
 const PAGE_SIZE: u32 = 25;
 
-#[get("/admin/messages?<before>")]
+/// The newest messages, a page at a time both ways: `from` is the id the page starts
+/// below (`before`, the older spelling, still works), `back` the pages before it.
+#[get("/admin/messages?<before>&<from>&<back>")]
 pub(super) async fn message_list(
     admin: AdminUser,
     before: Option<i64>,
+    from: Option<&str>,
+    back: Option<&str>,
     messages: Messages<'_>,
     store: &State<Store>,
 ) -> Result<Page, Status> {
-    let before = before.filter(|b| *b > 0).map(MessageId);
+    let before_text = before.filter(|b| *b > 0).map(|b| b.to_string());
+    let from = from.or(before_text.as_deref());
+    let valid = |s: &str| s.parse::<i64>().is_ok_and(|id| id > 0);
+    let trail = Trail::parse(from, back, valid).ok_or(Status::BadRequest)?;
+    let before = trail.from.parse::<i64>().ok().map(MessageId);
     let listed = match message_admin(store) {
         Ok(admin) => admin.message_stats(PAGE_SIZE, before).await,
         Err(e) => Err(e),
@@ -81,12 +90,13 @@ pub(super) async fn message_list(
         })
         .collect();
     let next = (stats.len() as u32 == PAGE_SIZE)
-        .then(|| stats.last().map(|s| s.message.id.0))
+        .then(|| stats.last().map(|s| s.message.id.0.to_string()))
         .flatten();
     Ok(Page::render(
         "admin/messages",
         context! {
-            messages: messages.flash(), here: "admin", user: &admin.0, rows, next, unsupported,
+            messages: messages.flash(), here: "admin", user: &admin.0, rows, unsupported,
+            pages: trail.links(next),
             inbox_expire_days: store.config().inbox_expire_days,
         },
     ))

@@ -18,6 +18,7 @@ app_tests!(
     inbox_and_archive_pages_consume_nothing,
     inbox_page_marks_read_without_javascript,
     demo_form_reports_every_error_at_once,
+    archive_pages_go_both_ways,
     head_and_prefetch_consume_nothing,
     the_longest_message_fits_the_form,
     odd_next_values_redirect_instead_of_failing,
@@ -339,6 +340,72 @@ async fn demo_form_reports_every_error_at_once(app: &TestApp) {
     assert_eq!(html.matches("aria-invalid=\"true\"").count(), 4);
     assert!(html.contains("aria-describedby=\"message-hint message-error\""));
     assert!(TestApp::inbox_texts(&b, alice).await.is_empty());
+}
+
+/// The href of the pager's link `rel` ("prev" or "next"), unescaped.
+fn pager_link(html: &str, rel: &str) -> Option<String> {
+    let pager = html
+        .split("<nav class=\"pager\"")
+        .nth(1)?
+        .split("</nav>")
+        .next()?;
+    pager
+        .split("<a href=\"")
+        .skip(1)
+        .find(|a| a.contains(&format!("rel=\"{rel}\"")))
+        .and_then(|a| a.split('"').next())
+        .map(|href| href.replace("&#x2F;", "/").replace("&amp;", "&"))
+}
+
+async fn archive_pages_go_both_ways(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    let store = TestApp::store(&b);
+    for i in 0..60 {
+        store
+            .add_message_for(
+                &[alice],
+                NewMessage::new(Level::STORED_INFO, &format!("note {i:02}")).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    // the first page: the 25 newest, older only
+    let (_, first) = b.get_html("/archive").await;
+    assert_eq!(times_shown(&first, "note 59"), 1);
+    assert_eq!(times_shown(&first, "note 35"), 1);
+    assert_eq!(times_shown(&first, "note 34"), 0);
+    assert_eq!(pager_link(&first, "prev"), None);
+    let older = pager_link(&first, "next").expect("an Older link");
+    // the second: the next 25, both ways
+    let (_, second) = b.get_html(&older).await;
+    assert_eq!(times_shown(&second, "note 34"), 1);
+    assert_eq!(times_shown(&second, "note 10"), 1);
+    assert_eq!(times_shown(&second, "note 35"), 0);
+    let newer = pager_link(&second, "prev").expect("a Newer link");
+    let (_, again) = b.get_html(&newer).await;
+    assert_eq!(
+        times_shown(&again, "note 59"),
+        1,
+        "Newer leads back to the first page"
+    );
+    // the third, the last: the 10 oldest, newer only, and back to the second
+    let (_, third) = b.get_html(&pager_link(&second, "next").unwrap()).await;
+    assert_eq!(times_shown(&third, "note 09"), 1);
+    assert_eq!(times_shown(&third, "note 00"), 1);
+    assert_eq!(pager_link(&third, "next"), None);
+    let (_, back) = b.get_html(&pager_link(&third, "prev").unwrap()).await;
+    assert_eq!(times_shown(&back, "note 34"), 1);
+    // nothing was read by looking, and a bad link is a clear error
+    assert_eq!(TestApp::inbox_texts(&b, alice).await.len(), 60);
+    for bad in [
+        "/archive?from=x",
+        "/archive?from=1_1&back=%3Cb%3E",
+        "/archive?from=99999999999999999999_1",
+    ] {
+        let (status, html) = b.get_html(bad).await;
+        assert_eq!(status, Status::BadRequest, "{bad}");
+        assert!(html.contains("This page link is not valid"), "{bad}");
+    }
 }
 
 async fn the_longest_message_fits_the_form(app: &TestApp) {
