@@ -46,13 +46,32 @@ pub(super) async fn job_page(
 }
 
 /// A job's status in a word.
-fn status_label(status: &str) -> &'static str {
+pub(super) fn status_label(status: &str) -> &'static str {
     match status {
         "running" => "Running",
         "done" => "Done",
         "failed" => "Failed",
         _ => "Unknown",
     }
+}
+
+/// A job as the overview's table shows it: what, when, how far.
+pub(super) fn job_row(job: &crate::jobs::Job) -> serde_json::Value {
+    let message: Option<stored_messages::Message> = serde_json::from_str(&job.message).ok();
+    let created = stored_messages::backend::from_micros(job.created_us);
+    json!({
+        "id": job.id,
+        "status": job.status,
+        "status_label": status_label(&job.status),
+        "delivered": job.delivered,
+        "total": job.total,
+        "message": message.as_ref().map(|m| m.message.as_str()),
+        "head": message.as_ref().and_then(|m| {
+            stored_messages::StreamMessage::stored(m, &stored_messages::LevelTags::default()).head
+        }),
+        "date": created.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "date_text": created.format("%Y-%m-%d %H:%M UTC").to_string(),
+    })
 }
 
 /// Why a job stopped, in words: the stored detail (a database's error text) is for the

@@ -70,7 +70,13 @@ async fn dashboard_page(
     session_user: &str,
     session_error: &str,
 ) -> Page {
-    let recent = jobs.recent(5).await.unwrap_or_default();
+    let recent: Vec<serde_json::Value> = jobs
+        .recent(5)
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(jobs::job_row)
+        .collect();
     let user_count = users.count().await.unwrap_or(0);
     Page::render(
         "admin/index",

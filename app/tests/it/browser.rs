@@ -647,6 +647,7 @@ async fn every_page_and_state_passes_axe_at_two_widths() {
     type_into(client, "#password", "not-her-password").await;
     click(client, "form.card button[type=submit]").await;
     wait_for_text(client, ".form-error", |t| !t.is_empty()).await;
+    assert_focus(client, "#login-error", "the login error").await;
     audit.check("login, wrong password").await;
     served.goto("/no/such/page").await;
     audit.check("404 page").await;
@@ -686,6 +687,7 @@ async fn every_page_and_state_passes_axe_at_two_widths() {
     type_into(client, "#url", "javascript:alert(1)").await;
     click(client, "form.card button[type=submit]").await;
     wait_for_text(client, ".error-summary", |t| !t.is_empty()).await;
+    assert_focus(client, ".error-summary", "the demo form's error summary").await;
     audit.check("home, demo form with errors").await;
     served.goto("/inbox").await;
     audit.check("inbox, empty").await;
@@ -699,6 +701,7 @@ async fn every_page_and_state_passes_axe_at_two_widths() {
     audit.check("broadcast form").await;
     click(client, "button[name=action][value=send]").await;
     wait_for_text(client, ".error-summary", |t| !t.is_empty()).await;
+    assert_focus(client, ".error-summary", "the broadcast's error summary").await;
     audit.check("broadcast form with errors").await;
     click(client, "input[name=recipients][value=list]").await;
     type_into(client, "#usernames", "alice, bob").await;
@@ -708,12 +711,19 @@ async fn every_page_and_state_passes_axe_at_two_widths() {
         t.contains("Maintenance")
     })
     .await;
+    assert_focus(client, "section.preview", "the preview").await;
     audit.check("broadcast preview").await;
     served.goto("/admin/broadcast").await;
     click(client, "input[name=recipients][value=everyone]").await;
     type_into(client, "#message", "New terms of service from Monday").await;
     click(client, "button[name=action][value=send]").await;
     wait_for_text(client, "#confirm-title", |t| t.contains("4 users")).await;
+    assert_focus(
+        client,
+        "section.confirm button[value=send]",
+        "the confirmation's button",
+    )
+    .await;
     audit.check("broadcast confirmation").await;
     click(client, "section.confirm button[name=action][value=send]").await;
     served
@@ -721,6 +731,15 @@ async fn every_page_and_state_passes_axe_at_two_widths() {
         .await;
     wait_for_text(client, "[data-job-field=status]", |t| t == "Done").await;
     audit.check("job page, done").await;
+    served.goto("/admin").await;
+    let row = wait_for_text(client, "table tbody tr", |t| {
+        t.contains("New terms of service")
+    })
+    .await;
+    assert!(row.contains("Done") && row.contains("4 of 4"), "{row}");
+    audit
+        .check("admin overview, with a background broadcast")
+        .await;
     served.goto("/admin/messages").await;
     audit.check("messages browser").await;
     served.goto("/admin/audit").await;
@@ -855,6 +874,25 @@ async fn run_axe(client: &Client, axe: &str) -> Vec<String> {
         .await
         .expect("axe runs");
     serde_json::from_value(result).expect("a list of violations")
+}
+
+/// Waits until the element `css` finds has focus (a page that takes it there on load).
+async fn assert_focus(client: &Client, css: &str, what: &str) {
+    eventually(&format!("focus on {what}"), WAIT, || async {
+        let focused = client
+            .execute(
+                "return document.activeElement === document.querySelector(arguments[0]);",
+                vec![json!(css)],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if focused == json!(true) {
+            Ok(())
+        } else {
+            Err(active(client, "el.outerHTML.slice(0, 120)").await)
+        }
+    })
+    .await;
 }
 
 /// Evaluates `expression` with `el` the focused element.
