@@ -22,7 +22,58 @@ app_tests!(
     interrupted_job_resumes_without_delivering_twice,
     message_browser_counts_deletes_and_cleans_up,
     message_browser_pages_go_both_ways,
+    audit_pages_go_both_ways,
 );
+
+/// The audit lists 25 broadcasts a page, both ways (it stopped at 100 before).
+async fn audit_pages_go_both_ways(app: &TestApp) {
+    let b = admin(app).await;
+    let root = app.users.by_name("root").await.unwrap().unwrap();
+    let jobs = Jobs::new(app.users.clone());
+    let store = TestApp::store(&b);
+    for i in 0..30 {
+        let message = store
+            .backend()
+            .create_message(&NewMessage::new(Level::STORED_INFO, &format!("sent {i:02}")).unwrap())
+            .await
+            .unwrap();
+        jobs.audit(stored_messages_app::jobs::Audit {
+            actor: &root,
+            message: &message,
+            audience: "everyone",
+            audience_size: 1,
+            duration_ms: Some(1),
+            job_id: None,
+        })
+        .await
+        .unwrap();
+    }
+    let link = |html: &str, rel: &str| -> Option<String> {
+        let pager = html.split("<nav class=\"pager\"").nth(1)?;
+        pager
+            .split("<a href=\"")
+            .skip(1)
+            .find(|a| {
+                a.split('>')
+                    .next()
+                    .unwrap_or("")
+                    .contains(&format!("rel=\"{rel}\""))
+            })
+            .and_then(|a| a.split('"').next())
+            .map(|href| href.replace("&#x2F;", "/").replace("&amp;", "&"))
+    };
+    let (_, first) = b.get_html("/admin/audit").await;
+    assert!(
+        first.contains(">sent 29<") && first.contains(">sent 05<") && !first.contains(">sent 04<")
+    );
+    let (_, second) = b.get_html(&link(&first, "next").expect("Older")).await;
+    assert!(second.contains(">sent 04<") && second.contains(">sent 00<"));
+    assert_eq!(link(&second, "next"), None);
+    let (_, back) = b.get_html(&link(&second, "prev").expect("Newer")).await;
+    assert!(back.contains(">sent 29<"));
+    let (status, _) = b.get_html("/admin/audit?from=-3").await;
+    assert_eq!(status, Status::BadRequest);
+}
 
 /// The message browser lists 25 a page: "Older" goes on, "Newer" comes back; a bad link
 /// is a clear 400.
