@@ -238,9 +238,17 @@ async fn demo_message(
 /// reader says so (Mark read, Mark all read). One-time notices still show.
 #[get("/inbox")]
 fn inbox(messages: Messages<'_>, user: CurrentUser) -> Page {
+    // The guard loads at most MAX_STREAM_STORED unread messages: past that, the page says
+    // that more are waiting.
+    let queued = messages.len();
+    let flash = messages.flash();
+    let stored = queued.saturating_sub(flash.len());
     Page::render(
         "inbox",
-        context! { messages: messages.flash(), here: "inbox", user: &user.0, limit: MAX_STREAM_STORED },
+        context! {
+            messages: flash, here: "inbox", user: &user.0, limit: MAX_STREAM_STORED,
+            more: stored >= MAX_STREAM_STORED as usize,
+        },
     )
 }
 

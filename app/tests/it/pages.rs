@@ -19,6 +19,7 @@ app_tests!(
     inbox_page_marks_read_without_javascript,
     demo_form_reports_every_error_at_once,
     archive_pages_go_both_ways,
+    inbox_page_says_when_more_are_waiting,
     head_and_prefetch_consume_nothing,
     the_longest_message_fits_the_form,
     odd_next_values_redirect_instead_of_failing,
@@ -406,6 +407,31 @@ async fn archive_pages_go_both_ways(app: &TestApp) {
         assert_eq!(status, Status::BadRequest, "{bad}");
         assert!(html.contains("This page link is not valid"), "{bad}");
     }
+}
+
+async fn inbox_page_says_when_more_are_waiting(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    let store = TestApp::store(&b);
+    let (_, html) = b.get_html("/inbox").await;
+    assert!(!html.contains("more are waiting"));
+    let users = vec![alice];
+    for i in 0..101 {
+        store
+            .add_message_for(
+                &users,
+                NewMessage::new(Level::STORED_INFO, &format!("waiting {i:03}")).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let (_, html) = b.get_html("/inbox").await;
+    assert!(
+        html.contains("more are waiting"),
+        "the page says more are waiting"
+    );
+    assert_eq!(times_shown(&html, "waiting 099"), 1);
+    assert_eq!(times_shown(&html, "waiting 100"), 0);
+    assert_eq!(badge(&html), "101");
 }
 
 async fn the_longest_message_fits_the_form(app: &TestApp) {
