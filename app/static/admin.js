@@ -9,8 +9,11 @@
   var url = box.getAttribute("data-job-status-url");
   var bar = box.querySelector("progress");
   var heading = document.querySelector("[data-job-heading]");
-  // No change in the delivered count for this long: say the job may be stuck.
-  var STALL_MS = 30000;
+  // No change in the delivered count for this long (the page's data-stall-ms, 30 s by
+  // default): say the job may be stuck.
+  function stallMs() {
+    return parseInt(box.getAttribute("data-stall-ms"), 10) || 30000;
+  }
   var lastDelivered = null;
   var lastProgress = Date.now();
   function field(name) { return box.querySelector('[data-job-field="' + name + '"]'); }
@@ -42,7 +45,7 @@
         }
         var stalled = field("stalled");
         if (job.status === "running") {
-          if (stalled) stalled.hidden = Date.now() - lastProgress < STALL_MS;
+          if (stalled) stalled.hidden = Date.now() - lastProgress < stallMs();
           setTimeout(poll, 1000);
           return;
         }

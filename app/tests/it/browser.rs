@@ -450,6 +450,19 @@ async fn large_broadcast_shows_progress_until_done() {
     let url_before = client.current_url().await.unwrap();
     mark_page_as_loaded(client).await;
 
+    // assert: no progress for a while (shortened here to half a second) is said
+    client
+        .execute(
+            "document.querySelector('[data-stall-ms]').setAttribute('data-stall-ms', '500');",
+            vec![],
+        )
+        .await
+        .unwrap();
+    wait_for_text(client, "[data-job-field=stalled]", |t| {
+        t.contains("may be stuck")
+    })
+    .await;
+
     // act: let the deliveries through
     held.commit().await.unwrap();
 
@@ -477,6 +490,27 @@ async fn large_broadcast_shows_progress_until_done() {
         !running_note_shown(client).await,
         "the \"updates by itself\" note is gone once the job is done"
     );
+    assert!(
+        !client
+            .find(Locator::Css("[data-job-field=stalled]"))
+            .await
+            .unwrap()
+            .is_displayed()
+            .await
+            .unwrap(),
+        "no stall notice once done"
+    );
+    // the heading and the live region follow the status
+    wait_for_text(client, "h1", |t| t.ends_with(" sent")).await;
+    let said = client
+        .find(Locator::Css("[data-job-field=said]"))
+        .await
+        .unwrap()
+        .prop("textContent")
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    assert_eq!(said, "Broadcast sent to 31 users.");
     assert_same_page(client, &url_before).await;
 
     // assert: everyone has it, once
