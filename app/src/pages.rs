@@ -66,6 +66,31 @@ pub(crate) struct FieldError {
     pub(crate) text: String,
 }
 
+/// A short random reference for an error: the log line carries it with the detail, the
+/// page shows it, so a report from a user finds the log line (and the page shows no
+/// database's words).
+pub(crate) fn error_reference() -> String {
+    use rand::Rng;
+    format!("{:08x}", rand::thread_rng().gen::<u32>())
+}
+
+/// What a page says about a failure the user cannot fix: the library's public words, and
+/// for a server-side error a reference to the log line that has the detail.
+pub(crate) fn failure_words(e: &stored_messages::Error, what: &str) -> String {
+    let reference = error_reference();
+    log::error!(
+        "reference app: {what} failed (reference {reference}): {}",
+        stored_messages::report(e)
+    );
+    match e.status().code {
+        503 => sentence(&e.public_message()),
+        code if code >= 500 => format!(
+            "Something went wrong on our side. If it happens again, give an administrator this reference: {reference}."
+        ),
+        _ => sentence(&e.public_message()),
+    }
+}
+
 /// `unknown level "x"` → `Unknown level "x".`: the library's error texts as sentences.
 pub(crate) fn sentence(text: &str) -> String {
     let mut chars = text.chars();
@@ -218,16 +243,10 @@ async fn demo_message(
                 });
             }
             Err(e) => {
-                log::error!(
-                    "reference app: adding a message failed: {}",
-                    stored_messages::report(&e)
+                let words = failure_words(&e, "adding a message");
+                return Err(
+                    error_page(e.status(), &words, user.as_ref().map(|u| &u.0)).status(e.status())
                 );
-                return Err(error_page(
-                    e.status(),
-                    &e.public_message(),
-                    user.as_ref().map(|u| &u.0),
-                )
-                .status(e.status()));
             }
         }
     }
@@ -300,12 +319,8 @@ async fn archive(
     let mut rows = match store.backend().archive_list(user.0.user_id(), query).await {
         Ok(rows) => rows,
         Err(e) => {
-            log::error!(
-                "reference app: archive of user {} failed: {}",
-                user.0.id,
-                stored_messages::report(&e)
-            );
-            return error_page(e.status(), &e.public_message(), Some(&user.0));
+            let words = failure_words(&e, &format!("the archive of user {}", user.0.id));
+            return error_page(e.status(), &words, Some(&user.0));
         }
     };
     let more = rows.len() > ARCHIVE_PAGE as usize;
@@ -407,4 +422,35 @@ async fn html_error(status: Status, request: &Request<'_>) -> Page {
 /// HTML error pages for everything outside the JSON API.
 pub fn catchers() -> Vec<Catcher> {
     catchers![html_error]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn library_errors_read_as_sentences() {
+        assert_eq!(sentence("unknown level \"x\""), "Unknown level \"x\".");
+        assert_eq!(sentence("Enter a message."), "Enter a message.");
+        assert_eq!(sentence(""), "");
+    }
+
+    #[test]
+    fn a_failure_shows_a_reference_not_its_detail() {
+        let e = stored_messages::Error::Config(vec!["database error: code 1811 at row 7".into()]);
+        let words = failure_words(&e, "a test");
+        assert!(
+            words.starts_with("Something went wrong on our side."),
+            "{words}"
+        );
+        assert!(
+            !words.contains("1811") && !words.contains("database"),
+            "{words}"
+        );
+        let reference = words.rsplit(' ').next().unwrap().trim_end_matches('.');
+        assert_eq!(reference.len(), 8, "{words}");
+        // bad input says what is wrong
+        let e = stored_messages::Error::UnknownLevel("loud".into());
+        assert_eq!(failure_words(&e, "a test"), "Unknown level \"loud\".");
+    }
 }

@@ -337,9 +337,9 @@ impl Sending<'_, '_> {
 
     /// The form again, saying that nothing was sent and why.
     fn failed(&self, e: stored_messages::Error) -> Page {
-        log::error!("reference app: broadcast failed: {}", report(&e));
+        let words = crate::pages::failure_words(&e, "a broadcast");
         let errors = BroadcastErrors {
-            message: Some(format!("nothing was sent: {}", e.public_message())),
+            message: Some(format!("Nothing was sent. {words}")),
             ..Default::default()
         };
         self.again(&errors, e.status())
