@@ -281,11 +281,11 @@ const ARCHIVE_PAGE: u32 = 25;
 
 /// An archive position as a link carries it: `MICROS_ID` (the date in microseconds since
 /// the epoch and the id of the last message seen).
-fn cursor_text(cursor: &Cursor) -> String {
+pub(crate) fn cursor_text(cursor: &Cursor) -> String {
     format!("{}_{}", cursor.date.timestamp_micros(), cursor.id.0)
 }
 
-fn parse_cursor(text: &str) -> Option<Cursor> {
+pub(crate) fn parse_cursor(text: &str) -> Option<Cursor> {
     let (micros, id) = text.split_once('_')?;
     let date = chrono::DateTime::from_timestamp_micros(micros.parse().ok()?)?;
     let id = id.parse().ok().filter(|id| *id > 0)?;

@@ -83,6 +83,22 @@ impl Trail {
     }
 }
 
+impl Links {
+    /// The same links with `params` (an encoded query string such as `q=x`) in front, so
+    /// that a search travels with its pages.
+    pub fn with_params(self, params: &str) -> Links {
+        let add = |link: String| match link.strip_prefix('?') {
+            Some("") => format!("?{params}"),
+            Some(rest) => format!("?{params}&{rest}"),
+            None => link,
+        };
+        Links {
+            newer: self.newer.map(add),
+            older: self.older.map(add),
+        }
+    }
+}
+
 /// `?from=START&back=A.B` (`first` standing for the first page's empty start).
 fn query(from: &str, back: &[String]) -> String {
     let mut out = format!("?from={from}");

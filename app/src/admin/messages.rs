@@ -10,7 +10,10 @@ use rocket_dyn_templates::context;
 use stored_messages::backend::from_micros;
 use stored_messages::report;
 use stored_messages::template::Page;
-use stored_messages::{Level, MessageAdmin, MessageId, Messages, Store, StreamMessage};
+use stored_messages::{
+    Cursor, Level, ListQuery, MessageAdmin, MessageId, MessageStats, Messages, Store,
+    StreamMessage, UserId,
+};
 
 use super::AdminUser;
 use crate::jobs::AuditEntry;
@@ -86,29 +89,214 @@ pub(super) async fn audit(
 /// Rows of the message browser.
 const PAGE_SIZE: u32 = 25;
 
-/// The newest messages, a page at a time both ways: `from` is the id the page starts
-/// below (`before`, the older spelling, still works), `back` the pages before it.
-#[get("/admin/messages?<before>&<from>&<back>")]
+/// The most messages one search request looks through; past that it stops and offers
+/// to go on from there ("Older"), so a search costs the same however long the list is.
+const SEARCH_SCAN: usize = 1000;
+
+/// What the browser lists: a page of the newest messages, or of a search (text, and/or a
+/// recipient, whose archive is then what is searched).
+struct Listing {
+    stats: Vec<MessageStats>,
+    /// Where the next page starts, when there is more.
+    next: Option<String>,
+    /// How many messages this page looked through (for a search).
+    scanned: usize,
+}
+
+/// Whether `text` contains `needle` (already lowercased), ignoring case.
+fn matches(text: &str, needle: &str) -> bool {
+    needle.is_empty() || text.to_lowercase().contains(needle)
+}
+
+/// The newest messages below `before` whose text contains `needle`: pages of the
+/// browser's listing, until a page of matches or [`SEARCH_SCAN`] messages.
+async fn search_all(
+    admin: &dyn MessageAdmin,
+    before: Option<MessageId>,
+    needle: &str,
+) -> stored_messages::Result<Listing> {
+    let mut found = Vec::new();
+    let mut before = before;
+    let mut scanned = 0;
+    loop {
+        let page = admin.message_stats(100, before).await?;
+        let full = page.len() == 100;
+        for s in page {
+            scanned += 1;
+            before = Some(s.message.id);
+            if matches(&s.message.message, needle) {
+                found.push(s);
+                if found.len() == PAGE_SIZE as usize {
+                    // There may be more: go on from here.
+                    let next = before.map(|id| id.0.to_string());
+                    return Ok(Listing {
+                        stats: found,
+                        next,
+                        scanned,
+                    });
+                }
+            }
+        }
+        if !full {
+            return Ok(Listing {
+                stats: found,
+                next: None,
+                scanned,
+            });
+        }
+        if scanned >= SEARCH_SCAN {
+            let next = before.map(|id| id.0.to_string());
+            return Ok(Listing {
+                stats: found,
+                next,
+                scanned,
+            });
+        }
+    }
+}
+
+/// The messages `user` received (their archive, newest first) after `after`, whose text
+/// contains `needle`, with each one's counts.
+async fn search_recipient(
+    store: &Store,
+    admin: &dyn MessageAdmin,
+    user: UserId,
+    after: Option<Cursor>,
+    needle: &str,
+) -> stored_messages::Result<Listing> {
+    let mut found = Vec::new();
+    let mut after = after;
+    let mut scanned = 0;
+    let next = loop {
+        let query = ListQuery {
+            limit: Some(100),
+            after,
+        };
+        let page = store.backend().archive_list(user, query).await?;
+        let full = page.len() == 100;
+        let mut stop = None;
+        for m in page {
+            scanned += 1;
+            after = Some(Cursor::after(&m));
+            if matches(&m.message, needle) {
+                found.push(m);
+                if found.len() == PAGE_SIZE as usize {
+                    stop = Some(after.map(|c| crate::pages::cursor_text(&c)));
+                    break;
+                }
+            }
+        }
+        if let Some(next) = stop {
+            break next;
+        }
+        if !full {
+            break None;
+        }
+        if scanned >= SEARCH_SCAN {
+            break after.map(|c| crate::pages::cursor_text(&c));
+        }
+    };
+    // Each message's counts (one small query per row, at most a page of them).
+    let mut stats = Vec::with_capacity(found.len());
+    for m in found {
+        let counted = admin
+            .message_stats(1, Some(MessageId(m.id.0.saturating_add(1))))
+            .await?
+            .into_iter()
+            .find(|s| s.message.id == m.id);
+        stats.push(counted.unwrap_or(MessageStats {
+            message: m,
+            recipients: 0,
+            unread: 0,
+        }));
+    }
+    Ok(Listing {
+        stats,
+        next,
+        scanned,
+    })
+}
+
+/// The newest messages, a page at a time both ways (`from`: where the page starts;
+/// `back`: the pages before it; `before`, the older spelling of `from`, still works), or
+/// a search: `q` (text contained, any case) and/or `recipient` (a username).
+#[allow(clippy::too_many_arguments)]
+#[get("/admin/messages?<before>&<from>&<back>&<q>&<recipient>")]
 pub(super) async fn message_list(
     admin: AdminUser,
     before: Option<i64>,
     from: Option<&str>,
     back: Option<&str>,
+    q: Option<&str>,
+    recipient: Option<&str>,
     messages: Messages<'_>,
     store: &State<Store>,
+    users: &State<Arc<Users>>,
 ) -> Result<Page, Status> {
+    let q = q.map(str::trim).unwrap_or("");
+    let recipient = recipient.map(str::trim).unwrap_or("");
+    let searching = !q.is_empty() || !recipient.is_empty();
     let before_text = before.filter(|b| *b > 0).map(|b| b.to_string());
     let from = from.or(before_text.as_deref());
-    let valid = |s: &str| s.parse::<i64>().is_ok_and(|id| id > 0);
-    let trail = Trail::parse(from, back, valid).ok_or(Status::BadRequest)?;
-    let before = trail.from.parse::<i64>().ok().map(MessageId);
+    let trail = if recipient.is_empty() {
+        Trail::parse(from, back, |s| s.parse::<i64>().is_ok_and(|id| id > 0))
+    } else {
+        Trail::parse(from, back, |s| crate::pages::parse_cursor(s).is_some())
+    }
+    .ok_or(Status::BadRequest)?;
+    let needle = q.to_lowercase();
+    let mut recipient_error = None;
     let listed = match message_admin(store) {
-        Ok(admin) => admin.message_stats(PAGE_SIZE, before).await,
         Err(e) => Err(e),
+        Ok(admin) if !recipient.is_empty() => match users.by_name(recipient).await {
+            Ok(Some(user)) => {
+                let after = crate::pages::parse_cursor(&trail.from);
+                search_recipient(store, admin, user.user_id(), after, &needle).await
+            }
+            Ok(None) => {
+                recipient_error = Some(format!("There is no user named “{recipient}”."));
+                Ok(Listing {
+                    stats: Vec::new(),
+                    next: None,
+                    scanned: 0,
+                })
+            }
+            Err(e) => {
+                log::error!(
+                    "reference app: looking up a recipient failed: {}",
+                    report(&e)
+                );
+                return Err(Status::ServiceUnavailable);
+            }
+        },
+        Ok(admin) => {
+            let before = trail.from.parse::<i64>().ok().map(MessageId);
+            if searching {
+                search_all(admin, before, &needle).await
+            } else {
+                admin.message_stats(PAGE_SIZE, before).await.map(|stats| {
+                    let next = (stats.len() as u32 == PAGE_SIZE)
+                        .then(|| stats.last().map(|s| s.message.id.0.to_string()))
+                        .flatten();
+                    Listing {
+                        stats,
+                        next,
+                        scanned: 0,
+                    }
+                })
+            }
+        }
     };
-    let (stats, unsupported) = match listed {
-        Ok(stats) => (stats, None),
-        Err(e @ stored_messages::Error::Unsupported(_)) => (Vec::new(), Some(e.to_string())),
+    let (listing, unsupported) = match listed {
+        Ok(listing) => (listing, None),
+        Err(e @ stored_messages::Error::Unsupported(_)) => (
+            Listing {
+                stats: Vec::new(),
+                next: None,
+                scanned: 0,
+            },
+            Some(e.to_string()),
+        ),
         Err(e) => {
             log::error!("reference app: message list failed: {}", report(&e));
             return Err(e.status());
@@ -116,7 +304,8 @@ pub(super) async fn message_list(
     };
     let cutoff =
         chrono::Utc::now() - chrono::Duration::days(i64::from(store.config().inbox_expire_days));
-    let rows: Vec<Value> = stats
+    let rows: Vec<Value> = listing
+        .stats
         .iter()
         .map(|s| {
             json!({
@@ -130,17 +319,32 @@ pub(super) async fn message_list(
             })
         })
         .collect();
-    let next = (stats.len() as u32 == PAGE_SIZE)
-        .then(|| stats.last().map(|s| s.message.id.0.to_string()))
-        .flatten();
+    // The search travels with the page links.
+    let search: String = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("q", q)
+        .append_pair("recipient", recipient)
+        .finish();
+    let pages = trail.links(listing.next);
+    let pages = if searching {
+        pages.with_params(&search)
+    } else {
+        pages
+    };
+    let status = if recipient_error.is_some() {
+        Status::UnprocessableEntity
+    } else {
+        Status::Ok
+    };
     Ok(Page::render(
         "admin/messages",
         context! {
             messages: messages.flash(), here: "admin", user: &admin.0, rows, unsupported,
-            pages: trail.links(next),
+            pages, searching, q, recipient, recipient_error,
+            scanned: listing.scanned, scan_limit: SEARCH_SCAN,
             inbox_expire_days: store.config().inbox_expire_days,
         },
-    ))
+    )
+    .status(status))
 }
 
 #[get("/admin/messages/<id>/delete")]

@@ -23,7 +23,76 @@ app_tests!(
     message_browser_counts_deletes_and_cleans_up,
     message_browser_pages_go_both_ways,
     audit_pages_go_both_ways,
+    message_browser_searches_text_and_recipients,
 );
+
+/// Search by text (any case) and by recipient; the search travels with the pages; an
+/// unknown recipient is named.
+async fn message_browser_searches_text_and_recipients(app: &TestApp) {
+    let b = admin(app).await;
+    let alice = app.user("alice", false).await.user_id();
+    let bob = app.user("bob", false).await.user_id();
+    let store = TestApp::store(&b);
+    if store.backend().admin().is_none() {
+        return;
+    }
+    for i in 0..30 {
+        let to = if i % 3 == 0 {
+            vec![alice, bob]
+        } else {
+            vec![bob]
+        };
+        let text = if i % 2 == 0 {
+            format!("Disk full #{i:02}")
+        } else {
+            format!("Backup done #{i:02}")
+        };
+        store
+            .add_message_for(&to, NewMessage::new(Level::STORED_INFO, &text).unwrap())
+            .await
+            .unwrap();
+    }
+    // text: 15 "disk" messages, all on one page, newest first
+    let (status, html) = b.get_html("/admin/messages?q=DISK").await;
+    assert_eq!(status, Status::Ok);
+    assert_eq!(html.matches(">Disk full #").count(), 15, "{html}");
+    assert!(!html.contains(">Backup done #"));
+    assert!(html.contains("15 messages match"));
+    // recipient: alice has 10 (every third)
+    let (_, html) = b.get_html("/admin/messages?recipient=alice").await;
+    assert_eq!(
+        html.matches("<td data-label=\"Message\" class=\"text\">")
+            .count(),
+        10
+    );
+    // both: alice's disk messages (i = 0, 6, 12, 18, 24)
+    let (_, html) = b.get_html("/admin/messages?q=disk&recipient=Alice").await;
+    assert_eq!(html.matches(">Disk full #").count(), 5, "{html}");
+    assert!(html.contains(">Disk full #24<") && html.contains(">Disk full #00<"));
+    // bob's 30 go over two pages, and the search stays in the links
+    let (_, html) = b.get_html("/admin/messages?recipient=bob").await;
+    let older = html
+        .split("rel=\"next\"")
+        .next()
+        .and_then(|head| head.rsplit("<a href=\"").next())
+        .and_then(|a| a.split('"').next())
+        .expect("an Older link")
+        .replace("&#x2F;", "/")
+        .replace("&amp;", "&");
+    assert!(older.contains("recipient=bob"), "{older}");
+    let (_, html) = b.get_html(&older).await;
+    assert_eq!(
+        html.matches("<td data-label=\"Message\" class=\"text\">")
+            .count(),
+        5
+    );
+    assert!(html.contains(">Backup done #01<") || html.contains(">Disk full #00<"));
+    // an unknown recipient is named, with the field marked
+    let (status, html) = b.get_html("/admin/messages?recipient=ghost").await;
+    assert_eq!(status, Status::UnprocessableEntity);
+    assert!(html.contains("There is no user named “ghost”."));
+    assert!(html.contains("aria-invalid=\"true\" aria-describedby=\"recipient-error\""));
+}
 
 /// The audit lists 25 broadcasts a page, both ways (it stopped at 100 before).
 async fn audit_pages_go_both_ways(app: &TestApp) {

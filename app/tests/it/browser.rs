@@ -776,6 +776,16 @@ async fn every_page_and_state_passes_axe_at_two_widths() {
         .await;
     served.goto("/admin/messages").await;
     audit.check("messages browser").await;
+    type_into(client, "#q", "terms").await;
+    click(client, "form.search button[type=submit]").await;
+    wait_for_text(client, "form.search + p", |t| {
+        t.contains("1 message matches")
+    })
+    .await;
+    audit.check("messages browser, search").await;
+    served.goto("/admin/messages?recipient=nobody").await;
+    assert_focus(client, "#recipient", "the recipient field").await;
+    audit.check("messages browser, unknown recipient").await;
     served.goto("/admin/audit").await;
     audit.check("audit").await;
     served
