@@ -9,8 +9,65 @@ use stored_messages::report;
 use stored_messages::template::Page;
 use stored_messages::Messages;
 
+use std::sync::Arc;
+
 use super::AdminUser;
+use crate::jobs::Job;
 use crate::jobs::Jobs;
+use crate::paging::Trail;
+use crate::users::Users;
+
+/// Background broadcasts a page.
+const JOBS_PAGE: i64 = 25;
+
+/// One page of background broadcasts, newest first: ids below `before` (all when `None`),
+/// at most `limit`. The jobs module owns the table and writes it; this only reads it by its
+/// primary key (the columns are those of [`Job`]).
+async fn jobs_page(
+    users: &Users,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<Job>, sqlx::Error> {
+    let sql = "select id, message_id, message, created_by, created_us, audience, max_user_id, \
+               user_ids, total, delivered, cursor, status, error, finished_us \
+               from app_broadcast_jobs where id < $1 order by id desc limit $2";
+    let before = before.unwrap_or(i64::MAX);
+    Ok(
+        with_pool!(users.pool(), pool => sqlx::query_as(sql).bind(before).bind(limit).fetch_all(pool).await?),
+    )
+}
+
+/// Every background broadcast, newest first, a page at a time both ways.
+#[get("/admin/jobs?<from>&<back>")]
+pub(super) async fn job_list(
+    admin: AdminUser,
+    messages: Messages<'_>,
+    users: &State<Arc<Users>>,
+    from: Option<&str>,
+    back: Option<&str>,
+) -> Result<Page, Status> {
+    let valid = |s: &str| s.parse::<i64>().is_ok_and(|id| id > 0);
+    let trail = Trail::parse(from, back, valid).ok_or(Status::BadRequest)?;
+    let before = trail.from.parse::<i64>().ok();
+    let mut jobs = jobs_page(users, before, JOBS_PAGE + 1).await.map_err(|e| {
+        log::error!(
+            "reference app: listing broadcast jobs failed: {}",
+            report(&e)
+        );
+        Status::ServiceUnavailable
+    })?;
+    let more = jobs.len() as i64 > JOBS_PAGE;
+    jobs.truncate(JOBS_PAGE as usize);
+    let next = jobs.last().filter(|_| more).map(|j| j.id.to_string());
+    let rows: Vec<Value> = jobs.iter().map(job_row).collect();
+    Ok(Page::render(
+        "admin/jobs",
+        context! {
+            messages: messages.flash(), here: "admin", user: &admin.0, jobs: rows,
+            first: trail.is_first(), pages: trail.links(next),
+        },
+    ))
+}
 
 #[get("/admin/jobs/<id>")]
 pub(super) async fn job_page(
@@ -56,7 +113,7 @@ pub(super) fn status_label(status: &str) -> &'static str {
 }
 
 /// A job as the overview's table shows it: what, when, how far.
-pub(super) fn job_row(job: &crate::jobs::Job) -> serde_json::Value {
+pub(super) fn job_row(job: &Job) -> serde_json::Value {
     let message: Option<stored_messages::Message> = serde_json::from_str(&job.message).ok();
     let created = stored_messages::backend::from_micros(job.created_us);
     json!({
@@ -76,7 +133,7 @@ pub(super) fn job_row(job: &crate::jobs::Job) -> serde_json::Value {
 
 /// Why a job stopped, in words: the stored detail (a database's error text) is for the
 /// log, where the worker wrote it under the job's id; the page names that id.
-fn job_error(job: &crate::jobs::Job) -> Option<String> {
+fn job_error(job: &Job) -> Option<String> {
     job.error.as_ref().map(|_| {
         format!(
             "Delivery stopped after {} users because of an error. The details are in the server log, under “broadcast job {}”.",

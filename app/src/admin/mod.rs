@@ -184,6 +184,7 @@ pub fn routes() -> Vec<Route> {
         broadcast::broadcast_form,
         broadcast::broadcast_send,
         jobs::job_page,
+        jobs::job_list,
         jobs::job_status,
         jobs::job_resume,
         messages::audit,

@@ -24,7 +24,51 @@ app_tests!(
     message_browser_pages_go_both_ways,
     audit_pages_go_both_ways,
     message_browser_searches_text_and_recipients,
+    background_broadcasts_page_both_ways,
 );
+
+/// Every background broadcast, 25 a page both ways, each with its text and date.
+async fn background_broadcasts_page_both_ways(app: &TestApp) {
+    let b = admin(app).await;
+    let root = app.users.by_name("root").await.unwrap().unwrap();
+    let jobs = Jobs::new(app.users.clone());
+    let store = TestApp::store(&b);
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let message = store
+            .backend()
+            .create_message(
+                &NewMessage::new(Level::STORED_INFO, &format!("job text {i:02}")).unwrap(),
+            )
+            .await
+            .unwrap();
+        ids.push(jobs.queue(&message, root.id, Some(&[])).await.unwrap().id);
+    }
+    let (_, first) = b.get_html("/admin/jobs").await;
+    assert!(
+        first.contains(">job text 29<")
+            && first.contains(">job text 05<")
+            && !first.contains(">job text 04<")
+    );
+    assert!(first.contains("<time datetime=\""), "a date");
+    let older = first
+        .split("rel=\"next\"")
+        .next()
+        .and_then(|head| head.rsplit("<a href=\"").next())
+        .and_then(|a| a.split('"').next())
+        .expect("an Older link")
+        .replace("&#x2F;", "/")
+        .replace("&amp;", "&");
+    let (_, second) = b.get_html(&older).await;
+    assert!(second.contains(">job text 04<") && second.contains(">job text 00<"));
+    assert!(!second.contains("rel=\"next\""));
+    assert!(second.contains("rel=\"prev\""));
+    let (status, _) = b.get_html("/admin/jobs?from=0").await;
+    assert_eq!(status, Status::BadRequest);
+    // the overview links to them
+    let (_, overview) = b.get_html("/admin").await;
+    assert!(overview.contains("href=\"/admin/jobs\">All background broadcasts"));
+}
 
 /// Search by text (any case) and by recipient; the search travels with the pages; an
 /// unknown recipient is named.
