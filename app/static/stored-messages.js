@@ -47,6 +47,16 @@
     return chars.length > 40 ? chars.slice(0, 40).join("") + "\u2026" : text;
   }
 
+  // The start of a text over 300 characters (about 200, cut at a space), as the crate's
+  // StreamMessage::head; null for a shorter one.
+  function longHead(text) {
+    var chars = Array.from(text);
+    if (chars.length <= 300) return null;
+    var head = chars.slice(0, 200).join("");
+    var space = Math.max(head.lastIndexOf(" "), head.lastIndexOf("\n"), head.lastIndexOf("\t"));
+    return space > head.length / 2 ? head.slice(0, space).replace(/\s+$/, "") : head;
+  }
+
   // ---- Dates ---------------------------------------------------------------------------
   // Pages write every date once, as <time datetime="RFC 3339">2026-11-25 14:05 UTC</time>.
   // Here they become relative ("3 min ago") for the last day, and the reader's local date
@@ -224,7 +234,25 @@
       text.className = "text";
     }
     text.textContent = m.message;
-    li.appendChild(text);
+    var head = longHead(m.message);
+    if (head === null) {
+      li.appendChild(text);
+    } else {
+      // As the partial writes a long text: its start, the whole behind "Show more".
+      var details = document.createElement("details");
+      details.className = "long";
+      var more = document.createElement("summary");
+      [["head", head + "\u2026"], ["more", "Show more"], ["less", "Show less"]].forEach(function (part, i) {
+        var span = document.createElement("span");
+        span.className = part[0];
+        span.textContent = part[1];
+        if (i === 1) more.appendChild(document.createTextNode(" "));
+        more.appendChild(span);
+      });
+      details.appendChild(more);
+      details.appendChild(text);
+      li.appendChild(details);
+    }
     var time = document.createElement("time");
     time.setAttribute("datetime", m.date);
     time.textContent = m.date.slice(0, 16).replace("T", " ") + " UTC";
@@ -261,7 +289,7 @@
       list.appendChild(messageItem(m));
       ensureMarkAll(list);
     }
-    if (!quiet) announce("New message: " + m.message);
+    if (!quiet) announce("New message: " + (longHead(m.message) === null ? m.message : summary(m.message)));
   }
 
   function removeMessages(ids) {

@@ -702,6 +702,40 @@ async fn every_page_and_state_passes_axe_at_two_widths() {
     // alice
     served.log_in("alice", "/inbox").await;
     audit.check("inbox, four unread").await;
+    // a long message arrives live: shortened like the server's, with its button
+    let live = format!(
+        "Arrived live: {}",
+        "long enough to be shortened. ".repeat(12)
+    );
+    let message = NewMessage::new(Level::STORED_INFO, &live).unwrap();
+    served
+        .store
+        .add_message_for(&[alice], message)
+        .await
+        .unwrap();
+    eventually("the live message to be shortened", WAIT, || async {
+        let n = client
+            .find_all(Locator::Css(
+                "ul.stored-messages-inbox li.message details.long",
+            ))
+            .await
+            .map_err(|e| e.to_string())?
+            .len();
+        if n == 2 {
+            Ok(())
+        } else {
+            Err(format!("{n} shortened"))
+        }
+    })
+    .await;
+    let item = wait_for_text(
+        client,
+        "ul.stored-messages-inbox li.message:last-child",
+        |t| t.contains("Arrived live") && t.contains("Show more"),
+    )
+    .await;
+    assert!(item.contains("Mark read"), "{item}");
+    audit.check("inbox, a long message arrived live").await;
     served.goto("/archive").await;
     audit.check("archive").await;
     served.goto("/?keep=1").await;
