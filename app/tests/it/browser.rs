@@ -746,7 +746,13 @@ async fn every_page_and_state_passes_axe_at_two_widths() {
     type_into(client, "#new", "short").await;
     type_into(client, "#confirm", "other").await;
     click(client, "form.card button[type=submit]").await;
-    wait_for_text(client, ".form-error", |t| !t.is_empty()).await;
+    wait_for_text(client, ".error-summary", |t| !t.is_empty()).await;
+    assert_focus(
+        client,
+        ".error-summary",
+        "the password form's error summary",
+    )
+    .await;
     audit.check("account, password form with errors").await;
     served.goto("/").await;
     audit.check("home, stream shown and marked read").await;
