@@ -26,26 +26,37 @@ use stored_messages::{
 struct LevelChoice {
     name: &'static str,
     /// `Info: saved to your inbox`.
-    text: String,
+    text: &'static str,
     selected: bool,
 }
 
 /// The demo form's level choices, with `chosen` selected, in words: whether a level is
-/// saved to the inbox (for a logged-in user) or shown once.
+/// saved to the inbox (for a logged-in user) or shown once. (What each shows is built
+/// once, for both kinds of visitor.)
 fn level_choices(chosen: &str, logged_in: bool) -> Vec<LevelChoice> {
-    Level::NAMED
+    type Texts = [Vec<(&'static str, String)>; 2];
+    static TEXTS: std::sync::OnceLock<Texts> = std::sync::OnceLock::new();
+    let texts = TEXTS.get_or_init(|| {
+        [false, true].map(|logged_in| {
+            Level::NAMED
+                .iter()
+                .map(|(name, level)| {
+                    let what = if level.is_stored() && logged_in {
+                        "saved to your inbox"
+                    } else {
+                        "shown once, not saved"
+                    };
+                    (*name, format!("{}: {what}", level.label()))
+                })
+                .collect()
+        })
+    });
+    texts[usize::from(logged_in)]
         .iter()
-        .map(|(name, level)| {
-            let what = if level.is_stored() && logged_in {
-                "saved to your inbox"
-            } else {
-                "shown once, not saved"
-            };
-            LevelChoice {
-                name,
-                text: format!("{}: {what}", level.label()),
-                selected: *name == chosen,
-            }
+        .map(|(name, text)| LevelChoice {
+            name,
+            text,
+            selected: *name == chosen,
         })
         .collect()
 }
