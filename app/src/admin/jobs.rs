@@ -170,9 +170,21 @@ pub(super) async fn job_resume(
         Ok(true) => {
             let _ = messages.info("The broadcast is running again.").await;
         }
+        // A running job that makes no progress: its worker stopped renewing its lease (or
+        // is stuck). Waking this instance's worker lets it take the job over as soon as
+        // the lease lapses; it goes on from the last recorded user.
+        Ok(false) if matches!(jobs.get(id).await, Ok(Some(job)) if job.status == "running") => {
+            jobs.start();
+            let _ = messages
+                .info(&format!(
+                    "Asked to go on: a server takes the broadcast over within {} seconds if its worker has stopped.",
+                    crate::jobs::LEASE.as_secs() + crate::jobs::POLL.as_secs()
+                ))
+                .await;
+        }
         Ok(false) => {
             let _ = messages
-                .warning("Only a failed broadcast can be resumed.")
+                .warning("Only a stopped or stuck broadcast can be resumed.")
                 .await;
         }
         Err(e) => log::error!("reference app: resuming job {id} failed: {}", report(&e)),

@@ -447,10 +447,8 @@ async fn large_broadcast_shows_progress_until_done() {
         running_note_shown(client).await,
         "the page says it updates itself"
     );
-    let url_before = client.current_url().await.unwrap();
-    mark_page_as_loaded(client).await;
-
-    // assert: no progress for a while (shortened here to half a second) is said
+    // assert: no progress for a while (shortened here to half a second) is said, with a
+    // way to resume
     client
         .execute(
             "document.querySelector('[data-stall-ms]').setAttribute('data-stall-ms', '500');",
@@ -462,6 +460,25 @@ async fn large_broadcast_shows_progress_until_done() {
         t.contains("may be stuck")
     })
     .await;
+    // axe on this state too (the page of a running, stalled job), when it is installed
+    if let Some(axe) = axe_source() {
+        for width in [390, 1280] {
+            client.set_window_size(width, 1000).await.unwrap();
+            let found = run_axe(client, &axe).await;
+            assert!(
+                found.is_empty(),
+                "job page, stalled, at {width} px: {found:?}"
+            );
+        }
+    }
+    click(client, "[data-job-field=stalled] button").await;
+    wait_for_text(client, "div.messages li.message", |t| {
+        t.contains("Asked to go on")
+    })
+    .await;
+    wait_for_text(client, "[data-job-field=status]", |t| t == "Running").await;
+    let url_before = client.current_url().await.unwrap();
+    mark_page_as_loaded(client).await;
 
     // act: let the deliveries through
     held.commit().await.unwrap();
