@@ -831,6 +831,8 @@ async fn every_page_and_state_passes_axe_at_two_widths() {
     audit
         .check("admin overview, with a background broadcast")
         .await;
+    served.goto("/admin/jobs").await;
+    audit.check("background broadcasts").await;
     served.goto("/admin/messages").await;
     audit.check("messages browser").await;
     type_into(client, "#q", "terms").await;
