@@ -701,6 +701,18 @@ async fn private_pages_are_not_cached_and_carry_security_headers(app: &TestApp) 
         page.headers().get_one("Referrer-Policy"),
         Some("same-origin")
     );
+    for path in ["/inbox", "/archive", "/account"] {
+        let page = b.client.get(path).dispatch().await;
+        assert_eq!(
+            page.headers().get_one("Cache-Control"),
+            Some("no-store"),
+            "{path}"
+        );
+        assert!(page
+            .headers()
+            .get_one("Content-Security-Policy")
+            .is_some_and(|csp| csp.contains("script-src 'self'")));
+    }
     let api = b.client.get("/messages/count").dispatch().await;
     assert_eq!(api.headers().get_one("Cache-Control"), Some("no-store"));
     // Static files stay cacheable.
