@@ -1,7 +1,8 @@
 // Progressive enhancement for the message list: the "mark read" and "mark all read" buttons
 // are plain forms that work without JavaScript (POST, then redirect back). With JavaScript,
 // they call the JSON API with the page's CSRF token and update the list and the unread count
-// in place, and the page follows the inbox live (`<meta name="stored-messages-stream">`):
+// in place (focus moves to the next message, the live region names the one marked read),
+// and the page follows the inbox live (`<meta name="stored-messages-stream">`):
 // new messages appear in the list (announced by the live region) and messages read
 // elsewhere leave it; the unread badge follows. A message that appears live stays unread
 // until it is marked read or a page shows it. Tabs of one browser share one stream (the
@@ -96,7 +97,7 @@
   }
 
   function showEmptyIfNeeded(list) {
-    if (list && !list.querySelector("li.message")) {
+    if (list && !list.querySelector("li.message, li.empty")) {
       var empty = document.createElement("li");
       empty.className = "empty";
       empty.textContent = "No unread messages.";
