@@ -30,33 +30,48 @@ struct LevelChoice {
     selected: bool,
 }
 
-/// The demo form's level choices, with `chosen` selected, in words: whether a level is
-/// saved to the inbox (for a logged-in user) or shown once. (What each shows is built
-/// once, for both kinds of visitor.)
-fn level_choices(chosen: &str, logged_in: bool) -> Vec<LevelChoice> {
-    type Texts = [Vec<(&'static str, String)>; 2];
+/// The demo form's level choices, with `chosen` selected, in words: what happens to a
+/// message of that level here (saved to the inbox of a logged-in user, shown once, or
+/// dropped below `min_level`). The texts are built once; a request only picks.
+fn level_choices(
+    chosen: &str,
+    logged_in: bool,
+    config: &stored_messages::Config,
+) -> Vec<LevelChoice> {
+    const SAVED: usize = 0;
+    const ONCE: usize = 1;
+    const DROPPED: usize = 2;
+    type Texts = Vec<(&'static str, Level, [String; 3])>;
     static TEXTS: std::sync::OnceLock<Texts> = std::sync::OnceLock::new();
     let texts = TEXTS.get_or_init(|| {
-        [false, true].map(|logged_in| {
-            Level::NAMED
-                .iter()
-                .map(|(name, level)| {
-                    let what = if level.is_stored() && logged_in {
-                        "saved to your inbox"
-                    } else {
-                        "shown once, not saved"
-                    };
-                    (*name, format!("{}: {what}", level.label()))
-                })
-                .collect()
-        })
+        Level::NAMED
+            .iter()
+            .map(|(name, level)| {
+                let label = level.label();
+                let texts = [
+                    format!("{label}: saved to your inbox"),
+                    format!("{label}: shown once, not saved"),
+                    format!("{label}: below the minimum level, dropped"),
+                ];
+                (*name, *level, texts)
+            })
+            .collect()
     });
-    texts[usize::from(logged_in)]
+    texts
         .iter()
-        .map(|(name, text)| LevelChoice {
-            name,
-            text,
-            selected: *name == chosen,
+        .map(|(name, level, texts)| {
+            let what = if *level < config.min_level {
+                DROPPED
+            } else if logged_in && config.is_store_level(*level) {
+                SAVED
+            } else {
+                ONCE
+            };
+            LevelChoice {
+                name,
+                text: &texts[what],
+                selected: *name == chosen,
+            }
         })
         .collect()
 }
@@ -116,6 +131,7 @@ pub(crate) fn sentence(text: &str) -> String {
 }
 
 fn home(
+    config: &stored_messages::Config,
     messages: &Messages<'_>,
     user: Option<&CurrentUser>,
     kept: bool,
@@ -134,7 +150,7 @@ fn home(
             kept,
             // A page that fails (a form with errors) marks nothing read.
             marks_read: !kept && errors.is_empty(),
-            levels: level_choices(&form.level, user.is_some()),
+            levels: level_choices(&form.level, user.is_some(), config),
             max_len: MAX_TEXT_CHARS,
             form,
             errors,
@@ -148,13 +164,18 @@ fn home(
 }
 
 #[get("/?<keep>")]
-fn index(messages: Messages<'_>, user: Option<CurrentUser>, keep: Option<&str>) -> Page {
+fn index(
+    messages: Messages<'_>,
+    user: Option<CurrentUser>,
+    keep: Option<&str>,
+    store: &State<Store>,
+) -> Page {
     let kept = matches!(keep, Some("1" | "true" | "yes" | "on"));
     let form = DemoValues {
         level: "stored_info".into(),
         ..DemoValues::default()
     };
-    home(&messages, user.as_ref(), kept, &form, &[])
+    home(store.config(), &messages, user.as_ref(), kept, &form, &[])
 }
 
 #[derive(Debug, FromForm)]
@@ -214,6 +235,7 @@ async fn demo_message(
     form: Form<Contextual<'_, DemoForm<'_>>>,
     messages: Messages<'_>,
     user: Option<CurrentUser>,
+    store: &State<Store>,
 ) -> Result<Redirect, Page> {
     let values = match &form.value {
         Some(f) => DemoValues {
@@ -261,7 +283,15 @@ async fn demo_message(
             }
         }
     }
-    Err(home(&messages, user.as_ref(), false, &values, &errors).status(Status::UnprocessableEntity))
+    Err(home(
+        store.config(),
+        &messages,
+        user.as_ref(),
+        false,
+        &values,
+        &errors,
+    )
+    .status(Status::UnprocessableEntity))
 }
 
 /// The unread inbox, listed without using it up: nothing here is marked read unless the

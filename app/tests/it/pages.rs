@@ -20,6 +20,7 @@ app_tests!(
     demo_form_reports_every_error_at_once,
     archive_pages_go_both_ways,
     inbox_page_says_when_more_are_waiting,
+    demo_levels_say_what_happens_to_the_message,
     head_and_prefetch_consume_nothing,
     the_longest_message_fits_the_form,
     odd_next_values_redirect_instead_of_failing,
@@ -432,6 +433,24 @@ async fn inbox_page_says_when_more_are_waiting(app: &TestApp) {
     assert_eq!(times_shown(&html, "waiting 099"), 1);
     assert_eq!(times_shown(&html, "waiting 100"), 0);
     assert_eq!(badge(&html), "101");
+}
+
+async fn demo_levels_say_what_happens_to_the_message(app: &TestApp) {
+    let anonymous = browser(app).await;
+    let (_, html) = anonymous.get_html("/").await;
+    assert!(
+        html.contains(">Info: shown once, not saved</option>"),
+        "{html}"
+    );
+    assert!(html.contains(">Debug: below the minimum level, dropped</option>"));
+    assert!(
+        !html.contains("saved to your inbox"),
+        "anonymous: nothing is saved"
+    );
+    let (b, _) = logged_in(app, "alice").await;
+    let (_, html) = b.get_html("/").await;
+    assert!(html.contains("value=\"stored_info\" selected>Info: saved to your inbox</option>"));
+    assert!(html.contains(">Info: shown once, not saved</option>"));
 }
 
 async fn the_longest_message_fits_the_form(app: &TestApp) {
