@@ -1,6 +1,6 @@
 // Live progress of a background broadcast: polls the job's status and updates the page in
 // place: the progress bar, the status (in a live region, so it is announced), the heading,
-// and a notice when the job makes no progress for a while. Without JavaScript the page
+// a notice when the job makes no progress for a while, and "Resume" when it failed. Without JavaScript the page
 // refreshes itself slowly (a <noscript> meta refresh) and offers a Refresh link.
 (function () {
   "use strict";
@@ -50,13 +50,15 @@
           return;
         }
         if (stalled) stalled.hidden = true;
-        // Ended: a failed job reloads for its "Resume" button; a finished one says so in
-        // the live region and drops the "updates by itself" note.
+        // Ended: the live region says how (a failed job shows its "Resume" button), and
+        // the "updates by itself" note goes.
         if (job.status === "failed") {
-          window.location.reload();
-          return;
+          var resume = field("resume");
+          if (resume) resume.hidden = false;
+          field("said").textContent = "Broadcast stopped after " + job.delivered + " users.";
+        } else {
+          field("said").textContent = "Broadcast sent to " + job.delivered + " users.";
         }
-        field("said").textContent = "Broadcast sent to " + job.delivered + " users.";
         var notes = box.querySelectorAll("[data-job-while-running]");
         for (var i = 0; i < notes.length; i++) notes[i].hidden = true;
       })

@@ -25,7 +25,56 @@ app_tests!(
     audit_pages_go_both_ways,
     message_browser_searches_text_and_recipients,
     background_broadcasts_page_both_ways,
+    a_failed_job_says_so_in_words_and_offers_resume,
 );
+
+/// A job that failed shows words and a reference to the log, never the database's text,
+/// on its page and in its status; its page offers "Resume" (hidden while a job runs).
+async fn a_failed_job_says_so_in_words_and_offers_resume(app: &TestApp) {
+    // arrange, before the app (and its worker) starts: a job that failed, as the worker
+    // records a failure, with the driver's own words
+    let ops = app.user("ops", false).await;
+    let jobs = Jobs::new(app.users.clone());
+    let message = NewMessage::new(Level::STORED_INFO, "will fail")
+        .unwrap()
+        .into_message(stored_messages::MessageId(1));
+    let job = jobs.queue(&message, ops.id, Some(&[])).await.unwrap();
+    let sql = "update app_broadcast_jobs set status = 'failed', \
+               error = 'error returned from database: (code: 1811) disk I/O error' where id = $1";
+    match app.users.pool() {
+        stored_messages::SqlPool::Sqlite(pool) => {
+            sqlx::query(sql).bind(job.id).execute(pool).await.unwrap();
+        }
+        stored_messages::SqlPool::Postgres(pool) => {
+            sqlx::query(sql).bind(job.id).execute(pool).await.unwrap();
+        }
+    }
+    let b = admin(app).await;
+    let (status, html) = b.get_html(&format!("/admin/jobs/{}", job.id)).await;
+    assert_eq!(status, Status::Ok);
+    assert!(
+        !html.contains("1811") && !html.contains("disk I/O"),
+        "{html}"
+    );
+    assert!(
+        html.contains(&format!("under “broadcast job {}”", job.id)),
+        "{html}"
+    );
+    assert!(html.contains(&format!("Broadcast #{} stopped", job.id)));
+    assert!(
+        html.contains("data-job-field=\"resume\" >") || html.contains("data-job-field=\"resume\">")
+    );
+    let r = b
+        .client
+        .get(format!("/admin/jobs/{}/status", job.id))
+        .dispatch()
+        .await;
+    let body = r.into_string().await.unwrap();
+    assert!(
+        !body.contains("1811") && body.contains("server log"),
+        "{body}"
+    );
+}
 
 /// Every background broadcast, 25 a page both ways, each with its text and date.
 async fn background_broadcasts_page_both_ways(app: &TestApp) {
