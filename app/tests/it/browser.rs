@@ -822,6 +822,28 @@ async fn every_page_and_state_passes_axe_at_two_widths() {
         .await;
     wait_for_text(client, "[data-job-field=status]", |t| t == "Done").await;
     audit.check("job page, done").await;
+    // the same job as if it had failed (the worker leaves a done job alone)
+    let job_path = served
+        .wait_for_location("the job page", |at| at.starts_with("/admin/jobs/"))
+        .await;
+    let job_id: i64 = job_path.trim_start_matches("/admin/jobs/").parse().unwrap();
+    if let stored_messages::SqlPool::Sqlite(pool) = app.users.pool() {
+        sqlx::query("update app_broadcast_jobs set status = 'failed', error = 'disk I/O error' where id = $1")
+            .bind(job_id)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    client.refresh().await.unwrap();
+    wait_for_text(client, "h1", |t| t.ends_with("stopped")).await;
+    audit.check("job page, failed").await;
+    if let stored_messages::SqlPool::Sqlite(pool) = app.users.pool() {
+        sqlx::query("update app_broadcast_jobs set status = 'done', error = null where id = $1")
+            .bind(job_id)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
     served.goto("/admin").await;
     let row = wait_for_text(client, "table tbody tr", |t| {
         t.contains("New terms of service")
