@@ -17,10 +17,11 @@ use std::time::Instant;
 
 use argon2::password_hash::{PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
-use rocket::tokio::io::{AsyncReadExt, AsyncWriteExt};
-use rocket::tokio::net::TcpStream;
 use stored_messages::{Level, NewMessage, Store, UserId};
 use stored_messages_app::users::AppHost;
+
+#[path = "http.rs"]
+mod http;
 
 const PASSWORD: &str = "bench-password";
 /// Requests in flight at once while seeding.
@@ -54,101 +55,6 @@ fn args() -> Result<Args, String> {
         }
     }
     Ok(args)
-}
-
-/// One HTTP/1.1 exchange on a fresh connection; returns the status line, the `Set-Cookie`
-/// name=value pairs and the body.
-async fn http(
-    server: &str,
-    request: String,
-) -> Result<(String, Vec<(String, String)>, String), String> {
-    let mut stream = TcpStream::connect(server)
-        .await
-        .map_err(|e| format!("connecting to {server}: {e}"))?;
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .await
-        .map_err(|e| e.to_string())?;
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let mut lines = head.lines();
-    let status = lines.next().unwrap_or_default().to_string();
-    let cookies = lines
-        .filter_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            if !name.eq_ignore_ascii_case("set-cookie") {
-                return None;
-            }
-            let pair = value.trim().split(';').next()?;
-            let (k, v) = pair.split_once('=')?;
-            Some((k.to_string(), v.to_string()))
-        })
-        .collect();
-    Ok((status, cookies, body.to_string()))
-}
-
-fn cookie_header(jar: &[(String, String)]) -> String {
-    jar.iter()
-        .filter(|(_, v)| !v.is_empty())
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
-fn merge(jar: &mut Vec<(String, String)>, set: Vec<(String, String)>) {
-    for (k, v) in set {
-        jar.retain(|(name, _)| *name != k);
-        jar.push((k, v));
-    }
-}
-
-fn form_encode(value: &str) -> String {
-    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
-}
-
-/// Logs `username` in like a browser (login page for the CSRF token, then the form) and
-/// returns the cookies the server set.
-async fn login(server: &str, username: &str) -> Result<String, String> {
-    let (_, set, body) = http(
-        server,
-        format!("GET /login HTTP/1.1\r\nHost: {server}\r\nConnection: close\r\n\r\n"),
-    )
-    .await?;
-    let mut jar = Vec::new();
-    merge(&mut jar, set);
-    let token = body
-        .split("name=\"csrf_token\" value=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .ok_or("no CSRF token on the login page")?
-        .to_string();
-    let form = format!(
-        "csrf_token={}&username={}&password={}",
-        form_encode(&token),
-        form_encode(username),
-        form_encode(PASSWORD)
-    );
-    let (status, set, _) = http(
-        server,
-        format!(
-            "POST /login HTTP/1.1\r\nHost: {server}\r\nConnection: close\r\n\
-             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
-             Cookie: {}\r\n\r\n{form}",
-            form.len(),
-            cookie_header(&jar)
-        ),
-    )
-    .await?;
-    if !status.contains(" 303 ") {
-        return Err(format!("logging in {username}: {status}"));
-    }
-    merge(&mut jar, set);
-    Ok(cookie_header(&jar))
 }
 
 async fn seed(args: Args) -> Result<(), String> {
@@ -218,7 +124,9 @@ async fn seed(args: Args) -> Result<(), String> {
     // log everyone in
     let mut cookies = Vec::with_capacity(names.len());
     for chunk in names.chunks(PARALLEL) {
-        let logins = chunk.iter().map(|name| login(&args.server, name));
+        let logins = chunk
+            .iter()
+            .map(|name| http::login(&args.server, name, PASSWORD));
         for result in rocket::futures::future::join_all(logins).await {
             cookies.push(result?);
         }

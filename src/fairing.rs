@@ -207,11 +207,14 @@ impl Fairing for StoredMessages {
                             // of whichever instance comes first takes it again.
                             let ttl = Duration::from_secs(interval).mul_f64(0.9);
                             match store.backend().try_lease("cleanup", ttl).await {
-                                Ok(true) => {
-                                    if let Err(e) = store.cleanup().await {
-                                        log::error!("stored-messages: periodic cleanup failed: {}", report(&e));
-                                    }
-                                }
+                                Ok(true) => match store.cleanup().await {
+                                    Ok(done) => log::info!(
+                                        "stored-messages: periodic cleanup: {} expired inbox entries, {} old messages removed",
+                                        done.inbox_entries,
+                                        done.messages
+                                    ),
+                                    Err(e) => log::error!("stored-messages: periodic cleanup failed: {}", report(&e)),
+                                },
                                 Ok(false) => log::debug!("stored-messages: another instance cleans up this time"),
                                 Err(e) => log::error!("stored-messages: periodic cleanup failed: {}", report(&e)),
                             }

@@ -169,11 +169,107 @@ struct Inbox {
     unread: u64,
 }
 
+/// The most inboxes read in one batch.
+const BATCH: usize = 500;
+
+/// Inbox reads of the streams, in batches: when a change concerns many streams at once (a
+/// broadcast wakes every one of them), their reads are gathered and answered with
+/// [`crate::MessageBackend::inbox_list_many`], one query per [`BATCH`] users instead of one
+/// per stream. No timer: while one batch is read, the next one fills.
+#[derive(Default)]
+pub(crate) struct InboxReads {
+    pending: std::sync::Mutex<Pending>,
+}
+
+type Reply = rocket::tokio::sync::oneshot::Sender<Option<Vec<Message>>>;
+
+#[derive(Default)]
+struct Pending {
+    reads: Vec<(UserId, Reply)>,
+    /// A task is reading batches.
+    reading: bool,
+}
+
+impl InboxReads {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `user`'s inbox, read with the other streams' reads asked for meanwhile.
+    async fn read(store: &Store, user: UserId) -> Result<Vec<Message>> {
+        let (reply, answer) = rocket::tokio::sync::oneshot::channel();
+        let start = {
+            let mut pending = store.inbox_reads().pending();
+            pending.reads.push((user, reply));
+            !std::mem::replace(&mut pending.reading, true)
+        };
+        if start {
+            // A task of its own: a stream that goes away must not take the others' reads
+            // with it.
+            rocket::tokio::spawn(InboxReads::drain(store.clone()));
+        }
+        match answer.await {
+            Ok(Some(messages)) => Ok(messages),
+            // The batch failed (or its task ended): this stream asks alone, and gets the
+            // store's own answer or error.
+            _ => {
+                store
+                    .backend()
+                    .inbox_list(user, ListQuery::first(KNOWN_LIMIT))
+                    .await
+            }
+        }
+    }
+
+    /// Reads batches until nobody waits.
+    async fn drain(store: Store) {
+        // Lets the other streams woken by the same change ask first.
+        rocket::tokio::task::yield_now().await;
+        loop {
+            let batch: Vec<(UserId, Reply)> = {
+                let mut pending = store.inbox_reads().pending();
+                if pending.reads.is_empty() {
+                    pending.reading = false;
+                    return;
+                }
+                let n = pending.reads.len().min(BATCH);
+                pending.reads.drain(..n).collect()
+            };
+            let users: Vec<UserId> = batch.iter().map(|(user, _)| *user).collect();
+            // One stream alone (a message to one user) takes the one-user query.
+            let read = if let [user] = users[..] {
+                store
+                    .backend()
+                    .inbox_list(user, ListQuery::first(KNOWN_LIMIT))
+                    .await
+                    .map(|messages| vec![messages])
+            } else {
+                store.backend().inbox_list_many(&users, KNOWN_LIMIT).await
+            };
+            match read {
+                Ok(lists) if lists.len() == batch.len() => {
+                    for ((_, reply), messages) in batch.into_iter().zip(lists) {
+                        let _ = reply.send(Some(messages));
+                    }
+                }
+                failed => {
+                    if let Err(e) = failed {
+                        log::debug!(
+                            "stored-messages: a batch of live inbox reads failed: {}",
+                            crate::report(&e)
+                        );
+                    }
+                    for (_, reply) in batch {
+                        let _ = reply.send(None);
+                    }
+                }
+            }
+        }
+    }
+}
+
 async fn read_inbox(store: &Store, user: UserId) -> Result<Inbox> {
-    let messages = store
-        .backend()
-        .inbox_list(user, ListQuery::first(KNOWN_LIMIT))
-        .await?;
+    let messages = InboxReads::read(store, user).await?;
     let truncated = messages.len() >= KNOWN_LIMIT as usize;
     let unread = if truncated {
         store.backend().inbox_count(user).await?
@@ -301,11 +397,27 @@ impl<'r> rocket::request::FromRequest<'r> for LastEventId {
     }
 }
 
-/// A server-sent event stream with the header nginx needs not to buffer it.
-#[derive(rocket::Responder)]
+/// The largest piece of a stream written at once. Rocket keeps a buffer of this size for
+/// every open response (4 KiB by default); events are a few hundred bytes, and a longer one
+/// is simply written in several pieces.
+const CHUNK: usize = 512;
+
+/// A server-sent event stream with the header nginx needs not to buffer it, written in
+/// pieces of at most [`CHUNK`] bytes, so that an idle stream holds a small buffer.
 pub struct LiveStream<S> {
     stream: EventStream<S>,
-    accel: Header<'static>,
+}
+
+impl<'r, S> rocket::response::Responder<'r, 'r> for LiveStream<S>
+where
+    S: rocket::futures::Stream<Item = Event> + Send + 'r,
+{
+    fn respond_to(self, request: &'r rocket::Request<'_>) -> rocket::response::Result<'r> {
+        let mut response = self.stream.respond_to(request)?;
+        response.set_header(Header::new("X-Accel-Buffering", "no"));
+        response.set_max_chunk_size(CHUNK);
+        Ok(response)
+    }
 }
 
 /// Follows `user`'s inbox for one client.
@@ -369,7 +481,6 @@ pub(crate) async fn stream(
     let first = opening(&mut known, &inbox, last.0.as_deref(), &store);
     Ok(LiveStream {
         stream: follow(store, user.0, changes, known, first, shutdown),
-        accel: Header::new("X-Accel-Buffering", "no"),
     })
 }
 

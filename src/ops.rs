@@ -52,6 +52,7 @@ struct Inner {
     events: Events,
     spill_quota: SpillQuota,
     open_streams: crate::live::OpenStreams,
+    inbox_reads: crate::live::InboxReads,
 }
 
 impl std::fmt::Debug for Store {
@@ -102,6 +103,7 @@ impl Store {
             events: Events::new(),
             spill_quota,
             open_streams: crate::live::OpenStreams::default(),
+            inbox_reads: crate::live::InboxReads::default(),
         };
         Ok(Store {
             inner: Arc::new(inner),
@@ -188,6 +190,10 @@ impl Store {
 
     pub(crate) fn open_streams_counter(&self) -> &crate::live::OpenStreams {
         &self.inner.open_streams
+    }
+
+    pub(crate) fn inbox_reads(&self) -> &crate::live::InboxReads {
+        &self.inner.inbox_reads
     }
 
     /// How many flash spills clients may still create (see [`SpillQuota`]).

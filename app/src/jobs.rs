@@ -2,7 +2,9 @@
 //!
 //! A broadcast whose audience is larger than `admin.background_threshold` users becomes a
 //! job: the message is created once, then delivered chunk by chunk with
-//! [`Store::deliver_once`], the job's cursor (last user id done) saved after each chunk. A
+//! [`Store::deliver_once`], the job's cursor (last user id done) saved after each chunk. On
+//! the SQL backend a chunk of consecutive user ids is stored as a run, as
+//! `broadcast_message` stores it, so a job to a million users writes a few rows. A
 //! restart resumes every running job from its cursor; since `deliver_once` skips users who
 //! already have the message, a chunk that was delivered but not yet recorded is never
 //! delivered twice. A chunk that fails stops the job as `failed`, with what was delivered;
@@ -27,7 +29,7 @@ use stored_messages::report;
 use stored_messages::Store;
 use stored_messages::{Message, UserId};
 
-/// Users per chunk of a background broadcast.
+/// Users per chunk of a background broadcast, unless `admin.broadcast_chunk` says otherwise.
 pub const CHUNK: i64 = 5_000;
 /// How long a job's lease lasts without renewal: after that, another instance may take the
 /// job over.
@@ -118,6 +120,10 @@ pub struct Jobs {
     wake: Arc<Notify>,
     /// This instance's name in the leases it holds.
     owner: Arc<str>,
+    /// Users per chunk.
+    chunk: i64,
+    /// A pause after each chunk, to leave the database to requests.
+    pause: Duration,
 }
 
 const JOB_COLUMNS: &str =
@@ -131,7 +137,18 @@ impl Jobs {
             users,
             wake: Arc::new(Notify::new()),
             owner: stored_messages::changes::instance_name().into(),
+            chunk: CHUNK,
+            pause: Duration::ZERO,
         }
+    }
+
+    /// Delivers `chunk` users at a time (at least 1), pausing `pause` after each chunk: a
+    /// slower broadcast that leaves the database to requests (`admin.broadcast_chunk`,
+    /// `admin.broadcast_pause_ms`).
+    pub fn paced(mut self, chunk: i64, pause: Duration) -> Jobs {
+        self.chunk = chunk.max(1);
+        self.pause = pause;
+        self
     }
 
     /// Records an audit entry; returns its id.
@@ -260,14 +277,14 @@ impl Jobs {
             let ids: Vec<i64> = serde_json::from_str(&job.user_ids).unwrap_or_default();
             let mut ids: Vec<i64> = ids.into_iter().filter(|id| *id > job.cursor).collect();
             ids.sort_unstable();
-            ids.truncate(CHUNK as usize);
+            ids.truncate(usize::try_from(self.chunk).unwrap_or(usize::MAX));
             return Ok(ids.into_iter().map(UserId).collect());
         }
         let sql = "select id from app_users where id > $1 and id <= $2 order by id limit $3";
         let ids: Vec<i64> = with_pool!(self.users.pool(), pool => sqlx::query_scalar(sql)
             .bind(job.cursor)
             .bind(job.max_user_id)
-            .bind(CHUNK)
+            .bind(self.chunk)
             .fetch_all(pool)
             .await?);
         Ok(ids.into_iter().map(UserId).collect())
@@ -363,7 +380,11 @@ impl Jobs {
                 }
                 Err(e) => return self.fail(&job, report(&e)).await,
             }
-            rocket::tokio::task::yield_now().await;
+            if self.pause.is_zero() {
+                rocket::tokio::task::yield_now().await;
+            } else {
+                rocket::tokio::time::sleep(self.pause).await;
+            }
         }
     }
 

@@ -84,8 +84,18 @@ pub fn rocket_from(figment: Figment) -> Rocket<Build> {
                             .extract_inner::<u64>("app.session_days")
                             .unwrap_or(auth::DEFAULT_SESSION_DAYS)
                             .max(1);
+                        let chunk = rocket
+                            .figment()
+                            .extract_inner::<i64>("admin.broadcast_chunk")
+                            .unwrap_or(jobs::CHUNK);
+                        let pause = rocket
+                            .figment()
+                            .extract_inner::<u64>("admin.broadcast_pause_ms")
+                            .unwrap_or(0);
+                        let jobs = Jobs::new(users.clone())
+                            .paced(chunk, std::time::Duration::from_millis(pause));
                         Ok(rocket
-                            .manage(Jobs::new(users.clone()))
+                            .manage(jobs)
                             .manage(throttle::LoginThrottle::default())
                             .manage(auth::SessionLifetime(std::time::Duration::from_secs(
                                 session_days.saturating_mul(86_400),

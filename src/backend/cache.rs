@@ -320,6 +320,11 @@ impl MessageBackend for CachedBackend {
         Ok(fresh)
     }
 
+    async fn inbox_list_many(&self, users: &[UserId], limit: u32) -> Result<Vec<Vec<Message>>> {
+        // Reads the store itself: always as fresh as the store.
+        self.inner.inbox_list_many(users, limit).await
+    }
+
     async fn inbox_count(&self, user: UserId) -> Result<u64> {
         if let Some((messages, true)) = self.window(user).await? {
             let cutoff = self.cutoff();

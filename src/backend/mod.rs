@@ -125,6 +125,9 @@ impl Expiry {
     }
 }
 
+/// How many `inbox_list` calls the default `inbox_list_many` has in flight at once.
+pub const MANY_AT_ONCE: usize = 16;
+
 /// Persistent storage of stored messages, per user: an **inbox** of unread messages and an
 /// **archive** of every message the user received.
 ///
@@ -185,6 +188,22 @@ pub trait MessageBackend: Send + Sync + 'static {
     /// The user's unread messages, oldest first, from `query.after`, at most `query.limit`.
     /// Costs in proportion to the unread messages returned, not to the archive.
     async fn inbox_list(&self, user: UserId, query: ListQuery) -> Result<Vec<Message>>;
+
+    /// The unread messages of each of `users` (in that order), oldest first, at most `limit`
+    /// each: what `inbox_list` answers for each user. Live streams read this way when many
+    /// of them must read at once (a broadcast wakes every stream).
+    ///
+    /// The default asks `inbox_list` for each user, [`MANY_AT_ONCE`] at a time; a backend
+    /// that can answer many users in one query should.
+    async fn inbox_list_many(&self, users: &[UserId], limit: u32) -> Result<Vec<Vec<Message>>> {
+        use rocket::futures::{StreamExt, TryStreamExt};
+        let users: Vec<UserId> = users.to_vec();
+        rocket::futures::stream::iter(users)
+            .map(|user| self.inbox_list(user, ListQuery::first(limit)))
+            .buffered(MANY_AT_ONCE)
+            .try_collect()
+            .await
+    }
 
     /// How many unread messages the user has.
     async fn inbox_count(&self, user: UserId) -> Result<u64>;

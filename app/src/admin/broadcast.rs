@@ -455,13 +455,17 @@ pub(super) async fn broadcast_send(
     if form.value.as_ref().and_then(|f| f.action) == Some("preview") {
         return preview(None);
     }
-    let audience = match &named {
-        Some(ids) => ids.clone(),
-        None => match users.all_ids().await {
-            Ok(ids) => ids,
+    let unavailable = |e: crate::users::UserError, errors: &mut BroadcastErrors| {
+        log::error!("reference app: listing users failed: {}", report(&e));
+        errors.usernames = Some("the user list is unavailable right now".into());
+    };
+    // Everyone is counted, not listed: a background job reads the users chunk by chunk.
+    let size = match &named {
+        Some(ids) => ids.len(),
+        None => match users.count().await {
+            Ok(n) => usize::try_from(n).unwrap_or(usize::MAX),
             Err(e) => {
-                log::error!("reference app: listing users failed: {}", report(&e));
-                errors.usernames = Some("the user list is unavailable right now".into());
+                unavailable(e, &mut errors);
                 return Err(sending.again(&errors, Status::ServiceUnavailable));
             }
         },
@@ -470,13 +474,22 @@ pub(super) async fn broadcast_send(
     // stored before the admin says yes.
     let confirmed = form.value.as_ref().and_then(|f| f.confirmed) == Some("yes");
     if named.is_none() && !confirmed {
-        return preview(Some(audience.len()));
+        return preview(Some(size));
     }
-    if audience.len() > threshold.0 {
-        sending.in_background(&new, named.as_deref()).await
-    } else {
-        sending.now(new, &audience).await
+    if size > threshold.0 {
+        return sending.in_background(&new, named.as_deref()).await;
     }
+    let audience = match named {
+        Some(ids) => ids,
+        None => match users.all_ids().await {
+            Ok(ids) => ids,
+            Err(e) => {
+                unavailable(e, &mut errors);
+                return Err(sending.again(&errors, Status::ServiceUnavailable));
+            }
+        },
+    };
+    sending.now(new, &audience).await
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ app_tests!(
     plain_forms_redirect_back,
     count_says_unread,
     a_thousand_streams_opened_and_closed_leave_none_open,
+    a_stream_that_falls_behind_the_feed_catches_up_exactly,
     a_page_hands_its_inbox_over_to_the_stream,
 );
 
@@ -104,6 +105,55 @@ async fn a_thousand_streams_opened_and_closed_leave_none_open(app: &TestApp) {
         drop(open);
         assert_eq!(store.open_streams(), before, "round {round}: all closed");
     }
+}
+
+/// A stream whose client reads nothing while more changes arrive than the feed keeps for
+/// it (4,096) falls behind: it is told "everything may have changed", reads the inbox once,
+/// and sends exactly what the client lacks. Nothing is dropped silently.
+async fn a_stream_that_falls_behind_the_feed_catches_up_exactly(app: &TestApp) {
+    let (b, alice) = user(app, "alice").await;
+    let bob = app.user("bob", false).await.user_id();
+    let store = TestApp::store(&b).clone();
+    store.changes().wait_live().await;
+    let mut stream = b.client.get("/messages/stream").dispatch().await;
+    assert_eq!(event_names(&mut stream, "count").await, ["count"]);
+    // Three messages for alice, then 4,200 changes for bob, all reported to the stream's
+    // receiver while nobody reads the stream: the changes that concern alice are among
+    // those it could not keep, so only knowing that it fell behind brings them.
+    let mut expected = Vec::new();
+    for round in 0..3 {
+        expected.push(send(&b, alice, &format!("alice {round}")).await);
+    }
+    for round in 0..3 {
+        for chunk in 0..14 {
+            let sends = (0..100).map(|i| {
+                let store = store.clone();
+                async move {
+                    let text = format!("bob {round} {chunk} {i}");
+                    let m = NewMessage::new(Level::STORED_INFO, &text).unwrap();
+                    store.add_message_for(&[bob], m).await.unwrap();
+                }
+            });
+            rocket::futures::future::join_all(sends).await;
+        }
+    }
+    assert!(
+        store.changes().sync().await,
+        "the feed reported every change"
+    );
+    // The stream catches up: alice's three messages, then the count.
+    assert_eq!(
+        event_names(&mut stream, "count").await,
+        ["message", "message", "message", "count"]
+    );
+    let (_, inbox) = get_json(&b, "/messages/inbox").await;
+    let ids: Vec<&str> = inbox["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, expected);
 }
 
 async fn user(app: &TestApp, name: &str) -> (Browser, UserId) {

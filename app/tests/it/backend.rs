@@ -118,6 +118,8 @@ conformance!(
     flush_removes_everything,
     can_handle_follows_store_levels,
     deliver_once_skips_everyone_who_has_it_read_or_unread,
+    deliver_once_in_overlapping_chunks_reaches_each_user_once,
+    inbox_list_many_answers_what_inbox_list_answers,
     message_stats_count_recipients_and_unread,
     message_delete_removes_it_everywhere,
     inbox_cache_answers_exactly_like_the_backend,
@@ -855,6 +857,114 @@ async fn deliver_once_skips_everyone_who_has_it_read_or_unread(t: &TestStore) {
     assert_eq!(archive_len(t, CAROL).await, 1);
 }
 
+async fn deliver_once_in_overlapping_chunks_reaches_each_user_once(t: &TestStore) {
+    // What a background broadcast does, interrupted and resumed: chunks of consecutive
+    // users (the SQL backend stores them as runs), repeated and overlapping, around a
+    // user who already had the message and read it, and a missing user (700).
+    let users = |range: std::ops::RangeInclusive<i64>| -> Vec<UserId> {
+        range.filter(|u| *u != 700).map(UserId).collect()
+    };
+    let m = t
+        .store
+        .add_message_for(&[UserId(5)], stored("chunked"))
+        .await
+        .unwrap()
+        .message;
+    assert!(t.store.mark_read(UserId(5), m.id).await.unwrap());
+    assert_eq!(
+        t.store.deliver_once(&users(1..=500), &m).await.unwrap(),
+        499
+    );
+    assert_eq!(
+        t.store.deliver_once(&users(1..=500), &m).await.unwrap(),
+        0,
+        "a repeated chunk adds nobody"
+    );
+    assert_eq!(
+        t.store.deliver_once(&users(400..=900), &m).await.unwrap(),
+        399,
+        "an overlapping chunk adds only the new users"
+    );
+    assert!(t.store.mark_read(UserId(800), m.id).await.unwrap());
+    assert_eq!(
+        t.store.deliver_once(&users(600..=1200), &m).await.unwrap(),
+        300
+    );
+    assert_eq!(
+        t.store.deliver_once(&[UserId(700)], &m).await.unwrap(),
+        1,
+        "the user between the runs"
+    );
+    // each user has it once; those who read it stay read
+    for user in [1, 499, 500, 501, 700, 900, 901, 1200] {
+        assert_eq!(
+            t.backend().inbox_count(UserId(user)).await.unwrap(),
+            1,
+            "user {user}"
+        );
+        assert_eq!(archive_len(t, UserId(user)).await, 1, "user {user}");
+    }
+    for user in [5, 800] {
+        assert_eq!(t.backend().inbox_count(UserId(user)).await.unwrap(), 0);
+        assert_eq!(archive_len(t, UserId(user)).await, 1);
+    }
+    assert_eq!(t.backend().inbox_count(UserId(1201)).await.unwrap(), 0);
+    let stats = t
+        .backend()
+        .admin()
+        .unwrap()
+        .message_stats(1, None)
+        .await
+        .unwrap();
+    assert_eq!((stats[0].recipients, stats[0].unread), (1200, 1198));
+    // marking all read and delivering again changes nothing
+    assert_eq!(t.store.mark_all_read(UserId(1)).await.unwrap(), 1);
+    assert_eq!(t.store.deliver_once(&users(1..=1200), &m).await.unwrap(), 0);
+    assert_eq!(t.backend().inbox_count(UserId(1)).await.unwrap(), 0);
+}
+
+async fn inbox_list_many_answers_what_inbox_list_answers(t: &TestStore) {
+    // Rows, runs (600 consecutive users), a read marker, a user with nothing, duplicates.
+    let everyone: Vec<UserId> = (1..=600).map(UserId).collect();
+    t.store
+        .add_message_for(&everyone, stored("to everyone"))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        t.store
+            .add_message_for(&[ALICE, UserId(300)], stored(&format!("own {i}")))
+            .await
+            .unwrap();
+    }
+    let read = t
+        .store
+        .add_message_for(&[BOB], stored("read"))
+        .await
+        .unwrap()
+        .message;
+    assert!(t.store.mark_read(BOB, read.id).await.unwrap());
+    assert_eq!(t.store.mark_all_read(CAROL).await.unwrap(), 1);
+    let users = [ALICE, BOB, CAROL, UserId(300), UserId(700), ALICE];
+    for limit in [1, 2, 10] {
+        let many = t.backend().inbox_list_many(&users, limit).await.unwrap();
+        assert_eq!(many.len(), users.len());
+        for (user, list) in users.iter().zip(&many) {
+            let one = t
+                .backend()
+                .inbox_list(*user, ListQuery::first(limit))
+                .await
+                .unwrap();
+            assert_eq!(list, &one, "user {user}, limit {limit}");
+        }
+    }
+    assert!(t
+        .backend()
+        .inbox_list_many(&[], 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 async fn message_stats_count_recipients_and_unread(t: &TestStore) {
     let a = t
         .store
@@ -1294,4 +1404,74 @@ async fn a_lease_has_one_holder_until_its_time_runs_out(t: &TestStore) {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(backend.try_lease("cleanup", ttl).await.unwrap());
     assert!(!backend.try_lease("cleanup", ttl).await.unwrap());
+}
+
+/// A background broadcast in chunks stores what `broadcast_message` stores: a run per
+/// stretch of consecutive users, not a row per user.
+async fn sql_deliver_once_in_chunks_stores_runs(t: &TestStore) {
+    use stored_messages::backend::SqlPool;
+    let m = t
+        .backend()
+        .create_message(&stored("to everyone"))
+        .await
+        .unwrap();
+    let everyone: Vec<UserId> = (1..=20_000).filter(|u| *u != 7_000).map(UserId).collect();
+    let mut added = 0;
+    for chunk in everyone.chunks(5_000) {
+        added += t.store.deliver_once(chunk, &m).await.unwrap();
+    }
+    assert_eq!(added, 19_999);
+    let config = rocket_db_pools::Config {
+        url: t.url.clone(),
+        min_connections: None,
+        max_connections: 1,
+        connect_timeout: 5,
+        idle_timeout: None,
+        extensions: None,
+    };
+    let pool = SqlPool::connect_with(&config).await.unwrap();
+    let count = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            match pool {
+                SqlPool::Sqlite(pool) => sqlx::query_scalar::<_, i64>(sql)
+                    .bind(m.id.0)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap(),
+                SqlPool::Postgres(pool) => sqlx::query_scalar::<_, i64>(sql)
+                    .bind(m.id.0)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap(),
+            }
+        }
+    };
+    assert_eq!(
+        count("select count(*) from sm_audiences where message_id = $1").await,
+        2,
+        "one run on each side of the missing user"
+    );
+    assert_eq!(
+        count("select count(*) from sm_deliveries where message_id = $1").await,
+        0
+    );
+    for (user, unread) in [(1, 1), (6_999, 1), (7_000, 0), (7_001, 1), (20_000, 1)] {
+        assert_eq!(t.backend().inbox_count(UserId(user)).await.unwrap(), unread);
+    }
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_deliver_once_in_chunks_stores_runs() {
+    if let Some(t) = crate::common::sqlite_store().await {
+        sql_deliver_once_in_chunks_stores_runs(&t).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_deliver_once_in_chunks_stores_runs() {
+    if let Some(t) = crate::common::postgres_store().await {
+        sql_deliver_once_in_chunks_stores_runs(&t).await;
+    }
 }

@@ -131,6 +131,16 @@ impl Shared {
     /// Starts `stored-messages serve` without waiting; with `log`, its output goes there at
     /// Rocket's normal log level (errors included).
     fn start(&self, name: &str, log: Option<&std::path::Path>) -> Server {
+        self.start_with(name, log, &[])
+    }
+
+    /// [`Shared::start`] with more `ROCKET_*` variables.
+    fn start_with(
+        &self,
+        name: &str,
+        log: Option<&std::path::Path>,
+        extra: &[(&str, &str)],
+    ) -> Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -141,6 +151,7 @@ impl Shared {
             .arg("serve")
             .env("ROCKET_ADDRESS", "127.0.0.1")
             .env("ROCKET_PORT", port.to_string())
+            .envs(extra.iter().copied())
             .stdin(Stdio::null());
         match log {
             Some(path) => {
@@ -515,6 +526,7 @@ process_tests!(
     a_cli_send_is_seen_by_the_next_request,
     a_write_through_one_server_is_seen_by_the_next_request_to_another,
     writes_stay_visible_while_the_change_feed_is_killed,
+    periodic_cleanup_runs_on_one_instance_per_interval,
 );
 
 const PASSWORD: &str = "correct-horse-battery";
@@ -722,7 +734,17 @@ async fn a_broadcast_whose_instance_is_killed_is_finished_by_another(shared: &Sh
             sqlx::query(&sql).execute(pool).await.unwrap();
         }
     }
-    let mut doomed = shared.serve(&format!("sm_doomed_{}", random_id())).await;
+    // The doomed instance goes at a gentle pace (2,000 users, then a pause), so that it
+    // can be killed midway.
+    let mut doomed = shared.start_with(
+        &format!("sm_doomed_{}", random_id()),
+        None,
+        &[(
+            "ROCKET_ADMIN",
+            "{broadcast_chunk=2000,broadcast_pause_ms=100}",
+        )],
+    );
+    doomed.wait_ready().await;
     let survivor = shared.serve(&format!("sm_survivor_{}", random_id())).await;
     let root = Browser::login(&doomed, "root", PASSWORD).await;
     let form = format!(
@@ -731,11 +753,23 @@ async fn a_broadcast_whose_instance_is_killed_is_finished_by_another(shared: &Sh
     );
     let answer = processes_post(&doomed.address, "/admin/broadcast", &root.cookie, &form).await;
     assert_eq!(answer.status, 303, "{}", answer.body);
-    // Killed while its job runs.
+    // Killed while its job runs, once it recorded a first chunk.
+    let jobs = stored_messages_app::jobs::Jobs::new(users.clone());
+    let started = Instant::now();
+    loop {
+        let job = jobs.recent(1).await.unwrap().pop();
+        if job.is_some_and(|job| job.delivered > 0) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no chunk delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     doomed.child.kill().unwrap();
     let killed = Instant::now();
     doomed.child.wait().unwrap();
-    let jobs = stored_messages_app::jobs::Jobs::new(users.clone());
     let job = jobs
         .recent(1)
         .await
@@ -745,6 +779,10 @@ async fn a_broadcast_whose_instance_is_killed_is_finished_by_another(shared: &Sh
     assert_eq!(
         job.status, "running",
         "the job ended before the kill: {job:?}"
+    );
+    assert!(
+        job.delivered > 0 && job.delivered < job.total,
+        "killed midway: {job:?}"
     );
     println!(
         "job {} killed at {} of {} users",
@@ -849,4 +887,52 @@ async fn any_request_may_go_to_any_instance(shared: &Shared) {
     for i in 0..4 {
         assert!(page.body.contains(&format!("flash{i} ")), "flash {i} shown");
     }
+}
+
+/// Three instances with a cleanup every second: between them, one cleanup per interval
+/// (each takes the store's `cleanup` lease for 0.9 of the interval), not one per instance.
+async fn periodic_cleanup_runs_on_one_instance_per_interval(shared: &Shared) {
+    let stored = shared
+        .env("cleanup")
+        .into_iter()
+        .find(|(name, _)| *name == "ROCKET_STORED_MESSAGES")
+        .map(|(_, value)| value.replace("cleanup_interval_secs=0", "cleanup_interval_secs=1"))
+        .unwrap();
+    let logs: Vec<std::path::PathBuf> = (0..3)
+        .map(|i| shared.dir.path().join(format!("cleanup-{i}.log")))
+        .collect();
+    let _keep = KeepLogs(logs.clone());
+    // The database exists before the instances start (no race on the first admin).
+    shared.cli(&["migrate"], "");
+    let started = Instant::now();
+    let mut servers: Vec<Server> = logs
+        .iter()
+        .enumerate()
+        .map(|(i, log)| {
+            shared.start_with(
+                &format!("sm_cleanup_{i}_{}", random_id()),
+                Some(log),
+                &[("ROCKET_STORED_MESSAGES", &stored)],
+            )
+        })
+        .collect();
+    for server in &mut servers {
+        server.wait_ready().await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    drop(servers);
+    let elapsed = started.elapsed();
+    let mut runs = Vec::new();
+    for log in &logs {
+        let text = std::fs::read_to_string(log).unwrap();
+        runs.push(text.matches("periodic cleanup:").count());
+        assert!(!text.contains("cleanup failed"), "{}", log.display());
+    }
+    let total: usize = runs.iter().sum();
+    let most = (elapsed.as_secs_f64() / 0.9).floor() as usize + 1;
+    println!("{total} cleanups in {elapsed:?} by three instances ({runs:?}), at most {most}");
+    assert!(
+        (4..=most).contains(&total),
+        "{total} cleanups in {elapsed:?} ({runs:?}): one per interval, at most {most}"
+    );
 }

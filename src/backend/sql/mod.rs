@@ -407,6 +407,89 @@ fn split_runs(users: &[i64], min_run: usize) -> (Vec<Run>, Vec<i64>) {
     (runs, singles)
 }
 
+/// How `deliver_once` changes the runs of one message: the stretches no run covered yet
+/// (`fresh`), and the runs it replaces (`remove`) by the merged ones it stores (`insert`).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct RunPlan {
+    fresh: Vec<Run>,
+    remove: Vec<Run>,
+    insert: Vec<Run>,
+}
+
+/// Plans adding the runs `wanted` (sorted, disjoint, each within its bucket) to a message
+/// whose runs are `existing` (each with its `expired` flag; disjoint, as every message's
+/// runs are). What an existing run covers is left alone; each fresh stretch is merged with
+/// the unexpired runs it touches (ids next to each other), so runs never overlap and a
+/// bucket keeps few runs per message. An expired run is never extended: its users are
+/// already counted out of the inboxes.
+fn plan_runs(wanted: &[Run], existing: &[(Run, bool)]) -> RunPlan {
+    let mut existing: Vec<(Run, bool)> = existing.to_vec();
+    existing.sort_unstable_by_key(|(run, _)| (run.bucket, run.first));
+    let mut plan = RunPlan::default();
+    for want in wanted {
+        let mut next = Some(want.first);
+        for (old, _) in existing.iter().filter(|(old, _)| {
+            old.bucket == want.bucket && old.last >= want.first && old.first <= want.last
+        }) {
+            let Some(start) = next else { break };
+            if old.first > start {
+                plan.fresh.push(Run {
+                    bucket: want.bucket,
+                    first: start,
+                    last: old.first - 1,
+                });
+            }
+            next = old.last.checked_add(1).filter(|n| *n <= want.last);
+        }
+        if let Some(start) = next.filter(|n| *n <= want.last) {
+            plan.fresh.push(Run {
+                bucket: want.bucket,
+                first: start,
+                last: want.last,
+            });
+        }
+    }
+    // Merge per bucket: the fresh stretches with the unexpired runs next to them.
+    let mut pieces: Vec<(Run, bool)> = plan.fresh.iter().map(|run| (*run, true)).collect();
+    pieces.extend(
+        existing
+            .iter()
+            .filter(|(old, expired)| !expired && plan.fresh.iter().any(|f| f.bucket == old.bucket))
+            .map(|(old, _)| (*old, false)),
+    );
+    pieces.sort_unstable_by_key(|(run, _)| (run.bucket, run.first));
+    let mut group: Option<(Run, Vec<Run>, bool)> = None;
+    let close = |group: Option<(Run, Vec<Run>, bool)>, plan: &mut RunPlan| {
+        if let Some((merged, olds, has_fresh)) = group {
+            if has_fresh {
+                plan.remove.extend(olds);
+                plan.insert.push(merged);
+            }
+        }
+    };
+    for (piece, is_fresh) in pieces {
+        group = match group.take() {
+            Some((mut merged, mut olds, has_fresh))
+                if merged.bucket == piece.bucket
+                    && merged.last.checked_add(1) == Some(piece.first) =>
+            {
+                merged.last = piece.last;
+                if !is_fresh {
+                    olds.push(piece);
+                }
+                Some((merged, olds, has_fresh || is_fresh))
+            }
+            previous => {
+                close(previous, &mut plan);
+                let olds = if is_fresh { Vec::new() } else { vec![piece] };
+                Some((piece, olds, is_fresh))
+            }
+        };
+    }
+    close(group, &mut plan);
+    plan
+}
+
 /// Stored messages in SQLite or PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct SqlBackend {
@@ -618,6 +701,20 @@ impl MessageBackend for SqlBackend {
                 .map_err(sql_error)?
         });
         Ok(rows.into_iter().map(Message::from).collect())
+    }
+
+    async fn inbox_list_many(&self, users: &[UserId], limit: u32) -> Result<Vec<Vec<Message>>> {
+        #[cfg(feature = "postgres")]
+        #[allow(irrefutable_let_patterns)]
+        if let SqlPool::Postgres(pool) = &self.pool {
+            return postgres::inbox_list_many(pool, users, limit, self.inbox_cutoff()).await;
+        }
+        // SQLite answers in-process: one query per user costs no round trip.
+        let mut lists = Vec::with_capacity(users.len());
+        for user in users {
+            lists.push(self.inbox_list(*user, ListQuery::first(limit)).await?);
+        }
+        Ok(lists)
     }
 
     async fn inbox_count(&self, user: UserId) -> Result<u64> {
@@ -896,8 +993,116 @@ impl MessageBackend for SqlBackend {
     }
 
     async fn deliver_once(&self, users: &[UserId], message: &Message) -> Result<u64> {
-        self.insert_deliveries(users, message, true, "on conflict do nothing")
+        let ids = unique_users(users);
+        let (runs, singles) = split_runs(&ids, self.settings.audience_min_run);
+        if runs.is_empty() {
+            return self
+                .insert_deliveries(users, message, true, "on conflict do nothing")
+                .await;
+        }
+        // Long stretches of consecutive users become runs, as `deliver` stores them: a
+        // background broadcast to everyone then costs a few rows per chunk, not one per
+        // user. The runs of one message never overlap, so only what no run of the message
+        // covers yet is added, and a run that touches an existing one is merged with it
+        // (a bucket keeps one run per message, as after `deliver`).
+        let (low, high) = (runs[0].bucket, runs[runs.len() - 1].bucket);
+        // Users outside every run get a row, unless a run of the message (or a row) has
+        // them already.
+        let singles_sql = "insert into sm_deliveries (user_id, date_us, message_id, in_inbox) \
+             select u.id, $2, $3, true from ({rows}) as u \
+             where not exists (select 1 from sm_audiences a where a.message_id = $3 \
+             and a.first_user <= u.id and a.last_user >= u.id) \
+             on conflict do nothing";
+        let added = with_pool!(&self.pool, pool => {
+            let mut tx = pool.begin().await.map_err(sql_error)?;
+            // A write first: it serializes deliveries of this message (PostgreSQL locks the
+            // row, SQLite takes its write lock for the whole transaction), so two chunks
+            // never plan from the same old runs.
+            let found = sqlx::query("update sm_messages set level = level where id = $1")
+                .bind(message.id.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql_error)?
+                .rows_affected();
+            if found == 0 {
+                return Err(Error::MessageDoesNotExist(message.id));
+            }
+            let existing: Vec<(i64, i64, i64, bool)> = sqlx::query_as(
+                "select bucket, first_user, last_user, expired from sm_audiences \
+                 where message_id = $1 and bucket >= $2 and bucket <= $3",
+            )
+            .bind(message.id.0)
+            .bind(low)
+            .bind(high)
+            .fetch_all(&mut *tx)
             .await
+            .map_err(sql_error)?;
+            let existing: Vec<(Run, bool)> = existing
+                .into_iter()
+                .map(|(bucket, first, last, expired)| (Run { bucket, first, last }, expired))
+                .collect();
+            let plan = plan_runs(&runs, &existing);
+            let mut added: i64 = 0;
+            for fresh in &plan.fresh {
+                // A user inside the new stretch who has a row already has the message (a
+                // row decides over a run): not counted.
+                let rows: i64 = sqlx::query_scalar(
+                    "select count(*) from sm_deliveries \
+                     where message_id = $1 and user_id >= $2 and user_id <= $3",
+                )
+                .bind(message.id.0)
+                .bind(fresh.first)
+                .bind(fresh.last)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(sql_error)?;
+                added += fresh.last - fresh.first + 1 - rows;
+            }
+            for old in &plan.remove {
+                sqlx::query(
+                    "delete from sm_audiences where bucket = $1 and first_user = $2 \
+                     and message_id = $3",
+                )
+                .bind(old.bucket)
+                .bind(old.first)
+                .bind(message.id.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql_error)?;
+            }
+            for run in &plan.insert {
+                sqlx::query(
+                    "insert into sm_audiences (message_id, bucket, first_user, last_user, date_us) \
+                     values ($1, $2, $3, $4, $5)",
+                )
+                .bind(message.id.0)
+                .bind(run.bucket)
+                .bind(run.first)
+                .bind(run.last)
+                .bind(micros(message.date))
+                .execute(&mut *tx)
+                .await
+                .map_err(sql_error)?;
+            }
+            if !singles.is_empty() {
+                let sql = singles_sql.replace("{rows}", &id_rows(pool, 1));
+                let done = sqlx::query(&sql)
+                    .bind(id_param(pool, &singles))
+                    .bind(micros(message.date))
+                    .bind(message.id.0)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(sql_error)?
+                    .rows_affected();
+                added += i64::try_from(done).unwrap_or(i64::MAX);
+            }
+            if added > 0 {
+                announce!(pool, tx, Change::payload(&ids));
+            }
+            tx.commit().await.map_err(sql_error)?;
+            added
+        });
+        Ok(added.max(0) as u64)
     }
 
     async fn try_lease(&self, name: &str, ttl: std::time::Duration) -> Result<bool> {
@@ -1141,5 +1346,52 @@ mod tests {
         let (runs, _) = split_runs(&[i64::MAX - 1, i64::MAX], 2);
         assert_eq!(runs, [run(i64::MAX >> 16, i64::MAX - 1, i64::MAX)]);
         assert_eq!(bucket(UserId(-1)), -1);
+    }
+
+    #[test]
+    fn planned_runs_add_only_what_is_not_covered_and_merge_with_neighbours() {
+        // nothing yet: the wanted runs as they are
+        let plan = plan_runs(&[run(0, 1, 100)], &[]);
+        assert_eq!(plan.fresh, [run(0, 1, 100)]);
+        assert!(plan.remove.is_empty());
+        assert_eq!(plan.insert, [run(0, 1, 100)]);
+        // the next chunk touches the first: one run for both
+        let plan = plan_runs(&[run(0, 101, 200)], &[(run(0, 1, 100), false)]);
+        assert_eq!(plan.fresh, [run(0, 101, 200)]);
+        assert_eq!(plan.remove, [run(0, 1, 100)]);
+        assert_eq!(plan.insert, [run(0, 1, 200)]);
+        // a repeated chunk: nothing to do
+        let plan = plan_runs(&[run(0, 101, 200)], &[(run(0, 1, 200), false)]);
+        assert_eq!(plan, RunPlan::default());
+        // overlapping both ends and a hole in the middle
+        let existing = [(run(0, 10, 20), false), (run(0, 30, 40), false)];
+        let plan = plan_runs(&[run(0, 15, 50)], &existing);
+        assert_eq!(plan.fresh, [run(0, 21, 29), run(0, 41, 50)]);
+        assert_eq!(plan.remove, [run(0, 10, 20), run(0, 30, 40)]);
+        assert_eq!(plan.insert, [run(0, 10, 50)]);
+        // a gap that stays a gap: two runs
+        let plan = plan_runs(&[run(0, 50, 60)], &[(run(0, 10, 20), false)]);
+        assert!(plan.remove.is_empty());
+        assert_eq!(plan.insert, [run(0, 50, 60)]);
+        // an expired run is skipped over but never extended
+        let plan = plan_runs(&[run(0, 1, 30)], &[(run(0, 11, 20), true)]);
+        assert_eq!(plan.fresh, [run(0, 1, 10), run(0, 21, 30)]);
+        assert!(plan.remove.is_empty());
+        assert_eq!(plan.insert, [run(0, 1, 10), run(0, 21, 30)]);
+        // runs of other buckets are not touched
+        let existing = [(run(1, 65_536, 70_000), false), (run(0, 1, 9), false)];
+        let plan = plan_runs(&[run(0, 10, 65_535)], &existing);
+        assert_eq!(plan.remove, [run(0, 1, 9)]);
+        assert_eq!(plan.insert, [run(0, 1, 65_535)]);
+        // the end of the id space
+        let plan = plan_runs(
+            &[run(i64::MAX >> 16, i64::MAX - 5, i64::MAX)],
+            &[(run(i64::MAX >> 16, i64::MAX - 2, i64::MAX), false)],
+        );
+        assert_eq!(
+            plan.fresh,
+            [run(i64::MAX >> 16, i64::MAX - 5, i64::MAX - 3)]
+        );
+        assert_eq!(plan.insert, [run(i64::MAX >> 16, i64::MAX - 5, i64::MAX)]);
     }
 }

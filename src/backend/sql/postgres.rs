@@ -9,12 +9,13 @@ use sqlx::query::Query;
 use sqlx::{PgPool, Postgres};
 
 use super::{
-    connect_feed, micros, returned_id, sql_error, IdArray, PoolSettings, Run, ACQUIRE_TIMEOUT,
+    connect_feed, micros, returned_id, sql_error, IdArray, MessageRow, PoolSettings, Run,
+    ACQUIRE_TIMEOUT, BUCKET_BITS, MESSAGE_COLUMNS,
 };
 use crate::backend::{Change, FeedSink, Wanted};
 use crate::changes::SYNC_TIMEOUT;
 use crate::error::Result;
-use crate::message::NewMessage;
+use crate::message::{Message, NewMessage, UserId};
 
 /// A pool for a `postgres://` url.
 pub(super) async fn connect(
@@ -103,6 +104,61 @@ pub(super) async fn deliver(
         .await
         .map_err(sql_error)?;
     returned_id(ids)
+}
+
+/// A message of one of several inboxes, as `inbox_list_many` reads them.
+#[derive(sqlx::FromRow)]
+struct InboxRow {
+    ord: i64,
+    #[sqlx(flatten)]
+    message: MessageRow,
+}
+
+/// `inbox_list_many` of the SQL backend on PostgreSQL: the query of `inbox_list` once per
+/// user inside one statement (a lateral join over the ids), so a thousand inboxes cost one
+/// round trip.
+pub(super) async fn inbox_list_many(
+    pool: &PgPool,
+    users: &[UserId],
+    limit: u32,
+    cutoff: i64,
+) -> Result<Vec<Vec<Message>>> {
+    let sql = format!(
+        "select u.ord, x.* from unnest($1::int8[]) with ordinality as u(id, ord) \
+         cross join lateral ( \
+         select * from (select {MESSAGE_COLUMNS} from sm_deliveries d \
+         join sm_messages m on m.id = d.message_id \
+         where d.user_id = u.id and d.in_inbox and d.date_us >= $2 \
+         order by d.date_us, d.message_id limit $3) as own \
+         union all \
+         select * from (select {MESSAGE_COLUMNS} from sm_audiences a \
+         join sm_messages m on m.id = a.message_id \
+         where a.bucket = u.id >> {BUCKET_BITS} and a.first_user <= u.id and a.last_user >= u.id \
+         and a.date_us >= $2 and not exists (select 1 from sm_deliveries r \
+         where r.user_id = u.id and r.date_us = a.date_us and r.message_id = a.message_id) \
+         order by a.date_us, a.message_id limit $3) as runs \
+         order by date_us, id limit $3) as x \
+         order by u.ord, x.date_us, x.id"
+    );
+    let ids: Vec<i64> = users.iter().map(|u| u.0).collect();
+    let rows: Vec<InboxRow> = sqlx::query_as(&sql)
+        .bind(&ids)
+        .bind(cutoff)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await
+        .map_err(sql_error)?;
+    let mut lists: Vec<Vec<Message>> = users.iter().map(|_| Vec::new()).collect();
+    for row in rows {
+        // `ord` counts from 1, in the order of `users`.
+        if let Some(list) = usize::try_from(row.ord - 1)
+            .ok()
+            .and_then(|i| lists.get_mut(i))
+        {
+            list.push(Message::from(row.message));
+        }
+    }
+    Ok(lists)
 }
 
 /// PostgreSQL's change feed: `LISTEN` on the changes channel (see [`CHANGES_CHANNEL`]), on

@@ -125,6 +125,7 @@ process_tests!(
     a_stream_hears_every_process,
     a_reconnect_replays_what_it_missed_or_resyncs,
     sigterm_ends_the_streams_and_the_server,
+    streams_closed_by_their_clients_free_what_they_held,
 );
 
 async fn a_stream_hears_every_process(shared: &Shared) {
@@ -238,6 +239,28 @@ async fn sigterm_ends_the_streams_and_the_server(shared: &Shared) {
         stream.expect("count").await;
         streams.push(stream);
     }
+    // A request in flight: its head and half its body sent before the signal.
+    let body = format!(
+        "csrf_token={}&level=stored_info&message=in+flight",
+        alice.token
+    );
+    let (first, rest) = body.split_at(body.len() / 2);
+    let mut in_flight = TcpStream::connect(&server.address).await.unwrap();
+    in_flight
+        .write_all(
+            format!(
+                "POST /demo/message HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\
+                 Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
+                 Cookie: {}\r\n\r\n{first}",
+                server.address,
+                body.len(),
+                alice.cookie
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let asked = Instant::now();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &server.child.id().to_string()])
@@ -247,6 +270,35 @@ async fn sigterm_ends_the_streams_and_the_server(shared: &Shared) {
     for stream in &mut streams {
         assert!(stream.next().await.is_none(), "the stream ends");
     }
+    // No new request is taken: a connection is refused, or closed unanswered.
+    if let Ok(mut late) = TcpStream::connect(&server.address).await {
+        let request = format!(
+            "GET /health HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            server.address
+        );
+        let _ = late.write_all(request.as_bytes()).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(EVENT_WAIT, late.read_to_end(&mut answer)).await;
+        assert!(
+            answer.is_empty(),
+            "a request after the signal was answered: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    // The request in flight is finished: the rest of its body arrives after the signal,
+    // and it is answered (and its message stored).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    in_flight.write_all(rest.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(EVENT_WAIT, in_flight.read_to_end(&mut answer))
+        .await
+        .expect("an answer to the request in flight")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 303"),
+        "the request in flight was answered: {answer}"
+    );
     println!("SIGTERM: the streams ended after {:?}", asked.elapsed());
     loop {
         if let Some(status) = server.child.try_wait().unwrap() {
@@ -262,4 +314,72 @@ async fn sigterm_ends_the_streams_and_the_server(shared: &Shared) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let out = shared.cli(&["inbox", "alice"], "");
+    assert!(out.contains("in flight"), "stored before the exit: {out}");
+}
+
+/// Open file descriptors of a process (each open stream holds one socket).
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Clients that go away free what their streams held, in a real server: three rounds of
+/// 500 streams opened (each has its first event) and closed. The next write tells each
+/// stream that its client left (the heartbeat would, at the latest); then the server's
+/// sockets are back to where they were, and its memory after the third round is what it
+/// was after the first (a leak of what a stream holds, ~50 KiB, would show as 25 MB).
+async fn streams_closed_by_their_clients_free_what_they_held(shared: &Shared) {
+    shared.cli(&["createuser", "alice"], &format!("{PASSWORD}\n"));
+    let server = shared.serve(&format!("sm_free_{}", random_id())).await;
+    let alice = Browser::login(&server, "alice", PASSWORD).await;
+    let pid = server.child.id();
+    let baseline = open_fds(pid);
+    let mut memory = Vec::new();
+    for round in 0..3 {
+        let before = open_fds(pid);
+        let mut streams = Vec::new();
+        for _ in 0..500 {
+            let mut stream = EventReader::open(&server, &alice.cookie, None).await;
+            stream.expect("count").await;
+            streams.push(stream);
+        }
+        // (Give or take a pooled connection closing meanwhile.)
+        let open = open_fds(pid);
+        assert!(
+            open + 12 >= before + 500,
+            "round {round}: {open} open, {before} before"
+        );
+        drop(streams);
+        shared.cli(&["send", "--to", "alice", &format!("round {round}")], "");
+        let closed = Instant::now();
+        // (The pools may have opened a few connections of their own meanwhile.)
+        while open_fds(pid) > baseline + 12 {
+            assert!(
+                closed.elapsed() < Duration::from_secs(30),
+                "round {round}: {} descriptors open, {baseline} before",
+                open_fds(pid)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        memory.push(rss_kib(pid));
+    }
+    println!("server memory after each round of 500 streams: {memory:?} KiB");
+    assert!(
+        memory[2] <= memory[0] + 8 * 1024,
+        "memory grew from round to round: {memory:?} KiB"
+    );
 }
