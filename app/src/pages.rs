@@ -9,17 +9,16 @@ use rocket::form::{Contextual, Form};
 use rocket::http::Status;
 use rocket::response::Redirect;
 use rocket::serde::Serialize;
-use rocket::{Catcher, Request, Route};
+use rocket::{Catcher, Request, Route, State};
 use rocket_dyn_templates::context;
-
-use crate::auth::CurrentUser;
-use crate::paging::Trail;
-use rocket::State;
 use stored_messages::template::Page;
 use stored_messages::{
     Cursor, Level, ListQuery, MessageId, Messages, NewMessage, Store, StreamMessage,
     MAX_STREAM_STORED, MAX_TEXT_CHARS,
 };
+
+use crate::auth::CurrentUser;
+use crate::paging::Trail;
 
 /// A level choice of the demo form.
 #[derive(Serialize)]
@@ -326,6 +325,7 @@ pub(crate) fn cursor_text(cursor: &Cursor) -> String {
     format!("{}_{}", cursor.date.timestamp_micros(), cursor.id.0)
 }
 
+/// The position [`cursor_text`] wrote; `None` for anything else.
 pub(crate) fn parse_cursor(text: &str) -> Option<Cursor> {
     let (micros, id) = text.split_once('_')?;
     let date = chrono::DateTime::from_timestamp_micros(micros.parse().ok()?)?;

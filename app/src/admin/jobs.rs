@@ -1,4 +1,7 @@
-//! A background broadcast's page, its status (polled by admin.js) and its resumption.
+//! Background broadcasts: their list, a job's page, its status (polled by admin.js) and its
+//! resumption.
+
+use std::sync::Arc;
 
 use rocket::http::Status;
 use rocket::response::Redirect;
@@ -9,11 +12,8 @@ use stored_messages::report;
 use stored_messages::template::Page;
 use stored_messages::Messages;
 
-use std::sync::Arc;
-
 use super::AdminUser;
-use crate::jobs::Job;
-use crate::jobs::Jobs;
+use crate::jobs::{Job, Jobs};
 use crate::paging::Trail;
 use crate::users::Users;
 

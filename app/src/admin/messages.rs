@@ -1,4 +1,5 @@
-//! The audit log of broadcasts, the message browser with deletion, and cleanup.
+//! The audit log of broadcasts, the message browser (pages both ways, search) with deletion,
+//! and cleanup.
 
 use std::sync::Arc;
 

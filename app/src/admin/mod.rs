@@ -3,8 +3,9 @@
 //! is sent to the login page and comes back after it.
 //!
 //! - `broadcast.rs`: the broadcast form, its validation and the two ways of sending;
-//! - `jobs.rs`: a background broadcast's page, status and resumption;
-//! - `messages.rs`: the audit log, the message browser, deletion and cleanup.
+//! - `jobs.rs`: the background broadcasts: their list, a page each, status and resumption;
+//! - `messages.rs`: the audit log, the message browser (paged, searchable), deletion and
+//!   cleanup.
 
 use std::sync::Arc;
 
