@@ -14,8 +14,10 @@
   function stallMs() {
     return parseInt(box.getAttribute("data-stall-ms"), 10) || 30000;
   }
-  var lastDelivered = null;
-  var lastProgress = Date.now();
+  // The page says whether the job already looked stuck to the server.
+  var stalledNotice = box.querySelector('[data-job-field="stalled"]');
+  var lastDelivered = parseInt(box.querySelector('[data-job-field="delivered"]').textContent, 10);
+  var lastProgress = stalledNotice && !stalledNotice.hidden ? 0 : Date.now();
   function field(name) { return box.querySelector('[data-job-field="' + name + '"]'); }
   function poll() {
     fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })

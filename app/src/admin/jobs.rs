@@ -75,12 +75,14 @@ pub(super) async fn job_page(
     id: i64,
     messages: Messages<'_>,
     jobs: &State<Jobs>,
+    users: &State<Arc<Users>>,
 ) -> Result<Page, Status> {
     let job = jobs
         .get(id)
         .await
         .map_err(|_| Status::ServiceUnavailable)?
         .ok_or(Status::NotFound)?;
+    let stalled = job.status == "running" && is_unattended(users, &job).await;
     // What is being sent, and to whom, from the job's own copy of the message.
     let message: Option<stored_messages::Message> = serde_json::from_str(&job.message).ok();
     let audience = if job.audience == "list" {
@@ -98,8 +100,41 @@ pub(super) async fn job_page(
             text: message.as_ref().map(|m| m.message.as_str()),
             level_label: message.as_ref().map(|m| m.level.label()),
             audience,
+            stalled,
         },
     ))
+}
+
+/// Whether a running job has had no worker for a while: its lease (which a working
+/// instance renews with every chunk) lapsed, or it was never taken, longer than a worker
+/// takes to notice. The page then says it may be stuck even without JavaScript. (Reads the
+/// lease by the job's primary key; the jobs module owns it.)
+async fn is_unattended(users: &Users, job: &Job) -> bool {
+    let sql = "select lease_until_us from app_broadcast_jobs where id = $1";
+    let lease: Result<(Option<i64>,), sqlx::Error> =
+        with_pool!(users.pool(), pool => sqlx::query_as(sql).bind(job.id).fetch_one(pool).await);
+    match lease {
+        Ok((lease,)) => {
+            let now = stored_messages::backend::micros(chrono::Utc::now());
+            unattended(lease, job.created_us, now)
+        }
+        Err(e) => {
+            log::warn!(
+                "reference app: reading the lease of job {} failed: {}",
+                job.id,
+                report(&e)
+            );
+            false
+        }
+    }
+}
+
+/// Whether a job whose lease ends at `lease` (µs; `None`: never taken) and that was
+/// created at `created` has had no worker for longer than a worker takes to notice (a
+/// lease, then a poll), at `now`.
+fn unattended(lease: Option<i64>, created: i64, now: i64) -> bool {
+    let grace = (crate::jobs::LEASE + crate::jobs::POLL).as_micros() as i64;
+    lease.unwrap_or(created) + grace < now
 }
 
 /// A job's status in a word.
@@ -190,4 +225,23 @@ pub(super) async fn job_resume(
         Err(e) => log::error!("reference app: resuming job {id} failed: {}", report(&e)),
     }
     Redirect::to(format!("/admin/jobs/{id}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unattended;
+
+    #[test]
+    fn a_job_is_unattended_once_its_lease_lapsed_for_longer_than_a_poll() {
+        let second = 1_000_000;
+        let now = 1_000 * second;
+        // taken, lease still running or just lapsed: attended
+        assert!(!unattended(Some(now + 10 * second), 0, now));
+        assert!(!unattended(Some(now - 5 * second), 0, now));
+        // lapsed for a minute: nobody works on it
+        assert!(unattended(Some(now - 60 * second), 0, now));
+        // never taken: judged from its creation
+        assert!(!unattended(None, now - 2 * second, now));
+        assert!(unattended(None, now - 60 * second, now));
+    }
 }
