@@ -89,6 +89,22 @@ impl Level {
         }
     }
 
+    /// The level in a word people read on a page: `"Info"` for both INFO and STORED_INFO,
+    /// `"Debug"`, `"Success"`, `"Warning"`, `"Error"`; `"Message"` for a custom level.
+    ///
+    /// Level tags are for CSS classes and may be anything a host configures; this is what
+    /// the shipped templates print.
+    pub fn label(self) -> &'static str {
+        match self.0 {
+            10 | 11 => "Debug",
+            20 | 21 => "Info",
+            25 | 26 => "Success",
+            30 | 31 => "Warning",
+            40 | 41 => "Error",
+            _ => "Message",
+        }
+    }
+
     /// Whether this is one of the five default stored levels (11, 21, 26, 31, 41).
     ///
     /// Which levels are actually persisted is the `store_levels` setting; this only tells

@@ -141,7 +141,8 @@
 //!   records exactly which messages were shown. Shown flash messages leave the cookie
 //!   immediately; the fairing marks the shown stored messages read after a successful
 //!   response. A message that reaches the inbox after the stream was shown stays unread.
-//!   `set_used(false)` keeps everything.
+//!   `set_used(false)` keeps everything. A page that lists the inbox or the archive itself
+//!   shows [`Messages::flash`] instead: the one-time notices alone, the inbox untouched.
 //! - Without a request, the managed [`Store`] sends ([`Store::add_message_for`],
 //!   [`Store::broadcast_message`]) and reads ([`Store::mark_read`],
 //!   [`Store::mark_all_read`]); every write publishes [`Event`]s.
@@ -345,4 +346,6 @@ pub use crate::message::{
 };
 pub use crate::ops::{Delivery, Store};
 pub use crate::redirect::local_path;
-pub use crate::request::{Messages, StreamMessage, MAX_STREAM_STORED, OVERFLOW_NOTICE};
+pub use crate::request::{
+    Messages, StreamMessage, LONG_TEXT_CHARS, MAX_STREAM_STORED, OVERFLOW_NOTICE,
+};

@@ -42,6 +42,8 @@ pub struct StreamMessage {
     pub level: Level,
     /// Its level tag (`"stored info"`).
     pub level_tag: String,
+    /// The level in a word for people (`"Info"`, see [`Level::label`]).
+    pub level_label: &'static str,
     /// Extra tags then the level tag, space separated: use as CSS classes.
     pub tags: String,
     /// Extra tags alone.
@@ -57,6 +59,25 @@ pub struct StreamMessage {
     pub date_text: String,
     /// The text cut to 40 characters (with `…`), for labels such as a button's.
     pub summary: String,
+    /// For a long text (over [`LONG_TEXT_CHARS`] characters): its start, about 200
+    /// characters cut at a space, which the templates show with the rest behind "Show more".
+    /// `None` for a text short enough to show whole.
+    pub head: Option<String>,
+}
+
+/// Texts longer than this (in characters) have a [`StreamMessage::head`].
+pub const LONG_TEXT_CHARS: usize = 300;
+
+/// The start of a long text (see [`StreamMessage::head`]).
+pub(crate) fn long_head(text: &str) -> Option<&str> {
+    let mut chars = text.char_indices();
+    chars.nth(LONG_TEXT_CHARS)?;
+    let cut = text.char_indices().nth(200).map_or(text.len(), |(i, _)| i);
+    let head = &text[..cut];
+    Some(match head.rfind(char::is_whitespace) {
+        Some(space) if space > cut / 2 => head[..space].trim_end(),
+        _ => head,
+    })
 }
 
 /// Appends `n` as exactly `width` decimal digits (`n` is below `10^width`).
@@ -155,12 +176,14 @@ impl StreamMessage {
             level: m.level(),
             tags: join_tags(m.extra_tags(), &level_tag),
             level_tag,
+            level_label: m.level().label(),
             extra_tags: m.extra_tags().to_string(),
             message: m.message().to_string(),
             url: m.url().map(str::to_string),
             date: m.date(),
             date_text: date_text(m.date()),
             summary: summary(m.message()),
+            head: long_head(m.message()).map(str::to_string),
         }
     }
 
@@ -173,12 +196,14 @@ impl StreamMessage {
             level: m.level,
             tags: join_tags(&m.extra_tags, &level_tag),
             level_tag,
+            level_label: m.level.label(),
             extra_tags: m.extra_tags.clone(),
             message: m.message.clone(),
             url: m.url.clone(),
             date: m.date,
             date_text: date_text(m.date),
             summary: summary(&m.message),
+            head: long_head(&m.message).map(str::to_string),
         }
     }
 }
@@ -225,11 +250,12 @@ impl Serialize for StreamView<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let level_tag = self.tags.tag(self.level);
-        let mut out = serializer.serialize_struct("StreamMessage", 11)?;
+        let mut out = serializer.serialize_struct("StreamMessage", 13)?;
         out.serialize_field("id", &self.id)?;
         out.serialize_field("stored", &self.id.is_some())?;
         out.serialize_field("level", &self.level)?;
         out.serialize_field("level_tag", level_tag)?;
+        out.serialize_field("level_label", self.level.label())?;
         out.serialize_field("tags", &join_tags(self.extra_tags, level_tag))?;
         out.serialize_field("extra_tags", self.extra_tags)?;
         out.serialize_field("message", self.message)?;
@@ -237,6 +263,7 @@ impl Serialize for StreamView<'_> {
         out.serialize_field("date", &rfc3339(self.date))?;
         out.serialize_field("date_text", &date_text(self.date))?;
         out.serialize_field("summary", &summary(self.message))?;
+        out.serialize_field("head", &long_head(self.message))?;
         out.end()
     }
 }
@@ -573,6 +600,31 @@ impl<'r> Messages<'r> {
         inner
     }
 
+    /// The flash messages alone, in date order, marking them shown (they leave the cookie);
+    /// the stored messages stay as they are, neither shown nor marked read.
+    ///
+    /// For pages that list the inbox or the archive themselves and must not consume it:
+    /// put `messages.flash()` in the context where the stream would go.
+    pub fn flash(&self) -> Vec<StreamMessage> {
+        let tags = self.store.level_tags();
+        let mut inner = self.state.lock();
+        for (_, shown) in inner.flash.iter_mut() {
+            *shown = true;
+        }
+        // `used` settles only what is marked shown: no stored message is.
+        inner.used = !inner.look_only;
+        if !inner.flash.is_empty() {
+            self.rewrite_cookies(&mut inner);
+        }
+        let mut flash: Vec<StreamMessage> = inner
+            .flash
+            .iter()
+            .map(|(m, _)| StreamMessage::flash(m, tags))
+            .collect();
+        flash.sort_by_key(|m| m.date);
+        flash
+    }
+
     /// How many messages the stream holds now, without showing it.
     pub fn len(&self) -> usize {
         let inner = self.state.lock();
@@ -821,6 +873,17 @@ mod tests {
     }
 
     #[test]
+    fn long_texts_have_a_head_cut_at_a_space() {
+        assert_eq!(long_head(&"x".repeat(300)), None);
+        let long = "word ".repeat(100);
+        let head = long_head(&long).unwrap();
+        assert!(head.len() <= 200 && head.len() > 150, "{head:?}");
+        assert!(head.ends_with("word"), "{head:?}");
+        let unbroken = "❤".repeat(301);
+        assert_eq!(long_head(&unbroken).unwrap(), "❤".repeat(200));
+    }
+
+    #[test]
     fn views_serialize_exactly_like_stream_messages() {
         let tags = LevelTags::new([(Level::STORED_INFO, "note".to_string())].into());
         let stored = Message {
@@ -834,6 +897,14 @@ mod tests {
         assert_eq!(
             serde_json::to_value(StreamView::stored(&stored, &tags)).unwrap(),
             serde_json::to_value(StreamMessage::stored(&stored, &tags)).unwrap()
+        );
+        let long = Message {
+            message: "long enough ".repeat(40),
+            ..stored.clone()
+        };
+        assert_eq!(
+            serde_json::to_value(StreamView::stored(&long, &tags)).unwrap(),
+            serde_json::to_value(StreamMessage::stored(&long, &tags)).unwrap()
         );
         let flash = NewMessage::new(Level::WARNING, "careful").unwrap();
         assert_eq!(

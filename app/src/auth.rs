@@ -109,7 +109,7 @@ async fn login_page(
     };
     Ok(Page::render(
         "auth/login",
-        context! { messages: &messages, next, username: "", error: "", notice },
+        context! { messages: messages.flash(), here: "login", next, username: "", error: "", notice },
     ))
 }
 
@@ -142,7 +142,7 @@ async fn login(
     let failed = |status: Status, error: &str| {
         Page::render(
             "auth/login",
-            context! { messages: &messages, next: &next, username: &raw_name, error },
+            context! { messages: messages.flash(), here: "login", next: &next, username: &raw_name, error },
         )
         .status(status)
     };
@@ -268,7 +268,12 @@ fn account_page(
 ) -> Page {
     let invalid: std::collections::BTreeMap<&str, &str> =
         errors.iter().map(|e| (e.field, e.text.as_str())).collect();
-    Page::render("auth/account", context! { messages, user, errors, invalid }).status(status)
+    let messages = messages.flash();
+    Page::render(
+        "auth/account",
+        context! { messages, here: "account", user, errors, invalid },
+    )
+    .status(status)
 }
 
 #[get("/account")]

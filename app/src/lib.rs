@@ -62,6 +62,7 @@ pub mod auth;
 pub mod cli;
 pub mod jobs;
 pub mod pages;
+pub mod paging;
 pub mod throttle;
 pub mod users;
 

@@ -1,42 +1,76 @@
-//! The reference app's pages: home (the merged stream and a demo form), archive, health,
-//! and the HTML catchers.
+//! The reference app's pages: home (the merged stream and a demo form), inbox, archive,
+//! health, and the HTML catchers.
+//!
+//! Only the home page shows the stored stream and so marks it read (the original's rule);
+//! every other page shows one-time notices alone (`Messages::flash`), so reading the inbox
+//! or the archive uses nothing up.
 
 use rocket::form::{Contextual, Form};
 use rocket::http::Status;
 use rocket::response::Redirect;
 use rocket::serde::Serialize;
-use rocket::{Catcher, Request, Route};
+use rocket::{Catcher, Request, Route, State};
 use rocket_dyn_templates::context;
+use stored_messages::template::Page;
+use stored_messages::{
+    Cursor, Level, ListQuery, MessageId, Messages, NewMessage, Store, StreamMessage,
+    MAX_STREAM_STORED, MAX_TEXT_CHARS,
+};
 
 use crate::auth::CurrentUser;
-use stored_messages::template::Page;
-use stored_messages::{Level, Messages, MAX_TEXT_CHARS};
+use crate::paging::Trail;
 
 /// A level choice of the demo form.
 #[derive(Serialize)]
 struct LevelChoice {
     name: &'static str,
-    /// `stored info (21)`.
+    /// `Info: saved to your inbox`.
     text: &'static str,
     selected: bool,
 }
 
-/// The demo form's level choices, with `chosen` selected. (What each shows is built once;
-/// the page template then has one lookup less per option to make.)
-fn level_choices(chosen: &str) -> Vec<LevelChoice> {
-    static TEXTS: std::sync::OnceLock<Vec<(&'static str, String)>> = std::sync::OnceLock::new();
-    TEXTS
-        .get_or_init(|| {
-            Level::NAMED
-                .iter()
-                .map(|(name, level)| (*name, format!("{} ({})", name.replace('_', " "), level.0)))
-                .collect()
-        })
+/// The demo form's level choices, with `chosen` selected, in words: what happens to a
+/// message of that level here (saved to the inbox of a logged-in user, shown once, or
+/// dropped below `min_level`). The texts are built once; a request only picks.
+fn level_choices(
+    chosen: &str,
+    logged_in: bool,
+    config: &stored_messages::Config,
+) -> Vec<LevelChoice> {
+    const SAVED: usize = 0;
+    const ONCE: usize = 1;
+    const DROPPED: usize = 2;
+    type Texts = Vec<(&'static str, Level, [String; 3])>;
+    static TEXTS: std::sync::OnceLock<Texts> = std::sync::OnceLock::new();
+    let texts = TEXTS.get_or_init(|| {
+        Level::NAMED
+            .iter()
+            .map(|(name, level)| {
+                let label = level.label();
+                let texts = [
+                    format!("{label}: saved to your inbox"),
+                    format!("{label}: shown once, not saved"),
+                    format!("{label}: below the minimum level, dropped"),
+                ];
+                (*name, *level, texts)
+            })
+            .collect()
+    });
+    texts
         .iter()
-        .map(|(name, text)| LevelChoice {
-            name,
-            text,
-            selected: *name == chosen,
+        .map(|(name, level, texts)| {
+            let what = if *level < config.min_level {
+                DROPPED
+            } else if logged_in && config.is_store_level(*level) {
+                SAVED
+            } else {
+                ONCE
+            };
+            LevelChoice {
+                name,
+                text: &texts[what],
+                selected: *name == chosen,
+            }
         })
         .collect()
 }
@@ -50,32 +84,76 @@ struct DemoValues {
     url: String,
 }
 
-#[derive(Debug, Default, Serialize)]
-struct DemoErrors {
-    level: Option<String>,
-    message: Option<String>,
-    extra_tags: Option<String>,
-    url: Option<String>,
+/// One problem of a form, for the field it is about (the error summary links to it).
+#[derive(Debug, Serialize)]
+pub(crate) struct FieldError {
+    pub(crate) field: &'static str,
+    pub(crate) text: String,
+}
+
+/// A short random reference for an error: the log line carries it with the detail, the
+/// page shows it, so a report from a user finds the log line (and the page shows no
+/// database's words).
+pub(crate) fn error_reference() -> String {
+    use rand::Rng;
+    format!("{:08x}", rand::thread_rng().gen::<u32>())
+}
+
+/// What a page says about a failure the user cannot fix: the library's public words, and
+/// for a server-side error a reference to the log line that has the detail.
+pub(crate) fn failure_words(e: &stored_messages::Error, what: &str) -> String {
+    let reference = error_reference();
+    log::error!(
+        "reference app: {what} failed (reference {reference}): {}",
+        stored_messages::report(e)
+    );
+    match e.status().code {
+        503 => sentence(&e.public_message()),
+        code if code >= 500 => format!(
+            "Something went wrong on our side. If it happens again, give an administrator this reference: {reference}."
+        ),
+        _ => sentence(&e.public_message()),
+    }
+}
+
+/// `unknown level "x"` → `Unknown level "x".`: the library's error texts as sentences.
+pub(crate) fn sentence(text: &str) -> String {
+    let mut chars = text.chars();
+    let mut out: String = match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => return String::new(),
+    };
+    if !out.ends_with(['.', '!', '?']) {
+        out.push('.');
+    }
+    out
 }
 
 fn home(
+    config: &stored_messages::Config,
     messages: &Messages<'_>,
     user: Option<&CurrentUser>,
     kept: bool,
     form: &DemoValues,
-    errors: &DemoErrors,
+    errors: &[FieldError],
 ) -> Page {
     // Serializing the guard shows the stream; `?keep=1` then takes that back.
+    let invalid: std::collections::BTreeMap<&str, &str> =
+        errors.iter().map(|e| (e.field, e.text.as_str())).collect();
     let page = Page::render(
         "index",
         context! {
             messages,
+            here: "home",
             user: user.map(|u| &u.0),
             kept,
-            levels: level_choices(&form.level),
+            // A page that fails (a form with errors) marks nothing read.
+            marks_read: !kept && errors.is_empty(),
+            levels: level_choices(&form.level, user.is_some(), config),
             max_len: MAX_TEXT_CHARS,
             form,
             errors,
+            invalid,
         },
     );
     if kept {
@@ -85,19 +163,18 @@ fn home(
 }
 
 #[get("/?<keep>")]
-fn index(messages: Messages<'_>, user: Option<CurrentUser>, keep: Option<&str>) -> Page {
+fn index(
+    messages: Messages<'_>,
+    user: Option<CurrentUser>,
+    keep: Option<&str>,
+    store: &State<Store>,
+) -> Page {
     let kept = matches!(keep, Some("1" | "true" | "yes" | "on"));
     let form = DemoValues {
         level: "stored_info".into(),
         ..DemoValues::default()
     };
-    home(
-        &messages,
-        user.as_ref(),
-        kept,
-        &form,
-        &DemoErrors::default(),
-    )
+    home(store.config(), &messages, user.as_ref(), kept, &form, &[])
 }
 
 #[derive(Debug, FromForm)]
@@ -108,13 +185,56 @@ struct DemoForm<'r> {
     url: Option<&'r str>,
 }
 
+/// Every problem of the demo form at once, in the order of its fields.
+fn demo_errors(values: &DemoValues) -> (Option<Level>, Vec<FieldError>) {
+    let mut errors = Vec::new();
+    let level = match Level::parse(&values.level) {
+        Ok(level) => Some(level),
+        Err(e) => {
+            errors.push(FieldError {
+                field: "level",
+                text: sentence(&e.to_string()),
+            });
+            None
+        }
+    };
+    // The text alone (a plain level, no tags, no url): its own problems only.
+    if values.message.trim().is_empty() {
+        errors.push(FieldError {
+            field: "message",
+            text: "Enter a message.".into(),
+        });
+    } else if let Err(e) = NewMessage::parse(Level::INFO, &values.message, "", None, None) {
+        errors.push(FieldError {
+            field: "message",
+            text: sentence(&e.to_string()),
+        });
+    }
+    if let Err(e) = stored_messages::parse_extra_tags(&values.extra_tags) {
+        errors.push(FieldError {
+            field: "extra_tags",
+            text: sentence(&e.to_string()),
+        });
+    }
+    if !values.url.trim().is_empty() {
+        if let Err(e) = stored_messages::parse_url(values.url.trim()) {
+            errors.push(FieldError {
+                field: "url",
+                text: sentence(&e.to_string()),
+            });
+        }
+    }
+    (level, errors)
+}
+
 /// Adds a message through the guard (stored or flash by level) and goes back home; bad
-/// input re-renders the form with field errors and adds nothing.
+/// input re-renders the form with every field's error at once and adds nothing.
 #[post("/demo/message", data = "<form>")]
 async fn demo_message(
     form: Form<Contextual<'_, DemoForm<'_>>>,
     messages: Messages<'_>,
     user: Option<CurrentUser>,
+    store: &State<Store>,
 ) -> Result<Redirect, Page> {
     let values = match &form.value {
         Some(f) => DemoValues {
@@ -134,25 +254,8 @@ async fn demo_message(
             }
         }
     };
-    let level_input = values.level.clone();
-    let mut errors = DemoErrors::default();
-    let level = match Level::parse(&level_input) {
-        Ok(level) => Some(level),
-        Err(e) => {
-            errors.level = Some(e.to_string());
-            None
-        }
-    };
-    if values.message.trim().is_empty() {
-        errors.message = Some("Enter a message.".into());
-    }
-    // Every field's error at once: the url is checked even when the text is missing.
-    if !values.url.trim().is_empty() {
-        if let Err(e) = stored_messages::parse_url(values.url.trim()) {
-            errors.url = Some(e.to_string());
-        }
-    }
-    if let (Some(level), None, None) = (level, &errors.message, &errors.url) {
+    let (level, mut errors) = demo_errors(&values);
+    if let (Some(level), true) = (level, errors.is_empty()) {
         let url = Some(values.url.as_str()).filter(|u| !u.trim().is_empty());
         match messages
             .add_with(level, &values.message, &values.extra_tags, url)
@@ -160,34 +263,125 @@ async fn demo_message(
         {
             Ok(()) => return Ok(Redirect::to("/")),
             Err(e) if e.is_bad_input() => {
-                let text = e.to_string();
-                match e {
-                    stored_messages::Error::InvalidUrl { .. } => errors.url = Some(text),
+                let field = match e {
+                    stored_messages::Error::InvalidUrl { .. } => "url",
                     stored_messages::Error::ExtraTagsTooLong { .. }
-                    | stored_messages::Error::InvalidExtraTags(_) => errors.extra_tags = Some(text),
-                    _ => errors.message = Some(text),
-                }
+                    | stored_messages::Error::InvalidExtraTags(_) => "extra_tags",
+                    _ => "message",
+                };
+                errors.push(FieldError {
+                    field,
+                    text: sentence(&e.to_string()),
+                });
             }
             Err(e) => {
-                log::error!(
-                    "reference app: adding a message failed: {}",
-                    stored_messages::report(&e)
+                let words = failure_words(&e, "adding a message");
+                return Err(
+                    error_page(e.status(), &words, user.as_ref().map(|u| &u.0)).status(e.status())
                 );
-                return Err(error_page(
-                    e.status(),
-                    &e.public_message(),
-                    user.as_ref().map(|u| &u.0),
-                )
-                .status(e.status()));
             }
         }
     }
-    Err(home(&messages, user.as_ref(), false, &values, &errors).status(Status::UnprocessableEntity))
+    Err(home(
+        store.config(),
+        &messages,
+        user.as_ref(),
+        false,
+        &values,
+        &errors,
+    )
+    .status(Status::UnprocessableEntity))
 }
 
-#[get("/archive")]
-fn archive(messages: Messages<'_>, user: CurrentUser) -> Page {
-    Page::render("archive", context! { messages: &messages, user: &user.0 })
+/// The unread inbox, listed without using it up: nothing here is marked read unless the
+/// reader says so (Mark read, Mark all read). One-time notices still show.
+#[get("/inbox")]
+fn inbox(messages: Messages<'_>, user: CurrentUser) -> Page {
+    // The guard loads at most MAX_STREAM_STORED unread messages: past that, the page says
+    // that more are waiting.
+    let queued = messages.len();
+    let flash = messages.flash();
+    let stored = queued.saturating_sub(flash.len());
+    Page::render(
+        "inbox",
+        context! {
+            messages: flash, here: "inbox", user: &user.0, limit: MAX_STREAM_STORED,
+            more: stored >= MAX_STREAM_STORED as usize,
+        },
+    )
+}
+
+#[get("/inbox", rank = 2)]
+fn inbox_login() -> Redirect {
+    Redirect::to("/login?next=/inbox")
+}
+
+/// Rows of an archive page.
+const ARCHIVE_PAGE: u32 = 25;
+
+/// An archive position as a link carries it: `MICROS_ID` (the date in microseconds since
+/// the epoch and the id of the last message seen).
+pub(crate) fn cursor_text(cursor: &Cursor) -> String {
+    format!("{}_{}", cursor.date.timestamp_micros(), cursor.id.0)
+}
+
+/// The position [`cursor_text`] wrote; `None` for anything else.
+pub(crate) fn parse_cursor(text: &str) -> Option<Cursor> {
+    let (micros, id) = text.split_once('_')?;
+    let date = chrono::DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+    let id = id.parse().ok().filter(|id| *id > 0)?;
+    Some(Cursor {
+        date,
+        id: MessageId(id),
+    })
+}
+
+/// Every stored message the user received, newest first, a page at a time (both ways);
+/// looking at it marks nothing read.
+#[get("/archive?<from>&<back>")]
+async fn archive(
+    messages: Messages<'_>,
+    user: CurrentUser,
+    store: &State<Store>,
+    from: Option<&str>,
+    back: Option<&str>,
+) -> Page {
+    let Some(trail) = Trail::parse(from, back, |s| parse_cursor(s).is_some()) else {
+        return error_page(
+            Status::BadRequest,
+            "This page link is not valid: open the archive from its first page.",
+            Some(&user.0),
+        );
+    };
+    let query = ListQuery {
+        limit: Some(ARCHIVE_PAGE + 1),
+        after: parse_cursor(&trail.from),
+    };
+    let mut rows = match store.backend().archive_list(user.0.user_id(), query).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            let words = failure_words(&e, &format!("the archive of user {}", user.0.id));
+            return error_page(e.status(), &words, Some(&user.0));
+        }
+    };
+    let more = rows.len() > ARCHIVE_PAGE as usize;
+    rows.truncate(ARCHIVE_PAGE as usize);
+    let next = rows
+        .last()
+        .filter(|_| more)
+        .map(|m| cursor_text(&Cursor::after(m)));
+    let tags = store.level_tags();
+    let rows: Vec<StreamMessage> = rows
+        .iter()
+        .map(|m| StreamMessage::stored(m, tags))
+        .collect();
+    Page::render(
+        "archive",
+        context! {
+            messages: messages.flash(), here: "archive", user: &user.0, rows,
+            first: trail.is_first(), pages: trail.links(next),
+        },
+    )
 }
 
 #[get("/archive", rank = 2)]
@@ -228,7 +422,16 @@ async fn ready(
 
 /// The home page, the demo form, the archive and the health checks.
 pub fn routes() -> Vec<Route> {
-    routes![index, demo_message, archive, archive_login, health, ready]
+    routes![
+        index,
+        demo_message,
+        inbox,
+        inbox_login,
+        archive,
+        archive_login,
+        health,
+        ready
+    ]
 }
 
 /// An error page; the header shows who is logged in, on error pages too.
@@ -260,4 +463,35 @@ async fn html_error(status: Status, request: &Request<'_>) -> Page {
 /// HTML error pages for everything outside the JSON API.
 pub fn catchers() -> Vec<Catcher> {
     catchers![html_error]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn library_errors_read_as_sentences() {
+        assert_eq!(sentence("unknown level \"x\""), "Unknown level \"x\".");
+        assert_eq!(sentence("Enter a message."), "Enter a message.");
+        assert_eq!(sentence(""), "");
+    }
+
+    #[test]
+    fn a_failure_shows_a_reference_not_its_detail() {
+        let e = stored_messages::Error::Config(vec!["database error: code 1811 at row 7".into()]);
+        let words = failure_words(&e, "a test");
+        assert!(
+            words.starts_with("Something went wrong on our side."),
+            "{words}"
+        );
+        assert!(
+            !words.contains("1811") && !words.contains("database"),
+            "{words}"
+        );
+        let reference = words.rsplit(' ').next().unwrap().trim_end_matches('.');
+        assert_eq!(reference.len(), 8, "{words}");
+        // bad input says what is wrong
+        let e = stored_messages::Error::UnknownLevel("loud".into());
+        assert_eq!(failure_words(&e, "a test"), "Unknown level \"loud\".");
+    }
 }

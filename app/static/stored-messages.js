@@ -1,7 +1,8 @@
 // Progressive enhancement for the message list: the "mark read" and "mark all read" buttons
 // are plain forms that work without JavaScript (POST, then redirect back). With JavaScript,
 // they call the JSON API with the page's CSRF token and update the list and the unread count
-// in place, and the page follows the inbox live (`<meta name="stored-messages-stream">`):
+// in place (focus moves to the next message, the live region names the one marked read),
+// and the page follows the inbox live (`<meta name="stored-messages-stream">`):
 // new messages appear in the list (announced by the live region) and messages read
 // elsewhere leave it; the unread badge follows. A message that appears live stays unread
 // until it is marked read or a page shows it. Tabs of one browser share one stream (the
@@ -19,14 +20,75 @@
     });
   }
 
+  // The live region says one thing at a time: the newest note replaces the last.
   function announce(text) {
     var region = document.querySelector(".messages[aria-live]");
     if (!region) return;
+    region.querySelectorAll(".sr-note").forEach(function (old) { old.remove(); });
     var note = document.createElement("p");
     note.className = "sr-note";
     note.textContent = text;
     region.appendChild(note);
   }
+
+  // The level in a word, as the templates write it (Level::label in the crate).
+  function levelLabel(level) {
+    switch (level) {
+      case 10: case 11: return "Debug";
+      case 20: case 21: return "Info";
+      case 25: case 26: return "Success";
+      case 30: case 31: return "Warning";
+      case 40: case 41: return "Error";
+      default: return "Message";
+    }
+  }
+
+  function summary(text) {
+    var chars = Array.from(text);
+    return chars.length > 40 ? chars.slice(0, 40).join("") + "\u2026" : text;
+  }
+
+  // The start of a text over 300 characters (about 200, cut at a space), as the crate's
+  // StreamMessage::head; null for a shorter one.
+  function longHead(text) {
+    var chars = Array.from(text);
+    if (chars.length <= 300) return null;
+    var head = chars.slice(0, 200).join("");
+    var space = Math.max(head.lastIndexOf(" "), head.lastIndexOf("\n"), head.lastIndexOf("\t"));
+    return space > head.length / 2 ? head.slice(0, space).replace(/\s+$/, "") : head;
+  }
+
+  // ---- Dates ---------------------------------------------------------------------------
+  // Pages write every date once, as <time datetime="RFC 3339">2026-11-25 14:05 UTC</time>.
+  // Here they become relative ("3 min ago") for the last day, and the reader's local date
+  // and time before that; the full local time is in the title.
+
+  var longFormat = window.Intl ? new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "short" }) : null;
+
+  function relative(date, now) {
+    var seconds = Math.round((now - date) / 1000);
+    if (seconds < 45) return "just now";
+    var minutes = Math.round(seconds / 60);
+    if (minutes < 60) return minutes + " min ago";
+    var hours = Math.round(minutes / 60);
+    if (hours < 24) return hours + (hours === 1 ? " hour ago" : " hours ago");
+    return null;
+  }
+
+  function showTimes(root) {
+    if (!longFormat) return;
+    var now = Date.now();
+    (root || document).querySelectorAll("time[datetime]").forEach(function (el) {
+      var date = new Date(el.getAttribute("datetime"));
+      if (isNaN(date.getTime())) return;
+      var full = longFormat.format(date);
+      el.title = full;
+      el.textContent = relative(date, now) || full;
+    });
+  }
+
+  showTimes(document);
+  setInterval(function () { showTimes(document); }, 60000);
 
   function currentCount() {
     var badge = document.querySelector("[data-unread-count]");
@@ -35,13 +97,31 @@
   }
 
   function showEmptyIfNeeded(list) {
-    if (list && !list.querySelector("li.message")) {
+    if (list && !list.querySelector("li.message, li.empty")) {
       var empty = document.createElement("li");
       empty.className = "empty";
       empty.textContent = "No unread messages.";
       list.appendChild(empty);
       var all = document.querySelector("form.sm-mark-all-read");
       if (all) all.remove();
+    }
+  }
+
+  // Where focus goes once an item leaves the list: the next item's button (or the one
+  // before it, at the end; either may have left meanwhile through the live stream), else
+  // the page's heading.
+  function focusAfterRemoval(list, next, previous) {
+    var target = [next, previous].filter(function (li) { return li && li.isConnected; })[0];
+    if (!target && list) target = list.querySelector("li.message");
+    var button = target && target.querySelector("form.sm-mark-read button");
+    if (button) {
+      button.focus();
+      return;
+    }
+    var heading = document.querySelector("main h1");
+    if (heading) {
+      if (!heading.hasAttribute("tabindex")) heading.setAttribute("tabindex", "-1");
+      heading.focus();
     }
   }
 
@@ -53,6 +133,14 @@
     event.preventDefault();
     var button = form.querySelector("button");
     if (button) button.disabled = true;
+    // What the page shows now: the live stream may change it while the request runs.
+    var list = document.querySelector("ul.stored-messages-inbox");
+    var item = single ? form.closest("li") : null;
+    var next = item ? item.nextElementSibling : null;
+    var previous = item ? item.previousElementSibling : null;
+    var text = item ? item.querySelector(".text, a") : null;
+    var name = text ? summary(text.textContent) : "the message";
+    var shown = list ? list.querySelectorAll("li.message").length : 0;
     fetch(form.action, {
       method: "POST",
       credentials: "same-origin",
@@ -67,14 +155,17 @@
         if (!result.ok && result.status !== 404) {
           throw new Error(result.body && result.body.error ? result.body.error.message : "request failed");
         }
-        var list = document.querySelector("ul.stored-messages-inbox");
         if (single) {
-          var item = form.closest("li");
           if (item) item.remove();
-          announce("Message marked read.");
-        } else if (list) {
-          list.querySelectorAll("li.message").forEach(function (li) { li.remove(); });
-          announce("All messages marked read.");
+          showEmptyIfNeeded(list);
+          focusAfterRemoval(list, next, previous);
+          announce("Marked read: " + name + ".");
+        } else {
+          if (list) list.querySelectorAll("li.message").forEach(function (li) { li.remove(); });
+          showEmptyIfNeeded(list);
+          focusAfterRemoval(list, null, null);
+          var n = result.ok && typeof result.body.marked === "number" ? result.body.marked : shown;
+          announce(n === 1 ? "1 message marked read." : "All " + n + " messages marked read.");
         }
         if (result.ok && typeof result.body.unread === "number") {
           setCount(result.body.unread);
@@ -86,7 +177,6 @@
             .then(function (r) { return r.json(); })
             .then(function (b) { if (typeof b.unread === "number") setCount(b.unread); });
         }
-        showEmptyIfNeeded(list);
       })
       .catch(function (error) {
         if (button) button.disabled = false;
@@ -126,11 +216,6 @@
     return b;
   }
 
-  function summary(text) {
-    var chars = Array.from(text);
-    return chars.length > 40 ? chars.slice(0, 40).join("") + "\u2026" : text;
-  }
-
   // The same markup as the list partial (stored_messages/list.html.tera), built with text
   // nodes only: nothing from a message is parsed as HTML.
   function messageItem(m) {
@@ -139,7 +224,7 @@
     li.setAttribute("data-id", m.id);
     var level = document.createElement("span");
     level.className = "level";
-    level.textContent = m.level_tag;
+    level.textContent = levelLabel(m.level);
     li.appendChild(level);
     var text;
     if (m.url) {
@@ -150,18 +235,37 @@
       text.className = "text";
     }
     text.textContent = m.message;
-    li.appendChild(text);
+    var head = longHead(m.message);
+    if (head === null) {
+      li.appendChild(text);
+    } else {
+      // As the partial writes a long text: its start, the whole behind "Show more".
+      var details = document.createElement("details");
+      details.className = "long";
+      var more = document.createElement("summary");
+      [["head", head + "\u2026"], ["more", "Show more"], ["less", "Show less"]].forEach(function (part, i) {
+        var span = document.createElement("span");
+        span.className = part[0];
+        span.textContent = part[1];
+        if (i === 1) more.appendChild(document.createTextNode(" "));
+        more.appendChild(span);
+      });
+      details.appendChild(more);
+      details.appendChild(text);
+      li.appendChild(details);
+    }
     var time = document.createElement("time");
     time.setAttribute("datetime", m.date);
-    time.textContent = m.date.slice(0, 19).replace("T", " ") + " UTC";
+    time.textContent = m.date.slice(0, 16).replace("T", " ") + " UTC";
     li.appendChild(time);
+    showTimes(li);
     var form = document.createElement("form");
     form.method = "post";
     form.action = api + "/inbox/" + encodeURIComponent(m.id) + "/read";
     form.className = "sm-mark-read";
     form.appendChild(hidden("csrf_token", token));
     form.appendChild(hidden("next", location.pathname + location.search));
-    form.appendChild(button("Mark read", "Mark \u201c" + summary(m.message) + "\u201d read"));
+    form.appendChild(button("Mark read", "Mark read: " + summary(m.message)));
     li.appendChild(form);
     return li;
   }
@@ -186,7 +290,7 @@
       list.appendChild(messageItem(m));
       ensureMarkAll(list);
     }
-    if (!quiet) announce("New message: " + m.message);
+    if (!quiet) announce("New message: " + (longHead(m.message) === null ? m.message : summary(m.message)));
   }
 
   function removeMessages(ids) {
@@ -194,7 +298,13 @@
     if (!list) return;
     ids.forEach(function (id) {
       var item = list.querySelector('li[data-id="' + CSS.escape(String(id)) + '"]');
-      if (item) item.remove();
+      if (!item) return;
+      // Read elsewhere while focused here: focus moves on as after "Mark read".
+      var focused = item.contains(document.activeElement);
+      var next = item.nextElementSibling;
+      var previous = item.previousElementSibling;
+      item.remove();
+      if (focused) focusAfterRemoval(list, next, previous);
     });
     showEmptyIfNeeded(list);
   }

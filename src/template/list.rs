@@ -12,7 +12,7 @@ use rocket_dyn_templates::tera::{self, Tera};
 use serde::Serialize;
 
 use crate::message::{LevelTags, Message};
-use crate::request::{push_date_text, push_rfc3339, summary_cut, StreamMessage};
+use crate::request::{long_head, push_date_text, push_rfc3339, summary_cut, StreamMessage};
 
 /// The name hosts override, as rocket_dyn_templates names it.
 pub const LIST_TEMPLATE: &str = "stored_messages/list";
@@ -171,8 +171,14 @@ fn builtin(kind: &str, messages: &[Message], tags: &LevelTags, forms: Forms<'_>)
         out.push_str("\" data-id=\"");
         out.push_str(&id);
         out.push_str("\">\n    <span class=\"level\">");
-        push_escaped(&mut out, level_tag);
+        push_escaped(&mut out, m.level.label());
         out.push_str("</span>");
+        let head = long_head(&m.message);
+        if let Some(head) = head {
+            out.push_str("<details class=\"long\"><summary><span class=\"head\">");
+            push_escaped(&mut out, head);
+            out.push_str("…</span> <span class=\"more\">Show more</span><span class=\"less\">Show less</span></summary>");
+        }
         match &m.url {
             Some(url) => {
                 out.push_str("<a href=\"");
@@ -186,6 +192,9 @@ fn builtin(kind: &str, messages: &[Message], tags: &LevelTags, forms: Forms<'_>)
                 push_escaped(&mut out, &m.message);
                 out.push_str("</span>");
             }
+        }
+        if head.is_some() {
+            out.push_str("</details>");
         }
         out.push_str("\n    <time datetime=\"");
         push_rfc3339(&mut out, m.date);
@@ -201,13 +210,15 @@ fn builtin(kind: &str, messages: &[Message], tags: &LevelTags, forms: Forms<'_>)
             out.push_str(csrf_field);
             out.push_str("      ");
             out.push_str(next_field);
-            out.push_str("\n      <button type=\"submit\" class=\"secondary\" aria-label=\"Mark “");
+            out.push_str(
+                "\n      <button type=\"submit\" class=\"secondary\" aria-label=\"Mark read: ",
+            );
             let (head, cut) = summary_cut(&m.message);
             push_escaped(&mut out, head);
             if cut {
                 out.push('…');
             }
-            out.push_str("” read\">Mark read</button>\n    </form>");
+            out.push_str("\">Mark read</button>\n    </form>");
         }
         out.push_str("\n  </li>");
     }
@@ -281,6 +292,20 @@ mod tests {
                 "custom level",
                 "x",
                 Some("https://example.com/a'b"),
+            ),
+            message(
+                4,
+                Level::STORED_INFO,
+                &"a <long> text ".repeat(30),
+                "",
+                None,
+            ),
+            message(
+                5,
+                Level::STORED_ERROR,
+                &"linked & long ".repeat(30),
+                "",
+                Some("/a"),
             ),
         ];
         let nexts = ["/", "/?keep=1&x=\"y\"", "/archive"];

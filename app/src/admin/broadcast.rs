@@ -19,6 +19,7 @@ use stored_messages::{
 
 use super::{AdminUser, BackgroundThreshold};
 use crate::jobs::{Audit, Jobs};
+use crate::pages::{sentence, FieldError};
 use crate::users::{User, UserError, Users};
 
 #[derive(Serialize)]
@@ -28,26 +29,18 @@ struct LevelChoice {
 }
 
 fn stored_level_choices(store: &Store) -> Vec<LevelChoice> {
-    let tags = store.level_tags();
     let mut choices: Vec<LevelChoice> = store
         .config()
         .store_levels
         .iter()
-        .map(|l| {
-            let tag = tags.tag(*l);
-            LevelChoice {
-                value: l.name().map_or_else(|| l.0.to_string(), str::to_string),
-                label: if tag.is_empty() {
-                    l.0.to_string()
-                } else {
-                    format!("{tag} ({})", l.0)
-                },
-            }
+        .map(|l| LevelChoice {
+            value: l.name().map_or_else(|| l.0.to_string(), str::to_string),
+            label: format!("{} ({})", l.label(), l.0),
         })
         .collect();
     choices.push(LevelChoice {
         value: "custom".into(),
-        label: "custom level…".into(),
+        label: "Custom level…".into(),
     });
     choices
 }
@@ -73,6 +66,48 @@ struct BroadcastErrors {
 }
 
 impl BroadcastErrors {
+    /// The same errors as sentences, for people.
+    fn as_sentences(&self) -> BroadcastErrors {
+        let say = |e: &Option<String>| e.as_deref().map(sentence);
+        BroadcastErrors {
+            level: say(&self.level),
+            message: say(&self.message),
+            extra_tags: say(&self.extra_tags),
+            url: say(&self.url),
+            usernames: say(&self.usernames),
+        }
+    }
+
+    /// Every error in the order of the form's fields, each with the id of the field it is
+    /// about (for the error summary's links).
+    fn summary(&self, values: &BroadcastValues) -> Vec<FieldError> {
+        let recipients = if values.recipients == "list" {
+            "usernames"
+        } else {
+            "recipients-everyone"
+        };
+        let level = if values.level == "custom" {
+            "custom_level"
+        } else {
+            "level"
+        };
+        [
+            (recipients, &self.usernames),
+            (level, &self.level),
+            ("message", &self.message),
+            ("extra_tags", &self.extra_tags),
+            ("url", &self.url),
+        ]
+        .into_iter()
+        .filter_map(|(field, error)| {
+            error.as_ref().map(|text| FieldError {
+                field,
+                text: text.clone(),
+            })
+        })
+        .collect()
+    }
+
     fn any(&self) -> bool {
         self.level.is_some()
             || self.message.is_some()
@@ -91,14 +126,17 @@ fn broadcast_page(
     preview: Option<Vec<StreamMessage>>,
     confirm: Option<usize>,
 ) -> Page {
+    let errors = errors.as_sentences();
     Page::render(
         "admin/broadcast",
         context! {
-            messages,
+            messages: messages.flash(),
+            here: "admin",
             user: admin,
             levels: stored_level_choices(store),
             max_len: MAX_TEXT_CHARS,
             form: values,
+            error_list: errors.summary(values),
             errors,
             preview,
             confirm,
@@ -299,9 +337,9 @@ impl Sending<'_, '_> {
 
     /// The form again, saying that nothing was sent and why.
     fn failed(&self, e: stored_messages::Error) -> Page {
-        log::error!("reference app: broadcast failed: {}", report(&e));
+        let words = crate::pages::failure_words(&e, "a broadcast");
         let errors = BroadcastErrors {
-            message: Some(format!("nothing was sent: {}", e.public_message())),
+            message: Some(format!("Nothing was sent. {words}")),
             ..Default::default()
         };
         self.again(&errors, e.status())

@@ -3,8 +3,9 @@
 //! is sent to the login page and comes back after it.
 //!
 //! - `broadcast.rs`: the broadcast form, its validation and the two ways of sending;
-//! - `jobs.rs`: a background broadcast's page, status and resumption;
-//! - `messages.rs`: the audit log, the message browser, deletion and cleanup.
+//! - `jobs.rs`: the background broadcasts: their list, a page each, status and resumption;
+//! - `messages.rs`: the audit log, the message browser (paged, searchable), deletion and
+//!   cleanup.
 
 use std::sync::Arc;
 
@@ -70,12 +71,19 @@ async fn dashboard_page(
     session_user: &str,
     session_error: &str,
 ) -> Page {
-    let recent = jobs.recent(5).await.unwrap_or_default();
+    let recent: Vec<serde_json::Value> = jobs
+        .recent(5)
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(jobs::job_row)
+        .collect();
     let user_count = users.count().await.unwrap_or(0);
     Page::render(
         "admin/index",
         context! {
-            messages, user: &admin.0, jobs: recent, user_count, session_user, session_error,
+            messages: messages.flash(), here: "admin-home", user: &admin.0, jobs: recent, user_count,
+            session_user, session_error,
         },
     )
 }
@@ -177,6 +185,7 @@ pub fn routes() -> Vec<Route> {
         broadcast::broadcast_form,
         broadcast::broadcast_send,
         jobs::job_page,
+        jobs::job_list,
         jobs::job_status,
         jobs::job_resume,
         messages::audit,

@@ -21,7 +21,269 @@ app_tests!(
     a_broadcast_to_everyone_asks_first_and_stores_nothing_until_confirmed,
     interrupted_job_resumes_without_delivering_twice,
     message_browser_counts_deletes_and_cleans_up,
+    message_browser_pages_go_both_ways,
+    audit_pages_go_both_ways,
+    message_browser_searches_text_and_recipients,
+    background_broadcasts_page_both_ways,
+    a_failed_job_says_so_in_words_and_offers_resume,
 );
+
+/// A job that failed shows words and a reference to the log, never the database's text,
+/// on its page and in its status; its page offers "Resume" (hidden while a job runs).
+async fn a_failed_job_says_so_in_words_and_offers_resume(app: &TestApp) {
+    // arrange, before the app (and its worker) starts: a job that failed, as the worker
+    // records a failure, with the driver's own words
+    let ops = app.user("ops", false).await;
+    let jobs = Jobs::new(app.users.clone());
+    let message = NewMessage::new(Level::STORED_INFO, "will fail")
+        .unwrap()
+        .into_message(stored_messages::MessageId(1));
+    let job = jobs.queue(&message, ops.id, Some(&[])).await.unwrap();
+    let sql = "update app_broadcast_jobs set status = 'failed', \
+               error = 'error returned from database: (code: 1811) disk I/O error' where id = $1";
+    match app.users.pool() {
+        stored_messages::SqlPool::Sqlite(pool) => {
+            sqlx::query(sql).bind(job.id).execute(pool).await.unwrap();
+        }
+        stored_messages::SqlPool::Postgres(pool) => {
+            sqlx::query(sql).bind(job.id).execute(pool).await.unwrap();
+        }
+    }
+    let b = admin(app).await;
+    let (status, html) = b.get_html(&format!("/admin/jobs/{}", job.id)).await;
+    assert_eq!(status, Status::Ok);
+    assert!(
+        !html.contains("1811") && !html.contains("disk I/O"),
+        "{html}"
+    );
+    assert!(
+        html.contains(&format!("under “broadcast job {}”", job.id)),
+        "{html}"
+    );
+    assert!(html.contains(&format!("Broadcast #{} stopped", job.id)));
+    assert!(
+        html.contains("data-job-field=\"resume\" >") || html.contains("data-job-field=\"resume\">")
+    );
+    let r = b
+        .client
+        .get(format!("/admin/jobs/{}/status", job.id))
+        .dispatch()
+        .await;
+    let body = r.into_string().await.unwrap();
+    assert!(
+        !body.contains("1811") && body.contains("server log"),
+        "{body}"
+    );
+}
+
+/// Every background broadcast, 25 a page both ways, each with its text and date.
+async fn background_broadcasts_page_both_ways(app: &TestApp) {
+    let b = admin(app).await;
+    let root = app.users.by_name("root").await.unwrap().unwrap();
+    let jobs = Jobs::new(app.users.clone());
+    let store = TestApp::store(&b);
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let message = store
+            .backend()
+            .create_message(
+                &NewMessage::new(Level::STORED_INFO, &format!("job text {i:02}")).unwrap(),
+            )
+            .await
+            .unwrap();
+        ids.push(jobs.queue(&message, root.id, Some(&[])).await.unwrap().id);
+    }
+    let (_, first) = b.get_html("/admin/jobs").await;
+    assert!(
+        first.contains(">job text 29<")
+            && first.contains(">job text 05<")
+            && !first.contains(">job text 04<")
+    );
+    assert!(first.contains("<time datetime=\""), "a date");
+    let older = first
+        .split("rel=\"next\"")
+        .next()
+        .and_then(|head| head.rsplit("<a href=\"").next())
+        .and_then(|a| a.split('"').next())
+        .expect("an Older link")
+        .replace("&#x2F;", "/")
+        .replace("&amp;", "&");
+    let (_, second) = b.get_html(&older).await;
+    assert!(second.contains(">job text 04<") && second.contains(">job text 00<"));
+    assert!(!second.contains("rel=\"next\""));
+    assert!(second.contains("rel=\"prev\""));
+    let (status, _) = b.get_html("/admin/jobs?from=0").await;
+    assert_eq!(status, Status::BadRequest);
+    // the overview links to them
+    let (_, overview) = b.get_html("/admin").await;
+    assert!(overview.contains("href=\"/admin/jobs\">All background broadcasts"));
+}
+
+/// Search by text (any case) and by recipient; the search travels with the pages; an
+/// unknown recipient is named.
+async fn message_browser_searches_text_and_recipients(app: &TestApp) {
+    let b = admin(app).await;
+    let alice = app.user("alice", false).await.user_id();
+    let bob = app.user("bob", false).await.user_id();
+    let store = TestApp::store(&b);
+    if store.backend().admin().is_none() {
+        return;
+    }
+    for i in 0..30 {
+        let to = if i % 3 == 0 {
+            vec![alice, bob]
+        } else {
+            vec![bob]
+        };
+        let text = if i % 2 == 0 {
+            format!("Disk full #{i:02}")
+        } else {
+            format!("Backup done #{i:02}")
+        };
+        store
+            .add_message_for(&to, NewMessage::new(Level::STORED_INFO, &text).unwrap())
+            .await
+            .unwrap();
+    }
+    // text: 15 "disk" messages, all on one page, newest first
+    let (status, html) = b.get_html("/admin/messages?q=DISK").await;
+    assert_eq!(status, Status::Ok);
+    assert_eq!(html.matches(">Disk full #").count(), 15, "{html}");
+    assert!(!html.contains(">Backup done #"));
+    assert!(html.contains("15 messages match"));
+    // recipient: alice has 10 (every third)
+    let (_, html) = b.get_html("/admin/messages?recipient=alice").await;
+    assert_eq!(
+        html.matches("<td data-label=\"Message\" class=\"text\">")
+            .count(),
+        10
+    );
+    // both: alice's disk messages (i = 0, 6, 12, 18, 24)
+    let (_, html) = b.get_html("/admin/messages?q=disk&recipient=Alice").await;
+    assert_eq!(html.matches(">Disk full #").count(), 5, "{html}");
+    assert!(html.contains(">Disk full #24<") && html.contains(">Disk full #00<"));
+    // bob's 30 go over two pages, and the search stays in the links
+    let (_, html) = b.get_html("/admin/messages?recipient=bob").await;
+    let older = html
+        .split("rel=\"next\"")
+        .next()
+        .and_then(|head| head.rsplit("<a href=\"").next())
+        .and_then(|a| a.split('"').next())
+        .expect("an Older link")
+        .replace("&#x2F;", "/")
+        .replace("&amp;", "&");
+    assert!(older.contains("recipient=bob"), "{older}");
+    let (_, html) = b.get_html(&older).await;
+    assert_eq!(
+        html.matches("<td data-label=\"Message\" class=\"text\">")
+            .count(),
+        5
+    );
+    assert!(html.contains(">Backup done #01<") || html.contains(">Disk full #00<"));
+    // an unknown recipient is named, with the field marked
+    let (status, html) = b.get_html("/admin/messages?recipient=ghost").await;
+    assert_eq!(status, Status::UnprocessableEntity);
+    assert!(html.contains("There is no user named “ghost”."));
+    assert!(html.contains("aria-invalid=\"true\" aria-describedby=\"recipient-error\""));
+}
+
+/// The audit lists 25 broadcasts a page, both ways (it stopped at 100 before).
+async fn audit_pages_go_both_ways(app: &TestApp) {
+    let b = admin(app).await;
+    let root = app.users.by_name("root").await.unwrap().unwrap();
+    let jobs = Jobs::new(app.users.clone());
+    let store = TestApp::store(&b);
+    for i in 0..30 {
+        let message = store
+            .backend()
+            .create_message(&NewMessage::new(Level::STORED_INFO, &format!("sent {i:02}")).unwrap())
+            .await
+            .unwrap();
+        jobs.audit(stored_messages_app::jobs::Audit {
+            actor: &root,
+            message: &message,
+            audience: "everyone",
+            audience_size: 1,
+            duration_ms: Some(1),
+            job_id: None,
+        })
+        .await
+        .unwrap();
+    }
+    let link = |html: &str, rel: &str| -> Option<String> {
+        let pager = html.split("<nav class=\"pager\"").nth(1)?;
+        pager
+            .split("<a href=\"")
+            .skip(1)
+            .find(|a| {
+                a.split('>')
+                    .next()
+                    .unwrap_or("")
+                    .contains(&format!("rel=\"{rel}\""))
+            })
+            .and_then(|a| a.split('"').next())
+            .map(|href| href.replace("&#x2F;", "/").replace("&amp;", "&"))
+    };
+    let (_, first) = b.get_html("/admin/audit").await;
+    assert!(
+        first.contains(">sent 29<") && first.contains(">sent 05<") && !first.contains(">sent 04<")
+    );
+    let (_, second) = b.get_html(&link(&first, "next").expect("Older")).await;
+    assert!(second.contains(">sent 04<") && second.contains(">sent 00<"));
+    assert_eq!(link(&second, "next"), None);
+    let (_, back) = b.get_html(&link(&second, "prev").expect("Newer")).await;
+    assert!(back.contains(">sent 29<"));
+    let (status, _) = b.get_html("/admin/audit?from=-3").await;
+    assert_eq!(status, Status::BadRequest);
+}
+
+/// The message browser lists 25 a page: "Older" goes on, "Newer" comes back; a bad link
+/// is a clear 400.
+async fn message_browser_pages_go_both_ways(app: &TestApp) {
+    let b = admin(app).await;
+    let alice = app.user("alice", false).await.user_id();
+    let store = TestApp::store(&b);
+    if store.backend().admin().is_none() {
+        return;
+    }
+    for i in 0..30 {
+        store
+            .add_message_for(
+                &[alice],
+                NewMessage::new(Level::STORED_INFO, &format!("row {i:02}")).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let link = |html: &str, rel: &str| -> Option<String> {
+        let pager = html.split("<nav class=\"pager\"").nth(1)?;
+        pager
+            .split("<a href=\"")
+            .skip(1)
+            .find(|a| {
+                a.split('>')
+                    .next()
+                    .unwrap_or("")
+                    .contains(&format!("rel=\"{rel}\""))
+            })
+            .and_then(|a| a.split('"').next())
+            .map(|href| href.replace("&#x2F;", "/").replace("&amp;", "&"))
+    };
+    let (_, first) = b.get_html("/admin/messages").await;
+    assert!(
+        first.contains(">row 29<") && first.contains(">row 05<") && !first.contains(">row 04<")
+    );
+    assert_eq!(link(&first, "prev"), None);
+    let (_, second) = b.get_html(&link(&first, "next").expect("Older")).await;
+    assert!(
+        second.contains(">row 04<") && second.contains(">row 00<") && !second.contains(">row 05<")
+    );
+    assert_eq!(link(&second, "next"), None);
+    let (_, back) = b.get_html(&link(&second, "prev").expect("Newer")).await;
+    assert!(back.contains(">row 29<"));
+    let (status, _) = b.get_html("/admin/messages?from=abc").await;
+    assert_eq!(status, Status::BadRequest);
+}
 
 async fn admin(app: &TestApp) -> Browser {
     app.user("root", true).await;
@@ -179,7 +441,7 @@ async fn unknown_usernames_are_all_named_and_nothing_is_sent(app: &TestApp) {
         .await;
     assert_eq!(r.status(), Status::UnprocessableEntity);
     let html = r.into_string().await.unwrap();
-    assert!(html.contains("unknown users: ghost, nobody"), "all named");
+    assert!(html.contains("Unknown users: ghost, nobody."), "all named");
     assert!(html.contains("alice, ghost, nobody"), "entered value kept");
     assert!(TestApp::inbox_texts(&b, alice).await.is_empty());
     let r = b
@@ -200,7 +462,7 @@ async fn preview_shows_the_message_and_sends_nothing(app: &TestApp) {
     assert_eq!(r.status(), Status::Ok);
     let html = r.into_string().await.unwrap();
     let preview = html
-        .split("aria-label=\"Preview\"")
+        .split("aria-labelledby=\"preview-title\"")
         .nth(1)
         .expect("preview section");
     assert!(
@@ -272,7 +534,7 @@ async fn bad_broadcast_input_is_refused_with_field_errors(app: &TestApp) {
     for (fields, expected) in cases {
         let r = b.post_form("/admin/broadcast", &fields).await;
         assert_eq!(r.status(), Status::UnprocessableEntity, "{expected}");
-        let html = r.into_string().await.unwrap();
+        let html = r.into_string().await.unwrap().to_lowercase();
         assert!(html.contains(expected), "{expected}");
     }
     // every field's error at once, even with a bad level
@@ -288,10 +550,24 @@ async fn bad_broadcast_input_is_refused_with_field_errors(app: &TestApp) {
     let r = b.post_form("/admin/broadcast", &fields).await;
     let html = r.into_string().await.unwrap();
     assert!(
-        html.contains("unknown level")
-            && html.contains("invalid url")
-            && html.contains("message text is empty")
+        html.contains("Unknown level")
+            && html.contains("Invalid url")
+            && html.contains("Message text is empty")
     );
+    // one summary, first in the form, taking focus, each error linked to its field
+    let summary = html
+        .split("class=\"error-summary\" tabindex=\"-1\" autofocus")
+        .nth(1)
+        .expect("an error summary that takes focus")
+        .split("</div>")
+        .next()
+        .unwrap();
+    for field in ["custom_level", "message", "url"] {
+        assert!(
+            summary.contains(&format!("<a href=\"#{field}\">")),
+            "{field}: {summary}"
+        );
+    }
     let long = "y".repeat(4001);
     let r = b
         .post_form("/admin/broadcast", &form("everyone", "", &long, "send"))
@@ -479,7 +755,7 @@ async fn a_broadcast_to_everyone_asks_first_and_stores_nothing_until_confirmed(a
         .into_string()
         .await
         .unwrap()
-        .contains("choose who receives it"));
+        .contains("Choose who receives it"));
     // Everyone, not confirmed: the question, with the count and the text.
     let mut fields = form("everyone", "", "Are you sure", "send");
     fields.retain(|(k, _)| *k != "confirmed");

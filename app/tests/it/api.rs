@@ -479,7 +479,7 @@ async fn plain_forms_redirect_back(app: &TestApp) {
     );
     // the inbox list renders the buttons as forms
     send(&b, alice, "three").await;
-    let (_, html) = b.get_html("/?keep=1").await;
+    let (_, html) = b.get_html("/inbox").await;
     assert!(html.contains("class=\"sm-mark-read\"") && html.contains("class=\"sm-mark-all-read\""));
 }
 

@@ -14,6 +14,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+use fantoccini::key::Key;
 use fantoccini::wd::{Capabilities, TimeoutConfiguration};
 use fantoccini::{Client, ClientBuilder, Locator};
 use rocket::fairing::AdHoc;
@@ -55,8 +57,8 @@ async fn mark_read_button_updates_the_count_in_place_and_reads_exactly_that_mess
     };
     let client = &session.served.client;
 
-    // arrange: logged in, on the home page that keeps messages unread
-    session.login_and_open_home().await;
+    // arrange: logged in, on the inbox page
+    session.login_and_open_inbox().await;
     assert_eq!(unread_count_text(client).await.as_deref(), Some("3"));
     let url_before = client.current_url().await.unwrap();
     mark_page_as_loaded(client).await;
@@ -118,7 +120,7 @@ async fn mark_all_read_button_drops_the_count_to_zero_in_place() {
     let client = &session.served.client;
 
     // arrange
-    session.login_and_open_home().await;
+    session.login_and_open_inbox().await;
     assert_eq!(unread_count_text(client).await.as_deref(), Some("3"));
     let url_before = client.current_url().await.unwrap();
     mark_page_as_loaded(client).await;
@@ -164,7 +166,7 @@ async fn a_message_sent_by_the_cli_appears_live_and_a_read_in_another_tab_follow
         return;
     };
     let client = &session.served.client;
-    session.login_and_open_home().await;
+    session.login_and_open_inbox().await;
     assert_eq!(unread_count_text(client).await.as_deref(), Some("1"));
     let url_before = client.current_url().await.unwrap();
     mark_page_as_loaded(client).await;
@@ -214,7 +216,7 @@ async fn a_message_sent_by_the_cli_appears_live_and_a_read_in_another_tab_follow
     // act: a second tab marks it read
     let second_tab = client.new_window(true).await.unwrap();
     client.switch_to_window(second_tab.handle).await.unwrap();
-    session.served.goto("/?keep=1").await;
+    session.served.goto("/inbox").await;
     click(
         client,
         &format!("ul.stored-messages-inbox li[data-id=\"{live_id}\"] form.sm-mark-read button"),
@@ -315,10 +317,7 @@ async fn admin_broadcasts_to_two_named_users_and_one_of_them_sees_it_once() {
     click(client, "button[name=action][value=send]").await;
 
     // assert: back on the form with a flash saying how many and how long
-    let flash = wait_for_text(client, "section.messages li.message", |t| {
-        t.contains("Sent to")
-    })
-    .await;
+    let flash = wait_for_text(client, "div.messages li.message", |t| t.contains("Sent to")).await;
     let sent = flash
         .split_once("Sent to 2 users in ")
         .and_then(|(_, rest)| rest.strip_suffix(" ms."))
@@ -349,7 +348,7 @@ async fn admin_broadcasts_to_two_named_users_and_one_of_them_sees_it_once() {
     };
     assert_eq!(cells.len(), 7, "{cells:?}");
     assert_eq!(cells[1], "root", "who: {cells:?}");
-    assert_eq!(cells[2], "stored warning (31)", "level: {cells:?}");
+    assert_eq!(cells[2], "Warning (31)", "level: {cells:?}");
     assert_eq!(cells[3], text, "{cells:?}");
     assert_eq!(cells[4], "alice, bob", "audience: {cells:?}");
     assert_eq!(cells[5], "2", "size: {cells:?}");
@@ -442,12 +441,42 @@ async fn large_broadcast_shows_progress_until_done() {
                 .is_some_and(|id| id.parse::<i64>().is_ok())
         })
         .await;
-    wait_for_text(client, "[data-job-field=status]", |t| t == "running").await;
+    wait_for_text(client, "[data-job-field=status]", |t| t == "Running").await;
     assert_eq!(progress(client).await, (0.0, 31.0));
     assert!(
         running_note_shown(client).await,
         "the page says it updates itself"
     );
+    // assert: no progress for a while (shortened here to half a second) is said, with a
+    // way to resume
+    client
+        .execute(
+            "document.querySelector('[data-stall-ms]').setAttribute('data-stall-ms', '500');",
+            vec![],
+        )
+        .await
+        .unwrap();
+    wait_for_text(client, "[data-job-field=stalled]", |t| {
+        t.contains("may be stuck")
+    })
+    .await;
+    // axe on this state too (the page of a running, stalled job), when it is installed
+    if let Some(axe) = axe_source() {
+        for width in [390, 1280] {
+            client.set_window_size(width, 1000).await.unwrap();
+            let found = run_axe(client, &axe).await;
+            assert!(
+                found.is_empty(),
+                "job page, stalled, at {width} px: {found:?}"
+            );
+        }
+    }
+    click(client, "[data-job-field=stalled] button").await;
+    wait_for_text(client, "div.messages li.message", |t| {
+        t.contains("Asked to go on")
+    })
+    .await;
+    wait_for_text(client, "[data-job-field=status]", |t| t == "Running").await;
     let url_before = client.current_url().await.unwrap();
     mark_page_as_loaded(client).await;
 
@@ -455,7 +484,7 @@ async fn large_broadcast_shows_progress_until_done() {
     held.commit().await.unwrap();
 
     // assert: the page follows the job to its end by itself
-    wait_for_text(client, "[data-job-field=status]", |t| t == "done").await;
+    wait_for_text(client, "[data-job-field=status]", |t| t == "Done").await;
     eventually("the progress bar to be full", WAIT, || async {
         match progress(client).await {
             (value, max) if value == max => Ok(()),
@@ -478,6 +507,27 @@ async fn large_broadcast_shows_progress_until_done() {
         !running_note_shown(client).await,
         "the \"updates by itself\" note is gone once the job is done"
     );
+    assert!(
+        !client
+            .find(Locator::Css("[data-job-field=stalled]"))
+            .await
+            .unwrap()
+            .is_displayed()
+            .await
+            .unwrap(),
+        "no stall notice once done"
+    );
+    // the heading and the live region follow the status
+    wait_for_text(client, "h1", |t| t.ends_with(" sent")).await;
+    let said = client
+        .find(Locator::Css("[data-job-field=said]"))
+        .await
+        .unwrap()
+        .prop("textContent")
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    assert_eq!(said, "Broadcast sent to 31 users.");
     assert_same_page(client, &url_before).await;
 
     // assert: everyone has it, once
@@ -486,6 +536,530 @@ async fn large_broadcast_shows_progress_until_done() {
     }
 
     served.stop().await;
+}
+
+/// The keyboard alone: Tab reaches the first "Mark read", Enter marks it read, focus lands
+/// on the next message's button and the live region names the message; "Mark all read"
+/// then leaves focus on the page's heading and the empty list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mark_read_by_keyboard_moves_focus_to_the_next_message() {
+    let Some(session) = Session::start(3).await else {
+        return;
+    };
+    let client = &session.served.client;
+    session.login_and_open_inbox().await;
+    mark_page_as_loaded(client).await;
+
+    // the skip link comes first
+    press(client, Key::Tab).await;
+    assert_eq!(
+        active(client, "el.textContent.trim()").await,
+        "Skip to content"
+    );
+
+    // act: Tab until the first message's "Mark read", then Enter
+    let first = session.messages[0];
+    let mut tabs = 1;
+    while active(
+        client,
+        "el.closest('li') ? el.closest('li').dataset.id + ' ' + el.textContent.trim() : ''",
+    )
+    .await
+        != format!("{first} Mark read")
+    {
+        tabs += 1;
+        assert!(tabs < 40, "Tab never reached the first \"Mark read\"");
+        press(client, Key::Tab).await;
+    }
+    press(client, Key::Enter).await;
+
+    // assert: focus on the next message's button, the message named, the count down
+    let second = session.messages[1];
+    eventually("focus on the next message", WAIT, || async {
+        let at = active(
+            client,
+            "el.closest('li') ? el.closest('li').dataset.id + ' ' + el.textContent.trim() : el.tagName",
+        )
+        .await;
+        if at == format!("{second} Mark read") {
+            Ok(())
+        } else {
+            Err(format!("focus is on {at:?}"))
+        }
+    })
+    .await;
+    wait_for_unread_count(client, "2").await;
+    let said = wait_for_text(client, "div.messages .sr-note", |t| {
+        t.contains("Marked read")
+    })
+    .await;
+    assert_eq!(said, "Marked read: Stored message 1 for the browser.");
+    assert_eq!(session.inbox_ids().await, session.messages[1..]);
+
+    // act: Shift+Tab back to "Mark all read", Enter
+    while active(client, "el.textContent.trim()").await != "Mark all read" {
+        tabs += 1;
+        assert!(tabs < 80, "Shift+Tab never reached \"Mark all read\"");
+        press_with_shift(client, Key::Tab).await;
+    }
+    press(client, Key::Enter).await;
+
+    // assert: focus on the heading, the list says it is empty, the count is 0, same page
+    eventually("focus on the page heading", WAIT, || async {
+        let at = active(client, "el.tagName + ' ' + el.textContent.trim()").await;
+        if at == "H1 Inbox" {
+            Ok(())
+        } else {
+            Err(format!("focus is on {at:?}"))
+        }
+    })
+    .await;
+    wait_for_unread_count(client, "0").await;
+    wait_for_text(client, "div.messages .sr-note", |t| {
+        t == "All 2 messages marked read."
+    })
+    .await;
+    wait_for_text(client, "ul.stored-messages-inbox li.empty", |t| {
+        t == "No unread messages."
+    })
+    .await;
+    assert!(session.inbox_ids().await.is_empty());
+    let url = client.current_url().await.unwrap();
+    assert_same_page(client, &url).await;
+
+    session.stop().await;
+}
+
+/// axe-core (from npm, see `.ci/run`) on every page and state of the reference app, at 390
+/// and 1280 px wide: no violation of WCAG 2.1 A/AA or of axe's best practices. With
+/// `STORED_MESSAGES_SCREENSHOTS=DIR`, it also saves a screenshot of each state and width.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_page_and_state_passes_axe_at_two_widths() {
+    let Some(axe) = axe_source() else {
+        return;
+    };
+    let Some(tools) = browser_tools() else {
+        return;
+    };
+    let Some(app) = TestApp::sqlite().await else {
+        return;
+    };
+    // arrange: an admin, alice with messages (one long, one linked), and two more users
+    app.user("root", true).await;
+    let alice = app.user("alice", false).await.user_id();
+    app.user("bob", false).await;
+    app.user("carol", false).await;
+    let figment = test_figment(&app.url).merge(("admin.background_threshold", 2));
+    let served = Served::start(tools, figment).await;
+    let client = &served.client;
+    let long = format!(
+        "A long message: {}",
+        "all work and no play makes a dull day. ".repeat(30)
+    );
+    let texts = [
+        (
+            "Your export is ready",
+            Level::STORED_SUCCESS,
+            Some("/archive"),
+        ),
+        (
+            "Disk 91% full on the build server",
+            Level::STORED_WARNING,
+            None,
+        ),
+        (long.as_str(), Level::STORED_INFO, None),
+        ("Payment failed: card expired", Level::STORED_ERROR, None),
+    ];
+    let mut last = MessageId(0);
+    for (text, level, url) in texts {
+        let message = NewMessage::parse(level, text, "", url, None).unwrap();
+        last = served
+            .store
+            .add_message_for(&[alice], message)
+            .await
+            .unwrap()
+            .message
+            .id;
+    }
+    let mut audit = Audit {
+        client,
+        axe: &axe,
+        shots: std::env::var_os("STORED_MESSAGES_SCREENSHOTS").map(PathBuf::from),
+        checked: Vec::new(),
+        violations: Vec::new(),
+    };
+
+    // anonymous
+    served.goto("/").await;
+    audit.check("home, anonymous").await;
+    served.goto("/login").await;
+    audit.check("login").await;
+    type_into(client, "#username", "alice").await;
+    type_into(client, "#password", "not-her-password").await;
+    click(client, "form.card button[type=submit]").await;
+    wait_for_text(client, ".form-error", |t| !t.is_empty()).await;
+    assert_focus(client, "#login-error", "the login error").await;
+    audit.check("login, wrong password").await;
+    served.goto("/no/such/page").await;
+    audit.check("404 page").await;
+    // the harness sees a violation when there is one: an image without a text alternative
+    client
+        .execute(
+            "document.querySelector('main').appendChild(document.createElement('img'));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let found = run_axe(client, &axe).await;
+    assert!(
+        found.iter().any(|v| v.starts_with("image-alt")),
+        "axe reports a planted image without alt: {found:?}"
+    );
+
+    // alice
+    served.log_in("alice", "/inbox").await;
+    audit.check("inbox, four unread").await;
+    // a long message arrives live: shortened like the server's, with its button
+    let live = format!(
+        "Arrived live: {}",
+        "long enough to be shortened. ".repeat(12)
+    );
+    let message = NewMessage::new(Level::STORED_INFO, &live).unwrap();
+    served
+        .store
+        .add_message_for(&[alice], message)
+        .await
+        .unwrap();
+    eventually("the live message to be shortened", WAIT, || async {
+        let n = client
+            .find_all(Locator::Css(
+                "ul.stored-messages-inbox li.message details.long",
+            ))
+            .await
+            .map_err(|e| e.to_string())?
+            .len();
+        if n == 2 {
+            Ok(())
+        } else {
+            Err(format!("{n} shortened"))
+        }
+    })
+    .await;
+    let item = wait_for_text(
+        client,
+        "ul.stored-messages-inbox li.message:last-child",
+        |t| t.contains("Arrived live") && t.contains("Show more"),
+    )
+    .await;
+    assert!(item.contains("Mark read"), "{item}");
+    audit.check("inbox, a long message arrived live").await;
+    served.goto("/archive").await;
+    audit.check("archive").await;
+    served.goto("/?keep=1").await;
+    audit.check("home, stream kept unread").await;
+    served.goto("/account").await;
+    audit.check("account").await;
+    type_into(client, "#current", "not-her-password").await;
+    type_into(client, "#new", "short").await;
+    type_into(client, "#confirm", "other").await;
+    click(client, "form.card button[type=submit]").await;
+    wait_for_text(client, ".error-summary", |t| !t.is_empty()).await;
+    assert_focus(
+        client,
+        ".error-summary",
+        "the password form's error summary",
+    )
+    .await;
+    audit.check("account, password form with errors").await;
+    served.goto("/").await;
+    audit.check("home, stream shown and marked read").await;
+    served.goto("/").await;
+    audit.check("home, nothing new").await;
+    type_into(client, "#url", "javascript:alert(1)").await;
+    click(client, "form.card button[type=submit]").await;
+    wait_for_text(client, ".error-summary", |t| !t.is_empty()).await;
+    assert_focus(client, ".error-summary", "the demo form's error summary").await;
+    audit.check("home, demo form with errors").await;
+    served.goto("/inbox").await;
+    audit.check("inbox, empty").await;
+    served.log_out().await;
+    audit.check("login, after logout").await;
+
+    // the admin
+    served.log_in("root", "/admin").await;
+    audit.check("admin overview").await;
+    served.goto("/admin/broadcast").await;
+    audit.check("broadcast form").await;
+    click(client, "button[name=action][value=send]").await;
+    wait_for_text(client, ".error-summary", |t| !t.is_empty()).await;
+    assert_focus(client, ".error-summary", "the broadcast's error summary").await;
+    audit.check("broadcast form with errors").await;
+    click(client, "input[name=recipients][value=list]").await;
+    type_into(client, "#usernames", "alice, bob").await;
+    type_into(client, "#message", "Maintenance tonight at 22:00").await;
+    click(client, "button[name=action][value=preview]").await;
+    wait_for_text(client, "section.preview li.message", |t| {
+        t.contains("Maintenance")
+    })
+    .await;
+    assert_focus(client, "section.preview", "the preview").await;
+    audit.check("broadcast preview").await;
+    served.goto("/admin/broadcast").await;
+    click(client, "input[name=recipients][value=everyone]").await;
+    type_into(client, "#message", "New terms of service from Monday").await;
+    click(client, "button[name=action][value=send]").await;
+    wait_for_text(client, "#confirm-title", |t| t.contains("4 users")).await;
+    assert_focus(
+        client,
+        "section.confirm button[value=send]",
+        "the confirmation's button",
+    )
+    .await;
+    audit.check("broadcast confirmation").await;
+    click(client, "section.confirm button[name=action][value=send]").await;
+    served
+        .wait_for_location("the job page", |at| at.starts_with("/admin/jobs/"))
+        .await;
+    wait_for_text(client, "[data-job-field=status]", |t| t == "Done").await;
+    audit.check("job page, done").await;
+    // the same job as if it had failed (the worker leaves a done job alone)
+    let job_path = served
+        .wait_for_location("the job page", |at| at.starts_with("/admin/jobs/"))
+        .await;
+    let job_id: i64 = job_path.trim_start_matches("/admin/jobs/").parse().unwrap();
+    if let stored_messages::SqlPool::Sqlite(pool) = app.users.pool() {
+        sqlx::query("update app_broadcast_jobs set status = 'failed', error = 'disk I/O error' where id = $1")
+            .bind(job_id)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    client.refresh().await.unwrap();
+    wait_for_text(client, "h1", |t| t.ends_with("stopped")).await;
+    audit.check("job page, failed").await;
+    if let stored_messages::SqlPool::Sqlite(pool) = app.users.pool() {
+        sqlx::query("update app_broadcast_jobs set status = 'done', error = null where id = $1")
+            .bind(job_id)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    served.goto("/admin").await;
+    let row = wait_for_text(client, "table tbody tr", |t| {
+        t.contains("New terms of service")
+    })
+    .await;
+    assert!(row.contains("Done") && row.contains("4 of 4"), "{row}");
+    audit
+        .check("admin overview, with a background broadcast")
+        .await;
+    served.goto("/admin/jobs").await;
+    audit.check("background broadcasts").await;
+    served.goto("/admin/messages").await;
+    audit.check("messages browser").await;
+    type_into(client, "#q", "terms").await;
+    click(client, "form.search button[type=submit]").await;
+    wait_for_text(client, "form.search + p", |t| {
+        t.contains("1 message matches")
+    })
+    .await;
+    audit.check("messages browser, search").await;
+    served.goto("/admin/messages?recipient=nobody").await;
+    assert_focus(client, "#recipient", "the recipient field").await;
+    audit.check("messages browser, unknown recipient").await;
+    served.goto("/admin/audit").await;
+    audit.check("audit").await;
+    served
+        .goto(&format!("/admin/messages/{}/delete", last.0))
+        .await;
+    audit.check("delete confirmation").await;
+    served.goto("/admin/jobs/999999").await;
+    audit.check("404 page, admin").await;
+
+    println!(
+        "axe checked {} states at 390 and 1280 px:\n  {}",
+        audit.checked.len(),
+        audit.checked.join("\n  ")
+    );
+    assert!(
+        audit.violations.is_empty(),
+        "axe found violations:\n{}",
+        audit.violations.join("\n")
+    );
+    served.stop().await;
+}
+
+/// What axe checked and found in one run of [`every_page_and_state_passes_axe_at_two_widths`].
+struct Audit<'a> {
+    client: &'a Client,
+    axe: &'a str,
+    shots: Option<PathBuf>,
+    checked: Vec<String>,
+    violations: Vec<String>,
+}
+
+impl Audit<'_> {
+    /// Runs axe on the page as it is now, at each width (resizing does not reload it), and
+    /// checks that it fits 320 px, the narrowest width it must fit.
+    async fn check(&mut self, state: &str) {
+        self.client.set_window_size(320, 1000).await.unwrap();
+        self.shoot(state, 320).await;
+        for width in [390, 1280] {
+            self.client.set_window_size(width, 1000).await.unwrap();
+            let found = run_axe(self.client, self.axe).await;
+            for v in found {
+                self.violations.push(format!("{state} at {width} px: {v}"));
+            }
+            self.shoot(state, width).await;
+        }
+        self.checked.push(state.to_string());
+    }
+
+    /// Checks that the page does not scroll sideways at this width, and takes a screenshot
+    /// when screenshots are asked for.
+    async fn shoot(&mut self, state: &str, width: u32) {
+        if let Some(dir) = &self.shots {
+            std::fs::create_dir_all(dir).unwrap();
+            let name: String = state
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect();
+            let png = self.client.screenshot().await.unwrap();
+            std::fs::write(dir.join(format!("{name}-{width}.png")), png).unwrap();
+        }
+        let wider = self
+            .client
+            .execute(
+                "return document.documentElement.scrollWidth > document.documentElement.clientWidth;",
+                vec![],
+            )
+            .await
+            .unwrap();
+        if wider == json!(true) {
+            self.violations
+                .push(format!("{state} at {width} px: the page scrolls sideways"));
+        }
+    }
+}
+
+/// The WCAG 2.1 A/AA rules and axe's best practices.
+const AXE_TAGS: &[&str] = &["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"];
+
+/// axe-core's script: `node_modules/axe-core/axe.min.js` at the workspace root, where
+/// `.ci/run` installs it (`npm install axe-core@4`), or the file `AXE_CORE_JS` names. `None`
+/// after one line when it is missing (a failure when services are required).
+fn axe_source() -> Option<String> {
+    let path = std::env::var_os("AXE_CORE_JS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../node_modules/axe-core/axe.min.js"
+            ))
+        });
+    let source = std::fs::read_to_string(&path).ok();
+    let name = format!(
+        "axe-core at {} (npm install --no-save axe-core@4, as .ci/run does)",
+        path.display()
+    );
+    if !service_available(&name, source.is_some()) {
+        return None;
+    }
+    source
+}
+
+/// Runs axe on the current page (injecting it first when the page does not have it) and
+/// returns one line per violation: rule, impact, help and up to five of its nodes.
+async fn run_axe(client: &Client, axe: &str) -> Vec<String> {
+    let loaded = client
+        .execute("return typeof window.axe === 'object';", vec![])
+        .await
+        .unwrap();
+    if loaded != json!(true) {
+        client
+            .execute(&format!("{axe}\n;return true;"), vec![])
+            .await
+            .expect("axe-core loads");
+    }
+    let result = client
+        .execute_async(
+            r#"
+            var done = arguments[arguments.length - 1];
+            axe.run(document, { runOnly: { type: "tag", values: arguments[0] }, resultTypes: ["violations"] })
+              .then(function (r) {
+                done(r.violations.map(function (v) {
+                  return v.id + " (" + v.impact + "): " + v.help + " — " + v.nodes.slice(0, 5).map(function (n) {
+                    return n.target.join(" ") + " [" + (n.failureSummary || "").replace(/\s+/g, " ") + "]";
+                  }).join("; ");
+                }));
+              }, function (e) { done(["axe failed: " + e]); });
+            "#,
+            vec![json!(AXE_TAGS)],
+        )
+        .await
+        .expect("axe runs");
+    serde_json::from_value(result).expect("a list of violations")
+}
+
+/// Waits until the element `css` finds has focus (a page that takes it there on load).
+async fn assert_focus(client: &Client, css: &str, what: &str) {
+    eventually(&format!("focus on {what}"), WAIT, || async {
+        let focused = client
+            .execute(
+                "return document.activeElement === document.querySelector(arguments[0]);",
+                vec![json!(css)],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if focused == json!(true) {
+            Ok(())
+        } else {
+            Err(active(client, "el.outerHTML.slice(0, 120)").await)
+        }
+    })
+    .await;
+}
+
+/// Evaluates `expression` with `el` the focused element.
+async fn active(client: &Client, expression: &str) -> String {
+    let value = client
+        .execute(
+            &format!("var el = document.activeElement; return String({expression});"),
+            vec![],
+        )
+        .await
+        .unwrap();
+    value.as_str().unwrap_or_default().to_string()
+}
+
+/// Presses and releases `key`, as a keyboard does (on whatever has focus).
+async fn press(client: &Client, key: Key) {
+    let keys = KeyActions::new("keyboard".into())
+        .then(KeyAction::Down {
+            value: char::from(key),
+        })
+        .then(KeyAction::Up {
+            value: char::from(key),
+        });
+    client.perform_actions(keys).await.unwrap();
+}
+
+/// Shift + `key`.
+async fn press_with_shift(client: &Client, key: Key) {
+    let keys = KeyActions::new("keyboard".into())
+        .then(KeyAction::Down {
+            value: char::from(Key::Shift),
+        })
+        .then(KeyAction::Down {
+            value: char::from(key),
+        })
+        .then(KeyAction::Up {
+            value: char::from(key),
+        })
+        .then(KeyAction::Up {
+            value: char::from(Key::Shift),
+        });
+    client.perform_actions(keys).await.unwrap();
 }
 
 /// The reference app served on a port of its own, and a WebDriver session on a fresh
@@ -569,6 +1143,10 @@ impl Served {
 
         // a Chromium with a fresh profile
         let mut args: Vec<String> = CHROMIUM_FLAGS.iter().map(|f| f.to_string()).collect();
+        // More flags for a look at the pages, e.g. `--force-dark-mode` (dark colour scheme).
+        if let Ok(extra) = std::env::var("STORED_MESSAGES_CHROMIUM_FLAGS") {
+            args.extend(extra.split_whitespace().map(str::to_string));
+        }
         args.push(format!(
             "--user-data-dir={}",
             processes.profile.path().display()
@@ -663,7 +1241,7 @@ impl Served {
             .unwrap();
         self.wait_for_location("the logout to land on /login", |at| at == "/login")
             .await;
-        wait_for_text(&self.client, "section.messages", |text| {
+        wait_for_text(&self.client, "div.messages", |text| {
             text.contains("You are logged out.")
         })
         .await;
@@ -752,10 +1330,10 @@ impl Session {
         })
     }
 
-    /// Logs in through the form and lands on `/?keep=1`, which shows the inbox and keeps it
-    /// unread (plain `/` would mark everything it shows read).
-    async fn login_and_open_home(&self) {
-        self.served.log_in("alice", "/?keep=1").await;
+    /// Logs in through the form and lands on the inbox page, which lists the unread
+    /// messages with their buttons and marks nothing read by showing them.
+    async fn login_and_open_inbox(&self) {
+        self.served.log_in("alice", "/inbox").await;
     }
 
     async fn inbox_ids(&self) -> Vec<MessageId> {
@@ -1037,12 +1615,12 @@ async fn wait_for_text(client: &Client, css: &str, wanted: impl Fn(&str) -> bool
 /// The texts of the merged stream's messages on the current page (once it has loaded).
 async fn stream_texts(client: &Client) -> Vec<String> {
     client
-        .find(Locator::Css("section.messages"))
+        .find(Locator::Css("div.messages"))
         .await
         .expect("the page has the merged stream");
     let mut texts = Vec::new();
     for item in client
-        .find_all(Locator::Css("section.messages li.message"))
+        .find_all(Locator::Css("div.messages li.message"))
         .await
         .unwrap()
     {

@@ -14,6 +14,13 @@ app_tests!(
     stored_message_lands_in_the_inbox,
     consumed_stream_empties_the_inbox_and_archive_keeps_it,
     keep_leaves_everything_unread,
+    each_message_shows_once_and_the_badge_agrees,
+    inbox_and_archive_pages_consume_nothing,
+    inbox_page_marks_read_without_javascript,
+    demo_form_reports_every_error_at_once,
+    archive_pages_go_both_ways,
+    inbox_page_says_when_more_are_waiting,
+    demo_levels_say_what_happens_to_the_message,
     head_and_prefetch_consume_nothing,
     the_longest_message_fits_the_form,
     odd_next_values_redirect_instead_of_failing,
@@ -120,10 +127,10 @@ async fn logged_in(app: &TestApp, name: &str) -> (Browser, UserId) {
 
 /// Texts of the merged stream on a page, in order.
 fn stream_texts(html: &str) -> Vec<String> {
-    let Some(section) = html.split("<section class=\"messages\"").nth(1) else {
+    let Some(section) = html.split("<div class=\"messages\"").nth(1) else {
         return vec![];
     };
-    let section = section.split("</section>").next().unwrap_or("");
+    let section = section.split("</div>").next().unwrap_or("");
     section
         .split("<span class=\"text\">")
         .skip(1)
@@ -185,7 +192,10 @@ async fn keep_leaves_everything_unread(app: &TestApp) {
     add(&b, "info", "kept flash").await;
     let (_, html) = b.get_html("/?keep=1").await;
     assert_eq!(stream_texts(&html), ["kept stored", "kept flash"]);
-    assert!(html.contains("kept unread"));
+    assert!(
+        html.contains("still in your <a href=\"/inbox\">inbox</a>"),
+        "the page says they stay unread"
+    );
     assert_eq!(TestApp::inbox_texts(&b, alice).await, ["kept stored"]);
     let (_, html) = b.get_html("/").await;
     assert_eq!(
@@ -194,6 +204,253 @@ async fn keep_leaves_everything_unread(app: &TestApp) {
         "still there after keep"
     );
     assert!(TestApp::inbox_texts(&b, alice).await.is_empty());
+}
+
+/// How many times `text` appears as a message (its escaped text in a message's element).
+fn times_shown(html: &str, text: &str) -> usize {
+    html.matches(&format!(">{text}</")).count()
+}
+
+/// The number in the header's unread badge.
+fn badge(html: &str) -> String {
+    html.split("data-unread-count>")
+        .nth(1)
+        .and_then(|rest| rest.split('<').next())
+        .expect("the header's badge")
+        .to_string()
+}
+
+async fn each_message_shows_once_and_the_badge_agrees(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    add(&b, "stored_info", "first note").await;
+    add(&b, "stored_warning", "second note").await;
+
+    // `?keep=1`: each once, still unread, and the badge counts them
+    let (_, html) = b.get_html("/?keep=1").await;
+    assert_eq!(times_shown(&html, "first note"), 1, "{html}");
+    assert_eq!(times_shown(&html, "second note"), 1);
+    assert_eq!(badge(&html), "2");
+    assert!(html.contains("These messages stay unread"));
+
+    // `/`: each once, the page says they are read now, and the badge says 0
+    let (_, html) = b.get_html("/").await;
+    assert_eq!(times_shown(&html, "first note"), 1);
+    assert_eq!(times_shown(&html, "second note"), 1);
+    assert_eq!(badge(&html), "0");
+    assert!(html.contains("Shown here means read"), "{html}");
+    assert!(TestApp::inbox_texts(&b, alice).await.is_empty());
+
+    // words people read: the level in a word, no tags or query strings
+    assert!(html.contains("<span class=\"level\">Warning</span>"));
+    for internal in ["stored warning</span>", "?keep=1", "flash"] {
+        assert!(!html.contains(internal), "{internal:?} on the page");
+    }
+}
+
+async fn inbox_and_archive_pages_consume_nothing(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    add(&b, "stored_info", "look but keep").await;
+    add(&b, "info", "a one-time notice").await;
+
+    // the inbox lists it once, with its buttons; the flash shows there, once
+    let (status, html) = b.get_html("/inbox").await;
+    assert_eq!(status, Status::Ok);
+    assert_eq!(times_shown(&html, "look but keep"), 1, "{html}");
+    assert_eq!(times_shown(&html, "a one-time notice"), 1);
+    assert_eq!(badge(&html), "1");
+    assert!(html.contains("aria-label=\"Mark read: look but keep\""));
+    assert!(html.contains("aria-current=\"page\">Inbox"));
+
+    // the archive lists it once too, and neither page used it up
+    let (_, html) = b.get_html("/archive").await;
+    assert_eq!(times_shown(&html, "look but keep"), 1);
+    assert_eq!(badge(&html), "1");
+    assert_eq!(TestApp::inbox_texts(&b, alice).await, ["look but keep"]);
+    // the flash was shown once, on the inbox page
+    assert_eq!(times_shown(&html, "a one-time notice"), 0);
+    let (_, html) = b.get_html("/account").await;
+    assert_eq!(badge(&html), "1", "the account page uses nothing up");
+    assert_eq!(TestApp::inbox_texts(&b, alice).await, ["look but keep"]);
+
+    // a long message: its start, the rest behind "Show more", without JavaScript
+    let long = "many words ".repeat(40);
+    add(&b, "stored_info", long.trim()).await;
+    let (_, html) = b.get_html("/inbox").await;
+    assert!(html.contains("<details class=\"long\"><summary><span class=\"head\">many words"));
+    assert!(html.contains("<span class=\"more\">Show more</span>"));
+    assert_eq!(times_shown(&html, long.trim()), 1, "the whole text once");
+
+    // anonymous: the inbox asks to log in first
+    let anonymous = browser(app).await;
+    let r = anonymous.client.get("/inbox").dispatch().await;
+    assert_redirect(&r, "/login?next=/inbox");
+}
+
+async fn inbox_page_marks_read_without_javascript(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    add(&b, "stored_info", "one").await;
+    add(&b, "stored_info", "two").await;
+    let (_, html) = b.get_html("/inbox").await;
+    let action = html
+        .split("<form method=\"post\" action=\"")
+        .filter_map(|rest| rest.split('"').next())
+        .find(|action| action.ends_with("/read"))
+        .expect("a Mark read form")
+        .replace("&#x2F;", "/");
+    let r = b.post_form(&action, &[("next", "/inbox")]).await;
+    assert_redirect(&r, "/inbox");
+    assert_eq!(TestApp::inbox_texts(&b, alice).await, ["two"]);
+    let (_, html) = b.get_html("/inbox").await;
+    assert_eq!(badge(&html), "1");
+    let r = b
+        .post_form("/messages/mark_all_read", &[("next", "/inbox")])
+        .await;
+    assert_redirect(&r, "/inbox");
+    let (_, html) = b.get_html("/inbox").await;
+    assert_eq!(badge(&html), "0");
+    assert!(html.contains("No unread messages."));
+}
+
+async fn demo_form_reports_every_error_at_once(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    let long_tags = "t".repeat(2000);
+    let r = b
+        .post_form(
+            "/demo/message",
+            &[
+                ("level", "urgent"),
+                ("message", ""),
+                ("extra_tags", &long_tags),
+                ("url", "javascript:alert(1)"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), Status::UnprocessableEntity);
+    let html = r.into_string().await.unwrap();
+    // one summary, first in the form, taking focus, linking to each field
+    assert!(html.contains("class=\"error-summary\" tabindex=\"-1\" autofocus"));
+    for field in ["level", "message", "extra_tags", "url"] {
+        assert!(
+            html.contains(&format!("<a href=\"#{field}\">")),
+            "summary links {field}"
+        );
+        assert!(
+            html.contains(&format!("id=\"{field}-error\"")),
+            "{field} has its message"
+        );
+    }
+    assert_eq!(html.matches("aria-invalid=\"true\"").count(), 4);
+    assert!(html.contains("aria-describedby=\"message-hint message-error\""));
+    assert!(TestApp::inbox_texts(&b, alice).await.is_empty());
+}
+
+/// The href of the pager's link `rel` ("prev" or "next"), unescaped.
+fn pager_link(html: &str, rel: &str) -> Option<String> {
+    let pager = html
+        .split("<nav class=\"pager\"")
+        .nth(1)?
+        .split("</nav>")
+        .next()?;
+    pager
+        .split("<a href=\"")
+        .skip(1)
+        .find(|a| a.contains(&format!("rel=\"{rel}\"")))
+        .and_then(|a| a.split('"').next())
+        .map(|href| href.replace("&#x2F;", "/").replace("&amp;", "&"))
+}
+
+async fn archive_pages_go_both_ways(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    let store = TestApp::store(&b);
+    for i in 0..60 {
+        store
+            .add_message_for(
+                &[alice],
+                NewMessage::new(Level::STORED_INFO, &format!("note {i:02}")).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    // the first page: the 25 newest, older only
+    let (_, first) = b.get_html("/archive").await;
+    assert_eq!(times_shown(&first, "note 59"), 1);
+    assert_eq!(times_shown(&first, "note 35"), 1);
+    assert_eq!(times_shown(&first, "note 34"), 0);
+    assert_eq!(pager_link(&first, "prev"), None);
+    let older = pager_link(&first, "next").expect("an Older link");
+    // the second: the next 25, both ways
+    let (_, second) = b.get_html(&older).await;
+    assert_eq!(times_shown(&second, "note 34"), 1);
+    assert_eq!(times_shown(&second, "note 10"), 1);
+    assert_eq!(times_shown(&second, "note 35"), 0);
+    let newer = pager_link(&second, "prev").expect("a Newer link");
+    let (_, again) = b.get_html(&newer).await;
+    assert_eq!(
+        times_shown(&again, "note 59"),
+        1,
+        "Newer leads back to the first page"
+    );
+    // the third, the last: the 10 oldest, newer only, and back to the second
+    let (_, third) = b.get_html(&pager_link(&second, "next").unwrap()).await;
+    assert_eq!(times_shown(&third, "note 09"), 1);
+    assert_eq!(times_shown(&third, "note 00"), 1);
+    assert_eq!(pager_link(&third, "next"), None);
+    let (_, back) = b.get_html(&pager_link(&third, "prev").unwrap()).await;
+    assert_eq!(times_shown(&back, "note 34"), 1);
+    // nothing was read by looking, and a bad link is a clear error
+    assert_eq!(TestApp::inbox_texts(&b, alice).await.len(), 60);
+    for bad in [
+        "/archive?from=x",
+        "/archive?from=1_1&back=%3Cb%3E",
+        "/archive?from=99999999999999999999_1",
+    ] {
+        let (status, html) = b.get_html(bad).await;
+        assert_eq!(status, Status::BadRequest, "{bad}");
+        assert!(html.contains("This page link is not valid"), "{bad}");
+    }
+}
+
+async fn inbox_page_says_when_more_are_waiting(app: &TestApp) {
+    let (b, alice) = logged_in(app, "alice").await;
+    let store = TestApp::store(&b);
+    let (_, html) = b.get_html("/inbox").await;
+    assert!(!html.contains("more are waiting"));
+    let users = vec![alice];
+    for i in 0..101 {
+        store
+            .add_message_for(
+                &users,
+                NewMessage::new(Level::STORED_INFO, &format!("waiting {i:03}")).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let (_, html) = b.get_html("/inbox").await;
+    assert!(
+        html.contains("more are waiting"),
+        "the page says more are waiting"
+    );
+    assert_eq!(times_shown(&html, "waiting 099"), 1);
+    assert_eq!(times_shown(&html, "waiting 100"), 0);
+    assert_eq!(badge(&html), "101");
+}
+
+async fn demo_levels_say_what_happens_to_the_message(app: &TestApp) {
+    let anonymous = browser(app).await;
+    let (_, html) = anonymous.get_html("/").await;
+    assert!(
+        html.contains(">Info: shown once, not saved</option>"),
+        "{html}"
+    );
+    assert!(html.contains(">Debug: below the minimum level, dropped</option>"));
+    assert!(
+        !html.contains("saved to your inbox"),
+        "anonymous: nothing is saved"
+    );
+    let (b, _) = logged_in(app, "alice").await;
+    let (_, html) = b.get_html("/").await;
+    assert!(html.contains("value=\"stored_info\" selected>Info: saved to your inbox</option>"));
+    assert!(html.contains(">Info: shown once, not saved</option>"));
 }
 
 async fn the_longest_message_fits_the_form(app: &TestApp) {
@@ -463,6 +720,18 @@ async fn private_pages_are_not_cached_and_carry_security_headers(app: &TestApp) 
         page.headers().get_one("Referrer-Policy"),
         Some("same-origin")
     );
+    for path in ["/inbox", "/archive", "/account"] {
+        let page = b.client.get(path).dispatch().await;
+        assert_eq!(
+            page.headers().get_one("Cache-Control"),
+            Some("no-store"),
+            "{path}"
+        );
+        assert!(page
+            .headers()
+            .get_one("Content-Security-Policy")
+            .is_some_and(|csp| csp.contains("script-src 'self'")));
+    }
     let api = b.client.get("/messages/count").dispatch().await;
     assert_eq!(api.headers().get_one("Cache-Control"), Some("no-store"));
     // Static files stay cacheable.
@@ -533,7 +802,7 @@ async fn helpers_show_twenty_messages_for_a_user(app: &TestApp) {
             .await
             .unwrap();
     }
-    let (_, html) = b.get_html("/?keep=1").await;
+    let (_, html) = b.get_html("/inbox").await;
     assert!(html.contains("data-unread-count>20</span>"), "count helper");
     let inbox = html
         .split("stored-messages-inbox")
@@ -541,10 +810,15 @@ async fn helpers_show_twenty_messages_for_a_user(app: &TestApp) {
         .expect("list helper");
     assert_eq!(
         inbox.matches("<li class=\"message stored info\"").count(),
-        10,
-        "limit=10"
+        20,
+        "the inbox page lists them all"
     );
-    assert!(inbox.contains("msg 00") && inbox.contains("msg 09") && !inbox.contains("msg 10"));
+    assert!(inbox.contains("msg 00") && inbox.contains("msg 19"));
+    assert_eq!(
+        TestApp::inbox_texts(&b, alice).await.len(),
+        20,
+        "the inbox page marks nothing read"
+    );
     let (_, html) = b.get_html("/archive").await;
     let archive = html
         .split("stored-messages-archive")
@@ -689,7 +963,7 @@ async fn javascript_url_is_refused_and_nothing_changes(app: &TestApp) {
         .await;
     assert_eq!(r.status(), Status::UnprocessableEntity);
     let html = r.into_string().await.unwrap();
-    assert!(html.contains("invalid url"), "field error shown");
+    assert!(html.contains("Invalid url"), "field error shown");
     assert!(
         html.contains("value=\"javascript:alert(1)\""),
         "entered value kept"
@@ -721,7 +995,7 @@ async fn javascript_url_is_refused_and_nothing_changes(app: &TestApp) {
     assert_eq!(r.status(), Status::UnprocessableEntity);
     let html = r.into_string().await.unwrap();
     assert!(
-        html.contains("Enter a message.") && html.contains("invalid url"),
+        html.contains("Enter a message.") && html.contains("Invalid url"),
         "both errors"
     );
 }
