@@ -30,18 +30,20 @@
 //! A message that arrives live is not marked read by arriving: it stays unread until the user
 //! marks it read or a page shows it.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rocket::http::Header;
 use rocket::response::stream::{Event, EventStream};
+use rocket::tokio::sync::Notify;
 use rocket::{get, Shutdown, State};
 use serde_json::json;
 
 use crate::api::{ApiMessage, ApiUser};
 use crate::backend::ListQuery;
-use crate::changes::ChangeReceiver;
+use crate::changes::{Change, ChangeReceiver};
 use crate::error::Result;
 use crate::message::{Message, MessageId, UserId};
 use crate::ops::Store;
@@ -84,6 +86,113 @@ impl Drop for Open {
             .open_streams_counter()
             .0
             .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Wakes the streams a change concerns, and only those: one task per store reads the change
+/// feed and signals the streams of the users in each change (every stream for
+/// [`Change::All`], which is also what a hub that fell behind the feed gets). A stream that
+/// is signalled several times before it reads reads once: it compares whole inboxes.
+/// Without it, every change woke every open stream to ask whether it was concerned, which
+/// with 10,000 streams took milliseconds per message.
+#[derive(Default)]
+pub(crate) struct StreamHub {
+    state: std::sync::Mutex<HubState>,
+}
+
+#[derive(Default)]
+struct HubState {
+    streams: HashMap<UserId, Vec<Arc<Signal>>>,
+    /// The dispatching task runs (it is started with the first stream and ends with the
+    /// feed).
+    running: bool,
+    /// The feed is gone: no change will be reported again.
+    closed: bool,
+}
+
+/// How the hub wakes one stream.
+#[derive(Default)]
+struct Signal {
+    notify: Notify,
+    /// The feed is gone: the stream ends.
+    closed: AtomicBool,
+}
+
+/// A stream's place in the hub, given up when the stream ends.
+struct Registration {
+    hub: Arc<StreamHub>,
+    user: UserId,
+    signal: Arc<Signal>,
+}
+
+impl StreamHub {
+    fn state(&self) -> std::sync::MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Signs a stream of `user` up for the changes reported from now on.
+    fn register(store: &Store, user: UserId) -> Registration {
+        let hub = Arc::clone(store.stream_hub());
+        let signal = Arc::new(Signal::default());
+        let start = {
+            let mut state = hub.state();
+            if state.closed {
+                signal.closed.store(true, Ordering::SeqCst);
+                signal.notify.notify_one();
+            }
+            state
+                .streams
+                .entry(user)
+                .or_default()
+                .push(Arc::clone(&signal));
+            !std::mem::replace(&mut state.running, true)
+        };
+        if start {
+            // Subscribed here, before the stream reads its inbox: no change after that read
+            // goes unheard.
+            let changes = store.changes().subscribe();
+            rocket::tokio::spawn(StreamHub::dispatch(Arc::clone(&hub), changes));
+        }
+        Registration { hub, user, signal }
+    }
+
+    /// Signals the streams each change concerns, until the feed is gone; then ends them.
+    async fn dispatch(hub: Arc<StreamHub>, mut changes: ChangeReceiver) {
+        while let Some(change) = changes.recv().await {
+            let state = hub.state();
+            match change {
+                Change::All => {
+                    for signal in state.streams.values().flatten() {
+                        signal.notify.notify_one();
+                    }
+                }
+                Change::Users(users) => {
+                    for user in users.iter() {
+                        for signal in state.streams.get(user).into_iter().flatten() {
+                            signal.notify.notify_one();
+                        }
+                    }
+                }
+            }
+        }
+        let mut state = hub.state();
+        state.closed = true;
+        for signal in state.streams.values().flatten() {
+            signal.closed.store(true, Ordering::SeqCst);
+            signal.notify.notify_one();
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut state = self.hub.state();
+        if let Some(signals) = state.streams.get_mut(&self.user) {
+            signals.retain(|s| !Arc::ptr_eq(s, &self.signal));
+            if signals.is_empty() {
+                state.streams.remove(&self.user);
+            }
+        }
     }
 }
 
@@ -424,7 +533,7 @@ where
 fn follow(
     store: Store,
     user: UserId,
-    mut changes: ChangeReceiver,
+    registration: Registration,
     mut known: Known,
     first: Vec<Event>,
     mut shutdown: Shutdown,
@@ -436,13 +545,12 @@ fn follow(
             yield event;
         }
         loop {
-            let change = rocket::tokio::select! {
-                change = changes.recv() => change,
+            rocket::tokio::select! {
+                _ = registration.signal.notify.notified() => {}
                 _ = &mut shutdown => break,
-            };
-            let Some(change) = change else { break };
-            if !change.concerns(user) {
-                continue;
+            }
+            if registration.signal.closed.load(Ordering::SeqCst) {
+                break;
             }
             match read_inbox(&store, user).await {
                 Ok(inbox) => {
@@ -474,13 +582,13 @@ pub(crate) async fn stream(
     shutdown: Shutdown,
 ) -> crate::api::ApiResult<LiveStream<impl rocket::futures::Stream<Item = Event>>> {
     let store: Store = store.inner().clone();
-    // Subscribed before the inbox is read: a change after the read is not missed.
-    let changes = store.changes().subscribe();
+    // Registered before the inbox is read: a change after the read is not missed.
+    let registration = StreamHub::register(&store, user.0);
     let inbox = read_inbox(&store, user.0).await?;
     let mut known = Known::default();
     let first = opening(&mut known, &inbox, last.0.as_deref(), &store);
     Ok(LiveStream {
-        stream: follow(store, user.0, changes, known, first, shutdown),
+        stream: follow(store, user.0, registration, known, first, shutdown),
     })
 }
 

@@ -53,6 +53,7 @@ struct Inner {
     spill_quota: SpillQuota,
     open_streams: crate::live::OpenStreams,
     inbox_reads: crate::live::InboxReads,
+    stream_hub: Arc<crate::live::StreamHub>,
 }
 
 impl std::fmt::Debug for Store {
@@ -104,6 +105,7 @@ impl Store {
             spill_quota,
             open_streams: crate::live::OpenStreams::default(),
             inbox_reads: crate::live::InboxReads::default(),
+            stream_hub: Arc::default(),
         };
         Ok(Store {
             inner: Arc::new(inner),
@@ -194,6 +196,10 @@ impl Store {
 
     pub(crate) fn inbox_reads(&self) -> &crate::live::InboxReads {
         &self.inner.inbox_reads
+    }
+
+    pub(crate) fn stream_hub(&self) -> &Arc<crate::live::StreamHub> {
+        &self.inner.stream_hub
     }
 
     /// How many flash spills clients may still create (see [`SpillQuota`]).
