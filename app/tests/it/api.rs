@@ -107,9 +107,10 @@ async fn a_thousand_streams_opened_and_closed_leave_none_open(app: &TestApp) {
     }
 }
 
-/// A stream whose client reads nothing while more changes arrive than the feed keeps for
-/// it (4,096) falls behind: it is told "everything may have changed", reads the inbox once,
-/// and sends exactly what the client lacks. Nothing is dropped silently.
+/// A stream whose client reads nothing while more changes pass than the feed keeps for a
+/// receiver (4,096), its own among the oldest, still sends exactly what the client lacks
+/// once read: it was signalled (a signal waits for it however many changes follow), and
+/// it reads the whole inbox. Nothing is dropped silently.
 async fn a_stream_that_falls_behind_the_feed_catches_up_exactly(app: &TestApp) {
     let (b, alice) = user(app, "alice").await;
     let bob = app.user("bob", false).await.user_id();
@@ -117,9 +118,8 @@ async fn a_stream_that_falls_behind_the_feed_catches_up_exactly(app: &TestApp) {
     store.changes().wait_live().await;
     let mut stream = b.client.get("/messages/stream").dispatch().await;
     assert_eq!(event_names(&mut stream, "count").await, ["count"]);
-    // Three messages for alice, then 4,200 changes for bob, all reported to the stream's
-    // receiver while nobody reads the stream: the changes that concern alice are among
-    // those it could not keep, so only knowing that it fell behind brings them.
+    // Three messages for alice, then 4,200 changes for bob, all reported while nobody reads
+    // the stream: the changes that concern alice are older than what the feed keeps.
     let mut expected = Vec::new();
     for round in 0..3 {
         expected.push(send(&b, alice, &format!("alice {round}")).await);
