@@ -28,14 +28,30 @@ pub(super) async fn connect(
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(settings.timeout)
         .foreign_keys(true);
-    SqlitePoolOptions::new()
-        .max_connections(settings.max)
-        .min_connections(settings.min)
-        .idle_timeout(settings.idle)
-        .acquire_timeout(settings.timeout)
-        .test_before_acquire(false)
-        .connect_with(options)
-        .await
+    let pool = || {
+        SqlitePoolOptions::new()
+            .max_connections(settings.max)
+            .min_connections(settings.min)
+            .idle_timeout(settings.idle)
+            .acquire_timeout(settings.timeout)
+            .test_before_acquire(false)
+            .connect_with(options.clone())
+    };
+    // Several processes opening a fresh file at once: switching it to WAL needs a moment
+    // alone with it, and SQLite answers "database is locked" at once instead of waiting
+    // (its busy handler does not cover that step). Try again a few times, briefly.
+    let mut attempt = 0;
+    loop {
+        match pool().await {
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("5") && attempt < 20 => {
+                attempt += 1;
+                log::debug!("stored-messages: opening the SQLite database again after: {e}");
+                let wait = 20 + rand::random::<u64>() % 80;
+                rocket::tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+            result => return result,
+        }
+    }
 }
 
 impl IdArray for Sqlite {
