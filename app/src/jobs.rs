@@ -173,10 +173,21 @@ impl Jobs {
 
     /// The newest audit entries.
     pub async fn audit_list(&self, limit: i64) -> Result<Vec<AuditEntry>, sqlx::Error> {
+        self.audit_page(None, limit).await
+    }
+
+    /// At most `limit` audit entries older than entry `before` (from the newest without it),
+    /// newest first: a page of the audit log, read by primary key.
+    pub async fn audit_page(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<AuditEntry>, sqlx::Error> {
         let sql = "select id, actor_id, actor, at_us, level, message, audience, audience_size, message_id, \
-                   duration_ms, job_id from app_audit order by id desc limit $1";
+                   duration_ms, job_id from app_audit where id < $1 order by id desc limit $2";
+        let before = before.unwrap_or(i64::MAX);
         Ok(
-            with_pool!(self.users.pool(), pool => sqlx::query_as(sql).bind(limit).fetch_all(pool).await?),
+            with_pool!(self.users.pool(), pool => sqlx::query_as(sql).bind(before).bind(limit).fetch_all(pool).await?),
         )
     }
 
@@ -233,10 +244,27 @@ impl Jobs {
 
     /// The newest jobs.
     pub async fn recent(&self, limit: i64) -> Result<Vec<Job>, sqlx::Error> {
-        let sql = format!("select {JOB_COLUMNS} from app_broadcast_jobs order by id desc limit $1");
+        self.page(None, limit).await
+    }
+
+    /// At most `limit` jobs older than job `before` (from the newest without it), newest
+    /// first: a page of the jobs list, read by primary key.
+    pub async fn page(&self, before: Option<i64>, limit: i64) -> Result<Vec<Job>, sqlx::Error> {
+        let sql = format!(
+            "select {JOB_COLUMNS} from app_broadcast_jobs where id < $1 order by id desc limit $2"
+        );
+        let before = before.unwrap_or(i64::MAX);
         Ok(
-            with_pool!(self.users.pool(), pool => sqlx::query_as(&sql).bind(limit).fetch_all(pool).await?),
+            with_pool!(self.users.pool(), pool => sqlx::query_as(&sql).bind(before).bind(limit).fetch_all(pool).await?),
         )
+    }
+
+    /// Until when job `id`'s lease runs (µs), if anyone holds it.
+    pub async fn lease_until(&self, id: i64) -> Result<Option<i64>, sqlx::Error> {
+        let sql = "select lease_until_us from app_broadcast_jobs where id = $1";
+        let (until,): (Option<i64>,) = with_pool!(self.users.pool(), pool =>
+            sqlx::query_as(sql).bind(id).fetch_one(pool).await?);
+        Ok(until)
     }
 
     /// Sets a failed job running again; `false` if it was not failed.

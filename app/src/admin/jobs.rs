@@ -1,8 +1,6 @@
 //! Background broadcasts: their list, a job's page, its status (polled by admin.js) and its
 //! resumption.
 
-use std::sync::Arc;
-
 use rocket::http::Status;
 use rocket::response::Redirect;
 use rocket::serde::json::{json, Json, Value};
@@ -15,41 +13,23 @@ use stored_messages::Messages;
 use super::AdminUser;
 use crate::jobs::{Job, Jobs};
 use crate::paging::Trail;
-use crate::users::Users;
 
 /// Background broadcasts a page.
 const JOBS_PAGE: i64 = 25;
-
-/// One page of background broadcasts, newest first: ids below `before` (all when `None`),
-/// at most `limit`. The jobs module owns the table and writes it; this only reads it by its
-/// primary key (the columns are those of [`Job`]).
-async fn jobs_page(
-    users: &Users,
-    before: Option<i64>,
-    limit: i64,
-) -> Result<Vec<Job>, sqlx::Error> {
-    let sql = "select id, message_id, message, created_by, created_us, audience, max_user_id, \
-               user_ids, total, delivered, cursor, status, error, finished_us \
-               from app_broadcast_jobs where id < $1 order by id desc limit $2";
-    let before = before.unwrap_or(i64::MAX);
-    Ok(
-        with_pool!(users.pool(), pool => sqlx::query_as(sql).bind(before).bind(limit).fetch_all(pool).await?),
-    )
-}
 
 /// Every background broadcast, newest first, a page at a time both ways.
 #[get("/admin/jobs?<from>&<back>")]
 pub(super) async fn job_list(
     admin: AdminUser,
     messages: Messages<'_>,
-    users: &State<Arc<Users>>,
+    jobs: &State<Jobs>,
     from: Option<&str>,
     back: Option<&str>,
 ) -> Result<Page, Status> {
     let valid = |s: &str| s.parse::<i64>().is_ok_and(|id| id > 0);
     let trail = Trail::parse(from, back, valid).ok_or(Status::BadRequest)?;
     let before = trail.from.parse::<i64>().ok();
-    let mut jobs = jobs_page(users, before, JOBS_PAGE + 1).await.map_err(|e| {
+    let mut jobs = jobs.page(before, JOBS_PAGE + 1).await.map_err(|e| {
         log::error!(
             "reference app: listing broadcast jobs failed: {}",
             report(&e)
@@ -75,14 +55,13 @@ pub(super) async fn job_page(
     id: i64,
     messages: Messages<'_>,
     jobs: &State<Jobs>,
-    users: &State<Arc<Users>>,
 ) -> Result<Page, Status> {
     let job = jobs
         .get(id)
         .await
         .map_err(|_| Status::ServiceUnavailable)?
         .ok_or(Status::NotFound)?;
-    let stalled = job.status == "running" && is_unattended(users, &job).await;
+    let stalled = job.status == "running" && is_unattended(jobs, &job).await;
     // What is being sent, and to whom, from the job's own copy of the message.
     let message: Option<stored_messages::Message> = serde_json::from_str(&job.message).ok();
     let audience = if job.audience == "list" {
@@ -107,14 +86,10 @@ pub(super) async fn job_page(
 
 /// Whether a running job has had no worker for a while: its lease (which a working
 /// instance renews with every chunk) lapsed, or it was never taken, longer than a worker
-/// takes to notice. The page then says it may be stuck even without JavaScript. (Reads the
-/// lease by the job's primary key; the jobs module owns it.)
-async fn is_unattended(users: &Users, job: &Job) -> bool {
-    let sql = "select lease_until_us from app_broadcast_jobs where id = $1";
-    let lease: Result<(Option<i64>,), sqlx::Error> =
-        with_pool!(users.pool(), pool => sqlx::query_as(sql).bind(job.id).fetch_one(pool).await);
-    match lease {
-        Ok((lease,)) => {
+/// takes to notice. The page then says it may be stuck even without JavaScript.
+async fn is_unattended(jobs: &Jobs, job: &Job) -> bool {
+    match jobs.lease_until(job.id).await {
+        Ok(lease) => {
             let now = stored_messages::backend::micros(chrono::Utc::now());
             unattended(lease, job.created_us, now)
         }

@@ -17,29 +17,12 @@ use stored_messages::{
 };
 
 use super::AdminUser;
-use crate::jobs::AuditEntry;
+use crate::jobs::Jobs;
 use crate::paging::Trail;
 use crate::users::Users;
 
 /// Audit entries a page.
 const AUDIT_PAGE: i64 = 25;
-
-/// One page of the audit log, newest first: the entries with ids below `before` (all when
-/// `None`), at most `limit`. The jobs module writes the log; this only reads it, by its
-/// primary key, so a page costs the same however deep it is.
-async fn audit_page(
-    users: &Users,
-    before: Option<i64>,
-    limit: i64,
-) -> Result<Vec<AuditEntry>, sqlx::Error> {
-    let sql = "select id, actor_id, actor, at_us, level, message, audience, audience_size, \
-               message_id, duration_ms, job_id from app_audit where id < $1 \
-               order by id desc limit $2";
-    let before = before.unwrap_or(i64::MAX);
-    Ok(
-        with_pool!(users.pool(), pool => sqlx::query_as(sql).bind(before).bind(limit).fetch_all(pool).await?),
-    )
-}
 
 /// Every broadcast, newest first, a page at a time both ways (`from`: the id the page
 /// starts below; `back`: the pages before it).
@@ -47,22 +30,20 @@ async fn audit_page(
 pub(super) async fn audit(
     admin: AdminUser,
     messages: Messages<'_>,
-    users: &State<Arc<Users>>,
+    jobs: &State<Jobs>,
     from: Option<&str>,
     back: Option<&str>,
 ) -> Result<Page, Status> {
     let valid = |s: &str| s.parse::<i64>().is_ok_and(|id| id > 0);
     let trail = Trail::parse(from, back, valid).ok_or(Status::BadRequest)?;
     let before = trail.from.parse::<i64>().ok();
-    let mut entries = audit_page(users, before, AUDIT_PAGE + 1)
-        .await
-        .map_err(|e| {
-            log::error!(
-                "reference app: reading the audit log failed: {}",
-                report(&e)
-            );
-            Status::ServiceUnavailable
-        })?;
+    let mut entries = jobs.audit_page(before, AUDIT_PAGE + 1).await.map_err(|e| {
+        log::error!(
+            "reference app: reading the audit log failed: {}",
+            report(&e)
+        );
+        Status::ServiceUnavailable
+    })?;
     let more = entries.len() as i64 > AUDIT_PAGE;
     entries.truncate(AUDIT_PAGE as usize);
     let next = entries.last().filter(|_| more).map(|e| e.id.to_string());
