@@ -297,8 +297,12 @@ impl<'r> Responder<'r, 'static> for Page {
             by_page: true,
             markers: scope.markers,
         });
+        let len = html.len();
         let mut response = (ContentType::HTML, html).respond_to(request)?;
         response.set_status(self.status);
+        // The page is in memory already: hand it to the connection in one piece, not in
+        // Rocket's default 4 KiB chunks (one write each).
+        response.set_max_chunk_size(len.max(1));
         Ok(response)
     }
 }
