@@ -18,7 +18,7 @@ use stored_messages::{
 };
 
 use crate::auth::CurrentUser;
-use crate::paging::Trail;
+use crate::paging::{cut_page, Trail};
 
 /// A level choice of the demo form.
 #[derive(Serialize)]
@@ -364,12 +364,9 @@ async fn archive(
             return error_page(e.status(), &words, Some(&user.0));
         }
     };
-    let more = rows.len() > ARCHIVE_PAGE as usize;
-    rows.truncate(ARCHIVE_PAGE as usize);
-    let next = rows
-        .last()
-        .filter(|_| more)
-        .map(|m| cursor_text(&Cursor::after(m)));
+    let next = cut_page(&mut rows, ARCHIVE_PAGE as usize, |m| {
+        cursor_text(&Cursor::after(m))
+    });
     let tags = store.level_tags();
     let rows: Vec<StreamMessage> = rows
         .iter()

@@ -31,6 +31,19 @@ pub struct Links {
     pub older: Option<String>,
 }
 
+/// Whether `s` is a row id (a positive integer): a page start of a list in id order.
+pub fn is_id(s: &str) -> bool {
+    s.parse::<i64>().is_ok_and(|id| id > 0)
+}
+
+/// Keeps the first `size` of `rows`, which were read with one more to learn whether another
+/// page follows, and returns that page's start (`start` of the last row kept) when one does.
+pub fn cut_page<T>(rows: &mut Vec<T>, size: usize, start: impl Fn(&T) -> String) -> Option<String> {
+    let more = rows.len() > size;
+    rows.truncate(size);
+    rows.last().filter(|_| more).map(start)
+}
+
 impl Trail {
     /// The trail of a request's `from` and `back` parameters; `None` when one of them is
     /// not made of `valid` starts.
@@ -155,5 +168,19 @@ mod tests {
         let older = deep.links(Some("3".into())).older.unwrap();
         let back = older.split("&back=").nth(1).unwrap();
         assert_eq!(back.split('.').count(), MAX_TRAIL);
+    }
+
+    #[test]
+    fn a_page_read_with_one_more_row_says_where_the_next_starts() {
+        let mut rows = vec![9, 8, 7];
+        assert_eq!(
+            cut_page(&mut rows, 2, i32::to_string),
+            Some("8".to_string())
+        );
+        assert_eq!(rows, [9, 8]);
+        let mut last = vec![2, 1];
+        assert_eq!(cut_page(&mut last, 2, i32::to_string), None);
+        assert_eq!(last, [2, 1]);
+        assert!(is_id("12") && !is_id("0") && !is_id("-3") && !is_id("x"));
     }
 }

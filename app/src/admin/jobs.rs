@@ -12,7 +12,7 @@ use stored_messages::Messages;
 
 use super::AdminUser;
 use crate::jobs::{Job, Jobs};
-use crate::paging::Trail;
+use crate::paging::{cut_page, is_id, Trail};
 
 /// Background broadcasts a page.
 const JOBS_PAGE: i64 = 25;
@@ -26,8 +26,7 @@ pub(super) async fn job_list(
     from: Option<&str>,
     back: Option<&str>,
 ) -> Result<Page, Status> {
-    let valid = |s: &str| s.parse::<i64>().is_ok_and(|id| id > 0);
-    let trail = Trail::parse(from, back, valid).ok_or(Status::BadRequest)?;
+    let trail = Trail::parse(from, back, is_id).ok_or(Status::BadRequest)?;
     let before = trail.from.parse::<i64>().ok();
     let mut jobs = jobs.page(before, JOBS_PAGE + 1).await.map_err(|e| {
         log::error!(
@@ -36,9 +35,7 @@ pub(super) async fn job_list(
         );
         Status::ServiceUnavailable
     })?;
-    let more = jobs.len() as i64 > JOBS_PAGE;
-    jobs.truncate(JOBS_PAGE as usize);
-    let next = jobs.last().filter(|_| more).map(|j| j.id.to_string());
+    let next = cut_page(&mut jobs, JOBS_PAGE as usize, |j| j.id.to_string());
     let rows: Vec<Value> = jobs.iter().map(job_row).collect();
     Ok(Page::render(
         "admin/jobs",

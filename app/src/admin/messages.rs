@@ -18,7 +18,7 @@ use stored_messages::{
 
 use super::AdminUser;
 use crate::jobs::Jobs;
-use crate::paging::Trail;
+use crate::paging::{cut_page, is_id, Trail};
 use crate::users::Users;
 
 /// Audit entries a page.
@@ -34,8 +34,7 @@ pub(super) async fn audit(
     from: Option<&str>,
     back: Option<&str>,
 ) -> Result<Page, Status> {
-    let valid = |s: &str| s.parse::<i64>().is_ok_and(|id| id > 0);
-    let trail = Trail::parse(from, back, valid).ok_or(Status::BadRequest)?;
+    let trail = Trail::parse(from, back, is_id).ok_or(Status::BadRequest)?;
     let before = trail.from.parse::<i64>().ok();
     let mut entries = jobs.audit_page(before, AUDIT_PAGE + 1).await.map_err(|e| {
         log::error!(
@@ -44,9 +43,7 @@ pub(super) async fn audit(
         );
         Status::ServiceUnavailable
     })?;
-    let more = entries.len() as i64 > AUDIT_PAGE;
-    entries.truncate(AUDIT_PAGE as usize);
-    let next = entries.last().filter(|_| more).map(|e| e.id.to_string());
+    let next = cut_page(&mut entries, AUDIT_PAGE as usize, |e| e.id.to_string());
     let entries: Vec<Value> = entries
         .into_iter()
         .map(|e| {
@@ -221,7 +218,7 @@ pub(super) async fn message_list(
     let before_text = before.filter(|b| *b > 0).map(|b| b.to_string());
     let from = from.or(before_text.as_deref());
     let trail = if recipient.is_empty() {
-        Trail::parse(from, back, |s| s.parse::<i64>().is_ok_and(|id| id > 0))
+        Trail::parse(from, back, is_id)
     } else {
         Trail::parse(from, back, |s| crate::pages::parse_cursor(s).is_some())
     }

@@ -210,28 +210,18 @@ async fn audit_pages_go_both_ways(app: &TestApp) {
         .await
         .unwrap();
     }
-    let link = |html: &str, rel: &str| -> Option<String> {
-        let pager = html.split("<nav class=\"pager\"").nth(1)?;
-        pager
-            .split("<a href=\"")
-            .skip(1)
-            .find(|a| {
-                a.split('>')
-                    .next()
-                    .unwrap_or("")
-                    .contains(&format!("rel=\"{rel}\""))
-            })
-            .and_then(|a| a.split('"').next())
-            .map(|href| href.replace("&#x2F;", "/").replace("&amp;", "&"))
-    };
     let (_, first) = b.get_html("/admin/audit").await;
     assert!(
         first.contains(">sent 29<") && first.contains(">sent 05<") && !first.contains(">sent 04<")
     );
-    let (_, second) = b.get_html(&link(&first, "next").expect("Older")).await;
+    let (_, second) = b
+        .get_html(&pager_link(&first, "next").expect("Older"))
+        .await;
     assert!(second.contains(">sent 04<") && second.contains(">sent 00<"));
-    assert_eq!(link(&second, "next"), None);
-    let (_, back) = b.get_html(&link(&second, "prev").expect("Newer")).await;
+    assert_eq!(pager_link(&second, "next"), None);
+    let (_, back) = b
+        .get_html(&pager_link(&second, "prev").expect("Newer"))
+        .await;
     assert!(back.contains(">sent 29<"));
     let (status, _) = b.get_html("/admin/audit?from=-3").await;
     assert_eq!(status, Status::BadRequest);
@@ -255,31 +245,21 @@ async fn message_browser_pages_go_both_ways(app: &TestApp) {
             .await
             .unwrap();
     }
-    let link = |html: &str, rel: &str| -> Option<String> {
-        let pager = html.split("<nav class=\"pager\"").nth(1)?;
-        pager
-            .split("<a href=\"")
-            .skip(1)
-            .find(|a| {
-                a.split('>')
-                    .next()
-                    .unwrap_or("")
-                    .contains(&format!("rel=\"{rel}\""))
-            })
-            .and_then(|a| a.split('"').next())
-            .map(|href| href.replace("&#x2F;", "/").replace("&amp;", "&"))
-    };
     let (_, first) = b.get_html("/admin/messages").await;
     assert!(
         first.contains(">row 29<") && first.contains(">row 05<") && !first.contains(">row 04<")
     );
-    assert_eq!(link(&first, "prev"), None);
-    let (_, second) = b.get_html(&link(&first, "next").expect("Older")).await;
+    assert_eq!(pager_link(&first, "prev"), None);
+    let (_, second) = b
+        .get_html(&pager_link(&first, "next").expect("Older"))
+        .await;
     assert!(
         second.contains(">row 04<") && second.contains(">row 00<") && !second.contains(">row 05<")
     );
-    assert_eq!(link(&second, "next"), None);
-    let (_, back) = b.get_html(&link(&second, "prev").expect("Newer")).await;
+    assert_eq!(pager_link(&second, "next"), None);
+    let (_, back) = b
+        .get_html(&pager_link(&second, "prev").expect("Newer"))
+        .await;
     assert!(back.contains(">row 29<"));
     let (status, _) = b.get_html("/admin/messages?from=abc").await;
     assert_eq!(status, Status::BadRequest);
@@ -792,4 +772,20 @@ async fn a_broadcast_to_everyone_asks_first_and_stores_nothing_until_confirmed(a
             .len(),
         1
     );
+}
+
+/// The `href` of a page's pager link `rel` ("next": Older, "prev": Newer), unescaped.
+fn pager_link(html: &str, rel: &str) -> Option<String> {
+    let pager = html.split("<nav class=\"pager\"").nth(1)?;
+    pager
+        .split("<a href=\"")
+        .skip(1)
+        .find(|a| {
+            a.split('>')
+                .next()
+                .unwrap_or("")
+                .contains(&format!("rel=\"{rel}\""))
+        })
+        .and_then(|a| a.split('"').next())
+        .map(|href| href.replace("&#x2F;", "/").replace("&amp;", "&"))
 }
