@@ -61,8 +61,8 @@ pub fn form_encode(value: &str) -> String {
     url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }
 
-/// Logs `username` in like a browser (login page for the CSRF token, then the form) and
-/// returns the cookies the server set.
+/// Logs `username` in like a browser (login page for the CSRF token, the form, then the page
+/// it redirects to) and returns the cookies the server set.
 pub async fn login(server: &str, username: &str, password: &str) -> Result<String, String> {
     let (_, set, body) = http(
         server,
@@ -96,6 +96,22 @@ pub async fn login(server: &str, username: &str, password: &str) -> Result<Strin
     .await?;
     if !status.contains(" 303 ") {
         return Err(format!("logging in {username}: {status}"));
+    }
+    merge(&mut jar, set);
+    // A browser follows the redirect, and keeps the CSRF cookie the first logged-in page
+    // binds to the new session; without it every later page would mint a new one.
+    let (status, set, _) = http(
+        server,
+        format!(
+            "GET /?keep=1 HTTP/1.1\r\nHost: {server}\r\nConnection: close\r\nCookie: {}\r\n\r\n",
+            cookie_header(&jar)
+        ),
+    )
+    .await?;
+    if !status.contains(" 200 ") {
+        return Err(format!(
+            "the first page after logging in {username}: {status}"
+        ));
     }
     merge(&mut jar, set);
     Ok(cookie_header(&jar))

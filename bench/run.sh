@@ -119,6 +119,8 @@ http_backend() { # name
   token=$(curl -fs -c "$jar" -b "$jar" "http://127.0.0.1:$port/login" | sed -n 's/.*name="csrf_token" value="\([^"]*\)".*/\1/p' | head -1)
   curl -fs -o /dev/null -c "$jar" -b "$jar" --data-urlencode "csrf_token=$token" \
     -d "username=bench&password=bench-password" "http://127.0.0.1:$port/login"
+  # and follow the redirect, as a browser does: the first logged-in page binds the CSRF cookie
+  curl -fs -o /dev/null -c "$jar" -b "$jar" "http://127.0.0.1:$port/"
   for i in $(seq 1 10); do "$bin" send --to bench "benchmark message $i" >/dev/null; done
   local cookie
   # curl writes HttpOnly cookies (all of ours) as "#HttpOnly_<domain>" lines.

@@ -382,16 +382,33 @@ fn one_more(query: ListQuery) -> ListQuery {
     }
 }
 
+/// When the request began ([`crate::request_start`]): what its reads must be fresh for.
+struct Since(std::time::Instant);
+
+#[rocket::async_trait]
+impl<'r> rocket::request::FromRequest<'r> for Since {
+    type Error = std::convert::Infallible;
+
+    async fn from_request(
+        request: &'r rocket::Request<'_>,
+    ) -> rocket::request::Outcome<Since, Self::Error> {
+        rocket::request::Outcome::Success(Since(crate::request_start(request)))
+    }
+}
+
 #[get("/inbox?<limit>&<cursor>")]
 async fn inbox_list<'r>(
     user: ApiUser,
+    since: Since,
     store: &'r State<Store>,
     base: &State<ApiBase>,
     limit: Option<&str>,
     cursor: Option<&str>,
 ) -> ApiResult<PageView<'r>> {
     let query = list_query(limit, cursor)?;
-    let messages = store.backend().inbox_list(user.0, one_more(query)).await?;
+    let messages = store
+        .inbox_list_since(user.0, one_more(query), since.0)
+        .await?;
     Ok(page(
         base,
         "inbox",
@@ -431,8 +448,8 @@ async fn inbox_get(user: ApiUser, store: &State<Store>, id: &str) -> ApiResult<J
 }
 
 #[get("/count")]
-async fn count(user: ApiUser, store: &State<Store>) -> ApiResult<Json<Value>> {
-    let unread = store.backend().inbox_count(user.0).await?;
+async fn count(user: ApiUser, since: Since, store: &State<Store>) -> ApiResult<Json<Value>> {
+    let unread = store.inbox_count_since(user.0, since.0).await?;
     Ok(Json(json!({ "unread": unread })))
 }
 

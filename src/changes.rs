@@ -103,6 +103,14 @@ impl Change {
         ids.join(",")
     }
 
+    /// This change as a payload (see [`Change::payload`]).
+    pub fn to_payload(&self) -> String {
+        match self {
+            Change::Users(users) => Change::payload(&users.iter().map(|u| u.0).collect::<Vec<_>>()),
+            Change::All => "*".to_string(),
+        }
+    }
+
     /// Reads a payload written by [`Change::payload`] (empty: nobody); anything else counts
     /// as [`Change::All`].
     pub fn parse(payload: &str) -> Change {
@@ -132,7 +140,7 @@ type QuickCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// A callback run on the feed's task for each change, before any sync that follows it
 /// returns: how the inbox cache drops entries in time.
-pub(crate) type Hook = Box<dyn Fn(&Change) + Send + Sync>;
+pub type Hook = Box<dyn Fn(&Change) + Send + Sync>;
 
 /// Barrier bookkeeping: syncs are numbered; at most one is out at a time.
 #[derive(Debug, Default)]
@@ -149,6 +157,8 @@ struct Syncs {
     reconnect: bool,
     /// When the oldest sync not yet done was asked for (for the watchdog).
     waiting_since: Option<Instant>,
+    /// When the sync out was handed to the backend (at or before it began).
+    issued_at: Option<Instant>,
 }
 
 /// What sync waiters watch: the last sync done, and an epoch that changes whenever the
@@ -157,6 +167,9 @@ struct Syncs {
 struct Progress {
     done: u64,
     epoch: u64,
+    /// When the last sync that came back was handed to the backend: every change committed
+    /// before that moment has been applied. `None` after a sync failed or the feed fell.
+    began: Option<Instant>,
 }
 
 struct Shared {
@@ -171,6 +184,9 @@ struct Shared {
     /// The backend's way to vouch, without a round trip, that nothing changed since its
     /// last complete report (see [`FeedSink::set_quick_check`]).
     quick_check: std::sync::RwLock<Option<QuickCheck>>,
+    /// When a quick check last vouched for everything committed before it, and in which
+    /// epoch (see [`ChangeFeed::sync_since`]).
+    quick_at: Mutex<Option<(Instant, u64)>>,
     changes: broadcast::Sender<Change>,
     /// Counts what the feed reported (changes and state changes), for tests to wait on.
     reports: watch::Sender<u64>,
@@ -208,6 +224,7 @@ impl Shared {
         self.progress.send_modify(|p| {
             p.done = syncs.done;
             p.epoch += 1;
+            p.began = None;
         });
     }
 }
@@ -239,6 +256,7 @@ impl ChangeFeed {
             wake: Arc::new(Notify::new()),
             hooks: Mutex::new(Vec::new()),
             quick_check: std::sync::RwLock::new(None),
+            quick_at: Mutex::new(None),
             changes: broadcast::channel(BACKLOG).0,
             reports: watch::channel(0).0,
             stop: watch::channel(()).0,
@@ -312,7 +330,9 @@ impl ChangeFeed {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let checked_at = Instant::now();
         if quick.is_some_and(|check| check()) {
+            *shared.quick_at.lock().unwrap_or_else(|e| e.into_inner()) = Some((checked_at, epoch));
             return true;
         }
         let target = {
@@ -341,6 +361,29 @@ impl ChangeFeed {
             Err(_) => false,
         };
         answered
+    }
+
+    /// As [`ChangeFeed::sync`], for a caller that needs only the changes committed before
+    /// `since` (a request needs those before it began: [`crate::request_start`]): a sync
+    /// that began at or after `since` and came back does, so several reads of one request
+    /// share one sync.
+    pub async fn sync_since(&self, since: Instant) -> bool {
+        if !self.is_live() {
+            return false;
+        }
+        let Progress { began, epoch, .. } = *self.shared.progress.borrow();
+        let quick = *self
+            .shared
+            .quick_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let quick = quick.and_then(|(at, in_epoch)| (in_epoch == epoch).then_some(at));
+        // Checked again after reading: going down clears `live` before it clears `began`
+        // and moves the epoch on.
+        if began.max(quick).is_some_and(|began| began >= since) && self.is_live() {
+            return true;
+        }
+        self.sync().await
     }
 
     /// Ends syncs that waited longer than [`SYNC_TIMEOUT`]: the feed is declared down and
@@ -373,6 +416,23 @@ impl ChangeFeed {
         }
     }
 
+    /// Reports `change` on every process's feed, as a write of the store would (see
+    /// [`crate::backend::WatchChanges::announce`]): for state a host keeps beside the store,
+    /// such as its sessions, that a cache of its own built on this feed must drop. Once it
+    /// returns, a [`ChangeFeed::sync`] that begins afterwards, in any process, returns only
+    /// after that process's hooks saw the change (or answers `false`).
+    ///
+    /// # Errors
+    ///
+    /// When the store cannot be reached, or [`crate::Error::Unsupported`] for a backend
+    /// whose feed cannot carry it (or that has no feed).
+    pub async fn announce(&self, change: &Change) -> crate::Result<()> {
+        match self.backend.change_feed() {
+            Some(feed) => feed.announce(change).await,
+            None => Err(crate::Error::Unsupported("announcing changes")),
+        }
+    }
+
     /// A receiver of every change reported from now on.
     pub fn subscribe(&self) -> ChangeReceiver {
         ChangeReceiver {
@@ -382,7 +442,7 @@ impl ChangeFeed {
 
     /// Runs `hook` on the feed's task for each change, before any later [`ChangeFeed::sync`]
     /// returns. Keep it short and non-blocking.
-    pub(crate) fn add_hook(&self, hook: Hook) {
+    pub fn add_hook(&self, hook: Hook) {
         self.shared
             .hooks
             .lock()
@@ -526,13 +586,17 @@ impl FeedSink {
         }
         syncs.done = n;
         syncs.waiting_since = None;
+        let began = syncs.issued_at.filter(|_| n == syncs.issued);
         if syncs.again {
             syncs.again = false;
             syncs.requested += 1;
             syncs.waiting_since = Some(Instant::now());
             shared.wake.notify_one();
         }
-        shared.progress.send_modify(|p| p.done = n);
+        shared.progress.send_modify(|p| {
+            p.done = n;
+            p.began = began;
+        });
     }
 
     /// A sync could not be done, but no change was missed (sending a marker failed): the
@@ -559,6 +623,7 @@ impl FeedSink {
                 }
                 if syncs.requested > syncs.issued {
                     syncs.issued = syncs.requested;
+                    syncs.issued_at = Some(Instant::now());
                     return Wanted::Sync(syncs.issued);
                 }
             }

@@ -227,6 +227,7 @@ impl Fairing for StoredMessages {
     }
 
     async fn on_request(&self, request: &mut Request<'_>, data: &mut Data<'_>) {
+        crate::request::request_start(request);
         crate::request::note_looks_only(request);
         let api = self.api.as_ref().ok().and_then(ApiBase::get);
         api::normalize_trailing_slash(request, api);

@@ -347,5 +347,5 @@ pub use crate::message::{
 pub use crate::ops::{Delivery, Store};
 pub use crate::redirect::local_path;
 pub use crate::request::{
-    Messages, StreamMessage, LONG_TEXT_CHARS, MAX_STREAM_STORED, OVERFLOW_NOTICE,
+    request_start, Messages, StreamMessage, LONG_TEXT_CHARS, MAX_STREAM_STORED, OVERFLOW_NOTICE,
 };

@@ -220,6 +220,45 @@ impl Store {
         &self.inner.feed
     }
 
+    /// The user's unread messages as [`MessageBackend::inbox_list`] answers them, for a read
+    /// that must see every write that returned before `since` (a request's
+    /// [`crate::request_start`]): through the inbox cache, whose sync it may share with the
+    /// request's other reads.
+    ///
+    /// # Errors
+    ///
+    /// As [`MessageBackend::inbox_list`].
+    pub async fn inbox_list_since(
+        &self,
+        user: UserId,
+        query: crate::backend::ListQuery,
+        since: std::time::Instant,
+    ) -> Result<Vec<Message>> {
+        match self.inbox_cache() {
+            Some(cache) => cache.inbox_list_since(user, query, since).await,
+            None => self.inner.backend.inbox_list(user, query).await,
+        }
+    }
+
+    /// The user's unread count, as fresh as [`Store::inbox_list_since`].
+    ///
+    /// # Errors
+    ///
+    /// As [`MessageBackend::inbox_count`].
+    pub async fn inbox_count_since(&self, user: UserId, since: std::time::Instant) -> Result<u64> {
+        match self.inbox_cache() {
+            Some(cache) => cache.inbox_count_since(user, since).await,
+            None => self.inner.backend.inbox_count(user).await,
+        }
+    }
+
+    /// The change feed, without starting it (unlike [`Store::changes`]): enough to
+    /// [`ChangeFeed::announce`] a change to every process, for a short-lived process such as
+    /// a command that does not follow changes itself.
+    pub fn change_announcer(&self) -> ChangeFeed {
+        self.inner.feed.clone()
+    }
+
     /// The host's view of users.
     pub fn host(&self) -> &dyn Host {
         &*self.inner.host

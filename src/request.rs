@@ -268,6 +268,19 @@ impl Serialize for StreamView<'_> {
     }
 }
 
+/// When the library first saw a request (see [`request_start`]).
+struct RequestStart(std::time::Instant);
+
+/// When the library first saw `request`: its fairing notes it on the way in, before any
+/// guard runs. A read for this request is fresh when it sees every write that returned
+/// before this moment (see [`crate::ChangeFeed::sync_since`]), so the reads of one request
+/// (its session, its inbox, its count) can share one sync of the change feed.
+pub fn request_start(request: &Request<'_>) -> std::time::Instant {
+    request
+        .local_cache(|| RequestStart(std::time::Instant::now()))
+        .0
+}
+
 /// What one request loaded and showed. Lives in the request-local cache.
 pub(crate) struct RequestState {
     pub(crate) user: Option<UserId>,
@@ -413,8 +426,11 @@ impl RequestState {
         let mut truncated = false;
         if let Some(user) = user {
             match store
-                .backend()
-                .inbox_list(user, ListQuery::first(MAX_STREAM_STORED))
+                .inbox_list_since(
+                    user,
+                    ListQuery::first(MAX_STREAM_STORED),
+                    request_start(request),
+                )
                 .await
             {
                 Ok(inbox) => {
@@ -629,6 +645,13 @@ impl<'r> Messages<'r> {
     pub fn len(&self) -> usize {
         let inner = self.state.lock();
         inner.flash.len() + inner.stored.len()
+    }
+
+    /// How many stored messages the stream holds now, without showing it: what a page
+    /// that shows the stream marks read (unless it calls [`Messages::set_used`] with
+    /// `false`).
+    pub fn stored_len(&self) -> usize {
+        self.state.lock().stored.len()
     }
 
     /// Whether the stream is empty, without showing it.

@@ -51,7 +51,8 @@ pub(crate) async fn request_session<'r>(request: &'r Request<'_>) -> Option<&'r 
         .local_cache_async(async {
             let id = request.cookies().get_private(SESSION_COOKIE)?;
             let users = request.rocket().state::<Arc<Users>>()?;
-            match users.session_user(id.value()).await {
+            let since = stored_messages::request_start(request);
+            match users.session_user_since(id.value(), since).await {
                 Ok(user) => user,
                 Err(e) => {
                     log::error!("reference app: reading a session failed: {}", report(&e));

@@ -135,6 +135,8 @@ async fn open(figment: &Figment) -> Result<(Arc<Users>, Store), String> {
     let store = Store::connect(&figment, Arc::new(AppHost::new(users.clone())))
         .await
         .map_err(|e| report(&e))?;
+    // Sessions a command ends are dropped from the session caches of running servers.
+    users.announce_on(store.change_announcer());
     Ok((users, store))
 }
 

@@ -63,6 +63,7 @@ pub mod cli;
 pub mod jobs;
 pub mod pages;
 pub mod paging;
+pub mod sessions;
 pub mod throttle;
 pub mod users;
 
@@ -132,7 +133,25 @@ pub fn rocket_from(figment: Figment) -> Rocket<Build> {
                                 StoredMessages::fairing(host)
                                     .csrf_exempt("/static")
                                     .csrf_exempt("/health"),
-                            ))
+                            )
+                            .attach(AdHoc::on_ignite("reference app sessions", |rocket| async {
+                                // After the store's fairing: sessions end through its feed.
+                                let cache = rocket
+                                    .figment()
+                                    .extract_inner::<bool>("app.session_cache")
+                                    .unwrap_or(true);
+                                if let (Some(users), Some(store)) = (
+                                    rocket.state::<Arc<Users>>(),
+                                    rocket.state::<stored_messages::Store>(),
+                                ) {
+                                    if cache {
+                                        users.cache_sessions(store);
+                                    } else {
+                                        users.announce_on(store.change_announcer());
+                                    }
+                                }
+                                rocket
+                            })))
                     }
                     Err(e) => {
                         log::error!("reference app: cannot open the users database: {e}");

@@ -143,6 +143,8 @@ fn home(
     let page = Page::render(
         "index",
         context! {
+            // Counted here: a `filter` in the template would copy the whole stream.
+            stored: messages.stored_len(),
             messages,
             here: "home",
             user: user.map(|u| &u.0),

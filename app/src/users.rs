@@ -15,6 +15,9 @@ use stored_messages::backend::sql::{run_migrations, SqlPool};
 use stored_messages::backend::BackendError;
 use stored_messages::Host;
 use stored_messages::UserId;
+use stored_messages::{Change, ChangeFeed, Store};
+
+use crate::sessions::SessionCache;
 use stored_messages::{BoxError, Error};
 
 /// The private cookie holding the logged-in user's id.
@@ -87,6 +90,10 @@ pub enum UserError {
     /// The database failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// Sessions ended, but other processes could not be told (the store's change feed
+    /// did not take the announcement); ending them again tells them.
+    #[error("sessions ended, but other processes could not be told: {0}")]
+    Announce(Error),
 }
 
 impl From<sqlx::Error> for UserError {
@@ -119,6 +126,11 @@ pub struct Users {
     pool: SqlPool,
     /// For the session lookup of every request: connections reused without sqlx's ping.
     reads: std::sync::Arc<stored_messages::backend::SqlReads>,
+    /// The store's change feed, on which ending sessions is announced to every process (see
+    /// [`Users::announce_on`]).
+    feed: Arc<std::sync::OnceLock<ChangeFeed>>,
+    /// Sessions kept in memory (see [`Users::cache_sessions`]).
+    sessions: Arc<std::sync::OnceLock<Arc<SessionCache>>>,
 }
 
 /// Checks a username: 1–64 characters of letters, digits, `.`, `_`, `-`, `@`.
@@ -209,7 +221,44 @@ impl Users {
     /// Uses `pool` (already migrated with [`Users::migrate`]).
     pub fn new(pool: SqlPool) -> Users {
         let reads = std::sync::Arc::new(stored_messages::backend::SqlReads::new(&pool));
-        Users { pool, reads }
+        Users {
+            pool,
+            reads,
+            feed: Arc::default(),
+            sessions: Arc::default(),
+        }
+    }
+
+    /// Announces every ending of sessions on `feed` (the store's change feed, started or
+    /// not: [`Store::change_announcer`]), so that session caches in every process drop them
+    /// before the ending returns. Every process that ends sessions while servers with a
+    /// session cache run must call this (the app and the CLI do). Later calls do nothing.
+    pub fn announce_on(&self, feed: ChangeFeed) {
+        let _ = self.feed.set(feed);
+    }
+
+    /// Keeps sessions in memory, current through `store`'s change feed (which this starts;
+    /// see [`crate::sessions`]), and announces on it. Later calls do nothing.
+    pub fn cache_sessions(&self, store: &Store) {
+        let feed = store.changes().clone();
+        self.announce_on(feed.clone());
+        let _ = self.sessions.set(SessionCache::new(feed));
+    }
+
+    /// The session cache, when there is one.
+    pub fn session_cache(&self) -> Option<&SessionCache> {
+        self.sessions.get().map(|c| &**c)
+    }
+
+    /// Tells every process that `user`'s sessions changed (see [`Users::announce_on`]).
+    async fn sessions_ended(&self, user: i64) -> Result<(), UserError> {
+        match self.feed.get() {
+            Some(feed) => feed
+                .announce(&Change::users(&[UserId(user)]))
+                .await
+                .map_err(UserError::Announce),
+            None => Ok(()),
+        }
     }
 
     /// Applies the app's migrations (`migrations/…`).
@@ -346,11 +395,40 @@ impl Users {
 
     /// The user of session `id`, unless it ended or expired.
     pub async fn session_user(&self, id: &str) -> Result<Option<User>, UserError> {
-        let sql = "select u.id, u.username, u.is_admin from app_sessions s \
-                   join app_users u on u.id = s.user_id where s.id = $1 and s.expires_us > $2";
+        self.session_user_since(id, std::time::Instant::now()).await
+    }
+
+    /// [`Users::session_user`] for a request that began at `since`
+    /// ([`stored_messages::request_start`]): it must see every session ended before then,
+    /// and may share the change feed's sync with the request's other reads.
+    pub async fn session_user_since(
+        &self,
+        id: &str,
+        since: std::time::Instant,
+    ) -> Result<Option<User>, UserError> {
         let now = micros(Utc::now());
-        Ok(with_read!(&*self.reads, conn =>
-            sqlx::query_as(sql).bind(id).bind(now).fetch_optional(conn).await?))
+        let cache = self.sessions.get();
+        if let Some(cache) = cache {
+            if let Some(user) = cache.get(id, now, since).await {
+                return Ok(Some(user));
+            }
+        }
+        let before = cache.map(|c| c.generations());
+        let sql = "select u.id, u.username, u.is_admin, s.expires_us from app_sessions s \
+                   join app_users u on u.id = s.user_id where s.id = $1 and s.expires_us > $2";
+        let row: Option<(i64, String, bool, i64)> = with_read!(&*self.reads, conn =>
+            sqlx::query_as(sql).bind(id).bind(now).fetch_optional(conn).await?);
+        Ok(row.map(|(user_id, username, is_admin, expires_us)| {
+            let user = User {
+                id: user_id,
+                username,
+                is_admin,
+            };
+            if let (Some(cache), Some(before)) = (cache, &before) {
+                cache.put(id, &user, expires_us, before);
+            }
+            user
+        }))
     }
 
     /// Sets `user`'s password (checked as for a new user) and ends all of their sessions, on
@@ -383,37 +461,44 @@ impl Users {
         });
         match keep {
             None => self.end_sessions(user.id).await,
-            Some(keep) => Ok(with_pool!(&self.pool, pool => sqlx::query(
-                    "delete from app_sessions where user_id = $1 and id <> $2",
-                )
-                .bind(user.id)
-                .bind(keep)
-                .execute(pool)
-                .await?
-                .rows_affected())),
+            Some(keep) => {
+                let ended = with_pool!(&self.pool, pool => sqlx::query(
+                        "delete from app_sessions where user_id = $1 and id <> $2",
+                    )
+                    .bind(user.id)
+                    .bind(keep)
+                    .execute(pool)
+                    .await?
+                    .rows_affected());
+                self.sessions_ended(user.id).await?;
+                Ok(ended)
+            }
         }
     }
 
     /// Ends session `id` (logout), on every instance at once.
     pub async fn end_session(&self, id: &str) -> Result<(), UserError> {
-        with_pool!(&self.pool, pool => {
-            sqlx::query("delete from app_sessions where id = $1")
+        let user: Option<i64> = with_pool!(&self.pool, pool => {
+            sqlx::query_scalar("delete from app_sessions where id = $1 returning user_id")
                 .bind(id)
-                .execute(pool)
-                .await?;
+                .fetch_optional(pool)
+                .await?
         });
-        Ok(())
+        match user {
+            Some(user) => self.sessions_ended(user).await,
+            None => Ok(()),
+        }
     }
 
     /// Ends every session of `user`; returns how many there were.
     pub async fn end_sessions(&self, user: i64) -> Result<u64, UserError> {
-        Ok(
-            with_pool!(&self.pool, pool => sqlx::query("delete from app_sessions where user_id = $1")
+        let ended = with_pool!(&self.pool, pool => sqlx::query("delete from app_sessions where user_id = $1")
             .bind(user)
             .execute(pool)
             .await?
-            .rows_affected()),
-        )
+            .rows_affected());
+        self.sessions_ended(user).await?;
+        Ok(ended)
     }
 
     /// The ids of these usernames, in the same order.

@@ -229,14 +229,14 @@ impl CachedBackend {
     /// The user's first unread messages (at most the window) and whether that is all of
     /// them: from an entry once a sync vouches for it, or by a fill. `None` when the cache
     /// cannot vouch for anything (the feed is down): read the backend.
-    async fn window(&self, user: UserId) -> Result<Option<(Arc<[Message]>, bool)>> {
+    async fn window(&self, user: UserId, since: Instant) -> Result<Option<(Arc<[Message]>, bool)>> {
         if !self.feed.is_live() {
             return Ok(None);
         }
         if self.cache.get(user).is_some() {
-            // The entry may predate a write that returned before this read began, in
-            // another process: once the sync returns, such a write has dropped it.
-            if !self.feed.sync().await {
+            // The entry may predate a write that returned before `since`, in another
+            // process: once the sync returns, such a write has dropped it.
+            if !self.feed.sync_since(since).await {
                 return Ok(None);
             }
             if let Some(hit) = self.cache.get(user) {
@@ -257,6 +257,56 @@ impl CachedBackend {
             self.cache.put(user, generation, messages, complete);
         }
         Ok(Some((shared, complete)))
+    }
+
+    /// [`MessageBackend::inbox_list`] for a read that must see every write that returned
+    /// before `since` (and no more: a sync that began after `since` will do; see
+    /// [`ChangeFeed::sync_since`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`MessageBackend::inbox_list`].
+    pub async fn inbox_list_since(
+        &self,
+        user: UserId,
+        query: ListQuery,
+        since: Instant,
+    ) -> Result<Vec<Message>> {
+        let limit = query.limit.map(|n| n as usize);
+        let cacheable =
+            query.after.is_none() && limit.is_some_and(|n| n <= MAX_STREAM_STORED as usize + 1);
+        if !cacheable {
+            return self.inner.inbox_list(user, query).await;
+        }
+        let limit = limit.unwrap_or_default();
+        let Some((messages, complete)) = self.window(user, since).await? else {
+            return self.inner.inbox_list(user, query).await;
+        };
+        let cutoff = self.cutoff();
+        let fresh: Vec<Message> = messages
+            .iter()
+            .filter(|m| m.date >= cutoff)
+            .take(limit)
+            .cloned()
+            .collect();
+        // A partial window can answer only what it holds.
+        if fresh.len() < limit && !complete {
+            return self.inner.inbox_list(user, query).await;
+        }
+        Ok(fresh)
+    }
+
+    /// [`MessageBackend::inbox_count`] as fresh as [`CachedBackend::inbox_list_since`].
+    ///
+    /// # Errors
+    ///
+    /// As [`MessageBackend::inbox_count`].
+    pub async fn inbox_count_since(&self, user: UserId, since: Instant) -> Result<u64> {
+        if let Some((messages, true)) = self.window(user, since).await? {
+            let cutoff = self.cutoff();
+            return Ok(messages.iter().filter(|m| m.date >= cutoff).count() as u64);
+        }
+        self.inner.inbox_count(user).await
     }
 
     fn touched(&self, users: &[UserId]) {
@@ -296,28 +346,7 @@ impl MessageBackend for CachedBackend {
     }
 
     async fn inbox_list(&self, user: UserId, query: ListQuery) -> Result<Vec<Message>> {
-        let limit = query.limit.map(|n| n as usize);
-        let cacheable =
-            query.after.is_none() && limit.is_some_and(|n| n <= MAX_STREAM_STORED as usize + 1);
-        if !cacheable {
-            return self.inner.inbox_list(user, query).await;
-        }
-        let limit = limit.unwrap_or_default();
-        let Some((messages, complete)) = self.window(user).await? else {
-            return self.inner.inbox_list(user, query).await;
-        };
-        let cutoff = self.cutoff();
-        let fresh: Vec<Message> = messages
-            .iter()
-            .filter(|m| m.date >= cutoff)
-            .take(limit)
-            .cloned()
-            .collect();
-        // A partial window can answer only what it holds.
-        if fresh.len() < limit && !complete {
-            return self.inner.inbox_list(user, query).await;
-        }
-        Ok(fresh)
+        self.inbox_list_since(user, query, Instant::now()).await
     }
 
     async fn inbox_list_many(&self, users: &[UserId], limit: u32) -> Result<Vec<Vec<Message>>> {
@@ -326,11 +355,7 @@ impl MessageBackend for CachedBackend {
     }
 
     async fn inbox_count(&self, user: UserId) -> Result<u64> {
-        if let Some((messages, true)) = self.window(user).await? {
-            let cutoff = self.cutoff();
-            return Ok(messages.iter().filter(|m| m.date >= cutoff).count() as u64);
-        }
-        self.inner.inbox_count(user).await
+        self.inbox_count_since(user, Instant::now()).await
     }
 
     async fn inbox_get(&self, user: UserId, id: MessageId) -> Result<Message> {

@@ -328,6 +328,21 @@ pub trait WatchChanges: Send + Sync {
     ///
     /// When the feed cannot start at all; it then stays down.
     async fn watch_changes(&self, sink: FeedSink) -> Result<()>;
+
+    /// Reports `change` on every process's feed, as if a write of the backend had made it:
+    /// for state a host keeps beside the store (its sessions, say) that caches built on the
+    /// feed must drop. The change is out once this returns: a [`crate::ChangeFeed::sync`]
+    /// that begins afterwards, in any process, returns only after its hooks saw it.
+    ///
+    /// # Errors
+    ///
+    /// When the store cannot be reached (other processes were then not told), or
+    /// [`crate::Error::Unsupported`] for a feed that cannot carry a host's changes (the
+    /// default).
+    async fn announce(&self, change: &Change) -> Result<()> {
+        let _ = change;
+        Err(crate::Error::Unsupported("announcing changes"))
+    }
 }
 
 /// Optional capability of a [`MessageBackend`]: administration of every message

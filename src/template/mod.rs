@@ -57,6 +57,7 @@ use crate::request::request_state;
 mod fill;
 mod helpers;
 mod list;
+mod stream;
 
 pub(crate) use self::fill::fill;
 pub use self::helpers::MAX_HELPER_LIMIT;
@@ -106,9 +107,10 @@ fn register_with(tera: &mut Tera, partial: Arc<ListPartial>) {
             log::error!("stored-messages: registering {LIST_INCLUDE} failed: {e}");
         }
     }
-    // The stream partial, unless the host has its own.
+    // The stream partial, unless the host has its own: written by Rust (see `stream`).
     if tera.get_template(MESSAGES_TEMPLATE).is_err() {
-        if let Err(e) = tera.add_raw_template(MESSAGES_TEMPLATE, BUILTIN_MESSAGES_SOURCE) {
+        tera.register_function(stream::FUNCTION, stream::StreamPartial);
+        if let Err(e) = tera.add_raw_template(MESSAGES_TEMPLATE, stream::FAST_SOURCE) {
             log::error!("stored-messages: registering {MESSAGES_TEMPLATE} failed: {e}");
         }
     }

@@ -357,13 +357,23 @@ impl TestApp {
     pub async fn sqlite() -> Option<TestApp> {
         let dir = tempfile::tempdir().unwrap();
         let url = sqlite_url(&dir);
-        Some(TestApp::open(url, Place::Sqlite(dir)).await)
+        Some(
+            TestApp::open(url, Place::Sqlite(dir))
+                .await
+                .announcing()
+                .await,
+        )
     }
 
     pub async fn postgres() -> Option<TestApp> {
         let schema = PgSchema::create().await?;
         let url = schema.url.clone();
-        Some(TestApp::open(url, Place::Postgres(schema)).await)
+        Some(
+            TestApp::open(url, Place::Postgres(schema))
+                .await
+                .announcing()
+                .await,
+        )
     }
 
     /// The app with its messages in Redis (users stay in SQL, as in the reference app).
@@ -374,7 +384,21 @@ impl TestApp {
         let redis = Some((prefix.url.clone(), prefix.prefix.clone()));
         let mut app = TestApp::open(url, Place::SqliteAndRedis(dir, prefix)).await;
         app.redis = redis;
-        Some(app)
+        Some(app.announcing().await)
+    }
+
+    /// The test's own `Users` ends sessions as the app and the CLI do: announced on the
+    /// store's change feed, so that the apps' session caches drop them.
+    async fn announcing(self) -> TestApp {
+        let figment = self
+            .figment()
+            .merge(("stored_messages.inbox_cache_messages", 0));
+        let host = Arc::new(stored_messages_app::users::AppHost::new(self.users.clone()));
+        let store = stored_messages::Store::connect(&figment, host)
+            .await
+            .expect("the test's store");
+        self.users.announce_on(store.change_announcer());
+        self
     }
 
     /// The figment of this test's app.

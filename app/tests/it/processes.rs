@@ -527,6 +527,7 @@ process_tests!(
     a_write_through_one_server_is_seen_by_the_next_request_to_another,
     writes_stay_visible_while_the_change_feed_is_killed,
     periodic_cleanup_runs_on_one_instance_per_interval,
+    an_ended_session_is_refused_by_the_next_request_everywhere,
 );
 
 const PASSWORD: &str = "correct-horse-battery";
@@ -616,6 +617,88 @@ async fn writes_stay_visible_while_the_change_feed_is_killed(shared: &Shared) {
     // and the feeds came back by themselves
     shared.wait_feeds(&[&one, &two]).await;
     write_here_read_there(&alice, &one, &two, 10, None).await;
+}
+
+/// Servers keep sessions in memory; a session ended anywhere (logout through another
+/// server, `stored-messages endsessions`, a password change) is refused by the very next
+/// request to any server, also while a server's change feed connection is being killed.
+async fn an_ended_session_is_refused_by_the_next_request_everywhere(shared: &Shared) {
+    shared.cli(&["createuser", "alice"], &format!("{PASSWORD}\n"));
+    let one = shared.serve(&format!("sm_one_{}", random_id())).await;
+    let two = shared.serve(&format!("sm_two_{}", random_id())).await;
+    shared.wait_feeds(&[&one, &two]).await;
+    let mut kills = 0;
+    for round in 0..24 {
+        // arrange: a session both servers have answered (and so keep)
+        let alice = Browser::login(&one, "alice", PASSWORD).await;
+        let other = Browser::login(&two, "alice", PASSWORD).await;
+        for server in [&one, &two] {
+            assert_eq!(alice.count(server).await, 0, "round {round}");
+            assert_eq!(other.count(server).await, 0, "round {round}");
+        }
+        if round % 4 == 3 && shared.kill_feed(&two.name).await {
+            kills += 1;
+        }
+        // act: end it elsewhere, and return
+        match round % 3 {
+            0 => {
+                let form = format!("csrf_token={}", alice.token);
+                let answer = post(&one.address, "/logout", &alice.cookie, &form)
+                    .await
+                    .unwrap();
+                assert_eq!(answer.status, 303, "logout: {}", answer.body);
+            }
+            1 => {
+                let out = shared.cli(&["endsessions", "alice"], "");
+                assert!(out.starts_with("ended 2 sessions"), "{out}");
+            }
+            _ => {
+                let out = shared.cli(&["passwd", "alice"], &format!("{PASSWORD}\n"));
+                assert!(out.contains("2 sessions ended"), "{out}");
+            }
+        }
+        // assert: the very next request, to either server, is anonymous
+        for server in [&two, &one] {
+            let answer = get(&server.address, "/messages/count", &alice.cookie)
+                .await
+                .unwrap();
+            assert_eq!(
+                answer.status, 401,
+                "round {round}, {}: stale session",
+                server.name
+            );
+            if round % 3 != 0 {
+                let answer = get(&server.address, "/messages/count", &other.cookie)
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    answer.status, 401,
+                    "round {round}, {}: stale session",
+                    server.name
+                );
+            }
+        }
+        // the logout ended only its own session
+        if round % 3 == 0 {
+            assert_eq!(other.count(&two).await, 0, "round {round}");
+            let answer = post(
+                &two.address,
+                "/logout",
+                &other.cookie,
+                &format!("csrf_token={}", other.token),
+            )
+            .await
+            .unwrap();
+            assert_eq!(answer.status, 303, "logout: {}", answer.body);
+            let answer = get(&one.address, "/messages/count", &other.cookie)
+                .await
+                .unwrap();
+            assert_eq!(answer.status, 401, "round {round}: stale session");
+        }
+    }
+    if !matches!(shared.backend, Backend::Sqlite) {
+        assert!(kills >= 3, "the feed was killed {kills} times");
+    }
 }
 
 /// Four instances started at once on a fresh store: migrations applied once, the first

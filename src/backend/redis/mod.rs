@@ -830,6 +830,17 @@ impl WatchChanges for RedisBackend {
         .await;
         Ok(())
     }
+
+    async fn announce(&self, change: &crate::changes::Change) -> Result<()> {
+        let payload = change.to_payload();
+        let mut connection = self.connection.clone();
+        ::redis::cmd("PUBLISH")
+            .arg(self.keys.changes())
+            .arg(payload)
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(redis_error)
+    }
 }
 
 impl RedisBackend {

@@ -1275,6 +1275,17 @@ impl WatchChanges for SqlBackend {
         }
         Ok(())
     }
+
+    async fn announce(&self, change: &Change) -> Result<()> {
+        let payload = change.to_payload();
+        with_pool!(&self.pool, pool => {
+            announce_query(pool, payload)
+                .execute(pool)
+                .await
+                .map_err(sql_error)?;
+        });
+        Ok(())
+    }
 }
 
 /// How long a change feed waits before connecting again after losing its connection.
