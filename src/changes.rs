@@ -365,8 +365,8 @@ impl ChangeFeed {
 
     /// As [`ChangeFeed::sync`], for a caller that needs only the changes committed before
     /// `since` (a request needs those before it began: [`crate::request_start`]): a sync
-    /// that began at or after `since` and came back does, so several reads of one request
-    /// share one sync.
+    /// that began after `since` and came back does, so several reads of one request share
+    /// one sync.
     pub async fn sync_since(&self, since: Instant) -> bool {
         if !self.is_live() {
             return false;
@@ -380,7 +380,7 @@ impl ChangeFeed {
         let quick = quick.and_then(|(at, in_epoch)| (in_epoch == epoch).then_some(at));
         // Checked again after reading: going down clears `live` before it clears `began`
         // and moves the epoch on.
-        if began.max(quick).is_some_and(|began| began >= since) && self.is_live() {
+        if began.max(quick).is_some_and(|began| began > since) && self.is_live() {
             return true;
         }
         self.sync().await

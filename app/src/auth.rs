@@ -231,12 +231,19 @@ async fn login(
 async fn logout(
     jar: &CookieJar<'_>,
     users: &State<Arc<Users>>,
+    user: Option<CurrentUser>,
     messages: Messages<'_>,
 ) -> Redirect {
-    // Ended in the database, so a copy of the cookie is worth nothing on any instance.
-    if let Some(session) = jar.get_private(SESSION_COOKIE) {
-        if let Err(e) = users.end_session(session.value()).await {
+    // Ended in the database and announced to every instance, so a copy of the cookie is
+    // worth nothing anywhere. If that did not finish, the cookie stays, so that logging out
+    // again can finish it.
+    if let (Some(session), Some(user)) = (jar.get_private(SESSION_COOKIE), user) {
+        if let Err(e) = users.end_session(session.value(), user.0.id).await {
             log::error!("reference app: ending a session failed: {}", report(&e));
+            let _ = messages
+                .error("Logging out did not finish on the server. Try again.")
+                .await;
+            return Redirect::to("/");
         }
     }
     jar.remove_private(Cookie::build(SESSION_COOKIE).path("/"));

@@ -154,6 +154,12 @@ impl SessionCache {
         self.peek(session, now_us)
     }
 
+    /// Drops `user`'s sessions here at once (this process ended them), and spoils fills in
+    /// flight.
+    pub fn forget_user(&self, user: i64) {
+        self.apply(&Change::users(&[stored_messages::UserId(user)]));
+    }
+
     fn peek(&self, session: &str, now_us: i64) -> Option<User> {
         let entries = self.lock();
         let entry = entries.by_session.get(session)?;
@@ -193,10 +199,9 @@ impl SessionCache {
                 entries.remove(&s);
             }
             // Down to nine tenths, so that a full cache is swept once per many fills.
-            while entries.by_session.len() >= MAX_ENTRIES - MAX_ENTRIES / 10 {
-                let Some(victim) = entries.by_session.keys().next().cloned() else {
-                    break;
-                };
+            let excess = (entries.by_session.len() + MAX_ENTRIES / 10).saturating_sub(MAX_ENTRIES);
+            let victims: Vec<String> = entries.by_session.keys().take(excess).cloned().collect();
+            for victim in victims {
                 entries.remove(&victim);
             }
         }

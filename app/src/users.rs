@@ -91,8 +91,8 @@ pub enum UserError {
     #[error(transparent)]
     Backend(#[from] BackendError),
     /// Sessions ended, but other processes could not be told (the store's change feed
-    /// did not take the announcement); ending them again tells them.
-    #[error("sessions ended, but other processes could not be told: {0}")]
+    /// did not take the announcement); ending them again (logging out again) tells them.
+    #[error("sessions ended, but other instances could not be told: {0}")]
     Announce(Error),
 }
 
@@ -250,13 +250,18 @@ impl Users {
         self.sessions.get().map(|c| &**c)
     }
 
-    /// Tells every process that `user`'s sessions changed (see [`Users::announce_on`]).
+    /// Tells every process that `user`'s sessions changed (see [`Users::announce_on`]): this
+    /// one at once, the others through the feed. A store without a change feed has no
+    /// session caches to tell.
     async fn sessions_ended(&self, user: i64) -> Result<(), UserError> {
+        if let Some(cache) = self.sessions.get() {
+            cache.forget_user(user);
+        }
         match self.feed.get() {
-            Some(feed) => feed
-                .announce(&Change::users(&[UserId(user)]))
-                .await
-                .map_err(UserError::Announce),
+            Some(feed) => match feed.announce(&Change::users(&[UserId(user)])).await {
+                Ok(()) | Err(Error::Unsupported(_)) => Ok(()),
+                Err(e) => Err(UserError::Announce(e)),
+            },
             None => Ok(()),
         }
     }
@@ -476,18 +481,19 @@ impl Users {
         }
     }
 
-    /// Ends session `id` (logout), on every instance at once.
-    pub async fn end_session(&self, id: &str) -> Result<(), UserError> {
-        let user: Option<i64> = with_pool!(&self.pool, pool => {
-            sqlx::query_scalar("delete from app_sessions where id = $1 returning user_id")
+    /// Ends session `id` of `user` (logout), on every instance at once. Announced even when
+    /// the session was already gone: repeating a logout whose announcement failed, or
+    /// racing another logout of the same session, still returns only once every instance
+    /// has been told.
+    pub async fn end_session(&self, id: &str, user: i64) -> Result<(), UserError> {
+        with_pool!(&self.pool, pool => {
+            sqlx::query("delete from app_sessions where id = $1 and user_id = $2")
                 .bind(id)
-                .fetch_optional(pool)
-                .await?
+                .bind(user)
+                .execute(pool)
+                .await?;
         });
-        match user {
-            Some(user) => self.sessions_ended(user).await,
-            None => Ok(()),
-        }
+        self.sessions_ended(user).await
     }
 
     /// Ends every session of `user`; returns how many there were.
