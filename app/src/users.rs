@@ -15,10 +15,10 @@ use stored_messages::backend::sql::{run_migrations, SqlPool};
 use stored_messages::backend::BackendError;
 use stored_messages::Host;
 use stored_messages::UserId;
+use stored_messages::{BoxError, Error};
 use stored_messages::{Change, ChangeFeed, Store};
 
 use crate::sessions::SessionCache;
-use stored_messages::{BoxError, Error};
 
 /// The private cookie holding the logged-in user's id.
 pub const SESSION_COOKIE: &str = "sm_session";
