@@ -100,23 +100,15 @@ pub fn rocket_from(figment: Figment) -> Rocket<Build> {
                     Ok(users) => {
                         let users = Arc::new(users);
                         let host = AppHost::new(users.clone());
-                        let threshold = rocket
-                            .figment()
-                            .extract_inner::<usize>("admin.background_threshold")
-                            .unwrap_or(admin::DEFAULT_BACKGROUND_THRESHOLD);
-                        let session_days = rocket
-                            .figment()
-                            .extract_inner::<u64>("app.session_days")
-                            .unwrap_or(auth::DEFAULT_SESSION_DAYS)
-                            .max(1);
-                        let chunk = rocket
-                            .figment()
-                            .extract_inner::<i64>("admin.broadcast_chunk")
-                            .unwrap_or(jobs::CHUNK);
-                        let pause = rocket
-                            .figment()
-                            .extract_inner::<u64>("admin.broadcast_pause_ms")
-                            .unwrap_or(0);
+                        let threshold = setting(
+                            &rocket,
+                            "admin.background_threshold",
+                            admin::DEFAULT_BACKGROUND_THRESHOLD,
+                        );
+                        let session_days =
+                            setting(&rocket, "app.session_days", auth::DEFAULT_SESSION_DAYS).max(1);
+                        let chunk = setting(&rocket, "admin.broadcast_chunk", jobs::CHUNK);
+                        let pause = setting(&rocket, "admin.broadcast_pause_ms", 0u64);
                         let jobs = Jobs::new(users.clone())
                             .paced(chunk, std::time::Duration::from_millis(pause));
                         Ok(rocket
@@ -136,10 +128,7 @@ pub fn rocket_from(figment: Figment) -> Rocket<Build> {
                             )
                             .attach(AdHoc::on_ignite("reference app sessions", |rocket| async {
                                 // After the store's fairing: sessions end through its feed.
-                                let cache = rocket
-                                    .figment()
-                                    .extract_inner::<bool>("app.session_cache")
-                                    .unwrap_or(true);
+                                let cache = setting(&rocket, "app.session_cache", true);
                                 if let (Some(users), Some(store)) = (
                                     rocket.state::<Arc<Users>>(),
                                     rocket.state::<stored_messages::Store>(),
@@ -189,6 +178,11 @@ pub fn rocket_from(figment: Figment) -> Rocket<Build> {
         .mount("/", admin::routes())
         .mount("/static", FileServer::from(relative!("static")))
         .register("/", pages::catchers())
+}
+
+/// The app's setting `key`, or `default` when it is not set (or not of its type).
+fn setting<T: serde::de::DeserializeOwned>(rocket: &Rocket<Build>, key: &str, default: T) -> T {
+    rocket.figment().extract_inner(key).unwrap_or(default)
 }
 
 /// Connects the users database (the same url as the SQL backend) and applies the app's

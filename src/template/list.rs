@@ -121,6 +121,38 @@ pub(crate) fn push_escaped(out: &mut String, text: &str) {
     out.push_str(&text[start..]);
 }
 
+/// A message's text as both partials write it: a link when there is a url, behind "Show
+/// more" when there is a head (the start of a long text), escaped.
+pub(crate) fn push_message_text(
+    out: &mut String,
+    head: Option<&str>,
+    url: Option<&str>,
+    text: &str,
+) {
+    if let Some(head) = head {
+        out.push_str("<details class=\"long\"><summary><span class=\"head\">");
+        push_escaped(out, head);
+        out.push_str("…</span> <span class=\"more\">Show more</span><span class=\"less\">Show less</span></summary>");
+    }
+    match url {
+        Some(url) => {
+            out.push_str("<a href=\"");
+            push_escaped(out, url);
+            out.push_str("\">");
+            push_escaped(out, text);
+            out.push_str("</a>");
+        }
+        None => {
+            out.push_str("<span class=\"text\">");
+            push_escaped(out, text);
+            out.push_str("</span>");
+        }
+    }
+    if head.is_some() {
+        out.push_str("</details>");
+    }
+}
+
 /// `list.html.tera`, written out into one buffer.
 fn builtin(kind: &str, messages: &[Message], tags: &LevelTags, forms: Forms<'_>) -> String {
     let Forms { csrf, next, api } = forms;
@@ -173,29 +205,12 @@ fn builtin(kind: &str, messages: &[Message], tags: &LevelTags, forms: Forms<'_>)
         out.push_str("\">\n    <span class=\"level\">");
         push_escaped(&mut out, m.level.label());
         out.push_str("</span>");
-        let head = long_head(&m.message);
-        if let Some(head) = head {
-            out.push_str("<details class=\"long\"><summary><span class=\"head\">");
-            push_escaped(&mut out, head);
-            out.push_str("…</span> <span class=\"more\">Show more</span><span class=\"less\">Show less</span></summary>");
-        }
-        match &m.url {
-            Some(url) => {
-                out.push_str("<a href=\"");
-                push_escaped(&mut out, url);
-                out.push_str("\">");
-                push_escaped(&mut out, &m.message);
-                out.push_str("</a>");
-            }
-            None => {
-                out.push_str("<span class=\"text\">");
-                push_escaped(&mut out, &m.message);
-                out.push_str("</span>");
-            }
-        }
-        if head.is_some() {
-            out.push_str("</details>");
-        }
+        push_message_text(
+            &mut out,
+            long_head(&m.message),
+            m.url.as_deref(),
+            &m.message,
+        );
         out.push_str("\n    <time datetime=\"");
         push_rfc3339(&mut out, m.date);
         out.push_str("\">");

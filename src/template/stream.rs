@@ -7,11 +7,12 @@
 //! `messages.html.tera` renders in an escaping page (a test compares both byte for byte). The
 //! template file stays the documentation and the starting point for an override.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use rocket_dyn_templates::tera::{self, Value};
 
-use super::list::push_escaped;
+use super::list::{push_escaped, push_message_text};
 
 /// The Tera function [`FAST_SOURCE`] calls.
 pub(crate) const FUNCTION: &str = "stored_messages_stream_partial";
@@ -49,23 +50,26 @@ fn truthy(value: Option<&Value>) -> bool {
     }
 }
 
-/// `{{ value }}` in an escaping template: strings as they are, anything else as Tera prints
-/// it, escaped. A missing field is an error, as in Tera.
+/// What `{{ m.field }}` prints, before escaping: strings as they are, null as nothing,
+/// anything else as Tera prints it. A missing field is an error, as in Tera.
+fn text_of<'a>(m: &'a serde_json::Map<String, Value>, field: &str) -> tera::Result<Cow<'a, str>> {
+    match m.get(field) {
+        Some(Value::String(s)) => Ok(Cow::Borrowed(s)),
+        Some(Value::Null) => Ok(Cow::Borrowed("")),
+        Some(other) => Ok(Cow::Owned(other.to_string())),
+        None => Err(tera::Error::msg(format!(
+            "Variable `m.{field}` not found in context while rendering 'stored_messages/messages'"
+        ))),
+    }
+}
+
+/// `{{ m.field }}` in an escaping template.
 fn push_value(
     out: &mut String,
     m: &serde_json::Map<String, Value>,
     field: &str,
 ) -> tera::Result<()> {
-    match m.get(field) {
-        Some(Value::String(s)) => push_escaped(out, s),
-        Some(Value::Null) => {}
-        Some(other) => push_escaped(out, &other.to_string()),
-        None => {
-            return Err(tera::Error::msg(format!(
-            "Variable `m.{field}` not found in context while rendering 'stored_messages/messages'"
-        )))
-        }
-    }
+    push_escaped(out, &text_of(m, field)?);
     Ok(())
 }
 
@@ -99,26 +103,14 @@ fn render(messages: &Value) -> tera::Result<String> {
                 out.push_str("Message");
             }
             out.push_str("</span>\n      ");
-            let head = truthy(m.get("head"));
-            if head {
-                out.push_str("<details class=\"long\"><summary><span class=\"head\">");
-                push_value(&mut out, m, "head")?;
-                out.push_str("…</span> <span class=\"more\">Show more</span><span class=\"less\">Show less</span></summary>");
-            }
-            if truthy(m.get("url")) {
-                out.push_str("<a href=\"");
-                push_value(&mut out, m, "url")?;
-                out.push_str("\">");
-                push_value(&mut out, m, "message")?;
-                out.push_str("</a>");
-            } else {
-                out.push_str("<span class=\"text\">");
-                push_value(&mut out, m, "message")?;
-                out.push_str("</span>");
-            }
-            if head {
-                out.push_str("</details>");
-            }
+            let head = truthy(m.get("head"))
+                .then(|| text_of(m, "head"))
+                .transpose()?;
+            let url = truthy(m.get("url"))
+                .then(|| text_of(m, "url"))
+                .transpose()?;
+            let text = text_of(m, "message")?;
+            push_message_text(&mut out, head.as_deref(), url.as_deref(), &text);
             out.push_str("\n    </li>");
         }
         out.push_str("\n  </ul>");
