@@ -16,6 +16,8 @@
 //!
 //! The cookies file is bench-seed's (one `Cookie:` value per line; user `benchNNNNN` on line
 //! NNNNN); it reads the servers' configuration (`ROCKET_*` variables) to reach their store.
+//! With `--idle-only` it opens the streams, prints their memory and stops: that is how
+//! `bench/streams.sh` measures `bench-sse-floor`, a bare Rocket stream, in the same run.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,6 +34,8 @@ struct Args {
     pids: Vec<u32>,
     cookies: String,
     samples: usize,
+    /// Only the idle streams (no store, no users): for `bench-sse-floor`.
+    idle_only: bool,
 }
 
 fn args() -> Result<Args, String> {
@@ -40,9 +44,14 @@ fn args() -> Result<Args, String> {
         pids: Vec::new(),
         cookies: "cookies.txt".into(),
         samples: 200,
+        idle_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--idle-only" {
+            args.idle_only = true;
+            continue;
+        }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--servers" => args.servers = value.split(',').map(str::to_string).collect(),
@@ -168,33 +177,15 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-async fn bench(args: Args) -> Result<(), String> {
-    let cookies: Vec<String> = std::fs::read_to_string(&args.cookies)
-        .map_err(|e| format!("{}: {e}", args.cookies))?
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect();
+/// Opens one stream per cookie, spread over the servers, and prints what the idle streams
+/// cost the servers' memory. The streams' `message` events arrive on the receiver.
+async fn idle_streams(
+    args: &Args,
+    cookies: &[String],
+) -> Result<mpsc::UnboundedReceiver<Delivery>, String> {
     let streams = cookies.len();
-    let figment = rocket::Config::figment().merge(("stored_messages.inbox_cache_messages", 0));
-    let users = Arc::new(stored_messages_app::connect_users(&figment).await?);
-    let store = Store::connect(&figment, Arc::new(AppHost::new(users.clone())))
-        .await
-        .map_err(|e| stored_messages::report(&e))?;
-    let mut ids = Vec::with_capacity(streams);
-    for i in 1..=streams {
-        let name = format!("bench{i:05}");
-        let user = users
-            .by_name(&name)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("no user {name}: seed first"))?;
-        ids.push(user.user_id());
-    }
-
-    // idle streams
     let before: u64 = args.pids.iter().map(|p| rss_kib(*p)).sum();
-    let (deliveries_tx, mut deliveries) = mpsc::unbounded_channel();
+    let (deliveries_tx, deliveries) = mpsc::unbounded_channel();
     let (ready_tx, mut ready) = mpsc::unbounded_channel();
     let opening = Instant::now();
     for (index, cookie) in cookies.iter().enumerate() {
@@ -228,6 +219,40 @@ async fn bench(args: Args) -> Result<(), String> {
         after as f64 / 1024.0,
         after.saturating_sub(before) as f64 / streams as f64
     );
+
+    Ok(deliveries)
+}
+
+async fn bench(args: Args) -> Result<(), String> {
+    let cookies: Vec<String> = std::fs::read_to_string(&args.cookies)
+        .map_err(|e| format!("{}: {e}", args.cookies))?
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    let streams = cookies.len();
+    if args.idle_only {
+        // Held open until the figures are printed.
+        let _deliveries = idle_streams(&args, &cookies).await?;
+        return Ok(());
+    }
+    let figment = rocket::Config::figment().merge(("stored_messages.inbox_cache_messages", 0));
+    let users = Arc::new(stored_messages_app::connect_users(&figment).await?);
+    let store = Store::connect(&figment, Arc::new(AppHost::new(users.clone())))
+        .await
+        .map_err(|e| stored_messages::report(&e))?;
+    let mut ids = Vec::with_capacity(streams);
+    for i in 1..=streams {
+        let name = format!("bench{i:05}");
+        let user = users
+            .by_name(&name)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no user {name}: seed first"))?;
+        ids.push(user.user_id());
+    }
+
+    let mut deliveries = idle_streams(&args, &cookies).await?;
 
     // latency to one user
     let mut latencies = Vec::with_capacity(args.samples);

@@ -3,7 +3,9 @@
 # `GET /messages/stream` open per user (BENCH_STREAMS users, 10,000 by default, half on each
 # server), and bench/streams.rs measuring the servers' memory per idle stream, the latency
 # from a write's return (the request-free Store, a third process) to the event at the
-# client, and how long a broadcast to everyone takes to reach every stream.
+# client, and how long a broadcast to everyone takes to reach every stream. First, as the
+# baseline of the memory figure, the same number of idle streams on two servers of
+# bench/sse_floor.rs: a bare Rocket 0.5 stream route, with nothing of this crate.
 #
 #   bench/streams.sh
 #   BENCH_BACKENDS=redis BENCH_STREAMS=2000 bench/streams.sh
@@ -35,7 +37,7 @@ trap cleanup EXIT
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 echo "building the release binary and the benchmark clients…" >&2
-cargo build --release --quiet -p stored-messages-app --bin stored-messages --example bench-seed --example bench-streams
+cargo build --release --quiet -p stored-messages-app --bin stored-messages --example bench-seed --example bench-streams --example bench-sse-floor
 
 secret=$(head -c 32 /dev/urandom | base64)
 port=18865
@@ -76,6 +78,27 @@ run_backend() { # name
   pids=()
   port=$((port + 2))
 }
+
+# The floor: bare Rocket streams, the same allocator settings as the release binary.
+run_floor() {
+  local servers="" server_pids="" i
+  for i in 0 1; do
+    MIMALLOC_ARENA_EAGER_COMMIT=0 ROCKET_SECRET_KEY="$secret" ROCKET_LOG_LEVEL=off ROCKET_ADDRESS=127.0.0.1 \
+      ROCKET_PORT=$((port + i)) "$target/examples/bench-sse-floor" >"$work/floor-$i.log" 2>&1 &
+    pids+=($!)
+    server_pids="$server_pids${server_pids:+,}$!"
+    servers="$servers${servers:+,}127.0.0.1:$((port + i))"
+    for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$((port + i))/health" >/dev/null && break; sleep 0.1; done
+  done
+  for i in $(seq 1 "$streams"); do echo "floor=$i"; done >"$work/floor-cookies.txt"
+  echo "streams on bare Rocket…" >&2
+  "$target/examples/bench-streams" --idle-only --servers "$servers" --pids "$server_pids" \
+    --cookies "$work/floor-cookies.txt" | sed "s/^/rocket    /" >>"$results"
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+  pids=()
+  port=$((port + 2))
+}
+run_floor
 
 IFS=',' read -r -a list <<<"$backends"
 for name in "${list[@]}"; do

@@ -30,8 +30,11 @@
 //! then.
 //!
 //! One sync serves every caller that was waiting when it began: callers that arrive while a
-//! sync is out wait for the next one, which begins as soon as the first is done.
-//! Under load a sync therefore costs one round trip per batch of requests, not per request.
+//! sync is out wait for the next one, which begins as soon as the first is done. Before a
+//! sync begins, the feed's task lets the tasks that are ready to run go first (one yield to
+//! the scheduler), so requests just read from their sockets join it rather than wait for the
+//! one after. Under load a sync therefore costs one round trip per batch of requests, not
+//! per request.
 //!
 //! While the feed is down (no connection, or a sync that did not come back within
 //! [`SYNC_TIMEOUT`]), [`ChangeFeed::sync`] answers `false` at once and [`ChangeFeed::is_live`]
@@ -610,6 +613,7 @@ impl FeedSink {
     /// Waits for the next thing the feed must do. Cancel-safe: use it in `select!` next to
     /// the backend's own receive.
     pub async fn wanted(&self) -> Wanted {
+        let mut gathered = false;
         loop {
             let Some(shared) = self.shared.upgrade() else {
                 // The feed is gone: nothing will ever be wanted.
@@ -621,11 +625,20 @@ impl FeedSink {
                     syncs.reconnect = false;
                     return Wanted::Reconnect;
                 }
-                if syncs.requested > syncs.issued {
+                if syncs.requested > syncs.issued && gathered {
                     syncs.issued = syncs.requested;
                     syncs.issued_at = Some(Instant::now());
                     return Wanted::Sync(syncs.issued);
                 }
+                gathered = syncs.requested > syncs.issued;
+            }
+            if gathered {
+                // Lets the tasks that are ready to run (requests just read from their
+                // sockets) ask first: they join this sync instead of waiting for the next
+                // one. Nothing is claimed yet, so this stays cancel-safe.
+                drop(shared);
+                rocket::tokio::task::yield_now().await;
+                continue;
             }
             // `notify_one` stores a permit when nobody waits, so a wake between the check
             // above and this wait is not lost.
