@@ -28,6 +28,10 @@ use crate::request::request_state;
 use crate::template;
 use crate::{api, csrf};
 
+/// The `Cache-Control` of what belongs to one user or one browser (API answers, pages that
+/// loaded the message stream): no cache, shared or private, may keep it.
+pub(crate) const PRIVATE: &str = "private, no-store";
+
 /// Attaches stored messages to a Rocket application.
 ///
 /// ```no_run
@@ -247,7 +251,7 @@ impl Fairing for StoredMessages {
         let private = request_state(request).is_some()
             || api.is_some_and(|api| csrf::is_below(request.uri().path().as_str(), api));
         if private && !response.headers().contains("Cache-Control") {
-            response.set_raw_header("Cache-Control", "no-store");
+            response.set_raw_header("Cache-Control", PRIVATE);
         }
         // A page that `Page` rendered with every helper's value needs no second pass.
         let rendered = template::Rendered::of(request);

@@ -59,7 +59,7 @@ pub(crate) async fn fill<'r>(
     let filled = replace_markers(&body, request, store, user, unread.as_deref()).await;
     // The page now holds this browser's token and, for a user, their messages.
     if !response.headers().contains("Cache-Control") {
-        response.set_raw_header("Cache-Control", "no-store");
+        response.set_raw_header("Cache-Control", crate::fairing::PRIVATE);
     }
     response.set_sized_body(filled.len(), std::io::Cursor::new(filled));
 }

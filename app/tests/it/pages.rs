@@ -707,7 +707,10 @@ async fn static_files_and_health_checks_resolve_no_token(app: &TestApp) {
 async fn private_pages_are_not_cached_and_carry_security_headers(app: &TestApp) {
     let (b, _alice) = logged_in(app, "alice").await;
     let page = b.client.get("/").dispatch().await;
-    assert_eq!(page.headers().get_one("Cache-Control"), Some("no-store"));
+    assert_eq!(
+        page.headers().get_one("Cache-Control"),
+        Some("private, no-store")
+    );
     let csp = page
         .headers()
         .get_one("Content-Security-Policy")
@@ -724,7 +727,7 @@ async fn private_pages_are_not_cached_and_carry_security_headers(app: &TestApp) 
         let page = b.client.get(path).dispatch().await;
         assert_eq!(
             page.headers().get_one("Cache-Control"),
-            Some("no-store"),
+            Some("private, no-store"),
             "{path}"
         );
         assert!(page
@@ -733,7 +736,10 @@ async fn private_pages_are_not_cached_and_carry_security_headers(app: &TestApp) 
             .is_some_and(|csp| csp.contains("script-src 'self'")));
     }
     let api = b.client.get("/messages/count").dispatch().await;
-    assert_eq!(api.headers().get_one("Cache-Control"), Some("no-store"));
+    assert_eq!(
+        api.headers().get_one("Cache-Control"),
+        Some("private, no-store")
+    );
     // Static files stay cacheable.
     let css = b.client.get("/static/style.css").dispatch().await;
     assert_eq!(css.headers().get_one("Cache-Control"), None);
