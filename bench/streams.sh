@@ -44,6 +44,28 @@ port=18865
 results="$work/results.txt"
 : > "$results"
 
+# Starts two servers (`COMMAND...`, on ports $port and $port+1, logs named after LABEL) and
+# waits for their /health; sets $servers and $server_pids for bench-streams.
+start_pair() { # label command...
+  local label=$1 i
+  shift
+  servers="" server_pids=""
+  for i in 0 1; do
+    ROCKET_PORT=$((port + i)) "$@" >"$work/$label-$i.log" 2>&1 &
+    pids+=($!)
+    server_pids="$server_pids${server_pids:+,}$!"
+    servers="$servers${servers:+,}127.0.0.1:$((port + i))"
+    for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$((port + i))/health" >/dev/null && break; sleep 0.1; done
+  done
+}
+
+# Stops the servers started so far; the next pair takes the next two ports.
+stop_servers() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+  pids=()
+  port=$((port + 2))
+}
+
 run_backend() { # name
   local name=$1 db_url redis_cfg=""
   case "$name" in
@@ -61,42 +83,26 @@ run_backend() { # name
   export ROCKET_TEMPLATE_DIR="$repo/app/templates"
   "$target/stored-messages" migrate >/dev/null
 
-  local servers="" server_pids="" i
-  for i in 0 1; do
-    ROCKET_PORT=$((port + i)) "$target/stored-messages" serve >"$work/$name-$i.log" 2>&1 &
-    pids+=($!)
-    server_pids="$server_pids${server_pids:+,}$!"
-    servers="$servers${servers:+,}127.0.0.1:$((port + i))"
-    for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$((port + i))/health" >/dev/null && break; sleep 0.1; done
-  done
+  local servers server_pids
+  start_pair "$name" "$target/stored-messages" serve
   echo "seeding $streams users on $name…" >&2
   "$target/examples/bench-seed" --users "$streams" --messages 0 --server "127.0.0.1:$port" --cookies "$work/$name-cookies.txt" >&2
   echo "streams on $name…" >&2
   "$target/examples/bench-streams" --servers "$servers" --pids "$server_pids" \
     --cookies "$work/$name-cookies.txt" --samples "$samples" | sed "s/^/$name  /" >>"$results"
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
-  pids=()
-  port=$((port + 2))
+  stop_servers
 }
 
 # The floor: bare Rocket streams, the same allocator settings as the release binary.
 run_floor() {
-  local servers="" server_pids="" i
-  for i in 0 1; do
-    MIMALLOC_ARENA_EAGER_COMMIT=0 ROCKET_SECRET_KEY="$secret" ROCKET_LOG_LEVEL=off ROCKET_ADDRESS=127.0.0.1 \
-      ROCKET_PORT=$((port + i)) "$target/examples/bench-sse-floor" >"$work/floor-$i.log" 2>&1 &
-    pids+=($!)
-    server_pids="$server_pids${server_pids:+,}$!"
-    servers="$servers${servers:+,}127.0.0.1:$((port + i))"
-    for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$((port + i))/health" >/dev/null && break; sleep 0.1; done
-  done
+  local servers server_pids i
+  start_pair floor env MIMALLOC_ARENA_EAGER_COMMIT=0 ROCKET_SECRET_KEY="$secret" ROCKET_LOG_LEVEL=off \
+    ROCKET_ADDRESS=127.0.0.1 "$target/examples/bench-sse-floor"
   for i in $(seq 1 "$streams"); do echo "floor=$i"; done >"$work/floor-cookies.txt"
   echo "streams on bare Rocket…" >&2
   "$target/examples/bench-streams" --idle-only --servers "$servers" --pids "$server_pids" \
     --cookies "$work/floor-cookies.txt" | sed "s/^/rocket    /" >>"$results"
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
-  pids=()
-  port=$((port + 2))
+  stop_servers
 }
 run_floor
 
