@@ -141,8 +141,18 @@ impl ApiMessage {
 /// Appends `text` as a JSON string, escaped as serde_json escapes it.
 fn push_json_str(out: &mut String, text: &str) {
     out.push('"');
+    push_json_chars(out, text);
+    out.push('"');
+}
+
+/// Appends `text` escaped for the inside of a JSON string. Runs that need no escape (all
+/// of a usual message) are found eight bytes at a time and copied whole.
+fn push_json_chars(out: &mut String, text: &str) {
+    let bytes = text.as_bytes();
     let mut start = 0;
-    for (i, byte) in text.bytes().enumerate() {
+    while let Some(i) = next_escape(bytes, start) {
+        let byte = bytes[i];
+        out.push_str(&text[start..i]);
         let escape = match byte {
             b'"' => "\\\"",
             b'\\' => "\\\\",
@@ -151,10 +161,8 @@ fn push_json_str(out: &mut String, text: &str) {
             b'\t' => "\\t",
             0x08 => "\\b",
             0x0c => "\\f",
-            0x00..=0x1f => "",
-            _ => continue,
+            _ => "",
         };
-        out.push_str(&text[start..i]);
         if escape.is_empty() {
             const HEX: &[u8; 16] = b"0123456789abcdef";
             out.push_str("\\u00");
@@ -166,7 +174,57 @@ fn push_json_str(out: &mut String, text: &str) {
         start = i + 1;
     }
     out.push_str(&text[start..]);
-    out.push('"');
+}
+
+/// Whether JSON must escape `byte`: a control character, `"` or `\`.
+fn must_escape(byte: u8) -> bool {
+    byte < 0x20 || byte == b'"' || byte == b'\\'
+}
+
+/// The first byte from `from` on that JSON must escape. Eight bytes are tested at once: a
+/// word has a byte below `n` when `(word - n·0x01…01) & !word & 0x80…80` is not zero (a
+/// borrow may mark more bytes after the first, so a marked word is searched byte by byte).
+fn next_escape(bytes: &[u8], from: usize) -> Option<usize> {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGH;
+    let mut at = from;
+    for chunk in bytes[from..].chunks_exact(8) {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        let word = u64::from_ne_bytes(word);
+        let marked = below(word, 0x20)
+            | below(word ^ (ONES * u64::from(b'"')), 1)
+            | below(word ^ (ONES * u64::from(b'\\')), 1);
+        if marked != 0 {
+            break;
+        }
+        at += 8;
+    }
+    bytes[at..]
+        .iter()
+        .position(|&b| must_escape(b))
+        .map(|i| at + i)
+}
+
+/// Appends `n` in decimal.
+fn push_int(out: &mut String, n: i64) {
+    let mut digits = [0u8; 20];
+    let mut rest = n.unsigned_abs();
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        out.push('-');
+    }
+    // ASCII digits are valid UTF-8.
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
 }
 
 fn push_json_opt(out: &mut String, text: Option<&str>) {
@@ -179,16 +237,23 @@ fn push_json_opt(out: &mut String, text: Option<&str>) {
 /// Appends `m` as an [`ApiMessage`] object: the same fields, written straight from the
 /// stored message into the answer (a page is written on every inbox request).
 fn push_message(out: &mut String, m: &Message, tags: &LevelTags) {
-    use std::fmt::Write as _;
     let level_tag = m.level_tag(tags);
-    // Writing to a String cannot fail.
-    let _ = write!(out, "{{\"id\":\"{}\",\"message\":", m.id.0);
+    out.push_str("{\"id\":\"");
+    push_int(out, m.id.0);
+    out.push_str("\",\"message\":");
     push_json_str(out, &m.message);
-    let _ = write!(out, ",\"level\":{},\"level_tag\":", m.level.0);
+    out.push_str(",\"level\":");
+    push_int(out, m.level.0.into());
+    out.push_str(",\"level_tag\":");
     push_json_str(out, level_tag);
-    out.push_str(",\"tags\":");
-    push_json_str(out, &crate::message::join_tags(&m.extra_tags, level_tag));
-    out.push_str(",\"extra_tags\":");
+    // `tags` is the extra tags then the level tag, space-separated (`Message::tags`).
+    out.push_str(",\"tags\":\"");
+    push_json_chars(out, &m.extra_tags);
+    if !m.extra_tags.is_empty() && !level_tag.is_empty() {
+        out.push(' ');
+    }
+    push_json_chars(out, level_tag);
+    out.push_str("\",\"extra_tags\":");
     push_json_str(out, &m.extra_tags);
     out.push_str(",\"date\":\"");
     crate::request::push_rfc3339(out, m.date);
@@ -226,7 +291,12 @@ impl PageView<'_> {
 
 impl<'r> Responder<'r, 'static> for PageView<'_> {
     fn respond_to(self, request: &'r Request<'_>) -> rocket::response::Result<'static> {
-        (rocket::http::ContentType::JSON, self.to_json()).respond_to(request)
+        let _ = request;
+        let body = self.to_json();
+        rocket::Response::build()
+            .header(rocket::http::ContentType::JSON)
+            .sized_body(body.len(), std::io::Cursor::new(body))
+            .ok()
     }
 }
 
@@ -723,6 +793,7 @@ mod tests {
                 Level(77),
             ),
             message(3, "", "", Some("https://example.com"), Level(5)),
+            message(-4, "tagged", "urgent \"x\"", None, Level::STORED_INFO),
         ];
         for (next_cursor, next) in [
             (None, None),
@@ -744,6 +815,55 @@ mod tests {
             })
             .unwrap();
             assert_eq!(view.to_json(), expected);
+        }
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        let pieces = [
+            "", "a", "é", "❤", "\"", "\\", "\n", "\r", "\t", "\u{8}", "\u{c}", "\u{1}", "\u{1f}",
+            " ", "!", "#", "[", "]", "\u{7f}", "\u{80}", "\u{ff}", "\u{2028}", "0123456", "😀",
+        ];
+        // Every triple of pieces, after every padding 0..=9 (so each piece is tested at
+        // every place in an eight-byte word and across words).
+        for pad in 0..=9 {
+            for a in pieces {
+                for b in pieces {
+                    for c in pieces {
+                        let text = format!("{}{a}{}{b}{c}", "x".repeat(pad), "y".repeat(pad % 4));
+                        let mut out = String::new();
+                        push_json_str(&mut out, &text);
+                        assert_eq!(out, serde_json::to_string(&text).unwrap(), "{text:?}");
+                    }
+                }
+            }
+        }
+        let every_char: String = (0..=0x3000).filter_map(char::from_u32).collect();
+        let mut out = String::new();
+        push_json_str(&mut out, &every_char);
+        assert_eq!(out, serde_json::to_string(&every_char).unwrap());
+    }
+
+    #[test]
+    fn integers_are_written_in_decimal() {
+        for n in [
+            i64::MIN,
+            -1_000_000_007,
+            -10,
+            -9,
+            -1,
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            12_345,
+            i64::MAX,
+        ] {
+            let mut out = String::from("x");
+            push_int(&mut out, n);
+            assert_eq!(out, format!("x{n}"));
         }
     }
 }

@@ -80,45 +80,73 @@ pub(crate) fn long_head(text: &str) -> Option<&str> {
     })
 }
 
-/// Appends `n` as exactly `width` decimal digits (`n` is below `10^width`).
-fn push_digits(out: &mut String, n: u32, width: usize) {
-    let mut digits = [b'0'; 10];
+/// Writes `n` into `digits` as exactly `digits.len()` decimal digits (`n` is below
+/// `10^digits.len()`).
+fn put_digits(digits: &mut [u8], n: u32) {
     let mut rest = n;
-    for digit in digits[..width].iter_mut().rev() {
+    for digit in digits.iter_mut().rev() {
         *digit = b'0' + (rest % 10) as u8;
         rest /= 10;
     }
-    // ASCII digits are valid UTF-8.
-    out.push_str(std::str::from_utf8(&digits[..width]).unwrap_or_default());
 }
 
-/// `2026-11-25 14:05` then, for `seconds`, `:07.123456`: the digits written directly, as
-/// pages format every message's date on every request.
-fn push_date(out: &mut String, date: DateTime<Utc>, separator: char, seconds: bool) {
-    use chrono::{Datelike, Timelike};
-    // The naive form once: each accessor of a `DateTime` converts it again.
-    let date = date.naive_utc();
-    let year = date.year();
-    if (0..10_000).contains(&year) {
-        push_digits(out, year as u32, 4);
+/// The proleptic Gregorian date of a day counted from 1970-01-01: year, month, day. Howard
+/// Hinnant's `civil_from_days`: whole 400-year eras, then the year of the era with March as
+/// its first month, so that February's varying length comes last.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468; // days from 0000-03-01
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153; // 0 is March
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
     } else {
-        out.push_str(&format!("{year:+05}"));
-    }
-    out.push('-');
-    push_digits(out, date.month(), 2);
-    out.push('-');
-    push_digits(out, date.day(), 2);
-    out.push(separator);
-    push_digits(out, date.hour(), 2);
-    out.push(':');
-    push_digits(out, date.minute(), 2);
-    if seconds {
-        out.push(':');
-        push_digits(out, date.second(), 2);
-        out.push('.');
+        shifted_month - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month as u32, day as u32)
+}
+
+/// `2026-11-25 14:05` then, for `seconds`, `:07.123456`: the digits written directly, from
+/// the timestamp, as pages and API answers format every message's date on every request.
+fn push_date(out: &mut String, date: DateTime<Utc>, separator: u8, seconds: bool) {
+    let timestamp = date.timestamp();
+    let (year, month, day) = civil_from_days(timestamp.div_euclid(86_400));
+    let of_day = timestamp.rem_euclid(86_400) as u32;
+    let mut text = *b"0000-00-00 00:00:00.000000";
+    put_digits(&mut text[5..7], month);
+    put_digits(&mut text[8..10], day);
+    text[10] = separator;
+    put_digits(&mut text[11..13], of_day / 3_600);
+    put_digits(&mut text[14..16], of_day / 60 % 60);
+    let len = if seconds {
+        put_digits(&mut text[17..19], of_day % 60);
         // A leap second shows as :59.999999 rather than as an out-of-range :60.
-        push_digits(out, (date.nanosecond() / 1000).min(999_999), 6);
-    }
+        put_digits(
+            &mut text[20..26],
+            date.timestamp_subsec_micros().min(999_999),
+        );
+        26
+    } else {
+        16
+    };
+    let text = match u32::try_from(year) {
+        Ok(year @ 0..=9_999) => {
+            put_digits(&mut text[0..4], year);
+            &text[..len]
+        }
+        // Years of other widths (never seen in practice) carry their sign.
+        _ => {
+            out.push_str(&format!("{year:+05}"));
+            &text[4..len]
+        }
+    };
+    // ASCII digits and separators are valid UTF-8.
+    out.push_str(std::str::from_utf8(text).unwrap_or_default());
 }
 
 /// `2026-11-25 14:05 UTC`.
@@ -130,7 +158,7 @@ pub(crate) fn date_text(date: DateTime<Utc>) -> String {
 
 /// Appends [`date_text`].
 pub(crate) fn push_date_text(out: &mut String, date: DateTime<Utc>) {
-    push_date(out, date, ' ', false);
+    push_date(out, date, b' ', false);
     out.push_str(" UTC");
 }
 
@@ -143,7 +171,7 @@ pub(crate) fn rfc3339(date: DateTime<Utc>) -> String {
 
 /// Appends [`rfc3339`].
 pub(crate) fn push_rfc3339(out: &mut String, date: DateTime<Utc>) {
-    push_date(out, date, 'T', true);
+    push_date(out, date, b'T', true);
     out.push('Z');
 }
 
@@ -934,6 +962,49 @@ mod tests {
             serde_json::to_value(StreamView::flash(&flash, &tags)).unwrap(),
             serde_json::to_value(StreamMessage::flash(&flash, &tags)).unwrap()
         );
+    }
+
+    #[test]
+    fn dates_are_written_as_chrono_formats_them() {
+        use chrono::TimeZone;
+        let check = |date: DateTime<Utc>| {
+            assert_eq!(
+                rfc3339(date),
+                date.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+                "{date:?}"
+            );
+            assert_eq!(
+                date_text(date),
+                date.format("%Y-%m-%d %H:%M UTC").to_string(),
+                "{date:?}"
+            );
+        };
+        // Every day from 1900 to 2200 (leap years, century rules, month ends), at a time
+        // that moves through the day, and the first and last instant of some days.
+        let start = Utc.with_ymd_and_hms(1900, 1, 1, 0, 0, 0).unwrap();
+        for day in 0..(300 * 366) {
+            let midnight = start + chrono::Duration::days(day);
+            check(midnight + chrono::Duration::microseconds(day * 7_919_999_977 % 86_400_000_000));
+            if day % 97 == 0 {
+                check(midnight);
+                check(midnight + chrono::Duration::microseconds(86_399_999_999));
+            }
+        }
+        for year in [0, 1, 4, 100, 400, 1969, 1970, 2000, 9_999] {
+            check(Utc.with_ymd_and_hms(year, 1, 1, 0, 0, 0).unwrap());
+            check(Utc.with_ymd_and_hms(year, 12, 31, 23, 59, 59).unwrap());
+        }
+        // Beyond four digits, the year carries its sign.
+        let far = Utc.with_ymd_and_hms(10_000, 3, 1, 12, 0, 0).unwrap();
+        assert_eq!(rfc3339(far), "+10000-03-01T12:00:00.000000Z");
+        let before = Utc.with_ymd_and_hms(-1, 3, 1, 12, 0, 0).unwrap();
+        assert_eq!(date_text(before), "-0001-03-01 12:00 UTC");
+        // A leap second stays within the minute.
+        let leap = chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+            .and_then(|d| d.and_hms_micro_opt(23, 59, 59, 1_500_000))
+            .unwrap()
+            .and_utc();
+        assert_eq!(rfc3339(leap), "2016-12-31T23:59:59.999999Z");
     }
 
     #[test]

@@ -109,7 +109,7 @@ fn register_with(tera: &mut Tera, partial: Arc<ListPartial>) {
     }
     // The stream partial, unless the host has its own: written by Rust (see `stream`).
     if tera.get_template(MESSAGES_TEMPLATE).is_err() {
-        tera.register_function(stream::FUNCTION, stream::StreamPartial);
+        tera.register_filter(stream::FILTER, stream::StreamPartial);
         if let Err(e) = tera.add_raw_template(MESSAGES_TEMPLATE, stream::FAST_SOURCE) {
             log::error!("stored-messages: registering {MESSAGES_TEMPLATE} failed: {e}");
         }

@@ -3,7 +3,7 @@
 //! Every page includes it, and Tera's interpreter is slow at what it does: a dozen
 //! `{{ m.field }}` lookups per message, each through JSON values. When the host has no
 //! override, the name `stored_messages/messages` holds [`FAST_SOURCE`] instead, which hands
-//! the `messages` value to [`StreamPartial`], a Tera function that writes exactly what
+//! the `messages` value to [`StreamPartial`], a Tera filter that writes exactly what
 //! `messages.html.tera` renders in an escaping page (a test compares both byte for byte). The
 //! template file stays the documentation and the starting point for an override.
 
@@ -14,22 +14,21 @@ use rocket_dyn_templates::tera::{self, Value};
 
 use super::list::{push_escaped, push_message_text};
 
-/// The Tera function [`FAST_SOURCE`] calls.
-pub(crate) const FUNCTION: &str = "stored_messages_stream_partial";
+/// The Tera filter [`FAST_SOURCE`] applies. A filter, not a function: Tera hands a filter
+/// the value it filters by reference, but copies every argument of a function call (the
+/// whole stream, on every page).
+pub(crate) const FILTER: &str = "stored_messages_stream_partial";
 
 /// What `stored_messages/messages` holds when the host has no override: the partial's
 /// output for an empty or missing `messages`, and the function for the rest (the line
 /// breaks around them are the template's own).
-pub(crate) const FAST_SOURCE: &str = "\n{% if messages %}{{ stored_messages_stream_partial(messages=messages) }}{% else %}<div class=\"messages\" aria-live=\"polite\">\n</div>{% endif %}\n";
+pub(crate) const FAST_SOURCE: &str = "\n{% if messages %}{{ messages | stored_messages_stream_partial }}{% else %}<div class=\"messages\" aria-live=\"polite\">\n</div>{% endif %}\n";
 
 /// Renders `messages` as `messages.html.tera` does.
 pub(crate) struct StreamPartial;
 
-impl tera::Function for StreamPartial {
-    fn call(&self, args: &HashMap<String, Value>) -> tera::Result<Value> {
-        let messages = args
-            .get("messages")
-            .ok_or_else(|| tera::Error::msg("stored_messages_stream_partial needs `messages`"))?;
+impl tera::Filter for StreamPartial {
+    fn filter(&self, messages: &Value, _: &HashMap<String, Value>) -> tera::Result<Value> {
         Ok(Value::String(render(messages)?))
     }
 
@@ -127,7 +126,7 @@ mod tests {
     use super::*;
     use crate::template::BUILTIN_MESSAGES_SOURCE;
 
-    /// A page that includes the partial, rendered with the template and with the function.
+    /// A page that includes the partial, rendered with the template and with the filter.
     fn both(context: &Value) -> (String, String) {
         let page = "<main>{% include \"stored_messages/messages\" %}</main>";
         let mut template = Tera::default();
@@ -138,7 +137,7 @@ mod tests {
             ])
             .unwrap();
         let mut fast = Tera::default();
-        fast.register_function(FUNCTION, StreamPartial);
+        fast.register_filter(FILTER, StreamPartial);
         fast.add_raw_templates(vec![
             ("stored_messages/messages", FAST_SOURCE),
             ("page.html", page),
@@ -161,7 +160,7 @@ mod tests {
     }
 
     #[test]
-    fn the_function_writes_what_the_template_renders() {
+    fn the_filter_writes_what_the_template_renders() {
         let long = "a long text & more ".repeat(20);
         let contexts = [
             json!({}),

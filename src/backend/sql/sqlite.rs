@@ -255,13 +255,10 @@ impl WalHeader {
         })
     }
 
+    /// The header now: one `pread`, as every request that reads the store asks for it.
     #[cfg(unix)]
     fn read(&self) -> Option<[u8; 96]> {
-        use std::os::unix::fs::{FileExt, MetadataExt};
-        // A file SQLite removed no longer changes: never trust it.
-        if self.file.metadata().ok()?.nlink() == 0 {
-            return None;
-        }
+        use std::os::unix::fs::FileExt;
         let mut header = [0u8; 96];
         self.file.read_exact_at(&mut header, 0).ok()?;
         Some(header)
@@ -272,8 +269,25 @@ impl WalHeader {
         None
     }
 
+    /// Keeps `header`, read before the feed's read of `sm_changes` that has just completed,
+    /// for [`WalHeader::unchanged`]. A file that was removed no longer changes, so it is
+    /// never trusted. Checking that here, once per read of the log, is enough: SQLite removes
+    /// the `-shm` file only when the last connection to the database closes, and the feed's
+    /// own connection stays open for as long as this header is used (a new connection opens
+    /// a new one).
     fn record(&self, header: Option<[u8; 96]>) {
-        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = header;
+        let removed = {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::MetadataExt;
+                self.file.metadata().map_or(true, |m| m.nlink() == 0)
+            }
+            #[cfg(not(unix))]
+            {
+                true
+            }
+        };
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = header.filter(|_| !removed);
     }
 
     fn unchanged(&self) -> bool {
