@@ -20,9 +20,9 @@
 //! - **PostgreSQL**: a second listening connection runs an empty statement; PostgreSQL sends a
 //!   listening session its pending notifications before the end of any command, and a
 //!   writer has signalled every listener before its commit returns.
-//! - **Redis**: a `PUBLISH` on a channel of this process's own; Redis runs one command at a
-//!   time and a subscriber receives messages in the order the `PUBLISH`es ran, so when the
-//!   marker arrives every change published before it has arrived.
+//! - **Redis**: a `PING` on the subscribed connection; Redis runs one command at a time and
+//!   writes to a connection in the order it ran the commands, so every change published
+//!   before the `PING` ran has arrived ahead of its reply.
 //! - **SQLite**: the feed reads the `sm_changes` log, which sees every commit that came
 //!   before the read.
 //!
@@ -128,7 +128,7 @@ impl Change {
     }
 }
 
-/// A random name for this process's own sync channel: 16 lowercase letters and digits.
+/// A random name for this process: 16 lowercase letters and digits.
 pub fn instance_name() -> String {
     use rand::Rng;
     const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";

@@ -1,10 +1,9 @@
 //! The Redis backend's change feed: `SUBSCRIBE` to the changes channel its scripts publish
-//! on, and syncs by a marker on a channel of this process's own.
+//! on, and syncs by a `PING` on that same subscribed connection.
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-use redis::{Client, RedisError};
+use redis::{Client, Msg, RedisError};
 
 use super::CONNECT_TIMEOUT;
 use crate::backend::{Change, FeedSink, Wanted};
@@ -13,32 +12,28 @@ use crate::changes::SYNC_TIMEOUT;
 /// How long the change feed waits before subscribing again after losing its connection.
 const FEED_RETRY: Duration = Duration::from_secs(1);
 
-/// The change feed: `SUBSCRIBE P changes` and a sync channel of this process's own, on a
-/// connection of its own. The scripts publish from inside each change, so a message arrives
-/// exactly when the change is visible.
+/// The change feed: `SUBSCRIBE P changes` on a connection of its own. The scripts publish
+/// from inside each change, so a message arrives exactly when the change is visible.
 ///
-/// A sync marker is a `PUBLISH` on the sync channel over the shared connection. Redis runs
-/// one command at a time and a subscriber receives its messages in the order the server ran
-/// the `PUBLISH`es, so when the marker arrives, every change published before it has arrived.
-pub(super) async fn watch(
-    client: &Client,
-    mut connection: ConnectionManager,
-    channel: &str,
-    sync_channel: &str,
-    sink: &FeedSink,
-) {
+/// A sync is a `PING` on the subscribed connection. Redis runs one command at a time and
+/// writes to a connection in the order it ran the commands: every `PUBLISH` that ran before
+/// the `PING` has put its message on the connection ahead of the reply. The client's reader
+/// queues messages as it reads them, so once the reply is in, the messages ahead of it are
+/// queued too: the feed takes them, then reports the sync done. One round trip on one
+/// connection, and nothing for any other subscriber to receive.
+pub(super) async fn watch(client: &Client, channel: &str, sink: &FeedSink) {
     use rocket::futures::StreamExt;
     loop {
         let subscribing = async {
             let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&[channel, sync_channel]).await?;
+            pubsub.subscribe(channel).await?;
             Ok::<_, RedisError>(pubsub)
         };
         let subscribed = rocket::tokio::select! {
             _ = sink.closed() => return,
             subscribed = rocket::tokio::time::timeout(CONNECT_TIMEOUT, subscribing) => subscribed,
         };
-        let mut pubsub = match subscribed {
+        let pubsub = match subscribed {
             Ok(Ok(pubsub)) => pubsub,
             failed => {
                 if let Ok(Err(e)) = failed {
@@ -51,22 +46,13 @@ pub(super) async fn watch(
                 }
             }
         };
+        let (mut commands, mut messages) = pubsub.split();
         sink.live();
-        let mut messages = pubsub.on_message();
         loop {
             rocket::tokio::select! {
                 _ = sink.closed() => return,
                 message = messages.next() => match message {
-                    Some(message) if message.get_channel_name() == sync_channel => {
-                        let payload: String = message.get_payload().unwrap_or_default();
-                        if let Ok(n) = payload.parse() {
-                            sink.synced(n);
-                        }
-                    }
-                    Some(message) => {
-                        let payload: String = message.get_payload().unwrap_or_default();
-                        sink.changed(Change::parse(&payload));
-                    }
+                    Some(message) => report(sink, &message),
                     // The connection dropped: messages may have been missed.
                     None => {
                         log::warn!("stored-messages: change feed down, lost the Redis subscription");
@@ -76,21 +62,27 @@ pub(super) async fn watch(
                 },
                 wanted = sink.wanted() => match wanted {
                     Wanted::Sync(n) => {
-                        let mut publish = ::redis::cmd("PUBLISH");
-                        publish.arg(sync_channel).arg(n);
-                        let publish = publish.query_async::<u64>(&mut connection);
                         // Bounded: a server that stopped answering is not waited for.
-                        match rocket::tokio::time::timeout(SYNC_TIMEOUT, publish).await {
-                            // Nobody received it: this subscription is gone, though its
-                            // connection has not said so yet.
-                            Ok(Ok(0)) | Err(_) => {
+                        let ping = commands.ping_message::<redis::Value>(n);
+                        match rocket::tokio::time::timeout(SYNC_TIMEOUT, ping).await {
+                            Ok(Ok(_)) => {
+                                if !take_queued(sink, &mut messages) {
+                                    log::warn!("stored-messages: change feed down, lost the Redis subscription");
+                                    sink.lost();
+                                    break;
+                                }
+                                sink.synced(n);
+                            }
+                            // No answer, or an error on the subscribed connection: whether
+                            // messages were missed cannot be told.
+                            Ok(Err(e)) => {
+                                log::warn!("stored-messages: change feed down, a sync failed: {e}");
                                 sink.lost();
                                 break;
                             }
-                            Ok(Ok(_)) => {}
-                            Ok(Err(e)) => {
-                                log::warn!("stored-messages: sending a change feed sync failed: {e}");
-                                sink.sync_failed();
+                            Err(_) => {
+                                sink.lost();
+                                break;
                             }
                         }
                     }
@@ -100,6 +92,25 @@ pub(super) async fn watch(
                     }
                 },
             }
+        }
+    }
+}
+
+/// Reports one message of the changes channel.
+fn report(sink: &FeedSink, message: &Msg) {
+    let payload: String = message.get_payload().unwrap_or_default();
+    sink.changed(Change::parse(&payload));
+}
+
+/// Reports every message already queued, without waiting for more. `false` when the
+/// subscription has ended.
+fn take_queued(sink: &FeedSink, messages: &mut redis::aio::PubSubStream) -> bool {
+    use rocket::futures::{FutureExt, StreamExt};
+    loop {
+        match messages.next().now_or_never() {
+            Some(Some(message)) => report(sink, &message),
+            Some(None) => return false,
+            None => return true,
         }
     }
 }

@@ -815,19 +815,7 @@ impl WatchChanges for RedisBackend {
         let Some(client) = &self.client else {
             return Ok(());
         };
-        let sync_channel = format!(
-            "{}sync:{}",
-            self.keys.prefix,
-            crate::changes::instance_name()
-        );
-        watch(
-            client,
-            self.connection.clone(),
-            &self.keys.changes(),
-            &sync_channel,
-            &sink,
-        )
-        .await;
+        watch(client, &self.keys.changes(), &sink).await;
         Ok(())
     }
 
