@@ -21,6 +21,7 @@ use rocket::serde::json::{json, Json, Value};
 use rocket::{Catcher, Request, Route, State};
 use serde::Serialize;
 
+use crate::backend::cache::Listed;
 use crate::backend::{Cursor, ListQuery};
 use crate::error::{error_body, report, Error};
 use crate::message::{LevelTags, Message, MessageId, UserId};
@@ -264,7 +265,7 @@ fn push_message(out: &mut String, m: &Message, tags: &LevelTags) {
 
 /// A page as handlers answer it: [`Page`]'s JSON, written from the stored messages.
 struct PageView<'a> {
-    messages: Vec<Message>,
+    messages: Listed,
     tags: &'a LevelTags,
     next_cursor: Option<String>,
     next: Option<String>,
@@ -424,7 +425,7 @@ fn list_query(limit: Option<&str>, cursor: Option<&str>) -> ApiResult<ListQuery>
 fn page<'a>(
     base: &ApiBase,
     path: &str,
-    mut messages: Vec<Message>,
+    mut messages: Listed,
     limit: u32,
     tags: &'a LevelTags,
 ) -> PageView<'a> {
@@ -477,7 +478,7 @@ async fn inbox_list<'r>(
 ) -> ApiResult<PageView<'r>> {
     let query = list_query(limit, cursor)?;
     let messages = store
-        .inbox_list_since(user.0, one_more(query), since.0)
+        .inbox_listed_since(user.0, one_more(query), since.0)
         .await?;
     Ok(page(
         base,
@@ -504,7 +505,7 @@ async fn archive_list<'r>(
     Ok(page(
         base,
         "archive",
-        messages,
+        Listed::all(messages),
         query.limit.unwrap_or(DEFAULT_LIMIT),
         store.level_tags(),
     ))
@@ -803,7 +804,7 @@ mod tests {
             ),
         ] {
             let view = PageView {
-                messages: messages.clone(),
+                messages: Listed::all(messages.clone()),
                 tags: &tags,
                 next_cursor: next_cursor.clone(),
                 next: next.clone(),

@@ -234,9 +234,21 @@ impl Store {
         query: crate::backend::ListQuery,
         since: std::time::Instant,
     ) -> Result<Vec<Message>> {
+        Ok(self.inbox_listed_since(user, query, since).await?.to_vec())
+    }
+
+    /// [`Store::inbox_list_since`] without copying the messages out of the cache.
+    pub(crate) async fn inbox_listed_since(
+        &self,
+        user: UserId,
+        query: crate::backend::ListQuery,
+        since: std::time::Instant,
+    ) -> Result<crate::backend::cache::Listed> {
         match self.inbox_cache() {
-            Some(cache) => cache.inbox_list_since(user, query, since).await,
-            None => self.inner.backend.inbox_list(user, query).await,
+            Some(cache) => cache.inbox_listed_since(user, query, since).await,
+            None => Ok(crate::backend::cache::Listed::all(
+                self.inner.backend.inbox_list(user, query).await?,
+            )),
         }
     }
 

@@ -69,6 +69,48 @@ fn weight(entry: &Entry) -> usize {
     entry.messages.len() + 1
 }
 
+/// Messages of one inbox as the cache answers them: picked out of a shared entry, not
+/// copied (a page of the API is written straight from them).
+#[derive(Debug, Clone)]
+pub(crate) struct Listed {
+    messages: Arc<[Message]>,
+    /// Indices into `messages`, in order.
+    picked: Vec<usize>,
+}
+
+impl Listed {
+    /// All of `messages`.
+    pub(crate) fn all(messages: Vec<Message>) -> Listed {
+        let picked = (0..messages.len()).collect();
+        Listed {
+            messages: messages.into(),
+            picked,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.picked.len()
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Message> {
+        self.picked.iter().map(|&i| &self.messages[i])
+    }
+
+    pub(crate) fn last(&self) -> Option<&Message> {
+        self.picked.last().map(|&i| &self.messages[i])
+    }
+
+    /// Keeps the first `n`.
+    pub(crate) fn truncate(&mut self, n: usize) {
+        self.picked.truncate(n);
+    }
+
+    /// The messages, copied.
+    pub(crate) fn to_vec(&self) -> Vec<Message> {
+        self.iter().cloned().collect()
+    }
+}
+
 /// The cache itself; see the module docs.
 pub(crate) struct InboxCache {
     entries: Mutex<Entries>,
@@ -272,28 +314,39 @@ impl CachedBackend {
         query: ListQuery,
         since: Instant,
     ) -> Result<Vec<Message>> {
+        Ok(self.inbox_listed_since(user, query, since).await?.to_vec())
+    }
+
+    /// [`CachedBackend::inbox_list_since`] without copying the messages out of the entry.
+    pub(crate) async fn inbox_listed_since(
+        &self,
+        user: UserId,
+        query: ListQuery,
+        since: Instant,
+    ) -> Result<Listed> {
         let limit = query.limit.map(|n| n as usize);
         let cacheable =
             query.after.is_none() && limit.is_some_and(|n| n <= MAX_STREAM_STORED as usize + 1);
         if !cacheable {
-            return self.inner.inbox_list(user, query).await;
+            return Ok(Listed::all(self.inner.inbox_list(user, query).await?));
         }
         let limit = limit.unwrap_or_default();
         let Some((messages, complete)) = self.window(user, since).await? else {
-            return self.inner.inbox_list(user, query).await;
+            return Ok(Listed::all(self.inner.inbox_list(user, query).await?));
         };
         let cutoff = self.cutoff();
-        let fresh: Vec<Message> = messages
+        let picked: Vec<usize> = messages
             .iter()
-            .filter(|m| m.date >= cutoff)
+            .enumerate()
+            .filter(|(_, m)| m.date >= cutoff)
+            .map(|(i, _)| i)
             .take(limit)
-            .cloned()
             .collect();
         // A partial window can answer only what it holds.
-        if fresh.len() < limit && !complete {
-            return self.inner.inbox_list(user, query).await;
+        if picked.len() < limit && !complete {
+            return Ok(Listed::all(self.inner.inbox_list(user, query).await?));
         }
-        Ok(fresh)
+        Ok(Listed { messages, picked })
     }
 
     /// [`MessageBackend::inbox_count`] as fresh as [`CachedBackend::inbox_list_since`].
