@@ -51,7 +51,9 @@ done
 
 echo "building the release binary and benchmarks…" >&2
 cargo build --release --quiet -p stored-messages-app --bin stored-messages --example bench-seed
-cargo bench --quiet -p stored-messages --features sqlite,postgres,redis --bench backend --no-run >/dev/null 2>&1
+if [ "${BENCH_HTTP_ONLY:-0}" != 1 ]; then
+  cargo bench --quiet -p stored-messages --features sqlite,postgres,redis --bench backend --no-run >/dev/null 2>&1
+fi
 
 port=18765
 secret=$(head -c 32 /dev/urandom | base64)

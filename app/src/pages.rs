@@ -84,6 +84,9 @@ struct DemoValues {
     url: String,
 }
 
+/// The demo form's fields, in the page's order.
+const DEMO_FIELDS: [&str; 4] = ["level", "message", "extra_tags", "url"];
+
 /// One problem of a form, for the field it is about (the error summary links to it).
 #[derive(Debug, Serialize)]
 pub(crate) struct FieldError {
@@ -138,8 +141,11 @@ fn home(
     errors: &[FieldError],
 ) -> Page {
     // Serializing the guard shows the stream; `?keep=1` then takes that back.
-    let invalid: std::collections::BTreeMap<&str, &str> =
-        errors.iter().map(|e| (e.field, e.text.as_str())).collect();
+    // Every field has an entry (empty when valid): Tera builds an error message for each
+    // lookup of a missing key, and the form looks each field up three times.
+    let mut invalid: std::collections::BTreeMap<&str, &str> =
+        DEMO_FIELDS.iter().map(|field| (*field, "")).collect();
+    invalid.extend(errors.iter().map(|e| (e.field, e.text.as_str())));
     let page = Page::render(
         "index",
         context! {
