@@ -43,6 +43,15 @@ pub struct SessionLifetime(pub Duration);
 /// Sessions last this many days unless `app.session_days` says otherwise.
 pub const DEFAULT_SESSION_DAYS: u64 = 14;
 
+/// The session id that [`request_session`] read (decrypting the cookie once per request).
+struct SessionId(Option<String>);
+
+/// The id of the request's session, when [`request_session`] found a user for it.
+pub(crate) async fn request_session_id<'r>(request: &'r Request<'_>) -> Option<&'r str> {
+    request_session(request).await?;
+    request.local_cache(|| SessionId(None)).0.as_deref()
+}
+
 /// The request's session user, looked up once per request (one indexed query; an ended or
 /// expired session is nobody). If the users database cannot answer, nobody is logged in for
 /// this request (and it is logged).
@@ -50,6 +59,7 @@ pub(crate) async fn request_session<'r>(request: &'r Request<'_>) -> Option<&'r 
     request
         .local_cache_async(async {
             let id = request.cookies().get_private(SESSION_COOKIE)?;
+            request.local_cache(|| SessionId(Some(id.value().to_string())));
             let users = request.rocket().state::<Arc<Users>>()?;
             let since = stored_messages::request_start(request);
             match users.session_user_since(id.value(), since).await {

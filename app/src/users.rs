@@ -578,9 +578,8 @@ impl Host for AppHost {
     async fn session_key(&self, request: &Request<'_>) -> Option<String> {
         use base64::Engine as _;
         use sha2::Digest as _;
-        crate::auth::request_session(request).await?;
-        let id = request.cookies().get_private(SESSION_COOKIE)?;
-        let digest = sha2::Sha256::digest(id.value().as_bytes());
+        let id = crate::auth::request_session_id(request).await?;
+        let digest = sha2::Sha256::digest(id.as_bytes());
         Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..16]))
     }
 }
