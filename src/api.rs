@@ -291,8 +291,7 @@ impl PageView<'_> {
 }
 
 impl<'r> Responder<'r, 'static> for PageView<'_> {
-    fn respond_to(self, request: &'r Request<'_>) -> rocket::response::Result<'static> {
-        let _ = request;
+    fn respond_to(self, _: &'r Request<'_>) -> rocket::response::Result<'static> {
         let body = self.to_json();
         rocket::Response::build()
             .header(rocket::http::ContentType::JSON)

@@ -234,7 +234,10 @@ impl Store {
         query: crate::backend::ListQuery,
         since: std::time::Instant,
     ) -> Result<Vec<Message>> {
-        Ok(self.inbox_listed_since(user, query, since).await?.to_vec())
+        Ok(self
+            .inbox_listed_since(user, query, since)
+            .await?
+            .into_vec())
     }
 
     /// [`Store::inbox_list_since`] without copying the messages out of the cache.

@@ -70,44 +70,59 @@ fn weight(entry: &Entry) -> usize {
 }
 
 /// Messages of one inbox as the cache answers them: picked out of a shared entry, not
-/// copied (a page of the API is written straight from them).
+/// copied (a page of the API is written straight from them), or read from the backend.
 #[derive(Debug, Clone)]
-pub(crate) struct Listed {
-    messages: Arc<[Message]>,
-    /// Indices into `messages`, in order.
-    picked: Vec<usize>,
+pub(crate) enum Listed {
+    /// Read from the backend.
+    Owned(Vec<Message>),
+    /// Picked out of a cache entry: indices into it, in order.
+    Shared(Arc<[Message]>, Vec<usize>),
 }
 
 impl Listed {
     /// All of `messages`.
     pub(crate) fn all(messages: Vec<Message>) -> Listed {
-        let picked = (0..messages.len()).collect();
-        Listed {
-            messages: messages.into(),
-            picked,
-        }
+        Listed::Owned(messages)
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.picked.len()
+        match self {
+            Listed::Owned(messages) => messages.len(),
+            Listed::Shared(_, picked) => picked.len(),
+        }
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Message> {
-        self.picked.iter().map(|&i| &self.messages[i])
+        let (messages, picked): (&[Message], Option<&[usize]>) = match self {
+            Listed::Owned(messages) => (messages, None),
+            Listed::Shared(messages, picked) => (messages, Some(picked)),
+        };
+        (0..self.len()).map(move |k| &messages[picked.map_or(k, |picked| picked[k])])
     }
 
     pub(crate) fn last(&self) -> Option<&Message> {
-        self.picked.last().map(|&i| &self.messages[i])
+        match self {
+            Listed::Owned(messages) => messages.last(),
+            Listed::Shared(messages, picked) => picked.last().map(|&i| &messages[i]),
+        }
     }
 
     /// Keeps the first `n`.
     pub(crate) fn truncate(&mut self, n: usize) {
-        self.picked.truncate(n);
+        match self {
+            Listed::Owned(messages) => messages.truncate(n),
+            Listed::Shared(_, picked) => picked.truncate(n),
+        }
     }
 
-    /// The messages, copied.
-    pub(crate) fn to_vec(&self) -> Vec<Message> {
-        self.iter().cloned().collect()
+    /// The messages, copied only when they are the cache's.
+    pub(crate) fn into_vec(self) -> Vec<Message> {
+        match self {
+            Listed::Owned(messages) => messages,
+            Listed::Shared(messages, picked) => {
+                picked.into_iter().map(|i| messages[i].clone()).collect()
+            }
+        }
     }
 }
 
@@ -314,7 +329,10 @@ impl CachedBackend {
         query: ListQuery,
         since: Instant,
     ) -> Result<Vec<Message>> {
-        Ok(self.inbox_listed_since(user, query, since).await?.to_vec())
+        Ok(self
+            .inbox_listed_since(user, query, since)
+            .await?
+            .into_vec())
     }
 
     /// [`CachedBackend::inbox_list_since`] without copying the messages out of the entry.
@@ -346,7 +364,7 @@ impl CachedBackend {
         if picked.len() < limit && !complete {
             return Ok(Listed::all(self.inner.inbox_list(user, query).await?));
         }
-        Ok(Listed { messages, picked })
+        Ok(Listed::Shared(messages, picked))
     }
 
     /// [`MessageBackend::inbox_count`] as fresh as [`CachedBackend::inbox_list_since`].

@@ -20,7 +20,7 @@ use super::list::{push_escaped, push_message_text};
 pub(crate) const FILTER: &str = "stored_messages_stream_partial";
 
 /// What `stored_messages/messages` holds when the host has no override: the partial's
-/// output for an empty or missing `messages`, and the function for the rest (the line
+/// output for an empty or missing `messages`, and the filter for the rest (the line
 /// breaks around them are the template's own).
 pub(crate) const FAST_SOURCE: &str = "\n{% if messages %}{{ messages | stored_messages_stream_partial }}{% else %}<div class=\"messages\" aria-live=\"polite\">\n</div>{% endif %}\n";
 
