@@ -12,7 +12,7 @@ use rocket::{Request, Route, State};
 use rocket_dyn_templates::context;
 
 use crate::throttle::LoginThrottle;
-use crate::users::{User, Users, SESSION_COOKIE};
+use crate::users::{User, UserError, Users, SESSION_COOKIE};
 use stored_messages::report;
 use stored_messages::template::Page;
 use stored_messages::{Messages, Store};
@@ -245,19 +245,37 @@ async fn logout(
     messages: Messages<'_>,
 ) -> Redirect {
     // Ended in the database and announced to every instance, so a copy of the cookie is
-    // worth nothing anywhere. If that did not finish, the cookie stays, so that logging out
-    // again can finish it.
+    // worth nothing anywhere. If the database did not take it, the session and the cookie
+    // stay, so that logging out again can finish it.
+    let mut told_everyone = true;
     if let (Some(session), Some(user)) = (jar.get_private(SESSION_COOKIE), user) {
-        if let Err(e) = users.end_session(session.value(), user.0.id).await {
-            log::error!("reference app: ending a session failed: {}", report(&e));
-            let _ = messages
-                .error("Logging out did not finish on the server. Try again.")
-                .await;
-            return Redirect::to("/");
+        match users.end_session(session.value(), user.0.id).await {
+            Ok(()) => {}
+            // Ended, and the announcement is being retried (see `Users::end_session`).
+            Err(e @ UserError::Announce(_)) => {
+                log::error!("reference app: ending a session: {}", report(&e));
+                told_everyone = false;
+            }
+            Err(e) => {
+                log::error!("reference app: ending a session failed: {}", report(&e));
+                let _ = messages
+                    .error("Logging out did not finish on the server. Try again.")
+                    .await;
+                return Redirect::to("/");
+            }
         }
     }
     jar.remove_private(Cookie::build(SESSION_COOKIE).path("/"));
-    let _ = messages.info("You are logged out.").await;
+    let _ = if told_everyone {
+        messages.info("You are logged out.").await
+    } else {
+        messages
+            .warning(
+                "You are logged out. Other servers of this site could not be told at once; \
+                 they end this session within a minute.",
+            )
+            .await
+    };
     Redirect::to("/login")
 }
 
@@ -437,7 +455,20 @@ async fn change_password(
             let _ = messages.success(&text).await;
             Ok(Redirect::to("/account"))
         }
-        Err(e @ crate::users::UserError::Backend(_)) => Err(unavailable(&e)),
+        // The password changed and the other sessions ended; only telling the other
+        // instances is still being retried.
+        Err(e @ UserError::Announce(_)) => {
+            log::error!("reference app: changing a password: {}", report(&e));
+            let _ = messages
+                .warning(
+                    "Your password was changed and your other sessions ended here. Other \
+                     servers of this site could not be told at once; they end those sessions \
+                     within a minute.",
+                )
+                .await;
+            Ok(Redirect::to("/account"))
+        }
+        Err(e @ UserError::Backend(_)) => Err(unavailable(&e)),
         Err(e) => Err(refuse(
             vec![FieldError {
                 field: "new",

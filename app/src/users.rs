@@ -90,9 +90,10 @@ pub enum UserError {
     /// The database failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
-    /// Sessions ended, but other processes could not be told (the store's change feed
-    /// did not take the announcement); ending them again (logging out again) tells them.
-    #[error("sessions ended, but other instances could not be told: {0}")]
+    /// Sessions ended, but other processes could not be told at once (the store's change
+    /// feed did not take the announcement). The announcement is retried in the background,
+    /// and no instance accepts the sessions after [`crate::sessions::MAX_ENTRY_AGE`] anyway.
+    #[error("sessions ended, but other instances could not be told yet (they drop them within a minute): {0}")]
     Announce(Error),
 }
 
@@ -253,16 +254,27 @@ impl Users {
     /// Tells every process that `user`'s sessions changed (see [`Users::announce_on`]): this
     /// one at once, the others through the feed. A store without a change feed has no
     /// session caches to tell.
+    ///
+    /// When the announcement fails, the sessions are already gone from the database, and
+    /// only caches filled before that still hold them, for at most
+    /// [`crate::sessions::MAX_ENTRY_AGE`]. The announcement is then retried in the
+    /// background until it goes through or that age has passed (after which no cache can
+    /// hold the sessions any more), and the caller gets [`UserError::Announce`].
     async fn sessions_ended(&self, user: i64) -> Result<(), UserError> {
         if let Some(cache) = self.sessions.get() {
             cache.forget_user(user);
         }
-        match self.feed.get() {
-            Some(feed) => match feed.announce(&Change::users(&[UserId(user)])).await {
-                Ok(()) | Err(Error::Unsupported(_)) => Ok(()),
-                Err(e) => Err(UserError::Announce(e)),
-            },
-            None => Ok(()),
+        let Some(feed) = self.feed.get() else {
+            return Ok(());
+        };
+        let change = Change::users(&[UserId(user)]);
+        match feed.announce(&change).await {
+            Ok(()) | Err(Error::Unsupported(_)) => Ok(()),
+            Err(e) => {
+                let until = std::time::Instant::now() + crate::sessions::MAX_ENTRY_AGE;
+                rocket::tokio::spawn(retry_announce(feed.clone(), change, until));
+                Err(UserError::Announce(e))
+            }
         }
     }
 
@@ -593,9 +605,257 @@ pub fn random_password() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// Announces `change` until it goes through or `until` has passed, waiting a little longer
+/// after each failure (0.1 s, doubling, at most 2 s apart).
+async fn retry_announce(feed: ChangeFeed, change: Change, until: std::time::Instant) {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let now = std::time::Instant::now();
+        if now >= until {
+            log::error!(
+                "reference app: ending sessions was never announced; other instances dropped them \
+                 from their caches by age"
+            );
+            return;
+        }
+        rocket::tokio::time::sleep(pause.min(until - now)).await;
+        match feed.announce(&change).await {
+            Ok(()) | Err(Error::Unsupported(_)) => {
+                log::info!("reference app: ending sessions announced after a retry");
+                return;
+            }
+            Err(e) => {
+                log::warn!(
+                    "reference app: announcing the end of sessions failed again: {}",
+                    stored_messages::report(&e)
+                );
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store whose change feed refuses the first `refusals` announcements and counts
+    /// them all; it stores nothing (the session tests below need only its feed).
+    struct Refusing {
+        refusals: u64,
+        announced: std::sync::atomic::AtomicU64,
+    }
+
+    mod refusing {
+        use super::Refusing;
+        use chrono::{DateTime, Utc};
+        use std::sync::atomic::Ordering;
+        use stored_messages::backend::{
+            BackendError, Cleanup, FeedSink, ListQuery, MessageBackend, WatchChanges,
+        };
+        use stored_messages::{
+            Change, Error, Level, Message, MessageId, NewMessage, Result, UserId,
+        };
+
+        fn nothing<T>() -> Result<T> {
+            Err(Error::Unsupported("storing in the test feed"))
+        }
+
+        #[rocket::async_trait]
+        impl MessageBackend for Refusing {
+            fn name(&self) -> &'static str {
+                "refusing"
+            }
+            fn can_handle(&self, _: Level) -> bool {
+                false
+            }
+            async fn create_message(&self, _: &NewMessage) -> Result<Message> {
+                nothing()
+            }
+            async fn archive_store(&self, _: &[UserId], _: &Message) -> Result<u64> {
+                nothing()
+            }
+            async fn inbox_store(&self, _: &[UserId], _: &Message) -> Result<u64> {
+                nothing()
+            }
+            async fn deliver(&self, _: &[UserId], _: &NewMessage) -> Result<Message> {
+                nothing()
+            }
+            async fn inbox_list(&self, _: UserId, _: ListQuery) -> Result<Vec<Message>> {
+                nothing()
+            }
+            async fn inbox_count(&self, _: UserId) -> Result<u64> {
+                nothing()
+            }
+            async fn inbox_get(&self, _: UserId, _: MessageId) -> Result<Message> {
+                nothing()
+            }
+            async fn inbox_delete_many(
+                &self,
+                _: UserId,
+                _: &[MessageId],
+            ) -> Result<Vec<MessageId>> {
+                nothing()
+            }
+            async fn inbox_purge(&self, _: UserId) -> Result<u64> {
+                nothing()
+            }
+            async fn archive_list(&self, _: UserId, _: ListQuery) -> Result<Vec<Message>> {
+                nothing()
+            }
+            async fn expired_messages_cleanup(&self, _: DateTime<Utc>) -> Result<Cleanup> {
+                nothing()
+            }
+            async fn flush(&self) -> Result<()> {
+                nothing()
+            }
+            async fn deliver_once(&self, _: &[UserId], _: &Message) -> Result<u64> {
+                nothing()
+            }
+            fn change_feed(&self) -> Option<&dyn WatchChanges> {
+                Some(self)
+            }
+        }
+
+        #[rocket::async_trait]
+        impl WatchChanges for Refusing {
+            async fn watch_changes(&self, _: FeedSink) -> Result<()> {
+                nothing()
+            }
+            async fn announce(&self, _: &Change) -> Result<()> {
+                let n = self.announced.fetch_add(1, Ordering::SeqCst) + 1;
+                if n <= self.refusals {
+                    Err(Error::Backend(BackendError::Sql(sqlx::Error::PoolTimedOut)))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Users on a fresh SQLite file, announcing on a feed that refuses `refusals` times.
+    async fn users_announcing_on(refusals: u64) -> (Users, Arc<Refusing>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("users.db").display()
+        );
+        let config = rocket_db_pools::Config {
+            url,
+            min_connections: None,
+            max_connections: 2,
+            connect_timeout: 5,
+            idle_timeout: None,
+            extensions: None,
+        };
+        let users = Users::new(SqlPool::connect_with(&config).await.unwrap());
+        users.migrate().await.unwrap();
+        let feed = Arc::new(Refusing {
+            refusals,
+            announced: Default::default(),
+        });
+        users.announce_on(ChangeFeed::new(feed.clone()));
+        (users, feed, dir)
+    }
+
+    /// A logout whose announcement fails has still ended the session; the announcement is
+    /// retried until it goes through, without anyone logging out again.
+    #[tokio::test]
+    async fn a_failed_announcement_of_a_logout_is_retried_until_it_goes_through() {
+        use std::sync::atomic::Ordering;
+        let (users, feed, _dir) = users_announcing_on(2).await;
+        let alice = users
+            .create("alice", "correct horse battery", false)
+            .await
+            .unwrap();
+        let session = users
+            .start_session(alice.id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let ended = users.end_session(&session, alice.id).await;
+        assert!(matches!(ended, Err(UserError::Announce(_))), "{ended:?}");
+        assert_eq!(
+            users.session_user(&session).await.unwrap(),
+            None,
+            "ended all the same"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while feed.announced.load(Ordering::SeqCst) < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the announcement was not retried"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Through on the third try: no more after that.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(feed.announced.load(Ordering::SeqCst), 3);
+    }
+
+    /// A password change whose announcement fails reports it the same way, and the
+    /// announcement is retried too.
+    #[tokio::test]
+    async fn a_failed_announcement_of_a_password_change_is_retried() {
+        use std::sync::atomic::Ordering;
+        let (users, feed, _dir) = users_announcing_on(1).await;
+        let bob = users
+            .create("bob", "correct horse battery", false)
+            .await
+            .unwrap();
+        let kept = users
+            .start_session(bob.id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let other = users
+            .start_session(bob.id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let changed = users
+            .change_password(&bob, "another good passphrase", Some(&kept))
+            .await;
+        assert!(
+            matches!(changed, Err(UserError::Announce(_))),
+            "{changed:?}"
+        );
+        assert_eq!(users.session_user(&other).await.unwrap(), None);
+        assert!(users.session_user(&kept).await.unwrap().is_some());
+        assert!(users
+            .verify("bob", "another good passphrase")
+            .await
+            .unwrap()
+            .is_some());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while feed.announced.load(Ordering::SeqCst) < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the announcement was not retried"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Retrying stops when no cache can hold the sessions any more, even if the feed never
+    /// takes the announcement.
+    #[tokio::test]
+    async fn retrying_an_announcement_stops_at_its_deadline() {
+        use std::sync::atomic::Ordering;
+        let feed = Arc::new(Refusing {
+            refusals: u64::MAX,
+            announced: Default::default(),
+        });
+        let until = std::time::Instant::now() + Duration::from_millis(400);
+        let change = Change::users(&[UserId(1)]);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            retry_announce(ChangeFeed::new(feed.clone()), change, until),
+        )
+        .await
+        .expect("retrying ends at its deadline");
+        assert!(std::time::Instant::now() >= until);
+        // At 0.1 s, 0.3 s and the deadline at most (fewer on a slow machine), none after.
+        let tries = feed.announced.load(Ordering::SeqCst);
+        assert!((1..=3).contains(&tries), "{tries} tries");
+    }
 
     #[test]
     fn usernames_have_one_ascii_spelling() {
