@@ -639,15 +639,9 @@ async fn retry_announce(feed: ChangeFeed, change: Change, until: std::time::Inst
 mod tests {
     use super::*;
 
-    /// A store whose change feed refuses the first `refusals` announcements and counts
-    /// them all; it stores nothing (the session tests below need only its feed).
-    struct Refusing {
-        refusals: u64,
-        announced: std::sync::atomic::AtomicU64,
-    }
+    use refusing::Refusing;
 
     mod refusing {
-        use super::Refusing;
         use chrono::{DateTime, Utc};
         use std::sync::atomic::Ordering;
         use stored_messages::backend::{
@@ -656,6 +650,13 @@ mod tests {
         use stored_messages::{
             Change, Error, Level, Message, MessageId, NewMessage, Result, UserId,
         };
+
+        /// A store whose change feed refuses the first `refusals` announcements and counts
+        /// them all; it stores nothing (the session tests need only its feed).
+        pub(super) struct Refusing {
+            pub(super) refusals: u64,
+            pub(super) announced: std::sync::atomic::AtomicU64,
+        }
 
         fn nothing<T>() -> Result<T> {
             Err(Error::Unsupported("storing in the test feed"))
@@ -758,6 +759,18 @@ mod tests {
         (users, feed, dir)
     }
 
+    /// Waits (up to 5 s) until `feed` was asked to announce `n` times.
+    async fn wait_for_announcements(feed: &Refusing, n: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while feed.announced.load(std::sync::atomic::Ordering::SeqCst) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the announcement was not retried"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A logout whose announcement fails has still ended the session; the announcement is
     /// retried until it goes through, without anyone logging out again.
     #[tokio::test]
@@ -779,14 +792,7 @@ mod tests {
             None,
             "ended all the same"
         );
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while feed.announced.load(Ordering::SeqCst) < 3 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the announcement was not retried"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_announcements(&feed, 3).await;
         // Through on the third try: no more after that.
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(feed.announced.load(Ordering::SeqCst), 3);
@@ -796,7 +802,6 @@ mod tests {
     /// announcement is retried too.
     #[tokio::test]
     async fn a_failed_announcement_of_a_password_change_is_retried() {
-        use std::sync::atomic::Ordering;
         let (users, feed, _dir) = users_announcing_on(1).await;
         let bob = users
             .create("bob", "correct horse battery", false)
@@ -824,14 +829,7 @@ mod tests {
             .await
             .unwrap()
             .is_some());
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while feed.announced.load(Ordering::SeqCst) < 2 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the announcement was not retried"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_announcements(&feed, 2).await;
     }
 
     /// Retrying stops when no cache can hold the sessions any more, even if the feed never
