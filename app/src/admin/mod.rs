@@ -143,6 +143,20 @@ async fn end_sessions(
             let _ = messages.success(&text).await;
             Ok(Redirect::to("/admin"))
         }
+        // Ended; only telling the other instances is still being retried.
+        Err(e @ crate::users::UserError::Announce(_)) => {
+            log::error!(
+                "reference app: ending sessions: {}",
+                stored_messages::report(&e)
+            );
+            let text = format!(
+                "Ended the sessions of {} here. Other servers of this site could not be told at \
+                 once; they end them within a minute.",
+                user.username
+            );
+            let _ = messages.warning(&text).await;
+            Ok(Redirect::to("/admin"))
+        }
         Err(e) => {
             log::error!(
                 "reference app: ending sessions failed: {}",
