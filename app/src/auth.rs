@@ -12,7 +12,7 @@ use rocket::{Request, Route, State};
 use rocket_dyn_templates::context;
 
 use crate::throttle::LoginThrottle;
-use crate::users::{User, UserError, Users, SESSION_COOKIE};
+use crate::users::{User, UserError, Users, OTHER_SERVERS_WITHIN_A_MINUTE, SESSION_COOKIE};
 use stored_messages::report;
 use stored_messages::template::Page;
 use stored_messages::{Messages, Store};
@@ -247,14 +247,14 @@ async fn logout(
     // Ended in the database and announced to every instance, so a copy of the cookie is
     // worth nothing anywhere. If the database did not take it, the session and the cookie
     // stay, so that logging out again can finish it.
-    let mut told_everyone = true;
+    let mut late = false;
     if let (Some(session), Some(user)) = (jar.get_private(SESSION_COOKIE), user) {
         match users.end_session(session.value(), user.0.id).await {
             Ok(()) => {}
             // Ended, and the announcement is being retried (see `Users::end_session`).
             Err(e @ UserError::Announce(_)) => {
                 log::error!("reference app: ending a session: {}", report(&e));
-                told_everyone = false;
+                late = true;
             }
             Err(e) => {
                 log::error!("reference app: ending a session failed: {}", report(&e));
@@ -266,15 +266,11 @@ async fn logout(
         }
     }
     jar.remove_private(Cookie::build(SESSION_COOKIE).path("/"));
-    let _ = if told_everyone {
-        messages.info("You are logged out.").await
+    let _ = if late {
+        let text = format!("You are logged out. {OTHER_SERVERS_WITHIN_A_MINUTE}");
+        messages.warning(&text).await
     } else {
-        messages
-            .warning(
-                "You are logged out. Other servers of this site could not be told at once; \
-                 they end this session within a minute.",
-            )
-            .await
+        messages.info("You are logged out.").await
     };
     Redirect::to("/login")
 }
@@ -459,13 +455,11 @@ async fn change_password(
         // instances is still being retried.
         Err(e @ UserError::Announce(_)) => {
             log::error!("reference app: changing a password: {}", report(&e));
-            let _ = messages
-                .warning(
-                    "Your password was changed and your other sessions ended here. Other \
-                     servers of this site could not be told at once; they end those sessions \
-                     within a minute.",
-                )
-                .await;
+            let text = format!(
+                "Your password was changed and your other sessions ended. \
+                 {OTHER_SERVERS_WITHIN_A_MINUTE}"
+            );
+            let _ = messages.warning(&text).await;
             Ok(Redirect::to("/account"))
         }
         Err(e @ UserError::Backend(_)) => Err(unavailable(&e)),

@@ -605,6 +605,11 @@ pub fn random_password() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// What a page adds when sessions ended but announcing it failed ([`UserError::Announce`]):
+/// the retry and [`crate::sessions::MAX_ENTRY_AGE`] bound how long other instances lag.
+pub const OTHER_SERVERS_WITHIN_A_MINUTE: &str =
+    "Other servers of this site could not be told at once; there it takes effect within a minute.";
+
 /// Announces `change` until it goes through or `until` has passed, waiting a little longer
 /// after each failure (0.1 s, doubling, at most 2 s apart).
 async fn retry_announce(feed: ChangeFeed, change: Change, until: std::time::Instant) {

@@ -150,9 +150,9 @@ async fn end_sessions(
                 stored_messages::report(&e)
             );
             let text = format!(
-                "Ended the sessions of {} here. Other servers of this site could not be told at \
-                 once; they end them within a minute.",
-                user.username
+                "Ended the sessions of {}. {}",
+                user.username,
+                crate::users::OTHER_SERVERS_WITHIN_A_MINUTE
             );
             let _ = messages.warning(&text).await;
             Ok(Redirect::to("/admin"))
