@@ -344,6 +344,11 @@ pub(crate) struct Inner {
     pub(crate) cookies_rewritten: bool,
     /// Whether the inbox snapshot stopped at [`MAX_STREAM_STORED`] (more may be unread).
     truncated: bool,
+    /// When it did: the store's unread count when the snapshot was taken (`None` if that
+    /// read failed), so that a page can still count exactly without a marker.
+    unread_at_load: Option<u64>,
+    /// Stored messages this request added to the user's inbox.
+    added: u64,
     /// A request that only looks (HEAD, a browser's prefetch): showing does not consume.
     look_only: bool,
 }
@@ -403,6 +408,23 @@ impl Inner {
         )
     }
 
+    /// How many unread messages the user has once this request is settled: as
+    /// [`Inner::unread_after`] counts them, and past a truncated snapshot from the count
+    /// read with it. `None` when neither is known.
+    pub(crate) fn unread_count_after(&self, marked_read: bool) -> Option<u64> {
+        if !self.truncated {
+            return self.unread_after(marked_read).map(|u| u.len() as u64);
+        }
+        let consumed = marked_read && self.used;
+        let shown = self
+            .stored
+            .iter()
+            .filter(|(_, shown)| consumed && *shown)
+            .count();
+        self.unread_at_load
+            .map(|n| (n + self.added).saturating_sub(shown as u64))
+    }
+
     /// The spill key the browser sent, if this request's cookies no longer point to it.
     pub(crate) fn stale_spill_key(&self) -> Option<&str> {
         let current = self.pending_spill.as_ref().map(|(k, _)| k.as_str());
@@ -452,18 +474,30 @@ impl RequestState {
         }
         let mut stored = Vec::new();
         let mut truncated = false;
+        let mut unread_at_load = None;
         if let Some(user) = user {
+            let since = request_start(request);
             match store
-                .inbox_list_since(
-                    user,
-                    ListQuery::first(MAX_STREAM_STORED),
-                    request_start(request),
-                )
+                .inbox_list_since(user, ListQuery::first(MAX_STREAM_STORED), since)
                 .await
             {
                 Ok(inbox) => {
                     truncated = inbox.len() >= MAX_STREAM_STORED as usize;
                     stored = inbox.into_iter().map(|m| (m, false)).collect();
+                    if truncated {
+                        // Only past the window: a page's count stays a number (usable in
+                        // any Tera expression) for users with very many unread messages.
+                        unread_at_load = store
+                            .inbox_count_since(user, since)
+                            .await
+                            .map_err(|e| {
+                                log::warn!(
+                                    "stored-messages: counting the inbox of user {user} failed: {}",
+                                    crate::report(&e)
+                                );
+                            })
+                            .ok();
+                    }
                 }
                 Err(e) => {
                     log::error!(
@@ -480,6 +514,7 @@ impl RequestState {
             loaded_spill_key,
             spill_found,
             truncated,
+            unread_at_load,
             look_only: request.local_cache(|| LooksOnly(looks_only(request))).0,
             client: request.client_ip(),
             ..Inner::default()
@@ -595,7 +630,9 @@ impl<'r> Messages<'r> {
         match self.state.user {
             Some(user) if config.is_store_level(level) => {
                 let delivery = self.store.add_message_for(&[user], message).await?;
-                self.state.lock().stored.push((delivery.message, false));
+                let mut inner = self.state.lock();
+                inner.stored.push((delivery.message, false));
+                inner.added += 1;
             }
             _ => {
                 let mut inner = self.state.lock();

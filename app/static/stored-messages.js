@@ -20,6 +20,10 @@
     });
   }
 
+  // Set by the live part below: brings a list that shows only the oldest unread messages
+  // up to date after some of them were marked read here.
+  var refill = function () {};
+
   // The live region says one thing at a time: the newest note replaces the last.
   function announce(text) {
     var region = document.querySelector(".messages[aria-live]");
@@ -141,6 +145,10 @@
     var text = item ? item.querySelector(".text, a") : null;
     var name = text ? summary(text.textContent) : "the message";
     var shown = list ? list.querySelectorAll("li.message").length : 0;
+    // Being marked read here: the stream's `read` event for it is not news.
+    (item ? [item] : list ? Array.from(list.querySelectorAll("li.message")) : []).forEach(function (li) {
+      li.setAttribute("data-marking", "");
+    });
     fetch(form.action, {
       method: "POST",
       credentials: "same-origin",
@@ -169,6 +177,7 @@
         }
         if (result.ok && typeof result.body.unread === "number") {
           setCount(result.body.unread);
+          refill();
         } else {
           // The API's count, next to the route the form posted to (the API's base is the
           // host's choice): <base>/inbox/<id>/read or <base>/mark_all_read.
@@ -176,9 +185,11 @@
           fetch(countUrl, { credentials: "same-origin", headers: { "Accept": "application/json" } })
             .then(function (r) { return r.json(); })
             .then(function (b) { if (typeof b.unread === "number") setCount(b.unread); });
+          refill();
         }
       })
       .catch(function (error) {
+        if (item) item.removeAttribute("data-marking");
         if (button) button.disabled = false;
         announce("Could not update messages: " + error.message);
       });
@@ -189,14 +200,77 @@
   var streamMeta = document.querySelector('meta[name="stored-messages-stream"]');
   if (!streamMeta || !window.EventSource) return;
   var streamUrl = streamMeta.getAttribute("content");
-  var api = streamUrl.replace(/\/stream(\?.*)?$/, "");
-  // The page says which inbox it showed (`?since=`): the stream then sends what changed
+  var streamPath = streamUrl.split("?")[0];
+  var api = streamPath.replace(/\/stream$/, "");
+  // The page says which inbox it showed (`?since=<id>`): the stream then sends what changed
   // after it. Without that, a first count that differs from the page's means it missed
   // something.
-  var pageState = /[?&]since=[^&]/.test(streamUrl);
+  var sinceMatch = /[?&]since=([^&]+)/.exec(streamUrl);
+  var pageSince = sinceMatch ? decodeURIComponent(sinceMatch[1]) : null;
+  // The newest event id this tab applied (its own stream's, or the tab holding the stream's):
+  // a tab that takes the stream over resumes from it, so nothing is replayed or announced
+  // twice.
+  var lastId = pageSince;
+
+  // An event id is `<largest id>-<hash of the unread set>`: two ids with the same hash name
+  // the same inbox.
+  function sameInbox(a, b) {
+    return !!a && !!b && a.split("-")[1] === b.split("-")[1];
+  }
 
   function inboxList() {
     return document.querySelector("ul.stored-messages-inbox");
+  }
+
+  // A page that lists only the oldest N unread messages says so (`data-sm-more="N"`): live
+  // messages beyond them are counted there, not listed, so the list stays what a reload
+  // would show.
+  var moreNote = document.querySelector("[data-sm-more]");
+  var cap = moreNote ? parseInt(moreNote.getAttribute("data-sm-more"), 10) || 200 : 200;
+
+  function listed(list) {
+    return list ? list.querySelectorAll("li.message").length : 0;
+  }
+
+  // Shows or hides the "not shown yet" note for `unread` messages in all.
+  function showWaiting(unread) {
+    if (!moreNote) return;
+    var waiting = unread - listed(inboxList());
+    moreNote.hidden = waiting <= 0;
+    var n = moreNote.querySelector("[data-sm-waiting]");
+    if (n && waiting > 0) n.textContent = String(waiting);
+  }
+
+  // What the live stream brought since the last note, said in one note a moment later: a
+  // burst of messages is one announcement, not several that replace one another.
+  var news = { added: [], read: [], timer: null };
+
+  function levelWord(level) {
+    var label = levelLabel(level);
+    return label === "Message" ? "message" : label.toLowerCase() + " message";
+  }
+
+  function sayNews() {
+    news.timer = null;
+    var parts = [];
+    if (news.added.length === 1) {
+      var m = news.added[0];
+      parts.push("New " + levelWord(m.level) + ": " + (longHead(m.message) === null ? m.message : summary(m.message)));
+    } else if (news.added.length > 1) {
+      parts.push(news.added.length + " new messages. The latest: " + summary(news.added[news.added.length - 1].message));
+    }
+    if (news.read.length === 1) {
+      parts.push("Read elsewhere: " + news.read[0]);
+    } else if (news.read.length > 1) {
+      parts.push(news.read.length + " messages were read elsewhere");
+    }
+    news.added = [];
+    news.read = [];
+    if (parts.length) announce(parts.join(". ") + ".");
+  }
+
+  function queueNews() {
+    if (!news.timer) news.timer = setTimeout(sayNews, 250);
   }
 
   function hidden(name, value) {
@@ -282,23 +356,66 @@
     list.parentNode.insertBefore(form, list);
   }
 
-  function addMessage(m, quiet) {
+  function itemOf(list, id) {
+    return list ? list.querySelector('li[data-id="' + CSS.escape(String(id)) + '"]') : null;
+  }
+
+  // Messages this tab already showed or announced: an event that brings one again (a
+  // resync, a second tab's view) is not news.
+  var seen = {};
+  (function () {
     var list = inboxList();
-    if (list && !list.querySelector('li[data-id="' + CSS.escape(String(m.id)) + '"]')) {
-      var empty = list.querySelector("li.empty");
-      if (empty) empty.remove();
-      list.appendChild(messageItem(m));
-      ensureMarkAll(list);
+    if (list) list.querySelectorAll("li.message[data-id]").forEach(function (li) { seen[li.getAttribute("data-id")] = true; });
+  })();
+
+  // While a resync's requests run, what events changed meanwhile wins over their answers.
+  var pending = null;
+
+  // Lists `m` at the end of the list, unless it is there already or the list is full (the
+  // page then counts it as waiting).
+  function listMessage(list, m) {
+    if (!list || itemOf(list, m.id)) return;
+    if (listed(list) >= cap) {
+      if (moreNote) moreNote.hidden = false;
+      return;
     }
-    if (!quiet) announce("New message: " + (longHead(m.message) === null ? m.message : summary(m.message)));
+    var empty = list.querySelector("li.empty");
+    if (empty) empty.remove();
+    list.appendChild(messageItem(m));
+    ensureMarkAll(list);
+  }
+
+  function addMessage(m) {
+    var id = String(m.id);
+    if (pending) {
+      pending.added[id] = true;
+      delete pending.removed[id];
+    }
+    listMessage(inboxList(), m);
+    if (!seen[id]) {
+      seen[id] = true;
+      news.added.push(m);
+      queueNews();
+    }
   }
 
   function removeMessages(ids) {
     var list = inboxList();
     if (!list) return;
+    var full = listed(list) >= cap;
+    var removed = 0;
     ids.forEach(function (id) {
-      var item = list.querySelector('li[data-id="' + CSS.escape(String(id)) + '"]');
+      if (pending) {
+        pending.removed[String(id)] = true;
+        delete pending.added[String(id)];
+      }
+      var item = itemOf(list, id);
       if (!item) return;
+      removed += 1;
+      if (!item.hasAttribute("data-marking")) {
+        var text = item.querySelector(".text, a");
+        news.read.push(text ? summary(text.textContent) : "a message");
+      }
       // Read elsewhere while focused here: focus moves on as after "Mark read".
       var focused = item.contains(document.activeElement);
       var next = item.nextElementSibling;
@@ -306,70 +423,146 @@
       item.remove();
       if (focused) focusAfterRemoval(list, next, previous);
     });
+    if (removed) queueNews();
     showEmptyIfNeeded(list);
+    // A full list that lost some fills up again from the messages waiting behind it.
+    if (removed && full && moreNote && !moreNote.hidden) resync();
   }
 
-  // Reloads the list and the count from the API (after `resync`, or when the first count
-  // shows that the page missed something between its rendering and the stream's start).
+  // Reloads the list and the count from the API (after `resync`, when another tab's view
+  // of the inbox is not this page's, or when the first count shows that the page missed
+  // something between its rendering and the stream's start).
   function resync() {
-    fetch(api + "/count", { credentials: "same-origin", headers: { "Accept": "application/json" } })
-      .then(function (r) { return r.json(); })
-      .then(function (b) { if (typeof b.unread === "number") setCount(b.unread); });
+    if (pending) {
+      pending.again = true;
+      return;
+    }
+    var run = { added: {}, removed: {}, counted: false, again: false };
+    pending = run;
+    var json = function (r) {
+      if (!r.ok) throw new Error("status " + r.status);
+      return r.json();
+    };
+    var headers = { credentials: "same-origin", headers: { "Accept": "application/json" } };
     var list = inboxList();
-    if (!list) return;
-    fetch(api + "/inbox?limit=200", { credentials: "same-origin", headers: { "Accept": "application/json" } })
-      .then(function (r) { return r.json(); })
-      .then(function (page) {
-        if (!page || !page.messages) return;
-        var wanted = {};
-        page.messages.forEach(function (m) { wanted[String(m.id)] = true; });
-        list.querySelectorAll("li.message").forEach(function (li) {
-          if (!wanted[li.getAttribute("data-id")]) li.remove();
-        });
-        page.messages.forEach(function (m) { addMessage(m, true); });
-        showEmptyIfNeeded(list);
+    Promise.all([
+      fetch(api + "/count", headers).then(json),
+      list ? fetch(api + "/inbox?limit=" + cap, headers).then(json) : Promise.resolve(null)
+    ])
+      .then(function (answers) {
+        var count = answers[0];
+        var page = answers[1];
+        list = inboxList();
+        if (list && page && page.messages) {
+          var wanted = {};
+          page.messages.forEach(function (m) { wanted[String(m.id)] = true; });
+          list.querySelectorAll("li.message").forEach(function (li) {
+            var id = li.getAttribute("data-id");
+            if (!wanted[id] && !run.added[id]) li.remove();
+          });
+          page.messages.forEach(function (m) {
+            var id = String(m.id);
+            if (run.removed[id]) return;
+            seen[id] = true;
+            listMessage(list, m);
+          });
+          showEmptyIfNeeded(list);
+        }
+        // A count the stream sent meanwhile is newer than this one.
+        if (!run.counted && count && typeof count.unread === "number") setCount(count.unread);
+        if (currentCount() !== null) showWaiting(currentCount());
+      })
+      .catch(function () {})
+      .then(function () {
+        pending = null;
+        if (run.again) resync();
       });
   }
+
+  refill = function () {
+    if (moreNote && !moreNote.hidden) resync();
+  };
 
   var firstCount = true;
 
   function handle(type, data) {
     if (type === "message") {
-      addMessage(data, false);
+      addMessage(data);
     } else if (type === "read") {
       removeMessages(data.ids || []);
     } else if (type === "count") {
-      if (firstCount && !pageState && currentCount() !== null && currentCount() !== data.unread) {
+      if (firstCount && !pageSince && currentCount() !== null && currentCount() !== data.unread) {
         resync();
       }
       firstCount = false;
+      if (pending) pending.counted = true;
       setCount(data.unread);
+      showWaiting(data.unread);
     } else if (type === "resync") {
       resync();
     }
   }
 
-  var channel = window.BroadcastChannel ? new BroadcastChannel("stored-messages:" + streamUrl) : null;
+  // Tabs of one session share one stream: the channel and the lock are named after the
+  // session's CSRF token, so a tab left open from before a logout never gets another
+  // user's events.
+  var shared = "stored-messages:" + streamPath + ":" + token;
+  var channel = window.BroadcastChannel ? new BroadcastChannel(shared) : null;
+  var holding = false;
+  // Whether this tab's stream has brought an event yet (then `lastId` is the stream's).
+  var streaming = false;
+  var asked = false;
+  var checked = false;
+
+  function tell(message) {
+    if (channel) channel.postMessage(message);
+  }
+
+  // A tab that does not hold the stream checks, once, that the page it shows is the inbox
+  // the stream is at; if not (something changed between the two), it reloads from the API.
+  function check(id) {
+    if (checked || holding) return;
+    checked = true;
+    if (!pageSince || !sameInbox(id, pageSince)) resync();
+  }
+
   if (channel) {
     channel.onmessage = function (event) {
-      if (event.data && event.data.type) handle(event.data.type, event.data.data);
+      var message = event.data;
+      if (!message) return;
+      if (message.kind === "event" && !holding) {
+        if (message.id) lastId = message.id;
+        handle(message.type, message.data);
+      } else if (message.kind === "hello" && holding) {
+        if (streaming) tell({ kind: "state", id: lastId });
+        else asked = true;
+      } else if (message.kind === "state") {
+        check(message.id);
+      }
     };
   }
 
   // Opens the stream and passes its events on to the other tabs. EventSource reconnects by
   // itself (sending Last-Event-ID) after a network error; an answer that is not a stream
-  // (a 401 after logout, a 503) closes it, and then this tries again later.
+  // (a 401 after logout, a 503) closes it, and then this tries again later, from the last
+  // event applied.
   function open() {
     var delay = 2000;
     function connect() {
-      var source = new EventSource(streamUrl, { withCredentials: true });
+      var url = lastId ? streamPath + "?since=" + encodeURIComponent(lastId) : streamPath;
+      var source = new EventSource(url, { withCredentials: true });
       ["message", "read", "count", "resync"].forEach(function (type) {
         source.addEventListener(type, function (event) {
           var data;
           try { data = JSON.parse(event.data); } catch (e) { return; }
           delay = 2000;
+          if (event.lastEventId) lastId = event.lastEventId;
           handle(type, data);
-          if (channel) channel.postMessage({ type: type, data: data });
+          tell({ kind: "event", type: type, data: data, id: lastId });
+          if (!streaming) {
+            streaming = true;
+            if (asked) tell({ kind: "state", id: lastId });
+          }
         });
       });
       source.onerror = function () {
@@ -384,12 +577,18 @@
 
   if (channel && navigator.locks && navigator.locks.request) {
     // One tab holds the lock and the stream; when it closes, the next tab takes over.
-    navigator.locks.request("stored-messages-stream:" + streamUrl, function () {
+    navigator.locks.request(shared, function () {
+      holding = true;
+      firstCount = !lastId || lastId === pageSince;
       open();
-      firstCount = true;
       return new Promise(function () {});
     });
+    tell({ kind: "hello" });
+    // No answer (the tab holding the stream is itself starting, or has no stream yet):
+    // reload from the API rather than trust the page.
+    setTimeout(function () { check(null); }, 3000);
   } else {
+    holding = true;
     open();
   }
 })();

@@ -66,6 +66,9 @@ pub(crate) struct Scope {
     /// The user's unread inbox as this page leaves it; `None` when the request did not load
     /// it.
     pub(crate) unread: Option<Arc<[Message]>>,
+    /// How many unread messages the user has as this page leaves the inbox: `unread`'s
+    /// length, or the store's count when the request's inbox snapshot stopped at its window.
+    pub(crate) count: Option<u64>,
     pub(crate) tags: LevelTags,
     /// A helper printed a marker: the fairing must fill the response.
     pub(crate) markers: bool,
@@ -95,7 +98,7 @@ pub(crate) fn with_scope<T>(scope: Scope, render: impl FnOnce() -> T) -> (T, Sco
 /// What a helper could answer from the scope.
 enum Known {
     Text(String),
-    Count(usize),
+    Count(u64),
     List {
         messages: Arc<[Message]>,
         limit: usize,
@@ -125,7 +128,7 @@ impl Helper {
             let scope = scope.as_mut()?;
             let known = match slot {
                 Slot::Csrf => Some(Known::Text(scope.csrf.clone())),
-                Slot::Count => scope.unread.as_ref().map(|u| Known::Count(u.len())),
+                Slot::Count => scope.count.map(Known::Count),
                 Slot::StreamId => scope
                     .unread
                     .as_ref()
@@ -270,6 +273,7 @@ mod tests {
             csrf: format!("token-of-{user}"),
             next: "/".into(),
             api: Some("/messages".into()),
+            count: Some(unread.len() as u64),
             unread: Some(unread.into()),
             tags: LevelTags::default(),
             markers: false,

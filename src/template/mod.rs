@@ -9,7 +9,8 @@
 //!
 //! - **Pages rendered with [`Page`]** (a drop-in for `Template::render`): while `Page`
 //!   renders, on the thread that renders it, a scope holds what the request already knows:
-//!   its CSRF token, and the user's unread inbox as the [`crate::Messages`] guard loaded it,
+//!   its CSRF token, and the user's unread inbox as the [`crate::Messages`] guard loaded it
+//!   (the oldest [`crate::MAX_STREAM_STORED`], and past those the count of the rest),
 //!   minus what this page shows and marks read. `stored_messages_count()` is then a number
 //!   usable in any expression (`{% if stored_messages_count() > 0 %}`) and
 //!   `stored_messages_list()` renders the partial at once. Two users rendering at the same
@@ -269,6 +270,7 @@ impl<'r> Responder<'r, 'static> for Page {
             next: request.uri().to_string(),
             api: ApiBase::of(request.rocket()).map(str::to_string),
             unread: page_unread(request, succeeded),
+            count: page_count(request, succeeded),
             tags: request
                 .rocket()
                 .state::<Store>()
@@ -307,6 +309,17 @@ impl<'r> Responder<'r, 'static> for Page {
         response.set_max_chunk_size(len.max(1));
         Ok(response)
     }
+}
+
+/// How many unread messages a page's helpers count (see [`page_unread`]): also known when
+/// the guard stopped at its window. `None` when the guard did not load the inbox.
+fn page_count(request: &Request<'_>, succeeded: bool) -> Option<u64> {
+    let state = request_state(request)?;
+    if state.user.is_none() {
+        return Some(0);
+    }
+    let count = state.lock().unread_count_after(succeeded);
+    count
 }
 
 /// The unread inbox a page's helpers show: what the `Messages` guard loaded and this

@@ -257,6 +257,201 @@ async fn a_message_sent_by_the_cli_appears_live_and_a_read_in_another_tab_follow
     session.stop().await;
 }
 
+/// Eight tabs opened one after another, each after a new message (so each page shows
+/// another inbox): they share one stream (browsers allow six connections per host; with one
+/// stream per tab the seventh never loaded), each stays current, and when the tab holding
+/// the stream closes another takes it over without announcing old messages again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tabs_opened_at_different_moments_share_one_stream_and_hand_it_over_quietly() {
+    let Some(session) = Session::start(1).await else {
+        return;
+    };
+    let client = &session.served.client;
+    let store = &session.served.store;
+    session.login_and_open_inbox().await;
+    let first_tab = client.window().await.unwrap();
+    let mut tabs = vec![first_tab.clone()];
+    for i in 2..=8 {
+        let text = format!("Before tab {i}");
+        send(store, session.user, &text).await;
+        // the open tabs follow before the next one opens
+        wait_for_unread_count(client, &i.to_string()).await;
+        let tab = client.new_window(true).await.unwrap();
+        client.switch_to_window(tab.handle.clone()).await.unwrap();
+        timeout(WAIT, session.served.goto("/inbox"))
+            .await
+            .unwrap_or_else(|_| panic!("tab {i} did not load"));
+        wait_for_text(
+            client,
+            "ul.stored-messages-inbox li.message:last-child",
+            |t| t.contains(&text),
+        )
+        .await;
+        tabs.push(tab.handle);
+    }
+    eventually("one stream for all the tabs", WAIT, || async {
+        match store.open_streams() {
+            1 => Ok(()),
+            n => Err(format!("{n} streams are open")),
+        }
+    })
+    .await;
+
+    // act: the last tab marks the first message read
+    click(
+        client,
+        "ul.stored-messages-inbox li.message:first-child form.sm-mark-read button",
+    )
+    .await;
+    wait_for_unread_count(client, "7").await;
+
+    // assert: every other tab follows
+    for (n, tab) in tabs.iter().enumerate().take(7) {
+        client.switch_to_window(tab.clone()).await.unwrap();
+        wait_for_unread_count(client, "7").await;
+        let listed = client
+            .find_all(Locator::Css("ul.stored-messages-inbox li.message"))
+            .await
+            .unwrap()
+            .len();
+        assert_eq!(listed, 7, "tab {}", n + 1);
+    }
+
+    // act: the first tab, which holds the stream, closes; the second records what it says
+    client.switch_to_window(tabs[1].clone()).await.unwrap();
+    client
+        .execute(
+            "window.smNotes = []; new MutationObserver(function (records) { \
+               records.forEach(function (r) { r.addedNodes.forEach(function (n) { \
+                 if (n.classList && n.classList.contains('sr-note')) window.smNotes.push(n.textContent); \
+               }); }); \
+             }).observe(document.querySelector('.messages[aria-live]'), { childList: true });",
+            vec![],
+        )
+        .await
+        .unwrap();
+    client.switch_to_window(tabs[0].clone()).await.unwrap();
+    client.close_window().await.unwrap();
+    client.switch_to_window(tabs[1].clone()).await.unwrap();
+    sleep(Duration::from_secs(1)).await;
+    send(store, session.user, "After the hand-over").await;
+
+    // assert: the second tab shows the new message and announced it, and only it
+    wait_for_text(
+        client,
+        "ul.stored-messages-inbox li.message:last-child",
+        |t| t.contains("After the hand-over"),
+    )
+    .await;
+    wait_for_unread_count(client, "8").await;
+    eventually("the announcement", WAIT, || async {
+        let notes = client
+            .execute("return window.smNotes;", vec![])
+            .await
+            .unwrap();
+        match notes.as_array() {
+            Some(notes) if !notes.is_empty() => Ok(()),
+            _ => Err("nothing announced yet"),
+        }
+    })
+    .await;
+    sleep(Duration::from_millis(500)).await;
+    let notes = client
+        .execute("return window.smNotes;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(
+        notes,
+        json!(["New info message: After the hand-over."]),
+        "first seen: {notes:?}"
+    );
+
+    session.stop().await;
+}
+
+/// An inbox longer than the page: the page lists the oldest 100 and says how many wait
+/// behind them; a live message is counted there, not listed (the list stays what a reload
+/// shows) but still announced; marking one read brings the next one into the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_inbox_lists_the_oldest_and_counts_the_rest_live() {
+    let Some(session) = Session::start(101).await else {
+        return;
+    };
+    let client = &session.served.client;
+    let store = &session.served.store;
+    session.login_and_open_inbox().await;
+    let listed = || async {
+        client
+            .find_all(Locator::Css("ul.stored-messages-inbox li.message"))
+            .await
+            .unwrap()
+            .len()
+    };
+    assert_eq!(listed().await, 100);
+    assert_eq!(unread_count_text(client).await.as_deref(), Some("101"));
+    assert_eq!(waiting_text(client).await.as_deref(), Some("1"));
+    sleep(Duration::from_millis(500)).await;
+
+    // act: a message arrives
+    send(store, session.user, "Beyond the page").await;
+
+    // assert: counted and announced, not listed
+    wait_for_unread_count(client, "102").await;
+    wait_for_text(client, ".messages[aria-live] .sr-note", |t| {
+        t.contains("Beyond the page")
+    })
+    .await;
+    assert_eq!(waiting_text(client).await.as_deref(), Some("2"));
+    assert_eq!(listed().await, 100);
+
+    // act: the first listed message is marked read
+    click(
+        client,
+        "ul.stored-messages-inbox li.message:first-child form.sm-mark-read button",
+    )
+    .await;
+
+    // assert: the next one comes in, the note and the badge follow
+    wait_for_unread_count(client, "101").await;
+    wait_for_text(
+        client,
+        "ul.stored-messages-inbox li.message:last-child",
+        |t| t.contains("Stored message 101 for the browser"),
+    )
+    .await;
+    eventually("the list to be full again", WAIT, || async {
+        match listed().await {
+            100 => Ok(()),
+            n => Err(format!("{n} listed")),
+        }
+    })
+    .await;
+    assert_eq!(waiting_text(client).await.as_deref(), Some("1"));
+
+    session.stop().await;
+}
+
+/// Stores a message for `user` (the request-free `Store`, as any process would).
+async fn send(store: &Store, user: UserId, text: &str) {
+    store
+        .add_message_for(&[user], NewMessage::new(Level::STORED_INFO, text).unwrap())
+        .await
+        .unwrap();
+}
+
+/// How many unread messages the inbox page's note says are not listed, when it shows.
+async fn waiting_text(client: &Client) -> Option<String> {
+    let shown = client
+        .execute(
+            "var n = document.querySelector('[data-sm-more]'); \
+             return n && !n.hidden ? n.querySelector('[data-sm-waiting]').textContent : null;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    shown.as_str().map(str::to_string)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_broadcasts_to_two_named_users_and_one_of_them_sees_it_once() {
     let Some(tools) = browser_tools() else {
