@@ -377,12 +377,17 @@ async fn archive_pages_go_both_ways(app: &TestApp) {
     assert_eq!(times_shown(&first, "note 35"), 1);
     assert_eq!(times_shown(&first, "note 34"), 0);
     assert_eq!(pager_link(&first, "prev"), None);
+    assert!(first.contains("<title>Archive · stored-messages</title>"));
     let older = pager_link(&first, "next").expect("an Older link");
     // the second: the next 25, both ways
     let (_, second) = b.get_html(&older).await;
     assert_eq!(times_shown(&second, "note 34"), 1);
     assert_eq!(times_shown(&second, "note 10"), 1);
     assert_eq!(times_shown(&second, "note 35"), 0);
+    assert!(
+        second.contains("<title>Archive · older messages · stored-messages</title>"),
+        "a later page's title says so"
+    );
     let newer = pager_link(&second, "prev").expect("a Newer link");
     let (_, again) = b.get_html(&newer).await;
     assert_eq!(
