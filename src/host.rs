@@ -52,6 +52,29 @@ pub trait Host: Send + Sync + 'static {
         let _ = request;
         None
     }
+
+    /// What ties a live stream (`GET <api>/stream`) opened by this request to its session,
+    /// for [`Host::session_active`] to check later: the session's id, say (it stays in the
+    /// server's memory). The default, `None`, ties streams to nothing: they end when the
+    /// client goes away or the server stops, not when the session ends.
+    async fn stream_session(&self, request: &Request<'_>) -> Option<String> {
+        let _ = request;
+        None
+    }
+
+    /// Whether `session` (what [`Host::stream_session`] gave) is still `user`'s live session.
+    /// An open stream asks before it sends anything after its user's inbox was announced as
+    /// changed, and at least every [`crate::live::SESSION_CHECK`]; on `false` it ends
+    /// without sending. So to end a user's streams at once, on every instance, when their
+    /// sessions end (logout, a password change), announce a change of that user on the
+    /// store's feed ([`crate::ChangeFeed::announce`]). Keep it cheap (a cache): a broadcast
+    /// makes every stream ask. Answer `false` when the session cannot be vouched for (its
+    /// store does not answer): the client reconnects, and its new request is checked as any
+    /// other. The default says yes.
+    async fn session_active(&self, user: UserId, session: &str) -> bool {
+        let _ = (user, session);
+        true
+    }
 }
 
 /// The current user of `request` as the host says, asked once per request.

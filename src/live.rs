@@ -23,7 +23,8 @@
 //! only.
 //!
 //! The stream sends a `retry:` hint, a heartbeat comment every [`HEARTBEAT`], and the headers
-//! proxies need (`Cache-Control: no-cache`, `X-Accel-Buffering: no`). It ends when the client
+//! proxies need (`Cache-Control: private, no-store, no-cache`: it is one user's, and
+//! nothing may keep it; `X-Accel-Buffering: no`). It ends when the client
 //! goes away (noticed at the next write, the heartbeat at the latest) and when the server
 //! shuts down. [`crate::Store::open_streams`] counts the open ones.
 //!
@@ -56,6 +57,10 @@ pub const RETRY: Duration = Duration::from_secs(2);
 /// The most unread messages a stream follows one by one; beyond, it sends `count` and
 /// `resync` only.
 pub const KNOWN_LIMIT: u32 = 500;
+/// How often an idle stream tied to a session ([`crate::Host::stream_session`]) asks the
+/// host whether the session still goes on (it also asks whenever its user's inbox is
+/// announced as changed): the longest an expired session's stream stays open.
+pub const SESSION_CHECK: Duration = Duration::from_secs(30);
 
 /// How many streams a store serves now ([`crate::Store::open_streams`]).
 #[derive(Debug, Default)]
@@ -524,33 +529,76 @@ where
     fn respond_to(self, request: &'r rocket::Request<'_>) -> rocket::response::Result<'r> {
         let mut response = self.stream.respond_to(request)?;
         response.set_header(Header::new("X-Accel-Buffering", "no"));
+        // One user's data, like every API answer: no cache may keep it.
+        response.set_header(Header::new("Cache-Control", "private, no-store, no-cache"));
         response.set_max_chunk_size(CHUNK);
         Ok(response)
     }
 }
 
-/// Follows `user`'s inbox for one client.
+/// What ties a stream to its session (see [`crate::Host::stream_session`]).
+pub struct StreamSession(Option<String>);
+
+#[rocket::async_trait]
+impl<'r> rocket::request::FromRequest<'r> for StreamSession {
+    type Error = std::convert::Infallible;
+
+    async fn from_request(
+        request: &'r rocket::Request<'_>,
+    ) -> rocket::request::Outcome<Self, Self::Error> {
+        let session = match request.rocket().state::<Store>() {
+            Some(store) => store.host().stream_session(request).await,
+            None => None,
+        };
+        rocket::request::Outcome::Success(StreamSession(session))
+    }
+}
+
+/// Whether a stream of `user` tied to `session` may go on.
+async fn session_goes_on(store: &Store, user: UserId, session: Option<&str>) -> bool {
+    match session {
+        Some(session) => store.host().session_active(user, session).await,
+        None => true,
+    }
+}
+
+/// Follows `user`'s inbox for one client, while its session goes on.
 fn follow(
     store: Store,
     user: UserId,
+    session: StreamSession,
     registration: Registration,
     mut known: Known,
     first: Vec<Event>,
     mut shutdown: Shutdown,
 ) -> EventStream<impl rocket::futures::Stream<Item = Event>> {
     let open = Open::new(store.clone());
+    let session = session.0;
     EventStream! {
         let _open = open;
         for event in first {
             yield event;
         }
+        let period = rocket::tokio::time::Instant::now() + SESSION_CHECK;
+        let mut checks = rocket::tokio::time::interval_at(period, SESSION_CHECK);
+        checks.set_missed_tick_behavior(rocket::tokio::time::MissedTickBehavior::Delay);
         loop {
-            rocket::tokio::select! {
-                _ = registration.signal.notify.notified() => {}
+            let woken = rocket::tokio::select! {
+                _ = registration.signal.notify.notified() => true,
+                _ = checks.tick(), if session.is_some() => false,
                 _ = &mut shutdown => break,
-            }
+            };
             if registration.signal.closed.load(Ordering::SeqCst) {
                 break;
+            }
+            // Ending a user's sessions is announced as a change of that user: checked
+            // before anything more is sent.
+            if !session_goes_on(&store, user, session.as_deref()).await {
+                log::debug!("stored-messages: a live stream of user {user} ends with its session");
+                break;
+            }
+            if !woken {
+                continue;
             }
             match read_inbox(&store, user).await {
                 Ok(inbox) => {
@@ -577,6 +625,7 @@ fn follow(
 #[get("/stream")]
 pub(crate) async fn stream(
     user: ApiUser,
+    session: StreamSession,
     store: &State<Store>,
     last: LastEventId,
     shutdown: Shutdown,
@@ -588,7 +637,7 @@ pub(crate) async fn stream(
     let mut known = Known::default();
     let first = opening(&mut known, &inbox, last.0.as_deref(), &store);
     Ok(LiveStream {
-        stream: follow(store, user.0, registration, known, first, shutdown),
+        stream: follow(store, user.0, session, registration, known, first, shutdown),
     })
 }
 

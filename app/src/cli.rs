@@ -105,7 +105,7 @@ pub fn run() -> ExitCode {
                 .enable_all()
                 .build();
             match runtime {
-                Ok(runtime) => runtime.block_on(execute(command, rocket::Config::figment())),
+                Ok(runtime) => runtime.block_on(execute(command, crate::figment())),
                 Err(e) => Err(format!("cannot start the async runtime: {e}")),
             }
         }

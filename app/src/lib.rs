@@ -82,9 +82,32 @@ const SECURITY_HEADERS: [(&str, &str); 2] = [
 /// The form limit unless the configuration sets `limits.form` itself.
 const FORM_LIMIT: &str = "64 KiB";
 
-/// The reference app with Rocket's usual configuration (Rocket.toml, `ROCKET_*`).
+/// The reference app with Rocket's usual configuration (Rocket.toml, `ROCKET_*`), over the
+/// app's own defaults (see [`figment_from`]).
 pub fn rocket() -> Rocket<Build> {
-    rocket_from(rocket::Config::figment())
+    rocket_from(figment())
+}
+
+/// The app's configuration: [`figment_from`] the file `ROCKET_CONFIG` names (Rocket.toml by
+/// default).
+pub fn figment() -> Figment {
+    use rocket::figment::providers::Env;
+    figment_from(&Env::var_or("ROCKET_CONFIG", "Rocket.toml"))
+}
+
+/// Rocket's usual configuration sources (as `rocket::Config::figment()`: its defaults, the
+/// TOML file at `config_file`, `ROCKET_*` variables), with the app's defaults between
+/// Rocket's and the file: `ip_header` is off, so a client's address is the peer's and a
+/// client cannot pick it with an `X-Real-IP` header (login throttling and the flash-spill
+/// quota count by address). Behind a proxy, set it to the proxy's header. Before, only the
+/// repository's Rocket.toml turned it off: an installed binary run elsewhere trusted the
+/// header.
+pub fn figment_from(config_file: &str) -> Figment {
+    use rocket::figment::providers::{Env, Format, Serialized, Toml};
+    Figment::from(rocket::Config::default())
+        .merge(Serialized::default("ip_header", false))
+        .merge(Toml::file(config_file).nested())
+        .merge(Env::prefixed("ROCKET_").ignore(&["PROFILE"]).global())
 }
 
 /// The reference app over a given figment (tests build theirs in code).
@@ -224,5 +247,27 @@ async fn first_admin(users: &Users) {
             "reference app: creating the first admin failed: {}",
             report(&e)
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without a configuration file (an installed binary run from another folder), the
+    /// client's address is still the peer's; a file can set a proxy's header.
+    #[test]
+    fn ip_header_is_off_unless_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("Rocket.toml");
+        let config: rocket::Config = figment_from(missing.to_str().unwrap()).extract().unwrap();
+        assert_eq!(config.ip_header, None);
+
+        std::fs::write(&missing, "[default]\nip_header = \"X-Forwarded-For\"\n").unwrap();
+        let config: rocket::Config = figment_from(missing.to_str().unwrap()).extract().unwrap();
+        assert_eq!(
+            config.ip_header.as_ref().map(|h| h.as_str()),
+            Some("X-Forwarded-For")
+        );
     }
 }

@@ -594,6 +594,29 @@ impl Host for AppHost {
         let digest = sha2::Sha256::digest(id.as_bytes());
         Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..16]))
     }
+
+    /// The session's id: a live stream stays open only while its session does (ending
+    /// sessions is announced as a change of the user, which makes the user's streams ask).
+    async fn stream_session(&self, request: &Request<'_>) -> Option<String> {
+        crate::auth::request_session_id(request)
+            .await
+            .map(str::to_string)
+    }
+
+    /// Looked up as a request's session is (the session cache, current through the change
+    /// feed, else the database); a store that does not answer vouches for nothing.
+    async fn session_active(&self, user: UserId, session: &str) -> bool {
+        match self.users.session_user(session).await {
+            Ok(found) => found.is_some_and(|u| u.user_id() == user),
+            Err(e) => {
+                log::warn!(
+                    "reference app: checking the session of a live stream failed: {}",
+                    stored_messages::report(&e)
+                );
+                false
+            }
+        }
+    }
 }
 
 /// A random password for the first admin: 18 random bytes, URL-safe base64 (24 characters).

@@ -126,7 +126,60 @@ process_tests!(
     a_reconnect_replays_what_it_missed_or_resyncs,
     sigterm_ends_the_streams_and_the_server,
     streams_closed_by_their_clients_free_what_they_held,
+    ending_a_session_ends_its_streams_on_every_server,
 );
+
+/// A stream lives no longer than its session: after a logout on one server, or the CLI's
+/// `endsessions` (another process), the session's streams on both servers end without
+/// sending what arrives next; another user's stream goes on.
+async fn ending_a_session_ends_its_streams_on_every_server(shared: &Shared) {
+    shared.cli(&["createuser", "alice"], &format!("{PASSWORD}\n"));
+    shared.cli(&["createuser", "bob"], &format!("{PASSWORD}\n"));
+    let one = shared.serve(&format!("sm_e1_{}", random_id())).await;
+    let two = shared.serve(&format!("sm_e2_{}", random_id())).await;
+    shared.wait_feeds(&[&one, &two]).await;
+    let bob = Browser::login(&two, "bob", PASSWORD).await;
+    let mut bobs = EventReader::open(&one, &bob.cookie, None).await;
+    bobs.expect("count").await;
+
+    for (round, how) in ["logout", "endsessions"].into_iter().enumerate() {
+        let alice = Browser::login(&one, "alice", PASSWORD).await;
+        let mut streams = Vec::new();
+        for server in [&one, &two] {
+            let mut stream = EventReader::open(server, &alice.cookie, None).await;
+            stream.expect("count").await;
+            streams.push(stream);
+        }
+
+        // act: the session ends, then a message arrives for alice and one for bob
+        if how == "logout" {
+            let form = format!("csrf_token={}", alice.token);
+            let answer = super::post(&one.address, "/logout", &alice.cookie, &form)
+                .await
+                .unwrap();
+            assert_eq!(answer.status, 303, "logout: {}", answer.body);
+        } else {
+            let out = shared.cli(&["endsessions", "alice"], "");
+            assert!(out.starts_with("ended 1 session"), "{out}");
+        }
+        let secret = format!("secret {round}");
+        shared.cli(&["send", "--to", "alice", &secret], "");
+        shared.cli(&["send", "--to", "bob", &format!("for bob {round}")], "");
+
+        // assert: alice's streams end, neither sends the message; bob's goes on
+        for (i, mut stream) in streams.into_iter().enumerate() {
+            while let Some(event) = stream.next().await {
+                assert_ne!(
+                    event.event, "message",
+                    "{how}: stream {i} sent {event:?} after the session ended"
+                );
+            }
+        }
+        let message = bobs.expect("message").await;
+        assert_eq!(message.data["message"], format!("for bob {round}"));
+        bobs.expect("count").await;
+    }
+}
 
 async fn a_stream_hears_every_process(shared: &Shared) {
     shared.cli(&["createuser", "alice"], &format!("{PASSWORD}\n"));
@@ -143,7 +196,10 @@ async fn a_stream_hears_every_process(shared: &Shared) {
     let mut stream = EventReader::open(&two, &alice.cookie, None).await;
     assert_eq!(stream.status, 200);
     assert_eq!(stream.header("content-type"), Some("text/event-stream"));
-    assert_eq!(stream.header("cache-control"), Some("no-cache"));
+    assert_eq!(
+        stream.header("cache-control"),
+        Some("private, no-store, no-cache")
+    );
     assert_eq!(stream.header("x-accel-buffering"), Some("no"));
     let first = stream.expect("count").await;
     assert_eq!(first.data["unread"], 0);
