@@ -319,7 +319,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: Status, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: Status, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             message: message.into(),
@@ -586,6 +586,11 @@ async fn inbox_mark_read(
 ) -> ApiResult<Done> {
     let id: MessageId = id.parse()?;
     if !store.mark_read(user.0, id).await? {
+        // A plain button of a message read meanwhile (in another tab): what it asked for
+        // holds, so back to the page, which shows the inbox as it is. Scripts get the 404.
+        if let Reply::Back(next) = reply {
+            return Ok(Done::Back(Box::new(Redirect::to(next))));
+        }
         return Err(Error::MessageDoesNotExist(id).into());
     }
     let unread = store.backend().inbox_count(user.0).await?;
@@ -703,7 +708,7 @@ pub fn openapi_document_at(base: &str) -> Value {
                     { "name": "Last-Event-ID", "in": "header", "schema": { "type": "string" }, "description": "the id of the last event received: missed messages are replayed, or resync is sent" },
                     { "name": "since", "in": "query", "schema": { "type": "string" }, "description": "the same, for a first connection (an event id a page was rendered with)" }
                 ],
-                "responses": { "200": { "description": "text/event-stream", "content": { "text/event-stream": { "schema": { "type": "string" } } } }, "401": error } } },
+                "responses": { "200": { "description": "text/event-stream", "content": { "text/event-stream": { "schema": { "type": "string" } } } }, "401": error, "429": error } } },
             "/messages/openapi.json": { "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI 3 document" } } } }
         },
         "components": { "schemas": {

@@ -20,7 +20,13 @@
 //! (which ones cannot be told from the id alone). Because each stream compares whole inboxes,
 //! a stream that falls behind the feed loses nothing either: it reads the inbox once more.
 //! An inbox of more than [`KNOWN_LIMIT`] unread messages is followed by `count` and `resync`
-//! only.
+//! only, and more than [`MAX_BURST`] new messages at once (on opening, or after a burst) are
+//! one `resync`: a stream never holds more than that many messages' events, even for a
+//! client that does not read.
+//!
+//! A user holds at most [`MAX_STREAMS_PER_USER`] streams on one instance (beyond: 429 with
+//! the API's JSON error). A stream tied to a session ([`crate::Host::stream_session`]) ends
+//! when the session does (see [`crate::Host::session_active`]).
 //!
 //! The stream sends a `retry:` hint, a heartbeat comment every [`HEARTBEAT`], and the headers
 //! proxies need (`Cache-Control: private, no-store, no-cache`: it is one user's, and
@@ -57,6 +63,15 @@ pub const RETRY: Duration = Duration::from_secs(2);
 /// The most unread messages a stream follows one by one; beyond, it sends `count` and
 /// `resync` only.
 pub const KNOWN_LIMIT: u32 = 500;
+/// The most streams one user may hold open on one instance: a browser's tabs share one
+/// stream, so this leaves room for many browsers and devices while a client that opens
+/// streams without end gets 429 instead of the server's memory and file descriptors.
+pub const MAX_STREAMS_PER_USER: usize = 16;
+/// The most messages a stream sends one by one at once (when it opens, or after a burst);
+/// beyond, it sends `resync` and the client reloads its list from the API, which pages. So
+/// a stream never holds more than this many messages' events, even for a client that does
+/// not read.
+pub const MAX_BURST: usize = 20;
 /// How often an idle stream tied to a session ([`crate::Host::stream_session`]) asks the
 /// host whether the session still goes on (it also asks whenever its user's inbox is
 /// announced as changed): the longest an expired session's stream stays open.
@@ -135,21 +150,22 @@ impl StreamHub {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Signs a stream of `user` up for the changes reported from now on.
-    fn register(store: &Store, user: UserId) -> Registration {
+    /// Signs a stream of `user` up for the changes reported from now on; `None` when the
+    /// user holds [`MAX_STREAMS_PER_USER`] already.
+    fn register(store: &Store, user: UserId) -> Option<Registration> {
         let hub = Arc::clone(store.stream_hub());
         let signal = Arc::new(Signal::default());
         let start = {
             let mut state = hub.state();
+            let streams = state.streams.entry(user).or_default();
+            if streams.len() >= MAX_STREAMS_PER_USER {
+                return None;
+            }
+            streams.push(Arc::clone(&signal));
             if state.closed {
                 signal.closed.store(true, Ordering::SeqCst);
                 signal.notify.notify_one();
             }
-            state
-                .streams
-                .entry(user)
-                .or_default()
-                .push(Arc::clone(&signal));
             !std::mem::replace(&mut state.running, true)
         };
         if start {
@@ -158,7 +174,7 @@ impl StreamHub {
             let changes = store.changes().subscribe();
             rocket::tokio::spawn(StreamHub::dispatch(Arc::clone(&hub), changes));
         }
-        Registration { hub, user, signal }
+        Some(Registration { hub, user, signal })
     }
 
     /// Signals the streams each change concerns, until the feed is gone; then ends them.
@@ -402,6 +418,14 @@ fn differences(known: &mut Known, inbox: &Inbox, store: &Store) -> Vec<Event> {
     if inbox.truncated {
         return resync(known, inbox);
     }
+    let new = inbox
+        .messages
+        .iter()
+        .filter(|m| !known.ids.contains_key(&m.id))
+        .count();
+    if new > MAX_BURST {
+        return resync(known, inbox);
+    }
     let mut events = Vec::new();
     let current: BTreeMap<MessageId, ()> = inbox.messages.iter().map(|m| (m.id, ())).collect();
     for m in &inbox.messages {
@@ -632,7 +656,15 @@ pub(crate) async fn stream(
 ) -> crate::api::ApiResult<LiveStream<impl rocket::futures::Stream<Item = Event>>> {
     let store: Store = store.inner().clone();
     // Registered before the inbox is read: a change after the read is not missed.
-    let registration = StreamHub::register(&store, user.0);
+    let registration = StreamHub::register(&store, user.0).ok_or_else(|| {
+        crate::api::ApiError::new(
+            rocket::http::Status::TooManyRequests,
+            format!(
+                "too many live streams: at most {MAX_STREAMS_PER_USER} per user (the tabs of a \
+                 browser can share one); close one and retry"
+            ),
+        )
+    })?;
     let inbox = read_inbox(&store, user.0).await?;
     let mut known = Known::default();
     let first = opening(&mut known, &inbox, last.0.as_deref(), &store);

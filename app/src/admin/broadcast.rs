@@ -452,7 +452,9 @@ pub(super) async fn broadcast_send(
         );
         Err(page)
     };
-    if form.value.as_ref().and_then(|f| f.action) == Some("preview") {
+    // Only the Send button sends: Preview, no action or any other value shows the preview
+    // (nothing is stored).
+    if form.value.as_ref().and_then(|f| f.action) != Some("send") {
         return preview(None);
     }
     let unavailable = |e: crate::users::UserError, errors: &mut BroadcastErrors| {

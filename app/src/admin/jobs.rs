@@ -172,7 +172,10 @@ pub(super) async fn job_resume(
     id: i64,
     jobs: &State<Jobs>,
     messages: Messages<'_>,
-) -> Redirect {
+) -> Result<Redirect, Status> {
+    if matches!(jobs.get(id).await, Ok(None)) {
+        return Err(Status::NotFound);
+    }
     match jobs.resume(id).await {
         Ok(true) => {
             let _ = messages.info("The broadcast is running again.").await;
@@ -196,7 +199,7 @@ pub(super) async fn job_resume(
         }
         Err(e) => log::error!("reference app: resuming job {id} failed: {}", report(&e)),
     }
-    Redirect::to(format!("/admin/jobs/{id}"))
+    Ok(Redirect::to(format!("/admin/jobs/{id}")))
 }
 
 #[cfg(test)]

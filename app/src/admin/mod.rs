@@ -180,8 +180,20 @@ fn login_first(
     if user.is_some() {
         return Err(Status::NotFound);
     }
-    let next = crate::auth::safe_next(request_uri.path().as_str());
+    // With its query: a search of /admin/messages comes back as it was.
+    let next = crate::auth::safe_next(&request_uri.to_string());
     Ok(Redirect::to(format!("/login?next={}", url_escape(&next))))
+}
+
+/// A POST no admin route took (`/admin/messages/abc/delete`: Rocket would answer the id it
+/// could not read with 422): 404, as for a page; 401 for a visitor who is not logged in.
+#[post("/admin/<_..>", rank = 20)]
+fn no_such_action(user: Option<CurrentUser>) -> Status {
+    if user.is_some() {
+        Status::NotFound
+    } else {
+        Status::Unauthorized
+    }
 }
 
 fn url_escape(path: &str) -> String {
@@ -207,6 +219,7 @@ pub fn routes() -> Vec<Route> {
         messages::delete_confirm,
         messages::delete,
         messages::cleanup,
-        login_first
+        login_first,
+        no_such_action
     ]
 }

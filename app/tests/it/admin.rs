@@ -299,6 +299,11 @@ async fn admin_pages_are_for_admins_only(app: &TestApp) {
         ("/admin", "/admin"),
         ("/admin/broadcast", "/admin/broadcast"),
         ("/admin/messages", "/admin/messages"),
+        // a search comes back as it was
+        (
+            "/admin/messages?q=a&recipient=b",
+            "/admin/messages%3Fq%3Da%26recipient%3Db",
+        ),
     ] {
         let r = anon.client.get(path).dispatch().await;
         assert_redirect(&r, &format!("/login?next={next}"));
@@ -351,6 +356,16 @@ async fn admin_pages_are_for_admins_only(app: &TestApp) {
     ] {
         let (status, _) = anon.get_html(path).await;
         assert_eq!(status, Status::NotFound, "{path}");
+    }
+    // the same for the forms' POSTs, and a job that does not exist
+    for path in [
+        "/admin/messages/x/delete",
+        "/admin/jobs/abc/resume",
+        "/admin/jobs/999999/resume",
+        "/admin/nowhere",
+    ] {
+        let r = anon.post_form(path, &[]).await;
+        assert_eq!(r.status(), Status::NotFound, "POST {path}");
     }
     let (status, _) = alice.get_html("/admin/nowhere").await;
     assert_eq!(status, Status::NotFound);
@@ -454,6 +469,20 @@ async fn preview_shows_the_message_and_sends_nothing(app: &TestApp) {
         "escaped"
     );
     assert!(preview.contains("href=\"&#x2F;status\""));
+    assert!(
+        TestApp::inbox_texts(&b, alice).await.is_empty(),
+        "nothing sent"
+    );
+    // only Send sends: no action, or any other, previews as well
+    for action in ["", "destroy"] {
+        let mut fields = form("list", "alice", "not to be sent", action);
+        if action.is_empty() {
+            fields.retain(|(name, _)| *name != "action");
+        }
+        let r = b.post_form("/admin/broadcast", &fields).await;
+        assert_eq!(r.status(), Status::Ok, "action {action:?}");
+        assert!(r.into_string().await.unwrap().contains("preview-title"));
+    }
     assert!(
         TestApp::inbox_texts(&b, alice).await.is_empty(),
         "nothing sent"

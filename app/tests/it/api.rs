@@ -24,6 +24,7 @@ app_tests!(
     plain_forms_redirect_back,
     count_says_unread,
     a_thousand_streams_opened_and_closed_leave_none_open,
+    a_burst_beyond_the_limit_is_one_resync,
     a_stream_that_falls_behind_the_feed_catches_up_exactly,
     a_page_hands_its_inbox_over_to_the_stream,
 );
@@ -84,16 +85,18 @@ async fn a_page_hands_its_inbox_over_to_the_stream(app: &TestApp) {
     );
 }
 
-/// Clients that go away free their streams: 1,000 opened (each has read its first event),
-/// then dropped; the store counts none open afterwards.
+/// Clients that go away free their streams: 1,008 opened (each has read its first event),
+/// as many at a time as one user may hold, then dropped; the store counts none open
+/// afterwards. One more than a user may hold is refused with 429 and the JSON error.
 async fn a_thousand_streams_opened_and_closed_leave_none_open(app: &TestApp) {
     use rocket::tokio::io::AsyncReadExt;
+    use stored_messages::live::MAX_STREAMS_PER_USER;
     let (b, _) = user(app, "alice").await;
     let store = TestApp::store(&b).clone();
     let before = store.open_streams();
-    for round in 0..2 {
+    for round in 0..1008 / MAX_STREAMS_PER_USER {
         let mut open = Vec::new();
-        for _ in 0..500 {
+        for _ in 0..MAX_STREAMS_PER_USER {
             let mut response = b.client.get("/messages/stream").dispatch().await;
             assert_eq!(response.status(), Status::Ok);
             let mut first = [0u8; 64];
@@ -101,10 +104,56 @@ async fn a_thousand_streams_opened_and_closed_leave_none_open(app: &TestApp) {
             assert!(n > 0, "the stream started");
             open.push(response);
         }
-        assert_eq!(store.open_streams(), before + 500, "round {round}");
+        assert_eq!(
+            store.open_streams(),
+            before + MAX_STREAMS_PER_USER,
+            "round {round}"
+        );
+        if round == 0 {
+            let refused = b.client.get("/messages/stream").dispatch().await;
+            assert_eq!(refused.status(), Status::TooManyRequests);
+            let body: serde_json::Value = refused.into_json().await.unwrap();
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("too many live streams"),
+                "{body}"
+            );
+        }
         drop(open);
         assert_eq!(store.open_streams(), before, "round {round}: all closed");
     }
+}
+
+/// More new messages at once than a stream sends one by one: `resync` instead (the client
+/// reloads from the API); up to the limit, each is sent. (Opening and following share the
+/// comparison, so this holds after a burst on an open stream too.)
+async fn a_burst_beyond_the_limit_is_one_resync(app: &TestApp) {
+    use stored_messages::live::MAX_BURST;
+    let (b, alice) = user(app, "alice").await;
+    let store = TestApp::store(&b).clone();
+    store.changes().wait_live().await;
+    let empty = "0-0000000000000000";
+    for _ in 0..MAX_BURST {
+        send(&b, alice, "one of a burst").await;
+    }
+    let mut stream = b
+        .client
+        .get(format!("/messages/stream?since={empty}"))
+        .dispatch()
+        .await;
+    let mut expected = vec!["message"; MAX_BURST];
+    expected.push("count");
+    assert_eq!(event_names(&mut stream, "count").await, expected);
+    drop(stream);
+    send(&b, alice, "one too many").await;
+    let mut stream = b
+        .client
+        .get(format!("/messages/stream?since={empty}"))
+        .dispatch()
+        .await;
+    assert_eq!(event_names(&mut stream, "resync").await, ["resync"]);
 }
 
 /// A stream whose client reads nothing while more changes pass than the feed keeps for a
@@ -458,6 +507,15 @@ async fn plain_forms_redirect_back(app: &TestApp) {
         .await;
     assert_eq!(r.status(), Status::SeeOther);
     assert_eq!(r.headers().get_one("Location"), Some("/?keep=1"));
+    // the same button again (the message was read meanwhile, in another tab): back to the
+    // page as well; a script asking the same gets the 404
+    let r = b
+        .post_form(&format!("/messages/inbox/{id}/read"), &[("next", "/inbox")])
+        .await;
+    assert_eq!(r.status(), Status::SeeOther);
+    assert_eq!(r.headers().get_one("Location"), Some("/inbox"));
+    let (status, _) = post_json(&b, &format!("/messages/inbox/{id}/read")).await;
+    assert_eq!(status, Status::NotFound);
     let r = b
         .post_form(
             "/messages/mark_all_read",

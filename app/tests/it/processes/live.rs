@@ -398,17 +398,25 @@ fn rss_kib(pid: u32) -> u64 {
 /// sockets are back to where they were, and its memory after the third round is what it
 /// was after the first (a leak of what a stream holds, ~50 KiB, would show as 25 MB).
 async fn streams_closed_by_their_clients_free_what_they_held(shared: &Shared) {
-    shared.cli(&["createuser", "alice"], &format!("{PASSWORD}\n"));
+    // 500 streams need 32 users: one may hold MAX_STREAMS_PER_USER (16).
+    let names: Vec<String> = (0..32).map(|i| format!("user{i:02}")).collect();
+    for name in &names {
+        shared.cli(&["createuser", name], &format!("{PASSWORD}\n"));
+    }
     let server = shared.serve(&format!("sm_free_{}", random_id())).await;
-    let alice = Browser::login(&server, "alice", PASSWORD).await;
+    let mut users = Vec::new();
+    for name in &names {
+        users.push(Browser::login(&server, name, PASSWORD).await);
+    }
     let pid = server.child.id();
     let baseline = open_fds(pid);
     let mut memory = Vec::new();
     for round in 0..3 {
         let before = open_fds(pid);
         let mut streams = Vec::new();
-        for _ in 0..500 {
-            let mut stream = EventReader::open(&server, &alice.cookie, None).await;
+        for i in 0..500 {
+            let user = &users[i % users.len()];
+            let mut stream = EventReader::open(&server, &user.cookie, None).await;
             stream.expect("count").await;
             streams.push(stream);
         }
@@ -419,7 +427,10 @@ async fn streams_closed_by_their_clients_free_what_they_held(shared: &Shared) {
             "round {round}: {open} open, {before} before"
         );
         drop(streams);
-        shared.cli(&["send", "--to", "alice", &format!("round {round}")], "");
+        shared.cli(
+            &["send", "--to", &names.join(","), &format!("round {round}")],
+            "",
+        );
         let closed = Instant::now();
         // (The pools may have opened a few connections of their own meanwhile.)
         while open_fds(pid) > baseline + 12 {
