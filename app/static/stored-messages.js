@@ -330,7 +330,8 @@
     }
     var time = document.createElement("time");
     time.setAttribute("datetime", m.date);
-    time.textContent = m.date.slice(0, 16).replace("T", " ") + " UTC";
+    var dateText = m.date.slice(0, 16).replace("T", " ") + " UTC";
+    time.textContent = dateText;
     li.appendChild(time);
     showTimes(li);
     var form = document.createElement("form");
@@ -339,7 +340,8 @@
     form.className = "sm-mark-read";
     form.appendChild(hidden("csrf_token", token));
     form.appendChild(hidden("next", location.pathname + location.search));
-    form.appendChild(button("Mark read", "Mark read: " + summary(m.message)));
+    // Named with the date, as the partial does: repeated texts get distinct buttons.
+    form.appendChild(button("Mark read", "Mark read: " + summary(m.message) + ", " + dateText));
     li.appendChild(form);
     return li;
   }

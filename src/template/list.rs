@@ -233,6 +233,9 @@ fn builtin(kind: &str, messages: &[Message], tags: &LevelTags, forms: Forms<'_>)
             if cut {
                 out.push('…');
             }
+            // With the date: the buttons of two messages of one text have different names.
+            out.push_str(", ");
+            push_date_text(&mut out, m.date);
             out.push_str("\">Mark read</button>\n    </form>");
         }
         out.push_str("\n  </li>");

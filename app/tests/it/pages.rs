@@ -258,7 +258,10 @@ async fn inbox_and_archive_pages_consume_nothing(app: &TestApp) {
     assert_eq!(times_shown(&html, "look but keep"), 1, "{html}");
     assert_eq!(times_shown(&html, "a one-time notice"), 1);
     assert_eq!(badge(&html), "1");
-    assert!(html.contains("aria-label=\"Mark read: look but keep\""));
+    assert!(
+        html.contains("aria-label=\"Mark read: look but keep, 20"),
+        "named with the date"
+    );
     assert!(html.contains("aria-current=\"page\"><span class=\"nav-label\">Inbox"));
 
     // the archive lists it once too, and neither page used it up
