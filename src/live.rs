@@ -541,7 +541,7 @@ impl<'r> rocket::request::FromRequest<'r> for LastEventId {
 const CHUNK: usize = 512;
 
 /// A server-sent event stream with the header nginx needs not to buffer it, written in
-/// pieces of at most [`CHUNK`] bytes, so that an idle stream holds a small buffer.
+/// pieces of at most 512 bytes (`CHUNK`), so that an idle stream holds a small buffer.
 pub struct LiveStream<S> {
     stream: EventStream<S>,
 }

@@ -20,7 +20,7 @@ use super::SqlPool;
 const KEEP: usize = 4;
 
 /// A few connections of a pool, reused for single-statement reads (see the module docs).
-/// Built from a [`SqlPool`]; use it through [`SqlReads::lease`] per dialect.
+/// Built from a [`SqlPool`]; use it through [`Reuse::lease`] per dialect.
 #[derive(Debug)]
 pub enum SqlReads {
     /// Connections of a SQLite pool.
@@ -43,7 +43,7 @@ impl SqlReads {
     }
 }
 
-/// Connections of one pool's database, at most [`KEEP`] at a time.
+/// Connections of one pool's database, at most four at a time (`KEEP`).
 pub struct Reuse<DB: Database> {
     pool: Pool<DB>,
     idle: Mutex<Vec<DB::Connection>>,
