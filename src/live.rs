@@ -24,6 +24,10 @@
 //! one `resync`: a stream never holds more than that many messages' events, even for a
 //! client that does not read.
 //!
+//! A page passes `?session=` ([`page_tag`] of its CSRF token): a stream asked for by a page
+//! of a session that ended (a tab left open across a logout and a new login) gets 401 rather
+//! than the new session's inbox.
+//!
 //! A user holds at most [`MAX_STREAMS_PER_USER`] streams on one instance (beyond: 429 with
 //! the API's JSON error). A stream tied to a session ([`crate::Host::stream_session`]) ends
 //! when the session does (see [`crate::Host::session_active`]).
@@ -578,6 +582,43 @@ impl<'r> rocket::request::FromRequest<'r> for StreamSession {
     }
 }
 
+/// The tag a page passes as the stream's `?session=`: FNV-1a (32 bits, hex) of the page's
+/// CSRF token, which is bound to the session the page was drawn for. It names the session
+/// without revealing the token; `stored-messages.js` computes the same.
+pub fn page_tag(csrf_token: &str) -> String {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in csrf_token.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    format!("{hash:08x}")
+}
+
+/// A page's stream must be of the session the page was drawn for (`?session=`, see
+/// [`page_tag`]): a tab left open after a logout, whose browser has since logged in again
+/// (as someone else, or anew), gets 401 instead of following the new session. Without the
+/// parameter (a client of its own), any session of the user will do.
+pub struct PageSession(bool);
+
+#[rocket::async_trait]
+impl<'r> rocket::request::FromRequest<'r> for PageSession {
+    type Error = std::convert::Infallible;
+
+    async fn from_request(
+        request: &'r rocket::Request<'_>,
+    ) -> rocket::request::Outcome<Self, Self::Error> {
+        let wanted = request
+            .query_value::<&str>("session")
+            .and_then(|v| v.ok())
+            .filter(|v| !v.is_empty());
+        let same = match wanted {
+            Some(tag) => page_tag(&crate::csrf::resolve_token(request).await) == tag,
+            None => true,
+        };
+        rocket::request::Outcome::Success(PageSession(same))
+    }
+}
+
 /// Whether a stream of `user` tied to `session` may go on.
 async fn session_goes_on(store: &Store, user: UserId, session: Option<&str>) -> bool {
     match session {
@@ -649,11 +690,18 @@ fn follow(
 #[get("/stream")]
 pub(crate) async fn stream(
     user: ApiUser,
+    page: PageSession,
     session: StreamSession,
     store: &State<Store>,
     last: LastEventId,
     shutdown: Shutdown,
 ) -> crate::api::ApiResult<LiveStream<impl rocket::futures::Stream<Item = Event>>> {
+    if !page.0 {
+        return Err(crate::api::ApiError::new(
+            rocket::http::Status::Unauthorized,
+            "this page belongs to a session that ended: reload it",
+        ));
+    }
     let store: Store = store.inner().clone();
     // Registered before the inbox is read: a change after the read is not missed.
     let registration = StreamHub::register(&store, user.0).ok_or_else(|| {
@@ -691,5 +739,14 @@ mod tests {
         assert_eq!(Known::parse(&a.event_id()), Some((7, a.hash)));
         assert_eq!(Known::parse("garbage"), None);
         assert_eq!(Known::parse("5-zz"), None);
+    }
+
+    /// FNV-1a's published 32-bit values; stored-messages.js's pageTag gives the same (its
+    /// `Math.imul` multiplication wraps as `wrapping_mul` does).
+    #[test]
+    fn page_tags_are_fnv1a() {
+        assert_eq!(page_tag(""), "811c9dc5");
+        assert_eq!(page_tag("a"), "e40c292c");
+        assert_eq!(page_tag("abc"), "1a47e90b");
     }
 }

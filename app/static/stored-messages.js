@@ -548,10 +548,24 @@
   // itself (sending Last-Event-ID) after a network error; an answer that is not a stream
   // (a 401 after logout, a 503) closes it, and then this tries again later, from the last
   // event applied.
+  // The session this page was drawn for, as the stream checks it (`?session=`, the crate's
+  // live::page_tag: FNV-1a of the CSRF token): after a logout, a reconnect of this tab is
+  // refused rather than following whoever logs in next in this browser.
+  function pageTag(text) {
+    var hash = 0x811c9dc5;
+    for (var i = 0; i < text.length; i++) {
+      hash ^= text.charCodeAt(i);
+      hash = Math.imul(hash, 0x01000193) >>> 0;
+    }
+    return ("0000000" + hash.toString(16)).slice(-8);
+  }
+
   function open() {
     var delay = 2000;
+    var params = token ? ["session=" + pageTag(token)] : [];
     function connect() {
-      var url = lastId ? streamPath + "?since=" + encodeURIComponent(lastId) : streamPath;
+      var query = lastId ? params.concat(["since=" + encodeURIComponent(lastId)]) : params;
+      var url = streamPath + (query.length ? "?" + query.join("&") : "");
       var source = new EventSource(url, { withCredentials: true });
       ["message", "read", "count", "resync"].forEach(function (type) {
         source.addEventListener(type, function (event) {

@@ -25,6 +25,7 @@ app_tests!(
     count_says_unread,
     a_thousand_streams_opened_and_closed_leave_none_open,
     a_burst_beyond_the_limit_is_one_resync,
+    a_page_of_an_ended_session_gets_no_stream,
     a_stream_that_falls_behind_the_feed_catches_up_exactly,
     a_page_hands_its_inbox_over_to_the_stream,
 );
@@ -124,6 +125,54 @@ async fn a_thousand_streams_opened_and_closed_leave_none_open(app: &TestApp) {
         drop(open);
         assert_eq!(store.open_streams(), before, "round {round}: all closed");
     }
+}
+
+/// A page's stream is of the session the page was drawn for (`?session=`): a tab left open
+/// across a logout and a new login (here as bob) gets 401 instead of bob's inbox; a page of
+/// the new session gets its stream; without the parameter any session will do.
+async fn a_page_of_an_ended_session_gets_no_stream(app: &TestApp) {
+    use stored_messages::live::page_tag;
+    let (b, _) = user(app, "alice").await;
+    app.user("bob", false).await;
+    let page = page_tag(&b.csrf_token().await);
+    let mut stream = b
+        .client
+        .get(format!("/messages/stream?session={page}"))
+        .dispatch()
+        .await;
+    assert_eq!(stream.status(), Status::Ok);
+    assert_eq!(event_names(&mut stream, "count").await, ["count"]);
+    drop(stream);
+
+    let r = b.post_form("/logout", &[]).await;
+    assert_eq!(r.status(), Status::SeeOther);
+    b.login_as("bob").await;
+    let stale = b
+        .client
+        .get(format!("/messages/stream?session={page}"))
+        .dispatch()
+        .await;
+    assert_eq!(stale.status(), Status::Unauthorized);
+    let body: Value = stale.into_json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("reload"),
+        "{body}"
+    );
+
+    let fresh = page_tag(&b.csrf_token().await);
+    assert_ne!(fresh, page, "a new session, a new token");
+    let ok = b
+        .client
+        .get(format!("/messages/stream?session={fresh}"))
+        .dispatch()
+        .await;
+    assert_eq!(ok.status(), Status::Ok);
+    drop(ok);
+    let plain = b.client.get("/messages/stream").dispatch().await;
+    assert_eq!(plain.status(), Status::Ok);
 }
 
 /// More new messages at once than a stream sends one by one: `resync` instead (the client

@@ -369,6 +369,53 @@ async fn tabs_opened_at_different_moments_share_one_stream_and_hand_it_over_quie
     session.stop().await;
 }
 
+/// A tab left open across a logout and another user's login in the same browser stops
+/// following: it never shows the new user's messages or count (its stream ends with the
+/// session, and its reconnects name the session the page was drawn for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tab_left_open_after_logout_does_not_follow_the_next_login() {
+    let Some(session) = Session::start(1).await else {
+        return;
+    };
+    let client = &session.served.client;
+    let store = &session.served.store;
+    let bob = session._app.user("bob", false).await.user_id();
+    session.login_and_open_inbox().await;
+    let first_tab = client.window().await.unwrap();
+    sleep(Duration::from_millis(500)).await;
+
+    // act: another tab logs out and logs in as bob, who then gets a message
+    let second = client.new_window(true).await.unwrap();
+    client.switch_to_window(second.handle).await.unwrap();
+    session.served.goto("/inbox").await;
+    session.served.log_out().await;
+    session.served.log_in("bob", "/inbox").await;
+    send(store, bob, "For bob only").await;
+    wait_for_text(
+        client,
+        "ul.stored-messages-inbox li.message:last-child",
+        |t| t.contains("For bob only"),
+    )
+    .await;
+
+    // assert: the first tab still shows alice's page, and nothing of bob's
+    client.switch_to_window(first_tab).await.unwrap();
+    sleep(Duration::from_secs(5)).await;
+    let texts = client
+        .find_all(Locator::Css("ul.stored-messages-inbox li.message"))
+        .await
+        .unwrap();
+    assert_eq!(
+        texts.len(),
+        1,
+        "alice's one message, nothing added or removed"
+    );
+    assert!(!texts[0].text().await.unwrap().contains("For bob only"));
+    assert_eq!(unread_count_text(client).await.as_deref(), Some("1"));
+
+    session.stop().await;
+}
+
 /// An inbox longer than the page: the page lists the oldest 100 and says how many wait
 /// behind them; a live message is counted there, not listed (the list stays what a reload
 /// shows) but still announced; marking one read brings the next one into the list.
