@@ -708,8 +708,9 @@ pub(crate) async fn stream(
         crate::api::ApiError::new(
             rocket::http::Status::TooManyRequests,
             format!(
-                "too many live streams: at most {MAX_STREAMS_PER_USER} per user (the tabs of a \
-                 browser can share one); close one and retry"
+                "too many live streams: at most {MAX_STREAMS_PER_USER} per user on this server (the \
+                 tabs of a browser can share one); a closed stream is let go within {} s",
+                HEARTBEAT.as_secs()
             ),
         )
     })?;
