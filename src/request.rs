@@ -412,17 +412,18 @@ impl Inner {
     /// [`Inner::unread_after`] counts them, and past a truncated snapshot from the count
     /// read with it. `None` when neither is known.
     pub(crate) fn unread_count_after(&self, marked_read: bool) -> Option<u64> {
-        if !self.truncated {
-            return self.unread_after(marked_read).map(|u| u.len() as u64);
-        }
+        // Counted, not collected: a page render asks on every request.
         let consumed = marked_read && self.used;
         let shown = self
             .stored
             .iter()
             .filter(|(_, shown)| consumed && *shown)
-            .count();
+            .count() as u64;
+        if !self.truncated {
+            return Some(self.stored.len() as u64 - shown);
+        }
         self.unread_at_load
-            .map(|n| (n + self.added).saturating_sub(shown as u64))
+            .map(|n| (n + self.added).saturating_sub(shown))
     }
 
     /// The spill key the browser sent, if this request's cookies no longer point to it.
