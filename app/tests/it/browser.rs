@@ -315,6 +315,11 @@ async fn tabs_opened_at_different_moments_share_one_stream_and_hand_it_over_quie
             .unwrap()
             .len();
         assert_eq!(listed, 7, "tab {}", n + 1);
+        // and says why the message left (once its burst of news is over)
+        wait_for_text(client, ".messages[aria-live] .sr-note", |t| {
+            t.contains("Read elsewhere: Stored message 1")
+        })
+        .await;
     }
 
     // act: the first tab, which holds the stream, closes; the second records what it says
