@@ -588,8 +588,8 @@ async fn inbox_mark_read(
     if !store.mark_read(user.0, id).await? {
         // A plain button of a message read meanwhile (in another tab): what it asked for
         // holds, so back to the page, which shows the inbox as it is. Scripts get the 404.
-        if let Reply::Back(next) = reply {
-            return Ok(Done::Back(Box::new(Redirect::to(next))));
+        if matches!(reply, Reply::Back(_)) {
+            return Ok(reply.answer(Value::Null));
         }
         return Err(Error::MessageDoesNotExist(id).into());
     }
