@@ -395,13 +395,19 @@ fn list_query(limit: Option<&str>, cursor: Option<&str>) -> ApiResult<ListQuery>
             Ok(_) => {
                 return Err(ApiError::new(
                     Status::UnprocessableEntity,
-                    format!("limit must be from 1 to {MAX_LIMIT}, not {raw}"),
+                    format!(
+                        "limit must be from 1 to {MAX_LIMIT}, not {}",
+                        crate::request::summary(raw)
+                    ),
                 ))
             }
             Err(_) => {
                 return Err(ApiError::new(
                     Status::BadRequest,
-                    format!("limit \"{raw}\" is not an integer"),
+                    format!(
+                        "limit \"{}\" is not an integer",
+                        crate::request::summary(raw)
+                    ),
                 ))
             }
         },

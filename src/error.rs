@@ -27,10 +27,11 @@ pub enum Error {
     /// inbox any more).
     #[error("message {0} does not exist")]
     MessageDoesNotExist(MessageId),
-    /// An id that is not a positive decimal integer.
+    /// An id that is not a positive decimal integer (its first 40 characters).
     #[error("malformed message id \"{0}\"")]
     MessageIdMalformed(String),
-    /// A level that is neither an integer nor one of the ten names.
+    /// A level that is neither an integer nor one of the ten names (its first 40
+    /// characters).
     #[error("unknown level \"{0}\"")]
     UnknownLevel(String),
     /// Message text that is empty or only whitespace.

@@ -135,7 +135,7 @@ impl Level {
             .iter()
             .find(|(name, _)| *name == normalized)
             .map(|(_, level)| *level)
-            .ok_or_else(|| UnknownLevel(input.to_string()))
+            .ok_or_else(|| UnknownLevel(crate::request::summary(input)))
     }
 }
 

@@ -40,7 +40,7 @@ impl FromStr for MessageId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.parse::<i64>() {
             Ok(id) if id > 0 && !s.starts_with('+') => Ok(MessageId(id)),
-            _ => Err(InvalidMessage::MalformedId(s.to_string())),
+            _ => Err(InvalidMessage::MalformedId(crate::request::summary(s))),
         }
     }
 }
@@ -74,18 +74,18 @@ pub enum InvalidMessage {
         /// The limit.
         max: usize,
     },
-    /// The extra tags hold control characters.
+    /// The extra tags hold control characters (the value is their first 40 characters).
     #[error("extra tags {0:?} contain control characters")]
     InvalidExtraTags(String),
     /// The url is not an `http(s)` url with a host or a site-relative path.
     #[error("invalid url \"{url}\": {why}")]
     InvalidUrl {
-        /// The url given.
+        /// The url given (its first 40 characters, with `…` if it was longer).
         url: String,
         /// Why it was refused.
         why: &'static str,
     },
-    /// An id that is not a positive decimal integer.
+    /// An id that is not a positive decimal integer (its first 40 characters).
     #[error("malformed message id \"{0}\"")]
     MalformedId(String),
 }
@@ -293,7 +293,9 @@ impl LevelTags {
 /// [`InvalidMessage::InvalidExtraTags`] or [`InvalidMessage::ExtraTagsTooLong`].
 pub fn parse_extra_tags(raw: &str) -> Result<String, InvalidMessage> {
     if raw.chars().any(|c| c.is_control() && !c.is_whitespace()) {
-        return Err(InvalidMessage::InvalidExtraTags(raw.to_string()));
+        return Err(InvalidMessage::InvalidExtraTags(crate::request::summary(
+            raw,
+        )));
     }
     let tags = raw.split_whitespace().collect::<Vec<_>>().join(" ");
     let len = tags.chars().count();
@@ -316,7 +318,7 @@ pub fn parse_extra_tags(raw: &str) -> Result<String, InvalidMessage> {
 /// [`InvalidMessage::InvalidUrl`], saying why.
 pub fn parse_url(raw: &str) -> Result<String, InvalidMessage> {
     let invalid = |why: &'static str| InvalidMessage::InvalidUrl {
-        url: raw.to_string(),
+        url: crate::request::summary(raw),
         why,
     };
     if raw.chars().count() > MAX_URL_CHARS {
@@ -403,6 +405,25 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "message text is 4001 characters long, the limit is 4000"
+        );
+    }
+
+    #[test]
+    fn errors_quote_at_most_forty_characters_of_the_bad_value() {
+        let long = "x".repeat(100_000);
+        let short = |e: &dyn std::fmt::Display| {
+            let text = e.to_string();
+            assert!(text.contains(&format!("{}…", "x".repeat(40))), "{text:.80}");
+            assert!(text.chars().count() < 120, "{text:.80}");
+        };
+        short(&long.parse::<MessageId>().unwrap_err());
+        short(&long.parse::<Level>().unwrap_err());
+        short(&parse_url(&long).unwrap_err());
+        short(&parse_extra_tags(&format!("{long}\u{7}")).unwrap_err());
+        // Short values are quoted whole.
+        assert_eq!(
+            "12a".parse::<MessageId>().unwrap_err().to_string(),
+            "malformed message id \"12a\""
         );
     }
 

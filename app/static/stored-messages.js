@@ -540,6 +540,8 @@
         else asked = true;
       } else if (message.kind === "state") {
         check(message.id);
+      } else if (message.kind === "ended") {
+        sessionEnded();
       }
     };
   }
@@ -582,13 +584,56 @@
         });
       });
       source.onerror = function () {
-        if (source.readyState === EventSource.CLOSED) {
+        if (source.readyState !== EventSource.CLOSED) return;
+        // EventSource does not say why: ask once more, and read the status.
+        whyClosed(url).then(function (status) {
+          if (status === 401) {
+            sessionEnded();
+            tell({ kind: "ended" });
+            return;
+          }
           setTimeout(connect, delay);
           delay = Math.min(delay * 2, 60000);
-        }
+        });
       };
     }
     connect();
+  }
+
+  // The status of the stream's answer at `url` (0 if there was none). A stream that answers
+  // after all is closed at once: the next connect opens it properly.
+  function whyClosed(url) {
+    var abort = window.AbortController ? new AbortController() : null;
+    return fetch(url, {
+      credentials: "same-origin",
+      headers: { "Accept": "text/event-stream" },
+      signal: abort ? abort.signal : undefined
+    })
+      .then(function (response) {
+        if (abort) abort.abort();
+        return response.status;
+      })
+      .catch(function () { return 0; });
+  }
+
+  // The session this page was drawn for has ended (a logout, here or in another tab, or it
+  // expired): the page stops following the inbox and says so, visibly and through the live
+  // region, instead of retrying in silence.
+  var ended = false;
+  function sessionEnded() {
+    if (ended) return;
+    ended = true;
+    var region = document.querySelector(".messages[aria-live]");
+    if (!region) return;
+    var note = document.createElement("p");
+    note.className = "sm-ended";
+    note.appendChild(document.createTextNode("This page has stopped updating: its session ended. "));
+    var reload = document.createElement("a");
+    reload.href = location.href;
+    reload.textContent = "Reload the page";
+    note.appendChild(reload);
+    note.appendChild(document.createTextNode(" to sign in again or see current messages."));
+    region.appendChild(note);
   }
 
   if (channel && navigator.locks && navigator.locks.request) {

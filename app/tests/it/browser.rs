@@ -376,9 +376,10 @@ async fn tabs_opened_at_different_moments_share_one_stream_and_hand_it_over_quie
 
 /// A tab left open across a logout and another user's login in the same browser stops
 /// following: it never shows the new user's messages or count (its stream ends with the
-/// session, and its reconnects name the session the page was drawn for).
+/// session, and its reconnects name the session the page was drawn for), and it says so
+/// instead of retrying in silence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tab_left_open_after_logout_does_not_follow_the_next_login() {
+async fn a_tab_left_open_after_logout_does_not_follow_the_next_login_and_says_so() {
     let Some(session) = Session::start(1).await else {
         return;
     };
@@ -403,9 +404,21 @@ async fn a_tab_left_open_after_logout_does_not_follow_the_next_login() {
     )
     .await;
 
-    // assert: the first tab still shows alice's page, and nothing of bob's
+    // assert: the first tab says that it stopped, with a way to reload; it still shows
+    // alice's page, and nothing of bob's
     client.switch_to_window(first_tab).await.unwrap();
-    sleep(Duration::from_secs(5)).await;
+    wait_for_text(client, ".messages[aria-live] .sm-ended", |t| {
+        t.contains("This page has stopped updating: its session ended.")
+    })
+    .await;
+    let reload = client
+        .find(Locator::Css(".sm-ended a"))
+        .await
+        .expect("a reload link");
+    assert_eq!(reload.text().await.unwrap(), "Reload the page");
+    let href = reload.attr("href").await.unwrap().unwrap_or_default();
+    assert!(href.ends_with("/inbox"), "{href}");
+    sleep(Duration::from_secs(1)).await;
     let texts = client
         .find_all(Locator::Css("ul.stored-messages-inbox li.message"))
         .await
