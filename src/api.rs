@@ -24,6 +24,7 @@ use serde::Serialize;
 use crate::backend::cache::Listed;
 use crate::backend::{Cursor, ListQuery};
 use crate::error::{error_body, report, Error};
+use crate::live::PageSession;
 use crate::message::{LevelTags, Message, MessageId, UserId};
 use crate::ops::Store;
 
@@ -475,12 +476,14 @@ impl<'r> rocket::request::FromRequest<'r> for Since {
 #[get("/inbox?<limit>&<cursor>")]
 async fn inbox_list<'r>(
     user: ApiUser,
+    from_page: PageSession,
     since: Since,
     store: &'r State<Store>,
     base: &State<ApiBase>,
     limit: Option<&str>,
     cursor: Option<&str>,
 ) -> ApiResult<PageView<'r>> {
+    from_page.check()?;
     let query = list_query(limit, cursor)?;
     let messages = store
         .inbox_listed_since(user.0, one_more(query), since.0)
@@ -524,7 +527,13 @@ async fn inbox_get(user: ApiUser, store: &State<Store>, id: &str) -> ApiResult<J
 }
 
 #[get("/count")]
-async fn count(user: ApiUser, since: Since, store: &State<Store>) -> ApiResult<Json<Value>> {
+async fn count(
+    user: ApiUser,
+    from_page: PageSession,
+    since: Since,
+    store: &State<Store>,
+) -> ApiResult<Json<Value>> {
+    from_page.check()?;
     let unread = store.inbox_count_since(user.0, since.0).await?;
     Ok(Json(json!({ "unread": unread })))
 }
@@ -685,6 +694,9 @@ pub fn openapi_document_at(base: &str) -> Value {
         { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT } },
         { "name": "cursor", "in": "query", "schema": { "type": "string" }, "description": "next_cursor of the previous page" }
     ]);
+    let session = json!({ "name": "session", "in": "query", "schema": { "type": "string" },
+        "description": "the session a page was drawn for (live::page_tag of its CSRF token): 401 if that session ended" });
+    let inbox_params = json!([paging[0].clone(), paging[1].clone(), session.clone()]);
     let id_param =
         json!([{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }]);
     let csrf = json!([{ "name": "X-CSRF-Token", "in": "header", "required": true, "schema": { "type": "string" } }]);
@@ -694,7 +706,7 @@ pub fn openapi_document_at(base: &str) -> Value {
         "info": { "title": "stored-messages", "version": env!("CARGO_PKG_VERSION"),
                   "description": "Stored messages of the logged-in user (session cookie). State-changing requests need the X-CSRF-Token header." },
         "paths": {
-            "/messages/inbox": { "get": { "summary": "Unread messages, oldest first", "parameters": paging,
+            "/messages/inbox": { "get": { "summary": "Unread messages, oldest first", "parameters": inbox_params,
                 "responses": { "200": ok(page_ref.clone()), "400": error, "401": error, "422": error } } },
             "/messages/inbox/{id}": { "get": { "summary": "One unread message", "parameters": id_param,
                 "responses": { "200": ok(message_ref.clone()), "401": error, "404": error } } },
@@ -707,12 +719,13 @@ pub fn openapi_document_at(base: &str) -> Value {
                                "401": error, "403": error } } },
             "/messages/archive": { "get": { "summary": "Every message received, newest first", "parameters": paging,
                 "responses": { "200": ok(page_ref), "400": error, "401": error, "422": error } } },
-            "/messages/count": { "get": { "summary": "Number of unread messages",
+            "/messages/count": { "get": { "summary": "Number of unread messages", "parameters": [session.clone()],
                 "responses": { "200": ok(json!({ "type": "object", "properties": { "unread": { "type": "integer" } } })), "401": error } } },
             "/messages/stream": { "get": { "summary": "Server-sent events of the inbox: message, read, count, resync (see the crate's `live` module)",
                 "parameters": [
                     { "name": "Last-Event-ID", "in": "header", "schema": { "type": "string" }, "description": "the id of the last event received: missed messages are replayed, or resync is sent" },
-                    { "name": "since", "in": "query", "schema": { "type": "string" }, "description": "the same, for a first connection (an event id a page was rendered with)" }
+                    { "name": "since", "in": "query", "schema": { "type": "string" }, "description": "the same, for a first connection (an event id a page was rendered with)" },
+                    session
                 ],
                 "responses": { "200": { "description": "text/event-stream", "content": { "text/event-stream": { "schema": { "type": "string" } } } }, "401": error, "429": error } } },
             "/messages/openapi.json": { "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI 3 document" } } } }

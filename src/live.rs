@@ -24,9 +24,10 @@
 //! one `resync`: a stream never holds more than that many messages' events, even for a
 //! client that does not read.
 //!
-//! A page passes `?session=` ([`page_tag`] of its CSRF token): a stream asked for by a page
-//! of a session that ended (a tab left open across a logout and a new login) gets 401 rather
-//! than the new session's inbox.
+//! A page passes `?session=` ([`page_tag`] of its CSRF token), to the stream and to the API
+//! reads its script reloads the list with (`inbox`, `count`): a page of a session that ended
+//! (a tab left open across a logout and a new login) gets 401 rather than the new session's
+//! inbox.
 //!
 //! A user holds at most [`MAX_STREAMS_PER_USER`] streams on one instance (beyond: 429 with
 //! the API's JSON error). A stream tied to a session ([`crate::Host::stream_session`]) ends
@@ -594,11 +595,25 @@ pub fn page_tag(csrf_token: &str) -> String {
     format!("{hash:08x}")
 }
 
-/// A page's stream must be of the session the page was drawn for (`?session=`, see
+/// A page's stream, and the reads with which its script reloads the list (`GET <api>/inbox`
+/// and `<api>/count`), must be of the session the page was drawn for (`?session=`, see
 /// [`page_tag`]): a tab left open after a logout, whose browser has since logged in again
-/// (as someone else, or anew), gets 401 instead of following the new session. Without the
+/// (as someone else, or anew), gets 401 instead of the new session's inbox. Without the
 /// parameter (a client of its own), any session of the user will do.
 pub struct PageSession(bool);
+
+impl PageSession {
+    /// 401, with the API's JSON error, for a page of another session.
+    pub(crate) fn check(&self) -> crate::api::ApiResult<()> {
+        if self.0 {
+            return Ok(());
+        }
+        Err(crate::api::ApiError::new(
+            rocket::http::Status::Unauthorized,
+            "this page belongs to a session that ended: reload it",
+        ))
+    }
+}
 
 #[rocket::async_trait]
 impl<'r> rocket::request::FromRequest<'r> for PageSession {
@@ -696,12 +711,7 @@ pub(crate) async fn stream(
     last: LastEventId,
     shutdown: Shutdown,
 ) -> crate::api::ApiResult<LiveStream<impl rocket::futures::Stream<Item = Event>>> {
-    if !page.0 {
-        return Err(crate::api::ApiError::new(
-            rocket::http::Status::Unauthorized,
-            "this page belongs to a session that ended: reload it",
-        ));
-    }
+    page.check()?;
     let store: Store = store.inner().clone();
     // Registered before the inbox is read: a change after the read is not missed.
     let registration = StreamHub::register(&store, user.0).ok_or_else(|| {

@@ -442,14 +442,21 @@
     var run = { added: {}, removed: {}, counted: false, again: false };
     pending = run;
     var json = function (r) {
-      if (!r.ok) throw new Error("status " + r.status);
+      if (!r.ok) {
+        var failed = new Error("status " + r.status);
+        failed.status = r.status;
+        throw failed;
+      }
       return r.json();
     };
     var headers = { credentials: "same-origin", headers: { "Accept": "application/json" } };
     var list = inboxList();
+    // Of this page's session only: after a logout and another login in this browser, the
+    // API answers 401 instead of the new session's inbox.
+    var session = token ? "session=" + pageTag(token) : "";
     Promise.all([
-      fetch(api + "/count", headers).then(json),
-      list ? fetch(api + "/inbox?limit=" + cap, headers).then(json) : Promise.resolve(null)
+      fetch(api + "/count" + (session ? "?" + session : ""), headers).then(json),
+      list ? fetch(api + "/inbox?limit=" + cap + (session ? "&" + session : ""), headers).then(json) : Promise.resolve(null)
     ])
       .then(function (answers) {
         var count = answers[0];
@@ -474,7 +481,9 @@
         if (!run.counted && count && typeof count.unread === "number") setCount(count.unread);
         if (currentCount() !== null) showWaiting(currentCount());
       })
-      .catch(function () {})
+      .catch(function (error) {
+        if (error && error.status === 401) sessionEnded();
+      })
       .then(function () {
         pending = null;
         if (run.again) resync();
@@ -566,6 +575,7 @@
     var delay = 2000;
     var params = token ? ["session=" + pageTag(token)] : [];
     function connect() {
+      if (ended) return;
       var query = lastId ? params.concat(["since=" + encodeURIComponent(lastId)]) : params;
       var url = streamPath + (query.length ? "?" + query.join("&") : "");
       var source = new EventSource(url, { withCredentials: true });

@@ -25,7 +25,7 @@ app_tests!(
     count_says_unread,
     a_thousand_streams_opened_and_closed_leave_none_open,
     a_burst_beyond_the_limit_is_one_resync,
-    a_page_of_an_ended_session_gets_no_stream,
+    a_page_of_an_ended_session_gets_no_stream_nor_inbox,
     a_stream_that_falls_behind_the_feed_catches_up_exactly,
     a_page_hands_its_inbox_over_to_the_stream,
 );
@@ -127,10 +127,11 @@ async fn a_thousand_streams_opened_and_closed_leave_none_open(app: &TestApp) {
     }
 }
 
-/// A page's stream is of the session the page was drawn for (`?session=`): a tab left open
-/// across a logout and a new login (here as bob) gets 401 instead of bob's inbox; a page of
-/// the new session gets its stream; without the parameter any session will do.
-async fn a_page_of_an_ended_session_gets_no_stream(app: &TestApp) {
+/// A page's stream, and the inbox and count its script reloads, are of the session the page
+/// was drawn for (`?session=`): a tab left open across a logout and a new login (here as
+/// bob) gets 401 instead of bob's inbox; a page of the new session gets them; without the
+/// parameter any session will do.
+async fn a_page_of_an_ended_session_gets_no_stream_nor_inbox(app: &TestApp) {
     use stored_messages::live::page_tag;
     let (b, _) = user(app, "alice").await;
     app.user("bob", false).await;
@@ -162,8 +163,33 @@ async fn a_page_of_an_ended_session_gets_no_stream(app: &TestApp) {
         "{body}"
     );
 
+    for path in [
+        format!("/messages/inbox?limit=100&session={page}"),
+        format!("/messages/count?session={page}"),
+    ] {
+        let r = b.client.get(path.as_str()).dispatch().await;
+        assert_eq!(r.status(), Status::Unauthorized, "{path}");
+        let body: Value = r.into_json().await.unwrap();
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("reload"),
+            "{path}: {body}"
+        );
+    }
+
     let fresh = page_tag(&b.csrf_token().await);
     assert_ne!(fresh, page, "a new session, a new token");
+    for path in [
+        format!("/messages/inbox?limit=100&session={fresh}"),
+        format!("/messages/count?session={fresh}"),
+        "/messages/inbox".to_string(),
+        "/messages/count".to_string(),
+    ] {
+        let r = b.client.get(path.as_str()).dispatch().await;
+        assert_eq!(r.status(), Status::Ok, "{path}");
+    }
     let ok = b
         .client
         .get(format!("/messages/stream?session={fresh}"))
