@@ -366,8 +366,9 @@ impl<'r> FromRequest<'r> for ApiUser {
             return Outcome::Error((Status::InternalServerError, ()));
         };
         match crate::host::current_user(request, store.host()).await {
-            Some(user) => Outcome::Success(ApiUser(user)),
-            None => Outcome::Error((Status::Unauthorized, ())),
+            Ok(Some(user)) => Outcome::Success(ApiUser(user)),
+            Ok(None) => Outcome::Error((Status::Unauthorized, ())),
+            Err(_) => Outcome::Error((Status::ServiceUnavailable, ())),
         }
     }
 }
@@ -387,26 +388,33 @@ fn decode_cursor(raw: &str) -> Option<Cursor> {
     })
 }
 
+/// Whether `raw` is a decimal integer, of any size, with an optional sign.
+fn is_integer(raw: &str) -> bool {
+    let digits = raw.strip_prefix(['-', '+']).unwrap_or(raw);
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// Parses `limit` and `cursor` query values.
 fn list_query(limit: Option<&str>, cursor: Option<&str>) -> ApiResult<ListQuery> {
     let limit = match limit {
         None => DEFAULT_LIMIT,
         Some(raw) => match raw.parse::<u32>() {
             Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-            Ok(_) => {
-                return Err(ApiError::new(
-                    Status::UnprocessableEntity,
-                    format!(
-                        "limit must be from 1 to {MAX_LIMIT}, not {}",
-                        crate::request::summary(raw)
-                    ),
-                ))
-            }
-            Err(_) => {
+            Err(_) if !is_integer(raw) => {
                 return Err(ApiError::new(
                     Status::BadRequest,
                     format!(
                         "limit \"{}\" is not an integer",
+                        crate::request::summary(raw)
+                    ),
+                ))
+            }
+            // An integer all the same (zero, negative, or too large for any limit).
+            _ => {
+                return Err(ApiError::new(
+                    Status::UnprocessableEntity,
+                    format!(
+                        "limit must be from 1 to {MAX_LIMIT}, not {}",
                         crate::request::summary(raw)
                     ),
                 ))

@@ -97,15 +97,17 @@ fn new_token() -> String {
 }
 
 /// What the token of `request` is bound to: the host's session key, or else the current
-/// user (`None` for an anonymous visitor).
-async fn binding(request: &Request<'_>) -> Option<String> {
-    let store = request.rocket().state::<crate::Store>()?;
-    match store.host().session_key(request).await {
+/// user (`None` for an anonymous visitor). `Err` when the host cannot tell who the user is.
+async fn binding(request: &Request<'_>) -> Result<Option<String>, crate::host::Unidentified> {
+    let Some(store) = request.rocket().state::<crate::Store>() else {
+        return Ok(None);
+    };
+    Ok(match store.host().session_key(request).await {
         Some(key) => Some(format!("s:{key}")),
         None => crate::host::current_user(request, store.host())
-            .await
+            .await?
             .map(|user| format!("u:{user}")),
-    }
+    })
 }
 
 /// Splits a cookie value, `<token>` or `<token>.<binding>`.
@@ -131,13 +133,21 @@ pub(crate) async fn resolve_token(request: &Request<'_>) -> String {
             let jar = request.cookies();
             let existing = jar.get_private(CSRF_COOKIE).and_then(|c| {
                 let (token, bound) = parse_cookie(c.value())?;
-                (bound == binding.as_deref()).then(|| token.to_string())
+                // When the host cannot tell whose session this is (its store does not
+                // answer), the cookie's token is kept as it is: replacing it would break
+                // every open page of the session once the store is back. The request
+                // itself gets 503 wherever it needs the user.
+                let kept = match &binding {
+                    Ok(binding) => bound == binding.as_deref(),
+                    Err(_) => true,
+                };
+                kept.then(|| token.to_string())
             });
             existing.unwrap_or_else(|| {
                 let token = new_token();
                 let value = match &binding {
-                    Some(binding) => format!("{token}.{binding}"),
-                    None => token.clone(),
+                    Ok(Some(binding)) => format!("{token}.{binding}"),
+                    Ok(None) | Err(_) => token.clone(),
                 };
                 set_cookie(request, value);
                 token
@@ -178,10 +188,17 @@ fn set_cookie(request: &Request<'_>, value: String) {
         .rocket()
         .state::<crate::Store>()
         .is_some_and(|store| store.config().secure_cookies);
-    request
-        .cookies()
-        .add_private(crate::request::library_cookie(CSRF_COOKIE, value, secure));
+    let mut cookie = crate::request::library_cookie(CSRF_COOKIE, value, secure);
+    // It must outlive the session it is bound to, whatever the host's session lifetime:
+    // Rocket's default for a private cookie (a week) would end it first, and every open
+    // page of a still live session would then fail its forms. Bound to the session, a
+    // token is worth nothing without it, so it may last as long as browsers keep cookies.
+    cookie.set_expires(rocket::time::OffsetDateTime::now_utc() + CSRF_COOKIE_LIFETIME);
+    request.cookies().add_private(cookie);
 }
+
+/// How long the CSRF cookie lasts: 400 days, the most browsers keep a cookie.
+const CSRF_COOKIE_LIFETIME: rocket::time::Duration = rocket::time::Duration::days(400);
 
 #[rocket::async_trait]
 impl<'r> FromRequest<'r> for CsrfToken {

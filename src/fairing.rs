@@ -272,7 +272,9 @@ impl Fairing for StoredMessages {
                 unread = state.lock().unread_after(succeeded);
             }
         } else if html {
-            user = crate::host::current_user(request, store.host()).await;
+            user = crate::host::current_user(request, store.host())
+                .await
+                .unwrap_or_default();
         }
         if html {
             template::fill(request, response, store, user, unread).await;

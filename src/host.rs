@@ -39,6 +39,16 @@ pub trait Host: Send + Sync + 'static {
     /// asks it once per request (and keeps the answer for that request).
     async fn current_user(&self, request: &Request<'_>) -> Option<UserId>;
 
+    /// As [`Host::current_user`], for a host whose lookup can fail (its session store does
+    /// not answer). An error means "cannot tell", and the library never takes it for an
+    /// anonymous visitor: the API, the live stream and the [`crate::Messages`] guard answer
+    /// 503, and the request's CSRF cookie is left as it is (not replaced by an anonymous
+    /// one). The library asks this method, not `current_user`; the default asks
+    /// `current_user`, which cannot fail.
+    async fn try_current_user(&self, request: &Request<'_>) -> Result<Option<UserId>, BoxError> {
+        Ok(self.current_user(request).await)
+    }
+
     /// Every user that exists now: the audience of [`crate::Store::broadcast_message`].
     async fn all_users(&self) -> Result<Vec<UserId>, BoxError>;
 
@@ -77,11 +87,27 @@ pub trait Host: Send + Sync + 'static {
     }
 }
 
+/// The host could not tell who the current user is ([`Host::try_current_user`] failed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Unidentified;
+
 /// The current user of `request` as the host says, asked once per request.
-pub(crate) async fn current_user(request: &Request<'_>, host: &dyn Host) -> Option<UserId> {
-    struct Cached(Option<UserId>);
+pub(crate) async fn current_user(
+    request: &Request<'_>,
+    host: &dyn Host,
+) -> Result<Option<UserId>, Unidentified> {
+    struct Cached(Result<Option<UserId>, Unidentified>);
     request
-        .local_cache_async(async { Cached(host.current_user(request).await) })
+        .local_cache_async(async {
+            Cached(host.try_current_user(request).await.map_err(|e| {
+                log::error!(
+                    "stored-messages: the host could not tell who the user of {} is: {}",
+                    request.uri().path(),
+                    crate::report(&*e)
+                );
+                Unidentified
+            }))
+        })
         .await
         .0
 }

@@ -442,9 +442,15 @@ impl RequestState {
     }
 
     async fn load(request: &Request<'_>, store: &Store) -> RequestState {
-        let user = crate::host::current_user(request, store.host()).await;
-        let jar = request.cookies();
         let mut failure = None;
+        // A host that cannot tell who is logged in: 503, never an anonymous answer.
+        let user = crate::host::current_user(request, store.host())
+            .await
+            .unwrap_or_else(|_| {
+                failure = Some(Status::ServiceUnavailable);
+                None
+            });
+        let jar = request.cookies();
         let mut flash: Vec<NewMessage> = jar
             .get_private(FLASH_COOKIE)
             .map(|c| decode(c.value()))

@@ -19,7 +19,8 @@ use stored_messages::{Messages, Store};
 
 /// The logged-in user: the session the private session cookie names, if it has neither
 /// ended (logout, `stored-messages endsessions`) nor expired. Forwards with 401 for anonymous
-/// visitors, so a lower-ranked route (or the 401 catcher) can send them to the login page.
+/// visitors, so a lower-ranked route (or the 401 catcher) can send them to the login page;
+/// fails with 503 when the users database cannot say (never taken for anonymous).
 /// Admin pages check the admin flag in the database (`AdminUser`).
 #[derive(Debug, Clone)]
 pub struct CurrentUser(pub User);
@@ -29,9 +30,12 @@ impl<'r> FromRequest<'r> for CurrentUser {
     type Error = Status;
 
     async fn from_request(request: &'r Request<'_>) -> Outcome<Self, Status> {
-        match request_session(request).await {
-            Some(user) => Outcome::Success(CurrentUser(user.clone())),
-            None => Outcome::Forward(Status::Unauthorized),
+        match request_session_checked(request).await {
+            Ok(Some(user)) => Outcome::Success(CurrentUser(user.clone())),
+            Ok(None) => Outcome::Forward(Status::Unauthorized),
+            Err(SessionUnreadable) => {
+                Outcome::Error((Status::ServiceUnavailable, Status::ServiceUnavailable))
+            }
         }
     }
 }
@@ -52,26 +56,52 @@ pub(crate) async fn request_session_id<'r>(request: &'r Request<'_>) -> Option<&
     request.local_cache(|| SessionId(None)).0.as_deref()
 }
 
+/// The users database could not say whose session a request's cookie names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SessionUnreadable;
+
+impl std::fmt::Display for SessionUnreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the users database could not be read")
+    }
+}
+
+impl std::error::Error for SessionUnreadable {}
+
 /// The request's session user, looked up once per request (one indexed query; an ended or
-/// expired session is nobody). If the users database cannot answer, nobody is logged in for
-/// this request (and it is logged).
-pub(crate) async fn request_session<'r>(request: &'r Request<'_>) -> Option<&'r User> {
+/// expired session is nobody). `Err` if the users database cannot answer (it is logged):
+/// such a request is not anonymous, it cannot be answered.
+pub(crate) async fn request_session_checked<'r>(
+    request: &'r Request<'_>,
+) -> Result<Option<&'r User>, SessionUnreadable> {
     request
         .local_cache_async(async {
-            let id = request.cookies().get_private(SESSION_COOKIE)?;
+            let Some(id) = request.cookies().get_private(SESSION_COOKIE) else {
+                return Ok(None);
+            };
             request.local_cache(|| SessionId(Some(id.value().to_string())));
-            let users = request.rocket().state::<Arc<Users>>()?;
+            let Some(users) = request.rocket().state::<Arc<Users>>() else {
+                return Ok(None);
+            };
             let since = stored_messages::request_start(request);
-            match users.session_user_since(id.value(), since).await {
-                Ok(user) => user,
-                Err(e) => {
+            users
+                .session_user_since(id.value(), since)
+                .await
+                .map_err(|e| {
                     log::error!("reference app: reading a session failed: {}", report(&e));
-                    None
-                }
-            }
+                    SessionUnreadable
+                })
         })
         .await
         .as_ref()
+        .map(Option::as_ref)
+        .map_err(|e| *e)
+}
+
+/// As [`request_session_checked`], for callers to whom a session that cannot be read is
+/// nobody's (an error page, the CSRF token's binding, which then keeps the cookie's token).
+pub(crate) async fn request_session<'r>(request: &'r Request<'_>) -> Option<&'r User> {
+    request_session_checked(request).await.ok().flatten()
 }
 
 /// Only a safe place to go back to after login: a site-relative path.

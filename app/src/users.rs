@@ -581,6 +581,14 @@ impl Host for AppHost {
             .map(User::user_id)
     }
 
+    /// A session the users database cannot read is not an anonymous visitor: the library
+    /// answers 503 for it.
+    async fn try_current_user(&self, request: &Request<'_>) -> Result<Option<UserId>, BoxError> {
+        Ok(crate::auth::request_session_checked(request)
+            .await?
+            .map(User::user_id))
+    }
+
     async fn all_users(&self) -> Result<Vec<UserId>, BoxError> {
         Ok(self.users.all_ids().await?)
     }

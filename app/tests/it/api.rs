@@ -26,6 +26,7 @@ app_tests!(
     a_thousand_streams_opened_and_closed_leave_none_open,
     a_burst_beyond_the_limit_is_one_resync,
     a_page_of_an_ended_session_gets_no_stream_nor_inbox,
+    a_session_the_database_cannot_read_is_503_not_anonymous,
     a_stream_that_falls_behind_the_feed_catches_up_exactly,
     a_page_hands_its_inbox_over_to_the_stream,
 );
@@ -280,6 +281,67 @@ async fn a_stream_that_falls_behind_the_feed_catches_up_exactly(app: &TestApp) {
     assert_eq!(ids, expected);
 }
 
+/// A users database that cannot read a session (its table renamed away, the session cache
+/// emptied) is 503 for that browser, never an anonymous visitor: not 401 from the API or the
+/// stream (a page's script would take that for a logout), not the login page; and its CSRF
+/// cookie is kept (a new one would break its open pages). Once the table is back, the same
+/// cookies work again.
+async fn a_session_the_database_cannot_read_is_503_not_anonymous(app: &TestApp) {
+    use std::sync::Arc;
+    use stored_messages::backend::sql::SqlPool;
+    use stored_messages::csrf::CSRF_COOKIE;
+    let (b, alice) = user(app, "alice").await;
+    let csrf = || {
+        b.client
+            .cookies()
+            .get_private(CSRF_COOKIE)
+            .map(|c| c.value().to_string())
+    };
+    assert_eq!(
+        b.client.get("/messages/count").dispatch().await.status(),
+        Status::Ok
+    );
+    let before = csrf().expect("a CSRF cookie");
+    let rename = |from: &'static str, to: &'static str| async move {
+        let sql = format!("alter table {from} rename to {to}");
+        match app.users.pool() {
+            SqlPool::Sqlite(pool) => sqlx::query(&sql).execute(pool).await.map(|_| ()),
+            SqlPool::Postgres(pool) => sqlx::query(&sql).execute(pool).await.map(|_| ()),
+        }
+        .unwrap();
+    };
+    rename("app_sessions", "app_sessions_away").await;
+    let users = b
+        .client
+        .rocket()
+        .state::<Arc<stored_messages_app::users::Users>>()
+        .unwrap();
+    if let Some(cache) = users.session_cache() {
+        cache.forget_user(alice.0);
+    }
+
+    for path in [
+        "/messages/inbox",
+        "/messages/count",
+        "/messages/stream",
+        "/inbox",
+        "/",
+    ] {
+        let r = b.client.get(path).dispatch().await;
+        assert_eq!(r.status(), Status::ServiceUnavailable, "{path}");
+    }
+    assert_eq!(
+        csrf().as_deref(),
+        Some(before.as_str()),
+        "the CSRF cookie is kept"
+    );
+
+    rename("app_sessions_away", "app_sessions").await;
+    let r = b.client.get("/messages/count").dispatch().await;
+    assert_eq!(r.status(), Status::Ok);
+    assert_eq!(csrf().as_deref(), Some(before.as_str()));
+}
+
 async fn user(app: &TestApp, name: &str) -> (Browser, UserId) {
     let id = app.user(name, false).await.user_id();
     let b = app.browser_with(app.rocket()).await;
@@ -491,6 +553,11 @@ async fn bad_limits_and_cursors_are_clear_errors(app: &TestApp) {
     for (path, status) in [
         ("/messages/inbox?limit=0", Status::UnprocessableEntity),
         ("/messages/inbox?limit=201", Status::UnprocessableEntity),
+        ("/messages/inbox?limit=-1", Status::UnprocessableEntity),
+        (
+            "/messages/inbox?limit=99999999999999999999",
+            Status::UnprocessableEntity,
+        ),
         ("/messages/inbox?limit=ten", Status::BadRequest),
         ("/messages/inbox?cursor=%25%25", Status::BadRequest),
         ("/messages/archive?cursor=bm9wZQ", Status::BadRequest),

@@ -23,6 +23,14 @@ impl Host for CookieHost {
             .map(UserId)
     }
 
+    /// `uid=down` stands for a session store that does not answer.
+    async fn try_current_user(&self, request: &Request<'_>) -> Result<Option<UserId>, BoxError> {
+        match request.cookies().get_private("uid") {
+            Some(c) if c.value() == "down" => Err("the session store does not answer".into()),
+            _ => Ok(self.current_user(request).await),
+        }
+    }
+
     async fn all_users(&self) -> Result<Vec<UserId>, BoxError> {
         Ok(vec![UserId(1)])
     }
@@ -49,6 +57,12 @@ fn login(jar: &rocket::http::CookieJar<'_>) -> &'static str {
     "in"
 }
 
+#[get("/down")]
+fn down(jar: &rocket::http::CookieJar<'_>) -> &'static str {
+    jar.add_private(Cookie::new("uid", "down"));
+    "down"
+}
+
 /// A host with its own templates: `plain` registers the helpers itself on
 /// `Template::custom`, as hosts did before `template::fairing()` existed.
 async fn host(plain_templates: bool) -> (Client, tempfile::TempDir) {
@@ -71,7 +85,7 @@ async fn host(plain_templates: bool) -> (Client, tempfile::TempDir) {
         .merge(("template_dir", dir.path().display().to_string()));
     let rocket = rocket::custom(figment)
         .attach(StoredMessages::fairing(CookieHost))
-        .mount("/", routes![plain, page, send, login]);
+        .mount("/", routes![plain, page, send, login, down]);
     let rocket = if plain_templates {
         rocket.attach(Template::custom(|engines| {
             stored_messages::template::register(&mut engines.tera)
@@ -114,6 +128,47 @@ async fn a_first_visit_to_a_plain_template_page_gets_a_usable_csrf_token() {
             }
         );
     }
+}
+
+/// A host that cannot tell who the user is (`Host::try_current_user` fails: its session
+/// store does not answer) gets 503 from the API and the `Messages` guard, not an anonymous
+/// answer; and a page that renders anyway keeps the browser's CSRF token rather than
+/// replacing it with an anonymous one (which would break the session's open pages). The
+/// token's cookie lasts 400 days, longer than any session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_the_host_cannot_identify_gets_503_and_keeps_the_csrf_token() {
+    let (client, _dir) = host(false).await;
+    let token_in = |html: String| {
+        html.split("value=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap()
+            .to_string()
+    };
+    client.get("/login").dispatch().await;
+    let page = client.get("/plain").dispatch().await;
+    let token = token_in(page.into_string().await.unwrap());
+    // The token outlives any session it is bound to (not Rocket's week for private cookies).
+    let expires = client
+        .cookies()
+        .get_private(stored_messages::csrf::CSRF_COOKIE)
+        .and_then(|c| c.expires_datetime())
+        .expect("the CSRF cookie expires at a date");
+    let days = (expires - rocket::time::OffsetDateTime::now_utc()).whole_days();
+    assert!((399..=400).contains(&days), "{days} days");
+    client.get("/down").dispatch().await;
+
+    assert_eq!(
+        client.get("/messages/count").dispatch().await.status(),
+        Status::ServiceUnavailable
+    );
+    assert_eq!(
+        client.get("/page").dispatch().await.status(),
+        Status::ServiceUnavailable
+    );
+    let page = client.get("/plain").dispatch().await;
+    assert_eq!(page.status(), Status::Ok);
+    assert_eq!(token_in(page.into_string().await.unwrap()), token);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
