@@ -161,6 +161,8 @@
       })
       .then(function (result) {
         if (!result.ok && result.status !== 404) {
+          // Not logged in, or a token of another session: this page's session ended.
+          if (result.status === 401 || result.status === 403) sessionEnded();
           throw new Error(result.body && result.body.error ? result.body.error.message : "request failed");
         }
         if (single) {
@@ -191,7 +193,7 @@
       .catch(function (error) {
         if (item) item.removeAttribute("data-marking");
         if (button) button.disabled = false;
-        announce("Could not update messages: " + error.message);
+        announce(ended ? "Not marked read: this page's session ended." : "Could not update messages: " + error.message);
       });
   });
 

@@ -419,6 +419,16 @@ async fn a_tab_left_open_after_logout_does_not_follow_the_next_login_and_says_so
     let href = reload.attr("href").await.unwrap().unwrap_or_default();
     assert!(href.ends_with("/inbox"), "{href}");
     sleep(Duration::from_secs(1)).await;
+    // Its buttons say why they cannot work, in words, not as a token error.
+    click(
+        client,
+        "ul.stored-messages-inbox li.message form.sm-mark-read button",
+    )
+    .await;
+    wait_for_text(client, ".messages[aria-live] .sr-note", |t| {
+        t == "Not marked read: this page's session ended."
+    })
+    .await;
     let texts = client
         .find_all(Locator::Css("ul.stored-messages-inbox li.message"))
         .await
