@@ -455,10 +455,9 @@
     var list = inboxList();
     // Of this page's session only: after a logout and another login in this browser, the
     // API answers 401 instead of the new session's inbox.
-    var session = token ? "session=" + pageTag(token) : "";
     Promise.all([
-      fetch(api + "/count" + (session ? "?" + session : ""), headers).then(json),
-      list ? fetch(api + "/inbox?limit=" + cap + (session ? "&" + session : ""), headers).then(json) : Promise.resolve(null)
+      fetch(api + "/count" + (sessionQuery ? "?" + sessionQuery : ""), headers).then(json),
+      list ? fetch(api + "/inbox?limit=" + cap + (sessionQuery ? "&" + sessionQuery : ""), headers).then(json) : Promise.resolve(null)
     ])
       .then(function (answers) {
         var count = answers[0];
@@ -572,10 +571,11 @@
     }
     return ("0000000" + hash.toString(16)).slice(-8);
   }
+  var sessionQuery = token ? "session=" + pageTag(token) : "";
 
   function open() {
     var delay = 2000;
-    var params = token ? ["session=" + pageTag(token)] : [];
+    var params = sessionQuery ? [sessionQuery] : [];
     function connect() {
       if (ended) return;
       var query = lastId ? params.concat(["since=" + encodeURIComponent(lastId)]) : params;

@@ -96,6 +96,15 @@ async fn host(plain_templates: bool) -> (Client, tempfile::TempDir) {
     (Client::tracked(rocket).await.unwrap(), dir)
 }
 
+/// The token in the `form` template's hidden field.
+fn form_token(html: &str) -> String {
+    html.split("value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_default()
+        .to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_visit_to_a_plain_template_page_gets_a_usable_csrf_token() {
     for plain_templates in [true, false] {
@@ -104,12 +113,7 @@ async fn a_first_visit_to_a_plain_template_page_gets_a_usable_csrf_token() {
         let response = client.get("/plain").dispatch().await;
         assert_eq!(response.status(), Status::Ok);
         let html = response.into_string().await.unwrap();
-        let token = html
-            .split("value=\"")
-            .nth(1)
-            .and_then(|rest| rest.split('"').next())
-            .unwrap()
-            .to_string();
+        let token = form_token(&html);
         assert_eq!(token.len(), 43, "a token in the page: {html}");
         let response = client
             .post("/send")
@@ -138,16 +142,9 @@ async fn a_first_visit_to_a_plain_template_page_gets_a_usable_csrf_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_the_host_cannot_identify_gets_503_and_keeps_the_csrf_token() {
     let (client, _dir) = host(false).await;
-    let token_in = |html: String| {
-        html.split("value=\"")
-            .nth(1)
-            .and_then(|rest| rest.split('"').next())
-            .unwrap()
-            .to_string()
-    };
     client.get("/login").dispatch().await;
     let page = client.get("/plain").dispatch().await;
-    let token = token_in(page.into_string().await.unwrap());
+    let token = form_token(&page.into_string().await.unwrap());
     // The token outlives any session it is bound to (not Rocket's week for private cookies).
     let expires = client
         .cookies()
@@ -168,7 +165,7 @@ async fn a_user_the_host_cannot_identify_gets_503_and_keeps_the_csrf_token() {
     );
     let page = client.get("/plain").dispatch().await;
     assert_eq!(page.status(), Status::Ok);
-    assert_eq!(token_in(page.into_string().await.unwrap()), token);
+    assert_eq!(form_token(&page.into_string().await.unwrap()), token);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
