@@ -335,6 +335,20 @@ async fn a_session_the_database_cannot_read_is_503_not_anonymous(app: &TestApp) 
         Some(before.as_str()),
         "the CSRF cookie is kept"
     );
+    // Meanwhile a POST changes nothing: a foreign token is still refused, and the browser's
+    // own token reaches a handler that cannot tell the user either.
+    for (token, status) in [
+        ("A".repeat(43), Status::Forbidden),
+        (crate::common::token_of(&before), Status::ServiceUnavailable),
+    ] {
+        let r = b
+            .client
+            .post("/messages/mark_all_read")
+            .header(Header::new("X-CSRF-Token", token))
+            .dispatch()
+            .await;
+        assert_eq!(r.status(), status);
+    }
 
     rename("app_sessions_away", "app_sessions").await;
     let r = b.client.get("/messages/count").dispatch().await;
