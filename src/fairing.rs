@@ -257,10 +257,10 @@ impl Fairing for StoredMessages {
         let rendered = template::Rendered::of(request);
         let html = response.content_type() == Some(rocket::http::ContentType::HTML)
             && (!rendered.by_page || rendered.markers);
-        let mut user = None;
+        let mut user = Ok(None);
         let mut unread = None;
         if let Some(state) = request_state(request) {
-            user = state.user;
+            user = Ok(state.user);
             let cookies_sent = response.headers().get("Set-Cookie").any(|c| {
                 c.starts_with(&format!("{SPILL_COOKIE}="))
                     || c.starts_with(&format!("{FLASH_COOKIE}="))
@@ -272,9 +272,9 @@ impl Fairing for StoredMessages {
                 unread = state.lock().unread_after(succeeded);
             }
         } else if html {
-            user = crate::host::current_user(request, store.host())
-                .await
-                .unwrap_or_default();
+            // A host that cannot tell who the user is gets helpers that say so, never an
+            // anonymous visitor's empty list and count of 0.
+            user = crate::host::current_user(request, store.host()).await;
         }
         if html {
             template::fill(request, response, store, user, unread).await;

@@ -42,8 +42,9 @@ pub trait Host: Send + Sync + 'static {
     /// As [`Host::current_user`], for a host whose lookup can fail (its session store does
     /// not answer). An error means "cannot tell", and the library never takes it for an
     /// anonymous visitor: the API, the live stream and the [`crate::Messages`] guard answer
-    /// 503, and the request's CSRF cookie is left as it is (not replaced by an anonymous
-    /// one). The library asks this method, not `current_user`; the default asks
+    /// 503; the template helpers of a page rendered without that guard show what they show
+    /// when the store fails (a count of `?`, a list that says messages are unavailable); and
+    /// the request's CSRF cookie is left as it is (not replaced by an anonymous one). The library asks this method, not `current_user`; the default asks
     /// `current_user`, which cannot fail.
     async fn try_current_user(&self, request: &Request<'_>) -> Result<Option<UserId>, BoxError> {
         Ok(self.current_user(request).await)

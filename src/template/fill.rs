@@ -17,6 +17,7 @@ use super::Templates;
 use crate::api::ApiBase;
 use crate::backend::ListQuery;
 use crate::csrf;
+use crate::host::Unidentified;
 use crate::message::{Message, UserId};
 use crate::ops::Store;
 use crate::request::StreamMessage;
@@ -27,12 +28,14 @@ const MAX_SCANNED_BODY: usize = 16 << 20;
 /// Replaces the markers of an HTML response with the data of its request's user.
 ///
 /// `unread` is the user's inbox as the request left it, when the request loaded it (the
-/// `Messages` guard): the count and list helpers then need no query.
+/// `Messages` guard): the count and list helpers then need no query. `user` is `Err` when the
+/// host could not tell who the user is: the helpers then answer as for a store that fails
+/// (a count of `?`, a list that says messages are unavailable), not as for a visitor.
 pub(crate) async fn fill<'r>(
     request: &'r Request<'_>,
     response: &mut Response<'r>,
     store: &Store,
-    user: Option<UserId>,
+    user: Result<Option<UserId>, Unidentified>,
     unread: Option<Vec<Message>>,
 ) {
     if response.content_type() != Some(ContentType::HTML) {
@@ -68,7 +71,7 @@ async fn replace_markers(
     body: &str,
     request: &Request<'_>,
     store: &Store,
-    user: Option<UserId>,
+    user: Result<Option<UserId>, Unidentified>,
     unread: Option<&[Message]>,
 ) -> String {
     let prefix = marker_prefix();
@@ -101,14 +104,26 @@ async fn replace_markers(
     out
 }
 
+/// What a list helper shows when its messages cannot be read.
+const UNAVAILABLE: &str =
+    "<p class=\"stored-messages-error\">Messages are unavailable right now.</p>";
+
 async fn render_slot(
     slot: Slot,
     request: &Request<'_>,
     store: &Store,
-    user: Option<UserId>,
+    user: Result<Option<UserId>, Unidentified>,
     unread: Option<&[Message]>,
 ) -> String {
     let backend = store.backend();
+    let user = match (slot, user) {
+        (Slot::Csrf, _) => return csrf::ensure_token(request),
+        (_, Ok(user)) => user,
+        // The host already logged why.
+        (Slot::Count, Err(Unidentified)) => return "?".to_string(),
+        (Slot::StreamId, Err(Unidentified)) => return String::new(),
+        (Slot::List(_) | Slot::Archive(_), Err(Unidentified)) => return UNAVAILABLE.to_string(),
+    };
     let (kind, result) = match (slot, user) {
         (Slot::Csrf, _) => return csrf::ensure_token(request),
         (Slot::Count, None) => return "0".to_string(),
@@ -167,8 +182,7 @@ async fn render_slot(
                 "stored-messages: {kind} helper failed: {}",
                 crate::report(&e)
             );
-            return "<p class=\"stored-messages-error\">Messages are unavailable right now.</p>"
-                .to_string();
+            return UNAVAILABLE.to_string();
         }
     };
     let next = request.uri().to_string();

@@ -41,6 +41,12 @@ fn plain() -> Template {
     Template::render("form", context! {})
 }
 
+/// A plain page with the helpers, and no `Messages` guard.
+#[get("/helpers")]
+fn helpers() -> Template {
+    Template::render("helpers", context! {})
+}
+
 #[get("/page")]
 fn page(messages: Messages<'_>) -> Page {
     Page::render("counted", context! { messages })
@@ -80,12 +86,17 @@ async fn host(plain_templates: bool) -> (Client, tempfile::TempDir) {
          {% include \"stored_messages/list.html\" %}",
     )
     .unwrap();
+    std::fs::write(
+        dir.path().join("helpers.html.tera"),
+        "count={{ stored_messages_count() }} {{ stored_messages_list() }}",
+    )
+    .unwrap();
     let database = crate::common::sqlite_url(&dir);
     let figment = crate::common::test_figment(&database)
         .merge(("template_dir", dir.path().display().to_string()));
     let rocket = rocket::custom(figment)
         .attach(StoredMessages::fairing(CookieHost))
-        .mount("/", routes![plain, page, send, login, down]);
+        .mount("/", routes![plain, helpers, page, send, login, down]);
     let rocket = if plain_templates {
         rocket.attach(Template::custom(|engines| {
             stored_messages::template::register(&mut engines.tera)
@@ -138,7 +149,8 @@ async fn a_first_visit_to_a_plain_template_page_gets_a_usable_csrf_token() {
 /// store does not answer) gets 503 from the API and the `Messages` guard, not an anonymous
 /// answer; and a page that renders anyway keeps the browser's CSRF token rather than
 /// replacing it with an anonymous one (which would break the session's open pages). The
-/// token's cookie lasts 400 days, longer than any session.
+/// token's cookie lasts 400 days, longer than any session. A plain page's helpers say that
+/// messages are unavailable, as when the store fails, rather than show a visitor's count of 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_the_host_cannot_identify_gets_503_and_keeps_the_csrf_token() {
     let (client, _dir) = host(false).await;
@@ -153,6 +165,10 @@ async fn a_user_the_host_cannot_identify_gets_503_and_keeps_the_csrf_token() {
         .expect("the CSRF cookie expires at a date");
     let days = (expires - rocket::time::OffsetDateTime::now_utc()).whole_days();
     assert!((399..=400).contains(&days), "{days} days");
+    let helpers = client.get("/helpers").dispatch().await;
+    let html = helpers.into_string().await.unwrap();
+    assert!(html.starts_with("count=0 "), "{html}");
+    assert!(html.contains("No unread messages."), "{html}");
     client.get("/down").dispatch().await;
 
     assert_eq!(
@@ -166,6 +182,15 @@ async fn a_user_the_host_cannot_identify_gets_503_and_keeps_the_csrf_token() {
     let page = client.get("/plain").dispatch().await;
     assert_eq!(page.status(), Status::Ok);
     assert_eq!(form_token(&page.into_string().await.unwrap()), token);
+    let helpers = client.get("/helpers").dispatch().await;
+    assert_eq!(helpers.status(), Status::Ok);
+    let html = helpers.into_string().await.unwrap();
+    assert!(html.starts_with("count=? "), "{html}");
+    assert!(
+        html.contains("Messages are unavailable right now."),
+        "{html}"
+    );
+    assert!(!html.contains("No unread messages."), "{html}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
