@@ -6,8 +6,9 @@
 //! Authentication is the host's (the same session as pages); anonymous requests get 401.
 //! Every error, Rocket's own 404/422/413 included, has the shape of [`crate::error_body`].
 //! The two POST routes also accept plain HTML forms (with a `csrf_token` field and an
-//! optional site-relative `next`): they then redirect back instead of answering JSON, so the
-//! buttons of the message list work without JavaScript.
+//! optional site-relative `next`): they then redirect back instead of answering JSON, with a
+//! one-time notice (a flash message at [`crate::Level::SUCCESS`]) that says what was done,
+//! so the buttons of the message list work without JavaScript.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -27,6 +28,7 @@ use crate::error::{error_body, report, Error};
 use crate::live::PageSession;
 use crate::message::{LevelTags, Message, MessageId, UserId};
 use crate::ops::Store;
+use crate::request::Messages;
 
 /// Where the API is mounted unless the host says otherwise.
 pub const BASE: &str = "/messages";
@@ -560,27 +562,33 @@ struct BackForm<'r> {
 }
 
 /// How a POST wants its answer: a urlencoded form body means a plain HTML button (redirect
-/// back to its `next`); anything else is a script (JSON). A form body that cannot be read
-/// (too large, malformed) fails with its status, answered by the JSON catchers.
-enum Reply {
+/// back to its `next`, with a notice in the message stream saying what was done, since the
+/// page that comes back cannot say it otherwise); anything else is a script (JSON). A form
+/// body that cannot be read (too large, malformed) fails with its status, answered by the
+/// JSON catchers.
+enum Reply<'r> {
     Json,
-    Back(String),
+    Back(String, Messages<'r>),
 }
 
 #[rocket::async_trait]
-impl<'r> FromData<'r> for Reply {
+impl<'r> FromData<'r> for Reply<'r> {
     type Error = ();
 
     async fn from_data(request: &'r Request<'_>, data: Data<'r>) -> data::Outcome<'r, Self, ()> {
         if !request.content_type().is_some_and(|ct| ct.is_form()) {
             return data::Outcome::Success(Reply::Json);
         }
-        match Form::<BackForm<'r>>::from_data(request, data).await {
-            data::Outcome::Success(form) => {
-                data::Outcome::Success(Reply::Back(safe_next(form.next)))
-            }
-            data::Outcome::Error((status, _)) => data::Outcome::Error((status, ())),
-            data::Outcome::Forward(forward) => data::Outcome::Forward(forward),
+        let next = match Form::<BackForm<'r>>::from_data(request, data).await {
+            data::Outcome::Success(form) => safe_next(form.next),
+            data::Outcome::Error((status, _)) => return data::Outcome::Error((status, ())),
+            data::Outcome::Forward(forward) => return data::Outcome::Forward(forward),
+        };
+        // Only plain buttons load the stream, for their notice: scripts do not pay for it.
+        match request.guard::<Messages<'r>>().await {
+            Outcome::Success(messages) => data::Outcome::Success(Reply::Back(next, messages)),
+            Outcome::Error((status, _)) => data::Outcome::Error((status, ())),
+            Outcome::Forward(status) => data::Outcome::Error((status, ())),
         }
     }
 }
@@ -591,11 +599,28 @@ fn safe_next(next: Option<&str>) -> String {
         .unwrap_or_else(|| "/".to_string())
 }
 
-impl Reply {
-    fn answer(self, json: Value) -> Done {
+impl Reply<'_> {
+    fn is_back(&self) -> bool {
+        matches!(self, Reply::Back(..))
+    }
+
+    /// The answer: `json` for a script; for a plain button, `notice` (a one-time message at
+    /// the success level) and the redirect back.
+    async fn answer(self, json: Value, notice: &str) -> Done {
         match self {
             Reply::Json => Done::Json(Json(json)),
-            Reply::Back(next) => Done::Back(Box::new(Redirect::to(next))),
+            Reply::Back(next, messages) => {
+                // A notice the host's levels refuse is dropped (`min_level`), which is its
+                // choice; one that cannot be kept (its flash storage is full) costs nothing
+                // but the notice.
+                if let Err(e) = messages.add(crate::Level::SUCCESS, notice).await {
+                    log::warn!(
+                        "stored-messages: a button's notice was not kept: {}",
+                        report(&e)
+                    );
+                }
+                Done::Back(Box::new(Redirect::to(next)))
+            }
         }
     }
 }
@@ -605,27 +630,51 @@ async fn inbox_mark_read(
     user: ApiUser,
     store: &State<Store>,
     id: &str,
-    reply: Reply,
+    reply: Reply<'_>,
 ) -> ApiResult<Done> {
     let id: MessageId = id.parse()?;
+    // A plain button's notice names the message: read before it leaves the inbox.
+    let text = match reply.is_back() {
+        true => store
+            .backend()
+            .inbox_get(user.0, id)
+            .await
+            .ok()
+            .map(|m| crate::request::summary(&m.message)),
+        false => None,
+    };
     if !store.mark_read(user.0, id).await? {
         // A plain button of a message read meanwhile (in another tab): what it asked for
         // holds, so back to the page, which shows the inbox as it is. Scripts get the 404.
-        if matches!(reply, Reply::Back(_)) {
-            return Ok(reply.answer(Value::Null));
+        if reply.is_back() {
+            let notice = "This message was already read (in another tab or window).";
+            return Ok(reply.answer(Value::Null, notice).await);
         }
         return Err(Error::MessageDoesNotExist(id).into());
     }
     let unread = store.backend().inbox_count(user.0).await?;
-    Ok(reply.answer(json!({ "id": id, "read": true, "unread": unread })))
+    let notice = match text {
+        Some(text) => format!("Marked read: \u{201c}{text}\u{201d}."),
+        None => "Marked read.".to_string(),
+    };
+    Ok(reply
+        .answer(json!({ "id": id, "read": true, "unread": unread }), &notice)
+        .await)
 }
 
 #[post("/mark_all_read", data = "<reply>")]
-async fn mark_all_read(user: ApiUser, store: &State<Store>, reply: Reply) -> ApiResult<Done> {
+async fn mark_all_read(user: ApiUser, store: &State<Store>, reply: Reply<'_>) -> ApiResult<Done> {
     let marked = store.mark_all_read(user.0).await?;
     // Counted again: a message may have arrived meanwhile.
     let unread = store.backend().inbox_count(user.0).await?;
-    Ok(reply.answer(json!({ "marked": marked, "unread": unread })))
+    let notice = match marked {
+        0 => "There was nothing to mark read.".to_string(),
+        1 => "Marked 1 message read.".to_string(),
+        n => format!("Marked {n} messages read."),
+    };
+    Ok(reply
+        .answer(json!({ "marked": marked, "unread": unread }), &notice)
+        .await)
 }
 
 #[get("/openapi.json")]

@@ -663,15 +663,32 @@ async fn plain_forms_redirect_back(app: &TestApp) {
         .await;
     assert_eq!(r.status(), Status::SeeOther);
     assert_eq!(r.headers().get_one("Location"), Some("/?keep=1"));
+    // The page that comes back says what the button did, once (without a script nothing
+    // else would): a one-time notice in the stream, naming the message.
+    let (_, html) = b.get_html("/inbox").await;
+    assert!(html.contains("Marked read: \u{201c}one\u{201d}."), "{html}");
+    let (_, html) = b.get_html("/inbox").await;
+    assert!(!html.contains("Marked read"), "shown once: {html}");
     // the same button again (the message was read meanwhile, in another tab): back to the
-    // page as well; a script asking the same gets the 404
+    // page as well, which says so; a script asking the same gets the 404, and no notice
     let r = b
         .post_form(&format!("/messages/inbox/{id}/read"), &[("next", "/inbox")])
         .await;
     assert_eq!(r.status(), Status::SeeOther);
     assert_eq!(r.headers().get_one("Location"), Some("/inbox"));
+    let (_, html) = b.get_html("/inbox").await;
+    assert!(html.contains("This message was already read"), "{html}");
     let (status, _) = post_json(&b, &format!("/messages/inbox/{id}/read")).await;
     assert_eq!(status, Status::NotFound);
+    let (status, _) = post_json(&b, "/messages/mark_all_read").await;
+    assert_eq!(status, Status::Ok);
+    let (_, html) = b.get_html("/inbox").await;
+    assert!(
+        !html.contains("Marked"),
+        "scripts say it themselves: {html}"
+    );
+    send(&b, alice, "four").await;
+    send(&b, alice, "five").await;
     let r = b
         .post_form(
             "/messages/mark_all_read",
@@ -683,6 +700,8 @@ async fn plain_forms_redirect_back(app: &TestApp) {
         Some("/"),
         "only site-relative next"
     );
+    let (_, html) = b.get_html("/inbox").await;
+    assert!(html.contains("Marked 2 messages read."), "{html}");
     assert_eq!(
         TestApp::store(&b)
             .backend()
