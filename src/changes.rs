@@ -53,9 +53,15 @@ use rocket::tokio::sync::{broadcast, watch, Notify};
 use crate::backend::MessageBackend;
 use crate::message::UserId;
 
-/// A write to more users than this is announced as [`Change::All`] rather than by listing
-/// them (the announcement stays small; caches drop everything instead of many entries).
+/// The most user ids one announcement (a notification, a published message, a log row)
+/// names: a write to more users is announced in several, each naming up to this many, sent
+/// together by the writing transaction or script.
 pub const MANY_USERS: usize = 256;
+
+/// A write to more users than this is announced as [`Change::All`] rather than by naming
+/// them: caches then drop everything instead of that many entries, and every live stream
+/// reads its inbox once. Up to this many, only the users named are concerned.
+pub const LISTED_USERS: usize = 4096;
 
 /// How long [`ChangeFeed::sync`] waits for the backend's marker before it gives up, declares
 /// the feed down and has it reconnect.
@@ -77,9 +83,9 @@ pub enum Change {
 
 impl Change {
     /// The change for `users` (any order, repeats allowed): [`Change::All`] beyond
-    /// [`MANY_USERS`].
+    /// [`LISTED_USERS`].
     pub fn users(users: &[UserId]) -> Change {
-        if users.len() > MANY_USERS {
+        if users.len() > LISTED_USERS {
             return Change::All;
         }
         let mut users = users.to_vec();
@@ -96,8 +102,9 @@ impl Change {
         }
     }
 
-    /// How backends write a change into a notification or a log row: user ids separated by
-    /// commas, or `*` for [`Change::All`] (and beyond [`MANY_USERS`] ids).
+    /// How backends write a change into one notification or log row: user ids separated by
+    /// commas, or `*` for [`Change::All`] (and beyond [`MANY_USERS`] ids). A write to more
+    /// users announces [`Change::payloads`] instead.
     pub fn payload(users: &[i64]) -> String {
         if users.len() > MANY_USERS {
             return "*".to_string();
@@ -106,11 +113,35 @@ impl Change {
         ids.join(",")
     }
 
-    /// This change as a payload (see [`Change::payload`]).
+    /// The announcements of a write to `users`, all sent by the same transaction or script:
+    /// [`Change::payload`]s of up to [`MANY_USERS`] ids each, or one `*` beyond
+    /// [`LISTED_USERS`] ids. One (empty) payload for nobody.
+    pub fn payloads(users: &[i64]) -> Vec<String> {
+        if users.len() > LISTED_USERS {
+            return vec!["*".to_string()];
+        }
+        if users.is_empty() {
+            return vec![String::new()];
+        }
+        users.chunks(MANY_USERS).map(Change::payload).collect()
+    }
+
+    /// This change as one payload (see [`Change::payload`]): `*` beyond [`MANY_USERS`]
+    /// users.
     pub fn to_payload(&self) -> String {
         match self {
             Change::Users(users) => Change::payload(&users.iter().map(|u| u.0).collect::<Vec<_>>()),
             Change::All => "*".to_string(),
+        }
+    }
+
+    /// This change as the payloads that name every user of it (see [`Change::payloads`]).
+    pub fn to_payloads(&self) -> Vec<String> {
+        match self {
+            Change::Users(users) => {
+                Change::payloads(&users.iter().map(|u| u.0).collect::<Vec<_>>())
+            }
+            Change::All => vec!["*".to_string()],
         }
     }
 
@@ -820,6 +851,25 @@ mod tests {
         assert_eq!(Change::parse("333,1,22,1"), ids(&[1, 22, 333]));
         let many: Vec<i64> = (0..=MANY_USERS as i64).collect();
         assert_eq!(Change::payload(&many), "*");
+        // more users than one payload names: several payloads, which together name them all
+        let payloads = Change::payloads(&many);
+        assert_eq!(payloads.len(), 2);
+        let named: Vec<UserId> = payloads
+            .iter()
+            .flat_map(|p| match Change::parse(p) {
+                Change::Users(users) => users.to_vec(),
+                Change::All => panic!("{p} names everyone"),
+            })
+            .collect();
+        assert_eq!(named, many.iter().copied().map(UserId).collect::<Vec<_>>());
+        let listed: Vec<i64> = (1..=LISTED_USERS as i64).collect();
+        assert_eq!(Change::payloads(&listed).len(), LISTED_USERS / MANY_USERS);
+        let too_many: Vec<i64> = (0..=LISTED_USERS as i64).collect();
+        assert_eq!(Change::payloads(&too_many), ["*"]);
+        assert_eq!(Change::payloads(&[]), [""]);
+        assert_eq!(Change::users(&named), Change::Users(named.clone().into()));
+        let too_many: Vec<UserId> = too_many.into_iter().map(UserId).collect();
+        assert_eq!(Change::users(&too_many), Change::All);
         assert_eq!(Change::parse("*"), Change::All);
         assert_eq!(Change::parse(""), ids(&[]));
         assert_eq!(Change::parse("1,x"), Change::All);

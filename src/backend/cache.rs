@@ -39,7 +39,7 @@ use super::{
     Cleanup, Expiry, FlashSpill, ListQuery, MessageAdmin, MessageBackend, MessageStats,
     Settings as BackendSettings, WatchChanges,
 };
-use crate::changes::{Change, ChangeFeed, MANY_USERS};
+use crate::changes::{Change, ChangeFeed, LISTED_USERS};
 use crate::error::Result;
 use crate::level::Level;
 use crate::message::MAX_STREAM_STORED;
@@ -164,7 +164,7 @@ impl InboxCache {
     }
 
     fn invalidate_users(&self, users: &[UserId]) {
-        if users.len() > MANY_USERS {
+        if users.len() > LISTED_USERS {
             return self.clear();
         }
         for user in users {

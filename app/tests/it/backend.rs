@@ -125,6 +125,7 @@ conformance!(
     inbox_cache_answers_exactly_like_the_backend,
     inbox_cache_sees_writes_of_another_process,
     change_feed_reports_writes_of_every_process,
+    a_write_to_hundreds_of_users_is_announced_by_naming_them,
     a_broadcast_to_many_consecutive_users_behaves_per_user,
     expired_broadcasts_leave_every_inbox_once,
 );
@@ -1233,6 +1234,64 @@ async fn change_feed_reports_writes_of_every_process(t: &TestStore) {
         seen.sort();
         assert_eq!(seen, [ALICE, BOB]);
         return;
+    }
+}
+
+async fn next_change(changes: &mut stored_messages::ChangeReceiver) -> stored_messages::Change {
+    tokio::time::timeout(std::time::Duration::from_secs(10), changes.recv())
+        .await
+        .expect("changes arrive")
+        .expect("the feed is open")
+}
+
+/// A write to hundreds of named users (an admin's list, a background job's chunk) is
+/// announced by naming them, in several announcements of the same transaction or script: only
+/// their cache entries and live streams react. Beyond `LISTED_USERS`, one "everything".
+async fn a_write_to_hundreds_of_users_is_announced_by_naming_them(t: &TestStore) {
+    use stored_messages::changes::{LISTED_USERS, MANY_USERS};
+    use stored_messages::Change;
+    let other = t.reconfigured(Config::default()).await;
+    let hundreds: Vec<UserId> = (1001..=1600).map(UserId).collect();
+    let very_many: Vec<UserId> = (1..=LISTED_USERS as i64 + 1).map(UserId).collect();
+    // A feed that loses its connection meanwhile (the process tests kill every Redis
+    // subscriber) reports `All`: then the round is tried again.
+    'attempt: for attempt in 0.. {
+        assert!(attempt < 10, "the feed kept losing its connection");
+        cache_live(&t.store).await;
+        let mut changes = t.store.changes().subscribe();
+        let d = other
+            .add_message_for(&hundreds[..300], stored("to hundreds"))
+            .await
+            .unwrap();
+        // and the rest by `deliver_once`, as a background broadcast's chunks are
+        assert_eq!(
+            other.deliver_once(&hundreds, &d.message).await.unwrap(),
+            300
+        );
+        if !t.store.changes().sync().await {
+            continue;
+        }
+        let mut named = std::collections::BTreeSet::new();
+        while named.len() < hundreds.len() {
+            match next_change(&mut changes).await {
+                Change::Users(users) => {
+                    assert!(users.len() <= MANY_USERS, "{} in one", users.len());
+                    for user in users.iter() {
+                        assert!(hundreds.contains(user), "{user:?} was not written to");
+                        named.insert(*user);
+                    }
+                }
+                Change::All => continue 'attempt,
+            }
+        }
+        other
+            .add_message_for(&very_many, stored("to very many"))
+            .await
+            .unwrap();
+        match next_change(&mut changes).await {
+            Change::All => return,
+            Change::Users(users) => panic!("{} users named, not everything", users.len()),
+        }
     }
 }
 

@@ -14,8 +14,13 @@ end
 local users = #ARGV - 3 - n
 redis.call('HSET', KEYS[1], 'recipients', users, 'unread', users)
 if users > 0 then
-  local changed = '*'
-  if users <= MANY_USERS then changed = table.concat(ARGV, ',', 4 + n, #ARGV) end
-  redis.call('PUBLISH', prefix .. 'changes', changed)
+  -- The users by name, MANY_USERS to a message (`Change::payloads`), or `*` for very many.
+  if users > LISTED_USERS then
+    redis.call('PUBLISH', prefix .. 'changes', '*')
+  else
+    for i = 4 + n, #ARGV, MANY_USERS do
+      redis.call('PUBLISH', prefix .. 'changes', table.concat(ARGV, ',', i, math.min(i + MANY_USERS - 1, #ARGV)))
+    end
+  end
 end
 return 0

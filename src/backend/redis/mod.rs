@@ -820,12 +820,16 @@ impl WatchChanges for RedisBackend {
     }
 
     async fn announce(&self, change: &crate::changes::Change) -> Result<()> {
-        let payload = change.to_payload();
+        // One round trip for every payload.
+        let mut pipe = ::redis::pipe();
+        for payload in change.to_payloads() {
+            pipe.cmd("PUBLISH")
+                .arg(self.keys.changes())
+                .arg(payload)
+                .ignore();
+        }
         let mut connection = self.connection.clone();
-        ::redis::cmd("PUBLISH")
-            .arg(self.keys.changes())
-            .arg(payload)
-            .query_async::<()>(&mut connection)
+        pipe.query_async::<()>(&mut connection)
             .await
             .map_err(redis_error)
     }

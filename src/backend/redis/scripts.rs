@@ -27,9 +27,13 @@ pub(super) struct Scripts {
 
 pub(super) fn scripts() -> &'static Scripts {
     static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
-    // The scripts name the users of a change up to the feed's own limit, like
-    // `Change::payload`, and `*` beyond it.
-    let many = |script: &str| script.replace("MANY_USERS", &crate::changes::MANY_USERS.to_string());
+    // The scripts name the users of a change as `Change::payloads` does: up to the feed's
+    // own limits, and `*` beyond them.
+    let many = |script: &str| {
+        script
+            .replace("MANY_USERS", &crate::changes::MANY_USERS.to_string())
+            .replace("LISTED_USERS", &crate::changes::LISTED_USERS.to_string())
+    };
     SCRIPTS.get_or_init(|| Scripts {
         deliver: Script::new(&many(DELIVER)),
         store: Script::new(&many(STORE)),

@@ -20,9 +20,14 @@ end
 redis.call('HINCRBY', KEYS[1], 'recipients', archived)
 redis.call('HINCRBY', KEYS[1], 'unread', unread)
 if unread > 0 then
-  local changed = '*'
-  if #ARGV - 2 <= MANY_USERS then changed = table.concat(ARGV, ',', 3, #ARGV) end
-  redis.call('PUBLISH', prefix .. 'changes', changed)
+  -- The users by name, MANY_USERS to a message (`Change::payloads`), or `*` for very many.
+  if #ARGV - 2 > LISTED_USERS then
+    redis.call('PUBLISH', prefix .. 'changes', '*')
+  else
+    for i = 3, #ARGV, MANY_USERS do
+      redis.call('PUBLISH', prefix .. 'changes', table.concat(ARGV, ',', i, math.min(i + MANY_USERS - 1, #ARGV)))
+    end
+  end
 end
 if mode == 'archive' then return archived end
 return unread

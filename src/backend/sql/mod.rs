@@ -255,22 +255,22 @@ pub(crate) trait IdArray: Database {
     /// prefers the primary key (all of a user's archive) to the partial inbox index, so it is
     /// told which index to use; PostgreSQL picks the partial index by itself.
     const INBOX_TABLE: &'static str;
-    /// The statement that announces a change to every process's change feed, inside the
-    /// writing transaction: a row of SQLite's `sm_changes` log, a PostgreSQL notification
-    /// (sent when the transaction commits).
-    fn announce<'q>(payload: String) -> Query<'q, Self, <Self as Database>::Arguments<'q>>;
+    /// The one statement that announces a change to every process's change feed, inside
+    /// the writing transaction: a row of SQLite's `sm_changes` log per payload, a PostgreSQL
+    /// notification per payload (sent when the transaction commits).
+    fn announce<'q>(payloads: Vec<String>) -> Query<'q, Self, <Self as Database>::Arguments<'q>>;
 }
 
 /// `IdArray::announce` for the dialect of `pool`.
 fn announce_query<'q, DB: IdArray>(
     _pool: &Pool<DB>,
-    payload: impl Into<String>,
+    payloads: Vec<String>,
 ) -> Query<'q, DB, <DB as Database>::Arguments<'q>> {
-    DB::announce(payload.into())
+    DB::announce(payloads)
 }
 
-/// Inside a transaction of `$pool` (`$tx`), announces `$payload` (see [`Change::payload`])
-/// to every process's change feed.
+/// Inside a transaction of `$pool` (`$tx`), announces `$payloads` (see [`Change::payloads`])
+/// to every process's change feed, in one statement.
 macro_rules! announce {
     ($pool:expr, $tx:expr, $payload:expr) => {
         announce_query($pool, $payload)
@@ -577,7 +577,7 @@ impl SqlBackend {
                 .map_err(sql_error)?
                 .rows_affected();
             if in_inbox {
-                announce!(pool, tx, Change::payload(&ids));
+                announce!(pool, tx, Change::payloads(&ids));
             }
             tx.commit().await.map_err(sql_error)?;
             done
@@ -819,7 +819,7 @@ impl MessageBackend for SqlBackend {
                 .map_err(sql_error)?;
             deleted.extend(marked);
             if !deleted.is_empty() {
-                announce!(pool, tx, Change::payload(&[user.0]));
+                announce!(pool, tx, vec![Change::payload(&[user.0])]);
             }
             tx.commit().await.map_err(sql_error)?;
             deleted
@@ -883,7 +883,7 @@ impl MessageBackend for SqlBackend {
                 .map_err(sql_error)?
                 .rows_affected();
             if done > 0 {
-                announce!(pool, tx, Change::payload(&[user.0]));
+                announce!(pool, tx, vec![Change::payload(&[user.0])]);
             }
             tx.commit().await.map_err(sql_error)?;
             done
@@ -983,7 +983,7 @@ impl MessageBackend for SqlBackend {
                 .await
                 .map_err(sql_error)?
                 .rows_affected();
-            announce!(pool, tx, "*");
+            announce!(pool, tx, Change::All.to_payloads());
             tx.commit().await.map_err(sql_error)?;
             Cleanup { inbox_entries, messages }
         });
@@ -997,7 +997,7 @@ impl MessageBackend for SqlBackend {
             sqlx::query("delete from sm_audiences").execute(&mut *tx).await.map_err(sql_error)?;
             sqlx::query("delete from sm_messages").execute(&mut *tx).await.map_err(sql_error)?;
             sqlx::query("delete from sm_flash_spill").execute(&mut *tx).await.map_err(sql_error)?;
-            announce!(pool, tx, "*");
+            announce!(pool, tx, Change::All.to_payloads());
             tx.commit().await.map_err(sql_error)?;
         });
         Ok(())
@@ -1108,7 +1108,7 @@ impl MessageBackend for SqlBackend {
                 added += i64::try_from(done).unwrap_or(i64::MAX);
             }
             if added > 0 {
-                announce!(pool, tx, Change::payload(&ids));
+                announce!(pool, tx, Change::payloads(&ids));
             }
             tx.commit().await.map_err(sql_error)?;
             added
@@ -1215,7 +1215,7 @@ impl MessageAdmin for SqlBackend {
                 .rows_affected()
                 + covered_without_row.max(0) as u64;
             if deliveries > 0 {
-                announce!(pool, tx, "*");
+                announce!(pool, tx, Change::All.to_payloads());
             }
             tx.commit().await.map_err(sql_error)?;
             (deliveries, messages)
@@ -1277,9 +1277,9 @@ impl WatchChanges for SqlBackend {
     }
 
     async fn announce(&self, change: &Change) -> Result<()> {
-        let payload = change.to_payload();
+        let payloads = change.to_payloads();
         with_pool!(&self.pool, pool => {
-            announce_query(pool, payload)
+            announce_query(pool, payloads)
                 .execute(pool)
                 .await
                 .map_err(sql_error)?;

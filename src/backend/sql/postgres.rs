@@ -43,10 +43,15 @@ impl IdArray for Postgres {
     const ROWS: &'static str = "select unnest(${n}::int8[]) as id";
     const INBOX_TABLE: &'static str = "sm_deliveries as d";
 
-    fn announce<'q>(payload: String) -> Query<'q, Postgres, PgArguments> {
+    fn announce<'q>(payloads: Vec<String>) -> Query<'q, Postgres, PgArguments> {
         static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let sql = SQL.get_or_init(|| format!("select pg_notify({}, $2)", channel_sql(1)));
-        sqlx::query(sql).bind(CHANGES_CHANNEL).bind(payload)
+        let sql = SQL.get_or_init(|| {
+            format!(
+                "select pg_notify({}, p) from unnest($2::text[]) as p",
+                channel_sql(1)
+            )
+        });
+        sqlx::query(sql).bind(CHANGES_CHANNEL).bind(payloads)
     }
 }
 
@@ -85,7 +90,8 @@ pub(super) async fn deliver(
              a as (insert into sm_audiences (message_id, bucket, first_user, last_user, date_us) \
              select m.id, r.b, r.f, r.l, $5 from m \
              cross join unnest($9::int8[], $10::int8[], $11::int8[]) as r(b, f, l)) \
-             select id, pg_notify({}, $8)::text from m",
+             select id, (select string_agg(pg_notify({}, p)::text, '') \
+             from unnest($8::text[]) as p) from m",
         channel_sql(7)
     );
     let ids: Vec<i64> = sqlx::query_scalar(&sql)
@@ -96,7 +102,7 @@ pub(super) async fn deliver(
         .bind(micros(message.date()))
         .bind(singles)
         .bind(CHANGES_CHANNEL)
-        .bind(Change::payload(users))
+        .bind(Change::payloads(users))
         .bind(runs.iter().map(|r| r.bucket).collect::<Vec<_>>())
         .bind(runs.iter().map(|r| r.first).collect::<Vec<_>>())
         .bind(runs.iter().map(|r| r.last).collect::<Vec<_>>())

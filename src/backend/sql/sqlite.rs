@@ -73,9 +73,11 @@ impl IdArray for Sqlite {
     const ROWS: &'static str = "select value as id from json_each(${n})";
     const INBOX_TABLE: &'static str = "sm_deliveries as d indexed by sm_deliveries_inbox";
 
-    fn announce<'q>(payload: String) -> Query<'q, Sqlite, SqliteArguments<'q>> {
-        sqlx::query("insert into sm_changes (users, date_us) values ($1, $2)")
-            .bind(payload)
+    fn announce<'q>(payloads: Vec<String>) -> Query<'q, Sqlite, SqliteArguments<'q>> {
+        // A JSON array of strings, one row each, in order.
+        let payloads = serde_json::to_string(&payloads).unwrap_or_else(|_| "[\"*\"]".into());
+        sqlx::query("insert into sm_changes (users, date_us) select value, $2 from json_each($1)")
+            .bind(payloads)
             .bind(micros(Utc::now()))
     }
 }
@@ -135,7 +137,7 @@ pub(super) async fn deliver(
         .map_err(sql_error)?;
     }
     if !users.is_empty() {
-        Sqlite::announce(Change::payload(users))
+        Sqlite::announce(Change::payloads(users))
             .execute(&mut *tx)
             .await
             .map_err(sql_error)?;
