@@ -56,6 +56,13 @@ fn level_choices(
             })
             .collect()
     });
+    // A level the form does not offer (a crafted request, refused with its error) leaves the
+    // select on the form's usual choice, not on its first option.
+    let chosen = if texts.iter().any(|(name, _, _)| *name == chosen) {
+        chosen
+    } else {
+        DEFAULT_LEVEL
+    };
     texts
         .iter()
         .map(|(name, level, texts)| {
@@ -74,6 +81,9 @@ fn level_choices(
         })
         .collect()
 }
+
+/// The level the home form starts on.
+const DEFAULT_LEVEL: &str = "stored_info";
 
 /// What the demo form sent back, to re-render it.
 #[derive(Debug, Default, Serialize)]
@@ -179,7 +189,7 @@ fn index(
 ) -> Page {
     let kept = matches!(keep, Some("1" | "true" | "yes" | "on"));
     let form = DemoValues {
-        level: "stored_info".into(),
+        level: DEFAULT_LEVEL.into(),
         ..DemoValues::default()
     };
     home(store.config(), &messages, user.as_ref(), kept, &form, &[])

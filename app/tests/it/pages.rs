@@ -1044,6 +1044,16 @@ async fn javascript_url_is_refused_and_nothing_changes(app: &TestApp) {
         html.contains("Enter a message.") && html.contains("Invalid url"),
         "both errors"
     );
+    // a level the form does not offer: its error, and the select back on the usual level
+    // (not on its first option, which drops messages)
+    let r = b
+        .post_form("/demo/message", &[("level", "bogus"), ("message", "hello")])
+        .await;
+    assert_eq!(r.status(), Status::UnprocessableEntity);
+    let html = r.into_string().await.unwrap();
+    assert!(html.contains("level-error"), "{html}");
+    assert!(html.contains("value=\"stored_info\" selected>"), "{html}");
+    assert_eq!(html.matches(" selected>").count(), 1, "{html}");
 }
 
 async fn missing_or_wrong_csrf_token_is_refused_and_nothing_changes(app: &TestApp) {
