@@ -606,14 +606,14 @@ impl Reply<'_> {
 
     /// The answer: `json` for a script; for a plain button, `notice` (a one-time message at
     /// the success level) and the redirect back.
-    async fn answer(self, json: Value, notice: &str) -> Done {
+    fn answer(self, json: Value, notice: &str) -> Done {
         match self {
             Reply::Json => Done::Json(Json(json)),
             Reply::Back(next, messages) => {
-                // A notice the host's levels refuse is dropped (`min_level`), which is its
-                // choice; one that cannot be kept (its flash storage is full) costs nothing
-                // but the notice.
-                if let Err(e) = messages.add(crate::Level::SUCCESS, notice).await {
+                // Always a flash message, even where the host stores the success level (a
+                // stored notice would wait in the inbox to be marked read in turn). One the
+                // host's `min_level` refuses is dropped, which is its choice.
+                if let Err(e) = messages.add_flash(crate::Level::SUCCESS, notice) {
                     log::warn!(
                         "stored-messages: a button's notice was not kept: {}",
                         report(&e)
@@ -648,7 +648,7 @@ async fn inbox_mark_read(
         // holds, so back to the page, which shows the inbox as it is. Scripts get the 404.
         if reply.is_back() {
             let notice = "This message was already read (in another tab or window).";
-            return Ok(reply.answer(Value::Null, notice).await);
+            return Ok(reply.answer(Value::Null, notice));
         }
         return Err(Error::MessageDoesNotExist(id).into());
     }
@@ -657,9 +657,7 @@ async fn inbox_mark_read(
         Some(text) => format!("Marked read: \u{201c}{text}\u{201d}."),
         None => "Marked read.".to_string(),
     };
-    Ok(reply
-        .answer(json!({ "id": id, "read": true, "unread": unread }), &notice)
-        .await)
+    Ok(reply.answer(json!({ "id": id, "read": true, "unread": unread }), &notice))
 }
 
 #[post("/mark_all_read", data = "<reply>")]
@@ -672,9 +670,7 @@ async fn mark_all_read(user: ApiUser, store: &State<Store>, reply: Reply<'_>) ->
         1 => "Marked 1 message read.".to_string(),
         n => format!("Marked {n} messages read."),
     };
-    Ok(reply
-        .answer(json!({ "marked": marked, "unread": unread }), &notice)
-        .await)
+    Ok(reply.answer(json!({ "marked": marked, "unread": unread }), &notice))
 }
 
 #[get("/openapi.json")]

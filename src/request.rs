@@ -650,6 +650,21 @@ impl<'r> Messages<'r> {
         Ok(())
     }
 
+    /// Queues a flash message whatever the level, even one the configuration stores: for
+    /// the library's own notices (what a plain button did), which must never become stored
+    /// messages that need marking read in turn. Dropped like [`Messages::add_with`]'s when
+    /// empty or below `min_level`.
+    pub(crate) fn add_flash(&self, level: Level, text: &str) -> Result<()> {
+        if text.trim().is_empty() || level < self.store.config().min_level {
+            return Ok(());
+        }
+        let message = NewMessage::parse(level, text, "", None, None)?;
+        let mut inner = self.state.lock();
+        inner.flash.push((message, false));
+        self.rewrite_cookies(&mut inner);
+        Ok(())
+    }
+
     /// The stream in date order, marking it shown. Each call returns the whole stream.
     pub fn iter(&self) -> std::vec::IntoIter<StreamMessage> {
         let tags = self.store.level_tags();

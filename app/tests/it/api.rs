@@ -22,6 +22,7 @@ app_tests!(
     rocket_errors_under_messages_have_the_json_shape,
     trailing_slash_is_optional,
     plain_forms_redirect_back,
+    a_plain_buttons_notice_is_never_stored,
     count_says_unread,
     a_thousand_streams_opened_and_closed_leave_none_open,
     a_burst_beyond_the_limit_is_one_resync,
@@ -714,6 +715,34 @@ async fn plain_forms_redirect_back(app: &TestApp) {
     send(&b, alice, "three").await;
     let (_, html) = b.get_html("/inbox").await;
     assert!(html.contains("class=\"sm-mark-read\"") && html.contains("class=\"sm-mark-all-read\""));
+}
+
+/// A host that stores the success level still gets a plain button's notice as a one-time
+/// message: stored, it would wait in the inbox to be marked read in turn.
+async fn a_plain_buttons_notice_is_never_stored(app: &TestApp) {
+    let alice = app.user("alice", false).await.user_id();
+    let figment = app
+        .figment()
+        .merge(("stored_messages.store_levels", [21, 25, 31]));
+    let b = app
+        .browser_with(stored_messages_app::rocket_from(figment))
+        .await;
+    b.login_as("alice").await;
+    let id = send(&b, alice, "one").await;
+    let r = b
+        .post_form(&format!("/messages/inbox/{id}/read"), &[("next", "/inbox")])
+        .await;
+    assert_eq!(r.status(), Status::SeeOther);
+    let (_, html) = b.get_html("/inbox").await;
+    assert!(html.contains("Marked read: \u{201c}one\u{201d}."), "{html}");
+    let store = TestApp::store(&b);
+    assert_eq!(store.backend().inbox_count(alice).await.unwrap(), 0);
+    let archive = store
+        .backend()
+        .archive_list(alice, ListQuery::ALL)
+        .await
+        .unwrap();
+    assert_eq!(archive.len(), 1, "only the message itself");
 }
 
 async fn count_says_unread(app: &TestApp) {
