@@ -7,7 +7,8 @@
 //! Every error, Rocket's own 404/422/413 included, has the shape of [`crate::error_body`].
 //! The two POST routes also accept plain HTML forms (with a `csrf_token` field and an
 //! optional site-relative `next`): they then redirect back instead of answering JSON, with a
-//! one-time notice (a flash message at [`crate::Level::SUCCESS`]) that says what was done,
+//! one-time notice (a flash message) that says what was done, with the page's message area
+//! as the redirect's fragment ([`NOTICE_ANCHOR`]),
 //! so the buttons of the message list work without JavaScript.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -593,6 +594,26 @@ impl<'r> FromData<'r> for Reply<'r> {
     }
 }
 
+/// The id of the crate's message area (`stored_messages/messages`): a plain button's answer
+/// goes back to it, so the page opens with focus on the notice that says what the button did
+/// (a screen reader reads it; the next Tab goes on from there), not at the top of the page.
+pub const NOTICE_ANCHOR: &str = "stored-messages";
+
+/// `next` with [`NOTICE_ANCHOR`] as its fragment, unless it has one of its own.
+fn with_anchor(next: String) -> String {
+    if next.contains('#') {
+        next
+    } else {
+        format!("{next}#{NOTICE_ANCHOR}")
+    }
+}
+
+/// A text quoted in a notice: isolated, so right-to-left or override characters in it do
+/// not reorder the words around it.
+fn quoted(text: &str) -> String {
+    format!("\u{201c}\u{2068}{text}\u{2069}\u{201d}")
+}
+
 /// A site-relative `next`, or `/`.
 fn safe_next(next: Option<&str>) -> String {
     next.and_then(crate::local_path)
@@ -605,21 +626,22 @@ impl Reply<'_> {
     }
 
     /// The answer: `json` for a script; for a plain button, `notice` (a one-time message at
-    /// the success level) and the redirect back.
-    fn answer(self, json: Value, notice: &str) -> Done {
+    /// `level`) and the redirect back, to the message area of the page (see
+    /// [`NOTICE_ANCHOR`]).
+    fn answer(self, json: Value, level: crate::Level, notice: &str) -> Done {
         match self {
             Reply::Json => Done::Json(Json(json)),
             Reply::Back(next, messages) => {
                 // Always a flash message, even where the host stores the success level (a
                 // stored notice would wait in the inbox to be marked read in turn). One the
                 // host's `min_level` refuses is dropped, which is its choice.
-                if let Err(e) = messages.add_flash(crate::Level::SUCCESS, notice) {
+                if let Err(e) = messages.add_flash(level, notice) {
                     log::warn!(
                         "stored-messages: a button's notice was not kept: {}",
                         report(&e)
                     );
                 }
-                Done::Back(Box::new(Redirect::to(next)))
+                Done::Back(Box::new(Redirect::to(with_anchor(next))))
             }
         }
     }
@@ -640,24 +662,26 @@ async fn inbox_mark_read(
             .inbox_get(user.0, id)
             .await
             .ok()
-            .map(|m| crate::request::summary(&m.message)),
+            .map(|m| crate::request::message_summary(&m.message)),
         false => None,
     };
     if !store.mark_read(user.0, id).await? {
         // A plain button of a message read meanwhile (in another tab): what it asked for
         // holds, so back to the page, which shows the inbox as it is. Scripts get the 404.
         if reply.is_back() {
-            let notice = "This message was already read (in another tab or window).";
-            return Ok(reply.answer(Value::Null, notice));
+            let notice =
+                "This message was no longer unread: read in another tab or window, or expired.";
+            return Ok(reply.answer(Value::Null, crate::Level::INFO, notice));
         }
         return Err(Error::MessageDoesNotExist(id).into());
     }
     let unread = store.backend().inbox_count(user.0).await?;
     let notice = match text {
-        Some(text) => format!("Marked read: \u{201c}{text}\u{201d}."),
+        Some(text) => format!("Marked read: {}.", quoted(&text)),
         None => "Marked read.".to_string(),
     };
-    Ok(reply.answer(json!({ "id": id, "read": true, "unread": unread }), &notice))
+    let json = json!({ "id": id, "read": true, "unread": unread });
+    Ok(reply.answer(json, crate::Level::SUCCESS, &notice))
 }
 
 #[post("/mark_all_read", data = "<reply>")]
@@ -665,12 +689,20 @@ async fn mark_all_read(user: ApiUser, store: &State<Store>, reply: Reply<'_>) ->
     let marked = store.mark_all_read(user.0).await?;
     // Counted again: a message may have arrived meanwhile.
     let unread = store.backend().inbox_count(user.0).await?;
-    let notice = match marked {
-        0 => "There was nothing to mark read.".to_string(),
-        1 => "Marked 1 message read.".to_string(),
-        n => format!("Marked {n} messages read."),
+    // The words stored-messages.js says for the same button.
+    let (level, notice) = match marked {
+        0 => (
+            crate::Level::INFO,
+            "There was nothing to mark read.".to_string(),
+        ),
+        1 => (crate::Level::SUCCESS, "1 message marked read.".to_string()),
+        n => (
+            crate::Level::SUCCESS,
+            format!("All {n} messages marked read."),
+        ),
     };
-    Ok(reply.answer(json!({ "marked": marked, "unread": unread }), &notice))
+    let json = json!({ "marked": marked, "unread": unread });
+    Ok(reply.answer(json, level, &notice))
 }
 
 #[get("/openapi.json")]

@@ -179,6 +179,14 @@ fn rfc3339_micros<S: Serializer>(date: &DateTime<Utc>, serializer: S) -> Result<
     serializer.serialize_str(&rfc3339(*date))
 }
 
+/// A message's text as a short name (button labels, notices): its words, each run of
+/// whitespace (newlines, indents) as one space, then the first 40 characters, with `…`
+/// when it was longer.
+pub(crate) fn message_summary(text: &str) -> String {
+    let words = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    summary(&words)
+}
+
 /// The first 40 characters of `text`, with `…` when it was longer.
 pub(crate) fn summary(text: &str) -> String {
     match summary_cut(text) {
@@ -210,7 +218,7 @@ impl StreamMessage {
             url: m.url().map(str::to_string),
             date: m.date(),
             date_text: date_text(m.date()),
-            summary: summary(m.message()),
+            summary: message_summary(m.message()),
             head: long_head(m.message()).map(str::to_string),
         }
     }
@@ -230,7 +238,7 @@ impl StreamMessage {
             url: m.url.clone(),
             date: m.date,
             date_text: date_text(m.date),
-            summary: summary(&m.message),
+            summary: message_summary(&m.message),
             head: long_head(&m.message).map(str::to_string),
         }
     }
@@ -290,7 +298,7 @@ impl Serialize for StreamView<'_> {
         out.serialize_field("url", &self.url)?;
         out.serialize_field("date", &rfc3339(self.date))?;
         out.serialize_field("date_text", &date_text(self.date))?;
-        out.serialize_field("summary", &summary(self.message))?;
+        out.serialize_field("summary", &message_summary(self.message))?;
         out.serialize_field("head", &long_head(self.message))?;
         out.end()
     }
@@ -973,6 +981,16 @@ impl From<Error> for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn message_summaries_are_the_words_of_the_text() {
+        assert_eq!(
+            message_summary("\n\n   \n   leading  blank\tlines"),
+            "leading blank lines"
+        );
+        let long = format!("  {}", "word ".repeat(20));
+        assert_eq!(message_summary(&long), format!("{}…", &"word ".repeat(8)[..40]));
+    }
 
     #[test]
     fn summaries_cut_at_forty_characters() {

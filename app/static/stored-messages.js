@@ -48,6 +48,7 @@
   }
 
   function summary(text) {
+    text = text.split(/\s+/).filter(Boolean).join(" ");
     var chars = Array.from(text);
     return chars.length > 40 ? chars.slice(0, 40).join("") + "\u2026" : text;
   }
@@ -169,7 +170,9 @@
           if (item) item.remove();
           showEmptyIfNeeded(list);
           focusAfterRemoval(list, next, previous);
-          announce("Marked read: " + name + ".");
+          // Quoted and isolated, as the server's notice: the text's own direction
+          // characters do not reorder the words around it.
+          announce("Marked read: \u201c\u2068" + name + "\u2069\u201d.");
         } else {
           if (list) list.querySelectorAll("li.message").forEach(function (li) { li.remove(); });
           showEmptyIfNeeded(list);

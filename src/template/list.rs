@@ -12,7 +12,7 @@ use rocket_dyn_templates::tera::{self, Tera};
 use serde::Serialize;
 
 use crate::message::{LevelTags, Message};
-use crate::request::{long_head, push_date_text, push_rfc3339, summary_cut, StreamMessage};
+use crate::request::{long_head, message_summary, push_date_text, push_rfc3339, StreamMessage};
 
 /// The name hosts override, as rocket_dyn_templates names it.
 pub const LIST_TEMPLATE: &str = "stored_messages/list";
@@ -228,11 +228,7 @@ fn builtin(kind: &str, messages: &[Message], tags: &LevelTags, forms: Forms<'_>)
             out.push_str(
                 "\n      <button type=\"submit\" class=\"secondary\" aria-label=\"Mark read: ",
             );
-            let (head, cut) = summary_cut(&m.message);
-            push_escaped(&mut out, head);
-            if cut {
-                out.push('…');
-            }
+            push_escaped(&mut out, &message_summary(&m.message));
             // With the date: the buttons of two messages of one text have different names.
             out.push_str(", ");
             push_date_text(&mut out, m.date);

@@ -22,7 +22,7 @@ pub(crate) const FILTER: &str = "stored_messages_stream_partial";
 /// What `stored_messages/messages` holds when the host has no override: the partial's
 /// output for an empty or missing `messages`, and the filter for the rest (the line
 /// breaks around them are the template's own).
-pub(crate) const FAST_SOURCE: &str = "\n{% if messages %}{{ messages | stored_messages_stream_partial }}{% else %}<div class=\"messages\" aria-live=\"polite\">\n</div>{% endif %}\n";
+pub(crate) const FAST_SOURCE: &str = "\n{% if messages %}{{ messages | stored_messages_stream_partial }}{% else %}<div class=\"messages\" id=\"stored-messages\" tabindex=\"-1\" aria-live=\"polite\">\n</div>{% endif %}\n";
 
 /// Renders `messages` as `messages.html.tera` does.
 pub(crate) struct StreamPartial;
@@ -74,7 +74,9 @@ fn push_value(
 
 fn render(messages: &Value) -> tera::Result<String> {
     let mut out = String::with_capacity(64 + 320 * messages.as_array().map_or(0, Vec::len));
-    out.push_str("<div class=\"messages\" aria-live=\"polite\">");
+    out.push_str(
+        "<div class=\"messages\" id=\"stored-messages\" tabindex=\"-1\" aria-live=\"polite\">",
+    );
     let list: &[Value] = match messages {
         Value::Array(list) => list,
         _ => &[],

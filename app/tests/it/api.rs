@@ -663,11 +663,18 @@ async fn plain_forms_redirect_back(app: &TestApp) {
         )
         .await;
     assert_eq!(r.status(), Status::SeeOther);
-    assert_eq!(r.headers().get_one("Location"), Some("/?keep=1"));
+    assert_eq!(
+        r.headers().get_one("Location"),
+        Some("/?keep=1#stored-messages"),
+        "back to the notice"
+    );
     // The page that comes back says what the button did, once (without a script nothing
     // else would): a one-time notice in the stream, naming the message.
     let (_, html) = b.get_html("/inbox").await;
-    assert!(html.contains("Marked read: \u{201c}one\u{201d}."), "{html}");
+    assert!(
+        html.contains("Marked read: \u{201c}\u{2068}one\u{2069}\u{201d}."),
+        "{html}"
+    );
     let (_, html) = b.get_html("/inbox").await;
     assert!(!html.contains("Marked read"), "shown once: {html}");
     // the same button again (the message was read meanwhile, in another tab): back to the
@@ -676,9 +683,12 @@ async fn plain_forms_redirect_back(app: &TestApp) {
         .post_form(&format!("/messages/inbox/{id}/read"), &[("next", "/inbox")])
         .await;
     assert_eq!(r.status(), Status::SeeOther);
-    assert_eq!(r.headers().get_one("Location"), Some("/inbox"));
+    assert_eq!(
+        r.headers().get_one("Location"),
+        Some("/inbox#stored-messages")
+    );
     let (_, html) = b.get_html("/inbox").await;
-    assert!(html.contains("This message was already read"), "{html}");
+    assert!(html.contains("This message was no longer unread"), "{html}");
     let (status, _) = post_json(&b, &format!("/messages/inbox/{id}/read")).await;
     assert_eq!(status, Status::NotFound);
     let (status, _) = post_json(&b, "/messages/mark_all_read").await;
@@ -698,11 +708,11 @@ async fn plain_forms_redirect_back(app: &TestApp) {
         .await;
     assert_eq!(
         r.headers().get_one("Location"),
-        Some("/"),
+        Some("/#stored-messages"),
         "only site-relative next"
     );
     let (_, html) = b.get_html("/inbox").await;
-    assert!(html.contains("Marked 2 messages read."), "{html}");
+    assert!(html.contains("All 2 messages marked read."), "{html}");
     assert_eq!(
         TestApp::store(&b)
             .backend()
@@ -734,7 +744,10 @@ async fn a_plain_buttons_notice_is_never_stored(app: &TestApp) {
         .await;
     assert_eq!(r.status(), Status::SeeOther);
     let (_, html) = b.get_html("/inbox").await;
-    assert!(html.contains("Marked read: \u{201c}one\u{201d}."), "{html}");
+    assert!(
+        html.contains("Marked read: \u{201c}\u{2068}one\u{2069}\u{201d}."),
+        "{html}"
+    );
     let store = TestApp::store(&b);
     assert_eq!(store.backend().inbox_count(alice).await.unwrap(), 0);
     let archive = store

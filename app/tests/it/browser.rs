@@ -863,7 +863,11 @@ async fn mark_read_by_keyboard_moves_focus_to_the_next_message() {
         t.contains("Marked read")
     })
     .await;
-    assert_eq!(said, "Marked read: Stored message 1 for the browser.");
+    // quoted and isolated, as the notice of a plain button
+    assert_eq!(
+        said,
+        "Marked read: \u{201c}\u{2068}Stored message 1 for the browser\u{2069}\u{201d}."
+    );
     assert_eq!(session.inbox_ids().await, session.messages[1..]);
 
     // act: Shift+Tab back to "Mark all read", Enter
@@ -903,6 +907,60 @@ async fn mark_read_by_keyboard_moves_focus_to_the_next_message() {
 /// axe-core (from npm, see `.ci/run`) on every page and state of the reference app, at 390
 /// and 1280 px wide: no violation of WCAG 2.1 A/AA or of axe's best practices. With
 /// `STORED_MESSAGES_SCREENSHOTS=DIR`, it also saves a screenshot of each state and width.
+/// Without JavaScript, a "Mark read" button is a plain form: the page it returns to opens
+/// on its message area, with focus on the notice that says what the button did (a screen
+/// reader reads it), and the next Tab goes on to the list rather than to the top of the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_javascript_mark_read_returns_focus_to_its_notice() {
+    let Some(session) = Session::start_with(2, &["--blink-settings=scriptEnabled=false"]).await
+    else {
+        return;
+    };
+    let client = &session.served.client;
+    session.login_and_open_inbox().await;
+
+    // act: Tab to the first message's "Mark read", then Enter
+    let first = session.messages[0];
+    let mut tabs = 0;
+    while active(
+        client,
+        "el.closest('li') ? el.closest('li').dataset.id + ' ' + el.textContent.trim() : ''",
+    )
+    .await
+        != format!("{first} Mark read")
+    {
+        tabs += 1;
+        assert!(tabs < 40, "Tab never reached the first \"Mark read\"");
+        press(client, Key::Tab).await;
+    }
+    press(client, Key::Enter).await;
+
+    // assert: back on the inbox, at its notice, with focus there
+    eventually("the button to come back to its notice", WAIT, || async {
+        let url = client.current_url().await.map_err(|e| e.to_string())?;
+        if url.path() == "/inbox" && url.fragment() == Some("stored-messages") {
+            Ok(())
+        } else {
+            Err(format!("the browser is at {url}"))
+        }
+    })
+    .await;
+    assert_focus(client, "#stored-messages", "the message area").await;
+    let notice = wait_for_text(client, "#stored-messages", |t| t.contains("Marked read")).await;
+    assert_eq!(
+        notice,
+        "Success\nMarked read: \u{201c}\u{2068}Stored message 1 for the browser\u{2069}\u{201d}."
+    );
+    assert_eq!(session.inbox_ids().await, session.messages[1..]);
+    press(client, Key::Tab).await;
+    assert_eq!(
+        active(client, "el.textContent.trim()").await,
+        "Mark all read",
+        "the next Tab goes on to the list"
+    );
+    session.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_page_and_state_passes_axe_at_two_widths() {
     let Some(axe) = axe_source() else {
@@ -1347,6 +1405,12 @@ impl Served {
     /// Serves the app built from `figment` (a test figment: its database, its settings; the
     /// port and shutdown settings are added here), starts chromedriver and opens a session.
     async fn start(tools: BrowserTools, figment: Figment) -> Served {
+        Served::start_with(tools, figment, &[]).await
+    }
+
+    /// As [`Served::start`], with more Chromium flags (`--blink-settings=scriptEnabled=false`
+    /// for a browser without JavaScript).
+    async fn start_with(tools: BrowserTools, figment: Figment, flags: &[&str]) -> Served {
         // the server, on a port the OS picks and liftoff reports
         let (port_tx, port_rx) = oneshot::channel();
         let figment = figment
@@ -1412,7 +1476,11 @@ impl Served {
         .await;
 
         // a Chromium with a fresh profile
-        let mut args: Vec<String> = CHROMIUM_FLAGS.iter().map(|f| f.to_string()).collect();
+        let mut args: Vec<String> = CHROMIUM_FLAGS
+            .iter()
+            .chain(flags)
+            .map(|f| f.to_string())
+            .collect();
         // More flags for a look at the pages, e.g. `--force-dark-mode` (dark colour scheme).
         if let Ok(extra) = std::env::var("STORED_MESSAGES_CHROMIUM_FLAGS") {
             args.extend(extra.split_whitespace().map(str::to_string));
@@ -1573,12 +1641,17 @@ struct Session {
 impl Session {
     /// Starts everything, or `None` (after one line) when the browser tools are missing.
     async fn start(message_count: usize) -> Option<Session> {
+        Session::start_with(message_count, &[]).await
+    }
+
+    /// As [`Session::start`], with more Chromium flags.
+    async fn start_with(message_count: usize, flags: &[&str]) -> Option<Session> {
         let tools = browser_tools()?;
 
         // the app's database, with the user in it before launch (so no first admin is made)
         let app = TestApp::sqlite().await?;
         let user = app.user("alice", false).await.user_id();
-        let served = Served::start(tools, test_figment(&app.url)).await;
+        let served = Served::start_with(tools, test_figment(&app.url), flags).await;
 
         // the user's messages
         let mut messages = Vec::new();

@@ -301,14 +301,14 @@ async fn inbox_page_marks_read_without_javascript(app: &TestApp) {
         .expect("a Mark read form")
         .replace("&#x2F;", "/");
     let r = b.post_form(&action, &[("next", "/inbox")]).await;
-    assert_redirect(&r, "/inbox");
+    assert_redirect(&r, "/inbox#stored-messages");
     assert_eq!(TestApp::inbox_texts(&b, alice).await, ["two"]);
     let (_, html) = b.get_html("/inbox").await;
     assert_eq!(badge(&html), "1");
     let r = b
         .post_form("/messages/mark_all_read", &[("next", "/inbox")])
         .await;
-    assert_redirect(&r, "/inbox");
+    assert_redirect(&r, "/inbox#stored-messages");
     let (_, html) = b.get_html("/inbox").await;
     assert_eq!(badge(&html), "0");
     assert!(html.contains("No unread messages."));
@@ -542,7 +542,7 @@ async fn odd_next_values_redirect_instead_of_failing(app: &TestApp) {
         let r = b
             .post_form("/messages/mark_all_read", &[("next", next)])
             .await;
-        assert_redirect(&r, "/");
+        assert_redirect(&r, "/#stored-messages");
     }
     // Generated values, on every route that takes `next`: a redirect, never a 5xx.
     use rand::{Rng, SeedableRng};
