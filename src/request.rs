@@ -989,7 +989,10 @@ mod tests {
             "leading blank lines"
         );
         let long = format!("  {}", "word ".repeat(20));
-        assert_eq!(message_summary(&long), format!("{}…", &"word ".repeat(8)[..40]));
+        assert_eq!(
+            message_summary(&long),
+            format!("{}…", &"word ".repeat(8)[..40])
+        );
     }
 
     #[test]

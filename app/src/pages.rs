@@ -208,6 +208,13 @@ fn demo_errors(values: &DemoValues) -> (Option<Level>, Vec<FieldError>) {
     let mut errors = Vec::new();
     let level = match Level::parse(&values.level) {
         Ok(level) => Some(level),
+        Err(_) if values.level.trim().is_empty() => {
+            errors.push(FieldError {
+                field: "level",
+                text: "Choose a level.".into(),
+            });
+            None
+        }
         Err(e) => {
             errors.push(FieldError {
                 field: "level",

@@ -1054,6 +1054,13 @@ async fn javascript_url_is_refused_and_nothing_changes(app: &TestApp) {
     assert!(html.contains("level-error"), "{html}");
     assert!(html.contains("value=\"stored_info\" selected>"), "{html}");
     assert_eq!(html.matches(" selected>").count(), 1, "{html}");
+    // none at all: said in words, not as an unknown level ""
+    let r = b
+        .post_form("/demo/message", &[("level", ""), ("message", "hello")])
+        .await;
+    assert_eq!(r.status(), Status::UnprocessableEntity);
+    let html = r.into_string().await.unwrap();
+    assert!(html.contains("Choose a level."), "{html}");
 }
 
 async fn missing_or_wrong_csrf_token_is_refused_and_nothing_changes(app: &TestApp) {
