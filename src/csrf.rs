@@ -332,15 +332,33 @@ pub(crate) async fn check(request: &mut Request<'_>, data: &mut Data<'_>, policy
     reject(request, policy, in_api);
 }
 
-/// Reroutes `request` to the 403 route of its side (the API's, or the host's).
+/// Reroutes `request` to the 403 route of its side: the API's (a JSON error), or the host's
+/// (its own 403 page). A plain HTML form posted to the API (the message list's buttons
+/// without JavaScript) is a page's, so it gets the host's page: a browser shows JSON as text.
 fn reject(request: &mut Request<'_>, policy: &Policy, in_api: bool) {
     let target = match policy.api.as_deref() {
-        Some(api) if in_api => format!("{api}{API_REJECTED}"),
+        Some(api) if in_api && !is_page_form(request) => format!("{api}{API_REJECTED}"),
         _ => REJECTED_PATH.to_string(),
     };
     request.local_cache(|| CsrfRejected(true));
     if let Ok(uri) = rocket::http::uri::Origin::parse_owned(target) {
         request.set_uri(uri);
+    }
+}
+
+/// Whether `request` is a browser submitting an HTML form as a page would: a urlencoded body,
+/// and a navigation (`Sec-Fetch-Mode: navigate`, or without that header, an `Accept` that
+/// asks for HTML). Scripts that post forms with `fetch` are not navigations.
+pub(crate) fn is_page_form(request: &Request<'_>) -> bool {
+    if !request.content_type().is_some_and(|ct| ct.is_form()) {
+        return false;
+    }
+    match request.headers().get_one("Sec-Fetch-Mode") {
+        Some(mode) => mode.eq_ignore_ascii_case("navigate"),
+        None => request
+            .headers()
+            .get_one("Accept")
+            .is_some_and(|accept| accept.contains("text/html")),
     }
 }
 

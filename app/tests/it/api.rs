@@ -722,9 +722,40 @@ async fn plain_forms_redirect_back(app: &TestApp) {
         0
     );
     // the inbox list renders the buttons as forms
-    send(&b, alice, "three").await;
+    let three = send(&b, alice, "three").await;
     let (_, html) = b.get_html("/inbox").await;
     assert!(html.contains("class=\"sm-mark-read\"") && html.contains("class=\"sm-mark-all-read\""));
+    // The button of a page whose token no longer holds (its session ended): the browser
+    // shows the site's 403 page, not JSON as text. A script posting a form gets the JSON.
+    let stale = |navigates: bool| {
+        let request = b
+            .client
+            .post(format!("/messages/inbox/{three}/read"))
+            .header(ContentType::Form)
+            .body("csrf_token=stale&next=/inbox");
+        if navigates {
+            request.header(Header::new("Sec-Fetch-Mode", "navigate"))
+        } else {
+            request.header(Header::new("Accept", "application/json"))
+        }
+    };
+    let r = stale(true).dispatch().await;
+    assert_eq!(r.status(), Status::Forbidden);
+    assert_eq!(r.content_type(), Some(ContentType::HTML));
+    assert!(r.into_string().await.unwrap().contains("security token"));
+    let r = stale(false).dispatch().await;
+    assert_eq!(r.status(), Status::Forbidden);
+    let body: Value = r.into_json().await.unwrap();
+    assert_error(&body, Status::Forbidden);
+    assert_eq!(
+        TestApp::store(&b)
+            .backend()
+            .inbox_count(alice)
+            .await
+            .unwrap(),
+        1,
+        "nothing changed"
+    );
 }
 
 /// A host that stores the success level still gets a plain button's notice as a one-time
