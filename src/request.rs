@@ -183,6 +183,14 @@ fn rfc3339_micros<S: Serializer>(date: &DateTime<Utc>, serializer: S) -> Result<
 /// whitespace (newlines, indents) as one space, then the first 40 characters, with `…`
 /// when it was longer.
 pub(crate) fn message_summary(text: &str) -> String {
+    // Most texts are already single-spaced: no copy for them.
+    let plain = !text.starts_with(' ')
+        && !text.ends_with(' ')
+        && !text.contains("  ")
+        && !text.chars().any(|c| c.is_whitespace() && c != ' ');
+    if plain {
+        return summary(text);
+    }
     let words = text.split_whitespace().collect::<Vec<_>>().join(" ");
     summary(&words)
 }
@@ -993,6 +1001,9 @@ mod tests {
             message_summary(&long),
             format!("{}…", &"word ".repeat(8)[..40])
         );
+        assert_eq!(message_summary("plain words"), "plain words");
+        assert_eq!(message_summary("two  spaces"), "two spaces");
+        assert_eq!(message_summary("no\u{a0}break"), "no break");
     }
 
     #[test]
