@@ -18,6 +18,7 @@ use rocket::form::Form;
 use rocket::http::uri::Origin;
 use rocket::http::Status;
 use rocket::request::{FromRequest, Outcome};
+use rocket::response::content::RawHtml;
 use rocket::response::{Redirect, Responder};
 use rocket::serde::json::{json, Json, Value};
 use rocket::{Catcher, Request, Route, State};
@@ -348,8 +349,12 @@ impl From<Error> for ApiError {
 
 impl<'r> Responder<'r, 'static> for ApiError {
     fn respond_to(self, request: &'r Request<'_>) -> rocket::response::Result<'static> {
-        let body = error_body(self.status, &self.message);
-        rocket::response::Response::build_from(Json(body).respond_to(request)?)
+        let answer = if crate::csrf::is_page_form(request) {
+            error_page(&self.message, request).respond_to(request)?
+        } else {
+            Json(error_body(self.status, &self.message)).respond_to(request)?
+        };
+        rocket::response::Response::build_from(answer)
             .status(self.status)
             .ok()
     }
@@ -724,8 +729,15 @@ pub fn routes() -> Vec<Route> {
     ]
 }
 
+/// What the API's catchers answer: the JSON error, or a short page for a plain HTML form.
+#[derive(Responder)]
+enum Failed {
+    Json(Json<Value>),
+    Page(RawHtml<String>),
+}
+
 #[catch(default)]
-fn json_error(status: Status, request: &Request<'_>) -> Json<Value> {
+fn json_error(status: Status, request: &Request<'_>) -> Failed {
     let message = match status.code {
         401 => "authentication required: log in first",
         403 if crate::csrf::was_rejected(request) => {
@@ -740,7 +752,52 @@ fn json_error(status: Status, request: &Request<'_>) -> Json<Value> {
         503 => "message storage is unavailable, try again shortly",
         _ => "internal error",
     };
-    Json(error_body(status, message))
+    if crate::csrf::is_page_form(request) {
+        return Failed::Page(error_page(message, request));
+    }
+    Failed::Json(Json(error_body(status, message)))
+}
+
+/// The answer to a plain HTML form posted to the API that failed (the list's buttons without
+/// JavaScript, during a store outage, say): a short page a browser shows, with a link back to
+/// the page the form was on, instead of JSON shown as text. (A refused CSRF token gets the
+/// host's own 403 page instead, see [`crate::csrf`].)
+fn error_page(message: &str, request: &Request<'_>) -> RawHtml<String> {
+    let back = referer_path(request).unwrap_or_else(|| "/".to_string());
+    let mut text = message.to_string();
+    if let Some(first) = text.get(..1) {
+        text.replace_range(..1, &first.to_uppercase());
+    }
+    let mut html = String::from(
+        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <title>Not done</title>\n</head>\n<body>\n<main>\n<h1>Not done</h1>\n<p>",
+    );
+    crate::template::push_escaped(&mut html, &text);
+    html.push_str(".</p>\n<p><a href=\"");
+    crate::template::push_escaped(&mut html, &back);
+    html.push_str("\">Back to the page</a></p>\n</main>\n</body>\n</html>\n");
+    RawHtml(html)
+}
+
+/// The path of the page a form was sent from (its `Referer`, when that is this site), as a
+/// safe local path.
+fn referer_path(request: &Request<'_>) -> Option<String> {
+    let referer = rocket::http::uri::Absolute::parse(request.headers().get_one("Referer")?).ok()?;
+    let host = request.headers().get_one("Host")?;
+    let authority = referer.authority()?;
+    let same_site = match authority.port() {
+        Some(port) => format!("{}:{port}", authority.host()),
+        None => authority.host().to_string(),
+    };
+    if !same_site.eq_ignore_ascii_case(host) {
+        return None;
+    }
+    let path = match referer.query() {
+        Some(query) => format!("{}?{query}", referer.path()),
+        None => referer.path().to_string(),
+    };
+    crate::local_path(&path)
 }
 
 /// JSON catchers for everything under the API's base.

@@ -62,6 +62,7 @@ mod stream;
 
 pub(crate) use self::fill::fill;
 pub use self::helpers::MAX_HELPER_LIMIT;
+pub(crate) use self::list::push_escaped;
 pub use self::list::{BUILTIN_SOURCE as BUILTIN_LIST_SOURCE, LIST_TEMPLATE};
 
 /// The name under which pages include the list partial:

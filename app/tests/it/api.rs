@@ -747,6 +747,48 @@ async fn plain_forms_redirect_back(app: &TestApp) {
     assert_eq!(r.status(), Status::Forbidden);
     let body: Value = r.into_json().await.unwrap();
     assert_error(&body, Status::Forbidden);
+    // Other failures of a page's form: a short page with a link back to where the form was
+    // (its same-site `Referer`), not JSON.
+    let token = b.csrf_token().await;
+    let failing = |referer: &'static str| {
+        b.client
+            .post("/messages/inbox/not-an-id/read")
+            .header(ContentType::Form)
+            .header(Header::new("Sec-Fetch-Mode", "navigate"))
+            .header(Header::new("Host", "app.example"))
+            .header(Header::new("Referer", referer))
+            .body(format!("csrf_token={token}&next=/inbox"))
+    };
+    let r = failing("http://app.example/inbox?page=2").dispatch().await;
+    assert_eq!(r.status(), Status::NotFound);
+    assert_eq!(r.content_type(), Some(ContentType::HTML));
+    let html = r.into_string().await.unwrap();
+    assert!(html.contains("Not done"), "{html}");
+    assert!(html.contains("not-an-id"), "says which id: {html}");
+    assert!(html.contains("href=\"&#x2F;inbox?page=2\""), "{html}");
+    let r = failing("http://elsewhere.example/inbox").dispatch().await;
+    let html = r.into_string().await.unwrap();
+    assert!(
+        html.contains("href=\"&#x2F;\""),
+        "another site's page is not linked: {html}"
+    );
+    // and from a catcher: a visitor's button (a valid token, nobody logged in)
+    let visitor = app.browser_with(app.rocket()).await;
+    let token = visitor.csrf_token().await;
+    let r = visitor
+        .client
+        .post("/messages/mark_all_read")
+        .header(ContentType::Form)
+        .header(Header::new("Sec-Fetch-Mode", "navigate"))
+        .body(format!("csrf_token={token}"))
+        .dispatch()
+        .await;
+    assert_eq!(r.status(), Status::Unauthorized);
+    let html = r.into_string().await.unwrap();
+    assert!(
+        html.contains("Authentication required: log in first."),
+        "{html}"
+    );
     assert_eq!(
         TestApp::store(&b)
             .backend()
