@@ -248,7 +248,15 @@
 
   // What the live stream brought since the last note, said in one note a moment later: a
   // burst of messages is one announcement, not several that replace one another.
-  var news = { added: [], read: [], timer: null };
+  var news = { added: [], read: [], unlisted: 0, timer: null };
+
+  // Past this many unread messages the stream sends counts only (the crate's
+  // live::KNOWN_LIMIT): then a count that rises is how new messages are known.
+  var KNOWN_LIMIT = 500;
+  // Whether a `message` event came since the last `count`, and that count (the badge may
+  // have moved since, by a resync or a Mark read here).
+  var messageSinceCount = false;
+  var lastStreamCount = null;
 
   function levelWord(level) {
     var label = levelLabel(level);
@@ -269,8 +277,12 @@
     } else if (news.read.length > 1) {
       parts.push(news.read.length + " messages were read elsewhere");
     }
+    if (news.unlisted > 0) {
+      parts.push(news.unlisted === 1 ? "1 new message" : news.unlisted + " new messages");
+    }
     news.added = [];
     news.read = [];
+    news.unlisted = 0;
     if (parts.length) announce(parts.join(". ") + ".");
   }
 
@@ -393,6 +405,7 @@
   }
 
   function addMessage(m) {
+    messageSinceCount = true;
     var id = String(m.id);
     if (pending) {
       pending.added[id] = true;
@@ -500,6 +513,18 @@
 
   var firstCount = true;
 
+  // New messages that only a rising count tells of (see KNOWN_LIMIT): counted as news.
+  function countedNews(data, untracked) {
+    if (!data || typeof data.unread !== "number") return;
+    var before = lastStreamCount;
+    if (untracked && !messageSinceCount && before !== null && data.unread > before) {
+      news.unlisted += data.unread - before;
+      queueNews();
+    }
+    messageSinceCount = false;
+    lastStreamCount = data.unread;
+  }
+
   function handle(type, data) {
     if (type === "message") {
       addMessage(data);
@@ -509,11 +534,15 @@
       if (firstCount && !pageSince && currentCount() !== null && currentCount() !== data.unread) {
         resync();
       }
+      countedNews(data, data.unread > KNOWN_LIMIT);
       firstCount = false;
       if (pending) pending.counted = true;
       setCount(data.unread);
       showWaiting(data.unread);
     } else if (type === "resync") {
+      // A burst, or an inbox past KNOWN_LIMIT: the messages are not sent one by one, so
+      // what rose is said as a number.
+      countedNews(data, true);
       resync();
     }
   }

@@ -506,6 +506,34 @@ async fn a_long_inbox_lists_the_oldest_and_counts_the_rest_live() {
     session.stop().await;
 }
 
+/// Past `live::KNOWN_LIMIT` unread messages the stream sends counts only: a new message
+/// there still raises the badge and is announced, as a count ("1 new message").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_message_past_the_streams_limit_is_announced_by_its_count() {
+    let limit = stored_messages::live::KNOWN_LIMIT as usize;
+    let Some(session) = Session::start(limit + 1).await else {
+        return;
+    };
+    let client = &session.served.client;
+    let store = &session.served.store;
+    session.login_and_open_inbox().await;
+    let unread = (limit + 1).to_string();
+    assert_eq!(
+        unread_count_text(client).await.as_deref(),
+        Some(unread.as_str())
+    );
+    sleep(Duration::from_millis(500)).await;
+
+    send(store, session.user, "Past the limit").await;
+
+    wait_for_unread_count(client, &(limit + 2).to_string()).await;
+    wait_for_text(client, ".messages[aria-live] .sr-note", |t| {
+        t == "1 new message."
+    })
+    .await;
+    session.stop().await;
+}
+
 /// Stores a message for `user` (the request-free `Store`, as any process would).
 async fn send(store: &Store, user: UserId, text: &str) {
     store
