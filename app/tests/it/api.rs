@@ -640,6 +640,13 @@ async fn trailing_slash_is_optional(app: &TestApp) {
 
 async fn plain_forms_redirect_back(app: &TestApp) {
     let (b, alice) = user(app, "alice").await;
+    let unread = || async {
+        TestApp::store(&b)
+            .backend()
+            .inbox_count(alice)
+            .await
+            .unwrap()
+    };
     let id = send(&b, alice, "one").await;
     send(&b, alice, "two").await;
     let r = b
@@ -699,14 +706,7 @@ async fn plain_forms_redirect_back(app: &TestApp) {
     );
     let (_, html) = b.get_html("/inbox").await;
     assert!(html.contains("All 2 messages marked read."), "{html}");
-    assert_eq!(
-        TestApp::store(&b)
-            .backend()
-            .inbox_count(alice)
-            .await
-            .unwrap(),
-        0
-    );
+    assert_eq!(unread().await, 0);
     // the inbox list renders the buttons as forms
     let three = send(&b, alice, "three").await;
     let (_, html) = b.get_html("/inbox").await;
@@ -775,15 +775,7 @@ async fn plain_forms_redirect_back(app: &TestApp) {
         html.contains("Authentication required: log in first."),
         "{html}"
     );
-    assert_eq!(
-        TestApp::store(&b)
-            .backend()
-            .inbox_count(alice)
-            .await
-            .unwrap(),
-        1,
-        "nothing changed"
-    );
+    assert_eq!(unread().await, 1, "nothing changed");
 }
 
 /// A host that stores the success level still gets a plain button's notice as a one-time
