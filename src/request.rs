@@ -17,6 +17,7 @@ use rocket::http::{Cookie, CookieJar, SameSite, Status};
 use rocket::request::{FromRequest, Outcome};
 use rocket::{Ignite, Request, Rocket, Sentinel};
 use serde::ser::{Serialize, SerializeSeq, Serializer};
+use unicode_segmentation::UnicodeSegmentation;
 
 use crate::backend::ListQuery;
 use crate::error::{Error, Result};
@@ -57,22 +58,25 @@ pub struct StreamMessage {
     pub date: DateTime<Utc>,
     /// The date for people: `2026-11-25 14:05 UTC`.
     pub date_text: String,
-    /// The text cut to 40 characters (with `…`), for labels such as a button's.
+    /// The text cut to 40 characters (with `…`), for labels such as a button's. Characters
+    /// as a reader sees them: an emoji or an accented letter is never cut in two.
     pub summary: String,
     /// For a long text (over [`LONG_TEXT_CHARS`] characters): its start, about 200
-    /// characters cut at a space, which the templates show with the rest behind "Show more".
+    /// characters (as [`StreamMessage::summary`] counts them) cut at a space, which the templates show with the rest behind "Show more".
     /// `None` for a text short enough to show whole.
     pub head: Option<String>,
 }
 
-/// Texts longer than this (in characters) have a [`StreamMessage::head`].
+/// Texts longer than this (in characters, as [`StreamMessage::summary`] counts them) have
+/// a [`StreamMessage::head`].
 pub const LONG_TEXT_CHARS: usize = 300;
 
 /// The start of a long text (see [`StreamMessage::head`]).
 pub(crate) fn long_head(text: &str) -> Option<&str> {
-    let mut chars = text.char_indices();
-    chars.nth(LONG_TEXT_CHARS)?;
-    let cut = text.char_indices().nth(200).map_or(text.len(), |(i, _)| i);
+    // No more code points than that is no more characters: most texts need no lookup.
+    text.char_indices().nth(LONG_TEXT_CHARS)?;
+    cut_after_characters(text, LONG_TEXT_CHARS)?;
+    let cut = cut_after_characters(text, 200)?;
     let head = &text[..cut];
     Some(match head.rfind(char::is_whitespace) {
         Some(space) if space > cut / 2 => head[..space].trim_end(),
@@ -195,7 +199,8 @@ pub(crate) fn message_summary(text: &str) -> String {
     summary(&words)
 }
 
-/// The first 40 characters of `text`, with `…` when it was longer.
+/// The first 40 characters of `text` (user-perceived: see [`cut_after_characters`]), with
+/// `…` when it was longer.
 pub(crate) fn summary(text: &str) -> String {
     match summary_cut(text) {
         (head, true) => format!("{head}…"),
@@ -205,10 +210,24 @@ pub(crate) fn summary(text: &str) -> String {
 
 /// The first 40 characters of `text`, and whether that cut something off.
 pub(crate) fn summary_cut(text: &str) -> (&str, bool) {
-    match text.char_indices().nth(40) {
-        Some((cut, _)) => (&text[..cut], true),
+    match cut_after_characters(text, 40) {
+        Some(cut) => (&text[..cut], true),
         None => (text, false),
     }
+}
+
+/// Where `text` ends after its first `n` user-perceived characters (Unicode's extended
+/// grapheme clusters: a letter with its accents, a flag, an emoji with its modifiers and
+/// joined parts), or `None` when it has no more than `n`. A cut there splits no character
+/// a reader sees as one.
+pub(crate) fn cut_after_characters(text: &str, n: usize) -> Option<usize> {
+    // In ASCII every byte is a character of its own, except CR before LF: when the first
+    // n + 1 bytes are ASCII without CR, byte n starts character n + 1 (no lookup needed).
+    let probe = &text.as_bytes()[..text.len().min(n + 1)];
+    if probe.is_ascii() && !probe.contains(&b'\r') {
+        return (text.len() > n).then_some(n);
+    }
+    text.grapheme_indices(true).nth(n).map(|(i, _)| i)
 }
 
 impl StreamMessage {
@@ -1015,6 +1034,34 @@ mod tests {
     }
 
     #[test]
+    fn summaries_never_split_a_character_a_reader_sees_as_one() {
+        let family = "\u{1f468}\u{200d}\u{1f469}\u{200d}\u{1f467}"; // one emoji, five code points
+        let text = format!("{}{family}{family}", "x".repeat(39));
+        assert_eq!(summary(&text), format!("{}{family}…", "x".repeat(39)));
+        // An accent that follows the fortieth letter stays with it; so does a skin tone.
+        let accented = format!("{}e\u{301}tude", "x".repeat(39));
+        assert_eq!(summary(&accented), format!("{}e\u{301}…", "x".repeat(39)));
+        let waving = format!("{}\u{1f44b}\u{1f3fd} hello", "x".repeat(39));
+        assert_eq!(
+            summary(&waving),
+            format!("{}\u{1f44b}\u{1f3fd}…", "x".repeat(39))
+        );
+        // A flag is two regional indicators.
+        let flags = "\u{1f1eb}\u{1f1f7}".repeat(41);
+        assert_eq!(
+            summary(&flags),
+            format!("{}…", "\u{1f1eb}\u{1f1f7}".repeat(40))
+        );
+        // Exactly 40 of them: nothing cut.
+        assert_eq!(summary(&family.repeat(40)), family.repeat(40));
+        // CR LF is one character too; the ASCII shortcut must not take it for two.
+        assert_eq!(cut_after_characters(&"\r\n".repeat(3), 2), Some(4));
+        assert_eq!(cut_after_characters("abc", 2), Some(2));
+        assert_eq!(cut_after_characters("ab", 2), None);
+        assert_eq!(cut_after_characters("", 0), None);
+    }
+
+    #[test]
     fn long_texts_have_a_head_cut_at_a_space() {
         assert_eq!(long_head(&"x".repeat(300)), None);
         let long = "word ".repeat(100);
@@ -1023,6 +1070,13 @@ mod tests {
         assert!(head.ends_with("word"), "{head:?}");
         let unbroken = "❤".repeat(301);
         assert_eq!(long_head(&unbroken).unwrap(), "❤".repeat(200));
+        // 302 code points, but 151 characters: short enough to show whole.
+        assert_eq!(long_head(&"e\u{301}".repeat(151)), None);
+        let mixed = format!("{}e\u{301}{}", "x".repeat(199), "y".repeat(200));
+        assert_eq!(
+            long_head(&mixed).unwrap(),
+            format!("{}e\u{301}", "x".repeat(199))
+        );
     }
 
     #[test]

@@ -49,14 +49,24 @@
 
   function summary(text) {
     text = text.split(/\s+/).filter(Boolean).join(" ");
-    var chars = Array.from(text);
+    var chars = characters(text);
     return chars.length > 40 ? chars.slice(0, 40).join("") + "\u2026" : text;
+  }
+
+  // The characters of a text as a reader sees them (a letter with its accents, a flag, an
+  // emoji with its modifiers), as the crate counts them; code points in a browser that
+  // cannot tell (no Intl.Segmenter).
+  var graphemes = window.Intl && Intl.Segmenter ? new Intl.Segmenter(undefined, { granularity: "grapheme" }) : null;
+  function characters(text) {
+    if (!graphemes) return Array.from(text);
+    return Array.from(graphemes.segment(text), function (s) { return s.segment; });
   }
 
   // The start of a text over 300 characters (about 200, cut at a space), as the crate's
   // StreamMessage::head; null for a shorter one.
   function longHead(text) {
-    var chars = Array.from(text);
+    if (text.length <= 300) return null;
+    var chars = characters(text);
     if (chars.length <= 300) return null;
     var head = chars.slice(0, 200).join("");
     var space = Math.max(head.lastIndexOf(" "), head.lastIndexOf("\n"), head.lastIndexOf("\t"));

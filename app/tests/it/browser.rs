@@ -534,6 +534,73 @@ async fn a_new_message_past_the_streams_limit_is_announced_by_its_count() {
     session.stop().await;
 }
 
+/// A message that appears live is labelled as the server labels it: its "Mark read" names
+/// the text's first 40 characters, and a long text shows its first 200, counted as a reader
+/// sees characters (`Intl.Segmenter` in the script, Unicode's grapheme clusters in the
+/// crate), so neither cut splits an emoji or leaves an accent behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_messages_cut_their_texts_where_the_server_does() {
+    let Some(session) = Session::start(0).await else {
+        return;
+    };
+    let client = &session.served.client;
+    let store = &session.served.store;
+    session.login_and_open_inbox().await;
+    sleep(Duration::from_millis(500)).await;
+    // One emoji of five code points, where each cut falls.
+    let family = "\u{1f468}\u{200d}\u{1f469}\u{200d}\u{1f467}";
+    let short = format!("{}{family}{family} e\u{301}tude", "x".repeat(39));
+    let long = format!("{}{family}{}", "y".repeat(199), "z".repeat(200));
+
+    send(store, session.user, &short).await;
+    send(store, session.user, &long).await;
+    let live = eventually("both messages to appear live", WAIT, || async {
+        let labels = list_labels(client).await;
+        if labels.len() == 2 {
+            Ok(labels)
+        } else {
+            Err(format!("{labels:?}"))
+        }
+    })
+    .await;
+    session.served.goto("/inbox").await;
+    let served = list_labels(client).await;
+
+    assert_eq!(live, served, "the script's labels against the page's");
+    assert_eq!(
+        served,
+        vec![
+            (
+                format!("Mark read: {}{family}…", "x".repeat(39)),
+                String::new()
+            ),
+            (
+                format!("Mark read: {}…", "y".repeat(40)),
+                format!("{}{family}…", "y".repeat(199))
+            ),
+        ]
+    );
+    session.stop().await;
+}
+
+/// Each listed message's "Mark read" label (without its date) and the start shown of a
+/// long text (empty for a short one).
+async fn list_labels(client: &Client) -> Vec<(String, String)> {
+    let labels = client
+        .execute(
+            "return Array.from(document.querySelectorAll('ul.stored-messages-inbox li.message'), \
+               function (li) { \
+                 var label = li.querySelector('form.sm-mark-read button').getAttribute('aria-label'); \
+                 var head = li.querySelector('.long .head'); \
+                 return [label.slice(0, label.lastIndexOf(', ')), head ? head.textContent : '']; \
+               });",
+            vec![],
+        )
+        .await
+        .unwrap();
+    serde_json::from_value(labels).unwrap()
+}
+
 /// Stores a message for `user` (the request-free `Store`, as any process would).
 async fn send(store: &Store, user: UserId, text: &str) {
     store
