@@ -62,15 +62,24 @@
     return Array.from(graphemes.segment(text), function (s) { return s.segment; });
   }
 
-  // The start of a text over 300 characters (about 200, cut at a space), as the crate's
-  // StreamMessage::head; null for a shorter one.
+  // The start of a text over 300 characters (about 200, cut at its last space if that is
+  // past the middle), exactly as the crate's StreamMessage::head: the same spaces (Unicode's
+  // White_Space), and the middle in UTF-8 bytes; null for a shorter text.
+  var spaces = /[\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+$/;
+  var utf8 = new TextEncoder();
   function longHead(text) {
     if (text.length <= 300) return null;
     var chars = characters(text);
     if (chars.length <= 300) return null;
     var head = chars.slice(0, 200).join("");
-    var space = Math.max(head.lastIndexOf(" "), head.lastIndexOf("\n"), head.lastIndexOf("\t"));
-    return space > head.length / 2 ? head.slice(0, space).replace(/\s+$/, "") : head;
+    var space = -1;
+    for (var i = head.length - 1; i >= 0; i--) {
+      if (spaces.test(head.charAt(i))) { space = i; break; }
+    }
+    if (space < 0 || utf8.encode(head.slice(0, space)).length <= utf8.encode(head).length / 2) {
+      return head;
+    }
+    return head.slice(0, space).replace(spaces, "");
   }
 
   // ---- Dates ---------------------------------------------------------------------------

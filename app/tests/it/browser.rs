@@ -537,7 +537,8 @@ async fn a_new_message_past_the_streams_limit_is_announced_by_its_count() {
 /// A message that appears live is labelled as the server labels it: its "Mark read" names
 /// the text's first 40 characters, and a long text shows its first 200, counted as a reader
 /// sees characters (`Intl.Segmenter` in the script, Unicode's grapheme clusters in the
-/// crate), so neither cut splits an emoji or leaves an accent behind.
+/// crate), so neither cut splits an emoji or leaves an accent behind; and a long text's
+/// start ends at the same space.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_messages_cut_their_texts_where_the_server_does() {
     let Some(session) = Session::start(0).await else {
@@ -551,12 +552,16 @@ async fn live_messages_cut_their_texts_where_the_server_does() {
     let family = "\u{1f468}\u{200d}\u{1f469}\u{200d}\u{1f467}";
     let short = format!("{}{family}{family} e\u{301}tude", "x".repeat(39));
     let long = format!("{}{family}{}", "y".repeat(199), "z".repeat(200));
+    // Its last space is before the middle of its start in characters, past it in bytes
+    // (the crate's measure): the start ends there.
+    let wide = format!("{} {}", "€".repeat(80), "a".repeat(300));
 
     send(store, session.user, &short).await;
     send(store, session.user, &long).await;
-    let live = eventually("both messages to appear live", WAIT, || async {
+    send(store, session.user, &wide).await;
+    let live = eventually("the messages to appear live", WAIT, || async {
         let labels = list_labels(client).await;
-        if labels.len() == 2 {
+        if labels.len() == 3 {
             Ok(labels)
         } else {
             Err(format!("{labels:?}"))
@@ -577,6 +582,10 @@ async fn live_messages_cut_their_texts_where_the_server_does() {
             (
                 format!("Mark read: {}…", "y".repeat(40)),
                 format!("{}{family}…", "y".repeat(199))
+            ),
+            (
+                format!("Mark read: {}…", "€".repeat(40)),
+                format!("{}…", "€".repeat(80))
             ),
         ]
     );
