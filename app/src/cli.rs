@@ -184,13 +184,8 @@ async fn execute(command: Command, figment: Figment) -> Result<(), String> {
         }
         Command::Send { to, message } => {
             let message = message.parse()?;
-            // Each name once, in the order given.
-            let mut names: Vec<String> = Vec::new();
-            for name in to.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
-                if !names.iter().any(|n| n == name) {
-                    names.push(name.to_string());
-                }
-            }
+            // Each name once, in its one spelling, in the order given.
+            let names = crate::users::recipient_names(to.iter().map(String::as_str));
             if names.is_empty() {
                 return Err("--to names no user: give at least one username".to_string());
             }

@@ -167,6 +167,20 @@ fn lookup_name(typed: &str) -> String {
     normalize_username(typed).unwrap_or_else(|_| typed.trim().to_string())
 }
 
+/// Recipients as typed (in any case, maybe repeated): each name once, in its one spelling
+/// where it has one (`ALICE` is `alice`), in the order given. So a recipient typed twice
+/// is counted, audited and shown once.
+pub fn recipient_names<'a>(typed: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    typed
+        .into_iter()
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(lookup_name)
+        .filter(|name| seen.insert(name.clone()))
+        .collect()
+}
+
 /// Whether `password` may be `username`'s: 8 to 1,024 characters, not only spaces, not the
 /// username, not one of the most common passwords.
 ///
@@ -526,10 +540,16 @@ impl Users {
     /// [`UserError::Unknown`] naming every username that does not exist.
     pub async fn ids_by_names(&self, names: &[String]) -> Result<Vec<UserId>, UserError> {
         let mut ids = Vec::with_capacity(names.len());
+        let mut seen = std::collections::HashSet::new();
         let mut unknown = Vec::new();
         for name in names {
             match self.by_name(name).await? {
-                Some(user) => ids.push(user.user_id()),
+                // Two spellings of one user are one recipient.
+                Some(user) => {
+                    if seen.insert(user.id) {
+                        ids.push(user.user_id());
+                    }
+                }
                 None => unknown.push(name.clone()),
             }
         }

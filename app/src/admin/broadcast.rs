@@ -183,17 +183,7 @@ pub(super) struct BroadcastForm<'r> {
 
 /// Usernames separated by commas, spaces or new lines, without duplicates, in order.
 fn parse_usernames(raw: &str) -> Vec<String> {
-    let mut names: Vec<String> = Vec::new();
-    for name in raw
-        .split([',', '\n', '\r', ' ', '\t'])
-        .map(str::trim)
-        .filter(|n| !n.is_empty())
-    {
-        if !names.iter().any(|n| n == name) {
-            names.push(name.to_string());
-        }
-    }
-    names
+    crate::users::recipient_names(raw.split([',', '\n', '\r', ' ', '\t']))
 }
 
 impl BroadcastValues {
@@ -505,5 +495,7 @@ mod tests {
             ["alice", "bob", "carol"]
         );
         assert!(parse_usernames(" , \n").is_empty());
+        // One user in several spellings is one recipient, named in its own spelling.
+        assert_eq!(parse_usernames("alice, ALICE Alice,Bob"), ["alice", "bob"]);
     }
 }

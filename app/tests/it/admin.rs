@@ -414,15 +414,25 @@ async fn broadcast_to_two_named_users_reaches_only_them(app: &TestApp) {
     let r = b
         .post_form(
             "/admin/broadcast",
-            &form("list", "alice,\nbob", "Just you two", "send"),
+            // Typed again in other cases: still two recipients.
+            &form("list", "alice,\nbob, ALICE Bob", "Just you two", "send"),
         )
         .await;
     assert_redirect(&r, "/admin/broadcast");
     assert_eq!(TestApp::inbox_texts(&b, alice).await, ["Just you two"]);
     assert_eq!(TestApp::inbox_texts(&b, bob).await, ["Just you two"]);
     assert!(TestApp::inbox_texts(&b, carol).await.is_empty());
+    let (_, html) = b.get_html("/admin/broadcast").await;
+    assert!(html.contains("Sent to 2 users"), "{html}");
     let (_, html) = b.get_html("/admin/audit").await;
-    assert!(html.contains("alice, bob"));
+    assert!(
+        html.contains("<td data-label=\"Audience\" class=\"wrap\">alice, bob</td>"),
+        "{html}"
+    );
+    assert!(
+        html.contains(r#"<td data-label="Size" class="num">2</td>"#),
+        "audience size"
+    );
 }
 
 async fn unknown_usernames_are_all_named_and_nothing_is_sent(app: &TestApp) {

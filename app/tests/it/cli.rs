@@ -84,8 +84,11 @@ fn send_and_read_back(cli: &Cli) {
         None,
     );
     assert!(out.contains("to 2 users: alice, bob"), "{out}");
-    let out = cli.ok(&["send", "--to", "alice,alice, alice", "once"], None);
-    assert!(out.contains("to 1 user: alice"), "each name once: {out}");
+    let out = cli.ok(&["send", "--to", "alice,ALICE, Alice", "once"], None);
+    assert!(
+        out.contains("to 1 user: alice"),
+        "each user once, in its own spelling: {out}"
+    );
     let out = cli.ok(&["inbox", "alice"], None);
     assert!(out.contains("3 unread messages for alice"), "{out}");
     assert!(out.contains("[stored info] hello ❤"), "{out}");
