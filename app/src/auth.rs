@@ -188,6 +188,20 @@ async fn login(
         .status(status)
     };
     let Some(input) = &form.value else {
+        let entered = |name: &str| {
+            form.context
+                .field_value(name)
+                .is_some_and(|v| !v.is_empty())
+        };
+        // Both entered, but longer than any username or password can be: no account has
+        // them, which is what a wrong password is told (and such a login can never succeed,
+        // so there is nothing to throttle).
+        if entered("username") && entered("password") {
+            return Err(Refused::Form(failed(
+                Status::Unauthorized,
+                "Unknown username or wrong password.",
+            )));
+        }
         return Err(Refused::Form(failed(
             Status::UnprocessableEntity,
             "Enter a username and a password.",

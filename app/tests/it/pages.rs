@@ -1168,10 +1168,30 @@ async fn login_refuses_wrong_passwords_and_honours_next(app: &TestApp) {
         )
         .await;
     assert_eq!(r.status(), Status::Unauthorized);
+    // Longer than any username or password can be: no account has them (not "enter a
+    // username and a password", which were both entered).
+    let long_name = "a".repeat(65);
+    let long_password = "p".repeat(4097);
+    for (username, password) in [
+        (long_name.as_str(), "horse-battery-9"),
+        ("alice", long_password.as_str()),
+    ] {
+        let r = b
+            .post_form("/login", &[("username", username), ("password", password)])
+            .await;
+        assert_eq!(r.status(), Status::Unauthorized);
+        let html = r.into_string().await.unwrap();
+        assert!(
+            html.contains("Unknown username or wrong password"),
+            "{html}"
+        );
+    }
     let r = b
         .post_form("/login", &[("username", ""), ("password", "")])
         .await;
     assert_eq!(r.status(), Status::UnprocessableEntity);
+    let html = r.into_string().await.unwrap();
+    assert!(html.contains("Enter a username and a password"), "{html}");
     let r = b
         .post_form(
             "/login",
