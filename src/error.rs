@@ -16,6 +16,31 @@ pub use crate::backend::error::BoxError;
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A text as an error message quotes it: control characters are written as `\u{…}`
+/// escapes, so that a terminal or a page shows them as text instead of obeying them (an
+/// escape sequence in a refused url must not recolour the terminal that prints the error).
+/// Everything else is written as it is.
+///
+/// ```
+/// assert_eq!(stored_messages::Printable("a\u{1b}[2Jb").to_string(), "a\\u{1b}[2Jb");
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Printable<'a>(pub &'a str);
+
+impl std::fmt::Display for Printable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_unicode())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Everything that can go wrong in stored-messages.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -28,11 +53,11 @@ pub enum Error {
     #[error("message {0} does not exist")]
     MessageDoesNotExist(MessageId),
     /// An id that is not a positive decimal integer (its first 40 characters).
-    #[error("malformed message id \"{0}\"")]
+    #[error("malformed message id \"{}\"", Printable(.0))]
     MessageIdMalformed(String),
     /// A level that is neither an integer nor one of the ten names (its first 40
     /// characters).
-    #[error("unknown level \"{0}\"")]
+    #[error("unknown level \"{}\"", Printable(.0))]
     UnknownLevel(String),
     /// Message text that is empty or only whitespace.
     #[error("message text is empty")]
@@ -60,7 +85,7 @@ pub enum Error {
     #[error("extra tags {0:?} contain control characters")]
     InvalidExtraTags(String),
     /// A url that is not `http(s)` or a site-relative path.
-    #[error("invalid url \"{url}\": {why}")]
+    #[error("invalid url \"{}\": {why}", Printable(.url))]
     InvalidUrl {
         /// The refused url.
         url: String,
@@ -68,7 +93,11 @@ pub enum Error {
         why: &'static str,
     },
     /// Usernames the host does not know; nothing was sent.
-    #[error("unknown user{}: {}", if .0.len() == 1 { "" } else { "s" }, .0.join(", "))]
+    #[error(
+        "unknown user{}: {}",
+        if .0.len() == 1 { "" } else { "s" },
+        .0.iter().map(|n| Printable(n).to_string()).collect::<Vec<_>>().join(", ")
+    )]
     UnknownUsers(Vec<String>),
     /// Configuration that does not validate; every problem is listed, naming its key.
     #[error("invalid configuration: {}", .0.join("; "))]

@@ -142,7 +142,7 @@ impl Level {
 /// A level that is neither an integer nor a level's name (wrapped by
 /// [`crate::Error::UnknownLevel`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown level \"{0}\"")]
+#[error("unknown level \"{}\"", crate::error::Printable(.0))]
 pub struct UnknownLevel(pub String);
 
 impl FromStr for Level {

@@ -335,7 +335,7 @@ pub use crate::backend::{SqlBackend, SqlPool};
 pub use crate::changes::{Change, ChangeFeed, ChangeReceiver};
 pub use crate::config::Config;
 pub use crate::csrf::CsrfToken;
-pub use crate::error::{error_body, report, BoxError, Error, Result};
+pub use crate::error::{error_body, report, BoxError, Error, Printable, Result};
 pub use crate::events::{Event, Events};
 pub use crate::fairing::StoredMessages;
 pub use crate::host::Host;

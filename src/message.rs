@@ -78,7 +78,7 @@ pub enum InvalidMessage {
     #[error("extra tags {0:?} contain control characters")]
     InvalidExtraTags(String),
     /// The url is not an `http(s)` url with a host or a site-relative path.
-    #[error("invalid url \"{url}\": {why}")]
+    #[error("invalid url \"{}\": {why}", crate::error::Printable(.url))]
     InvalidUrl {
         /// The url given (its first 40 characters, with `…` if it was longer).
         url: String,
@@ -86,7 +86,7 @@ pub enum InvalidMessage {
         why: &'static str,
     },
     /// An id that is not a positive decimal integer (its first 40 characters).
-    #[error("malformed message id \"{0}\"")]
+    #[error("malformed message id \"{}\"", crate::error::Printable(.0))]
     MalformedId(String),
 }
 

@@ -14,7 +14,7 @@ use rocket::figment::Figment;
 use crate::users::{AppHost, UserError, Users};
 use stored_messages::report;
 use stored_messages::ListQuery;
-use stored_messages::{Level, NewMessage, Store};
+use stored_messages::{Level, NewMessage, Printable, Store};
 
 /// Flash and stored messages for Rocket: the reference app and its tools.
 #[derive(Debug, Parser)]
@@ -170,7 +170,7 @@ async fn execute(command: Command, figment: Figment) -> Result<(), String> {
                 .by_name(&name)
                 .await
                 .map_err(user_error)?
-                .ok_or_else(|| format!("unknown user \"{name}\""))?;
+                .ok_or_else(|| format!("unknown user \"{}\"", Printable(&name)))?;
             let password = read_password()?;
             let ended = users
                 .set_password(&user, &password)
@@ -224,7 +224,7 @@ async fn execute(command: Command, figment: Figment) -> Result<(), String> {
                 .by_name(&name)
                 .await
                 .map_err(user_error)?
-                .ok_or_else(|| format!("unknown user \"{name}\""))?;
+                .ok_or_else(|| format!("unknown user \"{}\"", Printable(&name)))?;
             let ended = users.end_sessions(user.id).await.map_err(user_error)?;
             println!(
                 "ended {ended} session{} of {}",
@@ -237,7 +237,7 @@ async fn execute(command: Command, figment: Figment) -> Result<(), String> {
                 .by_name(&name)
                 .await
                 .map_err(user_error)?
-                .ok_or_else(|| format!("unknown user \"{name}\""))?;
+                .ok_or_else(|| format!("unknown user \"{}\"", Printable(&name)))?;
             let inbox = store
                 .backend()
                 .inbox_list(user.user_id(), ListQuery::ALL)

@@ -15,7 +15,7 @@ use stored_messages::backend::sql::{run_migrations, SqlPool};
 use stored_messages::backend::BackendError;
 use stored_messages::Host;
 use stored_messages::UserId;
-use stored_messages::{BoxError, Error};
+use stored_messages::{BoxError, Error, Printable};
 use stored_messages::{Change, ChangeFeed, Store};
 
 use crate::sessions::SessionCache;
@@ -65,8 +65,9 @@ const COMMON_PASSWORDS: &[&str] = &[
 pub enum UserError {
     /// Bad username.
     #[error(
-        "invalid username \"{0}\": use 1 to 64 ASCII letters, digits, '.', '_', '-' or '@' \
-         (letters are lowercased)"
+        "invalid username \"{}\": use 1 to 64 ASCII letters, digits, '.', '_', '-' or '@' \
+         (letters are lowercased)",
+        Printable(.0)
     )]
     InvalidUsername(String),
     /// Password too short.
@@ -79,7 +80,7 @@ pub enum UserError {
     #[error("password is too easy to guess: {0}")]
     PasswordTooWeak(&'static str),
     /// Username taken.
-    #[error("user \"{0}\" already exists")]
+    #[error("user \"{}\" already exists", Printable(.0))]
     Exists(String),
     /// Usernames that do not exist.
     #[error(transparent)]

@@ -257,6 +257,39 @@ fn bad_input_fails_with_one_clear_line() {
         let err = cli.fails(args, *stdin);
         assert!(err.contains(expected), "{args:?}: {err}");
     }
+    // A refused value is quoted with its control characters escaped: an escape sequence in
+    // it does not reach the terminal.
+    let escaped: &[(&[&str], Option<&str>, &str)] = &[
+        (
+            &["send", "--to", "ali\u{1b}ce", "x"],
+            None,
+            "unknown user: ali\\u{1b}ce",
+        ),
+        (
+            &["send", "--to", "alice", "--url", "http://x/\u{1b}[2J", "x"],
+            None,
+            "invalid url \"http://x/\\u{1b}[2J\"",
+        ),
+        (
+            &["createuser", "ev\u{1b}[31mil"],
+            Some("secret-password\n"),
+            "invalid username \"ev\\u{1b}[31mil\"",
+        ),
+        (
+            &["send", "--to", "alice", "--level", "\u{7}", "x"],
+            None,
+            "unknown level \"\\u{7}\"",
+        ),
+        (&["inbox", "x\u{9b}y"], None, "unknown user \"x\\u{9b}y\""),
+    ];
+    for (args, stdin, expected) in escaped {
+        let err = cli.fails(args, *stdin);
+        assert!(err.contains(expected), "{args:?}: {err}");
+        assert!(
+            !err.chars().any(|c| c.is_control() && c != '\n'),
+            "{args:?}: {err:?}"
+        );
+    }
     let long = format!("{}\n", "x1".repeat(513));
     let err = cli.fails(&["createuser", "carol"], Some(&long));
     assert!(err.contains("too long"), "{err}");

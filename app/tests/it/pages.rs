@@ -1014,6 +1014,23 @@ async fn javascript_url_is_refused_and_nothing_changes(app: &TestApp) {
         html.contains("value=\"javascript:alert(1)\""),
         "entered value kept"
     );
+    // The error quotes a control character as an escape, not as the character.
+    let r = b
+        .post_form(
+            "/demo/message",
+            &[
+                ("level", "stored_info"),
+                ("message", "click"),
+                ("url", "/a\u{1b}b"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), Status::UnprocessableEntity);
+    let html = r.into_string().await.unwrap();
+    assert!(
+        html.contains("Invalid url &quot;&#x2F;a\\u{1b}b&quot;"),
+        "{html}"
+    );
     assert!(TestApp::inbox_texts(&b, alice).await.is_empty());
     for (level, status) in [
         ("urgent", Status::UnprocessableEntity),
