@@ -11,6 +11,7 @@ use rocket::response::Redirect;
 use rocket::State;
 use rocket_dyn_templates::context;
 use serde::Serialize;
+use stored_messages::api::NOTICE_ANCHOR;
 use stored_messages::report;
 use stored_messages::template::Page;
 use stored_messages::{
@@ -397,7 +398,7 @@ impl Sending<'_, '_> {
             elapsed.as_secs_f64() * 1000.0
         );
         let _ = self.messages.success(&text).await;
-        Ok(Redirect::to("/admin/broadcast"))
+        Ok(Redirect::to(format!("/admin/broadcast#{NOTICE_ANCHOR}")))
     }
 }
 

@@ -8,6 +8,7 @@ use rocket::response::Redirect;
 use rocket::serde::json::{json, Value};
 use rocket::State;
 use rocket_dyn_templates::context;
+use stored_messages::api::NOTICE_ANCHOR;
 use stored_messages::backend::from_micros;
 use stored_messages::report;
 use stored_messages::template::Page;
@@ -375,9 +376,17 @@ pub(super) async fn delete(
                     "Message {id} deleted from {n} inboxes and archives."
                 ))
                 .await;
-            Ok(Redirect::to("/admin/messages"))
+            Ok(Redirect::to(format!("/admin/messages#{NOTICE_ANCHOR}")))
         }
-        Err(stored_messages::Error::MessageDoesNotExist(_)) => Err(Status::NotFound),
+        // Deleted already (a second click, another admin, a page left open): said so.
+        Err(stored_messages::Error::MessageDoesNotExist(_)) => {
+            let _ = messages
+                .info(&format!(
+                    "Message {id} no longer exists: it was deleted already."
+                ))
+                .await;
+            Ok(Redirect::to(format!("/admin/messages#{NOTICE_ANCHOR}")))
+        }
         Err(e) => {
             log::error!(
                 "reference app: deleting message {id} failed: {}",
@@ -401,5 +410,5 @@ pub(super) async fn cleanup(
             c.inbox_entries, c.messages
         ))
         .await;
-    Ok(Redirect::to("/admin/messages"))
+    Ok(Redirect::to(format!("/admin/messages#{NOTICE_ANCHOR}")))
 }

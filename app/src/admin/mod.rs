@@ -14,6 +14,7 @@ use rocket::request::{FromRequest, Outcome};
 use rocket::response::Redirect;
 use rocket::{Request, Route, State};
 use rocket_dyn_templates::context;
+use stored_messages::api::NOTICE_ANCHOR;
 use stored_messages::template::Page;
 use stored_messages::Messages;
 
@@ -141,7 +142,7 @@ async fn end_sessions(
                 n => format!("Ended {n} sessions of {}.", user.username),
             };
             let _ = messages.success(&text).await;
-            Ok(Redirect::to("/admin"))
+            Ok(Redirect::to(format!("/admin#{NOTICE_ANCHOR}")))
         }
         // Ended; only telling the other instances is still being retried.
         Err(e @ crate::users::UserError::Announce(_)) => {
@@ -155,7 +156,7 @@ async fn end_sessions(
                 crate::users::OTHER_SERVERS_WITHIN_A_MINUTE
             );
             let _ = messages.warning(&text).await;
-            Ok(Redirect::to("/admin"))
+            Ok(Redirect::to(format!("/admin#{NOTICE_ANCHOR}")))
         }
         Err(e) => {
             log::error!(

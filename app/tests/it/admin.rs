@@ -387,7 +387,7 @@ async fn broadcast_to_everyone_reaches_all_and_is_audited(app: &TestApp) {
             &form("everyone", "", "Maintenance tonight", "send"),
         )
         .await;
-    assert_redirect(&r, "/admin/broadcast");
+    assert_redirect(&r, "/admin/broadcast#stored-messages");
     let (_, html) = b.get_html("/admin/broadcast").await;
     assert!(
         html.contains("Sent to 4 users in "),
@@ -418,7 +418,7 @@ async fn broadcast_to_two_named_users_reaches_only_them(app: &TestApp) {
             &form("list", "alice,\nbob, ALICE Bob", "Just you two", "send"),
         )
         .await;
-    assert_redirect(&r, "/admin/broadcast");
+    assert_redirect(&r, "/admin/broadcast#stored-messages");
     assert_eq!(TestApp::inbox_texts(&b, alice).await, ["Just you two"]);
     assert_eq!(TestApp::inbox_texts(&b, bob).await, ["Just you two"]);
     assert!(TestApp::inbox_texts(&b, carol).await.is_empty());
@@ -734,7 +734,7 @@ async fn message_browser_counts_deletes_and_cleans_up(app: &TestApp) {
     let r = b
         .post_form(&format!("/admin/messages/{}/delete", doomed.id), &[])
         .await;
-    assert_redirect(&r, "/admin/messages");
+    assert_redirect(&r, "/admin/messages#stored-messages");
     assert!(store
         .backend()
         .archive_list(bob, ListQuery::ALL)
@@ -748,9 +748,22 @@ async fn message_browser_counts_deletes_and_cleans_up(app: &TestApp) {
         .get_html(&format!("/admin/messages/{}/delete", doomed.id))
         .await;
     assert_eq!(status, Status::NotFound);
+    // Sent again (a second click, a page left open): said in words.
+    let r = b
+        .post_form(&format!("/admin/messages/{}/delete", doomed.id), &[])
+        .await;
+    assert_redirect(&r, "/admin/messages#stored-messages");
+    let (_, html) = b.get_html("/admin/messages").await;
+    assert!(
+        html.contains(&format!(
+            "Message {} no longer exists: it was deleted already.",
+            doomed.id
+        )),
+        "{html}"
+    );
     // cleanup reports what it removed
     let r = b.post_form("/admin/cleanup", &[]).await;
-    assert_redirect(&r, "/admin/messages");
+    assert_redirect(&r, "/admin/messages#stored-messages");
     let (_, html) = b.get_html("/admin/messages").await;
     assert!(
         html.contains("Cleanup removed 2 expired inbox entries and 0 expired messages."),

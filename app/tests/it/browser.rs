@@ -706,6 +706,13 @@ async fn admin_broadcasts_to_two_named_users_and_one_of_them_sees_it_once() {
             .await,
         "/admin/broadcast"
     );
+    // The page opens on its notice, so a screen reader reads the result out.
+    assert_focus(
+        client,
+        "#stored-messages",
+        "the message area with the result",
+    )
+    .await;
 
     // assert: the audit lists it, newest first
     served.goto("/admin/audit").await;
