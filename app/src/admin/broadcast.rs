@@ -125,7 +125,7 @@ fn broadcast_page(
     values: &BroadcastValues,
     errors: &BroadcastErrors,
     preview: Option<Vec<StreamMessage>>,
-    confirm: Option<usize>,
+    confirm: Option<Confirm>,
 ) -> Page {
     let errors = errors.as_sentences();
     Page::render(
@@ -144,6 +144,15 @@ fn broadcast_page(
             store_levels: store.config().store_levels.iter().map(|l| l.0).collect::<Vec<_>>(),
         },
     )
+}
+
+/// The question before a broadcast to everyone: how many users it goes to, and, when the
+/// admin confirmed another count (users were added or removed since the question), that
+/// count.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct Confirm {
+    users: usize,
+    was: Option<usize>,
 }
 
 #[get("/admin/broadcast")]
@@ -178,7 +187,8 @@ pub(super) struct BroadcastForm<'r> {
     recipients: Option<&'r str>,
     usernames: Option<&'r str>,
     action: Option<&'r str>,
-    /// `yes` once the admin confirmed a broadcast to everyone.
+    /// The count of users the admin said yes to, once asked before a broadcast to everyone
+    /// (`yes`, from a script of one's own: whatever the count).
     confirmed: Option<&'r str>,
 }
 
@@ -429,7 +439,7 @@ pub(super) async fn broadcast_send(
     };
     // The form again with the message as recipients will see it: after Preview, and as
     // the question before a broadcast to `confirm` users (everyone).
-    let preview = |confirm: Option<usize>| {
+    let preview = |confirm: Option<Confirm>| {
         let shown =
             StreamMessage::stored(&new.clone().into_message(MessageId(0)), store.level_tags());
         let page = broadcast_page(
@@ -465,9 +475,16 @@ pub(super) async fn broadcast_send(
     };
     // Everyone is asked for once more, with the exact count and the preview; nothing is
     // stored before the admin says yes.
-    let confirmed = form.value.as_ref().and_then(|f| f.confirmed) == Some("yes");
-    if named.is_none() && !confirmed {
-        return preview(Some(size));
+    // The question names its count, and the answer is bound to it: when users were added or
+    // removed since, the admin is asked again with the new count, and nothing is sent.
+    if named.is_none() {
+        let ask = |was: Option<usize>| preview(Some(Confirm { users: size, was }));
+        match form.value.as_ref().and_then(|f| f.confirmed) {
+            Some("yes") => {}
+            Some(count) if count.parse::<usize>() == Ok(size) => {}
+            Some(count) => return ask(count.parse().ok()),
+            None => return ask(None),
+        }
     }
     if size > threshold.0 {
         return sending.in_background(&new, named.as_deref()).await;

@@ -287,7 +287,8 @@ fn form<'a>(
         ("extra_tags", "ops"),
         ("url", "/status"),
         ("action", action),
-        // The confirmation step of a broadcast to everyone, already answered.
+        // The confirmation step of a broadcast to everyone, already answered (`yes`: whatever
+        // the count, as a script of one's own would).
         ("confirmed", "yes"),
     ]
 }
@@ -796,7 +797,20 @@ async fn a_broadcast_to_everyone_asks_first_and_stores_nothing_until_confirmed(a
     let html = r.into_string().await.unwrap();
     assert!(html.contains("Send this to everyone (2 users)?"), "{html}");
     assert!(html.contains("Are you sure"));
-    assert!(html.contains("name=\"confirmed\" value=\"yes\""));
+    assert!(html.contains("name=\"confirmed\" value=\"2\""), "{html}");
+    // Said yes to another count (a user was added or removed since): asked again, with the
+    // new count, and nothing sent.
+    let mut fields = form("everyone", "", "Are you sure", "send");
+    fields.retain(|(k, _)| *k != "confirmed");
+    fields.push(("confirmed", "1"));
+    let r = b.post_form("/admin/broadcast", &fields).await;
+    assert_eq!(r.status(), Status::Ok);
+    let html = r.into_string().await.unwrap();
+    assert!(
+        html.contains("the number of users changed since you were asked (1 then, 2 now)"),
+        "{html}"
+    );
+    assert!(html.contains("Send this to everyone (2 users)?"), "{html}");
     let store = TestApp::store(&b);
     assert!(
         store
@@ -807,13 +821,10 @@ async fn a_broadcast_to_everyone_asks_first_and_stores_nothing_until_confirmed(a
             .is_empty(),
         "nothing stored before the confirmation"
     );
-    // Confirmed: sent.
-    let r = b
-        .post_form(
-            "/admin/broadcast",
-            &form("everyone", "", "Are you sure", "send"),
-        )
-        .await;
+    // Confirmed, for the count asked about: sent.
+    fields.retain(|(k, _)| *k != "confirmed");
+    fields.push(("confirmed", "2"));
+    let r = b.post_form("/admin/broadcast", &fields).await;
     assert!(r.status().class().is_redirection());
     assert_eq!(
         store
