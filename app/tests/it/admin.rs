@@ -726,6 +726,11 @@ async fn message_browser_counts_deletes_and_cleans_up(app: &TestApp) {
         html.contains("expired</span>"),
         "old unread entries are flagged"
     );
+    // and say why in words a screen reader reads, not only in a tooltip
+    assert!(
+        html.contains("<span class=\"visually-hidden\">: unread entries older than 30 days"),
+        "{html}"
+    );
     // delete, after a confirmation page
     let (status, html) = b
         .get_html(&format!("/admin/messages/{}/delete", doomed.id))
@@ -784,11 +789,16 @@ async fn a_broadcast_to_everyone_asks_first_and_stores_nothing_until_confirmed(a
     fields.retain(|(k, _)| *k != "recipients" && *k != "confirmed");
     let r = b.post_form("/admin/broadcast", &fields).await;
     assert_eq!(r.status(), Status::UnprocessableEntity);
-    assert!(r
-        .into_string()
-        .await
-        .unwrap()
-        .contains("Choose who receives it"));
+    let html = r.into_string().await.unwrap();
+    assert!(html.contains("Choose who receives it"), "{html}");
+    // The error is the group's (its radios), not the usernames field's.
+    assert!(
+        html.contains(r#"<fieldset aria-describedby="recipients-error">"#),
+        "{html}"
+    );
+    assert!(html.contains(r#"id="recipients-error""#), "{html}");
+    assert_eq!(html.matches(r#"aria-invalid="true""#).count(), 2, "{html}");
+    assert!(!html.contains("usernames-error"), "{html}");
     // Everyone, not confirmed: the question, with the count and the text.
     let mut fields = form("everyone", "", "Are you sure", "send");
     fields.retain(|(k, _)| *k != "confirmed");
