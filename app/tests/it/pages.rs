@@ -1434,7 +1434,7 @@ async fn an_admin_ends_a_users_sessions(app: &TestApp) {
     let r = admin
         .post_form("/admin/sessions/end", &[("username", "Alice")])
         .await;
-    assert_redirect(&r, "/admin");
+    assert_redirect(&r, "/admin#stored-messages");
     let (_, html) = admin.get_html("/admin").await;
     assert!(html.contains("Ended 1 session of alice."), "{html}");
     assert_eq!(
