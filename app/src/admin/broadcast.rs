@@ -149,7 +149,7 @@ fn broadcast_page(
 /// The question before a broadcast to everyone: how many users it goes to, and, when the
 /// admin confirmed another count (users were added or removed since the question), that
 /// count.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
 struct Confirm {
     users: usize,
     was: Option<usize>,
@@ -474,9 +474,8 @@ pub(super) async fn broadcast_send(
         },
     };
     // Everyone is asked for once more, with the exact count and the preview; nothing is
-    // stored before the admin says yes.
-    // The question names its count, and the answer is bound to it: when users were added or
-    // removed since, the admin is asked again with the new count, and nothing is sent.
+    // stored before the admin says yes, and the yes holds for that count only: when users
+    // were added or removed since, the admin is asked again with the new count.
     if named.is_none() {
         let ask = |was: Option<usize>| preview(Some(Confirm { users: size, was }));
         match form.value.as_ref().and_then(|f| f.confirmed) {
