@@ -403,7 +403,9 @@ async fn change_password(
             field: "new",
             text: "The new password must differ from the current one.".into(),
         });
-    } else if form.new != form.confirm {
+    }
+    // Said with the new password's own error, so that every error shows at once.
+    if form.new != form.confirm {
         errors.push(FieldError {
             field: "confirm",
             text: "The two new passwords differ.".into(),

@@ -24,7 +24,7 @@ use crate::paging::{cut_page, Trail};
 #[derive(Serialize)]
 struct LevelChoice {
     name: &'static str,
-    /// `Info: saved to your inbox`.
+    /// `Stored info: saved to your inbox`.
     text: &'static str,
     selected: bool,
 }
@@ -40,17 +40,24 @@ fn level_choices(
     const SAVED: usize = 0;
     const ONCE: usize = 1;
     const DROPPED: usize = 2;
-    type Texts = Vec<(&'static str, Level, [String; 3])>;
+    const ONCE_UNTIL_LOGIN: usize = 3;
+    type Texts = Vec<(&'static str, Level, [String; 4])>;
     static TEXTS: std::sync::OnceLock<Texts> = std::sync::OnceLock::new();
     let texts = TEXTS.get_or_init(|| {
         Level::NAMED
             .iter()
             .map(|(name, level)| {
-                let label = level.label();
+                // "Info" and "Stored info": no two options read the same.
+                let label = if level.is_stored() {
+                    format!("Stored {}", level.label().to_lowercase())
+                } else {
+                    level.label().to_string()
+                };
                 let texts = [
                     format!("{label}: saved to your inbox"),
                     format!("{label}: shown once, not saved"),
                     format!("{label}: below the minimum level, dropped"),
+                    format!("{label}: shown once (saved only for a logged-in user)"),
                 ];
                 (*name, *level, texts)
             })
@@ -68,8 +75,12 @@ fn level_choices(
         .map(|(name, level, texts)| {
             let what = if *level < config.min_level {
                 DROPPED
-            } else if logged_in && config.is_store_level(*level) {
-                SAVED
+            } else if config.is_store_level(*level) {
+                if logged_in {
+                    SAVED
+                } else {
+                    ONCE_UNTIL_LOGIN
+                }
             } else {
                 ONCE
             };

@@ -487,10 +487,31 @@ async fn demo_levels_say_what_happens_to_the_message(app: &TestApp) {
         !html.contains("saved to your inbox"),
         "anonymous: nothing is saved"
     );
+    assert!(
+        html.contains(">Stored info: shown once (saved only for a logged-in user)</option>"),
+        "{html}"
+    );
+    assert!(html.contains(">Stored debug: below the minimum level, dropped</option>"));
     let (b, _) = logged_in(app, "alice").await;
     let (_, html) = b.get_html("/").await;
-    assert!(html.contains("value=\"stored_info\" selected>Info: saved to your inbox</option>"));
+    assert!(
+        html.contains("value=\"stored_info\" selected>Stored info: saved to your inbox</option>")
+    );
     assert!(html.contains(">Info: shown once, not saved</option>"));
+    // No two options read the same, logged in or not.
+    for page in [&html, &anonymous.get_html("/").await.1] {
+        let options: Vec<&str> = page
+            .split("<option ")
+            .skip(1)
+            .filter_map(|o| {
+                o.split_once('>')
+                    .and_then(|(_, rest)| rest.split_once("</option>"))
+            })
+            .map(|(text, _)| text)
+            .collect();
+        let distinct: std::collections::HashSet<&str> = options.iter().copied().collect();
+        assert_eq!(distinct.len(), options.len(), "{options:?}");
+    }
 }
 
 async fn the_longest_message_fits_the_form(app: &TestApp) {
@@ -1343,6 +1364,28 @@ async fn changing_the_password_ends_the_other_sessions(app: &TestApp) {
             "the field is marked"
         );
     }
+    // Every error at once: the wrong current password, the short new one, and the two new
+    // ones that differ, each on its field.
+    let r = here
+        .post_form(
+            "/account/password",
+            &[
+                ("current", "wrong-password-1"),
+                ("new", "short"),
+                ("confirm", "different"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), Status::UnprocessableEntity);
+    let html = r.into_string().await.unwrap();
+    for error in [
+        "The current password is wrong.",
+        "too short",
+        "The two new passwords differ.",
+    ] {
+        assert!(html.contains(error), "{error}: {html}");
+    }
+    assert_eq!(html.matches("aria-invalid=\"true\"").count(), 3, "{html}");
     assert_eq!(
         elsewhere
             .client
