@@ -75,8 +75,9 @@ pub const LONG_TEXT_CHARS: usize = 300;
 pub(crate) fn long_head(text: &str) -> Option<&str> {
     // No more code points than that is no more characters: most texts need no lookup.
     text.char_indices().nth(LONG_TEXT_CHARS)?;
-    cut_after_characters(text, LONG_TEXT_CHARS)?;
+    // One pass: the first 200 characters, then whether more than the limit follow.
     let cut = cut_after_characters(text, 200)?;
+    cut_after_characters(&text[cut..], LONG_TEXT_CHARS - 200)?;
     let head = &text[..cut];
     Some(match head.rfind(char::is_whitespace) {
         Some(space) if space > cut / 2 => head[..space].trim_end(),

@@ -252,14 +252,8 @@ fn bad_input_fails_with_one_clear_line() {
             "too easy to guess",
         ),
         (&["createuser", "carol"], Some("carol\n"), "too short"),
-    ];
-    for (args, stdin, expected) in cases {
-        let err = cli.fails(args, *stdin);
-        assert!(err.contains(expected), "{args:?}: {err}");
-    }
-    // A refused value is quoted with its control characters escaped: an escape sequence in
-    // it does not reach the terminal.
-    let escaped: &[(&[&str], Option<&str>, &str)] = &[
+        // A refused value is quoted with its control characters escaped: an escape
+        // sequence in it does not reach the terminal (checked for every case below).
         (
             &["send", "--to", "ali\u{1b}ce", "x"],
             None,
@@ -282,7 +276,7 @@ fn bad_input_fails_with_one_clear_line() {
         ),
         (&["inbox", "x\u{9b}y"], None, "unknown user \"x\\u{9b}y\""),
     ];
-    for (args, stdin, expected) in escaped {
+    for (args, stdin, expected) in cases {
         let err = cli.fails(args, *stdin);
         assert!(err.contains(expected), "{args:?}: {err}");
         assert!(

@@ -1018,36 +1018,30 @@ async fn script_text_is_escaped(app: &TestApp) {
 
 async fn javascript_url_is_refused_and_nothing_changes(app: &TestApp) {
     let (b, alice) = logged_in(app, "alice").await;
-    let r = b
-        .post_form(
-            "/demo/message",
-            &[
-                ("level", "stored_info"),
-                ("message", "click"),
-                ("url", "javascript:alert(1)"),
-            ],
-        )
-        .await;
-    assert_eq!(r.status(), Status::UnprocessableEntity);
-    let html = r.into_string().await.unwrap();
+    let html = refused_demo(
+        &b,
+        &[
+            ("level", "stored_info"),
+            ("message", "click"),
+            ("url", "javascript:alert(1)"),
+        ],
+    )
+    .await;
     assert!(html.contains("Invalid url"), "field error shown");
     assert!(
         html.contains("value=\"javascript:alert(1)\""),
         "entered value kept"
     );
     // The error quotes a control character as an escape, not as the character.
-    let r = b
-        .post_form(
-            "/demo/message",
-            &[
-                ("level", "stored_info"),
-                ("message", "click"),
-                ("url", "/a\u{1b}b"),
-            ],
-        )
-        .await;
-    assert_eq!(r.status(), Status::UnprocessableEntity);
-    let html = r.into_string().await.unwrap();
+    let html = refused_demo(
+        &b,
+        &[
+            ("level", "stored_info"),
+            ("message", "click"),
+            ("url", "/a\u{1b}b"),
+        ],
+    )
+    .await;
     assert!(
         html.contains("Invalid url &quot;&#x2F;a\\u{1b}b&quot;"),
         "{html}"
@@ -1066,39 +1060,35 @@ async fn javascript_url_is_refused_and_nothing_changes(app: &TestApp) {
     );
     assert!(TestApp::inbox_texts(&b, alice).await.is_empty());
     // every field's error at once
-    let r = b
-        .post_form(
-            "/demo/message",
-            &[
-                ("level", "info"),
-                ("message", ""),
-                ("url", "data:text/html,x"),
-            ],
-        )
-        .await;
-    assert_eq!(r.status(), Status::UnprocessableEntity);
-    let html = r.into_string().await.unwrap();
+    let html = refused_demo(
+        &b,
+        &[
+            ("level", "info"),
+            ("message", ""),
+            ("url", "data:text/html,x"),
+        ],
+    )
+    .await;
     assert!(
         html.contains("Enter a message.") && html.contains("Invalid url"),
         "both errors"
     );
     // a level the form does not offer: its error, and the select back on the usual level
     // (not on its first option, which drops messages)
-    let r = b
-        .post_form("/demo/message", &[("level", "bogus"), ("message", "hello")])
-        .await;
-    assert_eq!(r.status(), Status::UnprocessableEntity);
-    let html = r.into_string().await.unwrap();
+    let html = refused_demo(&b, &[("level", "bogus"), ("message", "hello")]).await;
     assert!(html.contains("level-error"), "{html}");
     assert!(html.contains("value=\"stored_info\" selected>"), "{html}");
     assert_eq!(html.matches(" selected>").count(), 1, "{html}");
     // none at all: said in words, not as an unknown level ""
-    let r = b
-        .post_form("/demo/message", &[("level", ""), ("message", "hello")])
-        .await;
-    assert_eq!(r.status(), Status::UnprocessableEntity);
-    let html = r.into_string().await.unwrap();
+    let html = refused_demo(&b, &[("level", ""), ("message", "hello")]).await;
     assert!(html.contains("Choose a level."), "{html}");
+}
+
+/// The demo form's page after `fields` were refused (422).
+async fn refused_demo(b: &Browser, fields: &[(&str, &str)]) -> String {
+    let r = b.post_form("/demo/message", fields).await;
+    assert_eq!(r.status(), Status::UnprocessableEntity, "{fields:?}");
+    r.into_string().await.unwrap()
 }
 
 async fn missing_or_wrong_csrf_token_is_refused_and_nothing_changes(app: &TestApp) {
