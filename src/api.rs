@@ -760,10 +760,16 @@ fn json_error(status: Status, request: &Request<'_>) -> Failed {
 
 /// The answer to a plain HTML form posted to the API that failed (the list's buttons without
 /// JavaScript, during a store outage, say): a short page a browser shows, with a link back to
-/// the page the form was on, instead of JSON shown as text. (A refused CSRF token gets the
-/// host's own 403 page instead, see [`crate::csrf`].)
+/// the page the form was on (its `next`, else its same-site `Referer`, else `/`), instead of
+/// JSON shown as text. (A refused CSRF token gets the host's own 403 page instead, see
+/// [`crate::csrf`].)
 fn error_page(message: &str, request: &Request<'_>) -> RawHtml<String> {
-    let back = referer_path(request).unwrap_or_else(|| "/".to_string());
+    let back = request
+        .local_cache(|| FormNext(None))
+        .0
+        .clone()
+        .or_else(|| referer_path(request))
+        .unwrap_or_else(|| "/".to_string());
     let mut text = message.to_string();
     if let Some(first) = text.get(..1) {
         text.replace_range(..1, &first.to_uppercase());
@@ -780,8 +786,27 @@ fn error_page(message: &str, request: &Request<'_>) -> RawHtml<String> {
     RawHtml(html)
 }
 
+/// The `next` field of a plain HTML form posted to the API, as a safe local path: the CSRF
+/// check reads it from the body's first bytes, so the "Not done" page links back to it even
+/// when the request failed before its body was read (a session that ended, say).
+struct FormNext(Option<String>);
+
+/// Keeps the `next` field among `peeked`, the first bytes of a urlencoded body (`complete`:
+/// the whole body), for the "Not done" page. Called by the CSRF check.
+pub(crate) fn remember_next(request: &Request<'_>, peeked: &[u8], complete: bool) {
+    let next = crate::csrf::form_field(peeked, "next", complete)
+        .and_then(|raw| {
+            rocket::http::RawStr::new(&raw)
+                .url_decode()
+                .ok()
+                .map(|decoded| decoded.into_owned())
+        })
+        .and_then(|next| crate::local_path(&next));
+    request.local_cache(|| FormNext(next));
+}
+
 /// The path of the page a form was sent from (its `Referer`, when that is this site), as a
-/// safe local path.
+/// safe local path: where the "Not done" page links back to when the form sent no `next`.
 fn referer_path(request: &Request<'_>) -> Option<String> {
     let referer = rocket::http::uri::Absolute::parse(request.headers().get_one("Referer")?).ok()?;
     let host = request.headers().get_one("Host")?;

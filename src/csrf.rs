@@ -227,11 +227,24 @@ fn is_state_changing(method: Method) -> bool {
 
 /// The `csrf_token` field among the first bytes of a urlencoded body.
 fn form_token(peeked: &[u8]) -> Option<String> {
+    form_field(peeked, CSRF_FIELD, true)
+}
+
+/// The raw (still urlencoded) value of field `name` among the first bytes of a urlencoded
+/// body. Unless `complete` (the whole body is in `peeked`), the last field may be cut, so it
+/// is not taken.
+pub(crate) fn form_field(peeked: &[u8], name: &str, complete: bool) -> Option<String> {
     let text = String::from_utf8_lossy(peeked);
-    text.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=')?;
-        (key == CSRF_FIELD).then(|| value.to_string())
-    })
+    let mut pairs = text.split('&').peekable();
+    while let Some(pair) = pairs.next() {
+        let whole = complete || pairs.peek().is_some();
+        if let Some((key, value)) = pair.split_once('=') {
+            if key == name && whole {
+                return Some(value.to_string());
+            }
+        }
+    }
+    None
 }
 
 /// The `csrf_token` part among the first bytes of a `multipart/form-data` body with
@@ -313,7 +326,12 @@ pub(crate) async fn check(request: &mut Request<'_>, data: &mut Data<'_>, policy
     if sent.is_none() {
         if let Some(content_type) = request.content_type() {
             if content_type.is_form() {
-                sent = form_token(data.peek(PEEK).await);
+                let peeked = data.peek(PEEK).await;
+                sent = form_token(peeked);
+                if in_api {
+                    let complete = data.peek_complete();
+                    crate::api::remember_next(request, data.peek(PEEK).await, complete);
+                }
             } else if content_type.is_form_data() {
                 if let Some(boundary) = content_type.param("boundary").map(str::to_string) {
                     sent = multipart_token(data.peek(PEEK).await, &boundary);

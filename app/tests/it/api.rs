@@ -734,31 +734,61 @@ async fn plain_forms_redirect_back(app: &TestApp) {
     let body: Value = r.into_json().await.unwrap();
     assert_error(&body, Status::Forbidden);
     // Other failures of a page's form: a short page with a link back to where the form was
-    // (its same-site `Referer`), not JSON.
+    // (its `next`, else its same-site `Referer`), not JSON.
     let token = b.csrf_token().await;
-    let failing = |referer: &'static str| {
+    let failing = |referer: &'static str, next: &str| {
         b.client
             .post("/messages/inbox/not-an-id/read")
             .header(ContentType::Form)
             .header(Header::new("Sec-Fetch-Mode", "navigate"))
             .header(Header::new("Host", "app.example"))
             .header(Header::new("Referer", referer))
-            .body(format!("csrf_token={token}&next=/inbox"))
+            .body(format!("csrf_token={token}{next}"))
     };
-    let r = failing("http://app.example/inbox?page=2").dispatch().await;
+    let back = |html: &str| {
+        let start = html.find("<a href=\"").expect("a link back") + 9;
+        html[start..start + html[start..].find('"').unwrap()].replace("&#x2F;", "/")
+    };
+    let r = failing("http://app.example/inbox?page=2", "")
+        .dispatch()
+        .await;
     assert_eq!(r.status(), Status::NotFound);
     assert_eq!(r.content_type(), Some(ContentType::HTML));
     let html = r.into_string().await.unwrap();
     assert!(html.contains("Not done"), "{html}");
     assert!(html.contains("not-an-id"), "says which id: {html}");
-    assert!(html.contains("href=\"&#x2F;inbox?page=2\""), "{html}");
-    let r = failing("http://elsewhere.example/inbox").dispatch().await;
-    let html = r.into_string().await.unwrap();
-    assert!(
-        html.contains("href=\"&#x2F;\""),
-        "another site's page is not linked: {html}"
-    );
-    // and from a catcher: a visitor's button (a valid token, nobody logged in)
+    assert_eq!(back(&html), "/inbox?page=2", "the Referer: {html}");
+    for (referer, next, expected) in [
+        // the form's `next` first, whatever the Referer says
+        (
+            "http://app.example/",
+            "&next=%2Finbox%3Fpage%3D2",
+            "/inbox?page=2",
+        ),
+        (
+            "http://elsewhere.example/",
+            "&next=/archive+x&x=1",
+            "/archive%20x",
+        ),
+        // not a local path: the Referer, else the home page
+        (
+            "http://app.example/inbox",
+            "&next=//elsewhere.example/",
+            "/inbox",
+        ),
+        (
+            "http://elsewhere.example/inbox",
+            "&next=https://elsewhere.example/",
+            "/",
+        ),
+        ("http://elsewhere.example/inbox", "", "/"),
+    ] {
+        let html = failing(referer, next).dispatch().await.into_string().await;
+        let html = html.unwrap();
+        assert_eq!(back(&html), expected, "{referer} {next}: {html}");
+    }
+    // and from a catcher: a visitor's button (a valid token, nobody logged in), which fails
+    // before its body is read: the link still goes back to its `next`
     let visitor = app.browser_with(app.rocket()).await;
     let token = visitor.csrf_token().await;
     let r = visitor
@@ -766,7 +796,7 @@ async fn plain_forms_redirect_back(app: &TestApp) {
         .post("/messages/mark_all_read")
         .header(ContentType::Form)
         .header(Header::new("Sec-Fetch-Mode", "navigate"))
-        .body(format!("csrf_token={token}"))
+        .body(format!("csrf_token={token}&next=%2Finbox"))
         .dispatch()
         .await;
     assert_eq!(r.status(), Status::Unauthorized);
@@ -775,6 +805,7 @@ async fn plain_forms_redirect_back(app: &TestApp) {
         html.contains("Authentication required: log in first."),
         "{html}"
     );
+    assert_eq!(back(&html), "/inbox", "{html}");
     assert_eq!(unread().await, 1, "nothing changed");
 }
 
