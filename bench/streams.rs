@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use rocket::tokio::io::{AsyncReadExt, AsyncWriteExt};
 use rocket::tokio::net::{TcpSocket, TcpStream};
-use rocket::tokio::sync::mpsc;
+use rocket::tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use stored_messages::{Level, NewMessage, Store};
 use stored_messages_app::users::AppHost;
 
@@ -36,6 +36,9 @@ struct Args {
     samples: usize,
     /// Only the idle streams (no store, no users): for `bench-sse-floor`.
     idle_only: bool,
+    /// The most streams being opened at once (0: 100 every 5 ms, however many are still
+    /// waiting for their first event).
+    opening: usize,
 }
 
 fn args() -> Result<Args, String> {
@@ -45,6 +48,7 @@ fn args() -> Result<Args, String> {
         cookies: "cookies.txt".into(),
         samples: 200,
         idle_only: false,
+        opening: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -63,6 +67,7 @@ fn args() -> Result<Args, String> {
             }
             "--cookies" => args.cookies = value,
             "--samples" => args.samples = value.parse().map_err(|e| format!("--samples: {e}"))?,
+            "--opening" => args.opening = value.parse().map_err(|e| format!("--opening: {e}"))?,
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -99,6 +104,7 @@ async fn open_stream(
     cookie: String,
     deliveries: mpsc::UnboundedSender<Delivery>,
     ready: mpsc::UnboundedSender<usize>,
+    mut opening: Option<OwnedSemaphorePermit>,
 ) -> Result<(), String> {
     let source: std::net::SocketAddr = format!("127.0.0.{}:0", 2 + index % 200)
         .parse()
@@ -148,6 +154,7 @@ async fn open_stream(
             let data = block.lines().find_map(|l| l.strip_prefix("data:"));
             if event.is_some() && first {
                 first = false;
+                opening.take();
                 let _ = ready.send(index);
             }
             if let (Some("message"), Some(data)) = (event, data) {
@@ -188,15 +195,25 @@ async fn idle_streams(
     let (deliveries_tx, deliveries) = mpsc::unbounded_channel();
     let (ready_tx, mut ready) = mpsc::unbounded_channel();
     let opening = Instant::now();
+    let bound = Arc::new(Semaphore::new(args.opening));
     for (index, cookie) in cookies.iter().enumerate() {
         let server = args.servers[index % args.servers.len()].clone();
         let (cookie, deliveries, ready) = (cookie.clone(), deliveries_tx.clone(), ready_tx.clone());
+        let permit = match args.opening {
+            0 => None,
+            _ => Some(
+                Arc::clone(&bound)
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ),
+        };
         rocket::tokio::spawn(async move {
-            if let Err(e) = open_stream(index, server, cookie, deliveries, ready).await {
+            if let Err(e) = open_stream(index, server, cookie, deliveries, ready, permit).await {
                 eprintln!("bench-streams: {e}");
             }
         });
-        if index % 100 == 99 {
+        if args.opening == 0 && index % 100 == 99 {
             // Let the servers keep up with the openings.
             rocket::tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -211,8 +228,12 @@ async fn idle_streams(
     let opened_in = opening.elapsed();
     rocket::tokio::time::sleep(Duration::from_secs(2)).await;
     let after: u64 = args.pids.iter().map(|p| rss_kib(*p)).sum();
+    let pace = match args.opening {
+        0 => String::new(),
+        n => format!(", at most {n} opening at once"),
+    };
     println!(
-        "idle streams   {streams} open on {} server(s) in {:.1} s; server memory {:.1} MB → {:.1} MB, {:.1} KiB per stream",
+        "idle streams   {streams} open on {} server(s) in {:.1} s{pace}; server memory {:.1} MB → {:.1} MB, {:.1} KiB per stream",
         args.servers.len(),
         opened_in.as_secs_f64(),
         before as f64 / 1024.0,

@@ -9,6 +9,7 @@
 #
 #   bench/streams.sh
 #   BENCH_BACKENDS=redis BENCH_STREAMS=2000 bench/streams.sh
+#   BENCH_OPENING=16 bench/streams.sh   # at most 16 streams opening at once
 #
 # Needs psql (PostgreSQL run), redis-cli (Redis run), curl. Raises the open-files limit for
 # itself and the servers (each stream is a connection on both sides).
@@ -19,6 +20,7 @@ repo=$(pwd)
 backends=${BENCH_BACKENDS:-postgres,redis}
 streams=${BENCH_STREAMS:-10000}
 samples=${BENCH_SAMPLES:-200}
+opening=${BENCH_OPENING:-0}
 database_url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
 redis_url=${REDIS_URL:-redis://127.0.0.1:6379}
 target="${CARGO_TARGET_DIR:-$repo/target}/release"
@@ -89,7 +91,7 @@ run_backend() { # name
   "$target/examples/bench-seed" --users "$streams" --messages 0 --server "127.0.0.1:$port" --cookies "$work/$name-cookies.txt" >&2
   echo "streams on $name…" >&2
   "$target/examples/bench-streams" --servers "$servers" --pids "$server_pids" \
-    --cookies "$work/$name-cookies.txt" --samples "$samples" | sed "s/^/$name  /" >>"$results"
+    --cookies "$work/$name-cookies.txt" --samples "$samples" --opening "$opening" | sed "s/^/$name  /" >>"$results"
   stop_servers
 }
 
@@ -101,7 +103,7 @@ run_floor() {
   for i in $(seq 1 "$streams"); do echo "floor=$i"; done >"$work/floor-cookies.txt"
   echo "streams on bare Rocket…" >&2
   "$target/examples/bench-streams" --idle-only --servers "$servers" --pids "$server_pids" \
-    --cookies "$work/floor-cookies.txt" | sed "s/^/rocket    /" >>"$results"
+    --cookies "$work/floor-cookies.txt" --opening "$opening" | sed "s/^/rocket    /" >>"$results"
   stop_servers
 }
 run_floor
