@@ -538,8 +538,25 @@ async fn archive_list<'r>(
 #[get("/inbox/<id>")]
 async fn inbox_get(user: ApiUser, store: &State<Store>, id: &str) -> ApiResult<Json<ApiMessage>> {
     let id: MessageId = id.parse()?;
-    let message = store.backend().inbox_get(user.0, id).await?;
+    let message = store
+        .backend()
+        .inbox_get(user.0, id)
+        .await
+        .map_err(not_in_inbox)?;
     Ok(Json(ApiMessage::new(&message, store.level_tags())))
+}
+
+/// The API's 404 for a message that is not in the user's inbox: it may be unknown, another
+/// user's, or read (and still in the archive), so the answer says only what holds for all
+/// three, and tells nothing about other users' messages.
+fn not_in_inbox(e: Error) -> ApiError {
+    match e {
+        Error::MessageDoesNotExist(id) => ApiError::new(
+            Status::NotFound,
+            format!("message {id} is not in your inbox"),
+        ),
+        e => e.into(),
+    }
 }
 
 #[get("/count")]
@@ -678,7 +695,7 @@ async fn inbox_mark_read(
                 "This message was no longer unread: read in another tab or window, or expired.";
             return Ok(reply.answer(Value::Null, crate::Level::INFO, notice));
         }
-        return Err(Error::MessageDoesNotExist(id).into());
+        return Err(not_in_inbox(Error::MessageDoesNotExist(id)));
     }
     let unread = store.backend().inbox_count(user.0).await?;
     let notice = match text {

@@ -73,8 +73,9 @@ pub struct Config {
     /// send them over HTTPS only. Set it when a proxy terminates TLS in front of the app;
     /// with Rocket's own TLS they are `Secure` already. Default `false`.
     pub secure_cookies: bool,
-    /// New flash spills (messages over the cookie's budget, kept server-side) one client
-    /// address may create per 10 minutes (default 20; 0: none). See
+    /// New flash spills (messages over the cookie's budget, kept server-side) one logged-in
+    /// user, or one address of anonymous visitors, may create per 10 minutes (default 20;
+    /// 0: none). See
     /// [`crate::flash::overflow::SpillQuota`].
     pub spills_per_client: u32,
     /// Bytes the flash spills of anonymous visitors may occupy together, per instance

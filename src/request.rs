@@ -886,7 +886,7 @@ impl<'r> Messages<'r> {
                             || payload.len() <= inner.spill_counted
                             || quota.allow_more(payload.len() - inner.spill_counted)
                     }
-                    None => quota.allow(inner.client, anonymous, payload.len()),
+                    None => quota.allow(inner.client, self.state.user, payload.len()),
                 };
             if allowed && anonymous {
                 inner.spill_counted = inner.spill_counted.max(payload.len());

@@ -16,6 +16,7 @@ use rand::RngCore;
 
 use crate::backend::FlashSpill;
 use crate::error::Result;
+use crate::message::UserId;
 
 /// How long spilled messages wait for the browser to come back.
 pub fn spill_lifetime() -> Duration {
@@ -52,7 +53,9 @@ pub const ANONYMOUS_SPILL_BYTES: usize = 64 * 1024 * 1024;
 /// create a new one with every request. So:
 ///
 /// - **per client**: at most `spills_per_client` (default [`SPILLS_PER_CLIENT`]) new spills
-///   per address per [`SPILL_WINDOW`], logged in or not;
+///   per [`SPILL_WINDOW`] for each logged-in user (whatever address they come from), and as
+///   many for each address of anonymous visitors (an IPv6 address counts by its /64
+///   network, which one client usually holds whole);
 /// - **all anonymous visitors together**: the spills created in the last
 ///   [`ANONYMOUS_SPILL_LIFETIME`] (which is also how long an anonymous spill lives) hold at
 ///   most `anonymous_spill_bytes` (default [`ANONYMOUS_SPILL_BYTES`]), so that is the most
@@ -65,7 +68,7 @@ pub const ANONYMOUS_SPILL_BYTES: usize = 64 * 1024 * 1024;
 pub struct SpillQuota {
     per_client: u32,
     anonymous_bytes: usize,
-    counts: Mutex<HashMap<Option<std::net::IpAddr>, (u32, std::time::Instant)>>,
+    counts: Mutex<HashMap<Client, (u32, std::time::Instant)>>,
     /// Anonymous spills still alive: when each was created and its size, oldest first.
     anonymous: Mutex<(VecDeque<(std::time::Instant, usize)>, usize)>,
 }
@@ -88,10 +91,18 @@ impl SpillQuota {
         }
     }
 
-    /// Whether `client` may create one more spill of `bytes` now (and counts it);
-    /// `anonymous` spills also count against the anonymous budget.
-    pub fn allow(&self, client: Option<std::net::IpAddr>, anonymous: bool, bytes: usize) -> bool {
-        if anonymous {
+    /// Whether a request from `address`, of logged-in `user` or anonymous, may create one
+    /// more spill of `bytes` now (and counts it). A logged-in user counts as themselves,
+    /// wherever they come from; an anonymous visitor by address, and against the anonymous
+    /// budget.
+    pub fn allow(
+        &self,
+        address: Option<std::net::IpAddr>,
+        user: Option<UserId>,
+        bytes: usize,
+    ) -> bool {
+        let client = Client::new(address, user);
+        if user.is_none() {
             let mut live = self.anonymous.lock().unwrap_or_else(|e| e.into_inner());
             return self.fits(&mut live, bytes)
                 && self.count_client(client)
@@ -130,7 +141,7 @@ impl SpillQuota {
         true
     }
 
-    fn count_client(&self, client: Option<std::net::IpAddr>) -> bool {
+    fn count_client(&self, client: Client) -> bool {
         let now = std::time::Instant::now();
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         if counts.len() > 10_000 {
@@ -146,6 +157,31 @@ impl SpillQuota {
         }
         *count += 1;
         true
+    }
+}
+
+/// Whom the per-client count of [`SpillQuota`] counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Client {
+    User(UserId),
+    /// An anonymous visitor's address: IPv4 whole, IPv6 by its /64 network; `None` when
+    /// Rocket knows no address (a local client in tests).
+    Network(Option<std::net::IpAddr>),
+}
+
+impl Client {
+    fn new(address: Option<std::net::IpAddr>, user: Option<UserId>) -> Client {
+        use std::net::{IpAddr, Ipv6Addr};
+        match user {
+            Some(user) => Client::User(user),
+            None => Client::Network(address.map(|address| match address {
+                IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                    Some(v4) => IpAddr::V4(v4),
+                    None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+                },
+                v4 => v4,
+            })),
+        }
     }
 }
 
@@ -223,14 +259,46 @@ mod tests {
         let quota = SpillQuota::new(3, 1000);
         let a = Some(std::net::IpAddr::from([10, 0, 0, 1]));
         let b = Some(std::net::IpAddr::from([10, 0, 0, 2]));
-        assert!((0..3).all(|_| quota.allow(a, false, 10_000)));
-        assert!(!quota.allow(a, false, 1), "a's fourth");
-        assert!(quota.allow(b, true, 600));
-        assert!(!quota.allow(b, true, 600), "over the anonymous bytes");
-        assert!(quota.allow(b, true, 400));
+        let (alice, bob) = (Some(UserId(1)), Some(UserId(2)));
+        assert!((0..3).all(|_| quota.allow(a, alice, 10_000)));
+        assert!(!quota.allow(a, alice, 1), "alice's fourth");
+        assert!(
+            !quota.allow(b, alice, 1),
+            "alice's fourth from another address"
+        );
+        assert!(quota.allow(a, bob, 1), "bob counts apart from alice");
+        assert!(quota.allow(b, None, 600));
+        assert!(!quota.allow(b, None, 600), "over the anonymous bytes");
+        assert!(quota.allow(b, None, 400));
         assert!(!quota.allow_more(1), "the budget is spent");
-        assert!(quota.allow(b, false, 1), "b's third: a logged-in spill");
-        assert!(!quota.allow(b, false, 1), "b used its three");
+        assert!(
+            !quota.allow(a, None, 1),
+            "the budget is spent for a as well"
+        );
+    }
+
+    #[test]
+    fn anonymous_ipv6_clients_count_by_network() {
+        let quota = SpillQuota::new(2, 1_000_000);
+        let address = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+        assert!(quota.allow(address("2001:db8:1:2::1"), None, 1));
+        assert!(quota.allow(address("2001:db8:1:2:ffff::9"), None, 1));
+        assert!(
+            !quota.allow(address("2001:db8:1:2:abcd::1"), None, 1),
+            "the same /64: the third"
+        );
+        assert!(
+            quota.allow(address("2001:db8:1:3::1"), None, 1),
+            "another /64"
+        );
+        // An IPv4 address written as IPv6 is that IPv4 address.
+        assert!(quota.allow(address("192.0.2.7"), None, 1));
+        assert!(quota.allow(address("::ffff:192.0.2.7"), None, 1));
+        assert!(
+            !quota.allow(address("192.0.2.7"), None, 1),
+            "192.0.2.7's third"
+        );
+        assert!(quota.allow(address("192.0.2.8"), None, 1));
     }
 
     #[test]

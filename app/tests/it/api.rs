@@ -497,6 +497,18 @@ async fn another_users_unknown_and_malformed_ids_are_404(app: &TestApp) {
     // alice's message is untouched
     let (status, _) = get_json(&alice_b, &format!("/messages/inbox/{id}")).await;
     assert_eq!(status, Status::Ok);
+    // Read, it is still in her archive: the 404 says where it is not, not that it does not
+    // exist, and reads the same as bob's for it.
+    post_json(&alice_b, &format!("/messages/inbox/{id}/read")).await;
+    let expected = format!("message {id} is not in your inbox");
+    for b in [&alice_b, &bob_b] {
+        let (status, body) = get_json(b, &format!("/messages/inbox/{id}")).await;
+        assert_eq!(status, Status::NotFound);
+        assert_eq!(body["error"]["message"], expected.as_str(), "{body}");
+        let (status, body) = post_json(b, &format!("/messages/inbox/{id}/read")).await;
+        assert_eq!(status, Status::NotFound);
+        assert_eq!(body["error"]["message"], expected.as_str(), "{body}");
+    }
 }
 
 async fn pages_follow_next_without_gaps_while_messages_arrive_and_are_read(app: &TestApp) {

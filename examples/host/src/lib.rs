@@ -47,7 +47,8 @@ struct Note<'r> {
 #[post("/note", data = "<note>")]
 async fn note(messages: Messages<'_>, note: Form<Note<'_>>) -> Redirect {
     if let Err(e) = messages.stored_info(note.text).await {
-        // An empty or too long note: said on the next page (as a flash message).
+        // A note too long or with control characters: said on the next page (as a flash
+        // message). An empty one is dropped without a word, as Django drops it.
         let _ = messages.error(&format!("Not saved: {e}")).await;
     }
     Redirect::to(uri!(index))

@@ -1,7 +1,7 @@
 //! The README's "Embedding" section shows this crate's files: each code block after a
 //! `<!-- examples/host/PATH -->` line must be that file, byte for byte (the Cargo.toml block:
-//! its `[dependencies]` section, with the published version for the path). So the section
-//! cannot drift from code that compiles and passes the smoke test.
+//! its `[dependencies]` section, with the path of a checkout beside the host for this one).
+//! So the section cannot drift from code that compiles and passes the smoke test.
 
 use std::path::Path;
 
@@ -55,7 +55,10 @@ fn the_readme_shows_this_crate_as_it_is() {
             let end = file[start..]
                 .find("\n\n")
                 .map_or(file.len(), |e| start + e + 1);
-            file[start..end].replace(r#"{ path = "../.." }"#, r#""0.1""#)
+            file[start..end].replace(
+                r#"{ path = "../.." }"#,
+                r#"{ path = "../stored-messages" }"#,
+            )
         } else {
             file
         };
