@@ -791,6 +791,34 @@ mod spill_bounds {
         );
     }
 
+    /// A logged-in user counts as themselves, whatever address their requests claim (with
+    /// Rocket's default `ip_header`, as here, from `X-Real-IP`): picking a new one per
+    /// request still makes at most `SPILLS_PER_CLIENT` spills per user, and another user
+    /// behind the same address has their own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn logged_in_spills_count_per_user_whatever_the_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = crate::common::sqlite_url(&dir);
+        let figment = crate::common::test_figment(&url).merge(("ip_header", "X-Real-IP"));
+        let rocket = rocket::custom(figment)
+            .attach(StoredMessages::fairing(CookieHost).without_csrf())
+            .mount("/", routes![big]);
+        // Never returns cookies: every post would be a new spill.
+        let client = Client::untracked(rocket).await.unwrap();
+        for user in ["1", "2"] {
+            for i in 0..60 {
+                let address = format!("10.0.{}.{}", i / 200, i % 200 + 1);
+                client
+                    .post("/big")
+                    .private_cookie(rocket::http::Cookie::new("uid", user))
+                    .header(rocket::http::Header::new("X-Real-IP", address))
+                    .dispatch()
+                    .await;
+            }
+        }
+        assert_eq!(spill_rows(&url).await, 2 * i64::from(SPILLS_PER_CLIENT));
+    }
+
     #[get("/show")]
     fn show(messages: Messages<'_>) -> String {
         messages
