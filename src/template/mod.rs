@@ -283,19 +283,39 @@ impl<'r> Responder<'r, 'static> for Page {
             .rocket()
             .state::<Templates>()
             .and_then(Templates::tera);
+        let counted = scope.count.is_some();
         let (html, scope) = with_scope(scope, || match &templates {
             Some(tera) => tera
                 .render(&self.name, &context)
                 .map_err(|e| {
+                    let report = crate::report(&e);
+                    let hint = if !counted && report.contains("stored_messages_count") {
+                        " (its handler takes no `Messages` guard, so the count is a placeholder \
+                         filled in after rendering: it prints, but cannot be compared or \
+                         computed with; take the guard)"
+                    } else {
+                        ""
+                    };
                     log::error!(
-                        "stored-messages: page {} failed to render: {}",
-                        self.name,
-                        crate::report(&e)
+                        "stored-messages: page {} failed to render: {report}{hint}",
+                        self.name
                     );
                 })
                 .ok(),
             // Without `fairing()`, through rocket_dyn_templates (which logs its errors).
-            None => Template::show(request.rocket(), self.name.clone(), context.into_json()),
+            None => {
+                let html = Template::show(request.rocket(), self.name.clone(), context.into_json());
+                if html.is_none() {
+                    log::error!(
+                        "stored-messages: page {} did not render, and this app has no \
+                         `stored_messages::template::fairing()`: attach it in place of \
+                         `Template::fairing()`, which lacks `csrf_token()` and the \
+                         `stored_messages_*` helpers",
+                        self.name
+                    );
+                }
+                html
+            }
         });
         let html = html.ok_or(Status::InternalServerError)?;
         request.local_cache(|| Rendered {
