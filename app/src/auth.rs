@@ -7,7 +7,7 @@ use std::time::Duration;
 use rocket::form::{Contextual, Form};
 use rocket::http::{Cookie, CookieJar, Header, SameSite, Status};
 use rocket::request::{FromRequest, Outcome};
-use rocket::response::Redirect;
+use rocket::response::{Flash, Redirect};
 use rocket::{Request, Route, State};
 use rocket_dyn_templates::context;
 
@@ -281,13 +281,42 @@ async fn login(
     }
 }
 
+/// Where logging out goes, with its notice: through the message stream, or, when the message
+/// store does not answer (Redis down while the users' database answers), in Rocket's own
+/// flash cookie, which the stream shows once it can.
+#[derive(Responder)]
+enum LoggedOut {
+    Plain(Redirect),
+    Flashed(Flash<Redirect>),
+}
+
+/// Says `text` at `kind` ("success", "warning", "error" or "info") on the way to `to`.
+async fn say(
+    messages: Option<&Messages<'_>>,
+    kind: &str,
+    text: &str,
+    to: &'static str,
+) -> LoggedOut {
+    let Some(messages) = messages else {
+        return LoggedOut::Flashed(Flash::new(Redirect::to(to), kind, text));
+    };
+    let _ = match kind {
+        "warning" => messages.warning(text).await,
+        "error" => messages.error(text).await,
+        _ => messages.info(text).await,
+    };
+    LoggedOut::Plain(Redirect::to(to))
+}
+
+/// Logging out needs only the users' database: the message store (the guard, for the notice)
+/// is optional, so a session can end while Redis is down.
 #[post("/logout")]
 async fn logout(
     jar: &CookieJar<'_>,
     users: &State<Arc<Users>>,
     user: Option<CurrentUser>,
-    messages: Messages<'_>,
-) -> Redirect {
+    messages: Option<Messages<'_>>,
+) -> LoggedOut {
     // Ended in the database and announced to every instance, so a copy of the cookie is
     // worth nothing anywhere. If the database did not take it, the session and the cookie
     // stay, so that logging out again can finish it.
@@ -302,21 +331,18 @@ async fn logout(
             }
             Err(e) => {
                 log::error!("reference app: ending a session failed: {}", report(&e));
-                let _ = messages
-                    .error("Logging out did not finish on the server. Try again.")
-                    .await;
-                return Redirect::to("/");
+                let text = "Logging out did not finish on the server. Try again.";
+                return say(messages.as_ref(), "error", text, "/").await;
             }
         }
     }
     jar.remove_private(Cookie::build(SESSION_COOKIE).path("/"));
-    let _ = if late {
+    if late {
         let text = format!("You are logged out. {OTHER_SERVERS_WITHIN_A_MINUTE}");
-        messages.warning(&text).await
+        say(messages.as_ref(), "warning", &text, "/login").await
     } else {
-        messages.info("You are logged out.").await
-    };
-    Redirect::to("/login")
+        say(messages.as_ref(), "info", "You are logged out.", "/login").await
+    }
 }
 
 #[derive(Debug, FromForm)]

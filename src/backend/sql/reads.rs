@@ -67,6 +67,13 @@ impl<DB: Database> Reuse<DB> {
         }
     }
 
+    /// The longest a read on a leased connection may take, connecting included: the pool's
+    /// acquire timeout. A read that takes longer fails (its connection is closed, not
+    /// reused), so a store that stopped answering gets a prompt error, never a hung request.
+    pub fn read_timeout(&self) -> std::time::Duration {
+        self.pool.options().get_acquire_timeout()
+    }
+
     /// The pool the connections come from.
     pub fn pool(&self) -> &Pool<DB> {
         &self.pool
@@ -94,15 +101,30 @@ impl<DB: Database> Reuse<DB> {
         .map_err(|_| sqlx::Error::PoolTimedOut)?
         .map_err(|_| sqlx::Error::PoolClosed)?;
         let idle = self.idle().pop();
+        let reused = idle.is_some();
         let connection = match idle {
             Some(connection) => connection,
-            None => self.pool.connect_options().connect().await?,
+            // Bounded as the pool's own connections are: a server that accepts and then says
+            // nothing must not hold the request.
+            None => rocket::tokio::time::timeout(
+                self.read_timeout(),
+                self.pool.connect_options().connect(),
+            )
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)??,
         };
         Ok(Lease {
             connection: Some(connection),
+            reused,
             home: self,
             _permit: permit,
         })
+    }
+
+    /// Closes the idle connections: after a read failed on one of them, the others, from
+    /// the same time, are likely broken too (the store restarted, the network dropped them).
+    pub fn forget_idle(&self) {
+        self.idle().clear();
     }
 }
 
@@ -110,11 +132,18 @@ impl<DB: Database> Reuse<DB> {
 /// dropped without that (an error, a cancelled request), it is closed.
 pub struct Lease<'a, DB: Database> {
     connection: Option<DB::Connection>,
+    reused: bool,
     home: &'a Reuse<DB>,
     _permit: rocket::tokio::sync::SemaphorePermit<'a>,
 }
 
 impl<DB: Database> Lease<'_, DB> {
+    /// Whether the connection served an earlier read (it was idle), rather than being opened
+    /// for this one: a reused connection may have broken while it waited.
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
     /// The statement completed: the connection may serve the next read.
     pub fn done(mut self) {
         if let Some(connection) = self.connection.take() {
@@ -147,28 +176,51 @@ impl<DB: Database> DerefMut for Lease<'_, DB> {
 /// Runs `$body` with `$conn` bound to a leased connection (`&mut` the dialect's connection)
 /// of `$reads` (a [`SqlReads`]) and `$pool` to its pool (for the dialect's helpers); the
 /// connection goes back for reuse only if `$body` completed (an early return through `?`
-/// closes it). `$err` maps the lease's `sqlx::Error`.
+/// closes it), within [`Reuse::read_timeout`] (beyond, the read fails as the pool's
+/// timeout does). A read that fails on a reused connection runs once more on a new one
+/// (reads are idempotent): after the store restarted, the connections kept idle are broken,
+/// and the first requests must not pay for them. `$err` maps the lease's `sqlx::Error`;
+/// `$body`'s `?` returns [`crate::Error`].
 macro_rules! with_read {
     ($reads:expr, $err:expr, $pool:ident, $conn:ident => $body:expr) => {
         match $reads {
             #[cfg(feature = "sqlite")]
             $crate::backend::sql::SqlReads::Sqlite(reuse) => {
-                let $pool = reuse.pool();
-                let mut lease = reuse.lease().await.map_err($err)?;
-                let $conn = &mut *lease;
-                let out = $body;
-                lease.done();
-                out
+                with_read!(@lease reuse, $err, $pool, $conn => $body)
             }
             #[cfg(feature = "postgres")]
             $crate::backend::sql::SqlReads::Postgres(reuse) => {
-                let $pool = reuse.pool();
-                let mut lease = reuse.lease().await.map_err($err)?;
-                let $conn = &mut *lease;
-                let out = $body;
-                lease.done();
-                out
+                with_read!(@lease reuse, $err, $pool, $conn => $body)
             }
         }
     };
+    (@lease $reuse:ident, $err:expr, $pool:ident, $conn:ident => $body:expr) => {{
+        let $pool = $reuse.pool();
+        let mut retried = false;
+        loop {
+            let mut lease = $reuse.lease().await.map_err($err)?;
+            let reused = lease.reused();
+            let read = async {
+                let $conn = &mut *lease;
+                Ok::<_, $crate::Error>($body)
+            };
+            match rocket::tokio::time::timeout($reuse.read_timeout(), read).await {
+                Ok(Ok(out)) => {
+                    lease.done();
+                    break out;
+                }
+                Ok(Err(_)) if reused && !retried => {
+                    drop(lease);
+                    $reuse.forget_idle();
+                    retried = true;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    // Its connection stopped answering: so, likely, did those kept with it.
+                    $reuse.forget_idle();
+                    return Err($err(sqlx::Error::PoolTimedOut));
+                }
+            }
+        }
+    }};
 }
