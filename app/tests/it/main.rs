@@ -10,6 +10,7 @@ mod backend;
 mod browser;
 mod cli;
 mod host;
+mod outage;
 mod pages;
 mod processes;
 mod redis_backend;
