@@ -37,7 +37,7 @@ macro_rules! with_pool {
 /// [`stored_messages::backend::SqlReads`]), which goes back for reuse only if `$body`
 /// completed within the reads' timeout (beyond, it fails as the pool's timeout does): for
 /// one-statement reads on every request. A read that fails on a reused connection runs once
-/// more on a new one (see the library's `with_read!`). `$body`'s `?` returns `sqlx::Error`.
+/// more on a new one (`Lease::settle`). `$body`'s `?` returns `sqlx::Error`.
 macro_rules! with_read {
     ($reads:expr, $conn:ident => $body:expr) => {
         match $reads {
@@ -53,27 +53,14 @@ macro_rules! with_read {
         let mut retried = false;
         loop {
             let mut lease = $reuse.lease().await?;
-            let reused = lease.reused();
             let read = async {
                 let $conn = &mut *lease;
                 Ok::<_, sqlx::Error>($body)
             };
-            match rocket::tokio::time::timeout($reuse.read_timeout(), read).await {
-                Ok(Ok(out)) => {
-                    lease.done();
-                    break out;
-                }
-                Ok(Err(_)) if reused && !retried => {
-                    drop(lease);
-                    $reuse.forget_idle();
-                    retried = true;
-                }
-                Ok(Err(e)) => return Err(e.into()),
-                Err(_) => {
-                    // Its connection stopped answering: so, likely, did those kept with it.
-                    $reuse.forget_idle();
-                    return Err(sqlx::Error::PoolTimedOut.into());
-                }
+            let outcome = rocket::tokio::time::timeout($reuse.read_timeout(), read).await;
+            let timed_out = || sqlx::Error::PoolTimedOut;
+            if let Some(out) = lease.settle(outcome.ok(), &mut retried, timed_out)? {
+                break out;
             }
         }
     }};

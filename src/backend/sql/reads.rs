@@ -123,7 +123,7 @@ impl<DB: Database> Reuse<DB> {
 
     /// Closes the idle connections: after a read failed on one of them, the others, from
     /// the same time, are likely broken too (the store restarted, the network dropped them).
-    pub fn forget_idle(&self) {
+    fn forget_idle(&self) {
         self.idle().clear();
     }
 }
@@ -138,12 +138,6 @@ pub struct Lease<'a, DB: Database> {
 }
 
 impl<DB: Database> Lease<'_, DB> {
-    /// Whether the connection served an earlier read (it was idle), rather than being opened
-    /// for this one: a reused connection may have broken while it waited.
-    pub fn reused(&self) -> bool {
-        self.reused
-    }
-
     /// The statement completed: the connection may serve the next read.
     pub fn done(mut self) {
         if let Some(connection) = self.connection.take() {
@@ -151,6 +145,45 @@ impl<DB: Database> Lease<'_, DB> {
                 return;
             }
             self.home.idle().push(connection);
+        }
+    }
+
+    /// Settles one attempt of a read on this lease, given what it came to (`None`: it took
+    /// longer than [`Reuse::read_timeout`]): `Ok(Some(out))` when it completed (the
+    /// connection goes back for reuse); `Ok(None)` to try once more, on a new connection,
+    /// when it failed on a reused one (reads are idempotent; after the store restarted, the
+    /// connections kept idle are broken, and the first requests must not pay for them); the
+    /// error otherwise, `timed_out()` for a read that never answered (its connection, and
+    /// likely those kept with it, stopped answering: all are closed).
+    ///
+    /// # Errors
+    ///
+    /// The read's, or `timed_out()`.
+    pub fn settle<T, E>(
+        self,
+        outcome: Option<Result<T, E>>,
+        retried: &mut bool,
+        timed_out: impl FnOnce() -> E,
+    ) -> Result<Option<T>, E> {
+        match outcome {
+            Some(Ok(out)) => {
+                self.done();
+                Ok(Some(out))
+            }
+            Some(Err(_)) if self.reused && !*retried => {
+                let home = self.home;
+                drop(self);
+                home.forget_idle();
+                *retried = true;
+                Ok(None)
+            }
+            Some(Err(e)) => Err(e),
+            None => {
+                let home = self.home;
+                drop(self);
+                home.forget_idle();
+                Err(timed_out())
+            }
         }
     }
 }
@@ -176,11 +209,9 @@ impl<DB: Database> DerefMut for Lease<'_, DB> {
 /// Runs `$body` with `$conn` bound to a leased connection (`&mut` the dialect's connection)
 /// of `$reads` (a [`SqlReads`]) and `$pool` to its pool (for the dialect's helpers); the
 /// connection goes back for reuse only if `$body` completed (an early return through `?`
-/// closes it), within [`Reuse::read_timeout`] (beyond, the read fails as the pool's
-/// timeout does). A read that fails on a reused connection runs once more on a new one
-/// (reads are idempotent): after the store restarted, the connections kept idle are broken,
-/// and the first requests must not pay for them. `$err` maps the lease's `sqlx::Error`;
-/// `$body`'s `?` returns [`crate::Error`].
+/// closes it), within [`Reuse::read_timeout`], and a read that failed on a reused connection
+/// runs once more (see [`Lease::settle`]). `$err` maps the lease's `sqlx::Error`; `$body`'s
+/// `?` returns [`crate::Error`].
 macro_rules! with_read {
     ($reads:expr, $err:expr, $pool:ident, $conn:ident => $body:expr) => {
         match $reads {
@@ -199,27 +230,14 @@ macro_rules! with_read {
         let mut retried = false;
         loop {
             let mut lease = $reuse.lease().await.map_err($err)?;
-            let reused = lease.reused();
             let read = async {
                 let $conn = &mut *lease;
                 Ok::<_, $crate::Error>($body)
             };
-            match rocket::tokio::time::timeout($reuse.read_timeout(), read).await {
-                Ok(Ok(out)) => {
-                    lease.done();
-                    break out;
-                }
-                Ok(Err(_)) if reused && !retried => {
-                    drop(lease);
-                    $reuse.forget_idle();
-                    retried = true;
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    // Its connection stopped answering: so, likely, did those kept with it.
-                    $reuse.forget_idle();
-                    return Err($err(sqlx::Error::PoolTimedOut));
-                }
+            let outcome = rocket::tokio::time::timeout($reuse.read_timeout(), read).await;
+            let timed_out = || $err(sqlx::Error::PoolTimedOut);
+            if let Some(out) = lease.settle(outcome.ok(), &mut retried, timed_out)? {
+                break out;
             }
         }
     }};
