@@ -106,47 +106,33 @@ async fn open_stream(
     ready: mpsc::UnboundedSender<usize>,
     mut opening: Option<OwnedSemaphorePermit>,
 ) -> Result<(), String> {
-    let source: std::net::SocketAddr = format!("127.0.0.{}:0", 2 + index % 200)
-        .parse()
-        .map_err(|e| format!("{e}"))?;
-    let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
-    socket.bind(source).map_err(|e| e.to_string())?;
-    let address = server.parse().map_err(|e| format!("{server}: {e}"))?;
-    let mut connection: TcpStream = socket
-        .connect(address)
-        .await
-        .map_err(|e| format!("connecting to {server}: {e}"))?;
-    let request = format!(
-        "GET /messages/stream HTTP/1.0\r\nHost: {server}\r\nAccept: text/event-stream\r\n\
-         Cookie: {cookie}\r\n\r\n"
-    );
-    connection
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut buffer = String::new();
+    let (mut connection, head, mut buffer) = match ask(index, &server, "/messages/stream", &cookie)
+        .await?
+    {
+        // The stream listener (`stream_address`): follow the redirect, as browsers do.
+        (_, head, _) if head.starts_with("HTTP/1.1 307") || head.starts_with("HTTP/1.0 307") => {
+            let location = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("location")
+                        .then(|| value.trim().to_string())
+                })
+                .ok_or_else(|| format!("stream {index}: a redirect without a location"))?;
+            let rest = location
+                .strip_prefix("http://")
+                .ok_or_else(|| format!("stream {index}: redirected to {location}"))?;
+            let (address, target) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            ask(index, address, target, &cookie).await?
+        }
+        answer => answer,
+    };
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("stream {index}: {head}"));
+    }
     let mut chunk = vec![0u8; 4096];
-    let mut head_done = false;
     let mut first = true;
     loop {
-        let n = connection
-            .read(&mut chunk)
-            .await
-            .map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err(format!("stream {index} ended: {buffer}"));
-        }
-        buffer.push_str(&String::from_utf8_lossy(&chunk[..n]));
-        if !head_done {
-            let Some((head, rest)) = buffer.split_once("\r\n\r\n") else {
-                continue;
-            };
-            if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-                return Err(format!("stream {index}: {head}"));
-            }
-            buffer = rest.to_string();
-            head_done = true;
-        }
         while let Some((block, rest)) = buffer.split_once("\n\n") {
             let block = block.to_string();
             buffer = rest.to_string();
@@ -169,6 +155,61 @@ async fn open_stream(
                 });
             }
         }
+        let n = connection
+            .read(&mut chunk)
+            .await
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!("stream {index} ended: {buffer}"));
+        }
+        buffer.push_str(&String::from_utf8_lossy(&chunk[..n]));
+    }
+}
+
+/// Sends `GET target` to `server` from the stream's own source address (127.0.0.x, so that
+/// ten thousands of connections do not run out of ports); returns the connection, the
+/// answer's head and what followed it.
+async fn ask(
+    index: usize,
+    server: &str,
+    target: &str,
+    cookie: &str,
+) -> Result<(TcpStream, String, String), String> {
+    let source: std::net::SocketAddr = format!("127.0.0.{}:0", 2 + index % 200)
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    socket.bind(source).map_err(|e| e.to_string())?;
+    let address = server.parse().map_err(|e| format!("{server}: {e}"))?;
+    let mut connection: TcpStream = socket
+        .connect(address)
+        .await
+        .map_err(|e| format!("connecting to {server}: {e}"))?;
+    let request = format!(
+        "GET {target} HTTP/1.0\r\nHost: {server}\r\nAccept: text/event-stream\r\n\
+         Cookie: {cookie}\r\n\r\n"
+    );
+    connection
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buffer = String::new();
+    let mut chunk = vec![0u8; 4096];
+    loop {
+        if let Some((head, rest)) = buffer.split_once("\r\n\r\n") {
+            let (head, rest) = (head.to_string(), rest.to_string());
+            return Ok((connection, head, rest));
+        }
+        let n = connection
+            .read(&mut chunk)
+            .await
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!(
+                "stream {index}: the answer ended in its head: {buffer}"
+            ));
+        }
+        buffer.push_str(&String::from_utf8_lossy(&chunk[..n]));
     }
 }
 

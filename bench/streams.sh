@@ -10,6 +10,11 @@
 #   bench/streams.sh
 #   BENCH_BACKENDS=redis BENCH_STREAMS=2000 bench/streams.sh
 #   BENCH_OPENING=16 bench/streams.sh   # at most 16 streams opening at once
+#   BENCH_SERVED_BY=listener bench/streams.sh   # only the stream listener's streams
+#
+# Each store is measured twice (BENCH_SERVED_BY, default "rocket,listener"): with the
+# streams served by Rocket, and by the library's stream listener (`stream_address`, to which
+# `GET /messages/stream` redirects; bench/streams.rs follows the redirect as a browser does).
 #
 # Needs psql (PostgreSQL run), redis-cli (Redis run), curl. Raises the open-files limit for
 # itself and the servers (each stream is a connection on both sides).
@@ -21,6 +26,7 @@ backends=${BENCH_BACKENDS:-postgres,redis}
 streams=${BENCH_STREAMS:-10000}
 samples=${BENCH_SAMPLES:-200}
 opening=${BENCH_OPENING:-0}
+served_by=${BENCH_SERVED_BY:-rocket,listener}
 database_url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
 redis_url=${REDIS_URL:-redis://127.0.0.1:6379}
 target="${CARGO_TARGET_DIR:-$repo/target}/release"
@@ -68,30 +74,34 @@ stop_servers() {
   port=$((port + 2))
 }
 
-run_backend() { # name
-  local name=$1 db_url redis_cfg=""
+run_backend() { # name rocket|listener
+  local name=$1 mode=$2 db_url redis_cfg="" listener_cfg="" label=$1
+  if [ "$mode" = listener ]; then
+    listener_cfg='stream_address="127.0.0.1:0",'
+    label="$name+listener"
+  fi
   case "$name" in
     postgres)
       psql "$database_url" -qc "drop schema if exists $schema cascade; create schema $schema" >/dev/null
       db_url="$database_url?options=-c%20search_path%3D$schema" ;;
     redis)
-      db_url="sqlite://$work/$name-users.sqlite?mode=rwc"
-      redis_cfg="backend=\"redis\",redis_url=\"$redis_url\",redis_key_prefix=\"$prefix\"," ;;
-    sqlite) db_url="sqlite://$work/$name.sqlite?mode=rwc" ;;
+      db_url="sqlite://$work/$label-users.sqlite?mode=rwc"
+      redis_cfg="backend=\"redis\",redis_url=\"$redis_url\",redis_key_prefix=\"$prefix$mode:\"," ;;
+    sqlite) db_url="sqlite://$work/$label.sqlite?mode=rwc" ;;
   esac
   export ROCKET_DATABASES="{stored_messages={url=\"$db_url\"}}"
-  export ROCKET_STORED_MESSAGES="{${redis_cfg}cleanup_interval_secs=0}"
+  export ROCKET_STORED_MESSAGES="{${redis_cfg}${listener_cfg}cleanup_interval_secs=0}"
   export ROCKET_SECRET_KEY="$secret" ROCKET_LOG_LEVEL=off ROCKET_ADDRESS=127.0.0.1
   export ROCKET_TEMPLATE_DIR="$repo/app/templates"
   "$target/stored-messages" migrate >/dev/null
 
   local servers server_pids
-  start_pair "$name" "$target/stored-messages" serve
-  echo "seeding $streams users on $name…" >&2
-  "$target/examples/bench-seed" --users "$streams" --messages 0 --server "127.0.0.1:$port" --cookies "$work/$name-cookies.txt" >&2
-  echo "streams on $name…" >&2
+  start_pair "$label" "$target/stored-messages" serve
+  echo "seeding $streams users on $label…" >&2
+  "$target/examples/bench-seed" --users "$streams" --messages 0 --server "127.0.0.1:$port" --cookies "$work/$label-cookies.txt" >&2
+  echo "streams on $label…" >&2
   "$target/examples/bench-streams" --servers "$servers" --pids "$server_pids" \
-    --cookies "$work/$name-cookies.txt" --samples "$samples" --opening "$opening" | sed "s/^/$name  /" >>"$results"
+    --cookies "$work/$label-cookies.txt" --samples "$samples" --opening "$opening" | sed "s/^/$label  /" >>"$results"
   stop_servers
 }
 
@@ -109,8 +119,11 @@ run_floor() {
 run_floor
 
 IFS=',' read -r -a list <<<"$backends"
+IFS=',' read -r -a modes <<<"$served_by"
 for name in "${list[@]}"; do
-  run_backend "$name"
+  for mode in "${modes[@]}"; do
+    run_backend "$name" "$mode"
+  done
 done
 
 echo

@@ -330,6 +330,11 @@ impl ApiError {
             message: message.into(),
         }
     }
+
+    /// Its status and message, for an answer written by hand (the stream listener's).
+    pub(crate) fn parts(&self) -> (Status, &str) {
+        (self.status, &self.message)
+    }
 }
 
 impl From<crate::message::InvalidMessage> for ApiError {

@@ -82,6 +82,15 @@ pub struct Config {
     /// (default 64 MiB; 0: anonymous visitors never spill). Over it, a visitor gets what fits
     /// the cookie and a warning that some messages could not be kept.
     pub anonymous_spill_bytes: usize,
+    /// Serves live streams on this address (`"0.0.0.0:8001"`; port 0 picks a free one) with
+    /// the library's own small stream server instead of Rocket, which holds about 36 KiB per
+    /// open stream against a few here: `GET <api>/stream` then redirects there with a
+    /// ticket. Default: none (Rocket serves streams). See [`crate::live::listener`].
+    pub stream_address: Option<std::net::SocketAddr>,
+    /// The URL browsers reach the stream listener at (`"https://live.example.com/stream"`,
+    /// or a path such as `"/live/stream"` behind a proxy that routes it there); default
+    /// `http://` + the request's host + `stream_address`'s port + the request's path.
+    pub stream_url: Option<String>,
 }
 
 impl Default for Config {
@@ -102,6 +111,8 @@ impl Default for Config {
             secure_cookies: false,
             spills_per_client: crate::flash::overflow::SPILLS_PER_CLIENT,
             anonymous_spill_bytes: crate::flash::overflow::ANONYMOUS_SPILL_BYTES,
+            stream_address: None,
+            stream_url: None,
         }
     }
 }
@@ -163,6 +174,22 @@ impl Config {
                     "stored_messages.redis_url: {} is not a redis:// url",
                     self.redis_url
                 )),
+            }
+        }
+        if let Some(url) = &self.stream_url {
+            let absolute = url::Url::parse(url)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+            let path = url.starts_with('/') && !url.starts_with("//");
+            if !absolute && !path {
+                problems.push(format!(
+                    "stored_messages.stream_url: {url:?} is neither an http(s) URL nor a path"
+                ));
+            }
+            if self.stream_address.is_none() {
+                problems.push(
+                    "stored_messages.stream_url: set without stream_address (nothing listens)"
+                        .to_string(),
+                );
             }
         }
         if problems.is_empty() {
@@ -290,6 +317,34 @@ mod tests {
         let figment = Figment::from(Toml::string("[stored_messages]\nbackedn = \"sql\""));
         let err = Config::from_figment(&figment).unwrap_err().to_string();
         assert!(err.contains("backedn"), "{err}");
+    }
+
+    #[test]
+    fn the_stream_listener_is_configured_with_an_address_and_a_url() {
+        let read = |toml: &str| Config::from_figment(&Figment::from(Toml::string(toml)));
+        let config = read("[stored_messages]\nstream_address = \"127.0.0.1:0\"").unwrap();
+        assert_eq!(config.stream_address, Some("127.0.0.1:0".parse().unwrap()));
+        for url in ["https://live.example.com/stream", "/live/stream"] {
+            let toml = format!(
+                "[stored_messages]\nstream_address = \"[::]:8001\"\nstream_url = \"{url}\""
+            );
+            assert_eq!(read(&toml).unwrap().stream_url.as_deref(), Some(url));
+        }
+        let err = read("[stored_messages]\nstream_address = \"localhost\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("stream_address"), "{err}");
+        for url in ["javascript:alert(1)", "//elsewhere.example/x", "live"] {
+            let toml = format!(
+                "[stored_messages]\nstream_address = \"[::]:8001\"\nstream_url = \"{url}\""
+            );
+            let err = read(&toml).unwrap_err().to_string();
+            assert!(err.contains("stored_messages.stream_url"), "{url}: {err}");
+        }
+        let err = read("[stored_messages]\nstream_url = \"/live\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("without stream_address"), "{err}");
     }
 
     #[test]

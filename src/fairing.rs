@@ -160,7 +160,25 @@ impl Fairing for StoredMessages {
                 }
             },
         };
+        let listener = match store.config().stream_address {
+            Some(address) => {
+                let url = store.config().stream_url.clone();
+                match crate::live::listener::StreamListener::bind(address, url, rocket.figment()) {
+                    Ok(listener) => Some(listener),
+                    Err(e) => {
+                        log::error!(
+                            "stored-messages: cannot start: the stream listener cannot listen on {address}: {e}"
+                        );
+                        return Err(rocket);
+                    }
+                }
+            }
+            None => None,
+        };
         let mut rocket = rocket.manage(store).manage(api.clone());
+        if let Some(listener) = listener {
+            rocket = rocket.manage(listener);
+        }
         if let Some(base) = api.get() {
             rocket = rocket
                 .mount(base, api::routes())
@@ -180,6 +198,9 @@ impl Fairing for StoredMessages {
         let Some(store) = rocket.state::<Store>() else {
             return;
         };
+        if let Some(listener) = rocket.state::<crate::live::listener::StreamListener>() {
+            listener.start(store.clone(), rocket.shutdown());
+        }
         let config = store.config();
         let levels: Vec<String> = config
             .store_levels

@@ -196,15 +196,29 @@ pub fn rocket_from(figment: Figment) -> Rocket<Build> {
             })
         }))
         .attach(stored_messages::template::fairing())
-        .attach(AdHoc::on_response("security headers", |_, response| {
-            Box::pin(async move {
-                for (name, value) in SECURITY_HEADERS {
-                    if !response.headers().contains(name) {
-                        response.set_raw_header(name, value);
+        .attach(AdHoc::on_response(
+            "security headers",
+            |request, response| {
+                Box::pin(async move {
+                    for (name, value) in SECURITY_HEADERS {
+                        if !response.headers().contains(name) {
+                            response.set_raw_header(name, value);
+                        }
                     }
-                }
-            })
-        }))
+                    // Live streams served by the stream listener, on another origin: the pages'
+                    // script follows the stream's redirect there.
+                    if let Some(origin) = stored_messages::live::listener::stream_origin(request) {
+                        let policy = response
+                            .headers()
+                            .get_one("Content-Security-Policy")
+                            .map(|p| format!("{p}; connect-src 'self' {origin}"));
+                        if let Some(policy) = policy {
+                            response.set_raw_header("Content-Security-Policy", policy);
+                        }
+                    }
+                })
+            },
+        ))
         .mount("/", pages::routes())
         .mount("/", auth::routes())
         .mount("/", admin::routes())

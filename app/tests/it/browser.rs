@@ -162,7 +162,27 @@ async fn mark_all_read_button_drops_the_count_to_zero_in_place() {
 /// the first tab's badge down and takes it out of the first tab's list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_sent_by_the_cli_appears_live_and_a_read_in_another_tab_follows() {
-    let Some(session) = Session::start(1).await else {
+    a_message_sent_by_the_cli_appears_live_and_a_read_in_another_tab_follows_with(
+        Session::start(1).await,
+    )
+    .await;
+}
+
+/// The same, with the stream served by the stream listener (another port, through a
+/// redirect and CORS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_by_the_cli_appears_live_and_a_read_in_another_tab_follows_through_the_stream_listener(
+) {
+    a_message_sent_by_the_cli_appears_live_and_a_read_in_another_tab_follows_with(
+        Session::start_listener(1).await,
+    )
+    .await;
+}
+
+async fn a_message_sent_by_the_cli_appears_live_and_a_read_in_another_tab_follows_with(
+    session: Option<Session>,
+) {
+    let Some(session) = session else {
         return;
     };
     let client = &session.served.client;
@@ -173,6 +193,25 @@ async fn a_message_sent_by_the_cli_appears_live_and_a_read_in_another_tab_follow
     let first_tab = client.window().await.unwrap();
     // The stream is open once its first count arrived (the page's own count is right).
     sleep(Duration::from_millis(500)).await;
+    // Where the browser is served its stream: here, or at the stream listener.
+    let stream_url = client
+        .execute_async(
+            "var done = arguments[arguments.length - 1]; var stop = new AbortController(); \
+             fetch('/messages/stream', { signal: stop.signal }) \
+               .then(function (r) { done(r.status + ' ' + r.url); stop.abort(); }) \
+               .catch(function (e) { done(String(e)); });",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let stream_url = stream_url.as_str().unwrap_or_default();
+    let listener = session.served.store.config().stream_address.is_some();
+    assert!(stream_url.starts_with("200 http://"), "{stream_url}");
+    assert_eq!(
+        !stream_url.starts_with(&format!("200 {}/", session.served.base)),
+        listener,
+        "{stream_url}"
+    );
 
     // act: the CLI, another process on the same database, sends alice a message
     let sent = Instant::now();
@@ -263,7 +302,27 @@ async fn a_message_sent_by_the_cli_appears_live_and_a_read_in_another_tab_follow
 /// the stream closes another takes it over without announcing old messages again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tabs_opened_at_different_moments_share_one_stream_and_hand_it_over_quietly() {
-    let Some(session) = Session::start(1).await else {
+    tabs_opened_at_different_moments_share_one_stream_and_hand_it_over_quietly_with(
+        Session::start(1).await,
+    )
+    .await;
+}
+
+/// The same, with the stream served by the stream listener (another port, through a
+/// redirect and CORS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tabs_opened_at_different_moments_share_one_stream_and_hand_it_over_quietly_through_the_stream_listener(
+) {
+    tabs_opened_at_different_moments_share_one_stream_and_hand_it_over_quietly_with(
+        Session::start_listener(1).await,
+    )
+    .await;
+}
+
+async fn tabs_opened_at_different_moments_share_one_stream_and_hand_it_over_quietly_with(
+    session: Option<Session>,
+) {
+    let Some(session) = session else {
         return;
     };
     let client = &session.served.client;
@@ -380,7 +439,27 @@ async fn tabs_opened_at_different_moments_share_one_stream_and_hand_it_over_quie
 /// instead of retrying in silence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tab_left_open_after_logout_does_not_follow_the_next_login_and_says_so() {
-    let Some(session) = Session::start(1).await else {
+    a_tab_left_open_after_logout_does_not_follow_the_next_login_and_says_so_with(
+        Session::start(1).await,
+    )
+    .await;
+}
+
+/// The same, with the stream served by the stream listener (another port, through a
+/// redirect and CORS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tab_left_open_after_logout_does_not_follow_the_next_login_and_says_so_through_the_stream_listener(
+) {
+    a_tab_left_open_after_logout_does_not_follow_the_next_login_and_says_so_with(
+        Session::start_listener(1).await,
+    )
+    .await;
+}
+
+async fn a_tab_left_open_after_logout_does_not_follow_the_next_login_and_says_so_with(
+    session: Option<Session>,
+) {
+    let Some(session) = session else {
         return;
     };
     let client = &session.served.client;
@@ -1753,12 +1832,29 @@ impl Session {
 
     /// As [`Session::start`], with more Chromium flags.
     async fn start_with(message_count: usize, flags: &[&str]) -> Option<Session> {
+        Session::start_from(message_count, flags, |figment| figment).await
+    }
+
+    /// As [`Session::start`], with live streams served by the stream listener.
+    async fn start_listener(message_count: usize) -> Option<Session> {
+        Session::start_from(message_count, &[], |figment| {
+            figment.merge(("stored_messages.stream_address", "127.0.0.1:0"))
+        })
+        .await
+    }
+
+    async fn start_from(
+        message_count: usize,
+        flags: &[&str],
+        configure: impl FnOnce(Figment) -> Figment,
+    ) -> Option<Session> {
         let tools = browser_tools()?;
 
         // the app's database, with the user in it before launch (so no first admin is made)
         let app = TestApp::sqlite().await?;
         let user = app.user("alice", false).await.user_id();
-        let served = Served::start_with(tools, test_figment(&app.url), flags).await;
+        let figment = configure(test_figment(&app.url));
+        let served = Served::start_with(tools, figment, flags).await;
 
         // the user's messages
         let mut messages = Vec::new();

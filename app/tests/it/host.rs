@@ -512,6 +512,26 @@ mod mounting_and_csrf {
             ));
         }
     }
+
+    /// The stream listener binds at ignition: a port in use stops the launch, instead of a
+    /// server whose streams redirect to nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_address_in_use_stops_the_launch() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let figment = crate::common::test_figment(&crate::common::sqlite_url(&dir)).merge((
+            "stored_messages.stream_address",
+            taken.local_addr().unwrap().to_string(),
+        ));
+        let rocket = rocket::custom(figment).attach(StoredMessages::fairing(CookieHost));
+        let Err(error) = Client::tracked(rocket).await else {
+            panic!("the launch fails");
+        };
+        assert!(matches!(
+            error.kind(),
+            rocket::error::ErrorKind::FailedFairings(_)
+        ));
+    }
 }
 
 mod untouched {

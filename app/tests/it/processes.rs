@@ -29,6 +29,8 @@ struct Shared {
     backend: Backend,
     dir: tempfile::TempDir,
     secret_key: String,
+    /// The servers serve live streams with the stream listener (`stream_address`).
+    stream_listener: bool,
 }
 
 impl Shared {
@@ -44,6 +46,18 @@ impl Shared {
         Some(Shared::new(Backend::Redis(RedisPrefix::create()?)))
     }
 
+    async fn sqlite_listener() -> Option<Shared> {
+        Some(Shared::sqlite().await?.with_stream_listener())
+    }
+
+    async fn postgres_listener() -> Option<Shared> {
+        Some(Shared::postgres().await?.with_stream_listener())
+    }
+
+    async fn redis_listener() -> Option<Shared> {
+        Some(Shared::redis().await?.with_stream_listener())
+    }
+
     fn new(backend: Backend) -> Shared {
         let mut key = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut key);
@@ -51,7 +65,14 @@ impl Shared {
             backend,
             dir: tempfile::tempdir().unwrap(),
             secret_key: base64::engine::general_purpose::STANDARD.encode(key),
+            stream_listener: false,
         }
+    }
+
+    /// The same store, its servers serving live streams with the stream listener.
+    fn with_stream_listener(mut self) -> Shared {
+        self.stream_listener = true;
+        self
     }
 
     /// The environment of a process named `name` (PostgreSQL connections carry it as their
@@ -71,6 +92,11 @@ impl Shared {
                 ),
             ),
         };
+        let listener = if self.stream_listener {
+            "stream_address=\"127.0.0.1:0\","
+        } else {
+            ""
+        };
         vec![
             (
                 "ROCKET_DATABASES",
@@ -78,7 +104,7 @@ impl Shared {
             ),
             (
                 "ROCKET_STORED_MESSAGES",
-                format!("{{{stored}cleanup_interval_secs=0}}"),
+                format!("{{{stored}{listener}cleanup_interval_secs=0}}"),
             ),
             ("ROCKET_SECRET_KEY", self.secret_key.clone()),
             ("ROCKET_LOG_LEVEL", "critical".into()),

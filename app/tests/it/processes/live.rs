@@ -28,18 +28,47 @@ struct EventReader {
     buffer: String,
     headers: Vec<(String, String)>,
     status: u16,
+    /// Where the stream was served: the server, or its stream listener after a redirect.
+    address: String,
+    /// The redirect followed to get there, if any.
+    redirected: Option<String>,
 }
 
 impl EventReader {
+    /// Opens `GET /messages/stream` as a browser does: following a redirect to the stream
+    /// listener, with the same headers (its cookies too: they are not bound to a port).
     async fn open(server: &Server, cookie: &str, last_event_id: Option<&str>) -> EventReader {
-        let mut connection = TcpStream::connect(&server.address).await.unwrap();
+        let mut reader =
+            EventReader::request(&server.address, "/messages/stream", cookie, last_event_id).await;
+        if reader.status == 307 {
+            let location = reader
+                .header("location")
+                .expect("a redirect's location")
+                .to_string();
+            let rest = location
+                .strip_prefix("http://")
+                .unwrap_or_else(|| panic!("the listener's URL: {location}"));
+            let (address, target) = rest.split_at(rest.find('/').unwrap());
+            let mut followed = EventReader::request(address, target, cookie, last_event_id).await;
+            followed.redirected = Some(location);
+            reader = followed;
+        }
+        reader
+    }
+
+    async fn request(
+        address: &str,
+        target: &str,
+        cookie: &str,
+        last_event_id: Option<&str>,
+    ) -> EventReader {
+        let mut connection = TcpStream::connect(address).await.unwrap();
         let last = last_event_id
             .map(|id| format!("Last-Event-ID: {id}\r\n"))
             .unwrap_or_default();
         let request = format!(
-            "GET /messages/stream HTTP/1.0\r\nHost: {}\r\nAccept: text/event-stream\r\n\
-             Cookie: {cookie}\r\n{last}\r\n",
-            server.address
+            "GET {target} HTTP/1.0\r\nHost: {address}\r\nAccept: text/event-stream\r\n\
+             Cookie: {cookie}\r\n{last}\r\n"
         );
         connection.write_all(request.as_bytes()).await.unwrap();
         let mut reader = EventReader {
@@ -47,6 +76,8 @@ impl EventReader {
             buffer: String::new(),
             headers: Vec::new(),
             status: 0,
+            address: address.to_string(),
+            redirected: None,
         };
         while !reader.buffer.contains("\r\n\r\n") {
             assert!(reader.fill().await, "the stream's head: {}", reader.buffer);
@@ -129,6 +160,23 @@ process_tests!(
     ending_a_session_ends_its_streams_on_every_server,
 );
 
+/// The same, with the servers' streams served by the stream listener (`stream_address`):
+/// `GET /messages/stream` redirects there, and everything above holds as well.
+macro_rules! with_listener {
+    ($($backend:ident),*) => {
+        $(process_tests!(
+            @backend $backend,
+            a_stream_hears_every_process,
+            a_reconnect_replays_what_it_missed_or_resyncs,
+            sigterm_ends_the_streams_and_the_server,
+            streams_closed_by_their_clients_free_what_they_held,
+            ending_a_session_ends_its_streams_on_every_server,
+            the_stream_listener_trusts_tickets_only
+        );)*
+    };
+}
+with_listener!(sqlite_listener, postgres_listener, redis_listener);
+
 /// A stream lives no longer than its session: after a logout on one server, or the CLI's
 /// `endsessions` (another process), the session's streams on both servers end without
 /// sending what arrives next; another user's stream goes on.
@@ -194,6 +242,7 @@ async fn a_stream_hears_every_process(shared: &Shared) {
     assert!(anonymous.json()["error"]["message"].is_string());
 
     let mut stream = EventReader::open(&two, &alice.cookie, None).await;
+    assert_eq!(stream.redirected.is_some(), shared.stream_listener);
     assert_eq!(stream.status, 200);
     assert_eq!(stream.header("content-type"), Some("text/event-stream"));
     assert_eq!(
@@ -317,6 +366,11 @@ async fn sigterm_ends_the_streams_and_the_server(shared: &Shared) {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let listener = streams[0]
+        .redirected
+        .as_ref()
+        .map(|_| streams[0].address.clone());
+    assert_eq!(listener.is_some(), shared.stream_listener);
     let asked = Instant::now();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &server.child.id().to_string()])
@@ -326,12 +380,14 @@ async fn sigterm_ends_the_streams_and_the_server(shared: &Shared) {
     for stream in &mut streams {
         assert!(stream.next().await.is_none(), "the stream ends");
     }
-    // No new request is taken: a connection is refused, or closed unanswered.
-    if let Ok(mut late) = TcpStream::connect(&server.address).await {
-        let request = format!(
-            "GET /health HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            server.address
-        );
+    // No new request is taken (by the server, nor by its stream listener): a connection is
+    // refused, or closed unanswered.
+    for address in std::iter::once(&server.address).chain(&listener) {
+        let Ok(mut late) = TcpStream::connect(address).await else {
+            continue;
+        };
+        let request =
+            format!("GET /health HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
         let _ = late.write_all(request.as_bytes()).await;
         let mut answer = Vec::new();
         let _ = tokio::time::timeout(EVENT_WAIT, late.read_to_end(&mut answer)).await;
@@ -448,5 +504,127 @@ async fn streams_closed_by_their_clients_free_what_they_held(shared: &Shared) {
     assert!(
         memory[2] <= memory[0] + 8 * 1024,
         "memory grew from round to round: {memory:?} KiB"
+    );
+}
+
+/// The stream listener reads no cookie: it opens a stream for a valid ticket only, which
+/// `GET /messages/stream` gives (a redirect that no cache may keep) to the session's user,
+/// and which opens nothing once the session has ended. Whatever else it is sent, it answers
+/// with the API's JSON error and CORS headers (the page's script reads its status from
+/// another origin), and goes on serving.
+async fn the_stream_listener_trusts_tickets_only(shared: &Shared) {
+    shared.cli(&["createuser", "alice"], &format!("{PASSWORD}\n"));
+    let server = shared.serve(&format!("sm_tk_{}", random_id())).await;
+    let alice = Browser::login(&server, "alice", PASSWORD).await;
+    let redirect = get(&server.address, "/messages/stream", &alice.cookie)
+        .await
+        .unwrap();
+    assert_eq!(redirect.status, 307, "{}", redirect.body);
+    let header = |answer: &super::Answer, name: &str| {
+        answer
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        header(&redirect, "cache-control").as_deref(),
+        Some("private, no-store")
+    );
+    let location = header(&redirect, "location").unwrap();
+    let rest = location.strip_prefix("http://").unwrap();
+    let (address, target) = rest.split_at(rest.find('/').unwrap());
+    let (path, ticket) = target.split_once("?ticket=").unwrap();
+    assert_eq!(path, "/messages/stream");
+    let ask = |target: String, extra: &str| {
+        super::exchange(
+            address,
+            format!("GET {target} HTTP/1.1\r\nHost: {address}\r\nOrigin: http://page.example\r\n{extra}\r\n"),
+        )
+    };
+
+    // No ticket, a forged one, a tampered one, alice's cookie without one: 401.
+    let mut tampered = ticket.to_string().into_bytes();
+    tampered[10] = if tampered[10] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    for (target, extra) in [
+        (path.to_string(), format!("Cookie: {}\r\n", alice.cookie)),
+        (format!("{path}?ticket=forged"), String::new()),
+        (format!("{path}?ticket={tampered}"), String::new()),
+    ] {
+        let answer = ask(target.clone(), &extra).await.unwrap();
+        assert_eq!(answer.status, 401, "{target}: {}", answer.body);
+        assert_eq!(answer.json()["error"]["status"], 401);
+        assert_eq!(
+            header(&answer, "access-control-allow-origin").as_deref(),
+            Some("http://page.example")
+        );
+    }
+
+    // Other methods: 405; a CORS preflight (a reconnect sends Last-Event-ID): allowed.
+    let post = super::exchange(
+        address,
+        format!("POST {target} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\n\r\n"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(post.status, 405);
+    assert_eq!(post.json()["error"]["status"], 405);
+    let preflight = super::exchange(
+        address,
+        format!(
+            "OPTIONS {target} HTTP/1.1\r\nHost: {address}\r\nOrigin: http://page.example\r\n\
+             Access-Control-Request-Method: GET\r\nAccess-Control-Request-Headers: last-event-id\r\n\r\n"
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(preflight.status, 204);
+    assert_eq!(
+        header(&preflight, "access-control-allow-headers").as_deref(),
+        Some("last-event-id")
+    );
+
+    // Odd input: not HTTP, an endless head, a client that leaves halfway.
+    let garbage = super::exchange(address, "\x16\x03\x01\x02\x00 hello\r\n\r\n".into())
+        .await
+        .unwrap();
+    assert_eq!(garbage.status, 400);
+    let endless = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{}\r\n",
+        "X-A: b\r\n".repeat(60)
+    );
+    let endless = super::exchange(address, endless).await.unwrap();
+    assert_eq!(endless.status, 431);
+    let mut halfway = TcpStream::connect(address).await.unwrap();
+    halfway.write_all(b"GET /messages/str").await.unwrap();
+    drop(halfway);
+
+    // The ticket opens alice's stream, from any origin.
+    let mut stream = EventReader::open(&server, &alice.cookie, None).await;
+    assert_eq!(stream.status, 200);
+    assert_eq!(
+        stream.header("access-control-allow-origin"),
+        Some("*"),
+        "no Origin was sent"
+    );
+    assert_eq!(stream.expect("count").await.data["unread"], 0);
+    drop(stream);
+
+    // After a logout, the ticket given before it opens nothing, though it has not expired.
+    let form = format!("csrf_token={}", alice.token);
+    let logout = super::post(&server.address, "/logout", &alice.cookie, &form)
+        .await
+        .unwrap();
+    assert_eq!(logout.status, 303);
+    let after = ask(target.to_string(), "").await.unwrap();
+    assert_eq!(after.status, 401, "{}", after.body);
+    assert!(
+        after.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("session has ended"),
+        "{}",
+        after.body
     );
 }

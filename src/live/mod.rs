@@ -39,6 +39,11 @@
 //! goes away (noticed at the next write, the heartbeat at the latest) and when the server
 //! shuts down. [`crate::Store::open_streams`] counts the open ones.
 //!
+//! With `stream_address` configured, the [stream listener](listener) serves the streams
+//! instead of Rocket (a few KiB per open stream against Rocket's 36): `GET <api>/stream`
+//! checks the request and redirects there with a ticket. Events, limits and ends are the
+//! same, from the same code.
+//!
 //! A message that arrives live is not marked read by arriving: it stays unread until the user
 //! marks it read or a page shows it.
 
@@ -59,6 +64,8 @@ use crate::changes::{Change, ChangeReceiver};
 use crate::error::Result;
 use crate::message::{Message, MessageId, UserId};
 use crate::ops::Store;
+
+pub mod listener;
 
 /// How often an idle stream sends a comment, so that proxies keep it open and a client that
 /// went away is noticed.
@@ -296,6 +303,46 @@ pub(crate) fn state_id(unread: &[Message]) -> String {
     known.event_id()
 }
 
+/// One event of a stream, as both servers of streams write it (Rocket's route and the
+/// [stream listener](listener)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LiveEvent {
+    name: &'static str,
+    id: String,
+    /// JSON, on one line.
+    data: String,
+}
+
+impl LiveEvent {
+    fn json(name: &'static str, known: &Known, data: &impl serde::Serialize) -> LiveEvent {
+        LiveEvent {
+            name,
+            id: known.event_id(),
+            // Serializing these plain values cannot fail.
+            data: serde_json::to_string(data).unwrap_or_else(|_| "null".into()),
+        }
+    }
+
+    fn into_rocket(self) -> Event {
+        Event::data(self.data).event(self.name).id(self.id)
+    }
+
+    /// The event as `text/event-stream` text, byte for byte as Rocket writes it.
+    pub(crate) fn write_to(&self, out: &mut Vec<u8>) {
+        for (field, value) in [
+            ("id", self.id.as_str()),
+            ("event", self.name),
+            ("data", &self.data),
+        ] {
+            out.extend_from_slice(field.as_bytes());
+            out.push(b':');
+            out.extend_from_slice(value.as_bytes());
+            out.push(b'\n');
+        }
+        out.push(b'\n');
+    }
+}
+
 /// The inbox as a stream reads it.
 struct Inbox {
     messages: Vec<Message>,
@@ -419,7 +466,7 @@ async fn read_inbox(store: &Store, user: UserId) -> Result<Inbox> {
 }
 
 /// The events that bring a client from `known` to `inbox`; updates `known`.
-fn differences(known: &mut Known, inbox: &Inbox, store: &Store) -> Vec<Event> {
+fn differences(known: &mut Known, inbox: &Inbox, store: &Store) -> Vec<LiveEvent> {
     if inbox.truncated {
         return resync(known, inbox);
     }
@@ -436,11 +483,11 @@ fn differences(known: &mut Known, inbox: &Inbox, store: &Store) -> Vec<Event> {
     for m in &inbox.messages {
         if !known.ids.contains_key(&m.id) {
             known.insert(m.id);
-            events.push(
-                Event::json(&ApiMessage::new(m, store.level_tags()))
-                    .event("message")
-                    .id(known.event_id()),
-            );
+            events.push(LiveEvent::json(
+                "message",
+                known,
+                &ApiMessage::new(m, store.level_tags()),
+            ));
         }
     }
     let gone: Vec<MessageId> = known
@@ -454,11 +501,7 @@ fn differences(known: &mut Known, inbox: &Inbox, store: &Store) -> Vec<Event> {
             known.remove(*id);
         }
         let ids: Vec<String> = gone.iter().map(MessageId::to_string).collect();
-        events.push(
-            Event::json(&json!({ "ids": ids }))
-                .event("read")
-                .id(known.event_id()),
-        );
+        events.push(LiveEvent::json("read", known, &json!({ "ids": ids })));
     }
     if !events.is_empty() {
         events.push(count(known, inbox.unread));
@@ -466,29 +509,29 @@ fn differences(known: &mut Known, inbox: &Inbox, store: &Store) -> Vec<Event> {
     events
 }
 
-fn count(known: &Known, unread: u64) -> Event {
-    Event::json(&json!({ "unread": unread }))
-        .event("count")
-        .id(known.event_id())
+fn count(known: &Known, unread: u64) -> LiveEvent {
+    LiveEvent::json("count", known, &json!({ "unread": unread }))
 }
 
 /// Tells the client to reload, and takes `inbox` as what it then knows.
-fn resync(known: &mut Known, inbox: &Inbox) -> Vec<Event> {
+fn resync(known: &mut Known, inbox: &Inbox) -> Vec<LiveEvent> {
     let max = known.max;
     *known = Known::default();
     for m in &inbox.messages {
         known.insert(m.id);
     }
     known.max = known.max.max(max);
-    vec![Event::json(&json!({ "unread": inbox.unread }))
-        .event("resync")
-        .id(known.event_id())]
+    vec![LiveEvent::json(
+        "resync",
+        known,
+        &json!({ "unread": inbox.unread }),
+    )]
 }
 
 /// The first events of a stream: `count` for a new client, the missed messages (or
 /// `resync`) for one that resumes from `last`.
-fn opening(known: &mut Known, inbox: &Inbox, last: Option<&str>, store: &Store) -> Vec<Event> {
-    let mut events = vec![Event::retry(RETRY)];
+fn opening(known: &mut Known, inbox: &Inbox, last: Option<&str>, store: &Store) -> Vec<LiveEvent> {
+    let mut events = Vec::new();
     match last {
         Some(last) => match Known::resume(last, &inbox.messages).filter(|_| !inbox.truncated) {
             Some(resumed) => {
@@ -635,70 +678,178 @@ impl<'r> rocket::request::FromRequest<'r> for PageSession {
 }
 
 /// Whether a stream of `user` tied to `session` may go on.
-async fn session_goes_on(store: &Store, user: UserId, session: Option<&str>) -> bool {
+pub(crate) async fn session_goes_on(store: &Store, user: UserId, session: Option<&str>) -> bool {
     match session {
         Some(session) => store.host().session_active(user, session).await,
         None => true,
     }
 }
 
-/// Follows `user`'s inbox for one client, while its session goes on.
-fn follow(
+/// Why a stream could not open.
+#[derive(Debug)]
+pub(crate) enum Refused {
+    /// The user holds [`MAX_STREAMS_PER_USER`] streams on this instance already.
+    TooMany,
+    /// The store did not answer.
+    Store(crate::Error),
+}
+
+impl From<Refused> for crate::api::ApiError {
+    fn from(refused: Refused) -> crate::api::ApiError {
+        match refused {
+            Refused::TooMany => crate::api::ApiError::new(
+                rocket::http::Status::TooManyRequests,
+                format!(
+                    "too many live streams: at most {MAX_STREAMS_PER_USER} per user on this server \
+                     (the tabs of a browser can share one); a closed stream is let go within {} s",
+                    HEARTBEAT.as_secs()
+                ),
+            ),
+            Refused::Store(e) => e.into(),
+        }
+    }
+}
+
+/// One client's stream: what it was told of its user's inbox, and how to tell it more.
+/// Both servers of streams use it: Rocket's route and the [stream listener](listener).
+pub(crate) struct Follower {
     store: Store,
     user: UserId,
-    session: StreamSession,
+    /// What ties the stream to its session ([`crate::Host::stream_session`]).
+    session: Option<String>,
     registration: Registration,
-    mut known: Known,
-    first: Vec<Event>,
-    mut shutdown: Shutdown,
-) -> EventStream<impl rocket::futures::Stream<Item = Event>> {
-    let open = Open::new(store.clone());
-    let session = session.0;
-    EventStream! {
-        let _open = open;
-        for event in first {
-            yield event;
-        }
+    known: Known,
+    checks: rocket::tokio::time::Interval,
+    _open: Open,
+}
+
+impl Follower {
+    /// Opens a stream of `user`'s inbox for a client that last saw the event id `last`; with
+    /// its first events (the `retry:` hint is the server's to write).
+    pub(crate) async fn open(
+        store: Store,
+        user: UserId,
+        session: Option<String>,
+        last: Option<&str>,
+    ) -> std::result::Result<(Follower, Vec<LiveEvent>), Refused> {
+        // Registered before the inbox is read: a change after the read is not missed.
+        let registration = StreamHub::register(&store, user).ok_or(Refused::TooMany)?;
+        let inbox = read_inbox(&store, user).await.map_err(Refused::Store)?;
+        let mut known = Known::default();
+        let first = opening(&mut known, &inbox, last, &store);
         let period = rocket::tokio::time::Instant::now() + SESSION_CHECK;
         let mut checks = rocket::tokio::time::interval_at(period, SESSION_CHECK);
         checks.set_missed_tick_behavior(rocket::tokio::time::MissedTickBehavior::Delay);
+        let follower = Follower {
+            _open: Open::new(store.clone()),
+            store,
+            user,
+            session,
+            registration,
+            known,
+            checks,
+        };
+        Ok((follower, first))
+    }
+
+    /// The events of the inbox's next change; `None` when the stream ends: its session did,
+    /// the change feed is gone, or the store failed (the client then reconnects, and resumes
+    /// from its last id once the store answers again).
+    pub(crate) async fn next(&mut self) -> Option<Vec<LiveEvent>> {
         loop {
             let woken = rocket::tokio::select! {
-                _ = registration.signal.notify.notified() => true,
-                _ = checks.tick(), if session.is_some() => false,
-                _ = &mut shutdown => break,
+                _ = self.registration.signal.notify.notified() => true,
+                _ = self.checks.tick(), if self.session.is_some() => false,
             };
-            if registration.signal.closed.load(Ordering::SeqCst) {
-                break;
+            if self.registration.signal.closed.load(Ordering::SeqCst) {
+                return None;
             }
             // Ending a user's sessions is announced as a change of that user: checked
             // before anything more is sent.
-            if !session_goes_on(&store, user, session.as_deref()).await {
-                log::debug!("stored-messages: a live stream of user {user} ends with its session");
-                break;
+            if !session_goes_on(&self.store, self.user, self.session.as_deref()).await {
+                log::debug!(
+                    "stored-messages: a live stream of user {} ends with its session",
+                    self.user
+                );
+                return None;
             }
             if !woken {
                 continue;
             }
-            match read_inbox(&store, user).await {
+            match read_inbox(&self.store, self.user).await {
                 Ok(inbox) => {
-                    for event in differences(&mut known, &inbox, &store) {
-                        yield event;
+                    let events = differences(&mut self.known, &inbox, &self.store);
+                    if !events.is_empty() {
+                        return Some(events);
                     }
                 }
                 Err(e) => {
-                    // The client reconnects (and resumes from its last id) once the store
-                    // answers again.
                     log::warn!(
-                        "stored-messages: a live stream of user {user} ends: {}",
+                        "stored-messages: a live stream of user {} ends: {}",
+                        self.user,
                         crate::report(&e)
                     );
-                    break;
+                    return None;
                 }
             }
         }
     }
+
+    /// [`Follower::next`], owning the follower: a server that waits for other things as well
+    /// keeps this future across them instead of dropping a wait that was half done.
+    pub(crate) async fn step(mut self) -> (Follower, Option<Vec<LiveEvent>>) {
+        let events = self.next().await;
+        (self, events)
+    }
+}
+
+/// Follows a stream for Rocket, until it ends or the server shuts down.
+fn follow(
+    mut follower: Follower,
+    first: Vec<LiveEvent>,
+    mut shutdown: Shutdown,
+) -> EventStream<impl rocket::futures::Stream<Item = Event>> {
+    EventStream! {
+        yield Event::retry(RETRY);
+        for event in first {
+            yield event.into_rocket();
+        }
+        loop {
+            let events = rocket::tokio::select! {
+                events = follower.next() => events,
+                _ = &mut shutdown => None,
+            };
+            let Some(events) = events else { break };
+            for event in events {
+                yield event.into_rocket();
+            }
+        }
+    }
     .heartbeat(HEARTBEAT)
+}
+
+/// What `GET <api>/stream` answers: the stream, or with a [stream listener](listener), a
+/// redirect to it with a ticket.
+pub(crate) enum StreamAnswer<S> {
+    Here(LiveStream<S>),
+    Elsewhere(String),
+}
+
+impl<'r, S> rocket::response::Responder<'r, 'r> for StreamAnswer<S>
+where
+    S: rocket::futures::Stream<Item = Event> + Send + 'r,
+{
+    fn respond_to(self, request: &'r rocket::Request<'_>) -> rocket::response::Result<'r> {
+        match self {
+            StreamAnswer::Here(stream) => stream.respond_to(request),
+            StreamAnswer::Elsewhere(url) => rocket::Response::build()
+                .status(rocket::http::Status::TemporaryRedirect)
+                .raw_header("Location", url)
+                // The ticket is short-lived and one user's: no cache may keep it.
+                .raw_header("Cache-Control", "private, no-store")
+                .ok(),
+        }
+    }
 }
 
 /// `GET <api>/stream`: the current user's inbox, live (see the [module](self)).
@@ -710,26 +861,17 @@ pub(crate) async fn stream(
     store: &State<Store>,
     last: LastEventId,
     shutdown: Shutdown,
-) -> crate::api::ApiResult<LiveStream<impl rocket::futures::Stream<Item = Event>>> {
+    listener: listener::Tickets<'_>,
+) -> crate::api::ApiResult<StreamAnswer<impl rocket::futures::Stream<Item = Event>>> {
     page.check()?;
-    let store: Store = store.inner().clone();
-    // Registered before the inbox is read: a change after the read is not missed.
-    let registration = StreamHub::register(&store, user.0).ok_or_else(|| {
-        crate::api::ApiError::new(
-            rocket::http::Status::TooManyRequests,
-            format!(
-                "too many live streams: at most {MAX_STREAMS_PER_USER} per user on this server (the \
-                 tabs of a browser can share one); a closed stream is let go within {} s",
-                HEARTBEAT.as_secs()
-            ),
-        )
-    })?;
-    let inbox = read_inbox(&store, user.0).await?;
-    let mut known = Known::default();
-    let first = opening(&mut known, &inbox, last.0.as_deref(), &store);
-    Ok(LiveStream {
-        stream: follow(store, user.0, session, registration, known, first, shutdown),
-    })
+    if let Some(url) = listener.redirect(user.0, session.0.as_deref(), last.0.as_deref()) {
+        return Ok(StreamAnswer::Elsewhere(url));
+    }
+    let (follower, first) =
+        Follower::open(store.inner().clone(), user.0, session.0, last.0.as_deref()).await?;
+    Ok(StreamAnswer::Here(LiveStream {
+        stream: follow(follower, first, shutdown),
+    }))
 }
 
 #[cfg(test)]
