@@ -410,7 +410,6 @@ async fn open(
     store: Store,
     key: std::sync::Arc<cookie::Key>,
 ) -> Option<Follower> {
-    let connection = &mut *connection;
     let head = match rocket::tokio::time::timeout(HEAD_TIMEOUT, read_head(connection)).await {
         Ok(Ok(head)) => head,
         Ok(Err(BadHead::Malformed)) => {
