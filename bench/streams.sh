@@ -3,9 +3,10 @@
 # `GET /messages/stream` open per user (BENCH_STREAMS users, 10,000 by default, half on each
 # server), and bench/streams.rs measuring the servers' memory per idle stream, the latency
 # from a write's return (the request-free Store, a third process) to the event at the
-# client, and how long a broadcast to everyone takes to reach every stream. First, as the
-# baseline of the memory figure, the same number of idle streams on two servers of
-# bench/sse_floor.rs: a bare Rocket 0.5 stream route, with nothing of this crate.
+# client, and how long a broadcast to everyone takes to reach every stream (BENCH_BROADCASTS
+# of them, 3 by default, and their median). First, as the baseline of the memory figure,
+# the same number of idle streams on two servers of bench/sse_floor.rs: a bare Rocket 0.5
+# stream route, with nothing of this crate.
 #
 #   bench/streams.sh
 #   BENCH_BACKENDS=redis BENCH_STREAMS=2000 bench/streams.sh
@@ -25,6 +26,7 @@ repo=$(pwd)
 backends=${BENCH_BACKENDS:-postgres,redis}
 streams=${BENCH_STREAMS:-10000}
 samples=${BENCH_SAMPLES:-200}
+broadcasts=${BENCH_BROADCASTS:-3}
 opening=${BENCH_OPENING:-0}
 served_by=${BENCH_SERVED_BY:-rocket,listener}
 database_url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
@@ -101,7 +103,7 @@ run_backend() { # name rocket|listener
   "$target/examples/bench-seed" --users "$streams" --messages 0 --server "127.0.0.1:$port" --cookies "$work/$label-cookies.txt" >&2
   echo "streams on $label…" >&2
   "$target/examples/bench-streams" --servers "$servers" --pids "$server_pids" \
-    --cookies "$work/$label-cookies.txt" --samples "$samples" --opening "$opening" | sed "s/^/$label  /" >>"$results"
+    --cookies "$work/$label-cookies.txt" --samples "$samples" --broadcasts "$broadcasts" --opening "$opening" | sed "s/^/$label  /" >>"$results"
   stop_servers
 }
 

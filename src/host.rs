@@ -79,12 +79,26 @@ pub trait Host: Send + Sync + 'static {
     /// without sending. So to end a user's streams at once, on every instance, when their
     /// sessions end (logout, a password change), announce a change of that user on the
     /// store's feed ([`crate::ChangeFeed::announce`]). Keep it cheap (a cache): a broadcast
-    /// makes every stream ask. Answer `false` when the session cannot be vouched for (its
-    /// store does not answer): the client reconnects, and its new request is checked as any
-    /// other. The default says yes.
+    /// makes every stream ask (see [`Host::sessions_active`]). Answer `false` when the
+    /// session cannot be vouched for (its store does not answer): the client reconnects, and
+    /// its new request is checked as any other. The default says yes.
     async fn session_active(&self, user: UserId, session: &str) -> bool {
         let _ = (user, session);
         true
+    }
+
+    /// [`Host::session_active`] for many streams at once, one answer per pair in their
+    /// order: after a broadcast every open stream asks, and the library gathers their asks
+    /// into batches of up to 500. The default asks [`Host::session_active`] for each in
+    /// turn; a host whose sessions live in a database can answer a batch with one query
+    /// (the reference app does). An answer of another length counts as no answer: each
+    /// stream then asks [`Host::session_active`] alone.
+    async fn sessions_active(&self, sessions: &[(UserId, &str)]) -> Vec<bool> {
+        let mut active = Vec::with_capacity(sessions.len());
+        for (user, session) in sessions {
+            active.push(self.session_active(*user, session).await);
+        }
+        active
     }
 }
 

@@ -52,7 +52,7 @@ struct Inner {
     events: Events,
     spill_quota: SpillQuota,
     open_streams: crate::live::OpenStreams,
-    inbox_reads: crate::live::InboxReads,
+    stream_asks: crate::live::StreamAsks,
     stream_hub: Arc<crate::live::StreamHub>,
 }
 
@@ -104,7 +104,7 @@ impl Store {
             events: Events::new(),
             spill_quota,
             open_streams: crate::live::OpenStreams::default(),
-            inbox_reads: crate::live::InboxReads::default(),
+            stream_asks: crate::live::StreamAsks::default(),
             stream_hub: Arc::default(),
         };
         Ok(Store {
@@ -194,8 +194,8 @@ impl Store {
         &self.inner.open_streams
     }
 
-    pub(crate) fn inbox_reads(&self) -> &crate::live::InboxReads {
-        &self.inner.inbox_reads
+    pub(crate) fn stream_asks(&self) -> &crate::live::StreamAsks {
+        &self.inner.stream_asks
     }
 
     pub(crate) fn stream_hub(&self) -> &Arc<crate::live::StreamHub> {

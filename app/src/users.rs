@@ -1,6 +1,7 @@
 //! The reference app's users: a table with argon2 password hashes, and the [`Host`]
 //! implementation that tells the library who is logged in and who exists.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -463,6 +464,63 @@ impl Users {
         }))
     }
 
+    /// [`Users::session_user`] for many sessions at once, one answer per id in their order:
+    /// the cache first, then one query per 500 sessions it could not vouch for (after a
+    /// broadcast, every live stream checks its session, and the broadcast emptied the cache).
+    pub async fn sessions_users(&self, ids: &[&str]) -> Result<Vec<Option<User>>, UserError> {
+        let since = std::time::Instant::now();
+        let now = micros(Utc::now());
+        let cache = self.sessions.get();
+        let mut found: Vec<Option<User>> = vec![None; ids.len()];
+        let mut missing: Vec<usize> = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            match cache {
+                Some(cache) => match cache.get(id, now, since).await {
+                    Some(user) => found[i] = Some(user),
+                    None => missing.push(i),
+                },
+                None => missing.push(i),
+            }
+        }
+        for chunk in missing.chunks(500) {
+            let before = cache.map(|c| c.generations());
+            let list: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
+            let sql = format!(
+                "select s.id, u.id, u.username, u.is_admin, s.expires_us from app_sessions s \
+                 join app_users u on u.id = s.user_id where s.expires_us > $1 and s.id in ({})",
+                list.join(", ")
+            );
+            let rows: Vec<(String, i64, String, bool, i64)> = with_read!(&*self.reads, conn => {
+                let mut query = sqlx::query_as(&sql).bind(now);
+                for &i in chunk {
+                    query = query.bind(ids[i]);
+                }
+                query.fetch_all(conn).await?
+            });
+            let rows: HashMap<String, (User, i64)> = rows
+                .into_iter()
+                .map(|(session, id, username, is_admin, expires_us)| {
+                    let user = User {
+                        id,
+                        username,
+                        is_admin,
+                    };
+                    (session, (user, expires_us))
+                })
+                .collect();
+            for &i in chunk {
+                // A session may be asked for twice (two streams of one session).
+                if let Some((user, expires_us)) = rows.get(ids[i]) {
+                    if let (Some(cache), Some(before)) = (cache, &before) {
+                        cache.put(ids[i], user, *expires_us, before);
+                    }
+                    found[i] = Some(user.clone());
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Sets `user`'s password (checked as for a new user) and ends all of their sessions, on
     /// every instance: whoever knew the old password is logged out. Returns how many sessions
     /// ended.
@@ -643,6 +701,27 @@ impl Host for AppHost {
                     stored_messages::report(&e)
                 );
                 false
+            }
+        }
+    }
+
+    /// As [`Host::session_active`], with one query per 500 sessions the cache cannot vouch
+    /// for.
+    async fn sessions_active(&self, sessions: &[(UserId, &str)]) -> Vec<bool> {
+        let ids: Vec<&str> = sessions.iter().map(|(_, session)| *session).collect();
+        match self.users.sessions_users(&ids).await {
+            Ok(found) => sessions
+                .iter()
+                .zip(found)
+                .map(|((user, _), found)| found.is_some_and(|u| u.user_id() == *user))
+                .collect(),
+            Err(e) => {
+                log::warn!(
+                    "reference app: checking the sessions of {} live streams failed: {}",
+                    sessions.len(),
+                    stored_messages::report(&e)
+                );
+                vec![false; sessions.len()]
             }
         }
     }

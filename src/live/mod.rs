@@ -52,6 +52,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rocket::futures::future::BoxFuture;
 use rocket::http::Header;
 use rocket::response::stream::{Event, EventStream};
 use rocket::tokio::sync::Notify;
@@ -65,6 +66,9 @@ use crate::error::Result;
 use crate::message::{Message, MessageId, UserId};
 use crate::ops::Store;
 
+use batch::Batches;
+
+mod batch;
 pub mod listener;
 
 /// How often an idle stream sends a comment, so that proxies keep it open and a client that
@@ -351,107 +355,70 @@ struct Inbox {
     unread: u64,
 }
 
-/// The most inboxes read in one batch.
-const BATCH: usize = 500;
-
-/// Inbox reads of the streams, in batches: when a change concerns many streams at once (a
-/// broadcast wakes every one of them), their reads are gathered and answered with
-/// [`crate::MessageBackend::inbox_list_many`], one query per [`BATCH`] users instead of one
-/// per stream. No timer: while one batch is read, the next one fills.
-#[derive(Default)]
-pub(crate) struct InboxReads {
-    pending: std::sync::Mutex<Pending>,
+/// The asks of streams answered in [batches](batch): a broadcast wakes every stream, and each
+/// then checks its session and reads its inbox.
+pub(crate) struct StreamAsks {
+    inboxes: Arc<Batches<Store, UserId, Vec<Message>>>,
+    sessions: Arc<Batches<Store, (UserId, String), bool>>,
 }
 
-type Reply = rocket::tokio::sync::oneshot::Sender<Option<Vec<Message>>>;
-
-#[derive(Default)]
-struct Pending {
-    reads: Vec<(UserId, Reply)>,
-    /// A task is reading batches.
-    reading: bool,
+impl Default for StreamAsks {
+    fn default() -> StreamAsks {
+        StreamAsks {
+            inboxes: Batches::new(read_inboxes),
+            sessions: Batches::new(check_sessions),
+        }
+    }
 }
 
-impl InboxReads {
-    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// `user`'s inbox, read with the other streams' reads asked for meanwhile.
-    async fn read(store: &Store, user: UserId) -> Result<Vec<Message>> {
-        let (reply, answer) = rocket::tokio::sync::oneshot::channel();
-        let start = {
-            let mut pending = store.inbox_reads().pending();
-            pending.reads.push((user, reply));
-            !std::mem::replace(&mut pending.reading, true)
-        };
-        if start {
-            // A task of its own: a stream that goes away must not take the others' reads
-            // with it.
-            rocket::tokio::spawn(InboxReads::drain(store.clone()));
+/// Up to [`KNOWN_LIMIT`] messages of each user's inbox: one query for them all
+/// ([`crate::MessageBackend::inbox_list_many`]), the one-user query for one.
+fn read_inboxes<'a>(
+    store: &'a Store,
+    users: &'a [UserId],
+) -> BoxFuture<'a, Result<Vec<Vec<Message>>>> {
+    Box::pin(async move {
+        let backend = store.backend();
+        match users {
+            [user] => Ok(vec![
+                backend
+                    .inbox_list(*user, ListQuery::first(KNOWN_LIMIT))
+                    .await?,
+            ]),
+            _ => backend.inbox_list_many(users, KNOWN_LIMIT).await,
         }
-        match answer.await {
-            Ok(Some(messages)) => Ok(messages),
-            // The batch failed (or its task ended): this stream asks alone, and gets the
-            // store's own answer or error.
-            _ => {
-                store
-                    .backend()
-                    .inbox_list(user, ListQuery::first(KNOWN_LIMIT))
-                    .await
-            }
-        }
-    }
+    })
+}
 
-    /// Reads batches until nobody waits.
-    async fn drain(store: Store) {
-        // Lets the other streams woken by the same change ask first.
-        rocket::tokio::task::yield_now().await;
-        loop {
-            let batch: Vec<(UserId, Reply)> = {
-                let mut pending = store.inbox_reads().pending();
-                if pending.reads.is_empty() {
-                    pending.reading = false;
-                    return;
-                }
-                let n = pending.reads.len().min(BATCH);
-                pending.reads.drain(..n).collect()
-            };
-            let users: Vec<UserId> = batch.iter().map(|(user, _)| *user).collect();
-            // One stream alone (a message to one user) takes the one-user query.
-            let read = if let [user] = users[..] {
-                store
-                    .backend()
-                    .inbox_list(user, ListQuery::first(KNOWN_LIMIT))
-                    .await
-                    .map(|messages| vec![messages])
-            } else {
-                store.backend().inbox_list_many(&users, KNOWN_LIMIT).await
-            };
-            match read {
-                Ok(lists) if lists.len() == batch.len() => {
-                    for ((_, reply), messages) in batch.into_iter().zip(lists) {
-                        let _ = reply.send(Some(messages));
-                    }
-                }
-                failed => {
-                    if let Err(e) = failed {
-                        log::debug!(
-                            "stored-messages: a batch of live inbox reads failed: {}",
-                            crate::report(&e)
-                        );
-                    }
-                    for (_, reply) in batch {
-                        let _ = reply.send(None);
-                    }
-                }
-            }
+/// Whether each stream's session goes on ([`crate::Host::sessions_active`]).
+fn check_sessions<'a>(
+    store: &'a Store,
+    sessions: &'a [(UserId, String)],
+) -> BoxFuture<'a, Result<Vec<bool>>> {
+    Box::pin(async move {
+        let sessions: Vec<(UserId, &str)> = sessions
+            .iter()
+            .map(|(user, session)| (*user, session.as_str()))
+            .collect();
+        Ok(store.host().sessions_active(&sessions).await)
+    })
+}
+
+/// `user`'s inbox, read with the other streams' reads asked for meanwhile.
+async fn read_messages(store: &Store, user: UserId) -> Result<Vec<Message>> {
+    match store.stream_asks().inboxes.ask(store, user).await {
+        Some(messages) => Ok(messages),
+        None => {
+            store
+                .backend()
+                .inbox_list(user, ListQuery::first(KNOWN_LIMIT))
+                .await
         }
     }
 }
 
 async fn read_inbox(store: &Store, user: UserId) -> Result<Inbox> {
-    let messages = InboxReads::read(store, user).await?;
+    let messages = read_messages(store, user).await?;
     let truncated = messages.len() >= KNOWN_LIMIT as usize;
     let unread = if truncated {
         store.backend().inbox_count(user).await?
@@ -677,11 +644,16 @@ impl<'r> rocket::request::FromRequest<'r> for PageSession {
     }
 }
 
-/// Whether a stream of `user` tied to `session` may go on.
+/// Whether a stream of `user` tied to `session` may go on; asked with the other streams'
+/// checks meanwhile.
 pub(crate) async fn session_goes_on(store: &Store, user: UserId, session: Option<&str>) -> bool {
-    match session {
-        Some(session) => store.host().session_active(user, session).await,
-        None => true,
+    let Some(session) = session else {
+        return true;
+    };
+    let asks = &store.stream_asks().sessions;
+    match asks.ask(store, (user, session.to_string())).await {
+        Some(active) => active,
+        None => store.host().session_active(user, session).await,
     }
 }
 

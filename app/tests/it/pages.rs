@@ -30,6 +30,7 @@ app_tests!(
     static_files_and_health_checks_resolve_no_token,
     changing_the_password_ends_the_other_sessions,
     an_admin_ends_a_users_sessions,
+    live_streams_check_their_sessions_many_at_once,
     private_pages_are_not_cached_and_carry_security_headers,
     anonymous_stored_level_falls_back_to_flash,
     empty_message_is_dropped,
@@ -1479,6 +1480,65 @@ async fn an_admin_ends_a_users_sessions(app: &TestApp) {
             .status(),
         Status::Unauthorized
     );
+}
+
+/// A broadcast makes every live stream check its session at once: the batch answers each
+/// session as a check of its own would (live and of that user: yes; another user's, ended,
+/// expired or unknown: no), from the database, then from the session cache, and in more
+/// than one query for more than 500 sessions.
+async fn live_streams_check_their_sessions_many_at_once(app: &TestApp) {
+    use std::time::Duration;
+    use stored_messages::Host;
+    let alice = app.user("alice", false).await;
+    let bob = app.user("bob", false).await;
+    let day = Duration::from_secs(86_400);
+    let users = &app.users;
+    let a1 = users.start_session(alice.id, day).await.unwrap();
+    let a2 = users.start_session(alice.id, day).await.unwrap();
+    let b1 = users.start_session(bob.id, day).await.unwrap();
+    let ended = users.start_session(bob.id, day).await.unwrap();
+    users.end_session(&ended, bob.id).await.unwrap();
+    let expired = users.start_session(alice.id, Duration::ZERO).await.unwrap();
+    let host = stored_messages_app::users::AppHost::new(users.clone());
+    let (a, b) = (alice.user_id(), bob.user_id());
+    let asks = [
+        (a, a1.as_str()),
+        (b, a2.as_str()),
+        (b, b1.as_str()),
+        (b, ended.as_str()),
+        (a, expired.as_str()),
+        (a, "no-such-session"),
+        (a, a1.as_str()),
+        (a, a2.as_str()),
+    ];
+    let expected = vec![true, false, true, false, false, false, true, true];
+    // The first round fills the cache, the second answers from it.
+    for _ in 0..2 {
+        assert_eq!(host.sessions_active(&asks).await, expected);
+        for ((user, session), want) in asks.iter().zip(&expected) {
+            assert_eq!(
+                host.session_active(*user, session).await,
+                *want,
+                "{session}"
+            );
+        }
+    }
+    assert_eq!(host.sessions_active(&[]).await, Vec::<bool>::new());
+    // 600 sessions: two queries.
+    let mut many = Vec::new();
+    for i in 0..600 {
+        let user = if i % 3 == 0 { &bob } else { &alice };
+        many.push((
+            user.user_id(),
+            users.start_session(user.id, day).await.unwrap(),
+        ));
+    }
+    let asks: Vec<(UserId, &str)> = many.iter().map(|(u, s)| (*u, s.as_str())).collect();
+    assert_eq!(host.sessions_active(&asks).await, vec![true; 600]);
+    // Alice logs out everywhere: hers are refused at once, bob's go on.
+    users.end_sessions(alice.id).await.unwrap();
+    let after: Vec<bool> = asks.iter().map(|(u, _)| *u == b).collect();
+    assert_eq!(host.sessions_active(&asks).await, after);
 }
 
 async fn error_pages_know_who_is_logged_in(app: &TestApp) {

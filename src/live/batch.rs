@@ -1,0 +1,151 @@
+//! Asks of many streams, answered together: one change can wake every stream at once (a
+//! broadcast wakes them all), and each then checks its session and reads its inbox. Those asks
+//! are gathered and answered [`BATCH`] at a time, one query per batch instead of one per
+//! stream. No timer: while one batch is answered, the next one fills.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rocket::futures::future::BoxFuture;
+use rocket::tokio::sync::oneshot;
+
+use crate::error::Result;
+
+/// The most asks answered at once.
+pub(crate) const BATCH: usize = 500;
+
+/// Answers a batch of asks with what it needs (`C`, the store): one answer per ask, in
+/// their order.
+pub(crate) type Answer<C, Q, A> = for<'a> fn(&'a C, &'a [Q]) -> BoxFuture<'a, Result<Vec<A>>>;
+
+/// Asks waiting for their batch, and how a batch is answered.
+pub(crate) struct Batches<C, Q, A> {
+    answer: Answer<C, Q, A>,
+    pending: Mutex<Pending<Q, A>>,
+}
+
+struct Pending<Q, A> {
+    asks: Vec<(Q, oneshot::Sender<A>)>,
+    /// A task is answering batches.
+    answering: bool,
+}
+
+impl<C, Q, A> Batches<C, Q, A>
+where
+    C: Clone + Send + Sync + 'static,
+    Q: Send + Sync + 'static,
+    A: Send + 'static,
+{
+    pub(crate) fn new(answer: Answer<C, Q, A>) -> Arc<Self> {
+        Arc::new(Batches {
+            answer,
+            pending: Mutex::new(Pending {
+                asks: Vec::new(),
+                answering: false,
+            }),
+        })
+    }
+
+    fn pending(&self) -> MutexGuard<'_, Pending<Q, A>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The answer to `ask`, given with the other asks made meanwhile; `None` when its batch
+    /// failed (the caller then asks alone, and gets the store's own answer or error).
+    pub(crate) async fn ask(self: &Arc<Self>, context: &C, ask: Q) -> Option<A> {
+        let (reply, answer) = oneshot::channel();
+        let start = {
+            let mut pending = self.pending();
+            pending.asks.push((ask, reply));
+            !std::mem::replace(&mut pending.answering, true)
+        };
+        if start {
+            // A task of its own: a stream that goes away must not take the others' asks with
+            // it.
+            rocket::tokio::spawn(Arc::clone(self).drain(context.clone()));
+        }
+        answer.await.ok()
+    }
+
+    /// Answers batches until nobody waits.
+    async fn drain(self: Arc<Self>, context: C) {
+        // Lets the other streams woken by the same change ask first.
+        rocket::tokio::task::yield_now().await;
+        loop {
+            let (asks, replies): (Vec<Q>, Vec<oneshot::Sender<A>>) = {
+                let mut pending = self.pending();
+                if pending.asks.is_empty() {
+                    pending.answering = false;
+                    return;
+                }
+                let n = pending.asks.len().min(BATCH);
+                pending.asks.drain(..n).unzip()
+            };
+            match (self.answer)(&context, &asks).await {
+                Ok(answers) if answers.len() == replies.len() => {
+                    for (reply, answer) in replies.into_iter().zip(answers) {
+                        let _ = reply.send(answer);
+                    }
+                }
+                Ok(answers) => log::error!(
+                    "stored-messages: a batch of {} live asks got {} answers",
+                    replies.len(),
+                    answers.len()
+                ),
+                // The replies are dropped: each stream asks alone.
+                Err(e) => log::debug!(
+                    "stored-messages: a batch of live asks failed: {}",
+                    crate::report(&e)
+                ),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn doubled<'a>(
+        calls: &'a Arc<AtomicUsize>,
+        asks: &'a [u32],
+    ) -> BoxFuture<'a, Result<Vec<u32>>> {
+        calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move { Ok(asks.iter().map(|n| n * 2).collect()) })
+    }
+
+    fn short<'a>(_: &'a (), asks: &'a [u32]) -> BoxFuture<'a, Result<Vec<u32>>> {
+        Box::pin(async move { Ok(asks.iter().skip(1).copied().collect()) })
+    }
+
+    fn failing<'a>(_: &'a (), _: &'a [u32]) -> BoxFuture<'a, Result<Vec<u32>>> {
+        Box::pin(async move { Err(crate::Error::Config(vec!["down".into()])) })
+    }
+
+    /// Many asks at once: each gets its own answer, in fewer calls than asks.
+    #[rocket::async_test]
+    async fn asks_made_together_are_answered_together() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let batches = Batches::new(doubled);
+        let asks = (0..1200u32).map(|n| {
+            let (batches, calls) = (Arc::clone(&batches), Arc::clone(&calls));
+            async move { batches.ask(&calls, n).await }
+        });
+        let answers = rocket::futures::future::join_all(asks).await;
+        for (n, answer) in answers.into_iter().enumerate() {
+            assert_eq!(answer, Some(n as u32 * 2));
+        }
+        let made = calls.load(Ordering::SeqCst);
+        assert!((3..100).contains(&made), "{made} calls for 1,200 asks");
+        // Nobody waits any more: the next ask starts a new task and is answered.
+        assert_eq!(batches.ask(&calls, 7).await, Some(14));
+    }
+
+    /// A failed batch, or one with too few answers, answers nobody: they ask alone.
+    #[rocket::async_test]
+    async fn a_failed_batch_answers_none() {
+        assert_eq!(Batches::new(failing).ask(&(), 1).await, None);
+        assert_eq!(Batches::new(short).ask(&(), 1).await, None);
+    }
+}
