@@ -89,16 +89,16 @@ pub trait Host: Send + Sync + 'static {
 
     /// [`Host::session_active`] for many streams at once, one answer per pair in their
     /// order: after a broadcast every open stream asks, and the library gathers their asks
-    /// into batches of up to 500. The default asks [`Host::session_active`] for each in
-    /// turn; a host whose sessions live in a database can answer a batch with one query
-    /// (the reference app does). An answer of another length counts as no answer: each
-    /// stream then asks [`Host::session_active`] alone.
+    /// into batches of up to 500. The default asks [`Host::session_active`] for each, all
+    /// at once (as many checks in flight as the batch holds); a host whose sessions live in
+    /// a database can answer a batch with one query (the reference app does). An answer of
+    /// another length counts as no answer: each stream then asks [`Host::session_active`]
+    /// alone.
     async fn sessions_active(&self, sessions: &[(UserId, &str)]) -> Vec<bool> {
-        let mut active = Vec::with_capacity(sessions.len());
-        for (user, session) in sessions {
-            active.push(self.session_active(*user, session).await);
-        }
-        active
+        let checks = sessions
+            .iter()
+            .map(|(user, session)| self.session_active(*user, session));
+        rocket::futures::future::join_all(checks).await
     }
 }
 
@@ -125,4 +125,51 @@ pub(crate) async fn current_user(
         })
         .await
         .0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sessions named `live-<user>` are that user's. Each check waits until all five of a
+    /// batch are in flight: checks asked one after the other would wait forever.
+    struct Named(rocket::tokio::sync::Barrier);
+
+    #[rocket::async_trait]
+    impl Host for Named {
+        async fn current_user(&self, _: &Request<'_>) -> Option<UserId> {
+            None
+        }
+
+        async fn all_users(&self) -> Result<Vec<UserId>, BoxError> {
+            Ok(Vec::new())
+        }
+
+        async fn session_active(&self, user: UserId, session: &str) -> bool {
+            self.0.wait().await;
+            session == format!("live-{user}")
+        }
+    }
+
+    /// The default batch asks every session's own check at once, and answers in the asks'
+    /// order.
+    #[rocket::async_test]
+    async fn a_batch_of_session_checks_asks_each_at_once() {
+        let host = Named(rocket::tokio::sync::Barrier::new(5));
+        let asks = [
+            (UserId(1), "live-1"),
+            (UserId(2), "live-1"),
+            (UserId(3), "live-3"),
+            (UserId(4), "gone"),
+            (UserId(5), "live-5"),
+        ];
+        let answers = rocket::tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            host.sessions_active(&asks),
+        )
+        .await
+        .expect("the checks of a batch run at once, not one after the other");
+        assert_eq!(answers, [true, false, true, false, true]);
+        assert!(host.sessions_active(&[]).await.is_empty());
+    }
 }
