@@ -68,6 +68,7 @@ where
 
     /// Answers batches until nobody waits.
     async fn drain(self: Arc<Self>, context: C) {
+        let _draining = Draining(&self);
         // Lets the other streams woken by the same change ask first.
         rocket::tokio::task::yield_now().await;
         loop {
@@ -97,6 +98,21 @@ where
                     crate::report(&e)
                 ),
             }
+        }
+    }
+}
+
+/// Ends a drain that did not end by itself (its answer panicked, or the runtime dropped the
+/// task): the asks it left are dropped, so that their streams ask alone instead of waiting
+/// forever, and the next ask starts a new drain.
+struct Draining<'a, C, Q, A>(&'a Batches<C, Q, A>);
+
+impl<C, Q, A> Drop for Draining<'_, C, Q, A> {
+    fn drop(&mut self) {
+        let mut pending = self.0.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.answering {
+            pending.answering = false;
+            pending.asks.clear();
         }
     }
 }
@@ -140,6 +156,23 @@ mod tests {
         assert!((3..100).contains(&made), "{made} calls for 1,200 asks");
         // Nobody waits any more: the next ask starts a new task and is answered.
         assert_eq!(batches.ask(&calls, 7).await, Some(14));
+    }
+
+    fn refusing_13<'a>(_: &'a (), asks: &'a [u32]) -> BoxFuture<'a, Result<Vec<u32>>> {
+        assert!(!asks.contains(&13), "a panicking answer");
+        Box::pin(async move { Ok(asks.to_vec()) })
+    }
+
+    /// An answer that panics answers nobody of its batch, and leaves the next asks answered.
+    #[rocket::async_test]
+    async fn a_panicking_batch_leaves_the_next_ones_answered() {
+        let batches = Batches::new(refusing_13);
+        assert_eq!(batches.ask(&(), 13).await, None);
+        let next =
+            rocket::tokio::time::timeout(std::time::Duration::from_secs(30), batches.ask(&(), 12))
+                .await
+                .expect("an ask after a panicking batch is answered, not left waiting");
+        assert_eq!(next, Some(12));
     }
 
     /// A failed batch, or one with too few answers, answers nobody: they ask alone.
