@@ -68,7 +68,10 @@ where
 
     /// Answers batches until nobody waits.
     async fn drain(self: Arc<Self>, context: C) {
-        let _draining = Draining(&self);
+        let mut draining = Draining {
+            batches: &self,
+            done: false,
+        };
         // Lets the other streams woken by the same change ask first.
         rocket::tokio::task::yield_now().await;
         loop {
@@ -76,6 +79,8 @@ where
                 let mut pending = self.pending();
                 if pending.asks.is_empty() {
                     pending.answering = false;
+                    // From here another ask may start the next drain.
+                    draining.done = true;
                     return;
                 }
                 let n = pending.asks.len().min(BATCH);
@@ -105,15 +110,24 @@ where
 /// Ends a drain that did not end by itself (its answer panicked, or the runtime dropped the
 /// task): the asks it left are dropped, so that their streams ask alone instead of waiting
 /// forever, and the next ask starts a new drain.
-struct Draining<'a, C, Q, A>(&'a Batches<C, Q, A>);
+struct Draining<'a, C, Q, A> {
+    batches: &'a Batches<C, Q, A>,
+    /// It ended by itself.
+    done: bool,
+}
 
 impl<C, Q, A> Drop for Draining<'_, C, Q, A> {
     fn drop(&mut self) {
-        let mut pending = self.0.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if pending.answering {
-            pending.answering = false;
-            pending.asks.clear();
+        if self.done {
+            return;
         }
+        let mut pending = self
+            .batches
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        pending.answering = false;
+        pending.asks.clear();
     }
 }
 
