@@ -439,36 +439,22 @@ impl Users {
         id: &str,
         since: std::time::Instant,
     ) -> Result<Option<User>, UserError> {
-        let now = micros(Utc::now());
-        let cache = self.sessions.get();
-        if let Some(cache) = cache {
-            if let Some(user) = cache.get(id, now, since).await {
-                return Ok(Some(user));
-            }
-        }
-        let before = cache.map(|c| c.generations());
-        let sql = "select u.id, u.username, u.is_admin, s.expires_us from app_sessions s \
-                   join app_users u on u.id = s.user_id where s.id = $1 and s.expires_us > $2";
-        let row: Option<(i64, String, bool, i64)> = with_read!(&*self.reads, conn =>
-            sqlx::query_as(sql).bind(id).bind(now).fetch_optional(conn).await?);
-        Ok(row.map(|(user_id, username, is_admin, expires_us)| {
-            let user = User {
-                id: user_id,
-                username,
-                is_admin,
-            };
-            if let (Some(cache), Some(before)) = (cache, &before) {
-                cache.put(id, &user, expires_us, before);
-            }
-            user
-        }))
+        Ok(self
+            .sessions_users_since(&[id], since)
+            .await?
+            .pop()
+            .flatten())
     }
 
-    /// [`Users::session_user`] for many sessions at once, one answer per id in their order:
-    /// the cache first, then one query per 500 sessions it could not vouch for (after a
-    /// broadcast, every live stream checks its session, and the broadcast emptied the cache).
-    pub async fn sessions_users(&self, ids: &[&str]) -> Result<Vec<Option<User>>, UserError> {
-        let since = std::time::Instant::now();
+    /// [`Users::session_user_since`] for many sessions at once, one answer per id in their
+    /// order: the cache first, then one query per 500 sessions it could not vouch for (after
+    /// a broadcast, every live stream checks its session, and the broadcast emptied the
+    /// cache).
+    pub async fn sessions_users_since(
+        &self,
+        ids: &[&str],
+        since: std::time::Instant,
+    ) -> Result<Vec<Option<User>>, UserError> {
         let now = micros(Utc::now());
         let cache = self.sessions.get();
         let mut found: Vec<Option<User>> = vec![None; ids.len()];
@@ -709,7 +695,8 @@ impl Host for AppHost {
     /// for.
     async fn sessions_active(&self, sessions: &[(UserId, &str)]) -> Vec<bool> {
         let ids: Vec<&str> = sessions.iter().map(|(_, session)| *session).collect();
-        match self.users.sessions_users(&ids).await {
+        let since = std::time::Instant::now();
+        match self.users.sessions_users_since(&ids, since).await {
             Ok(found) => sessions
                 .iter()
                 .zip(found)
