@@ -11,6 +11,7 @@ use rocket::response::Redirect;
 use rocket::serde::Serialize;
 use rocket::{Catcher, Request, Route, State};
 use rocket_dyn_templates::context;
+use rocket_dyn_templates::tera::escape_html;
 use stored_messages::template::Page;
 use stored_messages::{
     Cursor, Level, ListQuery, MessageId, Messages, NewMessage, Store, StreamMessage,
@@ -20,30 +21,24 @@ use stored_messages::{
 use crate::auth::CurrentUser;
 use crate::paging::{cut_page, Trail};
 
-/// A level choice of the demo form.
-#[derive(Serialize)]
-struct LevelChoice {
-    name: &'static str,
-    /// `Stored info: saved to your inbox`.
-    text: &'static str,
-    selected: bool,
-}
-
-/// The demo form's level choices, with `chosen` selected, in words: what happens to a
+/// The demo form's level `<option>`s, with `chosen` selected, in words: what happens to a
 /// message of that level here (saved to the inbox of a logged-in user, shown once, or
-/// dropped below `min_level`). The texts are built once; a request only picks.
-fn level_choices(
-    chosen: &str,
-    logged_in: bool,
-    config: &stored_messages::Config,
-) -> Vec<LevelChoice> {
+/// dropped below `min_level`).
+///
+/// Written here, not by a Tera loop: each `{{ l.field }}` in a loop costs Tera about 1,900
+/// instructions (it walks a JSON value per path segment), and the loop's 30 lookups were a
+/// tenth of every home page. The options are escaped once, when first used; a request only
+/// picks and joins them. The markup is what the loop wrote (a test compares them).
+fn level_options(chosen: &str, logged_in: bool, config: &stored_messages::Config) -> String {
     const SAVED: usize = 0;
     const ONCE: usize = 1;
     const DROPPED: usize = 2;
     const ONCE_UNTIL_LOGIN: usize = 3;
-    type Texts = Vec<(&'static str, Level, [String; 4])>;
-    static TEXTS: std::sync::OnceLock<Texts> = std::sync::OnceLock::new();
-    let texts = TEXTS.get_or_init(|| {
+    /// Per level: its name, the level, and each way of showing it as `<option>` markup,
+    /// without and with `selected`.
+    type Options = Vec<(&'static str, Level, [[String; 2]; 4])>;
+    static OPTIONS: std::sync::OnceLock<Options> = std::sync::OnceLock::new();
+    let options = OPTIONS.get_or_init(|| {
         Level::NAMED
             .iter()
             .map(|(name, level)| {
@@ -53,44 +48,48 @@ fn level_choices(
                 } else {
                     level.label().to_string()
                 };
-                let texts = [
-                    format!("{label}: saved to your inbox"),
-                    format!("{label}: shown once, not saved"),
-                    format!("{label}: below the minimum level, dropped"),
-                    format!("{label}: shown once (saved only for a logged-in user)"),
+                let option = |text: String| {
+                    let (name, text) = (escape_html(name), escape_html(&text));
+                    [
+                        format!("\n    <option value=\"{name}\">{text}</option>"),
+                        format!("\n    <option value=\"{name}\" selected>{text}</option>"),
+                    ]
+                };
+                let options = [
+                    option(format!("{label}: saved to your inbox")),
+                    option(format!("{label}: shown once, not saved")),
+                    option(format!("{label}: below the minimum level, dropped")),
+                    option(format!(
+                        "{label}: shown once (saved only for a logged-in user)"
+                    )),
                 ];
-                (*name, *level, texts)
+                (*name, *level, options)
             })
             .collect()
     });
     // A level the form does not offer (a crafted request, refused with its error) leaves the
     // select on the form's usual choice, not on its first option.
-    let chosen = if texts.iter().any(|(name, _, _)| *name == chosen) {
+    let chosen = if options.iter().any(|(name, _, _)| *name == chosen) {
         chosen
     } else {
         DEFAULT_LEVEL
     };
-    texts
-        .iter()
-        .map(|(name, level, texts)| {
-            let what = if *level < config.min_level {
-                DROPPED
-            } else if config.is_store_level(*level) {
-                if logged_in {
-                    SAVED
-                } else {
-                    ONCE_UNTIL_LOGIN
-                }
+    let mut out = String::with_capacity(90 * options.len());
+    for (name, level, options) in options {
+        let what = if *level < config.min_level {
+            DROPPED
+        } else if config.is_store_level(*level) {
+            if logged_in {
+                SAVED
             } else {
-                ONCE
-            };
-            LevelChoice {
-                name,
-                text: &texts[what],
-                selected: *name == chosen,
+                ONCE_UNTIL_LOGIN
             }
-        })
-        .collect()
+        } else {
+            ONCE
+        };
+        out.push_str(&options[what][usize::from(*name == chosen)]);
+    }
+    out
 }
 
 /// The level the home form starts on.
@@ -104,9 +103,6 @@ struct DemoValues {
     extra_tags: String,
     url: String,
 }
-
-/// The demo form's fields, in the page's order.
-const DEMO_FIELDS: [&str; 4] = ["level", "message", "extra_tags", "url"];
 
 /// One problem of a form, for the field it is about (the error summary links to it).
 #[derive(Debug, Serialize)]
@@ -162,11 +158,15 @@ fn home(
     errors: &[FieldError],
 ) -> Page {
     // Serializing the guard shows the stream; `?keep=1` then takes that back.
-    // Every field has an entry (empty when valid): Tera builds an error message for each
-    // lookup of a missing key, and the form looks each field up three times.
-    let mut invalid: std::collections::BTreeMap<&str, &str> =
-        DEMO_FIELDS.iter().map(|field| (*field, "")).collect();
-    invalid.extend(errors.iter().map(|e| (e.field, e.text.as_str())));
+    // Each field's error under a name of its own (empty when valid): the form looks each
+    // one up three times, and Tera finds a plain name in one step where `invalid.level`
+    // costs it a walk through a JSON value.
+    let invalid = |field: &str| {
+        errors
+            .iter()
+            .find(|e| e.field == field)
+            .map_or("", |e| e.text.as_str())
+    };
     let page = Page::render(
         "index",
         context! {
@@ -178,11 +178,14 @@ fn home(
             kept,
             // A page that fails (a form with errors) marks nothing read.
             marks_read: !kept && errors.is_empty(),
-            levels: level_choices(&form.level, user.is_some(), config),
+            level_options: level_options(&form.level, user.is_some(), config),
             max_len: MAX_TEXT_CHARS,
             form,
             errors,
-            invalid,
+            level_error: invalid("level"),
+            message_error: invalid("message"),
+            extra_tags_error: invalid("extra_tags"),
+            url_error: invalid("url"),
         },
     );
     if kept {
@@ -501,6 +504,28 @@ pub fn catchers() -> Vec<Catcher> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn level_options_select_the_chosen_level_or_the_usual_one() {
+        let config = stored_messages::Config::default();
+        let selected = |html: &str| -> Vec<String> {
+            html.split("<option ")
+                .filter(|o| o.contains("\" selected>"))
+                .map(|o| o.split('"').nth(1).unwrap_or_default().to_string())
+                .collect()
+        };
+        let html = level_options("warning", true, &config);
+        assert_eq!(
+            html.matches("\n    <option value=\"").count(),
+            Level::NAMED.len()
+        );
+        assert_eq!(selected(&html), ["warning"]);
+        assert_eq!(
+            selected(&level_options("<b>nope</b>", false, &config)),
+            [DEFAULT_LEVEL]
+        );
+        assert!(html.ends_with("</option>"), "{html}");
+    }
 
     #[test]
     fn library_errors_read_as_sentences() {
