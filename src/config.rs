@@ -56,6 +56,12 @@ pub struct Config {
     pub redis_url: SecretUrl,
     /// Prefix for every Redis key (default empty), so several apps or tests share a server.
     pub redis_key_prefix: String,
+    /// Redis: how long, in seconds, one command may wait for its answer (default 5). A
+    /// command still waiting then fails as unavailable (the request gets 503) and the
+    /// connection is replaced, so a server that went silent on an open connection costs a
+    /// request at most this long, and the backend heals once the server answers new
+    /// connections. A broadcast's script and cleanup's batches get at least 30 s.
+    pub redis_timeout_secs: u64,
     /// Most messages the in-process inbox cache holds (default 100000, a few tens of MB at
     /// most); 0 turns it off. See [`crate::backend::cache`].
     pub inbox_cache_messages: usize,
@@ -105,6 +111,7 @@ impl Default for Config {
             cleanup_interval_secs: 3600,
             redis_url: SecretUrl::new("redis://127.0.0.1:6379"),
             redis_key_prefix: String::new(),
+            redis_timeout_secs: 5,
             inbox_cache_messages: 100_000,
             change_poll_ms: 100,
             audience_min_run: 256,
@@ -269,6 +276,7 @@ impl Settings {
             },
             change_poll: std::time::Duration::from_millis(config.change_poll_ms.max(1)),
             audience_min_run: usize::try_from(config.audience_min_run.max(1)).unwrap_or(usize::MAX),
+            command_timeout: std::time::Duration::from_secs(config.redis_timeout_secs.max(1)),
         }
     }
 }

@@ -390,6 +390,9 @@ pub struct Settings {
     /// The SQL backend stores a delivery to at least this many consecutive user ids once,
     /// as a run.
     pub audience_min_run: usize,
+    /// How long one command of the Redis backend may wait for its answer before it fails
+    /// as unavailable and its connection is replaced (long scripts get at least 30 s).
+    pub command_timeout: std::time::Duration,
 }
 
 /// Sorts and deduplicates user ids: each recipient counts once, and sorted ids make bulk

@@ -122,16 +122,50 @@ async fn postgres_outages_answer_503_promptly_and_heal() {
         .browser_with(stored_messages_app::rocket_from(figment))
         .await;
     b.login_as("alice").await;
+    freeze_heal_and_reset(&proxy, &b).await;
+}
+
+/// The same with the messages in Redis (the users stay in SQLite): its one multiplexed
+/// connection and the change feed's subscription both go through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outages_answer_503_promptly_and_heal() {
+    let Some(app) = TestApp::redis().await else {
+        return;
+    };
+    app.user("alice", false).await;
+    let figment = app.figment();
+    let mut url = url::Url::parse(
+        &figment
+            .extract_inner::<String>("stored_messages.redis_url")
+            .unwrap(),
+    )
+    .unwrap();
+    let target = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(6379));
+    let proxy = Proxy::start(target).await;
+    url.set_port(Some(proxy.port)).unwrap();
+    let figment = figment
+        .merge(("stored_messages.redis_url", url.as_str()))
+        .merge(("stored_messages.redis_timeout_secs", 2));
+    let b = app
+        .browser_with(stored_messages_app::rocket_from(figment))
+        .await;
+    b.login_as("alice").await;
+    freeze_heal_and_reset(&proxy, &b).await;
+}
+
+/// Counts through `proxy`: 503 (not a hang) while every open connection is frozen, healed
+/// by itself once new connections flow, and unharmed by every connection being dropped.
+async fn freeze_heal_and_reset(proxy: &Proxy, b: &crate::common::Browser) {
     for _ in 0..3 {
-        assert_eq!(count(&b).await, Some(Status::Ok));
+        assert_eq!(count(b).await, Some(Status::Ok));
     }
     // Frozen: every open connection stops answering. 503, not a hang.
     proxy.freeze();
-    assert_eq!(count(&b).await, Some(Status::ServiceUnavailable));
+    assert_eq!(count(b).await, Some(Status::ServiceUnavailable));
     // New connections flow again while the old ones stay frozen: the app recovers by itself.
     let mut healed = false;
     for _ in 0..20 {
-        match count(&b).await {
+        match count(b).await {
             Some(Status::Ok) => {
                 healed = true;
                 break;
@@ -151,7 +185,7 @@ async fn postgres_outages_answer_503_promptly_and_heal() {
     proxy.reset();
     for round in 0..6 {
         assert_eq!(
-            count(&b).await,
+            count(b).await,
             Some(Status::Ok),
             "round {round} after a reset"
         );

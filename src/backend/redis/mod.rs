@@ -88,10 +88,11 @@ mod feed;
 mod scripts;
 
 use std::fmt;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{Client, ErrorKind, RedisError};
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::{Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Value};
 use chrono::{DateTime, Utc};
 
 use self::feed::watch;
@@ -124,9 +125,10 @@ pub const SPILL_KEY: &str = "flash:";
 
 /// How long connecting may take at startup, retries included, before it fails.
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a command may wait for its answer. Generous: a broadcast to a million users is
-/// one script that runs for seconds.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a long command (a broadcast's script, a batch of cleanup or of an admin's
+/// deletion) may wait for its answer, at least: a broadcast to a million users is one script
+/// that runs for seconds. The other commands wait [`Settings::command_timeout`].
+const LONG_TIMEOUT: Duration = Duration::from_secs(30);
 /// Extra connection attempts after a failure, waiting up to 0.2 s, then 0.4 s, 0.8 s.
 /// Each later command that finds the connection broken starts a new round.
 const CONNECT_RETRIES: usize = 3;
@@ -142,7 +144,7 @@ const MIN_VERSION: (u32, u32) = (6, 0);
 /// Cheap to clone: clones share one multiplexed connection.
 #[derive(Clone)]
 pub struct RedisBackend {
-    connection: ConnectionManager,
+    link: Arc<Link>,
     /// For the change feed's own connection; `None` when built from a bare connection.
     client: Option<Client>,
     keys: Keys,
@@ -166,7 +168,10 @@ impl RedisBackend {
         settings: Settings,
     ) -> RedisBackend {
         RedisBackend {
-            connection,
+            link: Arc::new(Link {
+                current: RwLock::new((0, connection)),
+                reopen: None,
+            }),
             client: None,
             keys: Keys::new(key_prefix),
             settings,
@@ -198,9 +203,12 @@ impl RedisBackend {
                 .set_exponent_base(2.0)
                 .set_min_delay(Duration::from_millis(100))
                 .set_number_of_retries(CONNECT_RETRIES)
-                .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                // A backstop for the host's own commands (`connection()`); the backend's
+                // commands have limits of their own (see `Link`).
+                .set_response_timeout(Some(LONG_TIMEOUT))
                 .set_connection_timeout(Some(CONNECT_TIMEOUT));
-            let mut connection = ConnectionManager::new_with_config(client.clone(), config).await?;
+            let mut connection =
+                ConnectionManager::new_with_config(client.clone(), config.clone()).await?;
             let info: String = ::redis::cmd("INFO")
                 .arg("server")
                 .query_async(&mut connection)
@@ -211,10 +219,10 @@ impl RedisBackend {
                     "redis 6.0 or newer is needed",
                     format!("the server runs {}.{}", version.0, version.1),
                 ))),
-                _ => Ok(connection),
+                _ => Ok((connection, config)),
             }
         };
-        let connection = rocket::tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        let (connection, config) = rocket::tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .unwrap_or_else(|_| {
                 Err(RedisError::from(std::io::Error::new(
@@ -224,6 +232,10 @@ impl RedisBackend {
             })
             .map_err(failed)?;
         let mut backend = RedisBackend::new(connection, key_prefix, settings);
+        backend.link = Arc::new(Link {
+            current: RwLock::new((0, backend.link.get().1)),
+            reopen: Some((client.clone(), config)),
+        });
         backend.client = Some(client);
         Ok(backend)
     }
@@ -232,7 +244,7 @@ impl RedisBackend {
     /// error of the write that called it: other processes could not be told, so the write
     /// does not count as done (it can be repeated).
     async fn announce_all(&self) -> Result<()> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.command();
         ::redis::cmd("PUBLISH")
             .arg(self.keys.changes())
             .arg("*")
@@ -243,7 +255,28 @@ impl RedisBackend {
 
     /// The connection, for commands of the host's own.
     pub fn connection(&self) -> ConnectionManager {
-        self.connection.clone()
+        self.link.get().1
+    }
+
+    /// The way to Redis for one of the backend's commands, waiting at most the configured
+    /// [`Settings::command_timeout`] for each answer.
+    fn command(&self) -> Command<'_> {
+        self.link.command(self.settings.command_timeout, false)
+    }
+
+    /// As [`RedisBackend::command`], for a command that only reads: it is sent once more when
+    /// its connection turns out to have been dropped (a restarted server, a proxy that closed
+    /// it), so a request does not fail for a connection that broke while nobody used it.
+    /// Writes are not: one may have been applied before its connection broke.
+    fn read_command(&self) -> Command<'_> {
+        self.link.command(self.settings.command_timeout, true)
+    }
+
+    /// As [`RedisBackend::command`], for a command that can run for seconds (see
+    /// [`LONG_TIMEOUT`]).
+    fn long_command(&self) -> Command<'_> {
+        self.link
+            .command(self.settings.command_timeout.max(LONG_TIMEOUT), false)
     }
 
     /// The prefix of every key.
@@ -267,7 +300,7 @@ impl RedisBackend {
 
     /// A new message id, never given out before (even after `flush`).
     async fn next_id(&self) -> Result<i64> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.command();
         ::redis::cmd("INCR")
             .arg(self.keys.last_id())
             .query_async(&mut connection)
@@ -285,7 +318,7 @@ impl RedisBackend {
         }
         let mut invocation = scripts().store.key(self.keys.message(message.id));
         invocation.arg(&self.keys.prefix).arg(mode).arg(&users);
-        let mut connection = self.connection.clone();
+        let mut connection = self.long_command();
         let gained: i64 = invocation
             .invoke_async(&mut connection)
             .await
@@ -303,7 +336,7 @@ impl RedisBackend {
         query: ListQuery,
     ) -> Result<Vec<Message>> {
         let limit = query.limit.map_or(-1, i64::from);
-        let mut connection = self.connection.clone();
+        let mut connection = self.read_command();
         let flat: Vec<Option<String>> = scripts()
             .list
             .key(key)
@@ -331,7 +364,7 @@ impl RedisBackend {
         F: FnMut(&[Vec<u8>]) -> Option<::redis::Pipeline>,
     {
         let mut total = 0;
-        let mut connection = self.connection.clone();
+        let mut connection = self.long_command();
         let mut cursor: u64 = 0;
         loop {
             let mut scan = ::redis::cmd("SCAN");
@@ -389,7 +422,7 @@ impl MessageBackend for RedisBackend {
             .arg(0)
             .arg(&member)
             .ignore();
-        let mut connection = self.connection.clone();
+        let mut connection = self.command();
         pipe.query_async::<()>(&mut connection)
             .await
             .map_err(redis_error)?;
@@ -424,7 +457,7 @@ impl MessageBackend for RedisBackend {
             .arg(fields.len())
             .arg(&fields)
             .arg(&users);
-        let mut connection = self.connection.clone();
+        let mut connection = self.long_command();
         invocation
             .invoke_async::<()>(&mut connection)
             .await
@@ -445,7 +478,7 @@ impl MessageBackend for RedisBackend {
     }
 
     async fn inbox_count(&self, user: UserId) -> Result<u64> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.read_command();
         ::redis::cmd("ZLEXCOUNT")
             .arg(self.keys.inbox(user))
             .arg(format!("[{}", self.inbox_floor()))
@@ -456,7 +489,7 @@ impl MessageBackend for RedisBackend {
     }
 
     async fn inbox_get(&self, user: UserId, id: MessageId) -> Result<Message> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.read_command();
         let fields: Option<Vec<Option<String>>> = scripts()
             .get
             .key(self.keys.message(id))
@@ -476,7 +509,7 @@ impl MessageBackend for RedisBackend {
             return Ok(Vec::new());
         }
         let raw: Vec<i64> = ids.iter().map(|id| id.0).collect();
-        let mut connection = self.connection.clone();
+        let mut connection = self.command();
         let removed: Vec<i64> = scripts()
             .delete
             .key(self.keys.inbox(user))
@@ -494,7 +527,7 @@ impl MessageBackend for RedisBackend {
         // (removed and counted) or not yet there (left unread). Expired entries stay for
         // cleanup, as in the SQL backend.
         let floor = format!("[{}", self.inbox_floor());
-        let mut connection = self.connection.clone();
+        let mut connection = self.command();
         scripts()
             .take
             .key(self.keys.inbox(user))
@@ -564,7 +597,7 @@ impl MessageBackend for RedisBackend {
         // 2. The expired messages themselves, oldest first, from the date index. Members are
         //    removed from the index whatever they look like, so the loop always advances.
         let index = self.keys.by_date();
-        let mut connection = self.connection.clone();
+        let mut connection = self.long_command();
         let mut messages = 0;
         loop {
             let expired: Vec<String> = ::redis::cmd("ZRANGEBYLEX")
@@ -631,7 +664,7 @@ impl MessageBackend for RedisBackend {
     }
 
     async fn try_lease(&self, name: &str, ttl: std::time::Duration) -> Result<bool> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.command();
         let taken: Option<String> = ::redis::cmd("SET")
             .arg(format!("{}lease:{name}", self.keys.prefix))
             .arg(1)
@@ -669,7 +702,7 @@ impl MessageAdmin for RedisBackend {
         limit: u32,
         before: Option<MessageId>,
     ) -> Result<Vec<MessageStats>> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.read_command();
         let last: Option<i64> = ::redis::cmd("GET")
             .arg(self.keys.last_id())
             .query_async(&mut connection)
@@ -727,7 +760,7 @@ impl MessageAdmin for RedisBackend {
     /// Removes the message's member from every user's sets (a `SCAN` over the user keys,
     /// as cleanup does: not one atomic step, but repeatable), then its hash and index entry.
     async fn message_delete(&self, id: MessageId) -> Result<u64> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.long_command();
         let member: Option<String> = ::redis::cmd("HGET")
             .arg(self.keys.message(id))
             .arg("member")
@@ -781,7 +814,7 @@ impl MessageAdmin for RedisBackend {
 impl FlashSpill for RedisBackend {
     async fn spill_put(&self, key: &str, payload: &str, expires: DateTime<Utc>) -> Result<()> {
         let millis = (expires - Utc::now()).num_milliseconds().max(1);
-        let mut connection = self.connection.clone();
+        let mut connection = self.command();
         ::redis::cmd("SET")
             .arg(self.spill_key(key))
             .arg(payload)
@@ -792,7 +825,7 @@ impl FlashSpill for RedisBackend {
             .map_err(redis_error)
     }
     async fn spill_get(&self, key: &str) -> Result<Option<String>> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.read_command();
         ::redis::cmd("GET")
             .arg(self.spill_key(key))
             .query_async(&mut connection)
@@ -800,7 +833,7 @@ impl FlashSpill for RedisBackend {
             .map_err(redis_error)
     }
     async fn spill_delete(&self, key: &str) -> Result<()> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.command();
         ::redis::cmd("UNLINK")
             .arg(self.spill_key(key))
             .query_async::<()>(&mut connection)
@@ -828,7 +861,7 @@ impl WatchChanges for RedisBackend {
                 .arg(payload)
                 .ignore();
         }
-        let mut connection = self.connection.clone();
+        let mut connection = self.command();
         pipe.query_async::<()>(&mut connection)
             .await
             .map_err(redis_error)
@@ -838,6 +871,141 @@ impl WatchChanges for RedisBackend {
 impl RedisBackend {
     fn spill_key(&self, key: &str) -> String {
         format!("{}{SPILL_KEY}{key}", self.keys.prefix)
+    }
+}
+
+/// The backend's connection to Redis, replaced when a command finds it silent.
+///
+/// A connection can stop answering without closing: a network path that drops packets, a
+/// server paused or failed over behind an address that stays open. The connection manager
+/// reconnects when a connection breaks, not when it only goes quiet, so every command of
+/// the backend waits a limited time for its answer ([`Command`]); one that waited in vain
+/// fails as unavailable (503), and the connection it used is replaced by a new one, opened
+/// by the next command. Commands already waiting on the old one end by their own limits.
+struct Link {
+    /// The connection now, and how many times it was replaced.
+    current: RwLock<(u64, ConnectionManager)>,
+    /// What opens a replacement; `None` for a backend over a connection of the caller's,
+    /// whose commands time out the same way but which is never replaced.
+    reopen: Option<(Client, ConnectionManagerConfig)>,
+}
+
+impl Link {
+    fn get(&self) -> (u64, ConnectionManager) {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn command(&self, limit: Duration, read_only: bool) -> Command<'_> {
+        let (generation, connection) = self.get();
+        Command {
+            link: self,
+            generation,
+            connection,
+            limit,
+            read_only,
+        }
+    }
+
+    /// Replaces connection number `generation` with a new one, unless another command
+    /// replaced it already.
+    fn replace(&self, generation: u64, limit: Duration) {
+        let Some((client, config)) = &self.reopen else {
+            return;
+        };
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.0 != generation {
+            return;
+        }
+        match ConnectionManager::new_lazy_with_config(client.clone(), config.clone()) {
+            Ok(connection) => {
+                *current = (generation + 1, connection);
+                log::warn!(
+                    "stored-messages: redis gave no answer within {limit:?}; the backend \
+                     opens a new connection"
+                );
+            }
+            Err(e) => log::error!(
+                "stored-messages: redis gave no answer within {limit:?}, and a new \
+                 connection could not be made: {e}"
+            ),
+        }
+    }
+}
+
+/// One command's way to Redis: the link's connection, waiting at most `limit` for each
+/// answer (see [`Link`]).
+struct Command<'a> {
+    link: &'a Link,
+    generation: u64,
+    connection: ConnectionManager,
+    limit: Duration,
+    /// The command only reads: sent once more if its connection was found dropped.
+    read_only: bool,
+}
+
+impl Command<'_> {
+    /// The answer, or a timeout error after replacing the silent connection.
+    fn settle<T>(
+        &self,
+        answer: std::result::Result<::redis::RedisResult<T>, rocket::tokio::time::error::Elapsed>,
+    ) -> ::redis::RedisResult<T> {
+        answer.unwrap_or_else(|_| {
+            self.link.replace(self.generation, self.limit);
+            Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", self.limit),
+            )))
+        })
+    }
+}
+
+impl ConnectionLike for Command<'_> {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let limit = self.limit;
+            let answer =
+                rocket::tokio::time::timeout(limit, self.connection.req_packed_command(cmd)).await;
+            match self.settle(answer) {
+                // The connection manager reconnects when it sees the drop: the command
+                // goes again on the new connection.
+                Err(e) if self.read_only && e.is_connection_dropped() => {
+                    let answer = rocket::tokio::time::timeout(
+                        limit,
+                        self.connection.req_packed_command(cmd),
+                    )
+                    .await;
+                    self.settle(answer)
+                }
+                answer => answer,
+            }
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let limit = self.limit;
+            let answer = rocket::tokio::time::timeout(
+                limit,
+                self.connection.req_packed_commands(pipeline, offset, count),
+            )
+            .await;
+            self.settle(answer)
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.connection.get_db()
     }
 }
 
