@@ -129,6 +129,9 @@ pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// deletion) may wait for its answer, at least: a broadcast to a million users is one script
 /// that runs for seconds. The other commands wait [`Settings::command_timeout`].
 const LONG_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deliveries to more users than this get [`LONG_TIMEOUT`]: the script for 10,000
+/// recipients runs for about 50 ms, for a million about 7 s (`bench/run.sh`, W3).
+const LONG_AUDIENCE: usize = 10_000;
 /// Extra connection attempts after a failure, waiting up to 0.2 s, then 0.4 s, 0.8 s.
 /// Each later command that finds the connection broken starts a new round.
 const CONNECT_RETRIES: usize = 3;
@@ -279,6 +282,16 @@ impl RedisBackend {
             .command(self.settings.command_timeout.max(LONG_TIMEOUT), false)
     }
 
+    /// The command of a delivery to `recipients` users: a long one for a broadcast, an
+    /// ordinary one for a message to a few (the script then takes well under a second).
+    fn delivery_command(&self, recipients: usize) -> Command<'_> {
+        if recipients > LONG_AUDIENCE {
+            self.long_command()
+        } else {
+            self.command()
+        }
+    }
+
     /// The prefix of every key.
     pub fn key_prefix(&self) -> &str {
         &self.keys.prefix
@@ -318,7 +331,7 @@ impl RedisBackend {
         }
         let mut invocation = scripts().store.key(self.keys.message(message.id));
         invocation.arg(&self.keys.prefix).arg(mode).arg(&users);
-        let mut connection = self.long_command();
+        let mut connection = self.delivery_command(users.len());
         let gained: i64 = invocation
             .invoke_async(&mut connection)
             .await
@@ -457,7 +470,7 @@ impl MessageBackend for RedisBackend {
             .arg(fields.len())
             .arg(&fields)
             .arg(&users);
-        let mut connection = self.long_command();
+        let mut connection = self.delivery_command(users.len());
         invocation
             .invoke_async::<()>(&mut connection)
             .await
