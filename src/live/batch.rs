@@ -68,6 +68,10 @@ where
 
     /// Answers batches until nobody waits.
     async fn drain(self: Arc<Self>, context: C) {
+        // The replies of the batch being answered. Declared before the guard, so that when
+        // an answer panics they are dropped after it: a caller woken by that drop and asking
+        // again then finds the next drain free to start, not its ask cleared by the guard.
+        let mut replies: Vec<oneshot::Sender<A>> = Vec::new();
         let mut draining = Draining {
             batches: &self,
             done: false,
@@ -75,7 +79,7 @@ where
         // Lets the other streams woken by the same change ask first.
         rocket::tokio::task::yield_now().await;
         loop {
-            let (asks, replies): (Vec<Q>, Vec<oneshot::Sender<A>>) = {
+            let asks: Vec<Q> = {
                 let mut pending = self.pending();
                 if pending.asks.is_empty() {
                     pending.answering = false;
@@ -84,24 +88,35 @@ where
                     return;
                 }
                 let n = pending.asks.len().min(BATCH);
-                pending.asks.drain(..n).unzip()
+                let mut asks = Vec::with_capacity(n);
+                for (ask, reply) in pending.asks.drain(..n) {
+                    asks.push(ask);
+                    replies.push(reply);
+                }
+                asks
             };
             match (self.answer)(&context, &asks).await {
                 Ok(answers) if answers.len() == replies.len() => {
-                    for (reply, answer) in replies.into_iter().zip(answers) {
+                    for (reply, answer) in replies.drain(..).zip(answers) {
                         let _ = reply.send(answer);
                     }
                 }
-                Ok(answers) => log::error!(
-                    "stored-messages: a batch of {} live asks got {} answers",
-                    replies.len(),
-                    answers.len()
-                ),
                 // The replies are dropped: each stream asks alone.
-                Err(e) => log::debug!(
-                    "stored-messages: a batch of live asks failed: {}",
-                    crate::report(&e)
-                ),
+                Ok(answers) => {
+                    let asked = replies.len();
+                    replies.clear();
+                    log::error!(
+                        "stored-messages: a batch of {asked} live asks got {} answers",
+                        answers.len()
+                    );
+                }
+                Err(e) => {
+                    replies.clear();
+                    log::debug!(
+                        "stored-messages: a batch of live asks failed: {}",
+                        crate::report(&e)
+                    );
+                }
             }
         }
     }
