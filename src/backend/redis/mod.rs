@@ -171,10 +171,7 @@ impl RedisBackend {
         settings: Settings,
     ) -> RedisBackend {
         RedisBackend {
-            link: Arc::new(Link {
-                current: RwLock::new((0, connection)),
-                reopen: None,
-            }),
+            link: Link::new(connection, None),
             client: None,
             keys: Keys::new(key_prefix),
             settings,
@@ -235,10 +232,7 @@ impl RedisBackend {
             })
             .map_err(failed)?;
         let mut backend = RedisBackend::new(connection, key_prefix, settings);
-        backend.link = Arc::new(Link {
-            current: RwLock::new((0, backend.link.get().1)),
-            reopen: Some((client.clone(), config)),
-        });
+        backend.link = Link::new(backend.connection(), Some((client.clone(), config)));
         backend.client = Some(client);
         Ok(backend)
     }
@@ -904,6 +898,16 @@ struct Link {
 }
 
 impl Link {
+    fn new(
+        connection: ConnectionManager,
+        reopen: Option<(Client, ConnectionManagerConfig)>,
+    ) -> Arc<Link> {
+        Arc::new(Link {
+            current: RwLock::new((0, connection)),
+            reopen,
+        })
+    }
+
     fn get(&self) -> (u64, ConnectionManager) {
         self.current
             .read()
