@@ -527,6 +527,44 @@ mod tests {
         assert!(html.ends_with("</option>"), "{html}");
     }
 
+    /// The markup Tera's loop wrote before the options were written here, over the same
+    /// choices: byte for byte the same.
+    #[test]
+    fn level_options_are_what_the_tera_loop_wrote() {
+        use rocket_dyn_templates::tera::{Context, Tera};
+        for logged_in in [false, true] {
+            let html = level_options("warning", logged_in, &stored_messages::Config::default());
+            let levels: Vec<serde_json::Value> = html
+                .split("<option value=\"")
+                .skip(1)
+                .map(|option| {
+                    let (name, rest) = option.split_once('"').unwrap();
+                    let (_, text) = rest.split_once('>').unwrap();
+                    let (text, _) = text.split_once("</option>").unwrap();
+                    serde_json::json!({
+                        "name": name,
+                        "selected": rest.starts_with(" selected>"),
+                        "text": text,
+                    })
+                })
+                .collect();
+            assert_eq!(levels.len(), Level::NAMED.len());
+            let mut tera = Tera::default();
+            tera.add_raw_template(
+                "select.html",
+                "<select>\n    {%- for l in levels %}\n    <option value=\"{{ l.name }}\"\
+                 {% if l.selected %} selected{% endif %}>{{ l.text }}</option>\n    \
+                 {%- endfor %}\n  </select>",
+            )
+            .unwrap();
+            let context = Context::from_serialize(serde_json::json!({ "levels": levels })).unwrap();
+            assert_eq!(
+                tera.render("select.html", &context).unwrap(),
+                format!("<select>{html}\n  </select>")
+            );
+        }
+    }
+
     #[test]
     fn library_errors_read_as_sentences() {
         assert_eq!(sentence("unknown level \"x\""), "Unknown level \"x\".");
