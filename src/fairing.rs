@@ -9,13 +9,16 @@
 //! - **request**: CSRF check of state-changing requests (see [`crate::csrf`]).
 //! - **response**: writes the flash spill, marks read exactly the stored messages the
 //!   request showed (only when the response succeeded), and fills the markers of template
-//!   helpers that could not answer while the page rendered (see [`crate::template`]).
+//!   helpers that could not answer while the page rendered (see [`crate::template`]). When
+//!   the store refuses the spill or the marks, the response becomes a 503 that keeps the
+//!   browser's flash cookies: a page never says messages were read that were not.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rocket::data::Data;
 use rocket::fairing::{Fairing, Info, Kind};
+use rocket::http::{ContentType, Status};
 use rocket::{Build, Orbit, Request, Response, Rocket};
 
 use crate::api::ApiBase;
@@ -287,7 +290,10 @@ impl Fairing for StoredMessages {
                     || c.starts_with(&format!("{FLASH_COOKIE}="))
             });
             let succeeded = response.status().code < 400;
-            settle(store, state, cookies_sent, succeeded).await;
+            if settle(store, state, cookies_sent, succeeded).await.is_err() {
+                unsettled(response);
+                return;
+            }
             // The helpers show the inbox as this request leaves it, from its own snapshot.
             if html {
                 unread = state.lock().unread_after(succeeded);
@@ -303,14 +309,21 @@ impl Fairing for StoredMessages {
     }
 }
 
-/// Writes the spill the request's cookies point to, drops the one they no longer point to,
-/// and marks the shown stored messages read.
+/// Writes the spill the request's cookies point to, marks the shown stored messages read,
+/// then drops the spill the cookies no longer point to: in that order, so that when a step
+/// fails, the browser's old cookies and the spill they name are still whole (see
+/// [`unsettled`]).
+///
+/// # Errors
+///
+/// When the spill could not be written or the messages could not be marked read (logged
+/// here): the response must not go out as it is.
 async fn settle(
     store: &Store,
     state: &crate::request::RequestState,
     cookies_sent: bool,
     succeeded: bool,
-) {
+) -> Result<(), ()> {
     let (pending, stale, shown) = {
         let inner = state.lock();
         (
@@ -333,11 +346,25 @@ async fn settle(
             let expires = chrono::Utc::now() + lifetime;
             if let Err(e) = store.flash_spill().spill_put(key, payload, expires).await {
                 log::error!(
-                    "stored-messages: writing flash spill failed: {}",
+                    "stored-messages: writing flash spill failed, the request answers 503: {}",
                     report(&e)
                 );
+                return Err(());
             }
         }
+    }
+    if let (Some(user), true, false) = (state.user, succeeded, shown.is_empty()) {
+        if let Err(e) = store.mark_many_read(user, &shown).await {
+            log::error!(
+                "stored-messages: marking {} messages read for user {user} failed, the \
+                 request answers 503: {}",
+                shown.len(),
+                report(&e)
+            );
+            return Err(());
+        }
+    }
+    if cookies_sent {
         if let Some(key) = &stale {
             if let Err(e) = store.flash_spill().spill_delete(key).await {
                 log::warn!(
@@ -347,13 +374,49 @@ async fn settle(
             }
         }
     }
-    if let (Some(user), true, false) = (state.user, succeeded, shown.is_empty()) {
-        if let Err(e) = store.mark_many_read(user, &shown).await {
-            log::error!(
-                "stored-messages: marking {} messages read for user {user} failed: {}",
-                shown.len(),
-                report(&e)
-            );
-        }
+    Ok(())
+}
+
+/// Turns `response` into a 503: it showed stored messages as read, or queued flash messages
+/// in a spill, and the store did not take that. Sent as it was, the page would say messages
+/// left the inbox that are still there, or the flash cookies would point at a spill that was
+/// never written. Instead the browser keeps its flash cookies (their `Set-Cookie` headers are
+/// dropped, other cookies go out), nothing is marked read, and a reload shows everything
+/// again once the store answers.
+fn unsettled(response: &mut Response<'_>) {
+    let kept: Vec<String> = response
+        .headers()
+        .get("Set-Cookie")
+        .filter(|c| {
+            !c.starts_with(&format!("{SPILL_COOKIE}="))
+                && !c.starts_with(&format!("{FLASH_COOKIE}="))
+        })
+        .map(str::to_string)
+        .collect();
+    response.remove_header("Set-Cookie");
+    for cookie in kept {
+        response.adjoin_raw_header("Set-Cookie", cookie);
     }
+    const TEXT: &str = "The message store did not answer, so what this page shows could not \
+                        be saved. Nothing was lost: load the page again in a moment.";
+    let (content_type, body) = if response.content_type() == Some(ContentType::HTML) {
+        (
+            ContentType::HTML,
+            format!(
+                "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+                 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+                 <title>Try again</title>\n</head>\n<body>\n<main>\n<h1>Try again</h1>\n\
+                 <p>{TEXT}</p>\n</main>\n</body>\n</html>\n"
+            ),
+        )
+    } else {
+        (
+            ContentType::JSON,
+            crate::error::error_body(Status::ServiceUnavailable, TEXT).to_string(),
+        )
+    };
+    response.set_status(Status::ServiceUnavailable);
+    response.set_header(content_type);
+    response.set_raw_header("Retry-After", "1");
+    response.set_sized_body(body.len(), std::io::Cursor::new(body));
 }

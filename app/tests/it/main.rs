@@ -14,3 +14,4 @@ mod outage;
 mod pages;
 mod processes;
 mod redis_backend;
+mod unsettled;
