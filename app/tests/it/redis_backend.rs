@@ -307,6 +307,23 @@ async fn a_broadcast_to_thousands_is_one_step_and_reaches_everyone() {
     assert_eq!(prefix(&t).keys().len(), 2 * 5_000 + 3);
 }
 
+/// Has the server drop `backend`'s connection (`CLIENT KILL`), as a restart would.
+async fn kill_connection_of(backend: &RedisBackend, url: &str) {
+    let id: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut backend.connection())
+        .await
+        .unwrap();
+    let mut c = redis_connection(url).unwrap();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(id)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(killed, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_reconnects_after_its_connection_is_killed() {
     let Some(t) = redis_store().await else { return };
@@ -318,36 +335,12 @@ async fn backend_reconnects_after_its_connection_is_killed() {
     .await
     .unwrap();
     backend.deliver(&[ALICE], &stored("x")).await.unwrap();
-    let id: i64 = redis::cmd("CLIENT")
-        .arg("ID")
-        .query_async(&mut backend.connection())
-        .await
-        .unwrap();
     // act: the server drops the backend's connection, as a restart would
-    let mut c = redis_connection(&prefix(&t).url).unwrap();
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("ID")
-        .arg(id)
-        .query(&mut c)
-        .unwrap();
-    assert_eq!(killed, 1);
+    kill_connection_of(&backend, &prefix(&t).url).await;
     // assert: a read goes again on a new connection, so nothing fails; a write may fail
     // once, as unavailable (503), since it may have been applied; the next one reconnects
     assert_eq!(backend.inbox_count(ALICE).await.unwrap(), 1);
-    let mut c = redis_connection(&prefix(&t).url).unwrap();
-    let id: i64 = redis::cmd("CLIENT")
-        .arg("ID")
-        .query_async(&mut backend.connection())
-        .await
-        .unwrap();
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("ID")
-        .arg(id)
-        .query(&mut c)
-        .unwrap();
-    assert_eq!(killed, 1);
+    kill_connection_of(&backend, &prefix(&t).url).await;
     if let Err(e) = backend.deliver(&[ALICE], &stored("y")).await {
         assert!(
             matches!(&e, Error::Backend(b) if b.is_unavailable()),
