@@ -285,10 +285,7 @@ impl Fairing for StoredMessages {
         let mut unread = None;
         if let Some(state) = request_state(request) {
             user = Ok(state.user);
-            let cookies_sent = response.headers().get("Set-Cookie").any(|c| {
-                c.starts_with(&format!("{SPILL_COOKIE}="))
-                    || c.starts_with(&format!("{FLASH_COOKIE}="))
-            });
+            let cookies_sent = response.headers().get("Set-Cookie").any(sets_flash_cookie);
             let succeeded = response.status().code < 400;
             if settle(store, state, cookies_sent, succeeded).await.is_err() {
                 unsettled(response);
@@ -377,6 +374,15 @@ async fn settle(
     Ok(())
 }
 
+/// Whether a `Set-Cookie` value sets (or clears) the flash queue's cookie or its spill key.
+fn sets_flash_cookie(set_cookie: &str) -> bool {
+    [FLASH_COOKIE, SPILL_COOKIE].iter().any(|name| {
+        set_cookie
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with('='))
+    })
+}
+
 /// Turns `response` into a 503: it showed stored messages as read, or queued flash messages
 /// in a spill, and the store did not take that. Sent as it was, the page would say messages
 /// left the inbox that are still there, or the flash cookies would point at a spill that was
@@ -387,10 +393,7 @@ fn unsettled(response: &mut Response<'_>) {
     let kept: Vec<String> = response
         .headers()
         .get("Set-Cookie")
-        .filter(|c| {
-            !c.starts_with(&format!("{SPILL_COOKIE}="))
-                && !c.starts_with(&format!("{FLASH_COOKIE}="))
-        })
+        .filter(|c| !sets_flash_cookie(c))
         .map(str::to_string)
         .collect();
     response.remove_header("Set-Cookie");
