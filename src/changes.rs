@@ -17,9 +17,9 @@
 //!
 //! The feed asks the backend for a *sync*, and the backend reports it done once every
 //! change committed before it began has been reported:
-//! - **PostgreSQL**: a second listening connection runs an empty statement; PostgreSQL sends a
-//!   listening session its pending notifications before the end of any command, and a
-//!   writer has signalled every listener before its commit returns.
+//! - **PostgreSQL**: a second listening connection sends a bare `Sync` message; PostgreSQL
+//!   sends an idle listening session its pending notifications before any `ReadyForQuery`,
+//!   and a writer has signalled every listener before its commit returns.
 //! - **Redis**: a `PING` on the subscribed connection; Redis runs one command at a time and
 //!   writes to a connection in the order it ran the commands, so every change published
 //!   before the `PING` ran has arrived ahead of its reply.

@@ -172,14 +172,14 @@ pub(super) async fn inbox_list_many(
 /// transaction, so a notification arrives exactly when the change is visible.
 ///
 /// - The *listener* waits for notifications and reports each one.
-/// - The *sync connection* listens too, but only ever runs an empty statement, for a sync.
-///   PostgreSQL sends a listening session every notification it has pending before the
-///   `ReadyForQuery` that ends a command (see `PostgresMain`: "if any notifies were
-///   received during the just-finished transaction, they'll be seen by the client before
-///   ReadyForQuery is"), and a writer has signalled every listener before its commit
-///   returns. So once that statement returns, every change committed before it was sent is in
-///   that connection's buffer, and is applied before the sync is reported done. A sync
-///   thus costs one trivial query, not a transaction of its own.
+/// - The *sync connection* listens too, but only ever sends a bare `Sync` message, for a
+///   sync. Whatever asked for it, PostgreSQL sends an idle listening session every
+///   notification it has pending before its `ReadyForQuery` (see `PostgresMain`, where it
+///   processes a pending notify interrupt just before `ReadyForQuery`), and a writer has
+///   signalled every listener before its commit returns. So once the `ReadyForQuery`
+///   arrives, every change committed before the `Sync` was sent is in that connection's
+///   buffer, and is applied before the sync is reported done. A sync thus costs one round
+///   trip with no statement at all: nothing to parse, no transaction to begin or end.
 ///
 /// Both connections' `application_name` ends in `(change feed)`, so operators (and the
 /// tests) can find them in `pg_stat_activity`. Losing either one is losing the feed.
@@ -258,7 +258,7 @@ pub(super) async fn watch(pool: &PgPool, sink: &FeedSink) {
                 },
             };
             // Bounded: a connection that stopped answering is dropped, not waited for.
-            match rocket::tokio::time::timeout(SYNC_TIMEOUT, empty_statement(&mut syncer)).await {
+            match rocket::tokio::time::timeout(SYNC_TIMEOUT, round_trip(&mut syncer)).await {
                 Ok(Ok(())) => {}
                 failed => {
                     if let Ok(Err(e)) = failed {
@@ -283,11 +283,13 @@ pub(super) async fn watch(pool: &PgPool, sink: &FeedSink) {
 /// How often PostgreSQL's sync connection reads its notifications when no sync asks it to.
 const SYNC_DRAIN: Duration = Duration::from_secs(1);
 
-/// Runs an empty statement on `connection` (the simple protocol, no parse or plan): the
-/// cheapest complete command there is.
-fn empty_statement(
+/// Sends `connection` a bare `Sync` message and waits for its `ReadyForQuery` (sqlx's
+/// `ping`): the cheapest round trip there is, with no statement to parse and no transaction
+/// to start or end. PostgreSQL sends pending notifications before any `ReadyForQuery` of an
+/// idle session, whatever the message that asked for it (see [`watch`]).
+fn round_trip(
     connection: &mut sqlx::postgres::PgListener,
 ) -> rocket::futures::future::BoxFuture<'_, Result<(), sqlx::Error>> {
-    use sqlx::Executor;
-    Box::pin(async move { connection.execute(";").await.map(|_| ()) })
+    use sqlx::{Acquire, Connection};
+    Box::pin(async move { connection.acquire().await?.ping().await })
 }
