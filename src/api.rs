@@ -145,41 +145,41 @@ impl ApiMessage {
 }
 
 /// Appends `text` as a JSON string, escaped as serde_json escapes it.
-fn push_json_str(out: &mut String, text: &str) {
-    out.push('"');
+fn push_json_str(out: &mut Vec<u8>, text: &str) {
+    out.push(b'"');
     push_json_chars(out, text);
-    out.push('"');
+    out.push(b'"');
 }
 
 /// Appends `text` escaped for the inside of a JSON string. Runs that need no escape (all
 /// of a usual message) are found eight bytes at a time and copied whole.
-fn push_json_chars(out: &mut String, text: &str) {
+fn push_json_chars(out: &mut Vec<u8>, text: &str) {
     let bytes = text.as_bytes();
     let mut start = 0;
     while let Some(i) = next_escape(bytes, start) {
         let byte = bytes[i];
-        out.push_str(&text[start..i]);
-        let escape = match byte {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0x08 => "\\b",
-            0x0c => "\\f",
-            _ => "",
+        out.extend_from_slice(&bytes[start..i]);
+        let escape: &[u8] = match byte {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            _ => b"",
         };
         if escape.is_empty() {
             const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.push_str("\\u00");
-            out.push(char::from(HEX[usize::from(byte >> 4)]));
-            out.push(char::from(HEX[usize::from(byte & 0xf)]));
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(byte >> 4)]);
+            out.push(HEX[usize::from(byte & 0xf)]);
         } else {
-            out.push_str(escape);
+            out.extend_from_slice(escape);
         }
         start = i + 1;
     }
-    out.push_str(&text[start..]);
+    out.extend_from_slice(&bytes[start..]);
 }
 
 /// Whether JSON must escape `byte`: a control character, `"` or `\`.
@@ -214,7 +214,7 @@ fn next_escape(bytes: &[u8], from: usize) -> Option<usize> {
 }
 
 /// Appends `n` in decimal.
-fn push_int(out: &mut String, n: i64) {
+fn push_int(out: &mut Vec<u8>, n: i64) {
     let mut digits = [0u8; 20];
     let mut rest = n.unsigned_abs();
     let mut at = digits.len();
@@ -227,45 +227,44 @@ fn push_int(out: &mut String, n: i64) {
         }
     }
     if n < 0 {
-        out.push('-');
+        out.push(b'-');
     }
-    // ASCII digits are valid UTF-8.
-    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
+    out.extend_from_slice(&digits[at..]);
 }
 
-fn push_json_opt(out: &mut String, text: Option<&str>) {
+fn push_json_opt(out: &mut Vec<u8>, text: Option<&str>) {
     match text {
         Some(text) => push_json_str(out, text),
-        None => out.push_str("null"),
+        None => out.extend_from_slice(b"null"),
     }
 }
 
 /// Appends `m` as an [`ApiMessage`] object: the same fields, written straight from the
 /// stored message into the answer (a page is written on every inbox request).
-fn push_message(out: &mut String, m: &Message, tags: &LevelTags) {
+fn push_message(out: &mut Vec<u8>, m: &Message, tags: &LevelTags) {
     let level_tag = m.level_tag(tags);
-    out.push_str("{\"id\":\"");
+    out.extend_from_slice(b"{\"id\":\"");
     push_int(out, m.id.0);
-    out.push_str("\",\"message\":");
+    out.extend_from_slice(b"\",\"message\":");
     push_json_str(out, &m.message);
-    out.push_str(",\"level\":");
+    out.extend_from_slice(b",\"level\":");
     push_int(out, m.level.0.into());
-    out.push_str(",\"level_tag\":");
+    out.extend_from_slice(b",\"level_tag\":");
     push_json_str(out, level_tag);
     // `tags` is the extra tags then the level tag, space-separated (`Message::tags`).
-    out.push_str(",\"tags\":\"");
+    out.extend_from_slice(b",\"tags\":\"");
     push_json_chars(out, &m.extra_tags);
     if !m.extra_tags.is_empty() && !level_tag.is_empty() {
-        out.push(' ');
+        out.push(b' ');
     }
     push_json_chars(out, level_tag);
-    out.push_str("\",\"extra_tags\":");
+    out.extend_from_slice(b"\",\"extra_tags\":");
     push_json_str(out, &m.extra_tags);
-    out.push_str(",\"date\":\"");
+    out.extend_from_slice(b",\"date\":\"");
     crate::request::push_rfc3339(out, m.date);
-    out.push_str("\",\"url\":");
+    out.extend_from_slice(b"\",\"url\":");
     push_json_opt(out, m.url.as_deref());
-    out.push('}');
+    out.push(b'}');
 }
 
 /// A page as handlers answer it: [`Page`]'s JSON, written from the stored messages.
@@ -277,20 +276,20 @@ struct PageView<'a> {
 }
 
 impl PageView<'_> {
-    fn to_json(&self) -> String {
-        let mut out = String::with_capacity(64 + self.messages.len() * 320);
-        out.push_str("{\"messages\":[");
+    fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.messages.len() * 320);
+        out.extend_from_slice(b"{\"messages\":[");
         for (i, m) in self.messages.iter().enumerate() {
             if i > 0 {
-                out.push(',');
+                out.push(b',');
             }
             push_message(&mut out, m, self.tags);
         }
-        out.push_str("],\"next_cursor\":");
+        out.extend_from_slice(b"],\"next_cursor\":");
         push_json_opt(&mut out, self.next_cursor.as_deref());
-        out.push_str(",\"next\":");
+        out.extend_from_slice(b",\"next\":");
         push_json_opt(&mut out, self.next.as_deref());
-        out.push('}');
+        out.push(b'}');
         out
     }
 }
@@ -1027,7 +1026,7 @@ mod tests {
                 next,
             })
             .unwrap();
-            assert_eq!(view.to_json(), expected);
+            assert_eq!(String::from_utf8(view.to_json()).unwrap(), expected);
         }
     }
 
@@ -1044,17 +1043,18 @@ mod tests {
                 for b in pieces {
                     for c in pieces {
                         let text = format!("{}{a}{}{b}{c}", "x".repeat(pad), "y".repeat(pad % 4));
-                        let mut out = String::new();
+                        let mut out = Vec::new();
                         push_json_str(&mut out, &text);
+                        let out = String::from_utf8(out).unwrap();
                         assert_eq!(out, serde_json::to_string(&text).unwrap(), "{text:?}");
                     }
                 }
             }
         }
         let every_char: String = (0..=0x3000).filter_map(char::from_u32).collect();
-        let mut out = String::new();
+        let mut out = Vec::new();
         push_json_str(&mut out, &every_char);
-        assert_eq!(out, serde_json::to_string(&every_char).unwrap());
+        assert_eq!(out, serde_json::to_string(&every_char).unwrap().as_bytes());
     }
 
     #[test]
@@ -1074,9 +1074,9 @@ mod tests {
             12_345,
             i64::MAX,
         ] {
-            let mut out = String::from("x");
+            let mut out = b"x".to_vec();
             push_int(&mut out, n);
-            assert_eq!(out, format!("x{n}"));
+            assert_eq!(out, format!("x{n}").as_bytes());
         }
     }
 }

@@ -116,9 +116,29 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month as u32, day as u32)
 }
 
+/// What dates are written into: a page being built (`String`) or an API answer's bytes,
+/// which take ASCII as it is, without a UTF-8 check.
+pub(crate) trait PushAscii {
+    /// Appends `text`, which is ASCII.
+    fn push_ascii(&mut self, text: &[u8]);
+}
+
+impl PushAscii for String {
+    fn push_ascii(&mut self, text: &[u8]) {
+        // ASCII is valid UTF-8.
+        self.push_str(std::str::from_utf8(text).unwrap_or_default());
+    }
+}
+
+impl PushAscii for Vec<u8> {
+    fn push_ascii(&mut self, text: &[u8]) {
+        self.extend_from_slice(text);
+    }
+}
+
 /// `2026-11-25 14:05` then, for `seconds`, `:07.123456`: the digits written directly, from
 /// the timestamp, as pages and API answers format every message's date on every request.
-fn push_date(out: &mut String, date: DateTime<Utc>, separator: u8, seconds: bool) {
+fn push_date(out: &mut impl PushAscii, date: DateTime<Utc>, separator: u8, seconds: bool) {
     let timestamp = date.timestamp();
     let (year, month, day) = civil_from_days(timestamp.div_euclid(86_400));
     let of_day = timestamp.rem_euclid(86_400) as u32;
@@ -146,12 +166,11 @@ fn push_date(out: &mut String, date: DateTime<Utc>, separator: u8, seconds: bool
         }
         // Years of other widths (never seen in practice) carry their sign.
         _ => {
-            out.push_str(&format!("{year:+05}"));
+            out.push_ascii(format!("{year:+05}").as_bytes());
             &text[4..len]
         }
     };
-    // ASCII digits and separators are valid UTF-8.
-    out.push_str(std::str::from_utf8(text).unwrap_or_default());
+    out.push_ascii(text);
 }
 
 /// `2026-11-25 14:05 UTC`.
@@ -175,9 +194,9 @@ pub(crate) fn rfc3339(date: DateTime<Utc>) -> String {
 }
 
 /// Appends [`rfc3339`].
-pub(crate) fn push_rfc3339(out: &mut String, date: DateTime<Utc>) {
+pub(crate) fn push_rfc3339(out: &mut impl PushAscii, date: DateTime<Utc>) {
     push_date(out, date, b'T', true);
-    out.push('Z');
+    out.push_ascii(b"Z");
 }
 
 fn rfc3339_micros<S: Serializer>(date: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
