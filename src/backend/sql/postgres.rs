@@ -228,7 +228,7 @@ pub(super) async fn watch(pool: &PgPool, sink: &FeedSink) {
             },
         ));
         // The sync connection hears every notification too, and reads them only when it
-        // runs a statement: it does so at least this often, so PostgreSQL never has to
+        // makes a round trip: it does so at least this often, so PostgreSQL never has to
         // hold notifications for it (a session that stops reading pins the notification
         // queue for every session).
         let mut drain = rocket::tokio::time::interval(SYNC_DRAIN);
