@@ -279,8 +279,7 @@ impl Fairing for StoredMessages {
         }
         // A page that `Page` rendered with every helper's value needs no second pass.
         let rendered = template::Rendered::of(request);
-        let html = response.content_type() == Some(rocket::http::ContentType::HTML)
-            && (!rendered.by_page || rendered.markers);
+        let html = (!rendered.by_page || rendered.markers) && is_html(response);
         let mut user = Ok(None);
         let mut unread = None;
         if let Some(state) = request_state(request) {
@@ -374,6 +373,17 @@ async fn settle(
     Ok(())
 }
 
+/// Whether `response` is an HTML page: its `Content-Type` is `text/html` (any parameters,
+/// any case). Read from the header's text, not through Rocket's media-type parser, which
+/// allocates and costs more than the rest of this fairing on a response that is not a page.
+fn is_html(response: &Response<'_>) -> bool {
+    response
+        .headers()
+        .get_one("Content-Type")
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|media_type| media_type.eq_ignore_ascii_case("text/html"))
+}
+
 /// Whether a `Set-Cookie` value sets (or clears) the flash queue's cookie or its spill key.
 fn sets_flash_cookie(set_cookie: &str) -> bool {
     [FLASH_COOKIE, SPILL_COOKIE].iter().any(|name| {
@@ -402,7 +412,7 @@ fn unsettled(response: &mut Response<'_>) {
     }
     const TEXT: &str = "The message store did not answer, so what this page shows could not \
                         be saved. Nothing was lost: load the page again in a moment.";
-    let (content_type, body) = if response.content_type() == Some(ContentType::HTML) {
+    let (content_type, body) = if is_html(response) {
         (
             ContentType::HTML,
             format!(
@@ -422,4 +432,46 @@ fn unsettled(response: &mut Response<'_>) {
     response.set_header(content_type);
     response.set_raw_header("Retry-After", "1");
     response.set_sized_body(body.len(), std::io::Cursor::new(body));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn html_is_told_as_rockets_media_type_parser_tells_it() {
+        let with = |content_type: Option<&str>| {
+            let mut response = Response::new();
+            if let Some(value) = content_type {
+                response.set_raw_header("Content-Type", value.to_string());
+            }
+            response
+        };
+        for value in [
+            "text/html",
+            "text/html; charset=utf-8",
+            "Text/HTML;charset=UTF-8",
+        ] {
+            let response = with(Some(value));
+            assert!(is_html(&response), "{value}");
+            assert_eq!(response.content_type(), Some(ContentType::HTML), "{value}");
+        }
+        for value in [
+            Some("application/json"),
+            Some("text/plain; charset=utf-8"),
+            Some("text/htmlx"),
+            Some(" text/html ; q=1"),
+            Some("text"),
+            Some(""),
+            None,
+        ] {
+            let response = with(value);
+            assert!(!is_html(&response), "{value:?}");
+            assert_ne!(
+                response.content_type(),
+                Some(ContentType::HTML),
+                "{value:?}"
+            );
+        }
+    }
 }

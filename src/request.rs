@@ -426,15 +426,21 @@ pub(crate) fn note_looks_only(request: &Request<'_>) {
 /// Whether `request` only looks: `HEAD`, or a prefetch or prerender a browser makes on its
 /// own (`Sec-Purpose: prefetch`, or the older `Purpose: prefetch`). Showing the stream to
 /// such a request consumes nothing: the user has not seen it.
+///
+/// The headers are read in one pass: a lookup by name in Rocket's header map hashes the name
+/// byte by byte, and this runs on every request.
 fn looks_only(request: &Request<'_>) -> bool {
+    const NAMES: [&str; 4] = ["Sec-Purpose", "Purpose", "X-Moz", "X-Purpose"];
     request.method() == rocket::http::Method::Head
-        || ["Sec-Purpose", "Purpose", "X-Moz", "X-Purpose"]
-            .iter()
-            .filter_map(|name| request.headers().get_one(name))
-            .any(|value| {
-                let value = value.to_ascii_lowercase();
-                value.contains("prefetch") || value.contains("preview")
-            })
+        || request.headers().iter().any(|header| {
+            NAMES
+                .iter()
+                .any(|name| header.name().as_str().eq_ignore_ascii_case(name))
+                && {
+                    let value = header.value().to_ascii_lowercase();
+                    value.contains("prefetch") || value.contains("preview")
+                }
+        })
 }
 
 impl Inner {
