@@ -8,8 +8,8 @@
 #   their own, wrk rotating their cookies (bench/rotate.lua): GET /?keep=1 and
 #   GET /messages/inbox. This is how a site is loaded. The baseline uses the same script.
 #   Measured at 16 and at 64 connections (BENCH_MANY_CONNECTIONS): wrk's load is a closed
-#   loop, so at 16 a request's wait for the store shows as lost throughput even while the
-#   server's processor is idle; at 64 the server is the limit.
+#   loop, so at 16 no more than 16 requests are in flight to share each sync with the store
+#   (PostgreSQL, Redis), and each pays a larger part of it; at 64, more share it.
 #   BENCH_ROUNDS (3) rounds of baseline, W1many, W2many; medians are reported, and each
 #   ratio is the median of the rounds' own ratios.
 # - W1, W2: the same two requests from one user, the same page over and over (kept to
