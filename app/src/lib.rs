@@ -13,6 +13,7 @@ use std::sync::Arc;
 use rocket::fairing::AdHoc;
 use rocket::figment::Figment;
 use rocket::fs::{relative, FileServer};
+use rocket::shield::Shield;
 use rocket::{Build, Rocket};
 
 use crate::jobs::Jobs;
@@ -76,16 +77,21 @@ pub mod sessions;
 pub mod throttle;
 pub mod users;
 
-/// Headers of every response, beside Rocket's own (`X-Content-Type-Options`,
-/// `X-Frame-Options`, `Permissions-Policy`): the pages load scripts and styles from
-/// `/static` only (no inline code anywhere), and links to other sites carry no path.
-const SECURITY_HEADERS: [(&str, &str); 2] = [
+/// Headers of every response: the pages load scripts and styles from `/static` only (no
+/// inline code anywhere), no page may be framed, and links to other sites carry no path.
+/// They replace Rocket's default `Shield`, whose `X-Frame-Options: SAMEORIGIN` disagreed
+/// with `frame-ancestors 'none'` and whose `Permissions-Policy: interest-cohort=()` opts out
+/// of FLoC, which browsers have dropped. A handler that sets one of these itself keeps its
+/// own.
+const SECURITY_HEADERS: [(&str, &str); 4] = [
     (
         "Content-Security-Policy",
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
          object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'",
     ),
     ("Referrer-Policy", "same-origin"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
 ];
 
 /// The form limit unless the configuration sets `limits.form` itself.
@@ -125,6 +131,8 @@ pub fn rocket_from(figment: Figment) -> Rocket<Build> {
     // triples: Rocket's default form limit (32 KiB) is too small for the longest one.
     let figment = figment.join(("limits.form", FORM_LIMIT));
     rocket::custom(figment)
+        // No default `Shield`: the "security headers" fairing below sets every such header.
+        .attach(Shield::new())
         .attach(AdHoc::try_on_ignite(
             "reference app users",
             |rocket| async {
@@ -200,8 +208,17 @@ pub fn rocket_from(figment: Figment) -> Rocket<Build> {
             "security headers",
             |request, response| {
                 Box::pin(async move {
-                    for (name, value) in SECURITY_HEADERS {
-                        if !response.headers().contains(name) {
+                    // Which are set already, in one pass over the few headers there are: a
+                    // lookup by name in Rocket's header map hashes the name byte by byte.
+                    let mut set = [false; SECURITY_HEADERS.len()];
+                    for header in response.headers().iter() {
+                        let name = header.name().as_str();
+                        for (i, (security, _)) in SECURITY_HEADERS.iter().enumerate() {
+                            set[i] |= name.eq_ignore_ascii_case(security);
+                        }
+                    }
+                    for ((name, value), set) in SECURITY_HEADERS.into_iter().zip(set) {
+                        if !set {
                             response.set_raw_header(name, value);
                         }
                     }

@@ -808,6 +808,22 @@ async fn private_pages_are_not_cached_and_carry_security_headers(app: &TestApp) 
     // Static files stay cacheable.
     let css = b.client.get("/static/style.css").dispatch().await;
     assert_eq!(css.headers().get_one("Cache-Control"), None);
+    // Every answer, each header once: no framing (as `frame-ancestors 'none'` says), no
+    // sniffing, and no policy for a feature browsers have dropped (FLoC).
+    let health = b.client.get("/health").dispatch().await;
+    for (what, headers) in [
+        ("page", page.headers()),
+        ("API", api.headers()),
+        ("static file", css.headers()),
+        ("health", health.headers()),
+    ] {
+        let all = |name| headers.get(name).collect::<Vec<_>>();
+        assert_eq!(all("X-Frame-Options"), ["DENY"], "{what}");
+        assert_eq!(all("X-Content-Type-Options"), ["nosniff"], "{what}");
+        assert_eq!(all("Referrer-Policy"), ["same-origin"], "{what}");
+        assert_eq!(all("Content-Security-Policy").len(), 1, "{what}");
+        assert!(all("Permissions-Policy").is_empty(), "{what}");
+    }
 }
 
 async fn anonymous_stored_level_falls_back_to_flash(app: &TestApp) {
