@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use rocket::data::Data;
 use rocket::fairing::{Fairing, Info, Kind};
-use rocket::http::{ContentType, Status};
+use rocket::http::{ContentType, Header, Status};
 use rocket::{Build, Orbit, Request, Response, Rocket};
 
 use crate::api::ApiBase;
@@ -274,7 +274,12 @@ impl Fairing for StoredMessages {
         let api = self.api.as_ref().ok().and_then(ApiBase::get);
         let private = request_state(request).is_some()
             || api.is_some_and(|api| csrf::is_below(request.uri().path().as_str(), api));
-        if private && !response.headers().contains("Cache-Control") {
+        if private
+            && !response
+                .headers()
+                .iter()
+                .any(|header| is_named(&header, "Cache-Control"))
+        {
             response.set_raw_header("Cache-Control", PRIVATE);
         }
         // A page that `Page` rendered with every helper's value needs no second pass.
@@ -284,7 +289,10 @@ impl Fairing for StoredMessages {
         let mut unread = None;
         if let Some(state) = request_state(request) {
             user = Ok(state.user);
-            let cookies_sent = response.headers().get("Set-Cookie").any(sets_flash_cookie);
+            let cookies_sent = response
+                .headers()
+                .iter()
+                .any(|header| is_named(&header, "Set-Cookie") && sets_flash_cookie(header.value()));
             let succeeded = response.status().code < 400;
             if settle(store, state, cookies_sent, succeeded).await.is_err() {
                 unsettled(response);
@@ -379,9 +387,19 @@ async fn settle(
 fn is_html(response: &Response<'_>) -> bool {
     response
         .headers()
-        .get_one("Content-Type")
-        .and_then(|value| value.split(';').next())
-        .is_some_and(|media_type| media_type.eq_ignore_ascii_case("text/html"))
+        .iter()
+        .find(|header| is_named(header, "Content-Type"))
+        .is_some_and(|header| {
+            let media_type = header.value().split(';').next().unwrap_or_default();
+            media_type.eq_ignore_ascii_case("text/html")
+        })
+}
+
+/// Whether `header` is named `name` (any case). The fairing finds a response's headers by
+/// going through them, a handful: a lookup by name in Rocket's header map hashes the name
+/// byte by byte with SipHash, on every response.
+fn is_named(header: &Header<'_>, name: &str) -> bool {
+    header.name().as_str().eq_ignore_ascii_case(name)
 }
 
 /// Whether a `Set-Cookie` value sets (or clears) the flash queue's cookie or its spill key.
