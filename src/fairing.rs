@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use rocket::data::Data;
 use rocket::fairing::{Fairing, Info, Kind};
-use rocket::http::{ContentType, Header, Status};
+use rocket::http::{ContentType, Status};
 use rocket::{Build, Orbit, Request, Response, Rocket};
 
 use crate::api::ApiBase;
@@ -27,7 +27,7 @@ use crate::flash::cookie::{FLASH_COOKIE, SPILL_COOKIE};
 use crate::flash::overflow::{spill_lifetime, ANONYMOUS_SPILL_LIFETIME};
 use crate::host::Host;
 use crate::ops::Store;
-use crate::request::request_state;
+use crate::request::{is_named, request_state};
 use crate::template;
 use crate::{api, csrf};
 
@@ -393,13 +393,6 @@ fn is_html(response: &Response<'_>) -> bool {
             let media_type = header.value().split(';').next().unwrap_or_default();
             media_type.eq_ignore_ascii_case("text/html")
         })
-}
-
-/// Whether `header` is named `name` (any case). The fairing finds a response's headers by
-/// going through them, a handful: a lookup by name in Rocket's header map hashes the name
-/// byte by byte with SipHash, on every response.
-fn is_named(header: &Header<'_>, name: &str) -> bool {
-    header.name().as_str().eq_ignore_ascii_case(name)
 }
 
 /// Whether a `Set-Cookie` value sets (or clears) the flash queue's cookie or its spill key.

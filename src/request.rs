@@ -423,6 +423,13 @@ pub(crate) fn note_looks_only(request: &Request<'_>) {
     request.local_cache(|| LooksOnly(looks_only(request)));
 }
 
+/// Whether `header` is named `name` (any case). Headers are found by going through them
+/// (a request or response has a handful) where it is done on every request: a lookup by
+/// name in Rocket's header map hashes the name byte by byte with SipHash.
+pub(crate) fn is_named(header: &rocket::http::Header<'_>, name: &str) -> bool {
+    header.name().as_str().eq_ignore_ascii_case(name)
+}
+
 /// Whether `request` only looks: `HEAD`, or a prefetch or prerender a browser makes on its
 /// own (`Sec-Purpose: prefetch`, or the older `Purpose: prefetch`). Showing the stream to
 /// such a request consumes nothing: the user has not seen it.
@@ -433,13 +440,10 @@ fn looks_only(request: &Request<'_>) -> bool {
     const NAMES: [&str; 4] = ["Sec-Purpose", "Purpose", "X-Moz", "X-Purpose"];
     request.method() == rocket::http::Method::Head
         || request.headers().iter().any(|header| {
-            NAMES
-                .iter()
-                .any(|name| header.name().as_str().eq_ignore_ascii_case(name))
-                && {
-                    let value = header.value().to_ascii_lowercase();
-                    value.contains("prefetch") || value.contains("preview")
-                }
+            NAMES.iter().any(|name| is_named(&header, name)) && {
+                let value = header.value().to_ascii_lowercase();
+                value.contains("prefetch") || value.contains("preview")
+            }
         })
 }
 
