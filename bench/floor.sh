@@ -24,6 +24,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
+# shellcheck source=bench/lib.sh
+. "$repo/bench/lib.sh"
 
 database_url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
 export PGOPTIONS="${PGOPTIONS:-} -c client_min_messages=warning"
@@ -98,13 +100,10 @@ for name in shipped instant nowait; do
   schemas+=("$schema")
   psql "$database_url" -qc "drop schema if exists $schema cascade; create schema $schema" >/dev/null
   (
-    export ROCKET_DATABASES="{stored_messages={url=\"$database_url?options=-c%20search_path%3D$schema\"}}"
-    export ROCKET_STORED_MESSAGES="{cleanup_interval_secs=0}"
-    export ROCKET_SECRET_KEY="$secret" ROCKET_LOG_LEVEL=off ROCKET_PORT=$port ROCKET_ADDRESS=127.0.0.1
-    export ROCKET_TEMPLATE_DIR="$repo/app/templates"
+    server_env "$database_url?options=-c%20search_path%3D$schema" "" "$secret" "$port"
     "$work/$name" serve >"$work/$name.log" 2>&1 &
     echo $! >"$work/$name.pid"
-    for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
+    wait_healthy "$port"
     "$seed" --users 1000 --messages 10 --server "127.0.0.1:$port" --cookies "$work/$name.cookies" >&2
   )
   server_pid[$name]=$(cat "$work/$name.pid")
@@ -141,7 +140,6 @@ for round in $(seq 1 "$rounds"); do
     echo "$ratio $inbox_cpu" >>"$work/$name.rounds"
   done
 done
-median() { sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 echo "medians over the rounds (this machine's speed drifts within minutes: compare builds, not runs):"
 for name in shipped instant nowait; do
   printf '  %-8s W2many %5.1f%% of its /health, %5.1f µs of server CPU per request\n' "$name" \

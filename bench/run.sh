@@ -26,6 +26,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
+# shellcheck source=bench/lib.sh
+. "$repo/bench/lib.sh"
 
 backends=${BENCH_BACKENDS:-sqlite,postgres,redis}
 duration=${BENCH_DURATION:-8}
@@ -87,7 +89,7 @@ median_cols() { # file col col col: the median of each column, over the rows
   local file=$1; shift
   local out="" c
   for c in "$@"; do
-    out="$out $(awk -v c="$c" '{print $c}' "$file" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')"
+    out="$out $(awk -v c="$c" '{print $c}' "$file" | median)"
   done
   echo "$out"
 }
@@ -111,15 +113,12 @@ http_backend() { # name
       db_url="sqlite://$work/$name-users.sqlite?mode=rwc"
       redis_cfg="backend=\"redis\",redis_url=\"$redis_url\",redis_key_prefix=\"$prefix\"," ;;
   esac
-  export ROCKET_DATABASES="{stored_messages={url=\"$db_url\"}}"
-  export ROCKET_STORED_MESSAGES="{${redis_cfg}cleanup_interval_secs=0}"
-  export ROCKET_SECRET_KEY="$secret" ROCKET_LOG_LEVEL=off ROCKET_PORT=$port ROCKET_ADDRESS=127.0.0.1
-  export ROCKET_TEMPLATE_DIR="$repo/app/templates"
+  server_env "$db_url" "$redis_cfg" "$secret" "$port"
 
   echo "bench-password" | "$bin" createuser bench >/dev/null
   "$bin" serve >"$work/$name.log" 2>&1 &
   server_pid=$!
-  for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
+  wait_healthy "$port"
 
   # log in like a browser, then give the user 10 unread stored messages
   local jar="$work/$name.cookies" token
@@ -162,8 +161,8 @@ http_backend() { # name
     mbase=$(median_cols "$rounds" 1 2 3)
     m1=$(median_cols "$rounds" 4 5 6)
     m2=$(median_cols "$rounds" 7 8 9)
-    r1=$(awk '{print 100*$4/$1}' "$rounds" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')
-    r2=$(awk '{print 100*$7/$1}' "$rounds" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')
+    r1=$(awk '{print 100*$4/$1}' "$rounds" | median)
+    r2=$(awk '{print 100*$7/$1}' "$rounds" | median)
     read -r mb_rps mb_p50 mb_p99 <<<"$mbase"
     read -r m1_rps m1_p50 m1_p99 <<<"$m1"
     read -r m2_rps m2_p50 m2_p99 <<<"$m2"
