@@ -329,6 +329,98 @@ impl<'a> StreamView<'a> {
     }
 }
 
+/// The stream as a page's context showed it: its messages in stream order (by date, flash
+/// first on equal dates), owned, for a page to render or serialize after the guard is gone
+/// (see [`crate::template::Page`]).
+#[derive(Debug, Clone)]
+pub(crate) struct StreamSnapshot {
+    items: Vec<StreamItem>,
+    tags: LevelTags,
+}
+
+#[derive(Debug, Clone)]
+enum StreamItem {
+    Flash(NewMessage),
+    Stored(Message),
+}
+
+impl StreamItem {
+    fn date(&self) -> DateTime<Utc> {
+        match self {
+            StreamItem::Flash(m) => m.date(),
+            StreamItem::Stored(m) => m.date,
+        }
+    }
+}
+
+/// One message of a [`StreamSnapshot`], as the stream partial writes it.
+pub(crate) struct StreamEntry<'a> {
+    pub(crate) id: Option<MessageId>,
+    pub(crate) level: Level,
+    pub(crate) level_tag: &'a str,
+    pub(crate) extra_tags: &'a str,
+    pub(crate) message: &'a str,
+    pub(crate) url: Option<&'a str>,
+}
+
+impl StreamSnapshot {
+    fn of(inner: &Inner, tags: &LevelTags) -> StreamSnapshot {
+        let mut items: Vec<StreamItem> = inner
+            .flash
+            .iter()
+            .map(|(m, _)| StreamItem::Flash(m.clone()))
+            .chain(
+                inner
+                    .stored
+                    .iter()
+                    .map(|(m, _)| StreamItem::Stored(m.clone())),
+            )
+            .collect();
+        // Stable, as in `Messages`' own serialization.
+        items.sort_by_key(StreamItem::date);
+        StreamSnapshot {
+            items,
+            tags: tags.clone(),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub(crate) fn entries(&self) -> impl Iterator<Item = StreamEntry<'_>> {
+        self.items.iter().map(|item| {
+            let view = self.view(item);
+            StreamEntry {
+                id: view.id,
+                level: view.level,
+                level_tag: self.tags.tag(view.level),
+                extra_tags: view.extra_tags,
+                message: view.message,
+                url: view.url,
+            }
+        })
+    }
+
+    fn view<'a>(&'a self, item: &'a StreamItem) -> StreamView<'a> {
+        match item {
+            StreamItem::Flash(m) => StreamView::flash(m, &self.tags),
+            StreamItem::Stored(m) => StreamView::stored(m, &self.tags),
+        }
+    }
+}
+
+/// The same JSON as the [`Messages`] it was taken from.
+impl Serialize for StreamSnapshot {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.items.len()))?;
+        for item in &self.items {
+            seq.serialize_element(&self.view(item))?;
+        }
+        seq.end()
+    }
+}
+
 impl Serialize for StreamView<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
@@ -1012,6 +1104,12 @@ impl Serialize for Messages<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let tags = self.store.level_tags();
         let inner = self.show();
+        // In a `Page`'s context: a stand-in that the page replaces, or renders straight from
+        // this snapshot when its templates only count the stream (see `template::stream`).
+        if let Some(len) = crate::template::defer_stream(|| StreamSnapshot::of(&inner, tags)) {
+            drop(inner);
+            return crate::template::serialize_placeholder(serializer, len);
+        }
         let mut stream: Vec<StreamView<'_>> = inner
             .flash
             .iter()

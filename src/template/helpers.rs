@@ -10,6 +10,7 @@ use rocket_dyn_templates::tera::{self, Value};
 
 use super::list::{Forms, ListPartial};
 use crate::message::{LevelTags, Message};
+use crate::request::StreamSnapshot;
 
 /// Largest `limit` the list helpers accept.
 pub const MAX_HELPER_LIMIT: u32 = 200;
@@ -70,6 +71,9 @@ pub(crate) struct Scope {
     /// length, or the store's count when the request's inbox snapshot stopped at its window.
     pub(crate) count: Option<u64>,
     pub(crate) tags: LevelTags,
+    /// The stream the page's context deferred, for the stream partial (see
+    /// [`super::stream`]); `None` when the context holds the stream's JSON, or no stream.
+    pub(crate) stream: Option<Arc<StreamSnapshot>>,
     /// A helper printed a marker: the fairing must fill the response.
     pub(crate) markers: bool,
 }
@@ -93,6 +97,11 @@ pub(crate) fn with_scope<T>(scope: Scope, render: impl FnOnce() -> T) -> (T, Sco
     let result = render();
     let scope = SCOPE.with(|s| s.borrow_mut().take());
     (result, scope.expect("helpers never remove the scope"))
+}
+
+/// The stream the page being rendered on this thread deferred, if any.
+pub(crate) fn page_stream() -> Option<Arc<StreamSnapshot>> {
+    SCOPE.with(|s| s.borrow().as_ref().and_then(|scope| scope.stream.clone()))
 }
 
 /// What a helper could answer from the scope.
@@ -276,6 +285,7 @@ mod tests {
             count: Some(unread.len() as u64),
             unread: Some(unread.into()),
             tags: LevelTags::default(),
+            stream: None,
             markers: false,
         }
     }

@@ -49,21 +49,24 @@ use rocket_dyn_templates::{Engines, Template};
 
 use self::helpers::{with_scope, Helper, Scope, Slot};
 use self::list::ListPartial;
+use self::uses::Uses;
 use crate::api::ApiBase;
 use crate::csrf;
 use crate::message::Message;
 use crate::ops::Store;
-use crate::request::request_state;
+use crate::request::{request_state, StreamSnapshot};
 
 mod fill;
 mod helpers;
 mod list;
 mod stream;
+mod uses;
 
 pub(crate) use self::fill::fill;
 pub use self::helpers::MAX_HELPER_LIMIT;
 pub(crate) use self::list::push_escaped;
 pub use self::list::{BUILTIN_SOURCE as BUILTIN_LIST_SOURCE, LIST_TEMPLATE};
+pub(crate) use self::stream::{defer as defer_stream, serialize_placeholder};
 
 /// The name under which pages include the list partial:
 /// `{% include "stored_messages/list.html" %}`.
@@ -139,15 +142,12 @@ struct Templates(Arc<RwLock<Option<Loaded>>>);
 struct Loaded {
     tera: Arc<Tera>,
     partial: Arc<ListPartial>,
+    uses: Arc<Uses>,
 }
 
 impl Templates {
     fn loaded(&self) -> Option<Loaded> {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn tera(&self) -> Option<Arc<Tera>> {
-        self.loaded().map(|l| l.tera)
     }
 
     fn partial(&self) -> Option<Arc<ListPartial>> {
@@ -190,6 +190,7 @@ where
                 let partial = Arc::new(ListPartial::from_host(&engines.tera));
                 register_with(&mut engines.tera, partial.clone());
                 loaded.set(Loaded {
+                    uses: Arc::new(Uses::of(&engines.tera)),
                     tera: Arc::new(engines.tera.clone()),
                     partial,
                 });
@@ -201,7 +202,10 @@ where
 /// helpers are values and see this request's data (see the module docs).
 ///
 /// The context is serialized when the page is made, like `Template::render` does, so a
-/// [`crate::Messages`] stream in it counts as shown then. The answer is `text/html`
+/// [`crate::Messages`] stream in it counts as shown then. (When the page's templates only
+/// include the stream partial and count the stream, its messages are not turned into
+/// Tera values at all: the partial is written from them directly. A template that looks
+/// inside the stream sees its JSON as always.) The answer is `text/html`
 /// whatever the template's extension, with status 200 unless [`Page::status`] says
 /// otherwise: set it there rather than wrapping the page in a `(Status, Page)` tuple, so
 /// the helpers know whether this page's reads will count (a failed page marks nothing
@@ -219,16 +223,20 @@ where
 /// ```
 pub struct Page {
     name: Cow<'static, str>,
-    context: Result<tera::Context, tera::Error>,
+    context: Result<serde_json::Value, serde_json::Error>,
+    /// The stream the context holds a stand-in for (see [`stream`]).
+    stream: Option<Arc<StreamSnapshot>>,
     status: Status,
 }
 
 impl Page {
     /// The page `name` (a template such as `"index"` for `index.html.tera`) with `context`.
     pub fn render(name: impl Into<Cow<'static, str>>, context: impl serde::Serialize) -> Page {
+        let (context, stream) = stream::capture(|| serde_json::to_value(context));
         Page {
             name: name.into(),
-            context: tera::Context::from_serialize(context),
+            context,
+            stream,
             status: Status::Ok,
         }
     }
@@ -258,13 +266,29 @@ impl Rendered {
 
 impl<'r> Responder<'r, 'static> for Page {
     fn respond_to(self, request: &'r Request<'_>) -> response::Result<'static> {
-        let context = self.context.map_err(|e| {
+        let loaded = request
+            .rocket()
+            .state::<Templates>()
+            .and_then(Templates::loaded);
+        let failed = |e: &dyn std::fmt::Display| {
             log::error!(
                 "stored-messages: the context of page {} failed to serialize: {e}",
                 self.name
             );
             Status::InternalServerError
-        })?;
+        };
+        let mut context = self.context.map_err(|e| failed(&e))?;
+        // Keep the stream's stand-in only where every template of the page just counts it.
+        let stream = match self.stream {
+            // An empty stream's stand-in is its JSON already.
+            Some(stream) if stream.len() == 0 => None,
+            Some(stream) if stand_in_kept(&context, &self.name, loaded.as_ref()) => Some(stream),
+            Some(stream) => {
+                stream::materialize(&mut context, &stream).map_err(|e| failed(&e))?;
+                None
+            }
+            None => None,
+        };
         let succeeded = self.status.code < 400;
         let scope = Scope {
             csrf: csrf::ensure_token(request),
@@ -277,16 +301,13 @@ impl<'r> Responder<'r, 'static> for Page {
                 .state::<Store>()
                 .map(|store| store.level_tags().clone())
                 .unwrap_or_default(),
+            stream,
             markers: false,
         };
-        let templates = request
-            .rocket()
-            .state::<Templates>()
-            .and_then(Templates::tera);
         let counted = scope.count.is_some();
-        let (html, scope) = with_scope(scope, || match &templates {
-            Some(tera) => tera
-                .render(&self.name, &context)
+        let (html, scope) = with_scope(scope, || match &loaded {
+            Some(loaded) => tera::Context::from_value(context)
+                .and_then(|context| loaded.tera.render(&self.name, &context))
                 .map_err(|e| {
                     let report = crate::report(&e);
                     let hint = if !counted && report.contains("stored_messages_count") {
@@ -304,7 +325,7 @@ impl<'r> Responder<'r, 'static> for Page {
                 .ok(),
             // Without `fairing()`, through rocket_dyn_templates (which logs its errors).
             None => {
-                let html = Template::show(request.rocket(), self.name.clone(), context.into_json());
+                let html = Template::show(request.rocket(), self.name.clone(), context);
                 if html.is_none() {
                     log::error!(
                         "stored-messages: page {} did not render, and this app has no \
@@ -329,6 +350,20 @@ impl<'r> Responder<'r, 'static> for Page {
         // Rocket's default 4 KiB chunks (one write each).
         response.set_max_chunk_size(len.max(1));
         Ok(response)
+    }
+}
+
+/// Whether a page may render with its deferred stream's stand-in: it sits at the top of
+/// `context` (not inside another value), and `template` and all it renders only count it.
+/// Without the crate's template fairing, nothing is known of the templates.
+fn stand_in_kept(context: &serde_json::Value, template: &str, loaded: Option<&Loaded>) -> bool {
+    let (Some(loaded), serde_json::Value::Object(map)) = (loaded, context) else {
+        return false;
+    };
+    let mut at_top = map.iter().filter(|(_, v)| stream::is_placeholder(v));
+    match (at_top.next(), at_top.next()) {
+        (Some((name, _)), None) => loaded.uses.only_counts(template, name),
+        _ => false,
     }
 }
 

@@ -938,3 +938,197 @@ mod spill_bounds {
 
     app_tests!(the_anonymous_budget_holds);
 }
+
+mod deferred_stream {
+    //! A page whose templates only count the stream and include its partial is written
+    //! straight from the messages; one that looks inside gets the stream's JSON. Both must
+    //! show exactly the same thing.
+
+    use rocket::http::Cookie;
+    use rocket::local::asynchronous::Client;
+    use rocket::{get, routes};
+    use rocket_dyn_templates::context;
+    use stored_messages::template::Page;
+    use stored_messages::{Level, Messages, NewMessage, StoredMessages, UserId};
+
+    use super::CookieHost;
+
+    /// The stream of `template`: the stored messages of user 1 (kept unread) and three flash
+    /// messages added here (the client is untracked: no flash is left over from before).
+    #[get("/show/<template>")]
+    async fn show(template: &str, messages: Messages<'_>) -> Page {
+        messages
+            .add_with(
+                Level::INFO,
+                "<script>alert('x')</script> & \"q\"",
+                "urgent <b>",
+                None,
+            )
+            .await
+            .unwrap();
+        messages
+            .add_with(Level::WARNING, "a flash link", "", Some("/archive?a=1&b=2"))
+            .await
+            .unwrap();
+        messages
+            .add(Level::ERROR, &"a long flash text & more ".repeat(20))
+            .await
+            .unwrap();
+        let page = if template == "nested" {
+            Page::render(
+                "nested",
+                context! { page: context! { messages: &messages } },
+            )
+        } else if template == "twice" {
+            Page::render("twice", context! { first: &messages, second: &messages })
+        } else {
+            Page::render(template.to_string(), context! { messages: &messages, n: 1 })
+        };
+        messages.set_used(false);
+        page
+    }
+
+    #[get("/login")]
+    fn login(jar: &rocket::http::CookieJar<'_>) -> &'static str {
+        jar.add_private(rocket::http::Cookie::new("uid", "1"));
+        "in"
+    }
+
+    const COUNTED: &str = "{{ messages | length }} {% if messages and n %}some{% endif %}{% if not messages %}none{% endif %}|";
+
+    async fn client(dir: &tempfile::TempDir, level_tags: bool) -> Client {
+        let templates = [
+            // Counts only: the stand-in is kept.
+            ("counts", format!("{COUNTED}{{% include \"stored_messages/messages\" %}}")),
+            (
+                "child",
+                format!("{{% extends \"base\" %}}{{% block body %}}{COUNTED}{{% endblock %}}"),
+            ),
+            ("base", "{% block body %}{% endblock %}{% include \"stored_messages/messages\" %}".into()),
+            // Looks inside: the JSON.
+            (
+                "looks",
+                format!("{COUNTED}{{% include \"stored_messages/messages\" %}}{{% if false %}}{{{{ messages.0.id }}}}{{% endif %}}"),
+            ),
+            (
+                "fields",
+                "{% for m in messages %}[{{ m.message }}|{{ m.tags }}|{{ m.stored }}|{{ m.date_text | length }}]{% endfor %}".into(),
+            ),
+            (
+                "nested",
+                "{{ page.messages | length }} {% if page.messages and 1 %}some{% endif %}|{% set messages = page.messages %}{% include \"stored_messages/messages\" %}".into(),
+            ),
+            (
+                "twice",
+                "{{ first | length }} {{ second | length }}|{% set messages = first %}{% include \"stored_messages/messages\" %}{% set messages = second %}{% include \"stored_messages/messages\" %}".into(),
+            ),
+        ];
+        for (name, source) in templates {
+            std::fs::write(dir.path().join(format!("{name}.html.tera")), source).unwrap();
+        }
+        let database = crate::common::sqlite_url(dir);
+        let mut figment = crate::common::test_figment(&database)
+            .merge(("template_dir", dir.path().display().to_string()));
+        if level_tags {
+            figment = figment.merge((
+                "stored_messages.level_tags",
+                std::collections::BTreeMap::from([("30", "warn&\"x\""), ("40", "")]),
+            ));
+        }
+        let rocket = rocket::custom(figment)
+            .attach(StoredMessages::fairing(CookieHost))
+            .attach(stored_messages::template::fairing())
+            .mount("/", routes![show, login]);
+        Client::untracked(rocket).await.unwrap()
+    }
+
+    async fn get(client: &Client, path: &str, login: &[Cookie<'static>]) -> String {
+        let response = client.get(path).cookies(login.to_vec()).dispatch().await;
+        assert_eq!(response.status(), rocket::http::Status::Ok, "{path}");
+        response.into_string().await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn counting_pages_show_what_pages_that_look_inside_show() {
+        for level_tags in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let client = client(&dir, level_tags).await;
+            let anonymous = get(&client, "/show/counts", &[]).await;
+            assert_eq!(anonymous, get(&client, "/show/looks", &[]).await);
+            assert!(anonymous.starts_with("3 some|"), "{anonymous}");
+
+            let login: Vec<Cookie<'static>> = client
+                .get("/login")
+                .dispatch()
+                .await
+                .cookies()
+                .iter()
+                .map(|c| c.clone().into_owned())
+                .collect();
+            let store = client.rocket().state::<stored_messages::Store>().unwrap();
+            let stored = [
+                NewMessage::parse(
+                    Level::STORED_INFO,
+                    "stored <i>one</i>",
+                    "a b",
+                    Some("https://example.com/\"x\"&y"),
+                    None,
+                ),
+                NewMessage::parse(
+                    Level::STORED_WARNING,
+                    &"a long stored text ".repeat(30),
+                    "",
+                    None,
+                    None,
+                ),
+                NewMessage::parse(
+                    Level::STORED_ERROR,
+                    "stored three",
+                    "",
+                    Some("/inbox"),
+                    None,
+                ),
+            ];
+            for message in stored {
+                store
+                    .add_message_for(&[UserId(1)], message.unwrap())
+                    .await
+                    .unwrap();
+            }
+            let counts = get(&client, "/show/counts", &login).await;
+            assert!(counts.starts_with("6 some|"), "{counts}");
+            assert_eq!(counts.matches("<li class=\"message").count(), 6, "{counts}");
+            assert_eq!(counts.matches("data-id=\"").count(), 3, "{counts}");
+            assert!(counts.contains("&lt;script&gt;"), "{counts}");
+            assert!(!counts.contains("<script>"), "{counts}");
+            assert!(counts.contains("Show more"), "{counts}");
+            if level_tags {
+                assert!(counts.contains("warn&amp;&quot;x&quot;"), "{counts}");
+            }
+            assert_eq!(counts, get(&client, "/show/looks", &login).await);
+            assert_eq!(counts, get(&client, "/show/child", &login).await);
+            let nested = get(&client, "/show/nested", &login).await;
+            assert_eq!(
+                nested.split_once('|').unwrap().1,
+                counts.split_once('|').unwrap().1
+            );
+            let stream = counts.split_once('|').unwrap().1;
+            assert_eq!(
+                get(&client, "/show/twice", &login).await,
+                format!("6 6|{stream}{stream}")
+            );
+            // A template that reads the fields gets them all.
+            let fields = get(&client, "/show/fields", &login).await;
+            assert!(
+                fields.contains("[stored &lt;i&gt;one&lt;&#x2F;i&gt;|a b stored info|true|20]"),
+                "{fields}"
+            );
+            assert_eq!(fields.matches("|false|").count(), 3, "{fields}");
+            assert_eq!(
+                store.backend().inbox_count(UserId(1)).await.unwrap(),
+                3,
+                "the pages kept the stream unread"
+            );
+        }
+    }
+}
