@@ -293,14 +293,14 @@ impl StreamMessage {
 
 /// One message of the stream, serialized exactly like [`StreamMessage`] but straight from
 /// the queued or stored message, without building one first.
-struct StreamView<'a> {
-    id: Option<MessageId>,
-    level: Level,
-    extra_tags: &'a str,
-    message: &'a str,
-    url: Option<&'a str>,
+pub(crate) struct StreamView<'a> {
+    pub(crate) id: Option<MessageId>,
+    pub(crate) level: Level,
+    pub(crate) extra_tags: &'a str,
+    pub(crate) message: &'a str,
+    pub(crate) url: Option<&'a str>,
     date: DateTime<Utc>,
-    tags: &'a LevelTags,
+    pub(crate) tags: &'a LevelTags,
 }
 
 impl<'a> StreamView<'a> {
@@ -353,16 +353,6 @@ impl StreamItem {
     }
 }
 
-/// One message of a [`StreamSnapshot`], as the stream partial writes it.
-pub(crate) struct StreamEntry<'a> {
-    pub(crate) id: Option<MessageId>,
-    pub(crate) level: Level,
-    pub(crate) level_tag: &'a str,
-    pub(crate) extra_tags: &'a str,
-    pub(crate) message: &'a str,
-    pub(crate) url: Option<&'a str>,
-}
-
 impl StreamSnapshot {
     fn of(inner: &Inner, tags: &LevelTags) -> StreamSnapshot {
         let mut items: Vec<StreamItem> = inner
@@ -388,18 +378,13 @@ impl StreamSnapshot {
         self.items.len()
     }
 
-    pub(crate) fn entries(&self) -> impl Iterator<Item = StreamEntry<'_>> {
-        self.items.iter().map(|item| {
-            let view = self.view(item);
-            StreamEntry {
-                id: view.id,
-                level: view.level,
-                level_tag: self.tags.tag(view.level),
-                extra_tags: view.extra_tags,
-                message: view.message,
-                url: view.url,
-            }
-        })
+    pub(crate) fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The messages, in stream order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = StreamView<'_>> {
+        self.items.iter().map(|item| self.view(item))
     }
 
     fn view<'a>(&'a self, item: &'a StreamItem) -> StreamView<'a> {
@@ -413,9 +398,9 @@ impl StreamSnapshot {
 /// The same JSON as the [`Messages`] it was taken from.
 impl Serialize for StreamSnapshot {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut seq = serializer.serialize_seq(Some(self.items.len()))?;
-        for item in &self.items {
-            seq.serialize_element(&self.view(item))?;
+        let mut seq = serializer.serialize_seq(Some(self.len()))?;
+        for view in self.iter() {
+            seq.serialize_element(&view)?;
         }
         seq.end()
     }

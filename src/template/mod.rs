@@ -281,7 +281,7 @@ impl<'r> Responder<'r, 'static> for Page {
         // Keep the stream's stand-in only where every template of the page just counts it.
         let stream = match self.stream {
             // An empty stream's stand-in is its JSON already.
-            Some(stream) if stream.len() == 0 => None,
+            Some(stream) if stream.is_empty() => None,
             Some(stream) if stand_in_kept(&context, &self.name, loaded.as_ref()) => Some(stream),
             Some(stream) => {
                 stream::materialize(&mut context, &stream).map_err(|e| failed(&e))?;

@@ -89,10 +89,10 @@ pub(crate) fn capture<T>(serialize: impl FnOnce() -> T) -> (T, Option<Arc<Stream
         }
     }
     CAPTURE.with(|c| *c.borrow_mut() = Capture::Open);
-    let reset = Reset;
+    // Closed however `serialize` ends, even by a panic.
+    let _reset = Reset;
     let result = serialize();
     let taken = CAPTURE.with(|c| std::mem::replace(&mut *c.borrow_mut(), Capture::Off));
-    drop(reset);
     let stream = match taken {
         Capture::Taken(stream) => Some(stream),
         Capture::Off | Capture::Open => None,
@@ -269,17 +269,18 @@ const STREAM_END: &str = "\n</div>";
 fn render_snapshot(stream: &StreamSnapshot) -> String {
     let mut out = String::with_capacity(64 + 320 * stream.len());
     out.push_str(STREAM_START);
-    if stream.len() > 0 {
+    if !stream.is_empty() {
         out.push_str(LIST_START);
-        for m in stream.entries() {
+        for m in stream.iter() {
             out.push_str(ITEM_START);
             // `tags` is the extra tags and the level tag joined by a space; escaping each
             // part is escaping the whole.
+            let level_tag = m.tags.tag(m.level);
             push_escaped(&mut out, m.extra_tags);
-            if !m.extra_tags.is_empty() && !m.level_tag.is_empty() {
+            if !m.extra_tags.is_empty() && !level_tag.is_empty() {
                 out.push(' ');
             }
-            push_escaped(&mut out, m.level_tag);
+            push_escaped(&mut out, level_tag);
             out.push_str("\" ");
             if let Some(id) = m.id {
                 // Digits: nothing to escape.
