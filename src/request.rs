@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use rocket::http::{Cookie, CookieJar, SameSite, Status};
 use rocket::request::{FromRequest, Outcome};
 use rocket::{Ignite, Request, Rocket, Sentinel};
-use serde::ser::{Serialize, SerializeSeq, Serializer};
+use serde::ser::{Serialize, Serializer};
 use unicode_segmentation::UnicodeSegmentation;
 
 use crate::backend::ListQuery;
@@ -355,21 +355,12 @@ impl StreamItem {
 
 impl StreamSnapshot {
     fn of(inner: &Inner, tags: &LevelTags) -> StreamSnapshot {
-        let mut items: Vec<StreamItem> = inner
-            .flash
-            .iter()
-            .map(|(m, _)| StreamItem::Flash(m.clone()))
-            .chain(
-                inner
-                    .stored
-                    .iter()
-                    .map(|(m, _)| StreamItem::Stored(m.clone())),
-            )
-            .collect();
-        // Stable, as in `Messages`' own serialization.
-        items.sort_by_key(StreamItem::date);
         StreamSnapshot {
-            items,
+            items: inner.in_order(
+                |m| StreamItem::Flash(m.clone()),
+                |m| StreamItem::Stored(m.clone()),
+                StreamItem::date,
+            ),
             tags: tags.clone(),
         }
     }
@@ -398,11 +389,7 @@ impl StreamSnapshot {
 /// The same JSON as the [`Messages`] it was taken from.
 impl Serialize for StreamSnapshot {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut seq = serializer.serialize_seq(Some(self.len()))?;
-        for view in self.iter() {
-            seq.serialize_element(&view)?;
-        }
-        seq.end()
+        serializer.collect_seq(self.iter())
     }
 }
 
@@ -525,6 +512,26 @@ fn looks_only(request: &Request<'_>) -> bool {
 }
 
 impl Inner {
+    /// The stream in its order, each message made into a `T`: flash then stored, each in
+    /// queue order, then sorted by `date`, stably, so equal dates keep that order. Iterating,
+    /// serializing and a page's snapshot all show it so.
+    fn in_order<'a, T>(
+        &'a self,
+        flash: impl FnMut(&'a NewMessage) -> T,
+        stored: impl FnMut(&'a Message) -> T,
+        date: impl FnMut(&T) -> DateTime<Utc>,
+    ) -> Vec<T> {
+        let mut stream: Vec<T> = self
+            .flash
+            .iter()
+            .map(|(m, _)| m)
+            .map(flash)
+            .chain(self.stored.iter().map(|(m, _)| m).map(stored))
+            .collect();
+        stream.sort_by_key(date);
+        stream
+    }
+
     /// Ids of stored messages shown in this request, if the stream counts as used.
     pub(crate) fn shown_stored(&self) -> Vec<MessageId> {
         if !self.used {
@@ -814,21 +821,13 @@ impl<'r> Messages<'r> {
     /// The stream in date order, marking it shown. Each call returns the whole stream.
     pub fn iter(&self) -> std::vec::IntoIter<StreamMessage> {
         let tags = self.store.level_tags();
-        let inner = self.show();
-        let mut stream: Vec<StreamMessage> = inner
-            .flash
-            .iter()
-            .map(|(m, _)| StreamMessage::flash(m, tags))
-            .chain(
-                inner
-                    .stored
-                    .iter()
-                    .map(|(m, _)| StreamMessage::stored(m, tags)),
+        self.show()
+            .in_order(
+                |m| StreamMessage::flash(m, tags),
+                |m| StreamMessage::stored(m, tags),
+                |m| m.date,
             )
-            .collect();
-        // Stable: equal dates keep flash-before-stored and queue order.
-        stream.sort_by_key(|m| m.date);
-        stream.into_iter()
+            .into_iter()
     }
 
     /// Marks the whole stream shown (shown flash messages leave the cookie at once) and
@@ -1095,24 +1094,11 @@ impl Serialize for Messages<'_> {
             drop(inner);
             return crate::template::serialize_placeholder(serializer, len);
         }
-        let mut stream: Vec<StreamView<'_>> = inner
-            .flash
-            .iter()
-            .map(|(m, _)| StreamView::flash(m, tags))
-            .chain(
-                inner
-                    .stored
-                    .iter()
-                    .map(|(m, _)| StreamView::stored(m, tags)),
-            )
-            .collect();
-        // Stable: equal dates keep flash-before-stored and queue order, as `iter` does.
-        stream.sort_by_key(|m| m.date);
-        let mut seq = serializer.serialize_seq(Some(stream.len()))?;
-        for m in &stream {
-            seq.serialize_element(m)?;
-        }
-        seq.end()
+        serializer.collect_seq(inner.in_order(
+            |m| StreamView::flash(m, tags),
+            |m| StreamView::stored(m, tags),
+            |m| m.date,
+        ))
     }
 }
 

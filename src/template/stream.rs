@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use rocket_dyn_templates::tera::{self, Value};
-use serde::ser::{SerializeSeq, Serializer};
+use serde::ser::Serializer;
 
 use super::helpers::page_stream;
 use super::list::{push_escaped, push_message_text};
@@ -130,11 +130,7 @@ pub(crate) fn serialize_placeholder<S: Serializer>(
     serializer: S,
     len: usize,
 ) -> Result<S::Ok, S::Error> {
-    let mut seq = serializer.serialize_seq(Some(len))?;
-    for _ in 0..len {
-        seq.serialize_element(&placeholder_number())?;
-    }
-    seq.end()
+    serializer.collect_seq(std::iter::repeat(placeholder_number()).take(len))
 }
 
 /// Whether `value` is a deferred stream's stand-in. An empty array is not: an empty stream's
