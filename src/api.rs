@@ -240,7 +240,7 @@ fn push_json_opt(out: &mut Vec<u8>, text: Option<&str>) {
 }
 
 /// Appends `m` as an [`ApiMessage`] object: the same fields, written straight from the
-/// stored message into the answer (a page is written on every inbox request).
+/// stored message into the answer (or into an inbox cache entry, which keeps it).
 fn push_message(out: &mut Vec<u8>, m: &Message, tags: &LevelTags) {
     let level_tag = m.level_tag(tags);
     out.extend_from_slice(b"{\"id\":\"");
@@ -279,11 +279,30 @@ impl PageView<'_> {
     fn to_json(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.messages.len() * 320);
         out.extend_from_slice(b"{\"messages\":[");
-        for (i, m) in self.messages.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
+        let kept = match &self.messages {
+            // An entry of the inbox cache keeps its messages' JSON once written.
+            Listed::Shared(window, picked) => window
+                .json(self.tags, |out, m| push_message(out, m, self.tags))
+                .map(|json| (json, picked)),
+            Listed::Owned(_) => None,
+        };
+        match kept {
+            Some((json, picked)) => {
+                for (k, &i) in picked.iter().enumerate() {
+                    if k > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(json.message(i));
+                }
             }
-            push_message(&mut out, m, self.tags);
+            None => {
+                for (i, m) in self.messages.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    push_message(&mut out, m, self.tags);
+                }
+            }
         }
         out.extend_from_slice(b"],\"next_cursor\":");
         push_json_opt(&mut out, self.next_cursor.as_deref());
@@ -1027,6 +1046,53 @@ mod tests {
             })
             .unwrap();
             assert_eq!(String::from_utf8(view.to_json()).unwrap(), expected);
+        }
+    }
+
+    #[test]
+    fn pages_from_a_cache_entry_are_written_as_pages_from_the_backend() {
+        use crate::backend::cache::Window;
+        use crate::level::Level;
+        let message = |id: i64, text: &str, level: Level| Message {
+            id: MessageId(id),
+            level,
+            message: text.to_string(),
+            extra_tags: if id % 2 == 0 {
+                "a \"b\"".into()
+            } else {
+                String::new()
+            },
+            url: (id == 3).then(|| "/x".to_string()),
+            date: chrono::DateTime::from_timestamp_micros(1_764_000_000_000_000 + id).unwrap(),
+        };
+        let messages: Vec<Message> = (1..=5)
+            .map(|id| message(id, &format!("message {id} \u{1} ❤"), Level(70 + id as i32)))
+            .collect();
+        let window = std::sync::Arc::new(Window::new(messages.clone()));
+        let custom = LevelTags::new([(Level(72), "custom".to_string())].into());
+        let default = LevelTags::default();
+        // The first write keeps the JSON; the next ones copy it; a store with other tags
+        // sharing the cache writes its own.
+        for tags in [&custom, &custom, &default, &custom] {
+            for picked in [vec![], vec![0, 1, 2, 3, 4], vec![1, 4], vec![4]] {
+                let view = PageView {
+                    messages: Listed::Shared(window.clone(), picked.clone()),
+                    tags,
+                    next_cursor: None,
+                    next: None,
+                };
+                let owned = PageView {
+                    messages: Listed::all(picked.iter().map(|&i| messages[i].clone()).collect()),
+                    tags,
+                    next_cursor: None,
+                    next: None,
+                };
+                assert_eq!(
+                    String::from_utf8(view.to_json()).unwrap(),
+                    String::from_utf8(owned.to_json()).unwrap(),
+                    "{picked:?}"
+                );
+            }
         }
     }
 

@@ -63,7 +63,8 @@ pub struct Config {
     /// connections. A broadcast's script and cleanup's batches get at least 30 s.
     pub redis_timeout_secs: u64,
     /// Most messages the in-process inbox cache holds (default 100000, a few tens of MB at
-    /// most); 0 turns it off. See [`crate::backend::cache`].
+    /// most; an entry the JSON API reads also keeps its messages' JSON, about as much
+    /// again); 0 turns it off. See [`crate::backend::cache`].
     pub inbox_cache_messages: usize,
     /// SQLite: how often, in milliseconds, the change feed reads the `sm_changes` log for
     /// writes of other processes (default 100), which is how soon subscribers such as live

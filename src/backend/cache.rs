@@ -25,12 +25,14 @@
 //!   a feed (the default for custom backends) is never cached.
 //!
 //! Entries also expire after [`MAX_ENTRY_AGE`], which bounds memory held for users who left.
+//! An entry the JSON API reads keeps its messages' JSON as well, written on the first such
+//! read (see `Window::json`).
 //!
 //! What it deliberately does not cache: archives, pages after a cursor, `inbox_get`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -43,15 +45,84 @@ use crate::changes::{Change, ChangeFeed, LISTED_USERS};
 use crate::error::Result;
 use crate::level::Level;
 use crate::message::MAX_STREAM_STORED;
-use crate::message::{Message, MessageId, NewMessage, UserId};
+use crate::message::{LevelTags, Message, MessageId, NewMessage, UserId};
 
 /// An entry older than this is read again from the backend.
 pub const MAX_ENTRY_AGE: Duration = Duration::from_secs(60);
 /// Generation stripes: users hash onto these, so unrelated writes rarely spoil a fill.
 const STRIPES: usize = 64;
 
+/// The first unread messages of one inbox, as a fill read them, shared by the entry and
+/// every answer picked out of it.
+#[derive(Debug)]
+pub(crate) struct Window {
+    messages: Box<[Message]>,
+    /// Each message as the JSON API writes it, kept by the first API read of the entry
+    /// (writing a message costs more than copying it, and the API reads an entry many
+    /// times). Pages never ask for it, so an entry only they read does not hold it.
+    json: OnceLock<WindowJson>,
+}
+
+/// The JSON of a window's messages, one after the other, and the tags it was written with.
+#[derive(Debug)]
+pub(crate) struct WindowJson {
+    tags: LevelTags,
+    bytes: Box<[u8]>,
+    /// Where each message's JSON ends in `bytes`.
+    ends: Box<[usize]>,
+}
+
+impl Window {
+    pub(crate) fn new(messages: Vec<Message>) -> Window {
+        Window {
+            messages: messages.into(),
+            json: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn messages(&self) -> &[Message] {
+        &self.messages
+    }
+
+    /// The messages' JSON as `write` writes each with `tags`: written by the first caller,
+    /// then kept. `None` when the window already keeps JSON written with other tags (two
+    /// stores with different tags sharing one cache): the caller writes its own.
+    pub(crate) fn json(
+        &self,
+        tags: &LevelTags,
+        write: impl Fn(&mut Vec<u8>, &Message),
+    ) -> Option<&WindowJson> {
+        let json = match self.json.get() {
+            Some(json) => json,
+            None => {
+                let mut bytes = Vec::with_capacity(self.messages.len() * 256);
+                let mut ends = Vec::with_capacity(self.messages.len());
+                for m in self.messages.iter() {
+                    write(&mut bytes, m);
+                    ends.push(bytes.len());
+                }
+                // Another request may have set it meanwhile; theirs is kept.
+                self.json.get_or_init(|| WindowJson {
+                    tags: tags.clone(),
+                    bytes: bytes.into(),
+                    ends: ends.into(),
+                })
+            }
+        };
+        (json.tags == *tags).then_some(json)
+    }
+}
+
+impl WindowJson {
+    /// Message `i`'s JSON.
+    pub(crate) fn message(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.bytes[start..self.ends[i]]
+    }
+}
+
 struct Entry {
-    messages: Arc<[Message]>,
+    window: Arc<Window>,
     /// The user has no unread messages beyond these.
     complete: bool,
     filled: Instant,
@@ -66,7 +137,7 @@ struct Entries {
 }
 
 fn weight(entry: &Entry) -> usize {
-    entry.messages.len() + 1
+    entry.window.messages.len() + 1
 }
 
 /// Messages of one inbox as the cache answers them: picked out of a shared entry, not
@@ -76,7 +147,7 @@ pub(crate) enum Listed {
     /// Read from the backend.
     Owned(Vec<Message>),
     /// Picked out of a cache entry: indices into it, in order.
-    Shared(Arc<[Message]>, Vec<usize>),
+    Shared(Arc<Window>, Vec<usize>),
 }
 
 impl Listed {
@@ -95,7 +166,7 @@ impl Listed {
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Message> {
         let (messages, picked): (&[Message], Option<&[usize]>) = match self {
             Listed::Owned(messages) => (messages, None),
-            Listed::Shared(messages, picked) => (messages, Some(picked)),
+            Listed::Shared(window, picked) => (window.messages(), Some(picked)),
         };
         (0..self.len()).map(move |k| &messages[picked.map_or(k, |picked| picked[k])])
     }
@@ -103,7 +174,7 @@ impl Listed {
     pub(crate) fn last(&self) -> Option<&Message> {
         match self {
             Listed::Owned(messages) => messages.last(),
-            Listed::Shared(messages, picked) => picked.last().map(|&i| &messages[i]),
+            Listed::Shared(window, picked) => picked.last().map(|&i| &window.messages[i]),
         }
     }
 
@@ -119,9 +190,10 @@ impl Listed {
     pub(crate) fn into_vec(self) -> Vec<Message> {
         match self {
             Listed::Owned(messages) => messages,
-            Listed::Shared(messages, picked) => {
-                picked.into_iter().map(|i| messages[i].clone()).collect()
-            }
+            Listed::Shared(window, picked) => picked
+                .into_iter()
+                .map(|i| window.messages[i].clone())
+                .collect(),
         }
     }
 }
@@ -189,16 +261,16 @@ impl InboxCache {
 
     /// The user's entry, unless it aged out. Whether it is still current is the caller's
     /// business (see [`CachedBackend::window`]).
-    fn get(&self, user: UserId) -> Option<(Arc<[Message]>, bool)> {
+    fn get(&self, user: UserId) -> Option<(Arc<Window>, bool)> {
         let entries = self.lock();
         let entry = entries.map.get(&user)?;
-        (entry.filled.elapsed() < MAX_ENTRY_AGE).then(|| (entry.messages.clone(), entry.complete))
+        (entry.filled.elapsed() < MAX_ENTRY_AGE).then(|| (entry.window.clone(), entry.complete))
     }
 
     /// Keeps what a fill read, unless the user's stripe changed since `generation`.
-    fn put(&self, user: UserId, generation: u64, messages: Vec<Message>, complete: bool) {
+    fn put(&self, user: UserId, generation: u64, window: Arc<Window>, complete: bool) {
         let entry = Entry {
-            messages: messages.into(),
+            window,
             complete,
             filled: Instant::now(),
         };
@@ -286,7 +358,7 @@ impl CachedBackend {
     /// The user's first unread messages (at most the window) and whether that is all of
     /// them: from an entry once a sync vouches for it, or by a fill. `None` when the cache
     /// cannot vouch for anything (the feed is down): read the backend.
-    async fn window(&self, user: UserId, since: Instant) -> Result<Option<(Arc<[Message]>, bool)>> {
+    async fn window(&self, user: UserId, since: Instant) -> Result<Option<(Arc<Window>, bool)>> {
         if !self.feed.is_live() {
             return Ok(None);
         }
@@ -308,12 +380,12 @@ impl CachedBackend {
             .await?;
         let complete = messages.len() <= window;
         messages.truncate(window);
-        let shared: Arc<[Message]> = messages.clone().into();
+        let window = Arc::new(Window::new(messages));
         // Kept only while the feed watches: a change it did not see could spoil the entry.
         if self.feed.is_live() {
-            self.cache.put(user, generation, messages, complete);
+            self.cache.put(user, generation, window.clone(), complete);
         }
-        Ok(Some((shared, complete)))
+        Ok(Some((window, complete)))
     }
 
     /// [`MessageBackend::inbox_list`] for a read that must see every write that returned
@@ -349,11 +421,12 @@ impl CachedBackend {
             return Ok(Listed::all(self.inner.inbox_list(user, query).await?));
         }
         let limit = limit.unwrap_or_default();
-        let Some((messages, complete)) = self.window(user, since).await? else {
+        let Some((window, complete)) = self.window(user, since).await? else {
             return Ok(Listed::all(self.inner.inbox_list(user, query).await?));
         };
         let cutoff = self.cutoff();
-        let picked: Vec<usize> = messages
+        let picked: Vec<usize> = window
+            .messages
             .iter()
             .enumerate()
             .filter(|(_, m)| m.date >= cutoff)
@@ -364,7 +437,7 @@ impl CachedBackend {
         if picked.len() < limit && !complete {
             return Ok(Listed::all(self.inner.inbox_list(user, query).await?));
         }
-        Ok(Listed::Shared(messages, picked))
+        Ok(Listed::Shared(window, picked))
     }
 
     /// [`MessageBackend::inbox_count`] as fresh as [`CachedBackend::inbox_list_since`].
@@ -373,9 +446,9 @@ impl CachedBackend {
     ///
     /// As [`MessageBackend::inbox_count`].
     pub async fn inbox_count_since(&self, user: UserId, since: Instant) -> Result<u64> {
-        if let Some((messages, true)) = self.window(user, since).await? {
+        if let Some((window, true)) = self.window(user, since).await? {
             let cutoff = self.cutoff();
-            return Ok(messages.iter().filter(|m| m.date >= cutoff).count() as u64);
+            return Ok(window.messages.iter().filter(|m| m.date >= cutoff).count() as u64);
         }
         self.inner.inbox_count(user).await
     }
@@ -527,7 +600,12 @@ mod tests {
         let cache = cache(10);
         for user in 0..100 {
             let generation = cache.generation(UserId(user));
-            cache.put(UserId(user), generation, Vec::new(), true);
+            cache.put(
+                UserId(user),
+                generation,
+                Arc::new(Window::new(Vec::new())),
+                true,
+            );
             let entries = cache.lock();
             assert!(
                 entries.messages <= 10,
@@ -544,17 +622,32 @@ mod tests {
         let cache = cache(10);
         let generation = cache.generation(UserId(1));
         cache.invalidate_users(&[UserId(1)]);
-        cache.put(UserId(1), generation, Vec::new(), true);
+        cache.put(
+            UserId(1),
+            generation,
+            Arc::new(Window::new(Vec::new())),
+            true,
+        );
         assert!(cache.get(UserId(1)).is_none());
         // another stripe is not spoiled
         let generation = cache.generation(UserId(2));
         cache.invalidate_users(&[UserId(3)]);
-        cache.put(UserId(2), generation, Vec::new(), true);
+        cache.put(
+            UserId(2),
+            generation,
+            Arc::new(Window::new(Vec::new())),
+            true,
+        );
         assert!(cache.get(UserId(2)).is_some());
         // a change for everyone spoils every fill
         let generation = cache.generation(UserId(4));
         cache.apply(&Change::All);
-        cache.put(UserId(4), generation, Vec::new(), true);
+        cache.put(
+            UserId(4),
+            generation,
+            Arc::new(Window::new(Vec::new())),
+            true,
+        );
         assert!(cache.get(UserId(2)).is_none() && cache.get(UserId(4)).is_none());
     }
 }
