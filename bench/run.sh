@@ -10,14 +10,14 @@
 #   Measured at 16 and at 64 connections (BENCH_MANY_CONNECTIONS): wrk's load is a closed
 #   loop, so at 16 no more than 16 requests are in flight to share each sync with the store
 #   (PostgreSQL, Redis), and each pays a larger part of it; at 64, more share it.
-#   BENCH_ROUNDS (3) rounds of baseline, W1many, W2many; medians are reported, and each
+#   BENCH_ROUNDS (5) rounds of baseline, W1many, W2many; medians are reported, and each
 #   ratio is the median of the rounds' own ratios.
 # - W1, W2: the same two requests from one user, the same page over and over (kept to
 #   compare with earlier runs; they flatter anything that remembers identical answers).
 # Everything it creates (temporary databases, a PostgreSQL schema, Redis keys under its own
 # prefix) is removed at the end.
 #
-#   bench/run.sh                 # everything (about 16 minutes on 2 cores after the build)
+#   bench/run.sh                 # everything (about 20 minutes on 2 cores after the build)
 #   BENCH_BACKENDS=sqlite bench/run.sh
 #   BENCH_DURATION=5 bench/run.sh
 #   BENCH_HTTP_ONLY=1 bench/run.sh  # only the HTTP workloads
@@ -37,7 +37,7 @@ redis_url=${REDIS_URL:-redis://127.0.0.1:6379}
 bin="${CARGO_TARGET_DIR:-$repo/target}/release/stored-messages"
 seed="${CARGO_TARGET_DIR:-$repo/target}/release/examples/bench-seed"
 many=${BENCH_USERS:-1000}
-many_rounds=${BENCH_ROUNDS:-3}
+many_rounds=${BENCH_ROUNDS:-5}
 many_connections=${BENCH_MANY_CONNECTIONS:-16,64}
 work=$(mktemp -d)
 schema="sm_bench_http_$$"
