@@ -17,7 +17,7 @@
 # Everything it creates (temporary databases, a PostgreSQL schema, Redis keys under its own
 # prefix) is removed at the end.
 #
-#   bench/run.sh                 # everything (about 20 minutes on 2 cores after the build)
+#   bench/run.sh                 # everything (about 22 minutes on 2 cores after the build)
 #   BENCH_BACKENDS=sqlite bench/run.sh
 #   BENCH_DURATION=5 bench/run.sh
 #   BENCH_HTTP_ONLY=1 bench/run.sh  # only the HTTP workloads
