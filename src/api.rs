@@ -286,22 +286,14 @@ impl PageView<'_> {
                 .map(|json| (json, picked)),
             Listed::Owned(_) => None,
         };
-        match kept {
-            Some((json, picked)) => {
-                for (k, &i) in picked.iter().enumerate() {
-                    if k > 0 {
-                        out.push(b',');
-                    }
-                    out.extend_from_slice(json.message(i));
-                }
+        // `iter` yields the picked messages in order: the k-th is entry `picked[k]`.
+        for (k, m) in self.messages.iter().enumerate() {
+            if k > 0 {
+                out.push(b',');
             }
-            None => {
-                for (i, m) in self.messages.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    push_message(&mut out, m, self.tags);
-                }
+            match kept {
+                Some((json, picked)) => out.extend_from_slice(json.message(picked[k])),
+                None => push_message(&mut out, m, self.tags),
             }
         }
         out.extend_from_slice(b"],\"next_cursor\":");

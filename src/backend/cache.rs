@@ -80,10 +80,6 @@ impl Window {
         }
     }
 
-    pub(crate) fn messages(&self) -> &[Message] {
-        &self.messages
-    }
-
     /// The messages' JSON as `write` writes each with `tags`: written by the first caller,
     /// then kept. `None` when the window already keeps JSON written with other tags (two
     /// stores with different tags sharing one cache): the caller writes its own.
@@ -166,7 +162,7 @@ impl Listed {
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Message> {
         let (messages, picked): (&[Message], Option<&[usize]>) = match self {
             Listed::Owned(messages) => (messages, None),
-            Listed::Shared(window, picked) => (window.messages(), Some(picked)),
+            Listed::Shared(window, picked) => (&window.messages, Some(picked)),
         };
         (0..self.len()).map(move |k| &messages[picked.map_or(k, |picked| picked[k])])
     }
@@ -595,17 +591,16 @@ mod tests {
         InboxCache::new(max_messages, BackendSettings::default().expiry)
     }
 
+    fn empty() -> Arc<Window> {
+        Arc::new(Window::new(Vec::new()))
+    }
+
     #[test]
     fn entries_stay_within_the_bound_even_when_empty() {
         let cache = cache(10);
         for user in 0..100 {
             let generation = cache.generation(UserId(user));
-            cache.put(
-                UserId(user),
-                generation,
-                Arc::new(Window::new(Vec::new())),
-                true,
-            );
+            cache.put(UserId(user), generation, empty(), true);
             let entries = cache.lock();
             assert!(
                 entries.messages <= 10,
@@ -622,32 +617,17 @@ mod tests {
         let cache = cache(10);
         let generation = cache.generation(UserId(1));
         cache.invalidate_users(&[UserId(1)]);
-        cache.put(
-            UserId(1),
-            generation,
-            Arc::new(Window::new(Vec::new())),
-            true,
-        );
+        cache.put(UserId(1), generation, empty(), true);
         assert!(cache.get(UserId(1)).is_none());
         // another stripe is not spoiled
         let generation = cache.generation(UserId(2));
         cache.invalidate_users(&[UserId(3)]);
-        cache.put(
-            UserId(2),
-            generation,
-            Arc::new(Window::new(Vec::new())),
-            true,
-        );
+        cache.put(UserId(2), generation, empty(), true);
         assert!(cache.get(UserId(2)).is_some());
         // a change for everyone spoils every fill
         let generation = cache.generation(UserId(4));
         cache.apply(&Change::All);
-        cache.put(
-            UserId(4),
-            generation,
-            Arc::new(Window::new(Vec::new())),
-            true,
-        );
+        cache.put(UserId(4), generation, empty(), true);
         assert!(cache.get(UserId(2)).is_none() && cache.get(UserId(4)).is_none());
     }
 }
