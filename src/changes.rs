@@ -36,6 +36,28 @@
 //! one after. Under load a sync therefore costs one round trip per batch of requests, not
 //! per request.
 //!
+//! # Recent syncs, and why PostgreSQL and Redis writes wait
+//!
+//! Waiting for a sync costs every cached read a round trip's wait. On PostgreSQL and Redis,
+//! every write that changes inboxes (and every [`ChangeFeed::announce`]) waits instead:
+//! once the store has acknowledged it, the write sleeps [`COMMIT_WAIT`] (2 ms) before it
+//! returns to its caller, in whatever process it runs, since the backend's own code does it.
+//! A read then trusts any sync that came back and began less than [`RECENT_SYNC`] (1.5 ms)
+//! before the read checks, without a round trip of its own: a write that had returned
+//! before the read started was acknowledged at least 2 ms before that, so before the sync
+//! began, and its change was applied. Under load, reads keep such a sync at hand: one that
+//! finds the last sync older than 0.5 ms asks for the next one without waiting for it. A
+//! read that finds no recent sync (an idle process, a slow store) waits for one as above.
+//!
+//! Two clocks are compared only through durations of a few milliseconds, each measured on
+//! its own machine: the writer's sleep on its monotonic clock (which, if anything, runs slow,
+//! so it sleeps longer), the sync's age on Linux's `CLOCK_BOOTTIME`, which keeps counting
+//! while a machine is suspended. Elsewhere reads always wait for a sync of their own.
+//! SQLite needs none of this: its feed catches up without a round trip, so its writers do
+//! not wait. A process that writes to the store with code of its own (not through a
+//! backend of this crate) must announce its changes and wait as well; see
+//! [`ChangeFeed::announce`].
+//!
 //! While the feed is down (no connection, or a sync that did not come back within
 //! [`SYNC_TIMEOUT`]), [`ChangeFeed::sync`] answers `false` at once and [`ChangeFeed::is_live`]
 //! is `false`: callers must then read the store itself. The backend reconnects by itself,
@@ -44,7 +66,7 @@
 //! This module owns the bookkeeping; each backend owns its transport (`watch_changes` in
 //! `backend::sql` and `backend::redis`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -66,6 +88,23 @@ pub const LISTED_USERS: usize = 4096;
 /// How long [`ChangeFeed::sync`] waits for the backend's marker before it gives up, declares
 /// the feed down and has it reconnect.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long every write to a store whose syncs take a round trip (PostgreSQL, Redis) waits,
+/// once the store has acknowledged it, before it returns to its caller. Each process keeps
+/// its syncs recent under load, and a read that starts less than [`RECENT_SYNC`] after a
+/// sync began trusts that sync instead of waiting for a new one: every write that had
+/// returned by then was acknowledged at least `COMMIT_WAIT` earlier, so before the sync
+/// began, so its change was applied (see the module docs).
+pub const COMMIT_WAIT: Duration = Duration::from_millis(2);
+
+/// How recent a sync must have begun for a read to trust it without waiting, where writers
+/// wait [`COMMIT_WAIT`]: a quarter less, a margin far beyond the drift of two clocks over a
+/// few milliseconds.
+pub const RECENT_SYNC: Duration = Duration::from_micros(1500);
+
+/// A sync that began longer ago than this is renewed in the background by the next read
+/// that trusts it, so that reads under load keep finding a recent one.
+const RENEW_SYNC: Duration = Duration::from_micros(500);
 
 /// How many changes a [`ChangeReceiver`] may fall behind before it gets [`Change::All`]
 /// instead of what it missed.
@@ -193,6 +232,8 @@ struct Syncs {
     waiting_since: Option<Instant>,
     /// When the sync out was handed to the backend (at or before it began).
     issued_at: Option<Instant>,
+    /// The same moment on [`boot_clock`].
+    issued_boot: Option<u64>,
 }
 
 /// What sync waiters watch: the last sync done, and an epoch that changes whenever the
@@ -221,6 +262,12 @@ struct Shared {
     /// When a quick check last vouched for everything committed before it, and in which
     /// epoch (see [`ChangeFeed::sync_since`]).
     quick_at: Mutex<Option<(Instant, u64)>>,
+    /// Whether every write to the store waits [`COMMIT_WAIT`] before it returns (see
+    /// [`FeedSink::writers_wait`]).
+    writers_wait: AtomicBool,
+    /// When the last sync that came back was handed to the backend, on [`boot_clock`]; 0
+    /// after a sync failed or the feed fell.
+    recent: AtomicU64,
     changes: broadcast::Sender<Change>,
     /// Counts what the feed reported (changes and state changes), for tests to wait on.
     reports: watch::Sender<u64>,
@@ -250,6 +297,7 @@ impl Shared {
 
     /// Every sync out fails: their markers may never come back.
     fn abandon_syncs(&self) {
+        self.recent.store(0, Ordering::SeqCst);
         let mut syncs = self.syncs();
         syncs.done = syncs.requested;
         syncs.issued = syncs.requested;
@@ -291,6 +339,8 @@ impl ChangeFeed {
             hooks: Mutex::new(Vec::new()),
             quick_check: std::sync::RwLock::new(None),
             quick_at: Mutex::new(None),
+            writers_wait: AtomicBool::new(false),
+            recent: AtomicU64::new(0),
             changes: broadcast::channel(BACKLOG).0,
             reports: watch::channel(0).0,
             stop: watch::channel(()).0,
@@ -405,6 +455,9 @@ impl ChangeFeed {
         if !self.is_live() {
             return false;
         }
+        if self.recent_sync() {
+            return true;
+        }
         let Progress { began, epoch, .. } = *self.shared.progress.borrow();
         let quick = *self
             .shared
@@ -418,6 +471,35 @@ impl ChangeFeed {
             return true;
         }
         self.sync().await
+    }
+
+    /// Whether a sync that came back began less than [`RECENT_SYNC`] ago, on a store whose
+    /// writers wait [`COMMIT_WAIT`]: every write that returned before now was acknowledged
+    /// before that sync began. Asks for a new sync, without waiting for it, once the last
+    /// one is older than [`RENEW_SYNC`].
+    fn recent_sync(&self) -> bool {
+        let shared = &self.shared;
+        if !shared.writers_wait.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Some(now) = boot_clock() else {
+            return false;
+        };
+        let began = shared.recent.load(Ordering::SeqCst);
+        let age = now.saturating_sub(began);
+        // Checked again after reading: going down clears `live` before it clears `recent`.
+        if began == 0 || age >= RECENT_SYNC.as_nanos() as u64 || !self.is_live() {
+            return false;
+        }
+        if age >= RENEW_SYNC.as_nanos() as u64 {
+            let mut syncs = shared.syncs();
+            if syncs.requested == syncs.done {
+                syncs.requested += 1;
+                syncs.waiting_since = Some(Instant::now());
+                shared.wake.notify_one();
+            }
+        }
+        true
     }
 
     /// Ends syncs that waited longer than [`SYNC_TIMEOUT`]: the feed is declared down and
@@ -592,6 +674,15 @@ impl FeedSink {
         }
     }
 
+    /// Declares that every write to this store waits [`COMMIT_WAIT`], once the store has
+    /// acknowledged it, before it returns (in every process: the backend's own code does
+    /// it). Reads may then trust a sync that began less than [`RECENT_SYNC`] ago.
+    pub fn writers_wait(&self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.writers_wait.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// Reports a change (from any process, this one included).
     pub fn changed(&self, change: Change) {
         if let Some(shared) = self.shared.upgrade() {
@@ -621,6 +712,9 @@ impl FeedSink {
         syncs.done = n;
         syncs.waiting_since = None;
         let began = syncs.issued_at.filter(|_| n == syncs.issued);
+        if let Some(boot) = syncs.issued_boot.filter(|_| n == syncs.issued) {
+            shared.recent.store(boot, Ordering::SeqCst);
+        }
         if syncs.again {
             syncs.again = false;
             syncs.requested += 1;
@@ -659,6 +753,7 @@ impl FeedSink {
                 if syncs.requested > syncs.issued && gathered {
                     syncs.issued = syncs.requested;
                     syncs.issued_at = Some(Instant::now());
+                    syncs.issued_boot = boot_clock();
                     return Wanted::Sync(syncs.issued);
                 }
                 gathered = syncs.requested > syncs.issued;
@@ -685,6 +780,29 @@ impl FeedSink {
     }
 }
 
+/// What a write to a store whose writers wait (see [`FeedSink::writers_wait`]) does once the
+/// store has acknowledged it and before it returns: wait [`COMMIT_WAIT`] (or a little more,
+/// never less).
+pub(crate) async fn commit_wait() {
+    rocket::tokio::time::sleep(COMMIT_WAIT).await;
+}
+
+/// Now, in nanoseconds, on a clock that keeps counting while the machine is suspended
+/// (`CLOCK_BOOTTIME`): a sync's age must never be underestimated. `None` where there is no
+/// such clock; reads then wait for a sync of their own.
+fn boot_clock() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+        let nanos = u64::try_from(now.tv_sec).ok()? * 1_000_000_000;
+        Some(nanos + u64::try_from(now.tv_nsec).ok()?)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
 /// Declares the feed down when dropped: held by the feed's task.
 struct Down(FeedSink);
 
@@ -708,6 +826,7 @@ mod tests {
     /// A backend that stores nothing; its feed goes live, then answers syncs as told.
     struct Feedless {
         answer: bool,
+        writers_wait: bool,
         syncs: Arc<std::sync::atomic::AtomicU64>,
     }
 
@@ -767,6 +886,9 @@ mod tests {
     impl WatchChanges for Feedless {
         async fn watch_changes(&self, sink: FeedSink) -> Result<()> {
             loop {
+                if self.writers_wait {
+                    sink.writers_wait();
+                }
                 sink.live();
                 loop {
                     tokio::select! {
@@ -789,12 +911,67 @@ mod tests {
     }
 
     fn feed(answer: bool) -> (ChangeFeed, Arc<std::sync::atomic::AtomicU64>) {
+        feed_of(answer, false)
+    }
+
+    fn feed_of(
+        answer: bool,
+        writers_wait: bool,
+    ) -> (ChangeFeed, Arc<std::sync::atomic::AtomicU64>) {
         let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let backend = Feedless {
             answer,
+            writers_wait,
             syncs: syncs.clone(),
         };
         (ChangeFeed::new(Arc::new(backend)), syncs)
+    }
+
+    /// Whether a read starting right after a sync came back was answered without a sync
+    /// of its own, in `tries` attempts.
+    async fn reads_trusting_the_last_sync(
+        feed: &ChangeFeed,
+        syncs: &AtomicU64,
+        tries: usize,
+    ) -> usize {
+        let mut trusted = 0;
+        for _ in 0..tries {
+            assert!(feed.sync().await);
+            let before = syncs.load(Ordering::SeqCst);
+            assert!(feed.sync_since(Instant::now()).await);
+            if syncs.load(Ordering::SeqCst) == before {
+                trusted += 1;
+            }
+        }
+        trusted
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_trusts_a_recent_sync_only_where_writers_wait() {
+        // Writers that do not wait: every read that starts after a sync began needs one of
+        // its own.
+        let (feed, syncs) = feed_of(true, false);
+        feed.start();
+        feed.wait_live().await;
+        assert_eq!(reads_trusting_the_last_sync(&feed, &syncs, 20).await, 0);
+
+        // Writers that wait: a sync that began moments ago will do (timing-tolerant: a
+        // machine that stalls past RECENT_SYNC just makes that read sync again).
+        let (feed, syncs) = feed_of(true, true);
+        feed.start();
+        feed.wait_live().await;
+        assert!(reads_trusting_the_last_sync(&feed, &syncs, 100).await > 0);
+        // ... but never one that began RECENT_SYNC ago or more.
+        for _ in 0..5 {
+            assert!(feed.sync().await);
+            tokio::time::sleep(RECENT_SYNC + Duration::from_millis(1)).await;
+            let before = syncs.load(Ordering::SeqCst);
+            assert!(feed.sync_since(Instant::now()).await);
+            assert!(
+                syncs.load(Ordering::SeqCst) > before,
+                "an old sync was trusted"
+            );
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -164,6 +164,11 @@
 //!   round trip to the store; on SQLite often none). One sync serves every request waiting
 //!   at that moment, so under load it costs a
 //!   round trip per batch of requests, not per request;
+//! - on PostgreSQL and Redis, every write that changes inboxes waits
+//!   [`changes::COMMIT_WAIT`] (2 ms) once the store acknowledged it, before it returns; a
+//!   request then trusts a sync that began less than [`changes::RECENT_SYNC`] before it
+//!   instead of waiting for its own, and a busy process keeps such a sync at hand (see
+//!   [`changes`]);
 //! - while a feed is down (database restart, killed listener, Redis restart) the cache is
 //!   bypassed, never trusted: requests read the store (and get 503 if the store itself is
 //!   down). The feed reconnects by itself and starts again with an empty cache.

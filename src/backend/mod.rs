@@ -324,6 +324,11 @@ pub trait WatchChanges: Send + Sync {
     /// [`FeedSink::sync_failed`]; for [`Wanted::Reconnect`] it drops its connection and
     /// starts over.
     ///
+    /// A backend whose every write that changes inboxes (and every [`WatchChanges::announce`])
+    /// waits [`crate::changes::COMMIT_WAIT`] once the store acknowledged it, in every
+    /// process, may call [`FeedSink::writers_wait`]: reads then trust a recent sync instead of
+    /// waiting for one. A backend that does not wait must not call it.
+    ///
     /// # Errors
     ///
     /// When the feed cannot start at all; it then stays down.
@@ -332,7 +337,8 @@ pub trait WatchChanges: Send + Sync {
     /// Reports `change` on every process's feed, as if a write of the backend had made it:
     /// for state a host keeps beside the store (its sessions, say) that caches built on the
     /// feed must drop. The change is out once this returns: a [`crate::ChangeFeed::sync`]
-    /// that begins afterwards, in any process, returns only after its hooks saw it.
+    /// that begins afterwards, in any process, returns only after its hooks saw it. A
+    /// backend that declared [`FeedSink::writers_wait`] waits here as its writes do.
     ///
     /// # Errors
     ///

@@ -124,7 +124,9 @@ conformance!(
     message_delete_removes_it_everywhere,
     inbox_cache_answers_exactly_like_the_backend,
     inbox_cache_sees_writes_of_another_process,
+    a_busy_inbox_cache_sees_writes_of_another_process,
     change_feed_reports_writes_of_every_process,
+    writes_that_change_inboxes_wait_where_reads_trust_recent_syncs,
     a_write_to_hundreds_of_users_is_announced_by_naming_them,
     a_broadcast_to_many_consecutive_users_behaves_per_user,
     expired_broadcasts_leave_every_inbox_once,
@@ -1191,6 +1193,117 @@ async fn inbox_cache_sees_writes_of_another_process(t: &TestStore) {
         assert_eq!(other.mark_all_read(ALICE).await.unwrap(), 1);
         assert_eq!(t.backend().inbox_count(ALICE).await.unwrap(), 0);
     }
+}
+
+/// On PostgreSQL and Redis, a read trusts a sync that began less than `RECENT_SYNC` ago, so
+/// every write that changes inboxes must take at least `COMMIT_WAIT` (see
+/// `stored_messages::changes`). SQLite's reads need no round trip, and its writes no wait.
+async fn writes_that_change_inboxes_wait_where_reads_trust_recent_syncs(t: &TestStore) {
+    use std::time::Instant;
+    use stored_messages::changes::{COMMIT_WAIT, RECENT_SYNC};
+    assert!(RECENT_SYNC < COMMIT_WAIT);
+    if t.backend().name() == "sqlite" {
+        return;
+    }
+    let backend = t.backend();
+    let mut waited = Vec::new();
+    let mut time = |what: &'static str, started: Instant| waited.push((what, started.elapsed()));
+
+    let started = Instant::now();
+    let a = t
+        .store
+        .add_message_for(&[ALICE, BOB], stored("a"))
+        .await
+        .unwrap()
+        .message;
+    time("deliver", started);
+    let started = Instant::now();
+    assert!(t.store.mark_read(ALICE, a.id).await.unwrap());
+    time("inbox_delete_many", started);
+    let started = Instant::now();
+    assert_eq!(backend.inbox_store(&[ALICE], &a).await.unwrap(), 1);
+    time("inbox_store", started);
+    let started = Instant::now();
+    assert_eq!(backend.deliver_once(&[CAROL], &a).await.unwrap(), 1);
+    time("deliver_once", started);
+    let started = Instant::now();
+    assert_eq!(t.store.mark_all_read(ALICE).await.unwrap(), 1);
+    time("inbox_purge", started);
+    let started = Instant::now();
+    t.store
+        .changes()
+        .announce(&stored_messages::Change::users(&[ALICE]))
+        .await
+        .unwrap();
+    time("announce", started);
+    let started = Instant::now();
+    backend.admin().unwrap().message_delete(a.id).await.unwrap();
+    time("message_delete", started);
+    let started = Instant::now();
+    backend.expired_messages_cleanup(Utc::now()).await.unwrap();
+    time("expired_messages_cleanup", started);
+    let started = Instant::now();
+    backend.flush().await.unwrap();
+    time("flush", started);
+    for (what, took) in waited {
+        assert!(took >= COMMIT_WAIT, "{what} returned after {took:?}");
+    }
+}
+
+/// As above, while other reads keep the cache busy: on PostgreSQL and Redis its syncs are
+/// then always recent, and each read trusts one instead of making its own (see
+/// `stored_messages::changes`). Without the writers' wait, a write returning just before a
+/// read would not be heard yet.
+async fn a_busy_inbox_cache_sees_writes_of_another_process(t: &TestStore) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let other = t.reconfigured(Config::default()).await;
+    cache_live(&t.store).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let (store, stop, reads) = (t.store.clone(), Arc::clone(&stop), Arc::clone(&reads));
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    store
+                        .backend()
+                        .inbox_list(BOB, ListQuery::first(10))
+                        .await
+                        .unwrap();
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    // A read the cache answers may never wait: let the test's own task run.
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    let first = || async {
+        let messages = t
+            .backend()
+            .inbox_list(ALICE, ListQuery::first(10))
+            .await
+            .unwrap();
+        texts(&messages).join(",")
+    };
+    for round in 0..200 {
+        // the entry is cached now
+        assert_eq!(first().await, "", "round {round}");
+        other
+            .add_message_for(&[ALICE], stored("from elsewhere"))
+            .await
+            .unwrap();
+        assert_eq!(first().await, "from elsewhere", "round {round}: stale read");
+        assert_eq!(other.mark_all_read(ALICE).await.unwrap(), 1);
+        let count = t.backend().inbox_count(ALICE).await.unwrap();
+        assert_eq!(count, 0, "round {round}: stale count");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in busy {
+        task.await.unwrap();
+    }
+    let reads = reads.load(Ordering::Relaxed);
+    assert!(reads > 400, "only {reads} reads kept the cache busy");
 }
 
 async fn change_feed_reports_writes_of_every_process(t: &TestStore) {

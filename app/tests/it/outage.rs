@@ -159,8 +159,10 @@ async fn freeze_heal_and_reset(proxy: &Proxy, b: &crate::common::Browser) {
     for _ in 0..3 {
         assert_eq!(count(b).await, Some(Status::Ok));
     }
-    // Frozen: every open connection stops answering. 503, not a hang.
+    // Frozen: every open connection stops answering. 503, not a hang, once no sync is
+    // recent enough to vouch for the cache (until then, answering from it is correct).
     proxy.freeze();
+    rocket::tokio::time::sleep(stored_messages::changes::RECENT_SYNC * 2).await;
     assert_eq!(count(b).await, Some(Status::ServiceUnavailable));
     // New connections flow again while the old ones stay frozen: the app recovers by itself.
     let mut healed = false;

@@ -551,6 +551,7 @@ process_tests!(
     a_broadcast_whose_instance_is_killed_is_finished_by_another,
     a_cli_send_is_seen_by_the_next_request,
     a_write_through_one_server_is_seen_by_the_next_request_to_another,
+    writes_are_seen_by_a_server_kept_busy,
     writes_stay_visible_while_the_change_feed_is_killed,
     periodic_cleanup_runs_on_one_instance_per_interval,
     an_ended_session_is_refused_by_the_next_request_everywhere,
@@ -626,6 +627,53 @@ async fn a_write_through_one_server_is_seen_by_the_next_request_to_another(share
     shared.wait_feeds(&[&one, &two]).await;
     write_here_read_there(&alice, &one, &two, 100, None).await;
     write_here_read_there(&alice, &two, &one, 100, None).await;
+}
+
+/// Under load a server trusts a sync that began moments ago instead of waiting for its own
+/// (PostgreSQL and Redis writers wait for that: see `stored_messages::changes`). Another
+/// user's reads keep the reader busy, so its syncs are always recent, while writes through
+/// the other server and the CLI are read back at once.
+async fn writes_are_seen_by_a_server_kept_busy(shared: &Shared) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    shared.cli(&["createuser", "alice"], &format!("{PASSWORD}\n"));
+    shared.cli(&["createuser", "bob"], &format!("{PASSWORD}\n"));
+    let one = shared.serve(&format!("sm_one_{}", random_id())).await;
+    let two = shared.serve(&format!("sm_two_{}", random_id())).await;
+    let alice = Browser::login(&one, "alice", PASSWORD).await;
+    let bob = Browser::login(&two, "bob", PASSWORD).await;
+    shared.wait_feeds(&[&one, &two]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let busy: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, reads) = (Arc::clone(&stop), Arc::clone(&reads));
+            let (address, cookie) = (two.address.clone(), bob.cookie.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let answer = get(&address, "/messages/inbox", &cookie).await.unwrap();
+                    assert_eq!(answer.status, 200, "{}", answer.body);
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    write_here_read_there(&alice, &one, &two, 100, None).await;
+    for round in 0..20 {
+        let text = format!("sent {round}");
+        let out = shared.cli(&["send", "--to", "alice", &text], "");
+        assert!(out.starts_with("sent message "), "{out}");
+        assert_eq!(alice.inbox(&two).await, [text], "round {round}: stale read");
+        assert_eq!(alice.mark_all_read(&one).await, 1, "round {round}");
+        assert_eq!(alice.count(&two).await, 0, "round {round}: stale count");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in busy {
+        task.await.unwrap();
+    }
+    // the reader was busy all along: bob read more often than alice
+    let reads = reads.load(Ordering::Relaxed);
+    assert!(reads > 240, "only {reads} reads kept the reader busy");
 }
 
 async fn writes_stay_visible_while_the_change_feed_is_killed(shared: &Shared) {

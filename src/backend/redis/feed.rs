@@ -47,6 +47,8 @@ pub(super) async fn watch(client: &Client, channel: &str, sink: &FeedSink) {
             }
         };
         let (mut commands, mut messages) = pubsub.split();
+        // Every write that publishes waits COMMIT_WAIT after Redis answered it.
+        sink.writers_wait();
         sink.live();
         loop {
             rocket::tokio::select! {

@@ -21,7 +21,9 @@
 //!
 //! Every script that changes inboxes also publishes, on the channel `P changes`, the ids of
 //! the users whose inbox changed (comma separated, or `*` for many or unknown); the inbox
-//! caches of every process subscribe to it (see [`super::cache`]).
+//! caches of every process subscribe to it (see [`super::cache`]). Once Redis has answered
+//! such a write, the backend waits [`crate::changes::COMMIT_WAIT`] before it returns, so
+//! that reads may trust a recent sync (see [`crate::changes`]).
 //!
 //! A message is stored **once**, in its hash, however many users receive it; the sorted sets
 //! hold only its *member*. Every member has score 0, so Redis orders a set by the member's
@@ -102,6 +104,7 @@ use super::{
     unique_users, BackendError, Cleanup, FeedSink, FlashSpill, ListQuery, MessageAdmin,
     MessageBackend, MessageStats, Settings, WatchChanges,
 };
+use crate::changes::commit_wait;
 use crate::error::{Error, Result};
 use crate::level::Level;
 use crate::message::{Message, MessageId, NewMessage, UserId};
@@ -247,7 +250,9 @@ impl RedisBackend {
             .arg("*")
             .query_async::<()>(&mut connection)
             .await
-            .map_err(redis_error)
+            .map_err(redis_error)?;
+        commit_wait().await;
+        Ok(())
     }
 
     /// The connection, for commands of the host's own.
@@ -330,6 +335,9 @@ impl RedisBackend {
             .invoke_async(&mut connection)
             .await
             .map_err(redis_error)?;
+        if mode != "archive" {
+            commit_wait().await;
+        }
         u64::try_from(gained).map_err(|_| Error::MessageDoesNotExist(message.id))
     }
 
@@ -469,6 +477,7 @@ impl MessageBackend for RedisBackend {
             .invoke_async::<()>(&mut connection)
             .await
             .map_err(redis_error)?;
+        commit_wait().await;
         Ok(message.clone().into_message(id))
     }
 
@@ -526,6 +535,9 @@ impl MessageBackend for RedisBackend {
             .invoke_async(&mut connection)
             .await
             .map_err(redis_error)?;
+        if !removed.is_empty() {
+            commit_wait().await;
+        }
         Ok(removed.into_iter().map(MessageId).collect())
     }
 
@@ -535,7 +547,7 @@ impl MessageBackend for RedisBackend {
         // cleanup, as in the SQL backend.
         let floor = format!("[{}", self.inbox_floor());
         let mut connection = self.command();
-        scripts()
+        let taken: u64 = scripts()
             .take
             .key(self.keys.inbox(user))
             .arg(&self.keys.prefix)
@@ -545,7 +557,9 @@ impl MessageBackend for RedisBackend {
             .arg("+")
             .invoke_async(&mut connection)
             .await
-            .map_err(redis_error)
+            .map_err(redis_error)?;
+        commit_wait().await;
+        Ok(taken)
     }
 
     async fn archive_list(&self, user: UserId, query: ListQuery) -> Result<Vec<Message>> {
@@ -813,6 +827,7 @@ impl MessageAdmin for RedisBackend {
         pipe.query_async::<()>(&mut connection)
             .await
             .map_err(redis_error)?;
+        commit_wait().await;
         Ok(archived)
     }
 }
@@ -871,7 +886,9 @@ impl WatchChanges for RedisBackend {
         let mut connection = self.command();
         pipe.query_async::<()>(&mut connection)
             .await
-            .map_err(redis_error)
+            .map_err(redis_error)?;
+        commit_wait().await;
+        Ok(())
     }
 }
 

@@ -582,11 +582,25 @@ impl SqlBackend {
             tx.commit().await.map_err(sql_error)?;
             done
         });
+        if in_inbox {
+            self.settle().await;
+        }
         Ok(done)
     }
 
     fn inbox_cutoff(&self) -> i64 {
         micros(self.settings.expiry.inbox_cutoff(Utc::now()))
+    }
+
+    /// Ends a write that announced a change: on PostgreSQL, it waits
+    /// [`crate::changes::COMMIT_WAIT`] before it returns, so that every process's reads
+    /// can trust their recent syncs (see [`crate::changes`]). SQLite's readers need no round
+    /// trip to catch up, so its writers do not wait.
+    async fn settle(&self) {
+        #[cfg(feature = "postgres")]
+        if matches!(self.pool, SqlPool::Postgres(_)) {
+            crate::changes::commit_wait().await;
+        }
     }
 }
 
@@ -673,6 +687,7 @@ impl MessageBackend for SqlBackend {
                 sqlite::deliver(pool, message, &users, &singles, &runs).await?
             }
         };
+        self.settle().await;
         Ok(message.clone().into_message(MessageId(id)))
     }
 
@@ -824,6 +839,9 @@ impl MessageBackend for SqlBackend {
             tx.commit().await.map_err(sql_error)?;
             deleted
         });
+        if !deleted.is_empty() {
+            self.settle().await;
+        }
         Ok(deleted.into_iter().map(MessageId).collect())
     }
 
@@ -861,6 +879,7 @@ impl MessageBackend for SqlBackend {
                 .fetch_one(pool)
                 .await
                 .map_err(sql_error)?;
+            self.settle().await;
             return Ok(done.max(0) as u64);
         }
         let done = with_pool!(&self.pool, pool => {
@@ -987,6 +1006,7 @@ impl MessageBackend for SqlBackend {
             tx.commit().await.map_err(sql_error)?;
             Cleanup { inbox_entries, messages }
         });
+        self.settle().await;
         Ok(cleanup)
     }
 
@@ -1000,6 +1020,7 @@ impl MessageBackend for SqlBackend {
             announce!(pool, tx, Change::All.to_payloads());
             tx.commit().await.map_err(sql_error)?;
         });
+        self.settle().await;
         Ok(())
     }
 
@@ -1113,6 +1134,9 @@ impl MessageBackend for SqlBackend {
             tx.commit().await.map_err(sql_error)?;
             added
         });
+        if added > 0 {
+            self.settle().await;
+        }
         Ok(added.max(0) as u64)
     }
 
@@ -1220,6 +1244,9 @@ impl MessageAdmin for SqlBackend {
             tx.commit().await.map_err(sql_error)?;
             (deliveries, messages)
         });
+        if deliveries > 0 {
+            self.settle().await;
+        }
         if messages == 0 {
             return Err(Error::MessageDoesNotExist(id));
         }
@@ -1284,6 +1311,7 @@ impl WatchChanges for SqlBackend {
                 .await
                 .map_err(sql_error)?;
         });
+        self.settle().await;
         Ok(())
     }
 }

@@ -233,6 +233,8 @@ pub(super) async fn watch(pool: &PgPool, sink: &FeedSink) {
         // queue for every session).
         let mut drain = rocket::tokio::time::interval(SYNC_DRAIN);
         drain.set_missed_tick_behavior(rocket::tokio::time::MissedTickBehavior::Delay);
+        // Every write that notifies waits COMMIT_WAIT after its commit (SqlBackend::settle).
+        sink.writers_wait();
         sink.live();
         loop {
             let sync = rocket::tokio::select! {
