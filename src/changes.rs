@@ -234,6 +234,9 @@ struct Syncs {
     issued_at: Option<Instant>,
     /// The same moment on [`boot_clock`].
     issued_boot: Option<u64>,
+    /// The sync asked for renews a recent one, and nobody waits for it: it begins at once,
+    /// without letting other requests join first.
+    renewal: bool,
 }
 
 /// What sync waiters watch: the last sync done, and an epoch that changes whenever the
@@ -302,6 +305,7 @@ impl Shared {
         syncs.done = syncs.requested;
         syncs.issued = syncs.requested;
         syncs.again = false;
+        syncs.renewal = false;
         syncs.waiting_since = None;
         self.progress.send_modify(|p| {
             p.done = syncs.done;
@@ -495,6 +499,7 @@ impl ChangeFeed {
             let mut syncs = shared.syncs();
             if syncs.requested == syncs.done {
                 syncs.requested += 1;
+                syncs.renewal = true;
                 syncs.waiting_since = Some(Instant::now());
                 shared.wake.notify_one();
             }
@@ -750,7 +755,8 @@ impl FeedSink {
                     syncs.reconnect = false;
                     return Wanted::Reconnect;
                 }
-                if syncs.requested > syncs.issued && gathered {
+                if syncs.requested > syncs.issued && (gathered || syncs.renewal) {
+                    syncs.renewal = false;
                     syncs.issued = syncs.requested;
                     syncs.issued_at = Some(Instant::now());
                     syncs.issued_boot = boot_clock();
