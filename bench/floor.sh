@@ -2,10 +2,11 @@
 # What the consistency guarantee costs W2many on PostgreSQL, measured against two experiment
 # builds that break it (README, "What the guarantee costs"):
 #
-# - shipped: this checkout as it is; every sync asks PostgreSQL (one round trip per batch of
-#   requests);
+# - shipped: this checkout as it is; a read trusts a sync that began less than 1.5 ms before
+#   it (writes wait 2 ms for that), or waits for one, which asks PostgreSQL (one round trip
+#   per batch of requests);
 # - instant: each sync is answered at once by the feed's task, without asking PostgreSQL:
-#   requests still wait for the sync, for nothing;
+#   requests that find no recent sync still wait for one, for nothing;
 # - nowait: cached reads are trusted without any sync, as before the guarantee (stale
 #   answers possible).
 #
