@@ -239,6 +239,18 @@ struct Syncs {
     renewal: bool,
 }
 
+impl Syncs {
+    /// Asks for the next sync and wakes the feed's task; `renewal` when nobody waits for it.
+    /// Returns the sync's number.
+    fn ask(&mut self, wake: &Notify, renewal: bool) -> u64 {
+        self.requested += 1;
+        self.renewal = renewal;
+        self.waiting_since = Some(Instant::now());
+        wake.notify_one();
+        self.requested
+    }
+}
+
 /// What sync waiters watch: the last sync done, and an epoch that changes whenever the
 /// syncs out can no longer come back (the feed went down).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -429,10 +441,7 @@ impl ChangeFeed {
                 // Asked for and not begun yet: it begins after this call, so it will do.
                 syncs.requested
             } else if syncs.requested == syncs.done {
-                syncs.requested += 1;
-                syncs.waiting_since = Some(Instant::now());
-                shared.wake.notify_one();
-                syncs.requested
+                syncs.ask(&shared.wake, false)
             } else {
                 // The sync out began before this call: wait for the next one.
                 syncs.again = true;
@@ -498,10 +507,7 @@ impl ChangeFeed {
         if age >= RENEW_SYNC.as_nanos() as u64 {
             let mut syncs = shared.syncs();
             if syncs.requested == syncs.done {
-                syncs.requested += 1;
-                syncs.renewal = true;
-                syncs.waiting_since = Some(Instant::now());
-                shared.wake.notify_one();
+                syncs.ask(&shared.wake, true);
             }
         }
         true
@@ -722,9 +728,7 @@ impl FeedSink {
         }
         if syncs.again {
             syncs.again = false;
-            syncs.requested += 1;
-            syncs.waiting_since = Some(Instant::now());
-            shared.wake.notify_one();
+            syncs.ask(&shared.wake, false);
         }
         shared.progress.send_modify(|p| {
             p.done = n;
@@ -833,7 +837,7 @@ mod tests {
     struct Feedless {
         answer: bool,
         writers_wait: bool,
-        syncs: Arc<std::sync::atomic::AtomicU64>,
+        syncs: Arc<AtomicU64>,
     }
 
     #[rocket::async_trait]
@@ -916,15 +920,12 @@ mod tests {
         }
     }
 
-    fn feed(answer: bool) -> (ChangeFeed, Arc<std::sync::atomic::AtomicU64>) {
+    fn feed(answer: bool) -> (ChangeFeed, Arc<AtomicU64>) {
         feed_of(answer, false)
     }
 
-    fn feed_of(
-        answer: bool,
-        writers_wait: bool,
-    ) -> (ChangeFeed, Arc<std::sync::atomic::AtomicU64>) {
-        let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    fn feed_of(answer: bool, writers_wait: bool) -> (ChangeFeed, Arc<AtomicU64>) {
+        let syncs = Arc::new(AtomicU64::new(0));
         let backend = Feedless {
             answer,
             writers_wait,
