@@ -40,11 +40,13 @@
 //!
 //! Waiting for a sync costs every cached read a round trip's wait. On PostgreSQL and Redis,
 //! every write that changes inboxes (and every [`ChangeFeed::announce`]) waits instead:
-//! once the store has acknowledged it, the write sleeps [`COMMIT_WAIT`] (2 ms) before it
+//! once the store has acknowledged it, the write sleeps [`COMMIT_WAIT`] (1.6 ms) before it
 //! returns to its caller, in whatever process it runs, since the backend's own code does it.
-//! A read then trusts any sync that came back and began less than [`RECENT_SYNC`] (1.5 ms)
-//! before the read checks, without a round trip of its own: a write that had returned
-//! before the read started was acknowledged at least 2 ms before that, so before the sync
+//! (A thread of this module's own times that sleep: tokio's timer fires on whole
+//! milliseconds and would make it a millisecond longer on average.) A read then trusts any
+//! sync that came back and began less than [`RECENT_SYNC`] (1.5 ms) before the read
+//! checks, without a round trip of its own: a write that had returned
+//! before the read started was acknowledged at least 1.6 ms before that, so before the sync
 //! began, and its change was applied. Under load, reads keep such a sync at hand: one that
 //! finds the last sync older than 0.5 ms asks for the next one without waiting for it. A
 //! read that finds no recent sync (an idle process, a slow store) waits for one as above.
@@ -66,11 +68,12 @@
 //! This module owns the bookkeeping; each backend owns its transport (`watch_changes` in
 //! `backend::sql` and `backend::redis`).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use rocket::tokio::sync::{broadcast, watch, Notify};
+use rocket::tokio::sync::{broadcast, oneshot, watch, Notify};
 
 use crate::backend::MessageBackend;
 use crate::message::UserId;
@@ -95,11 +98,12 @@ pub const SYNC_TIMEOUT: Duration = Duration::from_secs(1);
 /// sync began trusts that sync instead of waiting for a new one: every write that had
 /// returned by then was acknowledged at least `COMMIT_WAIT` earlier, so before the sync
 /// began, so its change was applied (see the module docs).
-pub const COMMIT_WAIT: Duration = Duration::from_millis(2);
+pub const COMMIT_WAIT: Duration = Duration::from_micros(1600);
 
 /// How recent a sync must have begun for a read to trust it without waiting, where writers
-/// wait [`COMMIT_WAIT`]: a quarter less, a margin far beyond the drift of two clocks over a
-/// few milliseconds.
+/// wait [`COMMIT_WAIT`]. `COMMIT_WAIT` need only be as long; the 0.1 ms more is a margin a
+/// hundred times the drift of two machines' clocks over those 1.6 ms (both measure in
+/// SI seconds, corrected to within 500 parts per million).
 pub const RECENT_SYNC: Duration = Duration::from_micros(1500);
 
 /// A sync that began longer ago than this is renewed in the background by the next read
@@ -793,8 +797,89 @@ impl FeedSink {
 /// What a write to a store whose writers wait (see [`FeedSink::writers_wait`]) does once the
 /// store has acknowledged it and before it returns: wait [`COMMIT_WAIT`] (or a little more,
 /// never less).
+///
+/// Tokio's timer fires on whole milliseconds, up to one late, which would add a millisecond
+/// to every write on average; the [`CommitClock`]'s thread ends the wait on time.
 pub(crate) async fn commit_wait() {
-    rocket::tokio::time::sleep(COMMIT_WAIT).await;
+    let (until, done) = COMMIT_CLOCK.wait();
+    // `None`: the thread could not be started; an error: it is gone. Either way tokio's
+    // timer finishes the wait, and it never ends one early.
+    if let Some(done) = done {
+        let _ = done.await;
+    }
+    if Instant::now() < until {
+        rocket::tokio::time::sleep_until(until.into()).await;
+    }
+}
+
+/// Ends the writers' [`COMMIT_WAIT`]s, from a thread of its own that sleeps until the first
+/// deadline (the kernel's timers are precise to tens of microseconds). Every wait has the
+/// same length and is queued under the lock, so the queue is in the order of its deadlines.
+struct CommitClock {
+    /// Deadlines and the writers waiting for them, earliest first.
+    queue: Mutex<VecDeque<(Instant, oneshot::Sender<()>)>>,
+    /// Wakes the thread when a wait is queued while it sleeps with nothing to do.
+    queued: Condvar,
+}
+
+/// The process's one [`CommitClock`]; its thread starts on the first wait.
+static COMMIT_CLOCK: CommitClock = CommitClock {
+    queue: Mutex::new(VecDeque::new()),
+    queued: Condvar::new(),
+};
+
+impl CommitClock {
+    /// Queues a wait that ends [`COMMIT_WAIT`] from now: its deadline, and what resolves
+    /// then (`None` when the thread could not be started).
+    fn wait(&'static self) -> (Instant, Option<oneshot::Receiver<()>>) {
+        static STARTED: OnceLock<bool> = OnceLock::new();
+        let started = *STARTED.get_or_init(|| {
+            let thread = std::thread::Builder::new()
+                .name("sm-commit-wait".into())
+                .spawn(|| self.run());
+            if let Err(e) = &thread {
+                log::warn!("stored-messages: no thread to time writes ({e}); tokio's timer will");
+            }
+            thread.is_ok()
+        });
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let until = Instant::now() + COMMIT_WAIT;
+        if !started {
+            return (until, None);
+        }
+        let (done, waited) = oneshot::channel();
+        if queue.is_empty() {
+            self.queued.notify_one();
+        }
+        queue.push_back((until, done));
+        (until, Some(waited))
+    }
+
+    /// The thread: ends each wait once its deadline passed, sleeps until the next one.
+    fn run(&self) {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let now = Instant::now();
+            while queue.front().is_some_and(|&(until, _)| until <= now) {
+                if let Some((_, done)) = queue.pop_front() {
+                    // The writer may have been cancelled meanwhile.
+                    let _ = done.send(());
+                }
+            }
+            queue = match queue.front() {
+                Some(&(until, _)) => {
+                    self.queued
+                        .wait_timeout(queue, until - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+                None => self
+                    .queued
+                    .wait(queue)
+                    .unwrap_or_else(PoisonError::into_inner),
+            };
+        }
+    }
 }
 
 /// Now, in nanoseconds, on a clock that keeps counting while the machine is suspended
@@ -979,6 +1064,38 @@ mod tests {
                 "an old sync was trusted"
             );
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commit_waits_last_their_full_length_however_many_overlap_or_give_up() {
+        // Waits queued together, in waves, some cancelled half way: every one that is not
+        // cancelled ends, and none before COMMIT_WAIT has passed.
+        for wave in 0..5 {
+            let waiters: Vec<_> = (0..50)
+                .map(|i| {
+                    tokio::spawn(async move {
+                        let began = Instant::now();
+                        if i % 7 == 0 {
+                            // Given up: leaves the clock's queue with a writer that is gone.
+                            let _ = tokio::time::timeout(COMMIT_WAIT / 2, commit_wait()).await;
+                            return None;
+                        }
+                        commit_wait().await;
+                        Some(began.elapsed())
+                    })
+                })
+                .collect();
+            for waiter in waiters {
+                if let Some(waited) = waiter.await.unwrap() {
+                    assert!(waited >= COMMIT_WAIT, "wave {wave}: waited only {waited:?}");
+                }
+            }
+            tokio::time::sleep(Duration::from_micros(300 * wave)).await;
+        }
+        // The thread went back to sleep with nothing queued, and wakes for the next one.
+        let began = Instant::now();
+        commit_wait().await;
+        assert!(began.elapsed() >= COMMIT_WAIT);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -165,7 +165,7 @@
 //!   at that moment, so under load it costs a
 //!   round trip per batch of requests, not per request;
 //! - on PostgreSQL and Redis, every write that changes inboxes waits
-//!   [`changes::COMMIT_WAIT`] (2 ms) once the store acknowledged it, before it returns; a
+//!   [`changes::COMMIT_WAIT`] (1.6 ms) once the store acknowledged it, before it returns; a
 //!   request then trusts a sync that began less than [`changes::RECENT_SYNC`] before it
 //!   instead of waiting for its own, and a busy process keeps such a sync at hand (see
 //!   [`changes`]);
