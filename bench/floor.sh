@@ -3,7 +3,7 @@
 # builds that break it (README, "What the guarantee costs"):
 #
 # - shipped: this checkout as it is; a read trusts a sync that began less than 1.5 ms before
-#   it (writes wait 2 ms for that), or waits for one, which asks PostgreSQL (one round trip
+#   it (writes wait 1.6 ms for that), or waits for one, which asks PostgreSQL (one round trip
 #   per batch of requests);
 # - instant: each sync is answered at once by the feed's task, without asking PostgreSQL:
 #   requests that find no recent sync still wait for one, for nothing;
