@@ -842,11 +842,11 @@ impl CommitClock {
             }
             thread.is_ok()
         });
+        if !started {
+            return (Instant::now() + COMMIT_WAIT, None);
+        }
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         let until = Instant::now() + COMMIT_WAIT;
-        if !started {
-            return (until, None);
-        }
         let (done, waited) = oneshot::channel();
         if queue.is_empty() {
             self.queued.notify_one();
